@@ -1,0 +1,1 @@
+"""Sortie's activities: all I/O with Fly happens here, on the worker."""

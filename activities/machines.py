@@ -1,0 +1,262 @@
+"""The machine lifecycle of one job: create, wait, collect, destroy.
+
+Every step is idempotent so Temporal may retry it after a crash or a lost response: create finds
+the machine an earlier attempt made (deterministic name, metadata), wait resumes on the same
+machine, destroy treats "already gone" as done. Fly errors become ApplicationErrors that say
+whether a retry can help and, for 429s, when to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from fly import (
+    FlyClient,
+    FlyConflict,
+    FlyError,
+    FlyNotFound,
+    FlyWaitTimeout,
+    GuestConfig,
+    InitConfig,
+    Machine,
+    MachineConfig,
+    RestartConfig,
+)
+from sortie.labels import META_ATTEMPT, META_BATCH, META_JOB, machine_metadata, machine_name
+from sortie.models import (
+    CheckSecretsInput,
+    CheckSecretsOutput,
+    CollectResultInput,
+    CollectResultOutput,
+    CreateMachineInput,
+    CreateMachineOutput,
+    DestroyMachineInput,
+    DestroyMachineOutput,
+    MachineRef,
+    WaitMachineInput,
+    WaitMachineOutput,
+    WaitOutcome,
+)
+from sortie.secrets import SecretStore
+
+SETTLED_STATES = ["stopped", "failed", "destroyed"]
+BOOTING_STATES = {"created", "creating", "starting"}
+_OUTCOMES = {
+    "stopped": WaitOutcome.EXITED,
+    "failed": WaitOutcome.FAILED,
+    "destroyed": WaitOutcome.GONE,
+}
+
+
+@contextmanager
+def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
+    """Translate Fly errors into ApplicationErrors that carry their retry advice."""
+    try:
+        yield
+    except FlyError as error:
+        delay = timedelta(seconds=error.retry_after) if error.retry_after else None
+        raise ApplicationError(
+            f"{action}: {error}",
+            type=type(error).__name__,
+            non_retryable=not (error.retryable or always_retry),
+            next_retry_delay=delay,
+        ) from None
+
+
+class MachineActivities:
+    """Fly machine steps; owns the shared Fly client and the worker's secrets."""
+
+    def __init__(self, fly: FlyClient, secrets: SecretStore) -> None:
+        self._fly = fly
+        self._secrets = secrets
+
+    @activity.defn(name="check_secrets")
+    async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
+        """Fail fast, before any machine exists, when the worker lacks a named secret."""
+        available = self._secrets.available(input.names)
+        missing = sorted(set(input.names) - set(available))
+        if missing:
+            raise ApplicationError(
+                f"unknown secrets on the worker: {', '.join(missing)} "
+                "(set them in the worker's environment)",
+                type="UnknownSecrets",
+                non_retryable=True,
+            )
+        return CheckSecretsOutput(available=available)
+
+    @activity.defn(name="create_machine")
+    async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
+        """Create the job attempt's machine, or find the one an earlier try already made."""
+        job = input.job
+        name = machine_name(input.batch_id, job.id, input.attempt)
+        lookup = {META_BATCH: input.batch_id, META_JOB: job.id, META_ATTEMPT: str(input.attempt)}
+        with fly_errors(f"create machine for job {job.id}"):
+            if activity.info().attempt > 1:
+                found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
+                if found is not None:
+                    return CreateMachineOutput(machine=_ref(input.app, found), found_existing=True)
+            config = self._config(input)
+            try:
+                machine = await self._fly.create_machine(
+                    input.app, config, name=name, region=job.region
+                )
+            except FlyConflict:
+                found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
+                if found is None:
+                    raise ApplicationError(
+                        f"machine {name} exists but is not listed yet", type="MachineNotListed"
+                    ) from None
+                return CreateMachineOutput(machine=_ref(input.app, found), found_existing=True)
+        activity.logger.info("created machine %s for job %s", machine.id, job.id)
+        return CreateMachineOutput(machine=_ref(input.app, machine))
+
+    @activity.defn(name="wait_machine")
+    async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
+        """Wait until the machine settles, heartbeating its state; hand over on worker shutdown."""
+        seen: dict[str, Any] = {"machine_id": input.machine.machine_id, "state": None}
+        beats = asyncio.create_task(_heartbeat(input.heartbeat_every_s, lambda: dict(seen)))
+        waiting = asyncio.create_task(self._wait(input, seen))
+        shutdown = asyncio.create_task(activity.wait_for_worker_shutdown())
+        try:
+            await asyncio.wait({waiting, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                raise ApplicationError(
+                    "worker shutting down; the wait continues on another worker",
+                    type="WorkerShutdown",
+                    next_retry_delay=timedelta(milliseconds=200),
+                )
+            with fly_errors(f"wait for machine {input.machine.machine_id}"):
+                return waiting.result()
+        finally:
+            for task in (beats, waiting, shutdown):
+                task.cancel()
+            await asyncio.gather(beats, waiting, shutdown, return_exceptions=True)
+
+    async def _wait(self, input: WaitMachineInput, seen: dict[str, Any]) -> WaitMachineOutput:
+        """Loop Fly waits of at most 60 s until the machine settles or a deadline passes."""
+        ref = input.machine
+        booted = False
+        while True:
+            now = datetime.now(UTC)
+            if now >= input.deadline:
+                return WaitMachineOutput(outcome=WaitOutcome.TIMED_OUT, state=seen["state"])
+            budget = (input.deadline - now).total_seconds()
+            if not booted:
+                budget = min(budget, max((input.boot_deadline - now).total_seconds(), 1.0))
+            try:
+                result = await self._fly.wait_machine(
+                    ref.app, ref.machine_id, SETTLED_STATES, version=ref.version, timeout=budget
+                )
+            except FlyWaitTimeout:
+                try:
+                    machine = await self._fly.get_machine(ref.app, ref.machine_id)
+                except FlyNotFound:
+                    return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
+                seen["state"] = machine.state
+                booted = machine.state not in BOOTING_STATES
+                if not booted and datetime.now(UTC) >= input.boot_deadline:
+                    return WaitMachineOutput(outcome=WaitOutcome.BOOT_TIMEOUT, state=machine.state)
+                continue
+            except FlyNotFound:
+                return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
+            state = result.state
+            if state is None:
+                state = (await self._fly.get_machine(ref.app, ref.machine_id)).state
+            seen["state"] = state
+            return WaitMachineOutput(outcome=_OUTCOMES.get(state, WaitOutcome.EXITED), state=state)
+
+    @activity.defn(name="collect_result")
+    async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
+        """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
+        ref = input.machine
+        with fly_errors(f"collect result of machine {ref.machine_id}"):
+            try:
+                machine = await self._fly.get_machine(ref.app, ref.machine_id)
+            except FlyNotFound:
+                return CollectResultOutput(state=None, exit_code=None)
+            page = await self._fly.get_logs(ref.app, ref.machine_id)
+        exit_event = machine.latest_exit_event()
+        lines = [self._secrets.scrub(e.message, input.secrets) for e in page.entries]
+        return CollectResultOutput(
+            state=machine.state,
+            exit_code=exit_event.exit_code if exit_event else None,
+            signal=exit_event.signal if exit_event and (exit_event.signal or 0) > 0 else None,
+            oom_killed=bool(exit_event and exit_event.oom_killed),
+            exited_at=exit_event.exited_at if exit_event else None,
+            log_tail=_tail(lines, input.tail_lines, input.tail_bytes),
+        )
+
+    @activity.defn(name="destroy_machine")
+    async def destroy_machine(self, input: DestroyMachineInput) -> DestroyMachineOutput:
+        """Force-destroy the machine; a machine already gone counts as destroyed."""
+        ref = input.machine
+        with fly_errors(f"destroy machine {ref.machine_id}", always_retry=True):
+            destroyed = await self._fly.destroy_machine(ref.app, ref.machine_id, force=True)
+        activity.logger.info("destroyed machine %s (already gone: %s)", ref.machine_id, not destroyed)
+        return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
+
+    def _config(self, input: CreateMachineInput) -> MachineConfig:
+        """The machine's config; secret values enter here and never leave the worker."""
+        job = input.job
+        try:
+            secrets = self._secrets.resolve(job.secrets)
+        except KeyError as error:
+            raise ApplicationError(str(error.args[0]), type="UnknownSecrets", non_retryable=True)
+        env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
+        if job.prompt is not None:
+            env["SORTIE_JOB"] = json.dumps(
+                job.model_dump(
+                    mode="json",
+                    include={"id", "prompt", "repos", "model", "max_turns", "allowed_tools"},
+                )
+            )
+        env.update(secrets)
+        return MachineConfig(
+            image=job.image,
+            env=env,
+            init=InitConfig(exec=job.command) if job.command else None,
+            guest=GuestConfig(
+                cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb
+            ),
+            auto_destroy=False,
+            restart=RestartConfig(policy="no"),
+            metadata=machine_metadata(input.batch_id, input.chunk_index, job.id, input.attempt),
+        )
+
+
+def _ref(app: str, machine: Machine) -> MachineRef:
+    return MachineRef(
+        app=app,
+        machine_id=machine.id,
+        name=machine.name or "",
+        version=machine.current_version,
+        region=machine.region,
+    )
+
+
+async def _heartbeat(every: float, details: Callable[[], dict[str, Any]]) -> None:
+    """Heartbeat until cancelled, so a dead worker is noticed and cancels are delivered."""
+    while True:
+        activity.heartbeat(details())
+        await asyncio.sleep(every)
+
+
+def _tail(lines: list[str], count: int, limit: int) -> list[str]:
+    """The last `count` lines, each and all together within `limit` bytes."""
+    kept: list[str] = []
+    size = 0
+    for line in reversed(lines[-count:]):
+        line = line[:limit]
+        size += len(line.encode()) + 1
+        if size > limit:
+            break
+        kept.append(line)
+    return kept[::-1]

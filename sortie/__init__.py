@@ -1,0 +1,1 @@
+"""Sortie: durable batches of coding-agent jobs on ephemeral Fly machines, run by Temporal."""

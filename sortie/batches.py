@@ -1,0 +1,278 @@
+"""Client-side operations on batches: submit, steer, and read results of any size.
+
+A batch's per-job results live in its chunk workflows (the batch itself only keeps counts), so
+reading results means reading each chunk: its result once closed, its `results` query while it
+runs. Nothing here needs a database: workflow history is the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+from pydantic import BaseModel
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from sortie.labels import BATCH_ID
+from sortie.models import (
+    BatchInput,
+    BatchOutput,
+    ChunkOutput,
+    ChunkState,
+    ChunkStatus,
+    Counts,
+    JobResult,
+    JobState,
+    Progress,
+    Tuning,
+)
+from sortie.settings import Settings
+from sortie.spec import BatchFileError, BatchSpec
+from workflows.batch import BatchWorkflow
+from workflows.chunk import ChunkWorkflow
+
+# Temporal refuses payloads over 2 MB; keep the batch input well below that.
+MAX_INPUT_BYTES = 1_500_000
+DETAILS_LIMIT = 18_000
+
+
+class Submitted(BaseModel):
+    """What `submit` did."""
+
+    batch_id: str
+    created: bool
+    status: str
+
+
+class BatchReport(BaseModel):
+    """A batch's totals and per-job results in input order: the `--json` document."""
+
+    batch_id: str
+    name: str | None
+    status: str
+    total: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    pending: int
+    running: int
+    live_machines: int
+    paused: bool = False
+    pause_reason: str | None = None
+    cancel_reason: str | None = None
+    results: list[JobResult]
+
+
+def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) -> BatchInput:
+    """The workflow input for a validated batch file, refused if too large for Temporal."""
+    data = BatchInput(
+        batch_id=batch_id,
+        name=spec.name,
+        app=spec.app,
+        max_machines=spec.max_machines,
+        chunk_size=spec.chunk_size,
+        defaults=spec.defaults,
+        jobs=spec.jobs,
+        tuning=tuning or Tuning(),
+    )
+    size = len(data.model_dump_json())
+    if size > MAX_INPUT_BYTES:
+        raise BatchFileError(
+            spec.name,
+            [
+                f"the batch is {size:,} bytes once encoded; Temporal takes at most "
+                f"{MAX_INPUT_BYTES:,}: split it into several batches or shorten the prompts"
+            ],
+        )
+    return data
+
+
+def _details(spec: BatchSpec) -> str:
+    """Markdown for the Web UI: the batch's shape and its first jobs."""
+    lines = [
+        f"**{spec.name}** on Fly app `{spec.app}`: {len(spec.jobs)} jobs, "
+        f"at most {spec.max_machines} machines, chunks of {spec.chunk_size}",
+        "",
+        "| job | kind | what |",
+        "|---|---|---|",
+    ]
+    for job in spec.jobs:
+        command = job.command or spec.defaults.command
+        what = " ".join(command) if command else (job.prompt or spec.defaults.prompt or "")
+        kind = "command" if command else "prompt"
+        lines.append(f"| {job.id} | {kind} | {what[:80].replace('|', '/')} |")
+        if sum(len(line) for line in lines) > DETAILS_LIMIT:
+            lines.append(f"| … | | {len(spec.jobs)} jobs in all |")
+            break
+    return "\n".join(lines)
+
+
+async def submit(
+    client: Client,
+    settings: Settings,
+    spec: BatchSpec,
+    *,
+    suffix: str | None = None,
+    tuning: Tuning | None = None,
+) -> Submitted:
+    """Start the batch; the same file submitted twice is the same batch."""
+    batch_id = spec.batch_id(suffix)
+    data = batch_input(spec, batch_id, tuning)
+    existing = await _status(client, batch_id)
+    if existing is not None:
+        return Submitted(batch_id=batch_id, created=False, status=existing)
+    try:
+        await client.start_workflow(
+            BatchWorkflow.run,
+            data,
+            id=batch_id,
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
+            static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
+            static_details=_details(spec),
+        )
+    except WorkflowAlreadyStartedError:
+        return Submitted(
+            batch_id=batch_id, created=False, status=await _status(client, batch_id) or "unknown"
+        )
+    return Submitted(batch_id=batch_id, created=True, status="running")
+
+
+async def _status(client: Client, workflow_id: str) -> str | None:
+    """The workflow's status in lower case, or None when there is no such workflow."""
+    try:
+        description = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as error:
+        if error.status is RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return description.status.name.lower() if description.status else "unknown"
+
+
+def batch_handle(client: Client, batch_id: str) -> WorkflowHandle[BatchWorkflow, BatchOutput]:
+    """A typed handle on a batch workflow."""
+    return client.get_workflow_handle_for(BatchWorkflow.run, batch_id)
+
+
+async def is_closed(client: Client, batch_id: str) -> tuple[bool, WorkflowExecutionStatus | None]:
+    """Whether the batch's latest run has closed, and its status."""
+    description = await client.get_workflow_handle(batch_id).describe()
+    status = description.status
+    return status not in (None, WorkflowExecutionStatus.RUNNING), status
+
+
+async def progress(client: Client, batch_id: str) -> Progress:
+    """The batch's progress: from its query while running, from its result once closed."""
+    closed, status = await is_closed(client, batch_id)
+    if not closed:
+        return await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+    output = await _closed_output(client, batch_id, status)
+    counts = Counts()
+    for chunk in output.chunks:
+        counts = counts.add(chunk.counts)
+    return Progress(
+        batch_id=batch_id,
+        status=output.status,
+        paused=False,
+        pause_reason=None,
+        cancelled=output.status == "cancelled",
+        max_machines=0,
+        counts=counts,
+        chunks=output.chunks,
+    )
+
+
+async def _closed_output(
+    client: Client, batch_id: str, status: WorkflowExecutionStatus | None
+) -> BatchOutput:
+    if status is not WorkflowExecutionStatus.COMPLETED:
+        name = status.name.lower() if status else "unknown"
+        raise BatchNotReadable(f"batch {batch_id} ended {name}: it has no results to read")
+    return await batch_handle(client, batch_id).result()
+
+
+class BatchNotReadable(RuntimeError):
+    """The batch failed or was terminated, so it has no result document."""
+
+
+async def results(client: Client, batch_id: str, *, parallel: int = 16) -> BatchReport:
+    """Every job's result in input order, for a running or closed batch of any size."""
+    closed, status = await is_closed(client, batch_id)
+    if closed:
+        output = await _closed_output(client, batch_id, status)
+        chunks, name, state = output.chunks, output.name, output.status
+        paused, pause_reason, cancel_reason = False, None, output.cancel_reason
+    else:
+        now = await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+        chunks, name, state = now.chunks, None, now.status
+        paused, pause_reason, cancel_reason = now.paused, now.pause_reason, None
+    limit = asyncio.Semaphore(parallel)
+
+    async def read(chunk: ChunkState) -> list[JobResult]:
+        async with limit:
+            return await _chunk_results(client, chunk)
+
+    per_chunk = await asyncio.gather(*(read(c) for c in chunks))
+    flat = [r for rs in per_chunk for r in rs]
+    counts = Counts()
+    for chunk in chunks:
+        counts = counts.add(chunk.counts)
+    return BatchReport(
+        batch_id=batch_id,
+        name=name,
+        status=state,
+        total=counts.total,
+        succeeded=counts.succeeded,
+        failed=counts.failed + counts.timed_out,
+        timed_out=counts.timed_out,
+        cancelled=counts.cancelled,
+        pending=counts.pending,
+        running=counts.running,
+        live_machines=counts.live_machines,
+        paused=paused,
+        pause_reason=pause_reason,
+        cancel_reason=cancel_reason,
+        results=flat,
+    )
+
+
+async def _chunk_results(client: Client, chunk: ChunkState) -> list[JobResult]:
+    """One chunk's job results: final, so far, skipped, or not started yet."""
+    if chunk.status is ChunkStatus.SKIPPED:
+        return [
+            JobResult(
+                job_id=job_id,
+                index=chunk.first_job + i,
+                state=JobState.CANCELLED,
+                error="batch cancelled before the job started",
+            )
+            for i, job_id in enumerate(chunk.skipped_job_ids)
+        ]
+    if chunk.status is ChunkStatus.PENDING:
+        return []
+    handle = client.get_workflow_handle_for(ChunkWorkflow.run, chunk.workflow_id)
+    if chunk.status is ChunkStatus.DONE:
+        output: ChunkOutput = await handle.result()
+        return output.results
+    return await handle.query(ChunkWorkflow.results)
+
+
+async def list_batches(client: Client, limit: int = 50) -> list[tuple[str, str, datetime | None]]:
+    """Recent batches: id, status and start time."""
+    found: list[tuple[str, str, datetime | None]] = []
+    async for execution in client.list_workflows('WorkflowType="BatchWorkflow"', limit=limit):
+        status = execution.status.name.lower() if execution.status else "unknown"
+        found.append((execution.id, status, execution.start_time))
+    return found
+

@@ -1,0 +1,44 @@
+"""How Sortie names and tags what it creates, so anything can be found again.
+
+Machine names are deterministic per (batch, job, attempt): a create retried after a lost
+response finds the machine it already made instead of making a second one. Metadata names the
+batch, chunk, job and attempt, which is what the orphan reaper and the tests search by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from temporalio.common import SearchAttributeKey
+
+BATCH_ID = SearchAttributeKey.for_keyword("BatchId")
+
+META_BATCH = "sortie_batch"
+META_CHUNK = "sortie_chunk"
+META_JOB = "sortie_job"
+META_ATTEMPT = "sortie_attempt"
+META_MANAGED = "sortie"
+
+
+def chunk_workflow_id(batch_id: str, index: int) -> str:
+    """The workflow id of a batch's chunk, e.g. `batch-nightly-1a2b3c4d-chunk-0003`."""
+    return f"{batch_id}-chunk-{index:04d}"
+
+
+def machine_name(batch_id: str, job_id: str, attempt: int) -> str:
+    """A Fly machine name unique to one attempt of one job (lowercase, dashes, <= 63 chars)."""
+    digest = hashlib.sha256(f"{batch_id}\0{job_id}".encode()).hexdigest()[:10]
+    slug = re.sub(r"[^a-z0-9]+", "-", job_id.lower()).strip("-")[:36] or "job"
+    return f"sortie-{slug}-{digest}-a{attempt}"
+
+
+def machine_metadata(batch_id: str, chunk: int, job_id: str, attempt: int) -> dict[str, str]:
+    """The metadata every Sortie machine carries."""
+    return {
+        META_MANAGED: "1",
+        META_BATCH: batch_id,
+        META_CHUNK: str(chunk),
+        META_JOB: job_id,
+        META_ATTEMPT: str(attempt),
+    }

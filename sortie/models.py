@@ -1,0 +1,335 @@
+"""Inputs and outputs of Sortie's workflows, signals, queries and activities.
+
+Everything here travels through Temporal and lands in workflow history, so nothing here may
+hold a secret value: secrets travel by name and are resolved on the worker.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sortie.spec import Defaults, Job, JobSpec
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobState(StrEnum):
+    """Where a job is; the last four are final."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """Whether the job will not change state again."""
+        return self in FINAL_STATES
+
+
+FINAL_STATES = {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+
+
+class Tuning(_Model):
+    """Timeouts that shape how fast failures are noticed; tests shorten them."""
+
+    heartbeat_timeout_s: float = 20.0
+    heartbeat_every_s: float = 5.0
+    create_timeout_s: float = 60.0
+    log_tail_lines: int = 20
+    log_tail_bytes: int = 2048
+
+
+# ---------------------------------------------------------------- workflows
+
+
+class ChunkPlan(_Model):
+    """A chunk the batch has not started yet: its position and its jobs."""
+
+    index: int
+    first_job: int
+    jobs: list[JobSpec]
+
+
+class Counts(_Model):
+    """Job counts by state."""
+
+    total: int = 0
+    pending: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
+    live_machines: int = 0
+
+    def add(self, other: Counts) -> Counts:
+        """Sum two counts."""
+        return Counts(
+            **{f: getattr(self, f) + getattr(other, f) for f in Counts.model_fields},
+        )
+
+
+class ChunkStatus(StrEnum):
+    """Lifecycle of a chunk as the batch sees it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+
+
+class ChunkState(_Model):
+    """What the batch knows about one chunk."""
+
+    index: int
+    workflow_id: str
+    first_job: int
+    size: int
+    status: ChunkStatus = ChunkStatus.PENDING
+    slots: int = 0
+    owed: int = 0
+    wants_more: bool = True
+    told_paused: bool = False
+    told_cancel: bool = False
+    counts: Counts = Counts()
+    skipped_job_ids: list[str] = []
+
+
+class BatchState(_Model):
+    """The batch's state carried across continue-as-new."""
+
+    max_machines: int
+    paused: bool = False
+    pause_reason: str | None = None
+    cancelled: bool = False
+    cancel_reason: str | None = None
+    chunks: list[ChunkState] = []
+    pending: list[ChunkPlan] = []
+
+
+class BatchInput(_Model):
+    """Start a batch: the validated batch file plus the batch id."""
+
+    batch_id: str
+    name: str
+    app: str
+    max_machines: int
+    chunk_size: int
+    defaults: Defaults
+    jobs: list[JobSpec] = []
+    tuning: Tuning = Tuning()
+    state: BatchState | None = None
+
+
+class BatchOutput(_Model):
+    """A closed batch: totals, and per chunk where to find the per-job results."""
+
+    batch_id: str
+    name: str
+    status: str
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    timed_out: int
+    chunks: list[ChunkState]
+    cancel_reason: str | None = None
+
+
+class Progress(_Model):
+    """What the `progress` query answers."""
+
+    batch_id: str
+    status: str
+    paused: bool
+    pause_reason: str | None
+    cancelled: bool
+    max_machines: int
+    counts: Counts
+    chunks: list[ChunkState]
+
+
+class ChunkInput(_Model):
+    """Start a chunk: its jobs (defaults applied) and the machine slots it may use."""
+
+    batch_id: str
+    batch_workflow_id: str
+    index: int
+    app: str
+    jobs: list[Job]
+    slots: int
+    paused: bool = False
+    tuning: Tuning = Tuning()
+
+
+class JobResult(_Model):
+    """The outcome of one job: small enough to keep a chunk's results in its history."""
+
+    job_id: str
+    index: int
+    state: JobState = JobState.PENDING
+    exit_code: int | None = None
+    machine_id: str | None = None
+    machine_state: str | None = None
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    log_tail: list[str] = []
+    result: str | None = None
+
+
+class ChunkOutput(_Model):
+    """A finished chunk: every job's result in input order."""
+
+    index: int
+    counts: Counts
+    results: list[JobResult]
+
+
+class ChunkReport(_Model):
+    """A chunk tells the batch what it has released and how far it is."""
+
+    index: int
+    released: int = 0
+    wants_more: bool = True
+    counts: Counts
+    done: bool = False
+
+
+class SlotGrant(_Model):
+    """The batch gives a chunk more machine slots, or asks for some back as jobs finish."""
+
+    grant: int = Field(default=0, ge=0)
+    give_back: int = Field(default=0, ge=0)
+
+
+class PauseRequest(_Model):
+    """Why a batch pauses."""
+
+    reason: str = Field(default="paused by operator", max_length=200)
+
+
+class CancelRequest(_Model):
+    """Why a batch is cancelled."""
+
+    reason: str = Field(default="cancelled by operator", max_length=200)
+
+
+class MaxMachinesRequest(_Model):
+    """A new concurrency cap for a running batch."""
+
+    max_machines: int = Field(ge=1, le=2000)
+
+
+# ---------------------------------------------------------------- activities
+
+
+class CheckSecretsInput(_Model):
+    """Secret names a batch needs on the worker."""
+
+    names: list[str]
+
+
+class CheckSecretsOutput(_Model):
+    """The names the worker can resolve."""
+
+    available: list[str]
+
+
+class MachineRef(_Model):
+    """Where a job's machine is: never its config, which holds secrets."""
+
+    app: str
+    machine_id: str
+    name: str
+    version: str | None = None
+    region: str | None = None
+
+
+class CreateMachineInput(_Model):
+    """Create the machine for one attempt of one job."""
+
+    batch_id: str
+    chunk_index: int
+    app: str
+    job: Job
+    attempt: int
+
+
+class CreateMachineOutput(_Model):
+    """The created (or found again) machine."""
+
+    machine: MachineRef
+    found_existing: bool = False
+
+
+class WaitOutcome(StrEnum):
+    """How a wait on a machine ended."""
+
+    EXITED = "exited"
+    TIMED_OUT = "timed_out"
+    BOOT_TIMEOUT = "boot_timeout"
+    FAILED = "failed"
+    GONE = "gone"
+
+
+class WaitMachineInput(_Model):
+    """Wait for a machine to finish, until the job's deadline."""
+
+    machine: MachineRef
+    job_id: str
+    deadline: datetime
+    boot_deadline: datetime
+    heartbeat_every_s: float = 5.0
+
+
+class WaitMachineOutput(_Model):
+    """The state a machine settled in."""
+
+    outcome: WaitOutcome
+    state: str | None = None
+
+
+class CollectResultInput(_Model):
+    """Read a finished machine's exit details and log tail."""
+
+    machine: MachineRef
+    job_id: str
+    secrets: list[str] = []
+    tail_lines: int = 20
+    tail_bytes: int = 2048
+
+
+class CollectResultOutput(_Model):
+    """A machine's exit details."""
+
+    state: str | None
+    exit_code: int | None
+    signal: int | None = None
+    oom_killed: bool = False
+    exited_at: datetime | None = None
+    log_tail: list[str] = []
+
+
+class DestroyMachineInput(_Model):
+    """Destroy a machine; already gone counts as done."""
+
+    machine: MachineRef
+
+
+class DestroyMachineOutput(_Model):
+    """Whether this call destroyed the machine or found it gone."""
+
+    destroyed: bool
+    already_gone: bool

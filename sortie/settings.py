@@ -1,0 +1,61 @@
+"""Configuration from the environment, with Temporal's and Fly's own variable names.
+
+Temporal: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE. Fly: FLY_API_TOKEN, FLY_API_BASE_URL,
+FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE, SORTIE_UI_URL,
+SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE. Without
+FLY_API_TOKEN, Sortie runs offline against localfly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from fly import FlySettings, FlyToken
+
+LOCALFLY_URL = "http://127.0.0.1:4280"
+LOCALFLY_TOKEN = "localfly-offline"
+
+
+class Settings(BaseModel):
+    """Where Temporal is and how the worker runs; holds no secret."""
+
+    model_config = ConfigDict(frozen=True)
+
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "sortie"
+    ui_url: str = "http://localhost:8233"
+    max_concurrent_activities: int = 1000
+    shutdown_grace_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from the environment."""
+        env = os.environ if environ is None else environ
+        values = {
+            "temporal_address": env.get("TEMPORAL_ADDRESS"),
+            "temporal_namespace": env.get("TEMPORAL_NAMESPACE"),
+            "task_queue": env.get("SORTIE_TASK_QUEUE"),
+            "ui_url": env.get("SORTIE_UI_URL"),
+            "max_concurrent_activities": env.get("SORTIE_MAX_CONCURRENT_ACTIVITIES"),
+            "shutdown_grace_s": env.get("SORTIE_SHUTDOWN_GRACE"),
+        }
+        return cls.model_validate({k: v for k, v in values.items() if v})
+
+    def workflow_url(self, workflow_id: str) -> str:
+        """The Web UI page of a workflow."""
+        return f"{self.ui_url.rstrip('/')}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+
+
+def fly_connection(environ: Mapping[str, str] | None = None) -> tuple[FlySettings, FlyToken]:
+    """Real Fly when FLY_API_TOKEN is set; otherwise localfly (SORTIE_LOCALFLY_URL)."""
+    env = os.environ if environ is None else environ
+    if env.get("FLY_API_TOKEN"):
+        return FlySettings.from_env(env), FlyToken.from_env(env)
+    url = env.get("SORTIE_LOCALFLY_URL", LOCALFLY_URL)
+    offline = {**env, "FLY_API_BASE_URL": url, "FLY_LOGS_BASE_URL": url}
+    offline.setdefault("SORTIE_FLY_RATE_LIMIT", "off")
+    return FlySettings.from_env(offline), FlyToken.from_env({"FLY_API_TOKEN": LOCALFLY_TOKEN})

@@ -1,0 +1,309 @@
+"""The batch file: what a user writes, validated before anything is submitted.
+
+A batch file (YAML or JSON) names a Fly app, a concurrency cap, a chunk size, job defaults and
+the jobs. Every error names the field and the job it belongs to; nothing is created for a file
+that does not validate. Secrets are named here and resolved only on the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+APP_PATTERN = r"^[a-z0-9][a-z0-9-]{0,61}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+SECRET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^(\d+)\s*(mb|m|mib|gb|g|gib)?$", re.IGNORECASE)
+
+
+class BatchFileError(ValueError):
+    """A batch file that cannot be run; `problems` lists one line per error."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def render(self) -> str:
+        """Return a human-readable, multi-line report."""
+        lines = [f"{self.source} is not a valid batch file:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def parse_duration(value: object) -> float:
+    """Parse '30m', '1h30m', '90s', '500ms' or a number of seconds into seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(f"invalid duration {value!r} (use e.g. 90s, 30m, 1h30m)")
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError(f"invalid duration {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+def parse_memory_mb(value: object) -> int:
+    """Parse 4096, '4096mb' or '4gb' into megabytes, a multiple of 256 as Fly requires."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid memory size {value!r}")
+    if isinstance(value, int):
+        mb = value
+    elif isinstance(value, str) and (m := _SIZE.match(value.strip())):
+        unit = (m.group(2) or "mb").lower()
+        mb = int(m.group(1)) * (1024 if unit.startswith("g") else 1)
+    else:
+        raise ValueError(f"invalid memory size {value!r} (use e.g. 4096, 512mb, 4gb)")
+    if mb < 256 or mb % 256:
+        raise ValueError(f"memory must be a positive multiple of 256 MB, got {value!r}")
+    return mb
+
+
+def _command(value: object) -> object:
+    """Accept a command as an argv list or as one shell string."""
+    if isinstance(value, str):
+        return ["sh", "-c", value]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+MemoryMB = Annotated[int, BeforeValidator(parse_memory_mb)]
+Command = Annotated[list[str], BeforeValidator(_command), Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Guest(_Strict):
+    """The machine size of a job."""
+
+    cpu_kind: Literal["shared", "performance"] = "shared"
+    cpus: int = Field(default=1, ge=1, le=16)
+    memory_mb: MemoryMB = 256
+
+
+class Repo(_Strict):
+    """A repository a prompt job clones before it runs."""
+
+    url: str = Field(min_length=1)
+    branch: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def coerce(cls, value: object) -> object:
+        """Accept a bare URL string for a repo."""
+        return {"url": value} if isinstance(value, str) else value
+
+
+RepoField = Annotated[Repo, BeforeValidator(Repo.coerce)]
+
+
+class JobFields(_Strict):
+    """Fields a job may set, and the batch's `defaults` may set for every job."""
+
+    command: Command | None = None
+    prompt: str | None = Field(default=None, min_length=1)
+    repos: list[RepoField] | None = None
+    image: str | None = Field(default=None, min_length=1)
+    region: str | None = Field(default=None, pattern=r"^[a-z]{3}$")
+    guest: Guest | None = None
+    timeout: Seconds | None = None
+    boot_timeout: Seconds | None = None
+    retries: int | None = Field(default=None, ge=0, le=10)
+    env: dict[str, str] | None = None
+    secrets: list[Annotated[str, Field(pattern=SECRET_PATTERN)]] | None = None
+    model: str | None = None
+    max_turns: int | None = Field(default=None, ge=1, le=1000)
+    allowed_tools: list[str] | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str] | None) -> dict[str, str] | None:
+        for key in env or {}:
+            if not re.fullmatch(SECRET_PATTERN, key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return env
+
+
+class JobSpec(JobFields):
+    """One job as written in the batch file."""
+
+    id: str = Field(pattern=JOB_ID_PATTERN)
+
+
+class Defaults(JobFields):
+    """Defaults applied to every job; a job's own value wins (env is merged key by key)."""
+
+
+DEFAULT_IMAGE = "registry.fly.io/sortie-agent:latest"
+DEFAULT_TIMEOUT_S = 30 * 60.0
+DEFAULT_BOOT_TIMEOUT_S = 5 * 60.0
+DEFAULT_RETRIES = 2
+
+
+class Job(_Strict):
+    """A job with the batch defaults applied: what a chunk runs."""
+
+    id: str
+    index: int
+    command: list[str] | None = None
+    prompt: str | None = None
+    repos: list[Repo] = []
+    image: str = DEFAULT_IMAGE
+    region: str | None = None
+    guest: Guest = Guest()
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
+    retries: int = DEFAULT_RETRIES
+    env: dict[str, str] = {}
+    secrets: list[str] = []
+    model: str | None = None
+    max_turns: int | None = None
+    allowed_tools: list[str] = []
+
+
+class BatchSpec(_Strict):
+    """A whole batch file."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    app: str = Field(pattern=APP_PATTERN)
+    max_machines: int = Field(default=10, ge=1, le=2000)
+    chunk_size: int = Field(default=25, ge=1, le=1000)
+    defaults: Defaults = Defaults()
+    jobs: list[JobSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _jobs_are_runnable(self) -> Self:
+        problems: list[str] = []
+        seen: set[str] = set()
+        for i, job in enumerate(self.jobs):
+            where = f"job {job.id!r} (jobs[{i}])"
+            if job.id in seen:
+                problems.append(f"{where}: duplicate job id")
+            seen.add(job.id)
+            command = job.command if job.command is not None else self.defaults.command
+            prompt = job.prompt if job.prompt is not None else self.defaults.prompt
+            if (command is None) == (prompt is None):
+                problems.append(f"{where}: set exactly one of command or prompt")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def secret_names(self) -> list[str]:
+        """Every secret name the batch refers to, sorted."""
+        names = set(self.defaults.secrets or [])
+        for job in self.jobs:
+            names.update(job.secrets or [])
+        return sorted(names)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the batch's content: the same file gives the same batch id."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+    def batch_id(self, suffix: str | None = None) -> str:
+        """The batch's workflow id, `batch-<name>-<suffix>`."""
+        return f"batch-{self.name}-{suffix or self.fingerprint()}"
+
+
+def resolve_job(defaults: Defaults, job: JobSpec, index: int) -> Job:
+    """Apply the batch defaults to one job (pure and deterministic: safe in workflow code)."""
+    merged: dict[str, Any] = {"id": job.id, "index": index}
+    for field in JobFields.model_fields:
+        own = getattr(job, field)
+        default = getattr(defaults, field)
+        if field == "env":
+            merged["env"] = {**(default or {}), **(own or {})}
+        elif field == "secrets":
+            merged["secrets"] = sorted({*(default or []), *(own or [])})
+        elif own is not None or default is not None:
+            value = own if own is not None else default
+            merged[_JOB_NAMES.get(field, field)] = value
+    return Job.model_validate(merged)
+
+
+_JOB_NAMES = {"timeout": "timeout_s", "boot_timeout": "boot_timeout_s"}
+
+
+def _describe(spec_data: object, loc: tuple[int | str, ...]) -> str:
+    """Name the field and, for job fields, the job id, from a pydantic error location."""
+    if len(loc) >= 2 and loc[0] == "jobs" and isinstance(loc[1], int):
+        job_id = "?"
+        if isinstance(spec_data, dict):
+            jobs = spec_data.get("jobs")
+            if isinstance(jobs, list) and loc[1] < len(jobs) and isinstance(jobs[loc[1]], dict):
+                job_id = str(jobs[loc[1]].get("id", "?"))
+        field = ".".join(str(p) for p in loc[2:]) or "job"
+        return f"job {job_id!r} (jobs[{loc[1]}]): {field}"
+    return ".".join(str(p) for p in loc) or "batch"
+
+
+def _messages(error: ValidationError, data: object) -> list[str]:
+    problems: list[str] = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required"
+        if not loc and "\n" in message:
+            problems.extend(message.splitlines())
+        else:
+            problems.append(f"{_describe(data, loc)}: {message}")
+    return problems
+
+
+def parse_batch(data: object, source: str = "batch") -> BatchSpec:
+    """Validate already-parsed batch data, raising BatchFileError with every problem."""
+    if not isinstance(data, dict):
+        raise BatchFileError(source, ["the batch must be a mapping with name, app and jobs"])
+    if "jobs" in data and data["jobs"] in (None, []):
+        raise BatchFileError(source, ["jobs: the batch has no jobs"])
+    try:
+        return BatchSpec.model_validate(data)
+    except ValidationError as error:
+        raise BatchFileError(source, _messages(error, data)) from None
+
+
+def load_batch_file(path: str | Path) -> BatchSpec:
+    """Read and validate a YAML or JSON batch file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise BatchFileError(str(path), [f"cannot read: {error.strerror}"]) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise BatchFileError(str(path), [f"not valid {path.suffix.lstrip('.') or 'YAML'}: {error}"])
+    return parse_batch(data, str(path))

@@ -1,0 +1,213 @@
+"""Sortie's command line: submit batches, watch and steer them, read their results.
+
+    python starter.py submit FILE [--wait] [--json] [--new]
+    python starter.py watch ID
+    python starter.py status ID [--json]
+    python starter.py pause|resume|cancel ID [--reason TEXT]
+    python starter.py set-max-machines ID N
+    python starter.py results ID [--json]
+    python starter.py list
+
+Configured by environment: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, SORTIE_TASK_QUEUE,
+SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled jobs, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from collections.abc import Sequence
+
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from sortie import batches, render
+from sortie.models import CancelRequest, MaxMachinesRequest, PauseRequest
+from sortie.settings import Settings
+from sortie.spec import BatchFileError, load_batch_file
+from sortie.temporal import connect, run_main
+from workflows.batch import BatchWorkflow
+
+REFRESH_S = 1.0
+
+
+def _ui(settings: Settings, batch_id: str, as_json: bool = False) -> None:
+    """Every command names the batch's Web UI page (on stderr when stdout is JSON)."""
+    print(f"Web UI: {settings.workflow_url(batch_id)}", file=sys.stderr if as_json else sys.stdout)
+
+
+async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    spec = load_batch_file(args.file)
+    client = await connect(settings)
+    suffix = secrets.token_hex(4) if args.new else None
+    submitted = await batches.submit(client, settings, spec, suffix=suffix)
+    out = sys.stderr if args.json else sys.stdout
+    if submitted.created:
+        print(f"submitted {submitted.batch_id} ({len(spec.jobs)} jobs)", file=out)
+    else:
+        print(
+            f"{submitted.batch_id} was already submitted ({submitted.status}); "
+            "use --new to run the file again as a new batch",
+            file=out,
+        )
+    _ui(settings, submitted.batch_id, args.json)
+    if not args.wait:
+        if args.json:
+            print(submitted.model_dump_json(indent=2))
+        return 0
+    await _watch(client, submitted.batch_id, quiet=args.json)
+    return await _print_results(client, submitted.batch_id, args.json)
+
+
+async def _watch(client: Client, batch_id: str, quiet: bool = False) -> None:
+    """Redraw progress until the batch closes."""
+    tty = sys.stdout.isatty() and not quiet
+    drawn = 0
+    last: list[str] = []
+    while True:
+        closed, _ = await batches.is_closed(client, batch_id)
+        if closed:
+            break
+        try:
+            lines = render.progress_lines(await batches.progress(client, batch_id))
+        except RPCError:
+            lines = [f"{batch_id}: waiting for a worker to answer…"]
+        if tty:
+            sys.stdout.write(f"\x1b[{drawn}F\x1b[J" if drawn else "")
+            print("\n".join(lines), flush=True)
+            drawn = len(lines)
+        elif not quiet and lines[:2] != last[:2]:
+            print(lines[1].strip(), flush=True)
+        last = lines
+        await asyncio.sleep(REFRESH_S)
+
+
+async def _print_results(client: Client, batch_id: str, as_json: bool) -> int:
+    try:
+        report = await batches.results(client, batch_id)
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print("\n".join(render.results_table(report)))
+    return 0 if report.succeeded == report.total else 1
+
+
+async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect(settings)
+    _ui(settings, args.id)
+    await _watch(client, args.id)
+    return await _print_results(client, args.id, as_json=False)
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect(settings)
+    _ui(settings, args.id, args.json)
+    try:
+        progress = await batches.progress(client, args.id)
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    if args.json:
+        print(progress.model_dump_json(indent=2))
+    else:
+        print("\n".join(render.progress_lines(progress)))
+    return 0
+
+
+async def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect(settings)
+    handle = batches.batch_handle(client, args.id)
+    match args.command:
+        case "pause":
+            await handle.signal(BatchWorkflow.pause, PauseRequest(reason=args.reason or "paused"))
+        case "resume":
+            await handle.signal(BatchWorkflow.resume)
+        case "cancel":
+            await handle.signal(
+                BatchWorkflow.cancel, CancelRequest(reason=args.reason or "cancelled by operator")
+            )
+        case "set-max-machines":
+            await handle.signal(
+                BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=args.n)
+            )
+    print(f"sent {args.command} to {args.id}")
+    _ui(settings, args.id)
+    return 0
+
+
+async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect(settings)
+    _ui(settings, args.id, args.json)
+    return await _print_results(client, args.id, args.json)
+
+
+async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect(settings)
+    for batch_id, status, started in await batches.list_batches(client):
+        when = started.strftime("%Y-%m-%d %H:%M:%S") if started else ""
+        print(f"{batch_id:50} {status:12} {when}  {settings.workflow_url(batch_id)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line grammar."""
+    p = argparse.ArgumentParser(prog="starter.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("submit", help="submit a batch file")
+    s.add_argument("file")
+    s.add_argument("--wait", action="store_true", help="watch until done and print results")
+    s.add_argument("--json", action="store_true", help="print a JSON document")
+    s.add_argument("--new", action="store_true", help="run an already submitted file again")
+    s.set_defaults(run=cmd_submit)
+    for name, run in (("watch", cmd_watch), ("status", cmd_status), ("results", cmd_results)):
+        s = sub.add_parser(name, help=f"{name} a batch")
+        s.add_argument("id")
+        if name != "watch":
+            s.add_argument("--json", action="store_true")
+        s.set_defaults(run=run)
+    for name in ("pause", "resume", "cancel"):
+        s = sub.add_parser(name, help=f"{name} a batch")
+        s.add_argument("id")
+        if name != "resume":
+            s.add_argument("--reason")
+        s.set_defaults(run=cmd_signal)
+    s = sub.add_parser("set-max-machines", help="change a running batch's machine cap")
+    s.add_argument("id")
+    s.add_argument("n", type=int)
+    s.set_defaults(run=cmd_signal)
+    sub.add_parser("list", help="list recent batches").set_defaults(run=cmd_list)
+    return p
+
+
+async def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run one command; report bad input clearly."""
+    args = parser().parse_args(argv)
+    if getattr(args, "n", 1) < 1:
+        print("N must be at least 1", file=sys.stderr)
+        return 2
+    settings = Settings.from_env()
+    try:
+        code: int = await args.run(args, settings)
+    except BatchFileError as error:
+        print(error.render(), file=sys.stderr)
+        return 2
+    except RPCError as error:
+        if error.status is RPCStatusCode.NOT_FOUND:
+            print(f"no such batch: {error.message}", file=sys.stderr)
+            return 2
+        raise
+    except RuntimeError as error:
+        if "connect" in str(error).lower():
+            print(f"cannot reach Temporal at {settings.temporal_address}: {error}", file=sys.stderr)
+            return 2
+        raise
+    return code
+
+
+if __name__ == "__main__":
+    run_main(main())

@@ -1,0 +1,120 @@
+"""Shared fixtures: a real Temporal dev server, a real localfly, and workers on fresh queues.
+
+Also guards the suite's exit status against the Temporal SDK's occasional crash during
+interpreter finalisation (temporalio/sdk-python#300): pytest's own verdict is recorded when the
+session finishes and the process leaves with exactly that status, before finalisation can
+crash. A real failure still exits non-zero; a crash after a green run cannot turn it red.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.machines import MachineActivities
+from fly import FlyClient, FlySettings, FlyToken
+from localfly.process import LocalFlyProcess
+from sortie.labels import BATCH_ID
+from sortie.secrets import SecretStore
+from sortie.settings import Settings
+from worker import build_worker
+
+BIN = Path(sys.executable).parent
+TEMPORAL_CLI = BIN / "temporal"
+ROOT = Path(__file__).resolve().parent.parent
+
+_exit_status: int | None = None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _exit_status is None or os.environ.get("SORTIE_NO_EXIT_GUARD"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
+
+
+@pytest.fixture(scope="session")
+async def temporal() -> AsyncIterator[WorkflowEnvironment]:
+    """One real dev server for the whole session, with the BatchId search attribute."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL_CLI),
+        data_converter=pydantic_data_converter,
+        search_attributes=[BATCH_ID],
+        dev_server_extra_args=["--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"],
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def localfly() -> Iterator[LocalFlyProcess]:
+    """One localfly for the session; tests isolate themselves by app name."""
+    with LocalFlyProcess() as process:
+        yield process
+
+
+@pytest.fixture
+def app_name(request: pytest.FixtureRequest) -> str:
+    """A Fly app name unique to the test, so localfly's counts are the test's own."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class Sortie:
+    """What a test needs to run batches: a client, settings with a fresh queue, localfly."""
+
+    client: Client
+    settings: Settings
+    localfly: LocalFlyProcess
+    fly: FlyClient
+
+
+@asynccontextmanager
+async def running_worker(client: Client, settings: Settings, fly: FlyClient) -> AsyncIterator[Worker]:
+    """Run a worker for the duration of the block."""
+    worker = build_worker(client, MachineActivities(fly, SecretStore()), settings)
+    async with worker:
+        yield worker
+
+
+@pytest.fixture
+async def fly_client(localfly: LocalFlyProcess) -> AsyncIterator[FlyClient]:
+    """A Fly client pointed at localfly."""
+    settings = FlySettings(api_base_url=localfly.url, logs_base_url=localfly.url, rate_limit=False)
+    async with FlyClient.open(settings, FlyToken("localfly-test")) as fly:
+        yield fly
+
+
+@pytest.fixture
+async def sortie(
+    temporal: WorkflowEnvironment, localfly: LocalFlyProcess, fly_client: FlyClient
+) -> AsyncIterator[Sortie]:
+    """A worker on a fresh task queue, running for the test."""
+    host, port = temporal.client.service_client.config.target_host.rsplit(":", 1)
+    settings = Settings(
+        temporal_address=f"{host}:{port}",
+        task_queue=f"sortie-{uuid.uuid4().hex}",
+        shutdown_grace_s=1.0,
+    )
+    async with running_worker(temporal.client, settings, fly_client):
+        yield Sortie(temporal.client, settings, localfly, fly_client)

@@ -1,0 +1,75 @@
+"""The Sortie worker: runs batch and chunk workflows and the Fly machine activities.
+
+Configured by environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully:
+waits in progress are handed over to the next worker, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.machines import MachineActivities
+from fly import FlyClient
+from sortie.secrets import SecretStore
+from sortie.settings import Settings, fly_connection
+from sortie.temporal import connect, run_main
+from workflows.batch import BatchWorkflow
+from workflows.chunk import ChunkWorkflow
+
+log = logging.getLogger("sortie.worker")
+
+
+def build_worker(client: Client, machines: MachineActivities, settings: Settings) -> Worker:
+    """The worker for Sortie's task queue."""
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=[
+            machines.check_secrets,
+            machines.create_machine,
+            machines.wait_machine,
+            machines.collect_result,
+            machines.destroy_machine,
+        ],
+        max_concurrent_activities=settings.max_concurrent_activities,
+        graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
+    )
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run a worker until `stop` is set, then shut it down gracefully."""
+    client = await connect(settings)
+    fly_settings, token = fly_connection()
+    async with FlyClient.open(fly_settings, token) as fly:
+        worker = build_worker(client, MachineActivities(fly, SecretStore()), settings)
+        log.info(
+            "worker on task queue %s at %s (Fly API %s)",
+            settings.task_queue,
+            settings.temporal_address,
+            fly_settings.api_base_url,
+        )
+        async with worker:
+            await stop.wait()
+            log.info("shutting down: handing running waits over to the next worker")
+
+
+async def main() -> None:
+    """Entry point: serve until SIGTERM or SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(Settings.from_env(), stop)
+
+
+if __name__ == "__main__":
+    run_main(main())

@@ -1,0 +1,332 @@
+"""BatchWorkflow: split a batch into chunks and keep at most `max_machines` machines busy.
+
+The batch owns the machine slots. It starts a ChunkWorkflow per chunk with the slots it can
+spare, tops up chunks that can use more, and takes slots back as chunks hand them in, so a
+freed slot goes to whoever can use it at once. Chunks are abandoned on close (they report by
+signal) so the batch can continue-as-new and keep its history bounded for any batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.machines import MachineActivities
+    from sortie.labels import BATCH_ID, chunk_workflow_id
+    from sortie.models import (
+        BatchInput,
+        BatchOutput,
+        BatchState,
+        CancelRequest,
+        CheckSecretsInput,
+        ChunkInput,
+        ChunkPlan,
+        ChunkReport,
+        ChunkState,
+        ChunkStatus,
+        Counts,
+        MaxMachinesRequest,
+        PauseRequest,
+        Progress,
+        SlotGrant,
+    )
+    from sortie.spec import resolve_job
+    from workflows import policies
+    from workflows.chunk import ChunkWorkflow
+    from workflows.shielded import finish
+
+
+@workflow.defn
+class BatchWorkflow:
+    """Runs a whole batch; pause, resume, cancel and set_max_machines steer it."""
+
+    @workflow.init
+    def __init__(self, input: BatchInput) -> None:
+        self._input = input
+        self._state = input.state or _plan(input)
+        self._changed = False
+
+    @workflow.run
+    async def run(self, input: BatchInput) -> BatchOutput:
+        """Drive the chunks until every job is done or cancelled."""
+        if input.state is None:
+            await self._check_secrets(input)
+        self._show()
+        while not self._finished():
+            try:
+                await self._drive()
+            except asyncio.CancelledError:
+                self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._show()
+        return self._output()
+
+    # ------------------------------------------------------------ signals and queries
+
+    @workflow.signal
+    def chunk_report(self, report: ChunkReport) -> None:
+        """A chunk handed back slots or reported progress."""
+        chunk = self._state.chunks[report.index]
+        chunk.slots -= report.released
+        chunk.owed = max(0, chunk.owed - report.released)
+        chunk.counts = report.counts
+        chunk.wants_more = report.wants_more
+        if report.done:
+            chunk.status = ChunkStatus.DONE
+        self._touch()
+
+    @workflow.signal
+    def pause(self, request: PauseRequest | None = None) -> None:
+        """Create no new machines; running jobs finish."""
+        self._state.paused = True
+        self._state.pause_reason = (request or PauseRequest()).reason
+        self._touch()
+
+    @workflow.signal
+    def resume(self) -> None:
+        """Start creating machines again."""
+        self._state.paused = False
+        self._state.pause_reason = None
+        self._touch()
+
+    @workflow.signal
+    def cancel(self, request: CancelRequest | None = None) -> None:
+        """Create nothing more, destroy running machines, finish with partial results."""
+        self._cancel((request or CancelRequest()).reason)
+
+    @workflow.signal
+    def set_max_machines(self, request: MaxMachinesRequest) -> None:
+        """Change the concurrency cap; lowering it takes effect as running jobs finish."""
+        self._state.max_machines = request.max_machines
+        self._touch()
+
+    @workflow.query
+    def progress(self) -> Progress:
+        """Counts by state, per chunk, and live machines."""
+        return Progress(
+            batch_id=self._input.batch_id,
+            status=self._status(),
+            paused=self._state.paused,
+            pause_reason=self._state.pause_reason,
+            cancelled=self._state.cancelled,
+            max_machines=self._state.max_machines,
+            counts=self._counts(),
+            chunks=self._state.chunks,
+        )
+
+    # ------------------------------------------------------------ the story
+
+    async def _check_secrets(self, input: BatchInput) -> None:
+        """Refuse the batch before any machine exists if the worker lacks a named secret."""
+        names = sorted(
+            {*(input.defaults.secrets or [])}.union(*(job.secrets or [] for job in input.jobs))
+        )
+        if not names:
+            return
+        try:
+            await workflow.execute_activity_method(
+                MachineActivities.check_secrets,
+                CheckSecretsInput(names=names),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=policies.FLY_RETRY,
+                summary="check the batch's secrets exist on the worker",
+            )
+        except ActivityError as error:
+            cause = error.cause if error.cause is not None else error
+            raise ApplicationError(f"batch rejected: {cause}", non_retryable=True) from None
+
+    async def _drive(self) -> None:
+        """Apply every change (reports, signals) until done, continuing-as-new when long."""
+        while not self._finished():
+            self._changed = False
+            await finish(self._sync())
+            if self._finished():
+                return
+            if workflow.info().is_continue_as_new_suggested():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(
+                    self._input.model_copy(update={"jobs": [], "state": self._state})
+                )
+            self._show()
+            await workflow.wait_condition(lambda: self._changed)
+
+    async def _sync(self) -> None:
+        """Tell chunks about pause, resume and cancel; lend free slots; start chunks."""
+        state = self._state
+        sends: list[Awaitable[None]] = []
+        running = self._running()
+        for chunk in running:
+            if state.cancelled and not chunk.told_cancel:
+                chunk.told_cancel = True
+                request = CancelRequest(reason=state.cancel_reason or "cancelled")
+                sends.append(self._chunk(chunk).signal(ChunkWorkflow.cancel, request))
+            elif not state.cancelled and chunk.told_paused != state.paused:
+                chunk.told_paused = state.paused
+                if state.paused:
+                    request_p = PauseRequest(reason=state.pause_reason or "paused")
+                    sends.append(self._chunk(chunk).signal(ChunkWorkflow.pause, request_p))
+                else:
+                    sends.append(self._chunk(chunk).signal(ChunkWorkflow.resume))
+        sends += self._take_back(running)
+        if not state.cancelled and not state.paused:
+            sends += self._lend(running)
+            while self._free() > 0 and state.pending:
+                await self._start_chunk(state.pending.pop(0))
+        await asyncio.gather(*sends)
+
+    def _take_back(self, running: list[ChunkState]) -> list[Awaitable[None]]:
+        """Ask the newest chunks to give slots back when the cap was lowered."""
+        sends: list[Awaitable[None]] = []
+        excess = sum(c.slots - c.owed for c in running) - self._state.max_machines
+        for chunk in reversed(running):
+            ask = min(excess, chunk.slots - chunk.owed)
+            if ask > 0:
+                chunk.owed += ask
+                excess -= ask
+                sends.append(self._chunk(chunk).signal(ChunkWorkflow.grant, SlotGrant(give_back=ask)))
+        return sends
+
+    def _lend(self, running: list[ChunkState]) -> list[Awaitable[None]]:
+        """Give free slots to the oldest running chunks that still have jobs to start."""
+        sends: list[Awaitable[None]] = []
+        for chunk in running:
+            give = min(self._free(), chunk.size - chunk.slots)
+            if chunk.wants_more and not chunk.owed and give > 0:
+                chunk.slots += give
+                sends.append(self._chunk(chunk).signal(ChunkWorkflow.grant, SlotGrant(grant=give)))
+        return sends
+
+    async def _start_chunk(self, plan: ChunkPlan) -> None:
+        """Start a chunk child with as many slots as are free, up to its size."""
+        chunk = self._state.chunks[plan.index]
+        chunk.slots = min(self._free(), len(plan.jobs))
+        chunk.wants_more = chunk.slots < len(plan.jobs)
+        chunk.status = ChunkStatus.RUNNING
+        jobs = [
+            resolve_job(self._input.defaults, job, plan.first_job + i)
+            for i, job in enumerate(plan.jobs)
+        ]
+        last = plan.first_job + len(plan.jobs) - 1
+        await workflow.start_child_workflow(
+            ChunkWorkflow.run,
+            ChunkInput(
+                batch_id=self._input.batch_id,
+                batch_workflow_id=workflow.info().workflow_id,
+                index=plan.index,
+                app=self._input.app,
+                jobs=jobs,
+                slots=chunk.slots,
+                tuning=self._input.tuning,
+            ),
+            id=chunk.workflow_id,
+            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(BATCH_ID, self._input.batch_id)]
+            ),
+            static_summary=f"chunk {plan.index} of batch {self._input.name}: "
+            f"jobs {plan.first_job}-{last}",
+            static_details=f"Jobs: {', '.join(j.id for j in plan.jobs)}",
+        )
+
+    def _cancel(self, reason: str) -> None:
+        """Mark the batch cancelled; chunks not started yet are skipped."""
+        state = self._state
+        if state.cancelled:
+            return
+        state.cancelled = True
+        state.cancel_reason = reason
+        for plan in state.pending:
+            chunk = state.chunks[plan.index]
+            chunk.status = ChunkStatus.SKIPPED
+            chunk.skipped_job_ids = [job.id for job in plan.jobs]
+            chunk.counts = Counts(total=chunk.size, cancelled=chunk.size)
+        state.pending = []
+        self._touch()
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _chunk(self, chunk: ChunkState) -> workflow.ExternalWorkflowHandle[Any]:
+        return workflow.get_external_workflow_handle(chunk.workflow_id)
+
+    def _running(self) -> list[ChunkState]:
+        return [c for c in self._state.chunks if c.status is ChunkStatus.RUNNING]
+
+    def _free(self) -> int:
+        return self._state.max_machines - sum(c.slots for c in self._running())
+
+    def _finished(self) -> bool:
+        return not self._state.pending and not self._running()
+
+    def _touch(self) -> None:
+        self._changed = True
+
+    def _counts(self) -> Counts:
+        total = Counts()
+        for chunk in self._state.chunks:
+            total = total.add(chunk.counts)
+        return total
+
+    def _status(self) -> str:
+        if self._finished():
+            return "cancelled" if self._state.cancelled else "completed"
+        if self._state.cancelled:
+            return "cancelling"
+        return "paused" if self._state.paused else "running"
+
+    def _output(self) -> BatchOutput:
+        counts = self._counts()
+        return BatchOutput(
+            batch_id=self._input.batch_id,
+            name=self._input.name,
+            status=self._status(),
+            total=counts.total,
+            succeeded=counts.succeeded,
+            failed=counts.failed + counts.timed_out,
+            timed_out=counts.timed_out,
+            cancelled=counts.cancelled,
+            chunks=self._state.chunks,
+            cancel_reason=self._state.cancel_reason,
+        )
+
+    def _show(self) -> None:
+        """Keep the Web UI's current details in step with the batch."""
+        c = self._counts()
+        done = c.succeeded + c.failed + c.timed_out + c.cancelled
+        status = self._status()
+        if self._state.paused and self._state.pause_reason:
+            status += f" ({self._state.pause_reason})"
+        running = len(self._running())
+        workflow.set_current_details(
+            f"**{done}/{c.total} jobs done**, {status}\n\n"
+            f"- machines: {c.live_machines} live, cap {self._state.max_machines}\n"
+            f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
+            f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled\n"
+            f"- chunks: {running} running, {len(self._state.pending)} not started, "
+            f"{len(self._state.chunks)} in all"
+        )
+
+
+def _plan(input: BatchInput) -> BatchState:
+    """Split the jobs into chunks of `chunk_size`."""
+    plans: list[ChunkPlan] = []
+    chunks: list[ChunkState] = []
+    for index, first in enumerate(range(0, len(input.jobs), input.chunk_size)):
+        jobs = input.jobs[first : first + input.chunk_size]
+        plans.append(ChunkPlan(index=index, first_job=first, jobs=jobs))
+        chunks.append(
+            ChunkState(
+                index=index,
+                workflow_id=chunk_workflow_id(input.batch_id, index),
+                first_job=first,
+                size=len(jobs),
+                counts=Counts(total=len(jobs), pending=len(jobs)),
+            )
+        )
+    return BatchState(max_machines=input.max_machines, chunks=chunks, pending=plans)

@@ -1,0 +1,415 @@
+"""ChunkWorkflow: run a slice of a batch's jobs, one Fly machine per job.
+
+The chunk starts a job whenever it holds a free machine slot, so a finished job's slot is used
+at once. Slots come from the batch: when the chunk has nothing left to start, it hands each
+freed slot back so another chunk can use it. Every machine is destroyed in a cleanup that still
+runs when the job or the batch is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, FailureError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.machines import MachineActivities
+    from sortie.models import (
+        CancelRequest,
+        ChunkInput,
+        ChunkOutput,
+        ChunkReport,
+        CollectResultInput,
+        CollectResultOutput,
+        Counts,
+        CreateMachineInput,
+        DestroyMachineInput,
+        JobResult,
+        JobState,
+        MachineRef,
+        PauseRequest,
+        SlotGrant,
+        WaitMachineInput,
+        WaitMachineOutput,
+        WaitOutcome,
+    )
+    from sortie.spec import Job
+    from workflows import policies
+    from workflows.shielded import finish, settle
+
+REPORT_EVERY = timedelta(seconds=5)
+
+
+class InfrastructureFailure(Exception):
+    """The machine, not the job, failed: worth another attempt on a new machine."""
+
+
+@workflow.defn
+class ChunkWorkflow:
+    """Runs its jobs within the machine slots the batch grants it."""
+
+    @workflow.init
+    def __init__(self, input: ChunkInput) -> None:
+        self._input = input
+        self._results = [JobResult(job_id=j.id, index=j.index) for j in input.jobs]
+        self._slots = input.slots
+        self._owed = 0
+        self._running = 0
+        self._live = 0
+        self._started = 0
+        self._paused = input.paused
+        self._cancelled = False
+        self._cancel_reason: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reports: list[asyncio.Task[None]] = []
+        self._last_report = workflow.now()
+
+    @workflow.run
+    async def run(self, input: ChunkInput) -> ChunkOutput:
+        """Start each job as a slot frees up, then wait for all of them."""
+        self._show()
+        try:
+            for job in input.jobs:
+                await workflow.wait_condition(self._can_start)
+                if self._cancelled:
+                    break
+                self._running += 1
+                self._started += 1
+                self._tasks.append(asyncio.create_task(self._run_job(job)))
+            self._release_idle()
+            await asyncio.gather(*self._tasks)
+        except asyncio.CancelledError:
+            self._cancel("chunk cancelled through Temporal")
+            await asyncio.gather(*self._tasks)
+        self._release_idle()
+        for result in self._results:
+            if result.state is JobState.PENDING:
+                result.state = JobState.CANCELLED
+                result.error = self._cancel_reason
+        self._report(released=self._slots, done=True)
+        self._slots = 0
+        await asyncio.gather(*self._reports)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._show()
+        return ChunkOutput(index=input.index, counts=self._counts(), results=self._results)
+
+    # ------------------------------------------------------------ signals and queries
+
+    @workflow.signal
+    def grant(self, grant: SlotGrant) -> None:
+        """The batch adds slots, or asks for some back as jobs finish."""
+        self._slots += grant.grant
+        self._owed += grant.give_back
+        self._release_idle()
+
+    @workflow.signal
+    def pause(self, request: PauseRequest) -> None:
+        """Create no new machines; running jobs finish."""
+        self._paused = True
+        self._show()
+
+    @workflow.signal
+    def resume(self) -> None:
+        """Start creating machines again."""
+        self._paused = False
+        self._show()
+
+    @workflow.signal
+    def cancel(self, request: CancelRequest) -> None:
+        """Start nothing more and destroy running machines."""
+        self._cancel(request.reason)
+
+    @workflow.query
+    def progress(self) -> Counts:
+        """Job counts by state, and machines alive now."""
+        return self._counts()
+
+    @workflow.query
+    def results(self) -> list[JobResult]:
+        """Every job's result so far, in input order."""
+        return self._results
+
+    # ------------------------------------------------------------ one job
+
+    async def _run_job(self, job: Job) -> None:
+        """Run a job to a final state, on a new machine after each infrastructure failure."""
+        result = self._results[job.index - self._input.jobs[0].index]
+        result.started_at = workflow.now()
+        try:
+            for attempt in range(1, job.retries + 2):
+                await workflow.wait_condition(lambda: self._cancelled or not self._paused)
+                if self._cancelled:
+                    raise asyncio.CancelledError
+                result.attempts = attempt
+                try:
+                    await self._attempt(job, attempt, result)
+                    break
+                except InfrastructureFailure as failure:
+                    result.state = JobState.FAILED
+                    result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
+        except asyncio.CancelledError:
+            if not result.state.final:
+                result.state = JobState.CANCELLED
+                result.error = self._cancel_reason
+        finally:
+            result.finished_at = workflow.now()
+            result.duration_s = (result.finished_at - result.started_at).total_seconds()
+            self._running -= 1
+            self._job_finished()
+
+    async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
+        """Create a machine, wait for it, collect its result and destroy it."""
+        result.state = JobState.STARTING
+        self._show()
+        try:
+            machine = await self._create(job, attempt)
+        except ActivityError as error:
+            result.state = JobState.FAILED
+            result.error = f"could not create a machine: {_describe(error)}"
+            return
+        self._live += 1
+        result.machine_id = machine.machine_id
+        result.state = JobState.RUNNING
+        self._show()
+        try:
+            outcome, collected = await self._wait_and_collect(job, machine)
+            self._record(job, result, outcome, collected)
+        except ActivityError as error:
+            if _is_cancellation(error):
+                raise asyncio.CancelledError from error
+            result.state = JobState.FAILED
+            result.error = _describe(error)
+        finally:
+            await finish(self._destroy(machine))
+            self._live -= 1
+            self._show()
+
+    async def _create(self, job: Job, attempt: int) -> MachineRef:
+        """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
+        create = asyncio.ensure_future(
+            workflow.execute_activity_method(
+                MachineActivities.create_machine,
+                CreateMachineInput(
+                    batch_id=self._input.batch_id,
+                    chunk_index=self._input.index,
+                    app=self._input.app,
+                    job=job,
+                    attempt=attempt,
+                ),
+                start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
+                schedule_to_close_timeout=policies.CREATE_DEADLINE,
+                retry_policy=policies.FLY_RETRY,
+                summary=f"create machine for job {job.id} (attempt {attempt})",
+            )
+        )
+        settled, interrupted = await settle(create)
+        if interrupted:
+            if settled.exception() is None:
+                await finish(self._destroy(settled.result().machine))
+            raise asyncio.CancelledError
+        return settled.result().machine
+
+    async def _wait_and_collect(
+        self, job: Job, machine: MachineRef
+    ) -> tuple[WaitMachineOutput, CollectResultOutput | None]:
+        """Wait until the machine settles or the job's deadline passes, then read its exit."""
+        now = workflow.now()
+        waited = await workflow.execute_activity_method(
+            MachineActivities.wait_machine,
+            WaitMachineInput(
+                machine=machine,
+                job_id=job.id,
+                deadline=now + timedelta(seconds=job.timeout_s),
+                boot_deadline=now + timedelta(seconds=job.boot_timeout_s),
+                heartbeat_every_s=self._input.tuning.heartbeat_every_s,
+            ),
+            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
+            + policies.WAIT_MARGIN,
+            heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
+            retry_policy=policies.FLY_RETRY,
+            summary=f"wait for job {job.id} on machine {machine.machine_id}",
+        )
+        if waited.outcome not in (WaitOutcome.EXITED, WaitOutcome.FAILED):
+            return waited, None
+        collected = await workflow.execute_activity_method(
+            MachineActivities.collect_result,
+            CollectResultInput(
+                machine=machine,
+                job_id=job.id,
+                secrets=job.secrets,
+                tail_lines=self._input.tuning.log_tail_lines,
+                tail_bytes=self._input.tuning.log_tail_bytes,
+            ),
+            start_to_close_timeout=policies.CALL_TIMEOUT,
+            schedule_to_close_timeout=policies.COLLECT_DEADLINE,
+            retry_policy=policies.FLY_RETRY,
+            summary=f"collect result of job {job.id}",
+        )
+        return waited, collected
+
+    def _record(
+        self,
+        job: Job,
+        result: JobResult,
+        waited: WaitMachineOutput,
+        collected: CollectResultOutput | None,
+    ) -> None:
+        """Turn how the machine ended into the job's state; raise for infrastructure failures."""
+        result.machine_state = collected.state if collected else waited.state
+        if collected:
+            result.exit_code = collected.exit_code
+            result.log_tail = collected.log_tail
+        match waited.outcome:
+            case WaitOutcome.TIMED_OUT:
+                result.state = JobState.TIMED_OUT
+                result.error = f"exceeded its timeout of {_seconds(job.timeout_s)}"
+            case WaitOutcome.BOOT_TIMEOUT:
+                raise InfrastructureFailure(
+                    f"machine did not start within {_seconds(job.boot_timeout_s)}"
+                )
+            case WaitOutcome.FAILED:
+                raise InfrastructureFailure("machine entered the failed state")
+            case WaitOutcome.GONE:
+                raise InfrastructureFailure("machine disappeared before the job finished")
+            case WaitOutcome.EXITED if collected and collected.oom_killed:
+                raise InfrastructureFailure("machine ran out of memory (OOM killed)")
+            case WaitOutcome.EXITED if collected and collected.exit_code is None:
+                # The job ran; running it again could do its work twice. Report, don't retry.
+                result.state = JobState.FAILED
+                result.error = "machine stopped but Fly recorded no exit code"
+            case WaitOutcome.EXITED if collected and collected.exit_code == 0:
+                result.state = JobState.SUCCEEDED
+                result.error = None
+            case _:
+                code = collected.exit_code if collected else None
+                result.state = JobState.FAILED
+                result.error = f"exited with code {code}"
+
+    async def _destroy(self, machine: MachineRef) -> None:
+        """Destroy the machine; retried until it is gone."""
+        await workflow.execute_activity_method(
+            MachineActivities.destroy_machine,
+            DestroyMachineInput(machine=machine),
+            start_to_close_timeout=policies.CALL_TIMEOUT,
+            retry_policy=policies.DESTROY_RETRY,
+            summary=f"destroy machine {machine.machine_id}",
+        )
+
+    # ------------------------------------------------------------ slots
+
+    def _can_start(self) -> bool:
+        return self._cancelled or (not self._paused and self._running < self._slots)
+
+    def _has_unstarted(self) -> bool:
+        return not self._cancelled and self._started < len(self._input.jobs)
+
+    def _job_finished(self) -> None:
+        """A machine is gone: pay back an owed slot, keep it for the next job, or return it."""
+        if not self._release_idle() and workflow.now() - self._last_report >= REPORT_EVERY:
+            self._report()
+
+    def _release_idle(self) -> bool:
+        """Hand back slots this chunk cannot use or owes; return whether any were handed back."""
+        idle = self._slots - self._running
+        give = min(idle, self._owed) if self._has_unstarted() else idle
+        if give <= 0:
+            return False
+        self._owed = max(0, self._owed - give)
+        self._slots -= give
+        self._report(released=give)
+        return True
+
+    def _report(self, released: int = 0, done: bool = False) -> None:
+        """Tell the batch about released slots and progress (fire and forget, in order)."""
+        self._last_report = workflow.now()
+        report = ChunkReport(
+            index=self._input.index,
+            released=released,
+            wants_more=self._started + max(self._slots - self._running, 0)
+            < len(self._input.jobs)
+            and not self._cancelled,
+            counts=self._counts(),
+            done=done,
+        )
+        batch = workflow.get_external_workflow_handle(self._input.batch_workflow_id)
+        self._reports.append(asyncio.create_task(_send(batch, report)))
+        self._show()
+
+    def _cancel(self, reason: str) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._cancel_reason = reason
+        for task in self._tasks:
+            if not task.done() and not task.cancelling():
+                task.cancel()
+        self._show()
+
+    # ------------------------------------------------------------ progress
+
+    def _counts(self) -> Counts:
+        counts = Counts(total=len(self._results), live_machines=self._live)
+        for result in self._results:
+            match result.state:
+                case JobState.PENDING:
+                    counts.pending += 1
+                case JobState.STARTING | JobState.RUNNING:
+                    counts.running += 1
+                case JobState.SUCCEEDED:
+                    counts.succeeded += 1
+                case JobState.FAILED:
+                    counts.failed += 1
+                case JobState.TIMED_OUT:
+                    counts.timed_out += 1
+                case JobState.CANCELLED:
+                    counts.cancelled += 1
+        return counts
+
+    def _show(self) -> None:
+        """Keep the Web UI's current details in step with the chunk."""
+        c = self._counts()
+        done = c.succeeded + c.failed + c.timed_out + c.cancelled
+        state = "cancelling" if self._cancelled else "paused" if self._paused else "running"
+        workflow.set_current_details(
+            f"**{done}/{c.total} jobs done** ({state})\n\n"
+            f"- running: {c.running}, live machines: {c.live_machines}, slots: {self._slots}\n"
+            f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
+            f"cancelled: {c.cancelled}"
+        )
+
+
+async def _send(batch: workflow.ExternalWorkflowHandle[Any], report: ChunkReport) -> None:
+    """Signal the batch; a batch that is gone (terminated) cannot be told, and that is fine."""
+    try:
+        await batch.signal("chunk_report", report)
+    except FailureError as error:
+        workflow.logger.warning("could not report to the batch: %s", error)
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    cause: BaseException | None = error
+    while cause is not None:
+        if type(cause).__name__ == "CancelledError":
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def _describe(error: BaseException) -> str:
+    """The innermost failure message: what actually went wrong."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return str(cause) or type(cause).__name__
+
+
+def _seconds(seconds: float) -> str:
+    whole = int(seconds)
+    if whole % 3600 == 0:
+        return f"{whole // 3600}h"
+    if whole % 60 == 0:
+        return f"{whole // 60}m"
+    return f"{seconds:g}s"

@@ -1,0 +1,30 @@
+"""Timeouts and retry policies of the machine activities, in one place."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+# Transient Fly errors (429, 5xx, dropped connections) are retried with exponential backoff;
+# a 429's Retry-After overrides the interval. Non-retryable errors are raised as such by the
+# activities, so no type list is needed here.
+FLY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+)
+
+# Destroy never gives up: a machine must not outlive its job. A destroy that keeps failing shows
+# in the UI as a pending activity with its attempt count and last error.
+DESTROY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=0,
+)
+
+CREATE_DEADLINE = timedelta(minutes=30)
+COLLECT_DEADLINE = timedelta(minutes=10)
+CALL_TIMEOUT = timedelta(seconds=90)
+WAIT_MARGIN = timedelta(minutes=5)

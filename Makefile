@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 system-deps:
 	@command -v docker-compose >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
 	  else echo "docker-compose missing: install Debian's docker-compose package" >&2; exit 1; fi; }
 
 lint: install

@@ -276,7 +276,7 @@ def _messages(error: ValidationError, data: object) -> list[str]:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required"
-        if not loc and "\n" in message:
+        if not loc:
             problems.extend(message.splitlines())
         else:
             problems.append(f"{_describe(data, loc)}: {message}")
@@ -302,8 +302,9 @@ def load_batch_file(path: str | Path) -> BatchSpec:
         text = path.read_text()
     except OSError as error:
         raise BatchFileError(str(path), [f"cannot read: {error.strerror}"]) from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
-        raise BatchFileError(str(path), [f"not valid {path.suffix.lstrip('.') or 'YAML'}: {error}"])
+        raise BatchFileError(str(path), [f"not valid {kind}: {error}"]) from None
     return parse_batch(data, str(path))

@@ -1,0 +1,368 @@
+"""The durable batch end to end: a real dev server, a real worker, real localfly machines.
+
+Machines are counted at localfly (its admin API lists every machine it ever made), never from
+Sortie's own records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+
+from sortie import batches
+from sortie.labels import META_BATCH, META_JOB
+from sortie.models import BatchOutput, CancelRequest, MaxMachinesRequest, PauseRequest, Tuning
+from sortie.spec import BatchSpec, parse_batch
+from tests.conftest import ROOT, TEMPORAL_CLI, Sortie
+from tests.waiting import eventually
+from workflows.batch import BatchWorkflow
+
+TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
+
+
+@pytest.fixture(autouse=True)
+def no_faults(localfly: Any) -> Iterator[None]:
+    localfly.set_faults({})
+    yield
+    localfly.set_faults({})
+
+
+def make_spec(app: str, jobs: list[dict[str, Any]], **fields: Any) -> BatchSpec:
+    defaults = {"image": "docker.io/library/alpine:3.20", "timeout": "60s", "retries": 1}
+    defaults.update(fields.pop("defaults", {}))
+    name = fields.pop("name", f"t{uuid.uuid4().hex[:8]}")
+    return parse_batch({"name": name, "app": app, "defaults": defaults, "jobs": jobs, **fields})
+
+
+def sleepers(count: int, seconds: float) -> list[dict[str, Any]]:
+    return [{"id": f"job-{i:03d}", "command": f"sleep {seconds}"} for i in range(count)]
+
+
+async def start(s: Sortie, spec: BatchSpec) -> str:
+    submitted = await batches.submit(s.client, s.settings, spec, tuning=TUNING)
+    assert submitted.created
+    return submitted.batch_id
+
+
+async def finish(s: Sortie, batch_id: str) -> batches.BatchReport:
+    output: BatchOutput = await batches.batch_handle(s.client, batch_id).result()
+    assert output.batch_id == batch_id
+    return await batches.results(s.client, batch_id)
+
+
+def machines(s: Sortie, app: str) -> list[dict[str, Any]]:
+    return list(s.localfly.machines(app))
+
+
+def live(s: Sortie, app: str) -> list[dict[str, Any]]:
+    return [m for m in machines(s, app) if m["state"] != "destroyed"]
+
+
+async def chunk_histories(s: Sortie, batch_id: str) -> AsyncIterator[Any]:
+    async for execution in s.client.list_workflows(f'BatchId="{batch_id}"'):
+        if execution.workflow_type == "ChunkWorkflow":
+            yield await s.client.get_workflow_handle(execution.id).fetch_history()
+
+
+async def test_happy_path(sortie: Sortie, app_name: str) -> None:
+    jobs = [{"id": f"echo-{i}", "command": f"echo hello from {i}"} for i in range(5)]
+    batch_id = await start(sortie, make_spec(app_name, jobs, max_machines=2, chunk_size=2))
+    report = await finish(sortie, batch_id)
+
+    assert (report.status, report.total, report.succeeded, report.failed) == ("completed", 5, 5, 0)
+    assert [r.job_id for r in report.results] == [j["id"] for j in jobs]
+    for i, result in enumerate(report.results):
+        assert result.exit_code == 0 and result.attempts == 1 and result.machine_id
+        assert f"hello from {i}" in "\n".join(result.log_tail)
+    made = machines(sortie, app_name)
+    assert len(made) == 5 and not live(sortie, app_name)
+    assert {m["metadata"][META_BATCH] for m in made} == {batch_id}
+    assert {m["metadata"][META_JOB] for m in made} == {j["id"] for j in jobs}
+
+
+async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
+    sortie: Sortie, app_name: str
+) -> None:
+    spec = make_spec(app_name, sleepers(100, 0.3), max_machines=10, chunk_size=25)
+    batch_id = await start(sortie, spec)
+    report = await finish(sortie, batch_id)
+
+    assert report.succeeded == 100
+    stats = sortie.localfly.stats(app_name)
+    assert stats["max_live_machines"] == 10, stats
+    assert stats["machines_created"] == 100
+    assert not live(sortie, app_name)
+    # No wave barrier: the second chunk's first machine exists before the first chunk's last
+    # machine is gone.
+    made = machines(sortie, app_name)
+    first_chunk = [m for m in made if m["metadata"]["sortie_chunk"] == "0"]
+    second_chunk = [m for m in made if m["metadata"]["sortie_chunk"] == "1"]
+    assert min(m["created_at"] for m in second_chunk) < max(
+        m["destroyed_at"] for m in first_chunk
+    )
+
+
+async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None:
+    jobs = [
+        {"id": "ok", "command": "true"},
+        {"id": "fails", "command": "echo broken >&2; exit 3"},
+        {"id": "slow", "command": "sleep 120", "timeout": "2s"},
+    ]
+    batch_id = await start(sortie, make_spec(app_name, jobs, max_machines=3))
+    report = await finish(sortie, batch_id)
+    ok, fails, slow = report.results
+
+    assert ok.state == "succeeded"
+    assert (fails.state, fails.exit_code, fails.attempts) == ("failed", 3, 1)
+    assert "broken" in "\n".join(fails.log_tail)
+    assert (slow.state, slow.attempts) == ("timed_out", 1)
+    assert "timeout of 2s" in (slow.error or "")
+    assert (report.succeeded, report.failed, report.timed_out) == (1, 2, 1)
+    assert len(machines(sortie, app_name)) == 3 and not live(sortie, app_name)
+
+
+@pytest.mark.parametrize("fault", ["fail_boot", "oom", "stuck_created"])
+async def test_an_infrastructure_failure_is_retried_on_a_new_machine(
+    sortie: Sortie, app_name: str, fault: str
+) -> None:
+    jobs = [{"id": "flaky", "command": "echo done"}, {"id": "steady", "command": "true"}]
+    spec = make_spec(app_name, jobs, defaults={"boot_timeout": "2s", "retries": 2})
+    sortie.localfly.set_faults(
+        {
+            "machines": [
+                {"kind": fault, "count": 1, "metadata": {META_JOB: "flaky"}},
+            ]
+        }
+    )
+    report = await finish(sortie, await start(sortie, spec))
+
+    flaky = report.results[0]
+    assert (flaky.state, flaky.attempts, flaky.exit_code) == ("succeeded", 2, 0)
+    assert report.results[1].attempts == 1
+    tries = [m for m in machines(sortie, app_name) if m["metadata"][META_JOB] == "flaky"]
+    assert sorted(m["metadata"]["sortie_attempt"] for m in tries) == ["1", "2"]
+    assert not live(sortie, app_name)
+
+
+async def test_infrastructure_retries_are_bounded(sortie: Sortie, app_name: str) -> None:
+    spec = make_spec(app_name, [{"id": "doomed", "command": "true"}], defaults={"retries": 1})
+    sortie.localfly.set_faults({"machines": [{"kind": "fail_boot", "count": None}]})
+    report = await finish(sortie, await start(sortie, spec))
+
+    (doomed,) = report.results
+    assert (doomed.state, doomed.attempts) == ("failed", 2)
+    assert "failed state" in (doomed.error or "") and "attempt 2 of 2" in (doomed.error or "")
+    assert len(machines(sortie, app_name)) == 2 and not live(sortie, app_name)
+
+
+async def test_pause_creates_nothing_until_resume(sortie: Sortie, app_name: str) -> None:
+    spec = make_spec(app_name, sleepers(8, 1), max_machines=2, chunk_size=4)
+    batch_id = await start(sortie, spec)
+    handle = batches.batch_handle(sortie.client, batch_id)
+    await eventually(lambda: len(live(sortie, app_name)) == 2, what="two live machines")
+
+    await handle.signal(BatchWorkflow.pause, PauseRequest(reason="maintenance"))
+    progress = await eventually(
+        lambda: _paused_and_idle(sortie, batch_id, app_name), what="running jobs to finish"
+    )
+    assert progress.pause_reason == "maintenance" and progress.counts.pending > 0
+    await handle.signal(BatchWorkflow.resume)
+    report = await finish(sortie, batch_id)
+
+    assert report.succeeded == 8
+    async for history in chunk_histories(sortie, batch_id):
+        paused = False
+        for event in history.events:
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+                name = event.workflow_execution_signaled_event_attributes.signal_name
+                paused = {"pause": True, "resume": False}.get(name, paused)
+            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                kind = event.activity_task_scheduled_event_attributes.activity_type.name
+                assert not (paused and kind == "create_machine"), "created a machine while paused"
+
+
+async def _paused_and_idle(s: Sortie, batch_id: str, app: str) -> Any:
+    progress = await batches.progress(s.client, batch_id)
+    return progress if progress.paused and not live(s, app) else None
+
+
+@pytest.mark.parametrize("how", ["signal", "temporal_cancel"])
+async def test_cancel_destroys_running_machines_and_keeps_partial_results(
+    sortie: Sortie, app_name: str, how: str
+) -> None:
+    jobs = [{"id": "quick", "command": "true"}, *sleepers(11, 120)]
+    spec = make_spec(app_name, jobs, max_machines=4, chunk_size=3)
+    batch_id = await start(sortie, spec)
+    handle = batches.batch_handle(sortie.client, batch_id)
+    await eventually(lambda: len(live(sortie, app_name)) == 4, what="four live machines")
+
+    if how == "signal":
+        await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="operator said stop"))
+    else:
+        await handle.cancel()
+    await eventually(lambda: not live(sortie, app_name), timeout=30, what="no live machine")
+    report = await finish(sortie, batch_id)
+
+    assert report.status == "cancelled"
+    assert [r.job_id for r in report.results] == [j["id"] for j in jobs]
+    assert report.results[0].state == "succeeded"
+    assert all(r.state == "cancelled" for r in report.results[1:])
+    assert (report.total, report.succeeded, report.cancelled) == (12, 1, 11)
+    if how == "signal":
+        assert report.cancel_reason == "operator said stop"
+    description = await handle.describe()
+    assert description.status == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_lowering_max_machines_takes_effect_as_jobs_finish(
+    sortie: Sortie, app_name: str
+) -> None:
+    spec = make_spec(app_name, sleepers(24, 0.5), max_machines=6, chunk_size=8)
+    batch_id = await start(sortie, spec)
+    handle = batches.batch_handle(sortie.client, batch_id)
+    await eventually(lambda: len(live(sortie, app_name)) == 6, what="six live machines")
+
+    await handle.signal(BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=2))
+    await eventually(lambda: len(live(sortie, app_name)) <= 2, what="at most two live machines")
+    sortie.localfly.reset_stats()
+    report = await finish(sortie, batch_id)
+
+    assert report.succeeded == 24
+    assert sortie.localfly.stats(app_name)["max_live_machines"] <= 2
+
+
+async def test_submitting_the_same_file_twice_is_one_batch(sortie: Sortie, app_name: str) -> None:
+    spec = make_spec(app_name, [{"id": "once", "command": "true"}])
+    first = await batches.submit(sortie.client, sortie.settings, spec, tuning=TUNING)
+    second = await batches.submit(sortie.client, sortie.settings, spec, tuning=TUNING)
+    await finish(sortie, first.batch_id)
+    third = await batches.submit(sortie.client, sortie.settings, spec, tuning=TUNING)
+
+    assert first.created and not second.created and not third.created
+    assert first.batch_id == second.batch_id == third.batch_id
+    assert third.status == "completed"
+    query = f'BatchId="{first.batch_id}" AND WorkflowType="BatchWorkflow"'
+
+    async def runs() -> int:
+        return (await sortie.client.count_workflows(query)).count
+
+    assert await eventually(runs, what="the batch to be visible") == 1
+    assert len(machines(sortie, app_name)) == 1
+
+
+async def test_an_unknown_secret_is_refused_before_any_machine(
+    sortie: Sortie, app_name: str
+) -> None:
+    jobs = [{"id": "needs-secret", "command": "true", "secrets": ["SORTIE_TEST_ABSENT_SECRET"]}]
+    batch_id = await start(sortie, make_spec(app_name, jobs))
+    with pytest.raises(WorkflowFailureError) as failure:
+        await batches.batch_handle(sortie.client, batch_id).result()
+
+    assert "SORTIE_TEST_ABSENT_SECRET" in str(failure.value.cause)
+    assert machines(sortie, app_name) == []
+
+
+async def test_signals_sent_with_the_plain_temporal_cli(sortie: Sortie, app_name: str) -> None:
+    spec = make_spec(app_name, sleepers(6, 60), max_machines=2, chunk_size=3)
+    batch_id = await start(sortie, spec)
+    await eventually(lambda: len(live(sortie, app_name)) == 2, what="two live machines")
+
+    def cli(*args: str) -> None:
+        subprocess.run(
+            [
+                str(TEMPORAL_CLI),
+                "workflow",
+                "signal",
+                "--address",
+                sortie.settings.temporal_address,
+                "--workflow-id",
+                batch_id,
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    cli("--name", "pause")
+    await eventually(
+        lambda: _field(batches.progress(sortie.client, batch_id), "paused"), what="paused"
+    )
+    cli("--name", "set_max_machines", "--input", '{"max_machines": 3}')
+    cli("--name", "resume")
+    await eventually(
+        lambda: _max_machines_is(sortie, batch_id, 3), what="max_machines changed to 3"
+    )
+    cli("--name", "cancel", "--input", '{"reason": "from the CLI"}')
+    report = await finish(sortie, batch_id)
+
+    assert report.status == "cancelled" and report.cancel_reason == "from the CLI"
+    assert not live(sortie, app_name)
+
+
+async def _field(coroutine: Any, name: str) -> Any:
+    return getattr(await coroutine, name)
+
+
+async def _max_machines_is(s: Sortie, batch_id: str, n: int) -> bool:
+    progress = await batches.progress(s.client, batch_id)
+    return progress.max_machines == n and not progress.paused
+
+
+async def test_starter_submit_wait_json_and_bad_input(
+    sortie: Sortie, app_name: str, tmp_path: Any
+) -> None:
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": sortie.settings.temporal_address,
+        "SORTIE_TASK_QUEUE": sortie.settings.task_queue,
+    }
+    good = tmp_path / "batch.json"
+    good.write_text(
+        json.dumps(
+            {
+                "name": f"cli{uuid.uuid4().hex[:6]}",
+                "app": app_name,
+                "jobs": [{"id": "a", "command": "echo a"}, {"id": "b", "command": "exit 1"}],
+            }
+        )
+    )
+    ran = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "starter.py", "submit", str(good), "--wait", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    document = json.loads(ran.stdout)
+    assert ran.returncode == 1, ran.stderr
+    assert {"total", "succeeded", "failed", "cancelled", "results"} <= document.keys()
+    assert (document["total"], document["succeeded"], document["failed"]) == (2, 1, 1)
+    first = document["results"][0]
+    assert {"job_id", "state", "exit_code", "attempts", "machine_id", "error"} <= first.keys()
+    assert "Web UI: http" in ran.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\napp: y\njobs:\n  - id: a\n")
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "starter.py", "submit", str(bad)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "job 'a' (jobs[0]): set exactly one of command or prompt" in refused.stderr

@@ -1,0 +1,66 @@
+"""The production stack: docker-compose.yml validated by Debian's docker-compose."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose_config(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker-compose", "config"], cwd=directory, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Path:
+    for name in ("docker-compose.yml", "Dockerfile"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    return tmp_path
+
+
+def test_compose_file_is_valid_with_the_example_env(stack: Path) -> None:
+    ran = compose_config(stack)
+    assert ran.returncode == 0, ran.stderr
+    services = yaml.safe_load(ran.stdout)["services"]
+
+    assert {"postgresql", "temporal", "temporal-ui", "worker", "temporal-setup"} <= set(services)
+    assert services["temporal"]["environment"]["DB"] == "postgres12"
+    assert services["temporal"]["environment"]["POSTGRES_SEEDS"] == "postgresql"
+    assert services["temporal-ui"]["environment"]["TEMPORAL_ADDRESS"] == "temporal:7233"
+    worker = services["worker"]
+    assert worker["build"]["context"] == str(stack)
+    assert worker["environment"]["TEMPORAL_ADDRESS"] == "temporal:7233"
+    assert worker["stop_signal"] == "SIGTERM"
+    assert "BatchId" in " ".join(services["temporal-setup"]["command"])
+
+
+def test_compose_refuses_a_missing_database_password(stack: Path) -> None:
+    env = stack / ".env"
+    env.write_text(
+        "\n".join(
+            line
+            for line in env.read_text().splitlines()
+            if not line.startswith("POSTGRES_PASSWORD")
+        )
+    )
+    ran = compose_config(stack)
+    assert ran.returncode != 0
+    assert "set POSTGRES_PASSWORD in .env" in ran.stderr
+
+
+def test_the_worker_image_copies_every_package_it_imports() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    packages = ["fly", "localfly", "sortie", "workflows", "activities"]
+    for package in packages:
+        assert f"COPY {package} ./{package}" in dockerfile
+    assert "COPY worker.py starter.py ./" in dockerfile
+    secrets = (ROOT / ".env.example").read_text()
+    assert "FLY_API_TOKEN=\n" in secrets, ".env.example must not ship a token value"

@@ -1,0 +1,164 @@
+"""Batch files: what validates, what is refused, and how errors name the field and the job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sortie.spec import (
+    BatchFileError,
+    BatchSpec,
+    load_batch_file,
+    parse_batch,
+    parse_duration,
+    parse_memory_mb,
+    resolve_job,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """
+name: nightly-review
+app: my-fly-app
+max_machines: 10
+chunk_size: 25
+defaults:
+  image: registry.fly.io/sortie-agent:latest
+  region: iad
+  guest: {cpu_kind: shared, cpus: 2, memory_mb: 4096}
+  timeout: 30m
+  retries: 2
+  env: {LOG_LEVEL: info}
+  secrets: [GITHUB_TOKEN]
+jobs:
+  - id: auth
+    command: ["sh", "-c", "make -C src/auth lint"]
+    env: {EXTRA: "1"}
+  - id: api
+    prompt: "Review src/api for injection bugs"
+    repos: ["https://github.com/org/repo"]
+    timeout: 1h30m
+"""
+
+
+def problems(data: object) -> list[str]:
+    with pytest.raises(BatchFileError) as caught:
+        parse_batch(data, "batch.yaml")
+    return caught.value.problems
+
+
+def base(**overrides: object) -> dict[str, object]:
+    data: dict[str, object] = {
+        "name": "b",
+        "app": "a",
+        "jobs": [{"id": "one", "command": ["true"]}],
+    }
+    data.update(overrides)
+    return data
+
+
+def test_the_issue_example_validates_and_resolves(tmp_path: Path) -> None:
+    path = tmp_path / "batch.yaml"
+    path.write_text(GOOD)
+    spec = load_batch_file(path)
+    auth = resolve_job(spec.defaults, spec.jobs[0], 0)
+    api = resolve_job(spec.defaults, spec.jobs[1], 1)
+    assert auth.env == {"LOG_LEVEL": "info", "EXTRA": "1"}
+    assert auth.timeout_s == 1800 and api.timeout_s == 5400
+    assert auth.guest.memory_mb == 4096 and auth.retries == 2 and auth.region == "iad"
+    assert auth.secrets == ["GITHUB_TOKEN"]
+    assert api.prompt and api.repos[0].url == "https://github.com/org/repo"
+    assert spec.secret_names() == ["GITHUB_TOKEN"]
+
+
+def test_same_content_same_batch_id_and_different_content_differs() -> None:
+    one = parse_batch(base())
+    assert one.batch_id() == parse_batch(base()).batch_id()
+    assert one.batch_id().startswith("batch-b-")
+    assert one.batch_id() != parse_batch(base(max_machines=3)).batch_id()
+
+
+def test_unknown_keys_name_the_job_and_field() -> None:
+    found = problems(base(jobs=[{"id": "x", "command": ["true"], "comand": "oops"}]))
+    assert found == ["job 'x' (jobs[0]): comand: unknown key"]
+    assert problems(base(extra=1)) == ["extra: unknown key"]
+
+
+def test_duplicate_and_missing_ids() -> None:
+    dup = problems(base(jobs=[{"id": "x", "command": "a"}, {"id": "x", "command": "b"}]))
+    assert dup == ["job 'x' (jobs[1]): duplicate job id"]
+    missing = problems(base(jobs=[{"command": ["true"]}]))
+    assert missing == ["job '?' (jobs[0]): id: required"]
+
+
+def test_empty_batch_is_refused() -> None:
+    assert problems(base(jobs=[])) == ["jobs: the batch has no jobs"]
+    assert "jobs: required" in problems({"name": "b", "app": "a"})
+
+
+def test_a_job_needs_exactly_one_of_command_and_prompt() -> None:
+    both = problems(base(jobs=[{"id": "x", "command": ["true"], "prompt": "hi"}]))
+    neither = problems(base(jobs=[{"id": "y"}]))
+    assert both == ["job 'x' (jobs[0]): set exactly one of command or prompt"]
+    assert neither == ["job 'y' (jobs[0]): set exactly one of command or prompt"]
+
+
+def test_a_default_command_counts_for_every_job() -> None:
+    spec = parse_batch(base(defaults={"command": "echo hi"}, jobs=[{"id": "x"}]))
+    assert resolve_job(spec.defaults, spec.jobs[0], 0).command == ["sh", "-c", "echo hi"]
+
+
+def test_bad_durations_and_sizes_are_named() -> None:
+    found = problems(
+        base(
+            jobs=[
+                {"id": "t", "command": "x", "timeout": "3 fortnights"},
+                {"id": "m", "command": "x", "guest": {"memory_mb": 1000}},
+            ]
+        )
+    )
+    assert found[0].startswith("job 't' (jobs[0]): timeout: invalid duration")
+    assert found[1].startswith("job 'm' (jobs[1]): guest.memory_mb: memory must be")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems(base(max_machines=0, jobs=[{"id": "a b", "command": "x", "retries": 99}]))
+    assert len(found) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("30m", 1800), ("1h30m", 5400), ("500ms", 0.5), (45, 45), ("2", 2)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "-1s", "0", "1x", "h", True, "1h 5"])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("text", "mb"), [(512, 512), ("4gb", 4096), ("1024mb", 1024)])
+def test_sizes(text: object, mb: int) -> None:
+    assert parse_memory_mb(text) == mb
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(BatchFileError, match="cannot read"):
+        load_batch_file(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(BatchFileError, match="not valid YAML"):
+        load_batch_file(bad)
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(BatchFileError, match="must be a mapping"):
+        load_batch_file(listed)
+
+
+def test_the_demo_batch_is_valid() -> None:
+    spec = load_batch_file(ROOT / "examples" / "demo.yaml")
+    assert isinstance(spec, BatchSpec) and len(spec.jobs) >= 12

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install system-deps lint test test-fast demo bench clean
+.PHONY: install system-deps lint test test-fast demo bench clean ui
 
 install: $(STAMP)
 
@@ -41,3 +41,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache
+
+# Browse the demo's history in the Web UI again (Ctrl-C to stop).
+ui: install
+	$(VENV)/bin/temporal server start-dev --db-filename .state/temporal.db --ui-port 8233 \
+	  --search-attribute BatchId=Keyword --ui-disable-news-fetch

@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from sortie.spec import resolve_job
     from workflows import policies
     from workflows.chunk import ChunkWorkflow
+    from workflows.messaging import tell
     from workflows.shielded import finish
 
 
@@ -166,14 +167,14 @@ class BatchWorkflow:
             if state.cancelled and not chunk.told_cancel:
                 chunk.told_cancel = True
                 request = CancelRequest(reason=state.cancel_reason or "cancelled")
-                sends.append(self._chunk(chunk).signal(ChunkWorkflow.cancel, request))
+                sends.append(self._tell(chunk, ChunkWorkflow.cancel, request))
             elif not state.cancelled and chunk.told_paused != state.paused:
                 chunk.told_paused = state.paused
                 if state.paused:
                     request_p = PauseRequest(reason=state.pause_reason or "paused")
-                    sends.append(self._chunk(chunk).signal(ChunkWorkflow.pause, request_p))
+                    sends.append(self._tell(chunk, ChunkWorkflow.pause, request_p))
                 else:
-                    sends.append(self._chunk(chunk).signal(ChunkWorkflow.resume))
+                    sends.append(self._tell(chunk, ChunkWorkflow.resume))
         sends += self._take_back(running)
         if not state.cancelled and not state.paused:
             sends += self._lend(running)
@@ -190,7 +191,7 @@ class BatchWorkflow:
             if ask > 0:
                 chunk.owed += ask
                 excess -= ask
-                sends.append(self._chunk(chunk).signal(ChunkWorkflow.grant, SlotGrant(give_back=ask)))
+                sends.append(self._tell(chunk, ChunkWorkflow.grant, SlotGrant(give_back=ask)))
         return sends
 
     def _lend(self, running: list[ChunkState]) -> list[Awaitable[None]]:
@@ -200,7 +201,7 @@ class BatchWorkflow:
             give = min(self._free(), chunk.size - chunk.slots)
             if chunk.wants_more and not chunk.owed and give > 0:
                 chunk.slots += give
-                sends.append(self._chunk(chunk).signal(ChunkWorkflow.grant, SlotGrant(grant=give)))
+                sends.append(self._tell(chunk, ChunkWorkflow.grant, SlotGrant(grant=give)))
         return sends
 
     async def _start_chunk(self, plan: ChunkPlan) -> None:
@@ -252,8 +253,10 @@ class BatchWorkflow:
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _chunk(self, chunk: ChunkState) -> workflow.ExternalWorkflowHandle[Any]:
-        return workflow.get_external_workflow_handle(chunk.workflow_id)
+    def _tell(self, chunk: ChunkState, signal: Any, *arg: Any) -> Awaitable[None]:
+        """Signal a chunk; one that has just finished cannot be told, and need not be."""
+        handle = workflow.get_external_workflow_handle(chunk.workflow_id)
+        return tell(handle.signal(signal, *arg), chunk.workflow_id)
 
     def _running(self) -> list[ChunkState]:
         return [c for c in self._state.chunks if c.status is ChunkStatus.RUNNING]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, FailureError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.machines import MachineActivities
@@ -38,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from sortie.spec import Job
     from workflows import policies
+    from workflows.messaging import tell
     from workflows.shielded import finish, settle
 
 REPORT_EVERY = timedelta(seconds=5)
@@ -64,7 +64,7 @@ class ChunkWorkflow:
         self._cancelled = False
         self._cancel_reason: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._reports: list[asyncio.Task[None]] = []
+        self._reports: list[asyncio.Future[None]] = []
         self._last_report = workflow.now()
 
     @workflow.run
@@ -335,7 +335,8 @@ class ChunkWorkflow:
             done=done,
         )
         batch = workflow.get_external_workflow_handle(self._input.batch_workflow_id)
-        self._reports.append(asyncio.create_task(_send(batch, report)))
+        send = tell(batch.signal("chunk_report", report), self._input.batch_workflow_id)
+        self._reports.append(asyncio.ensure_future(send))
         self._show()
 
     def _cancel(self, reason: str) -> None:
@@ -379,14 +380,6 @@ class ChunkWorkflow:
             f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
             f"cancelled: {c.cancelled}"
         )
-
-
-async def _send(batch: workflow.ExternalWorkflowHandle[Any], report: ChunkReport) -> None:
-    """Signal the batch; a batch that is gone (terminated) cannot be told, and that is fine."""
-    try:
-        await batch.signal("chunk_report", report)
-    except FailureError as error:
-        workflow.logger.warning("could not report to the batch: %s", error)
 
 
 def _is_cancellation(error: BaseException) -> bool:

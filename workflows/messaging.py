@@ -1,0 +1,16 @@
+"""Signals between a batch and its chunks, where the other side may already be gone."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from temporalio import workflow
+from temporalio.exceptions import FailureError
+
+
+async def tell(send: Awaitable[None], to: str) -> None:
+    """Await a signal to another workflow; one that has closed simply cannot be told."""
+    try:
+        await send
+    except FailureError as error:
+        workflow.logger.info("could not signal %s: %s", to, error)

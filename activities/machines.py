@@ -200,7 +200,9 @@ class MachineActivities:
         ref = input.machine
         with fly_errors(f"destroy machine {ref.machine_id}", always_retry=True):
             destroyed = await self._fly.destroy_machine(ref.app, ref.machine_id, force=True)
-        activity.logger.info("destroyed machine %s (already gone: %s)", ref.machine_id, not destroyed)
+        activity.logger.info(
+            "destroyed machine %s (already gone: %s)", ref.machine_id, not destroyed
+        )
         return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
 
     def _config(self, input: CreateMachineInput) -> MachineConfig:
@@ -209,7 +211,9 @@ class MachineActivities:
         try:
             secrets = self._secrets.resolve(job.secrets)
         except KeyError as error:
-            raise ApplicationError(str(error.args[0]), type="UnknownSecrets", non_retryable=True)
+            raise ApplicationError(
+                str(error.args[0]), type="UnknownSecrets", non_retryable=True
+            ) from None
         env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
         if job.prompt is not None:
             env["SORTIE_JOB"] = json.dumps(

@@ -275,4 +275,3 @@ async def list_batches(client: Client, limit: int = 50) -> list[tuple[str, str, 
         status = execution.status.name.lower() if execution.status else "unknown"
         found.append((execution.id, status, execution.start_time))
     return found
-

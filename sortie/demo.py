@@ -121,7 +121,14 @@ def main() -> int:
         start_worker(stack, localfly_url)
         print(f"\nsubmitting {BATCH_FILE.relative_to(ROOT)}\n")
         ran = subprocess.run(
-            [sys.executable, str(ROOT / "starter.py"), "submit", str(BATCH_FILE), "--new", "--wait"],
+            [
+                sys.executable,
+                str(ROOT / "starter.py"),
+                "submit",
+                str(BATCH_FILE),
+                "--new",
+                "--wait",
+            ],
             cwd=ROOT,
         )
         left = live_machines(localfly_url, "sortie-demo")

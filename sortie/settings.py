@@ -47,7 +47,8 @@ class Settings(BaseModel):
 
     def workflow_url(self, workflow_id: str) -> str:
         """The Web UI page of a workflow."""
-        return f"{self.ui_url.rstrip('/')}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+        base = self.ui_url.rstrip("/")
+        return f"{base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
 
 
 def fly_connection(environ: Mapping[str, str] | None = None) -> tuple[FlySettings, FlyToken]:

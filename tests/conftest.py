@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from temporalio.client import Client
@@ -24,15 +25,19 @@ from temporalio.worker import Worker
 
 from activities.machines import MachineActivities
 from fly import FlyClient, FlySettings, FlyToken
-from localfly.process import LocalFlyProcess
 from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from worker import build_worker
 
+if TYPE_CHECKING:
+    from localfly.process import LocalFlyProcess
+
 BIN = Path(sys.executable).parent
 TEMPORAL_CLI = BIN / "temporal"
 ROOT = Path(__file__).resolve().parent.parent
+
+SUGGEST_CONTINUE_AS_NEW_AT = 100
 
 _exit_status: int | None = None
 
@@ -58,7 +63,11 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=str(TEMPORAL_CLI),
         data_converter=pydantic_data_converter,
         search_attributes=[BATCH_ID],
-        dev_server_extra_args=["--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"],
+        # Suggest continue-as-new early, so every larger test exercises it.
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            f"limit.historyCount.suggestContinueAsNew={SUGGEST_CONTINUE_AS_NEW_AT}",
+        ],
     )
     try:
         yield env
@@ -69,6 +78,8 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
 @pytest.fixture(scope="session")
 def localfly() -> Iterator[LocalFlyProcess]:
     """One localfly for the session; tests isolate themselves by app name."""
+    from localfly.process import LocalFlyProcess
+
     with LocalFlyProcess() as process:
         yield process
 
@@ -90,7 +101,9 @@ class Sortie:
 
 
 @asynccontextmanager
-async def running_worker(client: Client, settings: Settings, fly: FlyClient) -> AsyncIterator[Worker]:
+async def running_worker(
+    client: Client, settings: Settings, fly: FlyClient
+) -> AsyncIterator[Worker]:
     """Run a worker for the duration of the block."""
     worker = build_worker(client, MachineActivities(fly, SecretStore()), settings)
     async with worker:

@@ -95,9 +95,13 @@ async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
 ) -> None:
     spec = make_spec(app_name, sleepers(100, 0.3), max_machines=10, chunk_size=25)
     batch_id = await start(sortie, spec)
+    first_run = (await batches.batch_handle(sortie.client, batch_id).describe()).run_id
     report = await finish(sortie, batch_id)
 
     assert report.succeeded == 100
+    # The dev server suggests continue-as-new early: the batch went on in a new run.
+    last_run = (await batches.batch_handle(sortie.client, batch_id).describe()).run_id
+    assert last_run != first_run
     stats = sortie.localfly.stats(app_name)
     assert stats["max_live_machines"] == 10, stats
     assert stats["machines_created"] == 100
@@ -107,9 +111,7 @@ async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
     made = machines(sortie, app_name)
     first_chunk = [m for m in made if m["metadata"]["sortie_chunk"] == "0"]
     second_chunk = [m for m in made if m["metadata"]["sortie_chunk"] == "1"]
-    assert min(m["created_at"] for m in second_chunk) < max(
-        m["destroyed_at"] for m in first_chunk
-    )
+    assert min(m["created_at"] for m in second_chunk) < max(m["destroyed_at"] for m in first_chunk)
 
 
 async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None:

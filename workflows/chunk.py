@@ -328,8 +328,7 @@ class ChunkWorkflow:
         report = ChunkReport(
             index=self._input.index,
             released=released,
-            wants_more=self._started + max(self._slots - self._running, 0)
-            < len(self._input.jobs)
+            wants_more=self._started + max(self._slots - self._running, 0) < len(self._input.jobs)
             and not self._cancelled,
             counts=self._counts(),
             done=done,

@@ -1,0 +1,175 @@
+"""The batch's slot protocol at scale, with in-memory machine activities.
+
+These tests run the real BatchWorkflow and ChunkWorkflow on the real dev server; only the
+machine activities are replaced by an in-memory fleet that counts live machines, so hundreds of
+jobs run in seconds and the cap, slot reuse and continue-as-new can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+from temporalio import activity
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from sortie import batches
+from sortie.models import (
+    CheckSecretsInput,
+    CheckSecretsOutput,
+    CollectResultInput,
+    CollectResultOutput,
+    CreateMachineInput,
+    CreateMachineOutput,
+    DestroyMachineInput,
+    DestroyMachineOutput,
+    MachineRef,
+    MaxMachinesRequest,
+    Tuning,
+    WaitMachineInput,
+    WaitMachineOutput,
+    WaitOutcome,
+)
+from sortie.settings import Settings
+from sortie.spec import parse_batch
+from tests.waiting import eventually
+from workflows.batch import BatchWorkflow
+from workflows.chunk import ChunkWorkflow
+
+
+@dataclass
+class Fleet:
+    """In-memory machines: how many exist now, the most at once, and every job run."""
+
+    live: int = 0
+    most: int = 0
+    created: int = 0
+    hold: asyncio.Event = field(default_factory=asyncio.Event)
+    durations: dict[str, float] = field(default_factory=dict)
+    exits: dict[str, int] = field(default_factory=dict)
+    runs: list[str] = field(default_factory=list)
+    continued_as_new: bool = False
+
+    @activity.defn(name="check_secrets")
+    async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
+        return CheckSecretsOutput(available=input.names)
+
+    @activity.defn(name="create_machine")
+    async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
+        self.live += 1
+        self.created += 1
+        self.most = max(self.most, self.live)
+        self.runs.append(input.job.id)
+        self.durations[input.job.id] = float(input.job.env.get("SECONDS", "0.02"))
+        self.exits[input.job.id] = int(input.job.env.get("EXIT", "0"))
+        return CreateMachineOutput(
+            machine=MachineRef(app=input.app, machine_id=f"m-{input.job.id}", name=input.job.id)
+        )
+
+    @activity.defn(name="wait_machine")
+    async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
+        await asyncio.sleep(self.durations[input.job_id])
+        return WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
+
+    @activity.defn(name="collect_result")
+    async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
+        return CollectResultOutput(state="stopped", exit_code=self.exits[input.job_id])
+
+    @activity.defn(name="destroy_machine")
+    async def destroy_machine(self, input: DestroyMachineInput) -> DestroyMachineOutput:
+        self.live -= 1
+        return DestroyMachineOutput(destroyed=True, already_gone=False)
+
+
+async def run_fleet_batch(
+    temporal: WorkflowEnvironment,
+    jobs: int,
+    max_machines: int,
+    chunk_size: int,
+    seconds: str = "0.02",
+) -> tuple[Fleet, batches.BatchReport, str, Settings]:
+    fleet = Fleet()
+    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
+    spec = parse_batch(
+        {
+            "name": f"s{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": max_machines,
+            "chunk_size": chunk_size,
+            "defaults": {"command": "true", "env": {"SECONDS": seconds}},
+            "jobs": [{"id": f"j{i:05d}"} for i in range(jobs)],
+        }
+    )
+    async with Worker(
+        temporal.client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=[
+            fleet.check_secrets,
+            fleet.create_machine,
+            fleet.wait_machine,
+            fleet.collect_result,
+            fleet.destroy_machine,
+        ],
+        max_concurrent_activities=1000,
+    ):
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        first_run = (await handle.describe()).run_id
+        await handle.result()
+        report = await batches.results(temporal.client, submitted.batch_id)
+        fleet.continued_as_new = (await handle.describe()).run_id != first_run
+    return fleet, report, submitted.batch_id, settings
+
+
+async def test_cap_is_held_and_filled_across_many_chunks(temporal: WorkflowEnvironment) -> None:
+    fleet, report, _, _ = await run_fleet_batch(temporal, jobs=300, max_machines=7, chunk_size=20)
+
+    assert report.succeeded == 300 and len(report.results) == 300
+    assert [r.job_id for r in report.results] == [f"j{i:05d}" for i in range(300)]
+    assert fleet.most == 7 and fleet.live == 0
+    assert sorted(fleet.runs) == [f"j{i:05d}" for i in range(300)], "every job ran exactly once"
+    assert fleet.continued_as_new
+
+
+async def test_chunks_smaller_than_the_cap_share_it(temporal: WorkflowEnvironment) -> None:
+    fleet, report, _, _ = await run_fleet_batch(temporal, jobs=60, max_machines=12, chunk_size=5)
+
+    assert report.succeeded == 60
+    assert fleet.most == 12 and fleet.live == 0
+
+
+async def test_a_raised_cap_is_used_at_once(temporal: WorkflowEnvironment) -> None:
+    fleet = Fleet()
+    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
+    spec = parse_batch(
+        {
+            "name": f"s{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": 2,
+            "chunk_size": 10,
+            "defaults": {"command": "true", "env": {"SECONDS": "0.2"}},
+            "jobs": [{"id": f"j{i:03d}"} for i in range(40)],
+        }
+    )
+    async with Worker(
+        temporal.client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=[
+            fleet.check_secrets,
+            fleet.create_machine,
+            fleet.wait_machine,
+            fleet.collect_result,
+            fleet.destroy_machine,
+        ],
+    ):
+        submitted = await batches.submit(temporal.client, settings, spec)
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        await eventually(lambda: fleet.live == 2, what="two machines")
+        await handle.signal(BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=8))
+        await eventually(lambda: fleet.live == 8, what="eight machines")
+        await handle.result()
+    assert fleet.most == 8 and fleet.created == 40

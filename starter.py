@@ -7,6 +7,7 @@
     python starter.py set-max-machines ID N
     python starter.py results ID [--json]
     python starter.py list
+    python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
 
 Configured by environment: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, SORTIE_TASK_QUEUE,
 SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled jobs, 2 bad input.
@@ -16,17 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from sortie import batches, render
-from sortie.models import CancelRequest, MaxMachinesRequest, PauseRequest
+from sortie import batches, reaping, render
+from sortie.models import CancelRequest, MaxMachinesRequest, PauseRequest, ReapInput
 from sortie.settings import Settings
-from sortie.spec import BatchFileError, load_batch_file
+from sortie.spec import BatchFileError, load_batch_file, parse_duration
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 
@@ -154,6 +157,41 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
+    app = args.app or os.environ.get("FLY_APP")
+    if not app:
+        print("name the Fly app with --app or FLY_APP", file=sys.stderr)
+        return 2
+    request = ReapInput(app=app, dry_run=args.dry_run)
+    client = await connect(settings)
+    if args.schedule:
+        try:
+            every = timedelta(seconds=parse_duration(args.schedule))
+        except ValueError as error:
+            print(f"--schedule: {error}", file=sys.stderr)
+            return 2
+        sid = await reaping.schedule_reaper(client, settings, request, every)
+        print(f"schedule {sid} sweeps {app} every {args.schedule}")
+        print(
+            f"Web UI: {settings.ui_url.rstrip('/')}/namespaces/{settings.temporal_namespace}"
+            f"/schedules/{sid}"
+        )
+        return 0
+    output = await reaping.reap_once(client, settings, request)
+    for orphan in output.orphans:
+        state, job = orphan.state or "?", orphan.job_id or "?"
+        print(f"{orphan.machine_id}  {state:10} {job:20} {orphan.reason}")
+    verb = "would destroy" if output.dry_run else "destroyed"
+    count = len(output.orphans) if output.dry_run else output.destroyed
+    print(
+        f"{app}: {output.checked} Sortie machines checked, {len(output.orphans)} orphaned, "
+        f"{verb} {count}"
+    )
+    for chunk in output.cancelled_chunks:
+        print(f"cancelled stray chunk {chunk}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
     p = argparse.ArgumentParser(prog="starter.py", description=__doc__.splitlines()[0])
@@ -181,6 +219,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("n", type=int)
     s.set_defaults(run=cmd_signal)
     sub.add_parser("list", help="list recent batches").set_defaults(run=cmd_list)
+    s = sub.add_parser("reap", help="destroy machines no running batch owns")
+    s.add_argument("--app", help="Fly app (default FLY_APP)")
+    s.add_argument("--dry-run", action="store_true", help="only list the orphans")
+    s.add_argument("--schedule", metavar="EVERY", help="run on a Temporal Schedule, e.g. 10m")
+    s.set_defaults(run=cmd_reap)
     return p
 
 

@@ -15,28 +15,35 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.machines import MachineActivities
+from activities.reaper import ReaperActivities
 from fly import FlyClient
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
+from workflows.reaper import ReaperWorkflow
 
 log = logging.getLogger("sortie.worker")
 
 
-def build_worker(client: Client, machines: MachineActivities, settings: Settings) -> Worker:
+def build_worker(
+    client: Client, fly: FlyClient, secrets: SecretStore, settings: Settings
+) -> Worker:
     """The worker for Sortie's task queue."""
+    machines = MachineActivities(fly, secrets)
+    reaper = ReaperActivities(fly)
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
+        workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow],
         activities=[
             machines.check_secrets,
             machines.create_machine,
             machines.wait_machine,
             machines.collect_result,
             machines.destroy_machine,
+            reaper.reap_orphans,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
@@ -48,7 +55,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     client = await connect(settings)
     fly_settings, token = fly_connection()
     async with FlyClient.open(fly_settings, token) as fly:
-        worker = build_worker(client, MachineActivities(fly, SecretStore()), settings)
+        worker = build_worker(client, fly, SecretStore(), settings)
         log.info(
             "worker on task queue %s at %s (Fly API %s)",
             settings.task_queue,

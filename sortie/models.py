@@ -333,3 +333,35 @@ class DestroyMachineOutput(_Model):
 
     destroyed: bool
     already_gone: bool
+
+
+# ---------------------------------------------------------------- the orphan reaper
+
+
+class ReapInput(_Model):
+    """Find, and unless dry_run destroy, Sortie machines no running workflow owns."""
+
+    app: str
+    dry_run: bool = False
+
+
+class Orphan(_Model):
+    """A machine with Sortie's metadata whose batch or chunk is closed or unknown."""
+
+    machine_id: str
+    name: str | None
+    state: str | None
+    batch_id: str | None
+    job_id: str | None
+    reason: str
+
+
+class ReapOutput(_Model):
+    """What the reaper found and did."""
+
+    app: str
+    checked: int
+    orphans: list[Orphan]
+    destroyed: int
+    cancelled_chunks: list[str] = []
+    dry_run: bool = False

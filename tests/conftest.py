@@ -23,7 +23,6 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.machines import MachineActivities
 from fly import FlyClient, FlySettings, FlyToken
 from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
@@ -105,7 +104,7 @@ async def running_worker(
     client: Client, settings: Settings, fly: FlyClient
 ) -> AsyncIterator[Worker]:
     """Run a worker for the duration of the block."""
-    worker = build_worker(client, MachineActivities(fly, SecretStore()), settings)
+    worker = build_worker(client, fly, SecretStore(), settings)
     async with worker:
         yield worker
 

@@ -1,0 +1,124 @@
+"""The orphan reaper: destroy machines that no running Sortie workflow owns.
+
+A machine is owned while its chunk workflow runs inside a running batch. Terminating a batch
+runs no cleanup, and a worker that dies for good leaves its machines behind: the reaper lists
+machines by Sortie's metadata, asks Temporal about their batch and chunk, and destroys the rest.
+Chunks still running under a closed batch are cancelled so no worker creates more for them.
+"""
+
+from __future__ import annotations
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.machines import fly_errors
+from fly import FlyClient, Machine
+from sortie.labels import META_BATCH, META_CHUNK, META_JOB, META_MANAGED, chunk_workflow_id
+from sortie.models import Orphan, ReapInput, ReapOutput
+
+GONE_STATES = {"destroyed", "destroying"}
+
+
+class ReaperActivities:
+    """Owns the Fly client; asks Temporal through the activity's own client."""
+
+    def __init__(self, fly: FlyClient) -> None:
+        self._fly = fly
+
+    @activity.defn(name="reap_orphans")
+    async def reap_orphans(self, input: ReapInput) -> ReapOutput:
+        """List Sortie machines, keep the owned ones, destroy (or just report) the rest."""
+        client = activity.client()
+        with fly_errors(f"list machines of {input.app}"):
+            machines = await self._fly.list_machines(input.app, metadata={META_MANAGED: "1"})
+        statuses: dict[str, WorkflowExecutionStatus | None] = {}
+        orphans: list[Orphan] = []
+        closed_batches: set[str] = set()
+        for machine in machines:
+            if machine.state in GONE_STATES:
+                continue
+            reason = await _why_orphaned(client, machine, statuses)
+            metadata = _metadata(machine)
+            if metadata.get(META_BATCH) and statuses.get(metadata[META_BATCH]) not in (
+                None,
+                WorkflowExecutionStatus.RUNNING,
+            ):
+                closed_batches.add(metadata[META_BATCH])
+            if reason is not None:
+                orphans.append(
+                    Orphan(
+                        machine_id=machine.id,
+                        name=machine.name,
+                        state=machine.state,
+                        batch_id=metadata.get(META_BATCH),
+                        job_id=metadata.get(META_JOB),
+                        reason=reason,
+                    )
+                )
+        destroyed = 0
+        cancelled: list[str] = []
+        if not input.dry_run:
+            for orphan in orphans:
+                activity.heartbeat(orphan.machine_id)
+                with fly_errors(f"destroy orphan {orphan.machine_id}"):
+                    if await self._fly.destroy_machine(input.app, orphan.machine_id, force=True):
+                        destroyed += 1
+                activity.logger.info("reaped machine %s (%s)", orphan.machine_id, orphan.reason)
+            cancelled = await _cancel_stray_chunks(client, sorted(closed_batches))
+        return ReapOutput(
+            app=input.app,
+            checked=len(machines),
+            orphans=orphans,
+            destroyed=destroyed,
+            cancelled_chunks=cancelled,
+            dry_run=input.dry_run,
+        )
+
+
+def _metadata(machine: Machine) -> dict[str, str]:
+    return dict(machine.config.metadata) if machine.config else {}
+
+
+async def _status(
+    client: Client, workflow_id: str, cache: dict[str, WorkflowExecutionStatus | None]
+) -> WorkflowExecutionStatus | None:
+    """The workflow's status, None when Temporal has never heard of it (cached per run)."""
+    if workflow_id not in cache:
+        try:
+            cache[workflow_id] = (await client.get_workflow_handle(workflow_id).describe()).status
+        except RPCError as error:
+            if error.status is not RPCStatusCode.NOT_FOUND:
+                raise
+            cache[workflow_id] = None
+    return cache[workflow_id]
+
+
+async def _why_orphaned(
+    client: Client, machine: Machine, cache: dict[str, WorkflowExecutionStatus | None]
+) -> str | None:
+    """Why no running workflow owns this machine, or None when one does."""
+    metadata = _metadata(machine)
+    batch_id, chunk = metadata.get(META_BATCH), metadata.get(META_CHUNK)
+    if not batch_id or chunk is None or not chunk.isdigit():
+        return "no batch or chunk in its metadata"
+    for workflow_id in (batch_id, chunk_workflow_id(batch_id, int(chunk))):
+        status = await _status(client, workflow_id, cache)
+        if status is None:
+            return f"{workflow_id} is unknown to Temporal"
+        if status is not WorkflowExecutionStatus.RUNNING:
+            return f"{workflow_id} is {status.name.lower()}"
+    return None
+
+
+async def _cancel_stray_chunks(client: Client, batch_ids: list[str]) -> list[str]:
+    """Ask chunks still running under a closed batch to stop (they destroy what they hold)."""
+    cancelled: list[str] = []
+    for batch_id in batch_ids:
+        query = (
+            f'BatchId="{batch_id}" AND WorkflowType="ChunkWorkflow" AND ExecutionStatus="Running"'
+        )
+        async for execution in client.list_workflows(query):
+            await client.get_workflow_handle(execution.id).cancel()
+            cancelled.append(execution.id)
+    return cancelled

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install system-deps lint test test-fast demo bench clean ui
+.PHONY: install system-deps lint test test-fast demo bench clean ui histories
 
 install: $(STAMP)
 
@@ -46,3 +46,7 @@ clean:
 ui: install
 	$(VENV)/bin/temporal server start-dev --db-filename .state/temporal.db --ui-port 8233 \
 	  --search-attribute BatchId=Keyword --ui-disable-news-fetch
+
+# Re-record the replay fixtures under tests/histories/ (only after a deliberate workflow change).
+histories: install
+	SORTIE_RECORD_HISTORIES=1 $(PY) -m pytest -q tests/test_replay.py -k fresh

@@ -7,80 +7,22 @@ jobs run in seconds and the cap, slot reuse and continue-as-new can be checked e
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from dataclasses import dataclass, field
 
-from temporalio import activity
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from sortie import batches
 from sortie.models import (
-    CheckSecretsInput,
-    CheckSecretsOutput,
-    CollectResultInput,
-    CollectResultOutput,
-    CreateMachineInput,
-    CreateMachineOutput,
-    DestroyMachineInput,
-    DestroyMachineOutput,
-    MachineRef,
     MaxMachinesRequest,
     Tuning,
-    WaitMachineInput,
-    WaitMachineOutput,
-    WaitOutcome,
 )
 from sortie.settings import Settings
 from sortie.spec import parse_batch
+from tests.fleet import Fleet
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
-
-
-@dataclass
-class Fleet:
-    """In-memory machines: how many exist now, the most at once, and every job run."""
-
-    live: int = 0
-    most: int = 0
-    created: int = 0
-    hold: asyncio.Event = field(default_factory=asyncio.Event)
-    durations: dict[str, float] = field(default_factory=dict)
-    exits: dict[str, int] = field(default_factory=dict)
-    runs: list[str] = field(default_factory=list)
-    continued_as_new: bool = False
-
-    @activity.defn(name="check_secrets")
-    async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
-        return CheckSecretsOutput(available=input.names)
-
-    @activity.defn(name="create_machine")
-    async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
-        self.live += 1
-        self.created += 1
-        self.most = max(self.most, self.live)
-        self.runs.append(input.job.id)
-        self.durations[input.job.id] = float(input.job.env.get("SECONDS", "0.02"))
-        self.exits[input.job.id] = int(input.job.env.get("EXIT", "0"))
-        return CreateMachineOutput(
-            machine=MachineRef(app=input.app, machine_id=f"m-{input.job.id}", name=input.job.id)
-        )
-
-    @activity.defn(name="wait_machine")
-    async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
-        await asyncio.sleep(self.durations[input.job_id])
-        return WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
-
-    @activity.defn(name="collect_result")
-    async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
-        return CollectResultOutput(state="stopped", exit_code=self.exits[input.job_id])
-
-    @activity.defn(name="destroy_machine")
-    async def destroy_machine(self, input: DestroyMachineInput) -> DestroyMachineOutput:
-        self.live -= 1
-        return DestroyMachineOutput(destroyed=True, already_gone=False)
 
 
 async def run_fleet_batch(
@@ -106,13 +48,7 @@ async def run_fleet_batch(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=[
-            fleet.check_secrets,
-            fleet.create_machine,
-            fleet.wait_machine,
-            fleet.collect_result,
-            fleet.destroy_machine,
-        ],
+        activities=fleet.activities,
         max_concurrent_activities=1000,
     ):
         submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
@@ -158,13 +94,7 @@ async def test_a_raised_cap_is_used_at_once(temporal: WorkflowEnvironment) -> No
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=[
-            fleet.check_secrets,
-            fleet.create_machine,
-            fleet.wait_machine,
-            fleet.collect_result,
-            fleet.destroy_machine,
-        ],
+        activities=fleet.activities,
     ):
         submitted = await batches.submit(temporal.client, settings, spec)
         handle = batches.batch_handle(temporal.client, submitted.batch_id)

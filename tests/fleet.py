@@ -1,0 +1,90 @@
+"""An in-memory fleet standing in for the machine activities, for fast workflow-logic tests.
+
+Only the five machine activities are replaced (same names, same models); the workflows, the
+dev server and the worker are real. Job behaviour is read from the job's env: SECONDS (run
+time), EXIT (exit code), FAIL_ATTEMPTS (how many first attempts end in the `failed` state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from temporalio import activity
+
+from sortie.models import (
+    CheckSecretsInput,
+    CheckSecretsOutput,
+    CollectResultInput,
+    CollectResultOutput,
+    CreateMachineInput,
+    CreateMachineOutput,
+    DestroyMachineInput,
+    DestroyMachineOutput,
+    MachineRef,
+    WaitMachineInput,
+    WaitMachineOutput,
+    WaitOutcome,
+)
+
+
+@dataclass
+class Fleet:
+    """In-memory machines: how many exist now, the most at once, and every job run."""
+
+    live: int = 0
+    most: int = 0
+    created: int = 0
+    hold: asyncio.Event = field(default_factory=asyncio.Event)
+    durations: dict[str, float] = field(default_factory=dict)
+    exits: dict[str, int] = field(default_factory=dict)
+    failing: dict[str, bool] = field(default_factory=dict)
+    runs: list[str] = field(default_factory=list)
+    continued_as_new: bool = False
+
+    @activity.defn(name="check_secrets")
+    async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
+        return CheckSecretsOutput(available=input.names)
+
+    @activity.defn(name="create_machine")
+    async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
+        self.live += 1
+        self.created += 1
+        self.most = max(self.most, self.live)
+        self.runs.append(input.job.id)
+        self.durations[input.job.id] = float(input.job.env.get("SECONDS", "0.02"))
+        self.exits[input.job.id] = int(input.job.env.get("EXIT", "0"))
+        self.failing[f"{input.job.id}-a{input.attempt}"] = (
+            int(input.job.env.get("FAIL_ATTEMPTS", "0")) >= input.attempt
+        )
+        machine_id = f"m-{input.job.id}-a{input.attempt}"
+        return CreateMachineOutput(
+            machine=MachineRef(app=input.app, machine_id=machine_id, name=machine_id)
+        )
+
+    @activity.defn(name="wait_machine")
+    async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
+        if self.failing[input.machine.machine_id.removeprefix("m-")]:
+            return WaitMachineOutput(outcome=WaitOutcome.FAILED, state="failed")
+        await asyncio.sleep(self.durations[input.job_id])
+        return WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
+
+    @activity.defn(name="collect_result")
+    async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
+        return CollectResultOutput(state="stopped", exit_code=self.exits[input.job_id])
+
+    @activity.defn(name="destroy_machine")
+    async def destroy_machine(self, input: DestroyMachineInput) -> DestroyMachineOutput:
+        self.live -= 1
+        return DestroyMachineOutput(destroyed=True, already_gone=False)
+
+    @property
+    def activities(self) -> list[object]:
+        """The activity callables to register on a worker."""
+        return [
+            self.check_secrets,
+            self.create_machine,
+            self.wait_machine,
+            self.collect_result,
+            self.destroy_machine,
+        ]

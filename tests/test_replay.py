@@ -1,0 +1,141 @@
+"""Replay recorded histories against the current workflow code: determinism as a test.
+
+`tests/histories/` holds histories of representative batches (happy path, infrastructure retry,
+pause and resume, cancel), each a batch history and a chunk history. A change to the workflows
+that would break running batches fails `test_committed_histories_replay`. To refresh them on
+purpose (after a deliberate, versioned change): `make histories`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker
+
+from sortie import batches
+from sortie.labels import chunk_workflow_id
+from sortie.models import CancelRequest, PauseRequest
+from sortie.settings import Settings
+from sortie.spec import parse_batch
+from tests.fleet import Fleet
+from tests.waiting import eventually
+from workflows.batch import BatchWorkflow
+from workflows.chunk import ChunkWorkflow
+from workflows.reaper import ReaperWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+RECORD = os.environ.get("SORTIE_RECORD_HISTORIES") == "1"
+SCENARIOS = ["happy", "infra_retry", "pause_resume", "cancel"]
+
+
+def replayer() -> Replayer:
+    return Replayer(
+        workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow],
+        data_converter=pydantic_data_converter,
+    )
+
+
+def scenario_jobs(name: str) -> list[dict[str, Any]]:
+    if name == "infra_retry":
+        return [{"id": "flaky", "env": {"FAIL_ATTEMPTS": "1"}}, {"id": "steady"}]
+    seconds = {"happy": "0.05", "pause_resume": "0.3", "cancel": "30"}[name]
+    return [{"id": f"job-{i}", "env": {"SECONDS": seconds}} for i in range(4)]
+
+
+async def steer(name: str, fleet: Fleet, handle: Any) -> None:
+    if name == "pause_resume":
+        await eventually(lambda: fleet.live >= 1, what="a live machine")
+        await handle.signal(BatchWorkflow.pause, PauseRequest(reason="recording"))
+        await eventually(lambda: fleet.live == 0 and fleet.created < 4, what="paused and idle")
+        await handle.signal(BatchWorkflow.resume)
+    elif name == "cancel":
+        await eventually(lambda: fleet.live == 2, what="two live machines")
+        await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="recording"))
+
+
+async def run_scenario(temporal: WorkflowEnvironment, name: str) -> dict[str, WorkflowHistory]:
+    fleet = Fleet()
+    settings = Settings(task_queue=f"replay-{uuid.uuid4().hex}")
+    spec = parse_batch(
+        {
+            "name": f"r{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": 2,
+            "chunk_size": 4,
+            "defaults": {"command": "true", "retries": 1},
+            "jobs": [
+                {**job, "env": {"SECONDS": "0.02", **job.get("env", {})}}
+                for job in scenario_jobs(name)
+            ],
+        }
+    )
+    async with Worker(
+        temporal.client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=fleet.activities,
+    ):
+        submitted = await batches.submit(temporal.client, settings, spec)
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        await steer(name, fleet, handle)
+        await handle.result()
+    chunk = temporal.client.get_workflow_handle(chunk_workflow_id(submitted.batch_id, 0))
+    return {
+        "batch": await handle.fetch_history(),
+        "chunk": await chunk.fetch_history(),
+    }
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+async def test_fresh_histories_replay(temporal: WorkflowEnvironment, name: str) -> None:
+    """Each scenario's live histories replay cleanly; with SORTIE_RECORD_HISTORIES=1, save them."""
+    histories = await run_scenario(temporal, name)
+    for kind, history in histories.items():
+        await replayer().replay_workflow(history)
+        if RECORD:
+            HISTORIES.mkdir(exist_ok=True)
+            path = HISTORIES / f"{name}.{kind}.json"
+            path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
+
+
+async def test_committed_histories_replay() -> None:
+    """The committed histories replay against the current code."""
+    files = sorted(HISTORIES.glob("*.json"))
+    assert {f.name for f in files} >= {
+        f"{n}.{k}.json" for n in SCENARIOS for k in ("batch", "chunk")
+    }
+    for path in files:
+        history = WorkflowHistory.from_json(path.stem, path.read_text())
+        await replayer().replay_workflow(history)
+
+
+async def test_replay_catches_a_nondeterministic_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Proof the replay test can fail: the chunk reordered its steps, replay must refuse it."""
+    original: Callable[..., Awaitable[Any]] = ChunkWorkflow._destroy
+
+    async def destroy_twice(self: ChunkWorkflow, machine: Any) -> None:
+        await original(self, machine)
+        await original(self, machine)
+
+    monkeypatch.setattr(ChunkWorkflow, "_destroy", destroy_twice)
+    history = WorkflowHistory.from_json("happy", (HISTORIES / "happy.chunk.json").read_text())
+    result = await Replayer(
+        workflows=[ChunkWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=UnsandboxedWorkflowRunner(),  # so the patched class is the one replayed
+    ).replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is not None
+    assert "Nondeterminism" in str(result.replay_failure) or "TMPRL1100" in str(
+        result.replay_failure
+    )

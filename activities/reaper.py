@@ -59,13 +59,14 @@ class ReaperActivities:
         destroyed = 0
         cancelled: list[str] = []
         if not input.dry_run:
+            # Stop stray chunks first, so none replaces a machine the sweep is destroying.
+            cancelled = await _cancel_stray_chunks(client, sorted(closed_batches))
             for orphan in orphans:
                 activity.heartbeat(orphan.machine_id)
                 with fly_errors(f"destroy orphan {orphan.machine_id}"):
                     if await self._fly.destroy_machine(input.app, orphan.machine_id, force=True):
                         destroyed += 1
                 activity.logger.info("reaped machine %s (%s)", orphan.machine_id, orphan.reason)
-            cancelled = await _cancel_stray_chunks(client, sorted(closed_batches))
         return ReapOutput(
             app=input.app,
             checked=len(machines),

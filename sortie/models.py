@@ -44,6 +44,7 @@ class Tuning(_Model):
     heartbeat_timeout_s: float = 20.0
     heartbeat_every_s: float = 5.0
     create_timeout_s: float = 60.0
+    call_timeout_s: float = 60.0
     log_tail_lines: int = 20
     log_tail_bytes: int = 2048
 

@@ -243,7 +243,7 @@ class ChunkWorkflow:
                 tail_lines=self._input.tuning.log_tail_lines,
                 tail_bytes=self._input.tuning.log_tail_bytes,
             ),
-            start_to_close_timeout=policies.CALL_TIMEOUT,
+            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
             schedule_to_close_timeout=policies.COLLECT_DEADLINE,
             retry_policy=policies.FLY_RETRY,
             summary=f"collect result of job {job.id}",
@@ -293,7 +293,7 @@ class ChunkWorkflow:
         await workflow.execute_activity_method(
             MachineActivities.destroy_machine,
             DestroyMachineInput(machine=machine),
-            start_to_close_timeout=policies.CALL_TIMEOUT,
+            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
             retry_policy=policies.DESTROY_RETRY,
             summary=f"destroy machine {machine.machine_id}",
         )

@@ -26,5 +26,4 @@ DESTROY_RETRY = RetryPolicy(
 
 CREATE_DEADLINE = timedelta(minutes=30)
 COLLECT_DEADLINE = timedelta(minutes=10)
-CALL_TIMEOUT = timedelta(seconds=90)
 WAIT_MARGIN = timedelta(minutes=5)

@@ -1,0 +1,183 @@
+"""Kill the worker or the server mid-batch: the batch resumes where it stopped.
+
+Each test runs real `worker.py` processes (and, for the server test, a real dev server on a
+SQLite file) against a real localfly, kills one at a chosen moment, starts it again, and then
+checks, from localfly's own list of every machine it ever made: every job has exactly one
+result, no job attempt got two machines, and no machine is left alive.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from sortie import batches
+from sortie.labels import META_ATTEMPT, META_JOB
+from sortie.models import Tuning
+from sortie.settings import Settings
+from sortie.spec import BatchSpec, parse_batch
+from tests.processes import DevServer, WorkerProcess
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+# Fast failure detection, so a killed worker's activities are retried within seconds.
+TUNING = Tuning(heartbeat_timeout_s=3, heartbeat_every_s=0.5, create_timeout_s=5, call_timeout_s=5)
+JOBS = 8
+
+
+@pytest.fixture(autouse=True)
+def no_faults(localfly: Any) -> Iterator[None]:
+    localfly.set_faults({})
+    yield
+    localfly.set_faults({})
+
+
+def spec_for(app: str, seconds: float = 1.0) -> BatchSpec:
+    return parse_batch(
+        {
+            "name": f"c{uuid.uuid4().hex[:8]}",
+            "app": app,
+            "max_machines": 4,
+            "chunk_size": 4,
+            "defaults": {"image": "alpine", "timeout": "2m", "retries": 1},
+            "jobs": [
+                {"id": f"job-{i}", "command": f"echo out-{i}; sleep {seconds}"} for i in range(JOBS)
+            ],
+        }
+    )
+
+
+def settings_for(address: str) -> Settings:
+    return Settings(
+        temporal_address=address, task_queue=f"crash-{uuid.uuid4().hex}", shutdown_grace_s=2
+    )
+
+
+def check_exactly_once(localfly: Any, app: str, report: batches.BatchReport) -> None:
+    assert report.status == "completed"
+    assert [r.job_id for r in report.results] == [f"job-{i}" for i in range(JOBS)]
+    assert all(r.state == "succeeded" for r in report.results), report.results
+    for i, result in enumerate(report.results):
+        assert f"out-{i}" in "\n".join(result.log_tail)
+    made = localfly.machines(app)
+    per_attempt = Counter((m["metadata"][META_JOB], m["metadata"][META_ATTEMPT]) for m in made)
+    assert all(count == 1 for count in per_attempt.values()), per_attempt
+    assert len(made) == JOBS, "a job ran on more than one machine"
+    assert [m["id"] for m in made if m["state"] != "destroyed"] == []
+
+
+def calls(localfly: Any, app: str, action: str) -> int:
+    return int(localfly.stats(app)["calls"].get(action, 0))
+
+
+@pytest.mark.parametrize(
+    ("moment", "fault_endpoint"),
+    [
+        ("creating", "create"),
+        ("waiting", None),
+        ("collecting", "logs"),
+        ("destroying", "destroy"),
+    ],
+)
+async def test_worker_killed_mid_batch_resumes_exactly_once(
+    temporal: WorkflowEnvironment,
+    localfly: Any,
+    app_name: str,
+    tmp_path: Path,
+    moment: str,
+    fault_endpoint: str | None,
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    first = WorkerProcess(settings, localfly.url, tmp_path / "worker-1.log").start()
+    second = WorkerProcess(settings, localfly.url, tmp_path / "worker-2.log")
+    try:
+        if fault_endpoint:
+            localfly.set_faults(
+                {"http": [{"kind": "slow", "delay_ms": 1500, "endpoints": [fault_endpoint]}]}
+            )
+        spec = spec_for(app_name)
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
+        if fault_endpoint:
+            await eventually(
+                lambda: calls(localfly, app_name, fault_endpoint) >= 1,
+                what=f"a {fault_endpoint} call in flight",
+            )
+        else:
+            await eventually(
+                lambda: sum(m["state"] == "started" for m in localfly.machines(app_name)) >= 4,
+                what="four running machines",
+            )
+        first.kill()
+        localfly.set_faults({})
+        second.start()
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+        report = await batches.results(temporal.client, submitted.batch_id)
+    finally:
+        first.stop()
+        second.stop()
+    check_exactly_once(localfly, app_name, report)
+
+
+async def test_worker_stopped_with_sigterm_hands_over_its_waits(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    first = WorkerProcess(settings, localfly.url, tmp_path / "worker-1.log").start()
+    second = WorkerProcess(settings, localfly.url, tmp_path / "worker-2.log")
+    try:
+        submitted = await batches.submit(
+            temporal.client, settings, spec_for(app_name, seconds=4), tuning=TUNING
+        )
+        await eventually(
+            lambda: sum(m["state"] == "started" for m in localfly.machines(app_name)) >= 4,
+            what="four running machines",
+        )
+        running_before = {m["id"] for m in localfly.machines(app_name)}
+        assert first.terminate() == 0
+        assert "handing running waits over" in (tmp_path / "worker-1.log").read_text()
+        second.start()
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+        report = await batches.results(temporal.client, submitted.batch_id)
+    finally:
+        first.stop()
+        second.stop()
+    check_exactly_once(localfly, app_name, report)
+    # The machines that were running when the first worker stopped finished their jobs: the
+    # second worker waited on them instead of making new ones.
+    finished_on = {r.machine_id for r in report.results}
+    assert running_before <= finished_on
+
+
+async def test_server_killed_mid_batch_resumes_on_the_same_database(
+    localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    server = DevServer(tmp_path / "temporal.db", tmp_path / "server.log").start()
+    settings = settings_for(server.address)
+    worker = WorkerProcess(settings, localfly.url, tmp_path / "worker.log").start()
+    try:
+        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+        submitted = await batches.submit(
+            client, settings, spec_for(app_name, seconds=2), tuning=TUNING
+        )
+        await eventually(
+            lambda: sum(m["state"] == "started" for m in localfly.machines(app_name)) >= 4,
+            what="four running machines",
+        )
+        server.kill()
+        server.start()
+        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+        await batches.batch_handle(client, submitted.batch_id).result()
+        report = await batches.results(client, submitted.batch_id)
+    finally:
+        worker.stop()
+        server.stop()
+    check_exactly_once(localfly, app_name, report)

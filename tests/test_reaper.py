@@ -1,0 +1,83 @@
+"""The orphan reaper: what a terminated batch and a dead worker leave, it destroys."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from fly import FlyClient
+from sortie import batches, reaping
+from sortie.models import ReapInput
+from tests.conftest import running_worker
+from tests.processes import WorkerProcess
+from tests.test_crash import TUNING, settings_for, spec_for
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+
+def live(localfly: Any, app: str) -> list[str]:
+    return [m["id"] for m in localfly.machines(app) if m["state"] != "destroyed"]
+
+
+async def test_reaper_destroys_what_a_terminated_batch_left(
+    temporal: WorkflowEnvironment,
+    localfly: Any,
+    fly_client: FlyClient,
+    app_name: str,
+    tmp_path: Path,
+) -> None:
+    batch_settings = settings_for(temporal.client.service_client.config.target_host)
+    # The reaper runs on a worker of its own queue: the batch's worker is dead for good.
+    reaper_settings = settings_for(temporal.client.service_client.config.target_host)
+    doomed = WorkerProcess(batch_settings, localfly.url, tmp_path / "worker.log").start()
+    try:
+        submitted = await batches.submit(
+            temporal.client, batch_settings, spec_for(app_name, seconds=300), tuning=TUNING
+        )
+        await eventually(lambda: len(live(localfly, app_name)) == 4, what="four live machines")
+        async with running_worker(temporal.client, reaper_settings, fly_client):
+            owned = await reaping.reap_once(
+                temporal.client, reaper_settings, ReapInput(app=app_name, dry_run=True)
+            )
+            assert (owned.checked, owned.orphans) == (4, [])
+
+            doomed.kill()
+            await batches.batch_handle(temporal.client, submitted.batch_id).terminate("gave up")
+            listed = await reaping.reap_once(
+                temporal.client, reaper_settings, ReapInput(app=app_name, dry_run=True)
+            )
+            assert len(listed.orphans) == 4 and listed.destroyed == 0
+            assert "terminated" in listed.orphans[0].reason
+            assert len(live(localfly, app_name)) == 4, "a dry run destroys nothing"
+
+            swept = await reaping.reap_once(
+                temporal.client, reaper_settings, ReapInput(app=app_name)
+            )
+    finally:
+        doomed.stop()
+    assert swept.destroyed == 4
+    assert live(localfly, app_name) == []
+    assert len(swept.cancelled_chunks) == 2, "stray chunks are cancelled"
+
+
+async def test_reaper_schedule_is_created_once_and_updated_in_place(
+    temporal: WorkflowEnvironment,
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    app = f"sched-{uuid.uuid4().hex[:6]}"
+    request = ReapInput(app=app)
+    first = await reaping.schedule_reaper(temporal.client, settings, request, timedelta(hours=1))
+    again = await reaping.schedule_reaper(temporal.client, settings, request, timedelta(minutes=10))
+    handle = temporal.client.get_schedule_handle(first)
+    try:
+        description = await handle.describe()
+        assert first == again == f"sortie-reaper-{app}"
+        assert description.schedule.spec.intervals[0].every == timedelta(minutes=10)
+    finally:
+        await handle.delete()

@@ -1,0 +1,123 @@
+"""Fly misbehaving, through localfly's fault injection: every batch still ends right.
+
+Each scenario ends with the correct outcome for every job, exactly one machine per job
+attempt, and no live machine, all counted at localfly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sortie import batches
+from sortie.labels import META_ATTEMPT, META_JOB
+from sortie.models import Tuning
+from sortie.spec import BatchSpec, parse_batch
+from tests.conftest import Sortie
+
+TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10, call_timeout_s=10)
+JOBS = 6
+
+
+@pytest.fixture(autouse=True)
+def no_faults(localfly: Any) -> Iterator[None]:
+    localfly.set_faults({})
+    yield
+    localfly.set_faults({})
+
+
+def spec_for(app: str, jobs: list[dict[str, Any]] | None = None) -> BatchSpec:
+    return parse_batch(
+        {
+            "name": f"f{uuid.uuid4().hex[:8]}",
+            "app": app,
+            "max_machines": 3,
+            "chunk_size": 3,
+            "defaults": {"image": "alpine", "timeout": "2m", "retries": 1},
+            "jobs": jobs
+            or [{"id": f"job-{i}", "command": f"echo out-{i}; sleep 0.5"} for i in range(JOBS)],
+        }
+    )
+
+
+async def run(sortie: Sortie, spec: BatchSpec) -> batches.BatchReport:
+    submitted = await batches.submit(sortie.client, sortie.settings, spec, tuning=TUNING)
+    await batches.batch_handle(sortie.client, submitted.batch_id).result()
+    return await batches.results(sortie.client, submitted.batch_id)
+
+
+def one_machine_per_attempt_and_none_alive(sortie: Sortie, app: str) -> list[dict[str, Any]]:
+    made: list[dict[str, Any]] = sortie.localfly.machines(app)
+    per_attempt = Counter((m["metadata"][META_JOB], m["metadata"][META_ATTEMPT]) for m in made)
+    assert all(count == 1 for count in per_attempt.values()), per_attempt
+    assert [m["id"] for m in made if m["state"] != "destroyed"] == []
+    return made
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param(
+            {"http": [{"kind": "status", "status": 429, "retry_after": 0.3, "rate": 0.3}]},
+            id="429-storm-with-retry-after",
+        ),
+        pytest.param(
+            {"http": [{"kind": "status", "status": 429, "retry_after": None, "rate": 0.3}]},
+            id="429-storm-without-retry-after",
+        ),
+        pytest.param(
+            {"http": [{"kind": "status", "status": 503, "rate": 0.2}]}, id="5xx-on-20-percent"
+        ),
+        pytest.param({"http": [{"kind": "drop", "rate": 0.15}]}, id="dropped-connections"),
+        pytest.param(
+            {"http": [{"kind": "lose_create_response", "count": 4}]}, id="lost-create-responses"
+        ),
+        pytest.param(
+            {"http": [{"kind": "lose_create_response", "count": 3}], "list_lag_s": 2.0},
+            id="lost-creates-with-list-lag",
+        ),
+    ],
+)
+async def test_transient_fly_faults_change_no_outcome(
+    sortie: Sortie, app_name: str, faults: dict[str, Any]
+) -> None:
+    sortie.localfly.set_faults(faults)
+    report = await run(sortie, spec_for(app_name))
+    sortie.localfly.set_faults({})
+
+    assert [r.state for r in report.results] == ["succeeded"] * JOBS, report.results
+    for i, result in enumerate(report.results):
+        assert f"out-{i}" in "\n".join(result.log_tail)
+    made = one_machine_per_attempt_and_none_alive(sortie, app_name)
+    assert len(made) == JOBS, "a job ran twice"
+
+
+async def test_a_missing_exit_event_fails_the_job_without_running_it_again(
+    sortie: Sortie, app_name: str
+) -> None:
+    jobs = [{"id": "silent", "command": "echo ran"}, {"id": "normal", "command": "true"}]
+    sortie.localfly.set_faults(
+        {"machines": [{"kind": "no_exit_event", "count": 1, "metadata": {META_JOB: "silent"}}]}
+    )
+    report = await run(sortie, spec_for(app_name, jobs))
+
+    silent, normal = report.results
+    assert (silent.state, silent.attempts, silent.exit_code) == ("failed", 1, None)
+    assert "no exit code" in (silent.error or "")
+    assert normal.state == "succeeded"
+    assert len(one_machine_per_attempt_and_none_alive(sortie, app_name)) == 2
+
+
+async def test_a_process_that_never_exits_is_timed_out_and_destroyed(
+    sortie: Sortie, app_name: str
+) -> None:
+    jobs = [{"id": "forever", "command": "sleep infinity || sleep 100000", "timeout": "3s"}]
+    report = await run(sortie, spec_for(app_name, jobs))
+
+    (forever,) = report.results
+    assert (forever.state, forever.attempts) == ("timed_out", 1)
+    assert len(one_machine_per_attempt_and_none_alive(sortie, app_name)) == 1

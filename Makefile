@@ -37,7 +37,7 @@ demo: install
 	$(PY) -m sortie.demo
 
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench --standard
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -20,27 +18,11 @@ import httpx
 
 from localfly.process import LocalFlyProcess
 from sortie.settings import Settings
+from sortie.stack import DevServer, listening
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".state"
-TEMPORAL_CLI = Path(sys.executable).parent / "temporal"
 BATCH_FILE = ROOT / "examples" / "demo.yaml"
-
-
-def listening(host: str, port: int) -> bool:
-    """Whether something accepts connections on host:port."""
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def wait_listening(host: str, port: int, what: str, timeout: float = 60.0) -> None:
-    """Block until host:port accepts connections, or fail naming what did not start."""
-    deadline = time.monotonic() + timeout
-    while not listening(host, port):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not start listening on {host}:{port}")
-        time.sleep(0.2)
 
 
 def stop(process: subprocess.Popen[bytes], name: str) -> None:
@@ -60,26 +42,9 @@ def start_temporal(stack: ExitStack) -> None:
     if listening("127.0.0.1", 7233):
         print("using the Temporal server already on localhost:7233")
         return
-    STATE.mkdir(exist_ok=True)
-    log = (STATE / "temporal.log").open("ab")
-    server = subprocess.Popen(
-        [
-            str(TEMPORAL_CLI),
-            "server",
-            "start-dev",
-            "--db-filename",
-            str(STATE / "temporal.db"),
-            "--ui-port",
-            "8233",
-            "--search-attribute",
-            "BatchId=Keyword",
-            "--ui-disable-news-fetch",
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    stack.callback(stop, server, "the Temporal dev server")
-    wait_listening("127.0.0.1", 7233, "the Temporal dev server")
+    server = DevServer(STATE / "temporal.db", STATE / "temporal.log", port=7233, ui_port=8233)
+    stack.enter_context(server)
+    stack.callback(print, "stopped the Temporal dev server")
     print("started the Temporal dev server (history in .state/temporal.db, UI on :8233)")
 
 

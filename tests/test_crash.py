@@ -24,7 +24,8 @@ from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
-from tests.processes import DevServer, WorkerProcess
+from sortie.stack import DevServer
+from tests.processes import WorkerProcess
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,1 @@
+"""Benchmarks of Sortie against the ideal and a plain asyncio runner."""

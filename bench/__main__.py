@@ -1,0 +1,250 @@
+"""Benchmarks: Sortie against the ideal makespan and against a plain asyncio runner.
+
+    python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
+    python -m bench --standard [--large] [--json]
+
+Each run starts its own Temporal dev server and localfly, runs N `sleep T` jobs through Sortie
+(a worker in this process) and then the same jobs through a semaphore-and-gather runner that
+uses the same Fly client with no Temporal, and prints one table row per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from fly import FlyClient, FlySettings, FlyToken, InitConfig, MachineConfig, RestartConfig
+from localfly.process import LocalFlyProcess
+from sortie import batches
+from sortie.secrets import SecretStore
+from sortie.settings import Settings
+from sortie.spec import parse_batch
+from sortie.stack import DevServer
+from worker import build_worker
+
+STANDARD = [(100, 10, 2.0), (1000, 100, 5.0)]
+LARGE = [(10000, 200, 1.0)]
+ENDPOINTS = ["create", "wait", "get", "list", "logs", "destroy"]
+
+
+class Row(BaseModel):
+    """One configuration's measurements."""
+
+    jobs: int
+    concurrency: int
+    duration_s: float
+    makespan_s: float
+    ideal_s: float
+    baseline_s: float | None
+    jobs_per_s: float
+    calls_per_job: dict[str, float]
+    max_live: int
+    rss_mb: float
+    parent_events: int
+    parent_bytes: int
+    child_events: int
+    child_bytes: int
+    rate_limited: int
+    creates_per_s: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Makespan over the ideal ceil(N/C)*T."""
+        return self.makespan_s / self.ideal_s
+
+    @property
+    def versus_baseline(self) -> float | None:
+        """Makespan over the plain asyncio runner's."""
+        return self.makespan_s / self.baseline_s if self.baseline_s else None
+
+
+async def run_sortie(
+    client: Client, fly: FlyClient, localfly: LocalFlyProcess, n: int, c: int, t: float
+) -> tuple[float, str, str]:
+    """Run the batch through a worker in this process; return makespan, batch id, app."""
+    app = f"bench-{uuid.uuid4().hex[:8]}"
+    settings = Settings(task_queue=f"bench-{uuid.uuid4().hex}")
+    spec = parse_batch(
+        {
+            "name": f"bench{n}x{c}",
+            "app": app,
+            "max_machines": c,
+            "chunk_size": 25,
+            "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
+            "jobs": [{"id": f"j{i:05d}", "command": ["sleep", f"{t:g}"]} for i in range(n)],
+        }
+    )
+    async with build_worker(client, fly, SecretStore({}), settings):
+        started = time.monotonic()
+        submitted = await batches.submit(client, settings, spec, suffix=uuid.uuid4().hex[:6])
+        await batches.batch_handle(client, submitted.batch_id).result()
+        makespan = time.monotonic() - started
+    return makespan, submitted.batch_id, app
+
+
+async def run_baseline(fly: FlyClient, n: int, c: int, t: float) -> float:
+    """The plain asyncio runner a user would write: a semaphore and gather, nothing durable."""
+    app = f"base-{uuid.uuid4().hex[:8]}"
+    limit = asyncio.Semaphore(c)
+
+    async def one(i: int) -> int | None:
+        async with limit:
+            config = MachineConfig(
+                image="bench",
+                init=InitConfig(exec=["sleep", f"{t:g}"]),
+                restart=RestartConfig(policy="no"),
+            )
+            machine = await fly.create_machine(app, config, name=f"base-{i}")
+            try:
+                await fly.wait_for_state(
+                    app,
+                    machine.id,
+                    ["stopped", "failed", "destroyed"],
+                    version=machine.current_version,
+                    timeout=600,
+                )
+                event = (await fly.get_machine(app, machine.id)).latest_exit_event()
+                return event.exit_code if event else None
+            finally:
+                await fly.destroy_machine(app, machine.id)
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return time.monotonic() - started
+
+
+async def largest_histories(client: Client, batch_id: str) -> tuple[int, int, int, int]:
+    """Events and bytes of the largest batch run and of the largest chunk run."""
+    parent = child = (0, 0)
+    async for execution in client.list_workflows(f'BatchId="{batch_id}"'):
+        handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        history = await handle.fetch_history()
+        size = (len(history.events), sum(e.ByteSize() for e in history.events))
+        if execution.workflow_type == "BatchWorkflow":
+            parent = max(parent, size)
+        else:
+            child = max(child, size)
+    return (*parent, *child)
+
+
+async def measure(n: int, c: int, t: float, *, enforce: bool, baseline: bool) -> Row:
+    """Start a stack, run Sortie and the baseline, and collect the numbers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        faults = {"rate_limits": {"enforce": True, "retry_after": True}} if enforce else {}
+        with (
+            DevServer(Path(tmp) / "temporal.db", Path(tmp) / "temporal.log") as server,
+            LocalFlyProcess(faults=faults) as localfly,
+        ):
+            client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+            fly_settings = FlySettings(
+                api_base_url=localfly.url, logs_base_url=localfly.url, rate_limit=enforce
+            )
+            async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
+                makespan, batch_id, app = await run_sortie(client, fly, localfly, n, c, t)
+                stats = localfly.stats(app)
+                created = sorted(_when(m["created_at"]) for m in localfly.machines(app))
+                rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                histories = await largest_histories(client, batch_id)
+                base = await run_baseline(fly, n, c, t) if baseline else None
+    calls: Counter[str] = Counter(stats["calls"])
+    span = created[-1] - created[0] if len(created) > 1 else 0.0
+    creates_per_s = (len(created) - 1) / span if span > 0 else None
+    return Row(
+        jobs=n,
+        concurrency=c,
+        duration_s=t,
+        makespan_s=makespan,
+        ideal_s=math.ceil(n / c) * t,
+        baseline_s=base,
+        jobs_per_s=n / makespan,
+        calls_per_job={e: calls.get(e, 0) / n for e in ENDPOINTS},
+        max_live=int(stats["max_live_machines"]),
+        rss_mb=rss_mb,
+        parent_events=histories[0],
+        parent_bytes=histories[1],
+        child_events=histories[2],
+        child_bytes=histories[3],
+        rate_limited=int(stats.get("rate_limited", 0)),
+        creates_per_s=creates_per_s,
+    )
+
+
+def _when(value: Any) -> float:
+    """A localfly timestamp (RFC 3339 text or epoch seconds) as epoch seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table of the rows."""
+    head = (
+        "| N | C | T | makespan | ideal | makespan/ideal | Sortie/baseline | jobs/s "
+        "| Fly calls per job (create/wait/get/list/logs/destroy) | max live | worker RSS "
+        "| largest parent history | largest child history | 429s | creates/s |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        calls = "/".join(f"{r.calls_per_job[e]:.2f}" for e in ENDPOINTS)
+        versus = f"{r.versus_baseline:.3f}" if r.versus_baseline else "-"
+        lines.append(
+            f"| {r.jobs} | {r.concurrency} | {r.duration_s:g}s | {r.makespan_s:.1f}s "
+            f"| {r.ideal_s:.1f}s | {r.ratio:.3f} | {versus} | {r.jobs_per_s:.1f} | {calls} "
+            f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
+            f"| {r.child_events} ev / {r.child_bytes:,} B | {r.rate_limited} "
+            f"| {r.creates_per_s or 0:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the configurations, print the table (or JSON)."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--duration", type=float)
+    p.add_argument("--standard", action="store_true", help="run the standard set")
+    p.add_argument("--large", action="store_true", help="with --standard: add 10,000 jobs")
+    p.add_argument("--enforce-limits", action="store_true", help="Fly's rate limits at localfly")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.standard:
+        configs = STANDARD + (LARGE if args.large else [])
+    elif args.jobs and args.concurrency and args.duration is not None:
+        configs = [(args.jobs, args.concurrency, args.duration)]
+    else:
+        p.error("give --jobs, --concurrency and --duration, or --standard")
+    rows = []
+    for n, c, t in configs:
+        row = asyncio.run(
+            measure(n, c, t, enforce=args.enforce_limits, baseline=not args.no_baseline)
+        )
+        rows.append(row)
+        print(f"done: N={n} C={c} T={t:g}s in {row.makespan_s:.1f}s", file=sys.stderr)
+    if args.json:
+        print(json.dumps([r.model_dump() for r in rows], indent=2))
+    else:
+        print(table(rows))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

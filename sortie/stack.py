@@ -1,0 +1,114 @@
+"""Local processes of a Sortie stack: a Temporal dev server persisting to a SQLite file.
+
+Used by `make demo`, the benchmarks and the crash tests, which kill and restart it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEMPORAL_CLI = Path(sys.executable).parent / "temporal"
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class DevServer:
+    """A Temporal dev server persisting to a SQLite file, restartable on the same file."""
+
+    def __init__(
+        self,
+        db: Path,
+        log: Path,
+        *,
+        port: int | None = None,
+        ui_port: int | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.db = db
+        self.log = log
+        self.port = port or free_port()
+        self.ui_port = ui_port
+        self.extra = extra or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port of its frontend."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> DevServer:
+        """Start (or restart) the server and wait until it accepts connections."""
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [
+                    str(TEMPORAL_CLI),
+                    "server",
+                    "start-dev",
+                    *(
+                        ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"]
+                        if self.ui_port
+                        else ["--headless"]
+                    ),
+                    "--ip",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--db-filename",
+                    str(self.db),
+                    "--search-attribute",
+                    "BatchId=Keyword",
+                    "--log-level",
+                    "error",
+                    *self.extra,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not listening("127.0.0.1", self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dev server did not start; see {self.log}")
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> DevServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

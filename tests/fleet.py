@@ -8,7 +8,9 @@ time), EXIT (exit code), FAIL_ATTEMPTS (how many first attempts end in the `fail
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from temporalio import activity
 
@@ -79,7 +81,7 @@ class Fleet:
         return DestroyMachineOutput(destroyed=True, already_gone=False)
 
     @property
-    def activities(self) -> list[object]:
+    def activities(self) -> list[Callable[..., Any]]:
         """The activity callables to register on a worker."""
         return [
             self.check_secrets,

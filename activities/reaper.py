@@ -53,6 +53,7 @@ class ReaperActivities:
                         state=machine.state,
                         batch_id=metadata.get(META_BATCH),
                         job_id=metadata.get(META_JOB),
+                        chunk=_chunk_index(metadata),
                         reason=reason,
                     )
                 )
@@ -60,7 +61,12 @@ class ReaperActivities:
         cancelled: list[str] = []
         if not input.dry_run:
             # Stop stray chunks first, so none replaces a machine the sweep is destroying.
-            cancelled = await _cancel_stray_chunks(client, sorted(closed_batches))
+            held = {
+                chunk_workflow_id(o.batch_id, int(o.chunk))
+                for o in orphans
+                if o.batch_id in closed_batches and o.chunk is not None
+            }
+            cancelled = await _cancel_stray_chunks(client, sorted(closed_batches), held)
             for orphan in orphans:
                 activity.heartbeat(orphan.machine_id)
                 with fly_errors(f"destroy orphan {orphan.machine_id}"):
@@ -79,6 +85,11 @@ class ReaperActivities:
 
 def _metadata(machine: Machine) -> dict[str, str]:
     return dict(machine.config.metadata) if machine.config else {}
+
+
+def _chunk_index(metadata: dict[str, str]) -> int | None:
+    chunk = metadata.get(META_CHUNK, "")
+    return int(chunk) if chunk.isdigit() else None
 
 
 async def _status(
@@ -112,14 +123,23 @@ async def _why_orphaned(
     return None
 
 
-async def _cancel_stray_chunks(client: Client, batch_ids: list[str]) -> list[str]:
-    """Ask chunks still running under a closed batch to stop (they destroy what they hold)."""
-    cancelled: list[str] = []
+async def _cancel_stray_chunks(client: Client, batch_ids: list[str], held: set[str]) -> list[str]:
+    """Ask chunks still running under a closed batch to stop (they destroy what they hold).
+
+    Candidates are the chunks visibility lists (which lags behind starts) and the chunks named by
+    the orphans' metadata; each is described before it is cancelled.
+    """
+    candidates = set(held)
     for batch_id in batch_ids:
         query = (
             f'BatchId="{batch_id}" AND WorkflowType="ChunkWorkflow" AND ExecutionStatus="Running"'
         )
         async for execution in client.list_workflows(query):
-            await client.get_workflow_handle(execution.id).cancel()
-            cancelled.append(execution.id)
+            candidates.add(execution.id)
+    cancelled: list[str] = []
+    statuses: dict[str, WorkflowExecutionStatus | None] = {}
+    for workflow_id in sorted(candidates):
+        if await _status(client, workflow_id, statuses) is WorkflowExecutionStatus.RUNNING:
+            await client.get_workflow_handle(workflow_id).cancel()
+            cancelled.append(workflow_id)
     return cancelled

@@ -101,6 +101,7 @@ class ChunkState(_Model):
     wants_more: bool = True
     told_paused: bool = False
     told_cancel: bool = False
+    report_seq: int = 0
     counts: Counts = Counts()
     skipped_job_ids: list[str] = []
 
@@ -199,9 +200,14 @@ class ChunkOutput(_Model):
 
 
 class ChunkReport(_Model):
-    """A chunk tells the batch what it has released and how far it is."""
+    """A chunk tells the batch what it has released and how far it is.
+
+    Signals between workflows may arrive out of order: `seq` lets the batch keep only the newest
+    counts, while `released` (a delta) counts whatever order it arrives in.
+    """
 
     index: int
+    seq: int = 0
     released: int = 0
     wants_more: bool = True
     counts: Counts
@@ -354,6 +360,7 @@ class Orphan(_Model):
     state: str | None
     batch_id: str | None
     job_id: str | None
+    chunk: int | None = None
     reason: str
 
 

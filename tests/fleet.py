@@ -3,6 +3,8 @@
 Only the five machine activities are replaced (same names, same models); the workflows, the
 dev server and the worker are real. Job behaviour is read from the job's env: SECONDS (run
 time), EXIT (exit code), FAIL_ATTEMPTS (how many first attempts end in the `failed` state).
+With `fill_to`, no job finishes before that many machines exist at once: a test of the cap then
+proves it is reached without depending on timing.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Fleet:
     failing: dict[str, bool] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
     continued_as_new: bool = False
+    fill_to: int = 0
+    filled: asyncio.Event = field(default_factory=asyncio.Event)
 
     @activity.defn(name="check_secrets")
     async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
@@ -53,6 +57,8 @@ class Fleet:
         self.live += 1
         self.created += 1
         self.most = max(self.most, self.live)
+        if self.most >= self.fill_to:
+            self.filled.set()
         self.runs.append(input.job.id)
         self.durations[input.job.id] = float(input.job.env.get("SECONDS", "0.02"))
         self.exits[input.job.id] = int(input.job.env.get("EXIT", "0"))
@@ -68,6 +74,7 @@ class Fleet:
     async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
         if self.failing[input.machine.machine_id.removeprefix("m-")]:
             return WaitMachineOutput(outcome=WaitOutcome.FAILED, state="failed")
+        await self.filled.wait()  # with fill_to, the first jobs run until that many machines exist
         await asyncio.sleep(self.durations[input.job_id])
         return WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
 

@@ -206,7 +206,10 @@ async def test_cancel_destroys_running_machines_and_keeps_partial_results(
     spec = make_spec(app_name, jobs, max_machines=4, chunk_size=3)
     batch_id = await start(sortie, spec)
     handle = batches.batch_handle(sortie.client, batch_id)
-    await eventually(lambda: len(live(sortie, app_name)) == 4, what="four live machines")
+    await eventually(
+        lambda: len(machines(sortie, app_name)) == 5 and len(live(sortie, app_name)) == 4,
+        what="the quick job done and four machines running",
+    )
 
     if how == "signal":
         await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="operator said stop"))

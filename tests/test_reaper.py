@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from fly import FlyClient
 from sortie import batches, reaping
+from sortie.labels import chunk_workflow_id
 from sortie.models import ReapInput
 from tests.conftest import running_worker
 from tests.processes import WorkerProcess
@@ -63,7 +65,16 @@ async def test_reaper_destroys_what_a_terminated_batch_left(
         doomed.stop()
     assert swept.destroyed == 4
     assert live(localfly, app_name) == []
-    assert len(swept.cancelled_chunks) == 2, "stray chunks are cancelled"
+    # The batch's only started chunk (the cap of 4 filled it) is cancelled, so no worker that
+    # comes back later creates machines for a batch that no longer exists.
+    stray = chunk_workflow_id(submitted.batch_id, 0)
+    assert swept.cancelled_chunks == [stray]
+    chunk = await temporal.client.get_workflow_handle(stray).describe()
+    assert chunk.status is WorkflowExecutionStatus.RUNNING  # until a worker runs its cancel
+    history = await temporal.client.get_workflow_handle(stray).fetch_history()
+    assert any(
+        e.workflow_execution_cancel_requested_event_attributes.ByteSize() for e in history.events
+    )
 
 
 async def test_reaper_schedule_is_created_once_and_updated_in_place(

@@ -31,8 +31,9 @@ async def run_fleet_batch(
     max_machines: int,
     chunk_size: int,
     seconds: str = "0.02",
+    fill_to: int = 0,
 ) -> tuple[Fleet, batches.BatchReport, str, Settings]:
-    fleet = Fleet()
+    fleet = Fleet(fill_to=fill_to)
     settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
     spec = parse_batch(
         {
@@ -61,7 +62,9 @@ async def run_fleet_batch(
 
 
 async def test_cap_is_held_and_filled_across_many_chunks(temporal: WorkflowEnvironment) -> None:
-    fleet, report, _, _ = await run_fleet_batch(temporal, jobs=300, max_machines=7, chunk_size=20)
+    fleet, report, _, _ = await run_fleet_batch(
+        temporal, jobs=300, max_machines=7, chunk_size=20, fill_to=7
+    )
 
     assert report.succeeded == 300 and len(report.results) == 300
     assert [r.job_id for r in report.results] == [f"j{i:05d}" for i in range(300)]
@@ -71,7 +74,9 @@ async def test_cap_is_held_and_filled_across_many_chunks(temporal: WorkflowEnvir
 
 
 async def test_chunks_smaller_than_the_cap_share_it(temporal: WorkflowEnvironment) -> None:
-    fleet, report, _, _ = await run_fleet_batch(temporal, jobs=60, max_machines=12, chunk_size=5)
+    fleet, report, _, _ = await run_fleet_batch(
+        temporal, jobs=60, max_machines=12, chunk_size=5, fill_to=12
+    )
 
     assert report.succeeded == 60
     assert fleet.most == 12 and fleet.live == 0

@@ -77,10 +77,13 @@ class BatchWorkflow:
         chunk = self._state.chunks[report.index]
         chunk.slots -= report.released
         chunk.owed = max(0, chunk.owed - report.released)
-        chunk.counts = report.counts
-        chunk.wants_more = report.wants_more
+        if report.seq >= chunk.report_seq:
+            chunk.report_seq = report.seq
+            chunk.counts = report.counts
+            chunk.wants_more = report.wants_more
         if report.done:
             chunk.status = ChunkStatus.DONE
+            chunk.wants_more = False
         self._touch()
 
     @workflow.signal

@@ -66,6 +66,7 @@ class ChunkWorkflow:
         self._tasks: list[asyncio.Task[None]] = []
         self._reports: list[asyncio.Future[None]] = []
         self._last_report = workflow.now()
+        self._report_seq = 0
 
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
@@ -325,8 +326,10 @@ class ChunkWorkflow:
     def _report(self, released: int = 0, done: bool = False) -> None:
         """Tell the batch about released slots and progress (fire and forget, in order)."""
         self._last_report = workflow.now()
+        self._report_seq += 1
         report = ChunkReport(
             index=self._input.index,
+            seq=self._report_seq,
             released=released,
             wants_more=self._started + max(self._slots - self._running, 0) < len(self._input.jobs)
             and not self._cancelled,

@@ -31,7 +31,7 @@ def build_worker(
     client: Client, fly: FlyClient, secrets: SecretStore, settings: Settings
 ) -> Worker:
     """The worker for Sortie's task queue."""
-    machines = MachineActivities(fly, secrets)
+    machines = MachineActivities(fly, secrets, settings.blob_store())
     reaper = ReaperActivities(fly)
     return Worker(
         client,
@@ -43,6 +43,7 @@ def build_worker(
             machines.wait_machine,
             machines.collect_result,
             machines.destroy_machine,
+            machines.release_sessions,
             reaper.reap_orphans,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,

@@ -9,6 +9,7 @@ whether a retry can help and, for 429s, when to retry.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,9 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from agent.framing import Decoder, FramingError
 from fly import (
+    ExitEvent,
     FlyClient,
     FlyConflict,
     FlyError,
@@ -28,9 +31,19 @@ from fly import (
     InitConfig,
     Machine,
     MachineConfig,
+    MachineFile,
     RestartConfig,
 )
-from sortie.labels import META_ATTEMPT, META_BATCH, META_JOB, machine_metadata, machine_name
+from sortie.claude import ARCHIVE_FRAME, PREVIEW_CHARS, RESULT_FRAME, AgentReport, job_document
+from sortie.credentials import Credential, NoCredential
+from sortie.labels import (
+    META_ATTEMPT,
+    META_BATCH,
+    META_JOB,
+    META_TURN,
+    machine_metadata,
+    machine_name,
+)
 from sortie.models import (
     CheckSecretsInput,
     CheckSecretsOutput,
@@ -40,15 +53,22 @@ from sortie.models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
+    JobAnswer,
     MachineRef,
+    ReleaseSessionsInput,
+    ReleaseSessionsOutput,
     WaitMachineInput,
     WaitMachineOutput,
     WaitOutcome,
 )
 from sortie.secrets import SecretStore
+from sortie.store import BlobStore, answer_key, session_key, session_prefix
 
 SETTLED_STATES = ["stopped", "failed", "destroyed"]
 BOOTING_STATES = {"created", "creating", "starting"}
+RESTORE_PATH = "/sortie/restore.tar.gz"
+"""Where a follow-up's machine finds the workspace and session archive of the turn before."""
+FRAME_MARK = "SORTIE/1 "
 _OUTCOMES = {
     "stopped": WaitOutcome.EXITED,
     "failed": WaitOutcome.FAILED,
@@ -72,11 +92,12 @@ def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
 
 
 class MachineActivities:
-    """Fly machine steps; owns the shared Fly client and the worker's secrets."""
+    """Fly machine steps; owns the shared Fly client, the worker's secrets and its blob store."""
 
-    def __init__(self, fly: FlyClient, secrets: SecretStore) -> None:
+    def __init__(self, fly: FlyClient, secrets: SecretStore, store: BlobStore) -> None:
         self._fly = fly
         self._secrets = secrets
+        self._store = store
 
     @activity.defn(name="check_secrets")
     async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
@@ -90,20 +111,33 @@ class MachineActivities:
                 type="UnknownSecrets",
                 non_retryable=True,
             )
+        if input.needs_claude and not len(self._secrets.claude):
+            raise ApplicationError(
+                "the batch has prompt jobs but the worker has no Claude credential: set "
+                "CLAUDE_CODE_OAUTH_TOKEN or ANTHROPIC_API_KEY in the worker's environment",
+                type="UnknownSecrets",
+                non_retryable=True,
+            )
         return CheckSecretsOutput(available=available)
 
     @activity.defn(name="create_machine")
     async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
         """Create the job attempt's machine, or find the one an earlier try already made."""
         job = input.job
-        name = machine_name(input.batch_id, job.id, input.attempt)
-        lookup = {META_BATCH: input.batch_id, META_JOB: job.id, META_ATTEMPT: str(input.attempt)}
+        turn = input.followup.turn if input.followup else 1
+        name = machine_name(input.batch_id, job.id, input.attempt, turn)
+        lookup = {
+            META_BATCH: input.batch_id,
+            META_JOB: job.id,
+            META_ATTEMPT: str(input.attempt),
+            META_TURN: str(turn),
+        }
         with fly_errors(f"create machine for job {job.id}"):
             if activity.info().attempt > 1:
                 found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
                 if found is not None:
-                    return CreateMachineOutput(machine=_ref(input.app, found), found_existing=True)
-            config = self._config(input)
+                    return self._found(input.app, found)
+            config, credential = self._config(input)
             try:
                 machine = await self._fly.create_machine(
                     input.app, config, name=name, region=job.region
@@ -114,9 +148,20 @@ class MachineActivities:
                     raise ApplicationError(
                         f"machine {name} exists but is not listed yet", type="MachineNotListed"
                     ) from None
-                return CreateMachineOutput(machine=_ref(input.app, found), found_existing=True)
+                return self._found(input.app, found)
         activity.logger.info("created machine %s for job %s", machine.id, job.id)
-        return CreateMachineOutput(machine=_ref(input.app, machine))
+        return CreateMachineOutput(
+            machine=_ref(input.app, machine), credential=credential.name if credential else None
+        )
+
+    def _found(self, app: str, machine: Machine) -> CreateMachineOutput:
+        """An earlier try's machine, and which Claude credential it was given."""
+        env = machine.config.env if machine.config else {}
+        return CreateMachineOutput(
+            machine=_ref(app, machine),
+            found_existing=True,
+            credential=self._secrets.claude.which(env),
+        )
 
     @activity.defn(name="wait_machine")
     async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
@@ -182,9 +227,16 @@ class MachineActivities:
                 machine = await self._fly.get_machine(ref.app, ref.machine_id)
             except FlyNotFound:
                 return CollectResultOutput(state=None, exit_code=None)
-            page = await self._fly.get_logs(ref.app, ref.machine_id)
+            if input.prompt_job:
+                messages = [e.message async for e in self._fly.iter_logs(ref.app, ref.machine_id)]
+            else:
+                page = await self._fly.get_logs(ref.app, ref.machine_id)
+                messages = [e.message for e in page.entries]
         exit_event = machine.latest_exit_event()
-        lines = [self._secrets.scrub(e.message, input.secrets) for e in page.entries]
+        answer = self._answer(input, messages, exit_event) if input.prompt_job else None
+        lines = [
+            self._secrets.scrub(m, input.secrets) for m in messages if not m.startswith(FRAME_MARK)
+        ]
         return CollectResultOutput(
             state=machine.state,
             exit_code=exit_event.exit_code if exit_event else None,
@@ -192,7 +244,78 @@ class MachineActivities:
             oom_killed=bool(exit_event and exit_event.oom_killed),
             exited_at=exit_event.exited_at if exit_event else None,
             log_tail=_tail(lines, input.tail_lines, input.tail_bytes),
+            answer=answer,
         )
+
+    def _answer(
+        self, input: CollectResultInput, messages: list[str], exit_event: ExitEvent | None
+    ) -> JobAnswer:
+        """Decode the agent's framed report; keep the full answer and the session off history.
+
+        Logs lag behind the machine: while the report is incomplete and the grace period after
+        the exit has not passed, the activity fails retryably and Temporal tries again.
+        """
+        decoder = Decoder()
+        for message in messages:
+            decoder.feed(message)
+        try:
+            payload = decoder.payload(RESULT_FRAME)
+            archive = decoder.payload(ARCHIVE_FRAME)
+        except FramingError as error:
+            return JobAnswer(is_error=True, error_kind="no_report", result=f"{error}")
+        if payload is None:
+            exited = (
+                exit_event.exited_at if exit_event else None
+            ) or activity.info().scheduled_time
+            if datetime.now(UTC) < exited + timedelta(seconds=input.log_grace_s):
+                raise ApplicationError(
+                    f"the report of job {input.job_id} is not in the logs yet",
+                    type="ReportNotInLogsYet",
+                    next_retry_delay=timedelta(seconds=1),
+                )
+            return JobAnswer(
+                is_error=True,
+                error_kind="no_report",
+                result=f"no report in the logs {input.log_grace_s:g}s after the machine exited",
+            )
+        report = AgentReport.parse(payload)
+        cli = report.claude
+        text = self._secrets.scrub(
+            (cli.result if cli else None) or report.error or "", input.secrets
+        )
+        answer = JobAnswer(
+            session_id=cli.session_id if cli else None,
+            result=text[:PREVIEW_CHARS],
+            result_chars=len(text),
+            cost_usd=(cli.total_cost_usd or 0.0) if cli else 0.0,
+            num_turns=(cli.num_turns or 0) if cli else 0,
+            duration_ms=cli.duration_ms if cli else None,
+            is_error=report.error_kind() is not None,
+            error_kind=kind.value if (kind := report.error_kind()) else None,
+            commits={r.url: r.commit for r in report.repos if r.commit},
+        )
+        if len(text) > PREVIEW_CHARS:
+            key = answer_key(input.batch_id, input.job_id, input.turn, input.attempt)
+            answer.result_ref = self._store.put(key, text.encode())
+        if archive is not None:
+            key = session_key(input.batch_id, input.job_id, input.turn, input.attempt)
+            answer.archive_ref = self._store.put(key, archive)
+        if kind is not None and kind.credential_fault and input.credential:
+            self._secrets.claude.rest(input.credential)
+            activity.logger.warning(
+                "set credential %s aside after a %s error", input.credential, kind.value
+            )
+        return answer
+
+    @activity.defn(name="release_sessions")
+    async def release_sessions(self, input: ReleaseSessionsInput) -> ReleaseSessionsOutput:
+        """A closed batch's session archives: deleted now, or marked to expire later."""
+        prefix = session_prefix(input.batch_id)
+        if not input.keep_s:
+            return ReleaseSessionsOutput(deleted=self._store.delete(prefix))
+        until = datetime.now(UTC) + timedelta(seconds=input.keep_s)
+        self._store.put(f"{prefix}/keep-until", until.isoformat().encode())
+        return ReleaseSessionsOutput(deleted=False, kept_until=until)
 
     @activity.defn(name="destroy_machine")
     async def destroy_machine(self, input: DestroyMachineInput) -> DestroyMachineOutput:
@@ -205,7 +328,7 @@ class MachineActivities:
         )
         return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
 
-    def _config(self, input: CreateMachineInput) -> MachineConfig:
+    def _config(self, input: CreateMachineInput) -> tuple[MachineConfig, Credential | None]:
         """The machine's config; secret values enter here and never leave the worker."""
         job = input.job
         try:
@@ -215,25 +338,55 @@ class MachineActivities:
                 str(error.args[0]), type="UnknownSecrets", non_retryable=True
             ) from None
         env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
+        files: list[MachineFile] = []
+        credential: Credential | None = None
         if job.prompt is not None:
-            env["SORTIE_JOB"] = json.dumps(
-                job.model_dump(
-                    mode="json",
-                    include={"id", "prompt", "repos", "model", "max_turns", "allowed_tools"},
-                )
+            try:
+                credential = self._secrets.claude.take()
+            except NoCredential as error:
+                raise ApplicationError(
+                    str(error), type="UnknownSecrets", non_retryable=True
+                ) from None
+            followup = input.followup
+            restore = None
+            if followup is not None and followup.archive_ref:
+                archive = self._store.get(followup.archive_ref)
+                if archive is None:
+                    raise ApplicationError(
+                        f"the workspace of job {job.id} is no longer kept (sessions are kept "
+                        "while the batch runs, or longer with the batch's keep_sessions)",
+                        type="SessionGone",
+                        non_retryable=True,
+                    )
+                raw = base64.b64encode(archive).decode()
+                files.append(MachineFile(guest_path=RESTORE_PATH, raw_value=raw, mode=0o600))
+                restore = RESTORE_PATH
+            document = job_document(
+                job,
+                prompt=followup.prompt if followup else None,
+                resume_session_id=followup.session_id if followup else None,
+                restore_file=restore,
+                commits=followup.commits if followup else None,
             )
+            env["SORTIE_JOB"] = json.dumps(document)
+            env[credential.variable] = credential.value
         env.update(secrets)
-        return MachineConfig(
+        turn = input.followup.turn if input.followup else 1
+        config = MachineConfig(
             image=job.image,
             env=env,
+            files=files,
             init=InitConfig(exec=job.command) if job.command else None,
             guest=GuestConfig(
                 cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb
             ),
             auto_destroy=False,
             restart=RestartConfig(policy="no"),
-            metadata=machine_metadata(input.batch_id, input.chunk_index, job.id, input.attempt),
+            metadata=machine_metadata(
+                input.batch_id, input.chunk_index, job.id, input.attempt, input.owner, turn
+            ),
         )
+        return config, credential
 
 
 def _ref(app: str, machine: Machine) -> MachineRef:

@@ -162,6 +162,15 @@ class Mount(FlyModel):
     size_gb_limit: int | None = None
 
 
+class MachineFile(FlyModel):
+    """A file written into the machine before it boots (``raw_value`` is base64)."""
+
+    guest_path: str
+    raw_value: str | None = None
+    secret_name: str | None = None
+    mode: int | None = None
+
+
 class MachineConfig(FlyModel):
     """A machine's configuration; only ``image`` is required."""
 
@@ -174,6 +183,7 @@ class MachineConfig(FlyModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     stop_config: StopConfig | None = None
     mounts: list[Mount] = Field(default_factory=list)
+    files: list[MachineFile] = Field(default_factory=list)
 
 
 class CreateMachineRequest(FlyModel):

@@ -11,6 +11,7 @@ and no exit event. Destroying a machine kills its whole process group.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -256,6 +257,19 @@ class Fleet:
             return None
         return [str(a) for a in entrypoint] + [str(a) for a in init.get("cmd") or []]
 
+    def _write_files(self, machine: Machine) -> None:
+        """Write `config.files` (base64 `raw_value`) under the machine's root, as Fly does."""
+        assert machine.workspace is not None
+        for entry in machine.config.get("files") or []:
+            guest_path = str(entry.get("guest_path", "")).lstrip("/")
+            target = (machine.workspace / guest_path).resolve()
+            if not guest_path or not target.is_relative_to(machine.workspace.resolve()):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(entry.get("raw_value") or ""))
+            if entry.get("mode") is not None:
+                target.chmod(int(entry["mode"]))
+
     def environment(self, machine: Machine) -> dict[str, str]:
         """A minimal base, the FLY_* variables, then config.env: never localfly's own env."""
         assert machine.workspace is not None
@@ -268,6 +282,8 @@ class Fleet:
             "FLY_REGION": machine.region,
             "FLY_MACHINE_VERSION": machine.instance_id,
             "FLY_IMAGE_REF": str(machine.config.get("image", "")),
+            # Where `/` of the machine is: config.files land under it.
+            "LOCALFLY_ROOT": str(machine.workspace),
         }
         env.update({str(k): str(v) for k, v in (machine.config.get("env") or {}).items()})
         return env
@@ -283,6 +299,7 @@ class Fleet:
             await self.set_state(machine, "failed")
             return
         machine.workspace = Path(tempfile.mkdtemp(prefix=f"localfly-{machine.id}-"))
+        self._write_files(machine)
         while True:
             machine.event("start", "starting")
             await self.set_state(machine, "starting")

@@ -28,8 +28,10 @@ class LocalFlyProcess:
         faults: dict[str, Any] | None = None,
         token: str | None = None,
         log: Path | None = None,
+        path: list[Path] | None = None,
     ) -> None:
         self.port = port
+        self.path = path or []
         self.images = images or {}
         self.faults = faults
         self.token = token
@@ -47,9 +49,14 @@ class LocalFlyProcess:
             argv += ["--faults", json.dumps(self.faults)]
         if self.token:
             argv += ["--token", self.token]
+        env = dict(os.environ)
+        if self.path:
+            # Machines inherit localfly's PATH: this is how tools such as a stand-in CLI reach them.
+            env["PATH"] = os.pathsep.join([*map(str, self.path), env.get("PATH", "")])
         with self.log.open("a") as log:
             self._process = subprocess.Popen(
                 argv,
+                env=env,
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,

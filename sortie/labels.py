@@ -18,6 +18,8 @@ META_BATCH = "sortie_batch"
 META_CHUNK = "sortie_chunk"
 META_JOB = "sortie_job"
 META_ATTEMPT = "sortie_attempt"
+META_TURN = "sortie_turn"
+META_OWNER = "sortie_owner"
 META_MANAGED = "sortie"
 
 
@@ -26,19 +28,29 @@ def chunk_workflow_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-chunk-{index:04d}"
 
 
-def machine_name(batch_id: str, job_id: str, attempt: int) -> str:
-    """A Fly machine name unique to one attempt of one job (lowercase, dashes, <= 63 chars)."""
+def followup_workflow_id(batch_id: str, job_id: str, turn: int) -> str:
+    """The workflow id of a follow-up turn of a job, e.g. `batch-x-1a2b3c4d-followup-api-2`."""
+    return f"{batch_id}-followup-{job_id}-{turn}"
+
+
+def machine_name(batch_id: str, job_id: str, attempt: int, turn: int = 1) -> str:
+    """A Fly machine name unique to one attempt of one job's turn (lowercase, <= 63 chars)."""
     digest = hashlib.sha256(f"{batch_id}\0{job_id}".encode()).hexdigest()[:10]
-    slug = re.sub(r"[^a-z0-9]+", "-", job_id.lower()).strip("-")[:36] or "job"
-    return f"sortie-{slug}-{digest}-a{attempt}"
+    slug = re.sub(r"[^a-z0-9]+", "-", job_id.lower()).strip("-")[:32] or "job"
+    step = f"a{attempt}" if turn == 1 else f"t{turn}a{attempt}"
+    return f"sortie-{slug}-{digest}-{step}"
 
 
-def machine_metadata(batch_id: str, chunk: int, job_id: str, attempt: int) -> dict[str, str]:
-    """The metadata every Sortie machine carries."""
+def machine_metadata(
+    batch_id: str, chunk: int, job_id: str, attempt: int, owner: str, turn: int = 1
+) -> dict[str, str]:
+    """The metadata every Sortie machine carries; `owner` is the workflow that destroys it."""
     return {
         META_MANAGED: "1",
         META_BATCH: batch_id,
         META_CHUNK: str(chunk),
         META_JOB: job_id,
         META_ATTEMPT: str(attempt),
+        META_TURN: str(turn),
+        META_OWNER: owner,
     }

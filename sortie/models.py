@@ -47,6 +47,7 @@ class Tuning(_Model):
     call_timeout_s: float = 60.0
     log_tail_lines: int = 20
     log_tail_bytes: int = 2048
+    log_grace_s: float = 30.0
 
 
 # ---------------------------------------------------------------- workflows
@@ -71,6 +72,8 @@ class Counts(_Model):
     timed_out: int = 0
     cancelled: int = 0
     live_machines: int = 0
+    cost_usd: float = 0.0
+    num_turns: int = 0
 
     def add(self, other: Counts) -> Counts:
         """Sum two counts."""
@@ -110,6 +113,9 @@ class BatchState(_Model):
     """The batch's state carried across continue-as-new."""
 
     max_machines: int
+    max_cost_usd: float | None = None
+    over_budget: bool = False
+    prompt_jobs: bool = False
     paused: bool = False
     pause_reason: str | None = None
     cancelled: bool = False
@@ -126,6 +132,8 @@ class BatchInput(_Model):
     app: str
     max_machines: int
     chunk_size: int
+    max_cost_usd: float | None = None
+    keep_sessions_s: float | None = None
     defaults: Defaults
     jobs: list[JobSpec] = []
     tuning: Tuning = Tuning()
@@ -143,6 +151,8 @@ class BatchOutput(_Model):
     failed: int
     cancelled: int
     timed_out: int
+    cost_usd: float = 0.0
+    num_turns: int = 0
     chunks: list[ChunkState]
     cancel_reason: str | None = None
 
@@ -156,21 +166,36 @@ class Progress(_Model):
     pause_reason: str | None
     cancelled: bool
     max_machines: int
+    max_cost_usd: float | None = None
     counts: Counts
     chunks: list[ChunkState]
 
 
+class Followup(_Model):
+    """A further turn of a finished prompt job: continue its session in its workspace."""
+
+    turn: int = Field(ge=2)
+    prompt: str = Field(min_length=1)
+    session_id: str
+    archive_ref: str | None = None
+    commits: dict[str, str] = {}
+
+
 class ChunkInput(_Model):
-    """Start a chunk: its jobs (defaults applied) and the machine slots it may use."""
+    """Start a chunk: its jobs (defaults applied) and the machine slots it may use.
+
+    A follow-up runs as a chunk of one job that reports to no batch (`batch_workflow_id` None).
+    """
 
     batch_id: str
-    batch_workflow_id: str
+    batch_workflow_id: str | None
     index: int
     app: str
     jobs: list[Job]
     slots: int
     paused: bool = False
     tuning: Tuning = Tuning()
+    followup: Followup | None = None
 
 
 class JobResult(_Model):
@@ -188,7 +213,20 @@ class JobResult(_Model):
     duration_s: float | None = None
     error: str | None = None
     log_tail: list[str] = []
+    turn: int = 1
+    credential: str | None = None
+    session_id: str | None = None
     result: str | None = None
+    result_ref: str | None = None
+    result_chars: int | None = None
+    cost_usd: float | None = None
+    num_turns: int | None = None
+    duration_ms: int | None = None
+    is_error: bool | None = None
+    error_kind: str | None = None
+    archive_ref: str | None = None
+    commits: dict[str, str] = {}
+    followups: list[JobResult] = []
 
 
 class ChunkOutput(_Model):
@@ -233,6 +271,12 @@ class CancelRequest(_Model):
     reason: str = Field(default="cancelled by operator", max_length=200)
 
 
+class MaxCostRequest(_Model):
+    """A new budget for a running batch, in US dollars."""
+
+    max_cost_usd: float = Field(gt=0)
+
+
 class MaxMachinesRequest(_Model):
     """A new concurrency cap for a running batch."""
 
@@ -243,9 +287,10 @@ class MaxMachinesRequest(_Model):
 
 
 class CheckSecretsInput(_Model):
-    """Secret names a batch needs on the worker."""
+    """Secret names a batch needs on the worker, and whether it needs a Claude credential."""
 
     names: list[str]
+    needs_claude: bool = False
 
 
 class CheckSecretsOutput(_Model):
@@ -272,13 +317,16 @@ class CreateMachineInput(_Model):
     app: str
     job: Job
     attempt: int
+    owner: str
+    followup: Followup | None = None
 
 
 class CreateMachineOutput(_Model):
-    """The created (or found again) machine."""
+    """The created (or found again) machine, and which Claude credential (by name) it got."""
 
     machine: MachineRef
     found_existing: bool = False
+    credential: str | None = None
 
 
 class WaitOutcome(StrEnum):
@@ -309,13 +357,35 @@ class WaitMachineOutput(_Model):
 
 
 class CollectResultInput(_Model):
-    """Read a finished machine's exit details and log tail."""
+    """Read a finished machine's exit details, log tail and, for prompt jobs, the answer."""
 
     machine: MachineRef
     job_id: str
     secrets: list[str] = []
     tail_lines: int = 20
     tail_bytes: int = 2048
+    batch_id: str = ""
+    prompt_job: bool = False
+    turn: int = 1
+    attempt: int = 1
+    credential: str | None = None
+    log_grace_s: float = 30.0
+
+
+class JobAnswer(_Model):
+    """What a Claude Code job answered; the full answer and the session stay off history."""
+
+    session_id: str | None = None
+    result: str | None = None
+    result_ref: str | None = None
+    result_chars: int = 0
+    cost_usd: float = 0.0
+    num_turns: int = 0
+    duration_ms: int | None = None
+    is_error: bool = False
+    error_kind: str | None = None
+    archive_ref: str | None = None
+    commits: dict[str, str] = {}
 
 
 class CollectResultOutput(_Model):
@@ -327,6 +397,7 @@ class CollectResultOutput(_Model):
     oom_killed: bool = False
     exited_at: datetime | None = None
     log_tail: list[str] = []
+    answer: JobAnswer | None = None
 
 
 class DestroyMachineInput(_Model):
@@ -340,6 +411,20 @@ class DestroyMachineOutput(_Model):
 
     destroyed: bool
     already_gone: bool
+
+
+class ReleaseSessionsInput(_Model):
+    """A batch closed: delete its session archives, or keep them `keep_s` longer."""
+
+    batch_id: str
+    keep_s: float | None = None
+
+
+class ReleaseSessionsOutput(_Model):
+    """Whether archives were deleted, or until when they are kept."""
+
+    deleted: bool
+    kept_until: datetime | None = None
 
 
 # ---------------------------------------------------------------- the orphan reaper

@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+from sortie.credentials import ClaudePool
+
 REDACTED = "[redacted]"
 
 
 class SecretStore:
-    """Reads named secrets from the worker's environment."""
+    """Reads named secrets, and the pool of Claude credentials, from the worker's environment."""
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = os.environ if environ is None else environ
+        self.claude = ClaudePool.from_env(self._environ)
 
     def __repr__(self) -> str:
         return "SecretStore(<values hidden>)"
@@ -37,9 +40,9 @@ class SecretStore:
         return values
 
     def scrub(self, text: str, names: Iterable[str]) -> str:
-        """Replace every value of `names` found in `text`."""
-        for name in names:
-            value = self._environ.get(name)
+        """Replace every value of `names`, and every Claude credential, found in `text`."""
+        values = [self._environ.get(name) for name in names] + self.claude.values()
+        for value in values:
             if value and len(value) >= 4:
                 text = text.replace(value, REDACTED)
         return text

@@ -2,18 +2,20 @@
 
 Temporal: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE. Fly: FLY_API_TOKEN, FLY_API_BASE_URL,
 FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE, SORTIE_UI_URL,
-SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE. Without
-FLY_API_TOKEN, Sortie runs offline against localfly.
+SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
+SORTIE_STATE_DIR. Without FLY_API_TOKEN, Sortie runs offline against localfly.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from fly import FlySettings, FlyToken
+from sortie.store import BlobStore
 
 LOCALFLY_URL = "http://127.0.0.1:4280"
 LOCALFLY_TOKEN = "localfly-offline"
@@ -30,6 +32,7 @@ class Settings(BaseModel):
     ui_url: str = "http://localhost:8233"
     max_concurrent_activities: int = 1000
     shutdown_grace_s: float = 10.0
+    state_dir: Path = Path(".state")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -42,8 +45,13 @@ class Settings(BaseModel):
             "ui_url": env.get("SORTIE_UI_URL"),
             "max_concurrent_activities": env.get("SORTIE_MAX_CONCURRENT_ACTIVITIES"),
             "shutdown_grace_s": env.get("SORTIE_SHUTDOWN_GRACE"),
+            "state_dir": env.get("SORTIE_STATE_DIR"),
         }
         return cls.model_validate({k: v for k, v in values.items() if v})
+
+    def blob_store(self) -> BlobStore:
+        """Where long answers and session archives are kept."""
+        return BlobStore(self.state_dir / "blobs")
 
     def workflow_url(self, workflow_id: str) -> str:
         """The Web UI page of a workflow."""

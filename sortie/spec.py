@@ -115,8 +115,9 @@ class Repo(_Strict):
     """A repository a prompt job clones before it runs."""
 
     url: str = Field(min_length=1)
-    branch: str | None = None
-    path: str | None = None
+    branch: str | None = Field(default=None, min_length=1)
+    ref: str | None = Field(default=None, pattern=r"^[0-9a-f]{7,40}$")
+    path: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
     @classmethod
     def coerce(cls, value: object) -> object:
@@ -144,6 +145,7 @@ class JobFields(_Strict):
     model: str | None = None
     max_turns: int | None = Field(default=None, ge=1, le=1000)
     allowed_tools: list[str] | None = None
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
     @field_validator("env")
     @classmethod
@@ -163,6 +165,9 @@ class JobSpec(JobFields):
 class Defaults(JobFields):
     """Defaults applied to every job; a job's own value wins (env is merged key by key)."""
 
+
+PROMPT_ONLY = ("repos", "model", "max_turns", "allowed_tools", "max_cost_usd")
+"""Job fields that only a Claude Code (prompt) job uses."""
 
 DEFAULT_IMAGE = "registry.fly.io/sortie-agent:latest"
 DEFAULT_TIMEOUT_S = 30 * 60.0
@@ -189,6 +194,7 @@ class Job(_Strict):
     model: str | None = None
     max_turns: int | None = None
     allowed_tools: list[str] = []
+    max_cost_usd: float | None = None
 
 
 class BatchSpec(_Strict):
@@ -198,6 +204,8 @@ class BatchSpec(_Strict):
     app: str = Field(pattern=APP_PATTERN)
     max_machines: int = Field(default=10, ge=1, le=2000)
     chunk_size: int = Field(default=25, ge=1, le=1000)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    keep_sessions: Seconds | None = None
     defaults: Defaults = Defaults()
     jobs: list[JobSpec] = Field(min_length=1)
 
@@ -214,6 +222,10 @@ class BatchSpec(_Strict):
             prompt = job.prompt if job.prompt is not None else self.defaults.prompt
             if (command is None) == (prompt is None):
                 problems.append(f"{where}: set exactly one of command or prompt")
+            elif command is not None:
+                for field in PROMPT_ONLY:
+                    if getattr(job, field) is not None:
+                        problems.append(f"{where}: {field} is only for prompt jobs")
         if problems:
             raise ValueError("\n".join(problems))
         return self

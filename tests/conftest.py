@@ -27,6 +27,7 @@ from fly import FlyClient, FlySettings, FlyToken
 from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
+from sortie.spec import DEFAULT_IMAGE
 from worker import build_worker
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ TEMPORAL_CLI = BIN / "temporal"
 ROOT = Path(__file__).resolve().parent.parent
 
 SUGGEST_CONTINUE_AS_NEW_AT = 100
+STANDIN_BIN = ROOT / "tests" / "bin"
+AGENT_IMAGES = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
+"""Under localfly the agent image runs our entrypoint, and `claude` is the stand-in."""
 
 _exit_status: int | None = None
 
@@ -79,7 +83,7 @@ def localfly() -> Iterator[LocalFlyProcess]:
     """One localfly for the session; tests isolate themselves by app name."""
     from localfly.process import LocalFlyProcess
 
-    with LocalFlyProcess() as process:
+    with LocalFlyProcess(images=AGENT_IMAGES, path=[STANDIN_BIN]) as process:
         yield process
 
 
@@ -101,10 +105,10 @@ class Sortie:
 
 @asynccontextmanager
 async def running_worker(
-    client: Client, settings: Settings, fly: FlyClient
+    client: Client, settings: Settings, fly: FlyClient, secrets: SecretStore | None = None
 ) -> AsyncIterator[Worker]:
     """Run a worker for the duration of the block."""
-    worker = build_worker(client, fly, SecretStore(), settings)
+    worker = build_worker(client, fly, secrets or SecretStore({}), settings)
     async with worker:
         yield worker
 
@@ -118,8 +122,18 @@ async def fly_client(localfly: LocalFlyProcess) -> AsyncIterator[FlyClient]:
 
 
 @pytest.fixture
+def worker_env() -> dict[str, str]:
+    """The worker's environment for secrets: a test adds what its batch names."""
+    return {"CLAUDE_CODE_OAUTH_TOKEN": f"sk-ant-oat01-test-{uuid.uuid4().hex}"}
+
+
+@pytest.fixture
 async def sortie(
-    temporal: WorkflowEnvironment, localfly: LocalFlyProcess, fly_client: FlyClient
+    temporal: WorkflowEnvironment,
+    localfly: LocalFlyProcess,
+    fly_client: FlyClient,
+    worker_env: dict[str, str],
+    tmp_path: Path,
 ) -> AsyncIterator[Sortie]:
     """A worker on a fresh task queue, running for the test."""
     host, port = temporal.client.service_client.config.target_host.rsplit(":", 1)
@@ -127,6 +141,7 @@ async def sortie(
         temporal_address=f"{host}:{port}",
         task_queue=f"sortie-{uuid.uuid4().hex}",
         shutdown_grace_s=1.0,
+        state_dir=tmp_path / "state",
     )
-    async with running_worker(temporal.client, settings, fly_client):
+    async with running_worker(temporal.client, settings, fly_client, SecretStore(worker_env)):
         yield Sortie(temporal.client, settings, localfly, fly_client)

@@ -32,9 +32,11 @@ with workflow.unsafe.imports_passed_through():
         ChunkState,
         ChunkStatus,
         Counts,
+        MaxCostRequest,
         MaxMachinesRequest,
         PauseRequest,
         Progress,
+        ReleaseSessionsInput,
         SlotGrant,
     )
     from sortie.spec import resolve_job
@@ -65,6 +67,8 @@ class BatchWorkflow:
                 await self._drive()
             except asyncio.CancelledError:
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
+        if self._state.prompt_jobs:
+            await finish(self._release_sessions())
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._show()
         return self._output()
@@ -84,6 +88,7 @@ class BatchWorkflow:
         if report.done:
             chunk.status = ChunkStatus.DONE
             chunk.wants_more = False
+        self._check_budget()
         self._touch()
 
     @workflow.signal
@@ -95,9 +100,21 @@ class BatchWorkflow:
 
     @workflow.signal
     def resume(self) -> None:
-        """Start creating machines again."""
+        """Start creating machines again (not while the budget is spent: raise it first)."""
         self._state.paused = False
         self._state.pause_reason = None
+        self._state.over_budget = False
+        self._check_budget()
+        self._touch()
+
+    @workflow.signal
+    def set_max_cost(self, request: MaxCostRequest) -> None:
+        """Change the budget; a batch paused at its budget then continues on `resume`."""
+        self._state.max_cost_usd = request.max_cost_usd
+        if self._state.over_budget and self._counts().cost_usd < request.max_cost_usd:
+            self._state.pause_reason = (
+                f"budget raised to ${request.max_cost_usd:.2f}: send resume to continue"
+            )
         self._touch()
 
     @workflow.signal
@@ -121,6 +138,7 @@ class BatchWorkflow:
             pause_reason=self._state.pause_reason,
             cancelled=self._state.cancelled,
             max_machines=self._state.max_machines,
+            max_cost_usd=self._state.max_cost_usd,
             counts=self._counts(),
             chunks=self._state.chunks,
         )
@@ -132,12 +150,12 @@ class BatchWorkflow:
         names = sorted(
             {*(input.defaults.secrets or [])}.union(*(job.secrets or [] for job in input.jobs))
         )
-        if not names:
+        if not names and not self._state.prompt_jobs:
             return
         try:
             await workflow.execute_activity_method(
                 MachineActivities.check_secrets,
-                CheckSecretsInput(names=names),
+                CheckSecretsInput(names=names, needs_claude=self._state.prompt_jobs),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=policies.FLY_RETRY,
                 summary="check the batch's secrets exist on the worker",
@@ -239,6 +257,26 @@ class BatchWorkflow:
             static_details=f"Jobs: {', '.join(j.id for j in plan.jobs)}",
         )
 
+    def _check_budget(self) -> None:
+        """Pause the batch once what its jobs spent reaches its budget."""
+        state = self._state
+        spent = self._counts().cost_usd
+        if state.max_cost_usd is None or state.over_budget or spent < state.max_cost_usd:
+            return
+        state.over_budget = True
+        state.paused = True
+        state.pause_reason = f"budget reached: spent ${spent:.4f} of ${state.max_cost_usd:.2f}"
+
+    async def _release_sessions(self) -> None:
+        """Session archives live as long as the batch, or `keep_sessions` longer."""
+        await workflow.execute_activity_method(
+            MachineActivities.release_sessions,
+            ReleaseSessionsInput(batch_id=self._input.batch_id, keep_s=self._input.keep_sessions_s),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=policies.FLY_RETRY,
+            summary="release the batch's session archives",
+        )
+
     def _cancel(self, reason: str) -> None:
         """Mark the batch cancelled; chunks not started yet are skipped."""
         state = self._state
@@ -297,6 +335,8 @@ class BatchWorkflow:
             failed=counts.failed + counts.timed_out,
             timed_out=counts.timed_out,
             cancelled=counts.cancelled,
+            cost_usd=round(counts.cost_usd, 6),
+            num_turns=counts.num_turns,
             chunks=self._state.chunks,
             cancel_reason=self._state.cancel_reason,
         )
@@ -308,10 +348,12 @@ class BatchWorkflow:
         status = self._status()
         if self._state.paused and self._state.pause_reason:
             status += f" ({self._state.pause_reason})"
+        budget = f" of ${self._state.max_cost_usd:.2f}" if self._state.max_cost_usd else ""
         running = len(self._running())
         workflow.set_current_details(
             f"**{done}/{c.total} jobs done**, {status}\n\n"
             f"- machines: {c.live_machines} live, cap {self._state.max_machines}\n"
+            f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
             f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
             f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled\n"
             f"- chunks: {running} running, {len(self._state.pending)} not started, "
@@ -335,4 +377,11 @@ def _plan(input: BatchInput) -> BatchState:
                 counts=Counts(total=len(jobs), pending=len(jobs)),
             )
         )
-    return BatchState(max_machines=input.max_machines, chunks=chunks, pending=plans)
+    prompts = input.defaults.prompt is not None or any(j.prompt is not None for j in input.jobs)
+    return BatchState(
+        max_machines=input.max_machines,
+        max_cost_usd=input.max_cost_usd,
+        prompt_jobs=prompts,
+        chunks=chunks,
+        pending=plans,
+    )

@@ -25,7 +25,9 @@ with workflow.unsafe.imports_passed_through():
         CollectResultOutput,
         Counts,
         CreateMachineInput,
+        CreateMachineOutput,
         DestroyMachineInput,
+        JobAnswer,
         JobResult,
         JobState,
         MachineRef,
@@ -54,7 +56,8 @@ class ChunkWorkflow:
     @workflow.init
     def __init__(self, input: ChunkInput) -> None:
         self._input = input
-        self._results = [JobResult(job_id=j.id, index=j.index) for j in input.jobs]
+        turn = input.followup.turn if input.followup else 1
+        self._results = [JobResult(job_id=j.id, index=j.index, turn=turn) for j in input.jobs]
         self._slots = input.slots
         self._owed = 0
         self._running = 0
@@ -159,24 +162,26 @@ class ChunkWorkflow:
             result.finished_at = workflow.now()
             result.duration_s = (result.finished_at - result.started_at).total_seconds()
             self._running -= 1
-            self._job_finished()
+            self._job_finished(spent=bool(result.cost_usd))
 
     async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
         """Create a machine, wait for it, collect its result and destroy it."""
         result.state = JobState.STARTING
         self._show()
         try:
-            machine = await self._create(job, attempt)
+            created = await self._create(job, attempt)
         except ActivityError as error:
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {_describe(error)}"
             return
+        machine = created.machine
         self._live += 1
         result.machine_id = machine.machine_id
+        result.credential = created.credential
         result.state = JobState.RUNNING
         self._show()
         try:
-            outcome, collected = await self._wait_and_collect(job, machine)
+            outcome, collected = await self._wait_and_collect(job, machine, attempt, result)
             self._record(job, result, outcome, collected)
         except ActivityError as error:
             if _is_cancellation(error):
@@ -188,7 +193,7 @@ class ChunkWorkflow:
             self._live -= 1
             self._show()
 
-    async def _create(self, job: Job, attempt: int) -> MachineRef:
+    async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
         """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
         create = asyncio.ensure_future(
             workflow.execute_activity_method(
@@ -199,6 +204,8 @@ class ChunkWorkflow:
                     app=self._input.app,
                     job=job,
                     attempt=attempt,
+                    owner=workflow.info().workflow_id,
+                    followup=self._input.followup,
                 ),
                 start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
                 schedule_to_close_timeout=policies.CREATE_DEADLINE,
@@ -211,10 +218,10 @@ class ChunkWorkflow:
             if settled.exception() is None:
                 await finish(self._destroy(settled.result().machine))
             raise asyncio.CancelledError
-        return settled.result().machine
+        return settled.result()
 
     async def _wait_and_collect(
-        self, job: Job, machine: MachineRef
+        self, job: Job, machine: MachineRef, attempt: int, result: JobResult
     ) -> tuple[WaitMachineOutput, CollectResultOutput | None]:
         """Wait until the machine settles or the job's deadline passes, then read its exit."""
         now = workflow.now()
@@ -243,6 +250,12 @@ class ChunkWorkflow:
                 secrets=job.secrets,
                 tail_lines=self._input.tuning.log_tail_lines,
                 tail_bytes=self._input.tuning.log_tail_bytes,
+                batch_id=self._input.batch_id,
+                prompt_job=job.prompt is not None,
+                turn=result.turn,
+                attempt=attempt,
+                credential=result.credential,
+                log_grace_s=self._input.tuning.log_grace_s,
             ),
             start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
             schedule_to_close_timeout=policies.COLLECT_DEADLINE,
@@ -263,6 +276,13 @@ class ChunkWorkflow:
         if collected:
             result.exit_code = collected.exit_code
             result.log_tail = collected.log_tail
+        answer = collected.answer if collected else None
+        if answer is not None:
+            _record_answer(result, answer)
+            if answer.error_kind in CREDENTIAL_FAULTS:
+                raise InfrastructureFailure(
+                    f"Claude refused credential {result.credential} ({answer.error_kind})"
+                )
         match waited.outcome:
             case WaitOutcome.TIMED_OUT:
                 result.state = JobState.TIMED_OUT
@@ -284,6 +304,9 @@ class ChunkWorkflow:
             case WaitOutcome.EXITED if collected and collected.exit_code == 0:
                 result.state = JobState.SUCCEEDED
                 result.error = None
+            case WaitOutcome.EXITED if answer is not None and answer.error_kind:
+                result.state = JobState.FAILED
+                result.error = f"Claude failed ({answer.error_kind}): {(answer.result or '')[:200]}"
             case _:
                 code = collected.exit_code if collected else None
                 result.state = JobState.FAILED
@@ -307,9 +330,14 @@ class ChunkWorkflow:
     def _has_unstarted(self) -> bool:
         return not self._cancelled and self._started < len(self._input.jobs)
 
-    def _job_finished(self) -> None:
-        """A machine is gone: pay back an owed slot, keep it for the next job, or return it."""
-        if not self._release_idle() and workflow.now() - self._last_report >= REPORT_EVERY:
+    def _job_finished(self, spent: bool = False) -> None:
+        """A machine is gone: pay back an owed slot, keep it for the next job, or return it.
+
+        A job that spent money is reported at once, so the batch's budget sees it.
+        """
+        if not self._release_idle() and (
+            spent or workflow.now() - self._last_report >= REPORT_EVERY
+        ):
             self._report()
 
     def _release_idle(self) -> bool:
@@ -324,7 +352,10 @@ class ChunkWorkflow:
         return True
 
     def _report(self, released: int = 0, done: bool = False) -> None:
-        """Tell the batch about released slots and progress (fire and forget, in order)."""
+        """Tell the batch about released slots and progress (fire and forget)."""
+        self._show()
+        if self._input.batch_workflow_id is None:
+            return
         self._last_report = workflow.now()
         self._report_seq += 1
         report = ChunkReport(
@@ -339,7 +370,6 @@ class ChunkWorkflow:
         batch = workflow.get_external_workflow_handle(self._input.batch_workflow_id)
         send = tell(batch.signal("chunk_report", report), self._input.batch_workflow_id)
         self._reports.append(asyncio.ensure_future(send))
-        self._show()
 
     def _cancel(self, reason: str) -> None:
         if self._cancelled:
@@ -356,6 +386,8 @@ class ChunkWorkflow:
     def _counts(self) -> Counts:
         counts = Counts(total=len(self._results), live_machines=self._live)
         for result in self._results:
+            counts.cost_usd += result.cost_usd or 0.0
+            counts.num_turns += result.num_turns or 0
             match result.state:
                 case JobState.PENDING:
                     counts.pending += 1
@@ -382,6 +414,24 @@ class ChunkWorkflow:
             f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
             f"cancelled: {c.cancelled}"
         )
+
+
+CREDENTIAL_FAULTS = {"rate_limit", "auth"}
+
+
+def _record_answer(result: JobResult, answer: JobAnswer) -> None:
+    """Keep what Claude answered; cost and turns add up over a job's attempts."""
+    result.session_id = answer.session_id
+    result.result = answer.result
+    result.result_ref = answer.result_ref
+    result.result_chars = answer.result_chars
+    result.cost_usd = round((result.cost_usd or 0.0) + answer.cost_usd, 6)
+    result.num_turns = (result.num_turns or 0) + answer.num_turns
+    result.duration_ms = answer.duration_ms
+    result.is_error = answer.is_error
+    result.error_kind = answer.error_kind
+    result.archive_ref = answer.archive_ref
+    result.commits = answer.commits
 
 
 def _is_cancellation(error: BaseException) -> bool:

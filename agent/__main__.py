@@ -1,0 +1,8 @@
+"""Run the machine entrypoint as `python3 -m agent`, exiting with its return code."""
+
+import sys
+
+from agent.entrypoint import main
+
+if __name__ == "__main__":
+    sys.exit(main())

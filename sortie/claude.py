@@ -1,0 +1,132 @@
+"""What a Claude Code job hands back: the agent's report, parsed and classified on the worker.
+
+The machine's entrypoint (`agent/`) frames its report into the machine's log lines; the worker
+reads the logs, decodes the frame, and turns the Claude CLI's JSON result into a `JobAnswer`:
+the answer, the session to continue, what it cost, and whether it failed for a reason a retry
+with another credential can help (rate limit, authentication).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sortie.spec import Job
+
+RESULT_FRAME = "result"
+ARCHIVE_FRAME = "archive"
+PREVIEW_CHARS = 2000
+"""How much of an answer history keeps; the whole answer goes to the blob store."""
+
+
+class ErrorKind(StrEnum):
+    """Why a Claude run failed, as far as its report tells."""
+
+    RATE_LIMIT = "rate_limit"
+    AUTH = "auth"
+    MAX_TURNS = "max_turns"
+    BUDGET = "budget"
+    NO_REPORT = "no_report"
+    OTHER = "other"
+
+    @property
+    def credential_fault(self) -> bool:
+        """Whether the credential, not the job, is to blame: retry with another one."""
+        return self in (ErrorKind.RATE_LIMIT, ErrorKind.AUTH)
+
+
+class CliResult(BaseModel):
+    """The Claude CLI's `--output-format json` result message (unknown fields tolerated)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str | None = None
+    subtype: str | None = None
+    is_error: bool = False
+    duration_ms: int | None = None
+    num_turns: int | None = None
+    result: str | None = None
+    session_id: str | None = None
+    total_cost_usd: float | None = None
+
+
+class RepoCheckout(BaseModel):
+    """A repository as the machine cloned it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    url: str
+    path: str | None = None
+    commit: str | None = None
+
+
+class AgentReport(BaseModel):
+    """The entrypoint's framed report."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    exit_code: int | None = None
+    claude: CliResult | None = None
+    error: str | None = None
+    repos: list[RepoCheckout] = Field(default_factory=list)
+    session_archive: bool = False
+
+    @classmethod
+    def parse(cls, payload: bytes) -> AgentReport:
+        """The report from a frame's payload; a garbled one becomes an error report."""
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError as error:
+            return cls(error=f"unreadable agent report ({error.error_count()} problems)")
+
+    def error_kind(self) -> ErrorKind | None:
+        """None when Claude answered; else why it did not."""
+        cli = self.claude
+        if cli is None:
+            return ErrorKind.NO_REPORT
+        if not cli.is_error and self.exit_code in (0, None):
+            return None
+        text = (cli.result or "").lower()
+        if cli.subtype == "error_max_turns":
+            return ErrorKind.MAX_TURNS
+        if "rate_limit" in text or "429" in text or "rate limit" in text:
+            return ErrorKind.RATE_LIMIT
+        if any(
+            marker in text
+            for marker in ("invalid api key", "/login", "authentication", "oauth token", "401")
+        ):
+            return ErrorKind.AUTH
+        if "budget" in text or cli.subtype == "error_max_budget_usd":
+            return ErrorKind.BUDGET
+        return ErrorKind.OTHER
+
+
+def job_document(
+    job: Job,
+    *,
+    prompt: str | None = None,
+    resume_session_id: str | None = None,
+    restore_file: str | None = None,
+    commits: dict[str, str] | None = None,
+) -> dict[str, object]:
+    """The `SORTIE_JOB` document the machine's entrypoint reads (no secret in it)."""
+    return {
+        "id": job.id,
+        "prompt": prompt or job.prompt,
+        "repos": [
+            {
+                "url": repo.url,
+                "branch": repo.branch,
+                "path": repo.path,
+                "commit": (commits or {}).get(repo.url) or repo.ref,
+            }
+            for repo in job.repos
+        ],
+        "model": job.model,
+        "max_turns": job.max_turns,
+        "allowed_tools": job.allowed_tools,
+        "max_cost_usd": job.max_cost_usd,
+        "resume_session_id": resume_session_id,
+        "restore_file": restore_file,
+    }

@@ -5,7 +5,9 @@
     python starter.py status ID [--json]
     python starter.py pause|resume|cancel ID [--reason TEXT]
     python starter.py set-max-machines ID N
-    python starter.py results ID [--json]
+    python starter.py set-budget ID USD
+    python starter.py results ID [--json] [--job JOB]
+    python starter.py followup ID JOB "PROMPT" [--no-wait]
     python starter.py list
     python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
 
@@ -27,7 +29,14 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from sortie import batches, reaping, render
-from sortie.models import CancelRequest, MaxMachinesRequest, PauseRequest, ReapInput
+from sortie.models import (
+    CancelRequest,
+    JobResult,
+    MaxCostRequest,
+    MaxMachinesRequest,
+    PauseRequest,
+    ReapInput,
+)
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, load_batch_file, parse_duration
 from sortie.temporal import connect, run_main
@@ -138,6 +147,8 @@ async def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
             await handle.signal(
                 BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=args.n)
             )
+        case "set-budget":
+            await handle.signal(BatchWorkflow.set_max_cost, MaxCostRequest(max_cost_usd=args.usd))
     print(f"sent {args.command} to {args.id}")
     _ui(settings, args.id)
     return 0
@@ -146,7 +157,54 @@ async def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     _ui(settings, args.id, args.json)
-    return await _print_results(client, args.id, args.json)
+    if args.job is None:
+        return await _print_results(client, args.id, args.json)
+    report = await batches.results(client, args.id)
+    result = next((r for r in report.results if r.job_id == args.job), None)
+    if result is None:
+        print(f"batch {args.id} has no job {args.job!r}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(result.model_dump_json(indent=2))
+        return 0
+    for turn in [result, *result.followups]:
+        _print_turn(settings, turn)
+    return 0
+
+
+def _print_turn(settings: Settings, turn: JobResult) -> None:
+    """One turn of a job in full: its state, cost, session and whole answer."""
+    cost = "" if turn.cost_usd is None else f", ${turn.cost_usd:.4f}, {turn.num_turns} turns"
+    print(f"== {turn.job_id} turn {turn.turn}: {turn.state.value}{cost}")
+    if turn.session_id:
+        print(f"session: {turn.session_id}")
+    if turn.error:
+        print(f"error: {turn.error}")
+    answer = batches.full_answer(settings, turn)
+    if answer is None and turn.result_ref:
+        answer = f"{turn.result}\n[… {turn.result_chars} characters in all; the rest is in the "
+        answer += f"worker's store at {turn.result_ref}, not reachable from here]"
+    if answer:
+        print(answer)
+    elif turn.log_tail:
+        print("\n".join(turn.log_tail))
+
+
+async def cmd_followup(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect(settings)
+    try:
+        workflow_id = await batches.followup(client, settings, args.id, args.job, args.prompt)
+    except batches.FollowupRefused as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"started {workflow_id}")
+    print(f"Web UI: {settings.workflow_url(workflow_id)}")
+    if args.no_wait:
+        return 0
+    output = await batches.chunk_handle(client, workflow_id).result()
+    for turn in output.results:
+        _print_turn(settings, turn)
+    return 0 if all(t.state.value == "succeeded" for t in output.results) else 1
 
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -192,6 +250,16 @@ async def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _positive_usd(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an amount: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the budget must be positive")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
     p = argparse.ArgumentParser(prog="starter.py", description=__doc__.splitlines()[0])
@@ -207,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("id")
         if name != "watch":
             s.add_argument("--json", action="store_true")
+        if name == "results":
+            s.add_argument("--job", help="one job's turns with their whole answers")
         s.set_defaults(run=run)
     for name in ("pause", "resume", "cancel"):
         s = sub.add_parser(name, help=f"{name} a batch")
@@ -218,6 +288,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("n", type=int)
     s.set_defaults(run=cmd_signal)
+    s = sub.add_parser("set-budget", help="change a running batch's budget (US dollars)")
+    s.add_argument("id")
+    s.add_argument("usd", type=_positive_usd)
+    s.set_defaults(run=cmd_signal)
+    s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
+    s.add_argument("id")
+    s.add_argument("job")
+    s.add_argument("prompt")
+    s.add_argument("--no-wait", action="store_true", help="start it and return")
+    s.set_defaults(run=cmd_followup)
     sub.add_parser("list", help="list recent batches").set_defaults(run=cmd_list)
     s = sub.add_parser("reap", help="destroy machines no running batch owns")
     s.add_argument("--app", help="Fly app (default FLY_APP)")

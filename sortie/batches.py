@@ -21,14 +21,16 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from sortie.labels import BATCH_ID
+from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import (
     BatchInput,
     BatchOutput,
+    ChunkInput,
     ChunkOutput,
     ChunkState,
     ChunkStatus,
     Counts,
+    Followup,
     JobResult,
     JobState,
     Progress,
@@ -66,6 +68,8 @@ class BatchReport(BaseModel):
     pending: int
     running: int
     live_machines: int
+    cost_usd: float = 0.0
+    num_turns: int = 0
     paused: bool = False
     pause_reason: str | None = None
     cancel_reason: str | None = None
@@ -167,6 +171,11 @@ def batch_handle(client: Client, batch_id: str) -> WorkflowHandle[BatchWorkflow,
     return client.get_workflow_handle_for(BatchWorkflow.run, batch_id)
 
 
+def chunk_handle(client: Client, workflow_id: str) -> WorkflowHandle[ChunkWorkflow, ChunkOutput]:
+    """A typed handle on a chunk workflow (a follow-up turn is one too)."""
+    return client.get_workflow_handle_for(ChunkWorkflow.run, workflow_id)
+
+
 async def is_closed(client: Client, batch_id: str) -> tuple[bool, WorkflowExecutionStatus | None]:
     """Whether the batch's latest run has closed, and its status."""
     description = await client.get_workflow_handle(batch_id).describe()
@@ -227,6 +236,7 @@ async def results(client: Client, batch_id: str, *, parallel: int = 16) -> Batch
 
     per_chunk = await asyncio.gather(*(read(c) for c in chunks))
     flat = [r for rs in per_chunk for r in rs]
+    await _attach_followups(client, batch_id, flat)
     counts = Counts()
     for chunk in chunks:
         counts = counts.add(chunk.counts)
@@ -242,6 +252,10 @@ async def results(client: Client, batch_id: str, *, parallel: int = 16) -> Batch
         pending=counts.pending,
         running=counts.running,
         live_machines=counts.live_machines,
+        cost_usd=round(
+            counts.cost_usd + sum(f.cost_usd or 0 for r in flat for f in r.followups), 6
+        ),
+        num_turns=counts.num_turns + sum(f.num_turns or 0 for r in flat for f in r.followups),
         paused=paused,
         pause_reason=pause_reason,
         cancel_reason=cancel_reason,
@@ -268,6 +282,96 @@ async def _chunk_results(client: Client, chunk: ChunkState) -> list[JobResult]:
         output: ChunkOutput = await handle.result()
         return output.results
     return await handle.query(ChunkWorkflow.results)
+
+
+async def _attach_followups(client: Client, batch_id: str, results: list[JobResult]) -> None:
+    """Add each job's follow-up turns (their own chunk workflows) to its result, in turn order."""
+    by_job = {r.job_id: r for r in results}
+    query = f'BatchId="{batch_id}" AND WorkflowType="ChunkWorkflow"'
+    async for execution in client.list_workflows(query):
+        if not execution.id.startswith(f"{batch_id}-followup-"):
+            continue
+        handle = client.get_workflow_handle_for(ChunkWorkflow.run, execution.id)
+        if execution.status is WorkflowExecutionStatus.RUNNING:
+            turns = await handle.query(ChunkWorkflow.results)
+        elif execution.status is WorkflowExecutionStatus.COMPLETED:
+            turns = (await handle.result()).results
+        else:
+            continue
+        for turn in turns:
+            if turn.job_id in by_job:
+                by_job[turn.job_id].followups.append(turn)
+    for result in results:
+        result.followups.sort(key=lambda turn: turn.turn)
+
+
+class FollowupRefused(ValueError):
+    """A follow-up that cannot run: no such job, no session yet, or one still running."""
+
+
+async def followup(
+    client: Client, settings: Settings, batch_id: str, job_id: str, prompt: str
+) -> str:
+    """Continue a finished prompt job's Claude session on a new machine; return the workflow id."""
+    report = await results(client, batch_id)
+    job_result = next((r for r in report.results if r.job_id == job_id), None)
+    if job_result is None:
+        raise FollowupRefused(f"batch {batch_id} has no job {job_id!r}")
+    latest = job_result.followups[-1] if job_result.followups else job_result
+    if not latest.state.final:
+        raise FollowupRefused(f"job {job_id} turn {latest.turn} is still {latest.state.value}")
+    if not latest.session_id:
+        raise FollowupRefused(f"job {job_id} has no Claude session to continue (not a prompt job?)")
+    chunk_input = await _chunk_input(client, report, job_result)
+    job = next(j for j in chunk_input.jobs if j.id == job_id)
+    turn = latest.turn + 1
+    workflow_id = followup_workflow_id(batch_id, job_id, turn)
+    await client.start_workflow(
+        ChunkWorkflow.run,
+        chunk_input.model_copy(
+            update={
+                "batch_workflow_id": None,
+                "jobs": [job],
+                "slots": 1,
+                "paused": False,
+                "followup": Followup(
+                    turn=turn,
+                    prompt=prompt,
+                    session_id=latest.session_id,
+                    archive_ref=latest.archive_ref,
+                    commits=latest.commits or job_result.commits,
+                ),
+            }
+        ),
+        id=workflow_id,
+        task_queue=settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
+        static_summary=f"follow-up turn {turn} of job {job_id}",
+        static_details=f"Continues Claude session `{latest.session_id}`.\n\n{prompt[:2000]}",
+    )
+    return workflow_id
+
+
+async def _chunk_input(client: Client, report: BatchReport, result: JobResult) -> ChunkInput:
+    """The input the job's chunk was started with: the job as it ran, defaults applied."""
+    progress_now = await progress(client, report.batch_id)
+    chunk = next(
+        c for c in progress_now.chunks if c.first_job <= result.index < c.first_job + c.size
+    )
+    history = await client.get_workflow_handle(chunk.workflow_id).fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    [decoded] = await client.data_converter.decode(started.input.payloads, [ChunkInput])
+    assert isinstance(decoded, ChunkInput)
+    return decoded
+
+
+def full_answer(settings: Settings, result: JobResult) -> str | None:
+    """A job's whole answer: from the blob store when history keeps only its beginning."""
+    if result.result_ref is None:
+        return result.result
+    data = settings.blob_store().get(result.result_ref)
+    return data.decode() if data is not None else None
 
 
 async def list_batches(client: Client, limit: int = 50) -> list[tuple[str, str, datetime | None]]:

@@ -122,9 +122,10 @@ async def fly_client(localfly: LocalFlyProcess) -> AsyncIterator[FlyClient]:
 
 
 @pytest.fixture
-def worker_env() -> dict[str, str]:
-    """The worker's environment for secrets: a test adds what its batch names."""
-    return {"CLAUDE_CODE_OAUTH_TOKEN": f"sk-ant-oat01-test-{uuid.uuid4().hex}"}
+def worker_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The worker's environment for secrets: one Claude credential, or the test's (indirect)."""
+    given: dict[str, str] | None = getattr(request, "param", None)
+    return given or {"CLAUDE_CODE_OAUTH_TOKEN": f"sk-ant-oat01-test-{uuid.uuid4().hex}"}
 
 
 @pytest.fixture

@@ -1,0 +1,187 @@
+"""Claude Code jobs end to end: the agent entrypoint on localfly machines, the stand-in `claude`.
+
+The stand-in answers like the real CLI's `--output-format json`; markers in a prompt pick its
+behaviour (`[[cost:X]]`, `[[long:N]]`, `[[auth]]`, `[[write:NAME]]`, ...). Nothing touches the
+network: repositories are local git repositories made by the test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sortie import batches
+from sortie.claude import PREVIEW_CHARS
+from sortie.models import MaxCostRequest
+from sortie.spec import BatchSpec, parse_batch
+from tests.conftest import Sortie
+from tests.waiting import eventually
+from workflows.batch import BatchWorkflow
+
+
+def prompt_spec(app: str, jobs: list[dict[str, Any]], **fields: Any) -> BatchSpec:
+    return parse_batch(
+        {
+            "name": f"p{uuid.uuid4().hex[:8]}",
+            "app": app,
+            "max_machines": 4,
+            "chunk_size": 3,
+            "defaults": {"timeout": "2m", "retries": 1},
+            "jobs": jobs,
+            **fields,
+        }
+    )
+
+
+def git_repo(path: Path) -> Path:
+    """A local repository with two files, committed."""
+    path.mkdir(parents=True)
+    (path / "app.py").write_text("print('hello')\n")
+    (path / "README.md").write_text("# demo\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=path, check=True)
+    subprocess.run([*git, "add", "."], cwd=path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], cwd=path, check=True)
+    return path
+
+
+async def run_batch(s: Sortie, spec: BatchSpec) -> batches.BatchReport:
+    submitted = await batches.submit(s.client, s.settings, spec)
+    await batches.batch_handle(s.client, submitted.batch_id).result()
+    return await batches.results(s.client, submitted.batch_id)
+
+
+def live(s: Sortie, app: str) -> list[dict[str, Any]]:
+    return [m for m in s.localfly.machines(app) if m["state"] != "destroyed"]
+
+
+async def test_prompt_jobs_return_answer_session_and_cost(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    repo = git_repo(tmp_path / "repo")
+    jobs = [
+        {"id": "review", "prompt": "Review the code [[cost:0.25]]", "repos": [str(repo)]},
+        {"id": "essay", "prompt": f"Write at length [[long:{PREVIEW_CHARS * 3}]] [[cost:0.5]]"},
+        {"id": "broken", "prompt": "This one fails [[error]]", "retries": 0},
+    ]
+    report = await run_batch(sortie, prompt_spec(app_name, jobs))
+
+    review, essay, broken = report.results
+    assert review.state == "succeeded" and review.exit_code == 0
+    assert review.session_id and review.cost_usd == 0.25 and review.num_turns
+    assert "app.py" in (review.result or ""), "the job saw the cloned repository"
+    assert review.commits[str(repo)] == _head(repo)
+
+    assert essay.state == "succeeded" and essay.cost_usd == 0.5
+    assert essay.result is not None and len(essay.result) == PREVIEW_CHARS
+    assert essay.result_ref and essay.result_chars == PREVIEW_CHARS * 3
+    full = batches.full_answer(sortie.settings, essay)
+    assert full is not None and len(full) == PREVIEW_CHARS * 3 and full.startswith(essay.result)
+
+    assert broken.state == "failed" and broken.exit_code == 1 and broken.is_error
+    assert broken.error_kind == "other" and "Claude failed" in (broken.error or "")
+
+    assert report.cost_usd == pytest.approx(0.25 + 0.5 + broken.cost_usd)
+    assert report.num_turns == sum(r.num_turns or 0 for r in report.results)
+    assert live(sortie, app_name) == []
+
+
+BAD = f"sk-ant-oat01-bad-{uuid.uuid4().hex}"
+GOOD = f"sk-ant-oat01-good-{uuid.uuid4().hex}"
+
+
+@pytest.mark.parametrize(
+    "worker_env",
+    [{"CLAUDE_CODE_OAUTH_TOKEN": BAD, "CLAUDE_CODE_OAUTH_TOKEN_2": GOOD}],
+    indirect=True,
+)
+async def test_a_refused_credential_is_rested_and_the_job_retried_with_another(
+    sortie: Sortie, app_name: str, worker_env: dict[str, str]
+) -> None:
+    bad = BAD
+    jobs = [{"id": f"j{i}", "prompt": f"question {i}"} for i in range(4)]
+    spec = prompt_spec(
+        app_name,
+        jobs,
+        max_machines=1,
+        defaults={"retries": 1, "env": {"STANDIN_CLAUDE_BAD_TOKENS": bad}},
+    )
+    report = await run_batch(sortie, spec)
+
+    assert [r.state for r in report.results] == ["succeeded"] * 4
+    assert all(r.credential == "CLAUDE_CODE_OAUTH_TOKEN_2" for r in report.results)
+    # Only the first job met the bad credential; after that it rested and was not handed out.
+    assert [r.attempts for r in report.results] == [2, 1, 1, 1]
+
+
+async def test_budget_pauses_the_batch_and_a_raised_budget_continues(
+    sortie: Sortie, app_name: str
+) -> None:
+    jobs = [{"id": f"j{i}", "prompt": f"step {i} [[cost:0.2]]"} for i in range(6)]
+    spec = prompt_spec(app_name, jobs, max_machines=1, max_cost_usd=0.5)
+    submitted = await batches.submit(sortie.client, sortie.settings, spec)
+    handle = batches.batch_handle(sortie.client, submitted.batch_id)
+
+    paused = await eventually(
+        lambda: _paused(sortie, submitted.batch_id), timeout=60, what="the batch to pause itself"
+    )
+    assert "budget reached" in (paused.pause_reason or "")
+    assert paused.counts.cost_usd == pytest.approx(0.6)
+    await eventually(lambda: not live(sortie, app_name), what="running jobs to finish")
+    assert len(sortie.localfly.machines(app_name)) == 3, "no machine was created past the budget"
+
+    await handle.signal(BatchWorkflow.resume)  # still over budget: stays paused
+    await handle.signal(BatchWorkflow.set_max_cost, MaxCostRequest(max_cost_usd=5.0))
+    await handle.signal(BatchWorkflow.resume)
+    await handle.result()
+    report = await batches.results(sortie.client, submitted.batch_id)
+    assert report.succeeded == 6 and report.cost_usd == pytest.approx(1.2)
+
+
+async def _paused(s: Sortie, batch_id: str) -> Any:
+    progress = await batches.progress(s.client, batch_id)
+    return progress if progress.paused else None
+
+
+async def test_followup_continues_the_session_in_the_workspace_it_left(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    repo = git_repo(tmp_path / "repo")
+    jobs = [{"id": "fix", "prompt": "Note it [[write:notes.txt]]", "repos": [str(repo)]}]
+    report = await run_batch(sortie, prompt_spec(app_name, jobs, keep_sessions="1h"))
+    first = report.results[0]
+    assert first.state == "succeeded" and first.session_id and first.archive_ref
+
+    workflow_id = await batches.followup(
+        sortie.client, sortie.settings, report.batch_id, "fix", "What did you write?"
+    )
+    turn = (await batches.chunk_handle(sortie.client, workflow_id).result()).results[0]
+    assert turn.state == "succeeded" and turn.turn == 2
+    assert turn.session_id == first.session_id
+    assert f"resumed session {first.session_id} (turn 2)" in (turn.result or "")
+    assert "notes.txt" in (turn.result or ""), "the workspace came back as the first turn left it"
+
+    again = await batches.results(sortie.client, report.batch_id)
+    assert [t.turn for t in again.results[0].followups] == [2]
+    assert again.cost_usd == pytest.approx((first.cost_usd or 0) + (turn.cost_usd or 0))
+    assert live(sortie, app_name) == []
+
+
+async def test_sessions_are_deleted_with_the_batch_unless_kept(
+    sortie: Sortie, app_name: str
+) -> None:
+    report = await run_batch(sortie, prompt_spec(app_name, [{"id": "a", "prompt": "hi"}]))
+    assert report.results[0].archive_ref
+    assert sortie.settings.blob_store().get(report.results[0].archive_ref) is None
+    with pytest.raises(batches.FollowupRefused):
+        await batches.followup(sortie.client, sortie.settings, report.batch_id, "nope", "x")
+
+
+def _head(repo: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()

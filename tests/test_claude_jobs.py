@@ -63,7 +63,7 @@ async def test_prompt_jobs_return_answer_session_and_cost(
     sortie: Sortie, app_name: str, tmp_path: Path
 ) -> None:
     repo = git_repo(tmp_path / "repo")
-    jobs = [
+    jobs: list[dict[str, Any]] = [
         {"id": "review", "prompt": "Review the code [[cost:0.25]]", "repos": [str(repo)]},
         {"id": "essay", "prompt": f"Write at length [[long:{PREVIEW_CHARS * 3}]] [[cost:0.5]]"},
         {"id": "broken", "prompt": "This one fails [[error]]", "retries": 0},
@@ -85,7 +85,7 @@ async def test_prompt_jobs_return_answer_session_and_cost(
     assert broken.state == "failed" and broken.exit_code == 1 and broken.is_error
     assert broken.error_kind == "other" and "Claude failed" in (broken.error or "")
 
-    assert report.cost_usd == pytest.approx(0.25 + 0.5 + broken.cost_usd)
+    assert report.cost_usd == pytest.approx(0.25 + 0.5 + (broken.cost_usd or 0.0))
     assert report.num_turns == sum(r.num_turns or 0 for r in report.results)
     assert live(sortie, app_name) == []
 

@@ -16,10 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """`python worker.py` in its own process group, offline against a localfly."""
 
-    def __init__(self, settings: Settings, localfly_url: str, log: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        localfly_url: str,
+        log: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.localfly_url = localfly_url
         self.log = log
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
@@ -30,7 +37,9 @@ class WorkerProcess:
             SORTIE_TASK_QUEUE=self.settings.task_queue,
             SORTIE_LOCALFLY_URL=self.localfly_url,
             SORTIE_SHUTDOWN_GRACE=str(self.settings.shutdown_grace_s),
+            SORTIE_STATE_DIR=str(self.settings.state_dir),
         )
+        env.update(self.env)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, str(ROOT / "worker.py")],

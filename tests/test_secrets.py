@@ -1,0 +1,122 @@
+"""No secret value reaches workflow history, the Web UI's metadata or the worker's log.
+
+A batch runs on a worker process whose environment holds known token values; then the full
+exported history of the batch and every child (`temporal workflow show -o json`, payloads
+decoded), their descriptions (UI summaries, details, search attributes) and the worker's log
+are searched for those values.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from sortie import batches
+from sortie.spec import parse_batch
+from tests.conftest import TEMPORAL_CLI
+from tests.processes import WorkerProcess
+from tests.test_claude_jobs import git_repo
+from tests.test_crash import settings_for
+
+pytestmark = pytest.mark.slow
+
+CLAUDE = f"sk-ant-oat01-{uuid.uuid4().hex}{uuid.uuid4().hex}"
+CLAUDE_2 = f"sk-ant-api03-{uuid.uuid4().hex}{uuid.uuid4().hex}"
+GITHUB = f"ghp_{uuid.uuid4().hex}{uuid.uuid4().hex[:4]}"
+SECRETS = {CLAUDE: "CLAUDE_CODE_OAUTH_TOKEN", CLAUDE_2: "ANTHROPIC_API_KEY", GITHUB: "GITHUB_TOKEN"}
+
+
+async def test_no_secret_value_in_history_ui_or_worker_log(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    address = temporal.client.service_client.config.target_host
+    settings = settings_for(address).model_copy(update={"state_dir": tmp_path / "state"})
+    env = {name: value for value, name in SECRETS.items()}
+    worker = WorkerProcess(settings, localfly.url, tmp_path / "worker.log", env=env).start()
+    repo = git_repo(tmp_path / "repo")
+    spec = parse_batch(
+        {
+            "name": f"s{uuid.uuid4().hex[:8]}",
+            "app": app_name,
+            "max_machines": 4,
+            "defaults": {"timeout": "2m", "secrets": ["GITHUB_TOKEN"]},
+            "jobs": [
+                {"id": "review", "prompt": "Review it [[write:out.txt]]", "repos": [str(repo)]},
+                {"id": "second", "prompt": "And again [[long:5000]]"},
+                {"id": "refused", "prompt": "Try [[auth]]", "retries": 1},
+                # A job that prints its secrets: the log tail must come back scrubbed.
+                {"id": "leaky", "command": "echo token=$GITHUB_TOKEN; env | sort"},
+            ],
+        }
+    )
+    try:
+        submitted = await batches.submit(temporal.client, settings, spec)
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+        report = await batches.results(temporal.client, submitted.batch_id)
+    finally:
+        worker.stop()
+
+    leaky = report.results[3]
+    assert leaky.state == "succeeded" and "token=[redacted]" in leaky.log_tail
+    assert any(line.startswith("GITHUB_TOKEN=[redacted]") for line in leaky.log_tail)
+    assert report.results[0].state == "succeeded" and report.results[0].session_id
+
+    progress = await batches.progress(temporal.client, submitted.batch_id)
+    ids = [submitted.batch_id, *(chunk.workflow_id for chunk in progress.chunks)]
+    exported = [_export(address, workflow_id) for workflow_id in ids]
+    assert all(
+        '"WorkflowExecutionStarted"' in e or "WORKFLOW_EXECUTION_STARTED" in e for e in exported
+    )
+    texts = exported + [(tmp_path / "worker.log").read_text(), report.model_dump_json()]
+    for value, name in SECRETS.items():
+        leaks = [i for i, text in enumerate(texts) if value in text or value[8:40] in text]
+        assert not leaks, f"{name} leaked into {leaks}"
+
+
+def _export(address: str, workflow_id: str) -> str:
+    """History and description as the CLI exports them, every payload decoded alongside."""
+    parts = []
+    for command in (["show"], ["describe"]):
+        out = subprocess.run(
+            [
+                str(TEMPORAL_CLI),
+                "workflow",
+                *command,
+                "-w",
+                workflow_id,
+                "-o",
+                "json",
+                "--address",
+                address,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        parts.append(out)
+        parts.extend(_decoded(json.loads(out)))
+    return "\n".join(parts)
+
+
+def _decoded(node: object) -> list[str]:
+    """Every base64 `data` field of every payload, decoded."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "data" and isinstance(value, str):
+                try:
+                    found.append(base64.b64decode(value).decode(errors="replace"))
+                except ValueError:
+                    pass
+            found.extend(_decoded(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_decoded(item))
+    return found

@@ -9,6 +9,7 @@ are searched for those values.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import uuid
@@ -74,7 +75,7 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     assert all(
         '"WorkflowExecutionStarted"' in e or "WORKFLOW_EXECUTION_STARTED" in e for e in exported
     )
-    texts = exported + [(tmp_path / "worker.log").read_text(), report.model_dump_json()]
+    texts = [*exported, (tmp_path / "worker.log").read_text(), report.model_dump_json()]
     for value, name in SECRETS.items():
         leaks = [i for i, text in enumerate(texts) if value in text or value[8:40] in text]
         assert not leaks, f"{name} leaked into {leaks}"
@@ -111,10 +112,8 @@ def _decoded(node: object) -> list[str]:
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "data" and isinstance(value, str):
-                try:
+                with contextlib.suppress(ValueError):
                     found.append(base64.b64decode(value).decode(errors="replace"))
-                except ValueError:
-                    pass
             found.extend(_decoded(value))
     elif isinstance(node, list):
         for item in node:

@@ -247,6 +247,10 @@ async def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
     )
     for chunk in output.cancelled_chunks:
         print(f"cancelled stray chunk {chunk}")
+    for prefix in output.expired_sessions:
+        print(
+            f"{'would delete' if output.dry_run else 'deleted'} expired session archives {prefix}"
+        )
     return 0
 
 

@@ -31,8 +31,9 @@ def build_worker(
     client: Client, fly: FlyClient, secrets: SecretStore, settings: Settings
 ) -> Worker:
     """The worker for Sortie's task queue."""
-    machines = MachineActivities(fly, secrets, settings.blob_store())
-    reaper = ReaperActivities(fly)
+    store = settings.blob_store()
+    machines = MachineActivities(fly, secrets, store)
+    reaper = ReaperActivities(fly, store)
     return Worker(
         client,
         task_queue=settings.task_queue,

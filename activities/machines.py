@@ -375,7 +375,7 @@ class MachineActivities:
         config = MachineConfig(
             image=job.image,
             env=env,
-            files=files,
+            files=files or None,
             init=InitConfig(exec=job.command) if job.command else None,
             guest=GuestConfig(
                 cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb

@@ -8,6 +8,8 @@ Chunks still running under a closed batch are cancelled so no worker creates mor
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
@@ -16,15 +18,17 @@ from activities.machines import fly_errors
 from fly import FlyClient, Machine
 from sortie.labels import META_BATCH, META_CHUNK, META_JOB, META_MANAGED, chunk_workflow_id
 from sortie.models import Orphan, ReapInput, ReapOutput
+from sortie.store import SESSIONS, BlobStore
 
 GONE_STATES = {"destroyed", "destroying"}
 
 
 class ReaperActivities:
-    """Owns the Fly client; asks Temporal through the activity's own client."""
+    """Owns the Fly client and the blob store; asks Temporal through the activity's client."""
 
-    def __init__(self, fly: FlyClient) -> None:
+    def __init__(self, fly: FlyClient, store: BlobStore) -> None:
         self._fly = fly
+        self._store = store
 
     @activity.defn(name="reap_orphans")
     async def reap_orphans(self, input: ReapInput) -> ReapOutput:
@@ -73,14 +77,35 @@ class ReaperActivities:
                     if await self._fly.destroy_machine(input.app, orphan.machine_id, force=True):
                         destroyed += 1
                 activity.logger.info("reaped machine %s (%s)", orphan.machine_id, orphan.reason)
+        expired = await self._expired_sessions(client, statuses)
+        if not input.dry_run:
+            for prefix in expired:
+                self._store.delete(prefix)
         return ReapOutput(
             app=input.app,
             checked=len(machines),
             orphans=orphans,
             destroyed=destroyed,
             cancelled_chunks=cancelled,
+            expired_sessions=expired,
             dry_run=input.dry_run,
         )
+
+    async def _expired_sessions(
+        self, client: Client, statuses: dict[str, WorkflowExecutionStatus | None]
+    ) -> list[str]:
+        """Session archives of batches that are gone, or closed and past their keep time."""
+        expired: list[str] = []
+        now = datetime.now(UTC)
+        for prefix in self._store.prefixes(SESSIONS):
+            batch_id = prefix.rsplit("/", 1)[-1]
+            if await _status(client, batch_id, statuses) is WorkflowExecutionStatus.RUNNING:
+                continue
+            until = self._store.get(f"{prefix}/keep-until")
+            if until is not None and datetime.fromisoformat(until.decode()) > now:
+                continue
+            expired.append(prefix)
+        return expired
 
 
 def _metadata(machine: Machine) -> dict[str, str]:

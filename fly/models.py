@@ -183,7 +183,7 @@ class MachineConfig(FlyModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     stop_config: StopConfig | None = None
     mounts: list[Mount] = Field(default_factory=list)
-    files: list[MachineFile] = Field(default_factory=list)
+    files: list[MachineFile] | None = None
 
 
 class CreateMachineRequest(FlyModel):

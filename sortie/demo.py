@@ -17,7 +17,9 @@ from pathlib import Path
 import httpx
 
 from localfly.process import LocalFlyProcess
+from sortie.credentials import ClaudePool
 from sortie.settings import Settings
+from sortie.spec import DEFAULT_IMAGE
 from sortie.stack import DevServer, listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,11 @@ def start_localfly(stack: ExitStack) -> str:
     if listening("127.0.0.1", 4280):
         print("using the localfly already on 127.0.0.1:4280")
         return "http://127.0.0.1:4280"
-    process = stack.enter_context(LocalFlyProcess(port=4280))
+    # Offline, the agent image runs our entrypoint and `claude` is the stand-in from tests/bin.
+    agent = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
+    process = stack.enter_context(
+        LocalFlyProcess(port=4280, images=agent, path=[ROOT / "tests" / "bin"])
+    )
     print(f"started localfly at {process.url}")
     return process.url
 
@@ -62,6 +68,9 @@ def start_worker(stack: ExitStack, localfly_url: str) -> None:
     """A Sortie worker, offline against localfly."""
     env = {k: v for k, v in os.environ.items() if k != "FLY_API_TOKEN"}
     env["SORTIE_LOCALFLY_URL"] = localfly_url
+    # The stand-in `claude` needs a credential to be present, not a real one.
+    if not ClaudePool.from_env(env):
+        env["CLAUDE_CODE_OAUTH_TOKEN"] = "demo-offline-token"
     log = (STATE / "worker.log").open("ab")
     worker = subprocess.Popen(
         [sys.executable, str(ROOT / "worker.py")], env=env, stdout=log, stderr=log, cwd=ROOT

@@ -457,4 +457,5 @@ class ReapOutput(_Model):
     orphans: list[Orphan]
     destroyed: int
     cancelled_chunks: list[str] = []
+    expired_sessions: list[str] = []
     dry_run: bool = False

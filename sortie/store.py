@@ -77,9 +77,12 @@ def answer_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     return f"answers/{batch_id}/{job_id}/t{turn}-a{attempt}.txt"
 
 
+SESSIONS = "sessions"
+
+
 def session_prefix(batch_id: str) -> str:
     """Where a batch's session archives are kept: deleted with the batch unless kept longer."""
-    return f"sessions/{batch_id}"
+    return f"{SESSIONS}/{batch_id}"
 
 
 def session_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import subprocess
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sortie import batches
+from sortie import batches, reaping
 from sortie.claude import PREVIEW_CHARS
-from sortie.models import MaxCostRequest
+from sortie.models import MaxCostRequest, ReapInput
 from sortie.spec import BatchSpec, parse_batch
+from sortie.store import session_prefix
 from tests.conftest import Sortie
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
@@ -174,11 +176,27 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
 async def test_sessions_are_deleted_with_the_batch_unless_kept(
     sortie: Sortie, app_name: str
 ) -> None:
+    store = sortie.settings.blob_store()
     report = await run_batch(sortie, prompt_spec(app_name, [{"id": "a", "prompt": "hi"}]))
     assert report.results[0].archive_ref
-    assert sortie.settings.blob_store().get(report.results[0].archive_ref) is None
+    assert store.get(report.results[0].archive_ref) is None, "deleted when the batch closed"
     with pytest.raises(batches.FollowupRefused):
         await batches.followup(sortie.client, sortie.settings, report.batch_id, "nope", "x")
+
+    kept = await run_batch(
+        sortie, prompt_spec(app_name, [{"id": "b", "prompt": "hi"}], keep_sessions="1h")
+    )
+    archive = kept.results[0].archive_ref
+    assert archive and store.get(archive) is not None
+    swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
+    assert swept.expired_sessions == [] and store.get(archive) is not None
+
+    # Once the keep time is up, the reaper deletes them.
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    store.put(f"{session_prefix(kept.batch_id)}/keep-until", past.isoformat().encode())
+    swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
+    assert swept.expired_sessions == [session_prefix(kept.batch_id)]
+    assert store.get(archive) is None
 
 
 def _head(repo: Path) -> str:

@@ -42,9 +42,13 @@ class RateLimits(_Config):
 
 
 class HttpFault(_Config):
-    """Misbehave on matching requests."""
+    """Misbehave on matching requests.
 
-    kind: Literal["status", "drop", "slow", "lose_create_response"]
+    `slow` holds a request before it is handled; `slow_response` handles it at once and holds
+    the answer (the machine exists, the caller has not heard yet).
+    """
+
+    kind: Literal["status", "drop", "slow", "slow_response", "lose_create_response"]
     status: int = 503
     retry_after: float | None = None
     rate: float = Field(default=1.0, ge=0, le=1)

@@ -102,8 +102,10 @@ async def test_worker_killed_mid_batch_resumes_exactly_once(
     second = WorkerProcess(settings, localfly.url, tmp_path / "worker-2.log")
     try:
         if fault_endpoint:
+            # Creates and destroys are answered late: done at Fly, unheard when the worker dies.
+            kind = "slow" if fault_endpoint == "logs" else "slow_response"
             localfly.set_faults(
-                {"http": [{"kind": "slow", "delay_ms": 1500, "endpoints": [fault_endpoint]}]}
+                {"http": [{"kind": kind, "delay_ms": 1500, "endpoints": [fault_endpoint]}]}
             )
         spec = spec_for(app_name)
         submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)

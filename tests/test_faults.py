@@ -6,6 +6,7 @@ attempt, and no live machine, all counted at localfly.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -15,9 +16,11 @@ import pytest
 
 from sortie import batches
 from sortie.labels import META_ATTEMPT, META_JOB
-from sortie.models import Tuning
+from sortie.models import CancelRequest, Tuning
 from sortie.spec import BatchSpec, parse_batch
 from tests.conftest import Sortie
+from tests.waiting import eventually
+from workflows.batch import BatchWorkflow
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10, call_timeout_s=10)
 JOBS = 6
@@ -121,3 +124,32 @@ async def test_a_process_that_never_exits_is_timed_out_and_destroyed(
     (forever,) = report.results
     assert (forever.state, forever.attempts) == ("timed_out", 1)
     assert len(one_machine_per_attempt_and_none_alive(sortie, app_name)) == 1
+
+
+async def test_a_cancel_during_a_retried_destroy_still_destroys_the_machine(
+    sortie: Sortie, app_name: str
+) -> None:
+    # The quick job's destroy meets three 503s (retried over about 7 s of backoff); the batch is
+    # cancelled in that window. The cleanup must outlive the cancel, or the machine leaks.
+    jobs = [{"id": "quick", "command": "true"}, {"id": "slow", "command": "sleep 600"}]
+    sortie.localfly.set_faults(
+        {"http": [{"kind": "status", "status": 503, "count": 3, "endpoints": ["destroy"]}]}
+    )
+    submitted = await batches.submit(
+        sortie.client, sortie.settings, spec_for(app_name, jobs), tuning=TUNING
+    )
+    await eventually(
+        lambda: sortie.localfly.stats(app_name)["statuses"].get("503", 0) >= 1,
+        what="the first destroy to fail",
+    )
+    handle = batches.batch_handle(sortie.client, submitted.batch_id)
+    await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="stop during cleanup"))
+    await asyncio.wait_for(handle.result(), timeout=60)
+
+    report = await batches.results(sortie.client, submitted.batch_id)
+    assert [r.state for r in report.results] == ["succeeded", "cancelled"]
+    await eventually(
+        lambda: not [m for m in sortie.localfly.machines(app_name) if m["state"] != "destroyed"],
+        what="no live machine",
+    )
+    assert sortie.localfly.stats(app_name)["statuses"]["503"] == 3

@@ -8,6 +8,10 @@
     python starter.py set-budget ID USD
     python starter.py results ID [--json] [--job JOB]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
+    python starter.py analyze PATH [--repo URL] [--ref REF] [--workers N]
+        [--strategy directory|size|type|equal] [--min-files 5] [--max-files 20]
+        [--focus "security, bugs, quality"] [--watch] [--out DIR]
+    python starter.py findings ID [--out DIR]
     python starter.py list
     python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
 
@@ -23,12 +27,17 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from sortie import batches, reaping, render
+from sortie.analysis import batch as analysis
+from sortie.analysis.files import AnalysisError, read_checkout
+from sortie.analysis.findings import DEFAULT_FOCUS
+from sortie.analysis.partition import partition, plan_markdown, plan_table
 from sortie.models import (
     CancelRequest,
     JobResult,
@@ -215,6 +224,92 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
+    """Partition a checkout, submit one prompt job per part, and report the merged findings."""
+    checkout = read_checkout(Path(args.path), args.ref)
+    repo_url = args.repo or checkout.remote or checkout.root
+    parts = partition(
+        checkout.files, args.strategy, min_files=args.min_files, max_files=args.max_files
+    )
+    app = args.app or os.environ.get("FLY_APP") or "sortie-analysis"
+    spec = analysis.analysis_spec(
+        checkout,
+        parts,
+        repo_url=repo_url,
+        focus=args.focus,
+        workers=args.workers,
+        app=app,
+        model=args.model,
+        max_cost_usd=args.max_cost,
+    )
+    print(f"{checkout.root} at {checkout.commit[:12]}: {len(checkout.files)} files to review")
+    if checkout.dirty:
+        print("note: uncommitted changes are not analysed (machines clone the commit)")
+    print(f"plan ({args.strategy}, {args.min_files}-{args.max_files} files a part):")
+    print("\n".join(plan_table(parts)))
+    client = await connect(settings)
+    submitted = await batches.submit(
+        client,
+        settings,
+        spec,
+        details=f"Review of `{repo_url}` at `{checkout.commit}`\n\n{plan_markdown(parts)}",
+        memo=analysis.analysis_memo(checkout, repo_url, args.strategy, args.focus),
+    )
+    verb = "submitted" if submitted.created else "already running or done:"
+    print(f"\n{verb} {submitted.batch_id} ({len(parts)} jobs on {args.workers} machines)")
+    _ui(settings, submitted.batch_id)
+    if not args.watch:
+        print(f"see the findings so far: python starter.py findings {submitted.batch_id}")
+        return 0
+    await _watch_analysis(client, submitted.batch_id)
+    return await _write_findings(client, settings, submitted.batch_id, args.out)
+
+
+async def _watch_analysis(client: Client, batch_id: str) -> None:
+    """Overall progress and a line per part under review, until the batch closes."""
+    shown = ""
+    while not (await batches.is_closed(client, batch_id))[0]:
+        report = await batches.results(client, batch_id)
+        done = report.succeeded + report.failed + report.cancelled
+        lines = [
+            f"{render.bar(done, report.total)} {done}/{report.total} parts reviewed, "
+            f"{report.running} running, ${report.cost_usd:.4f} spent",
+            *analysis.running_lines(report.results, datetime.now(UTC)),
+        ]
+        text = "\n".join(lines)
+        if text != shown:
+            print(text, flush=True)
+            shown = text
+        await asyncio.sleep(REFRESH_S)
+
+
+async def _write_findings(
+    client: Client, settings: Settings, batch_id: str, out: str | None
+) -> int:
+    result = await analysis.aggregate(client, settings, batch_id)
+    target = Path(out) if out else Path("analysis") / batch_id
+    paths = analysis.write_report(result, target)
+    summary = result.summary
+    counts = ", ".join(f"{n} {s}" for s, n in summary.findings_by_severity.items() if n)
+    print(
+        f"{summary.files} files in {summary.chunks} parts: {len(result.findings)} findings "
+        f"({counts or 'none'}); wall {summary.wall_s:.0f}s against {summary.sequential_s:.0f}s "
+        f"one after another; ${summary.cost_usd:.4f}"
+    )
+    if summary.unparsed_chunks:
+        print(f"answers that did not parse (kept raw): {', '.join(summary.unparsed_chunks)}")
+    for job, session in summary.sessions.items():
+        print(f"  {job}: session {session}")
+    print("wrote " + " and ".join(str(p) for p in paths))
+    return 0 if summary.status == "completed" else 1
+
+
+async def cmd_findings(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect(settings)
+    _ui(settings, args.id)
+    return await _write_findings(client, settings, args.id, args.out)
+
+
 async def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
     app = args.app or os.environ.get("FLY_APP")
     if not app:
@@ -296,6 +391,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("usd", type=_positive_usd)
     s.set_defaults(run=cmd_signal)
+    s = sub.add_parser("analyze", help="review a codebase with parallel Claude jobs")
+    s.add_argument("path", help="a local git checkout (or a directory inside one)")
+    s.add_argument("--repo", help="the URL machines clone (default: origin, else PATH)")
+    s.add_argument("--ref", default="HEAD", help="the commit to review (default HEAD)")
+    s.add_argument("--workers", type=int, default=4, help="machines at once")
+    s.add_argument(
+        "--strategy", choices=["directory", "size", "type", "equal"], default="directory"
+    )
+    s.add_argument("--min-files", type=int, default=5)
+    s.add_argument("--max-files", type=int, default=20)
+    s.add_argument("--focus", default=DEFAULT_FOCUS)
+    s.add_argument("--watch", action="store_true", help="follow it and write the report")
+    s.add_argument("--out", help="where report.md and findings.json go")
+    s.add_argument("--app", help="Fly app (default FLY_APP)")
+    s.add_argument("--model")
+    s.add_argument("--max-cost", type=_positive_usd, help="budget in US dollars")
+    s.set_defaults(run=cmd_analyze)
+    s = sub.add_parser("findings", help="merge an analysis batch's findings (so far) into a report")
+    s.add_argument("id")
+    s.add_argument("--out")
+    s.set_defaults(run=cmd_findings)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")
@@ -322,6 +438,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
         code: int = await args.run(args, settings)
     except BatchFileError as error:
         print(error.render(), file=sys.stderr)
+        return 2
+    except AnalysisError as error:
+        print(f"cannot analyse: {error}", file=sys.stderr)
         return 2
     except RPCError as error:
         if error.status is RPCStatusCode.NOT_FOUND:

@@ -151,9 +151,9 @@ class LocalFly:
             if fault.kind == "slow":
                 await asyncio.sleep(fault.delay_ms / 1000)
             if fault.kind == "slow_response":
-                response = await handler(request)
+                answer = await handler(request)
                 await asyncio.sleep(fault.delay_ms / 1000)
-                return response
+                return answer
             if fault.kind == "lose_create_response" and endpoint == "create":
                 await handler(request)
                 return self._drop(request)

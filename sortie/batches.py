@@ -129,6 +129,8 @@ async def submit(
     *,
     suffix: str | None = None,
     tuning: Tuning | None = None,
+    details: str | None = None,
+    memo: dict[str, object] | None = None,
 ) -> Submitted:
     """Start the batch; the same file submitted twice is the same batch."""
     batch_id = spec.batch_id(suffix)
@@ -146,7 +148,8 @@ async def submit(
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
             static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
-            static_details=_details(spec),
+            static_details=details or _details(spec),
+            memo=memo,
         )
     except WorkflowAlreadyStartedError:
         return Submitted(

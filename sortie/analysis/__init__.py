@@ -1,0 +1,1 @@
+"""Pure parts of `starter.py analyze`: list a checkout's files, split them, merge the findings."""

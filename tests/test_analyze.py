@@ -1,0 +1,180 @@
+"""`starter.py analyze` end to end: a real package's source as a git checkout, reviewed by
+parallel prompt jobs on localfly with the stand-in `claude`, findings merged into one report.
+
+The stand-in answers `[[findings]]` prompts with findings about the files the prompt lists plus
+one finding every part repeats (the merge must keep it once); a file whose path holds
+`[[prose]]` makes its part answer in prose, which must be kept raw while the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import _pytest
+import pydantic
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from sortie import batches
+from sortie.analysis import batch as analysis
+from sortie.analysis.files import read_checkout
+from sortie.analysis.partition import partition
+from sortie.labels import META_ATTEMPT, META_JOB
+from tests.conftest import ROOT, Sortie
+from tests.processes import WorkerProcess
+from tests.test_crash import settings_for
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+
+
+def package_checkout(tmp_path: Path) -> Path:
+    """Installed packages' source as a git repository, plus one file that garbles an answer."""
+    repo = tmp_path / "checkout"
+    for package in (pydantic, _pytest):
+        shutil.copytree(
+            Path(str(package.__file__)).parent,
+            repo / package.__name__,
+            ignore=shutil.ignore_patterns("*.pyc", "__pycache__"),
+        )
+    (repo / "README.md").write_text("# pydantic, vendored for a review\n")
+    (repo / "notes").mkdir()
+    (repo / "notes" / "[[prose]].md").write_text("this part's reviewer answers in prose\n")
+    subprocess.run([*GIT, "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run([*GIT, "add", "."], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "import"], cwd=repo, check=True)
+    return repo
+
+
+def live(localfly: Any, app: str) -> list[dict[str, Any]]:
+    return [m for m in localfly.machines(app) if m["state"] != "destroyed"]
+
+
+async def test_analyze_a_package_checkout_plan_progress_and_merged_report(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    repo = package_checkout(tmp_path)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": sortie.settings.temporal_address,
+        "SORTIE_TASK_QUEUE": sortie.settings.task_queue,
+        "SORTIE_STATE_DIR": str(sortie.settings.state_dir),
+        "FLY_APP": app_name,
+    }
+    command = [
+        sys.executable,
+        str(ROOT / "starter.py"),
+        "analyze",
+        str(repo),
+        "--workers",
+        "4",
+        "--focus",
+        "bugs [[findings]]",
+        "--watch",
+        "--out",
+        str(out),
+    ]
+    # The worker runs in this process: the starter must not block its event loop.
+    process = await asyncio.create_subprocess_exec(
+        *command, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=300)
+    printed = stdout.decode()
+    assert process.returncode == 0, printed + stderr.decode()
+    checkout = read_checkout(repo)
+    parts = partition(checkout.files)
+    assert len(checkout.files) > 150 and len(parts) > 8
+
+    assert f"{len(checkout.files)} files to review" in printed
+    assert all(part.name in printed for part in parts), "the plan is printed first"
+    assert "parts reviewed" in printed and "running" in printed, "progress while it runs"
+    document = json.loads((out / "findings.json").read_text())
+    summary, findings = document["summary"], document["findings"]
+    assert summary["files"] == len(checkout.files) and summary["chunks"] == len(parts)
+    shared = [f for f in findings if f["title"] == "Setup steps are out of date"]
+    assert len(shared) == 1, "the finding every part made is merged into one"
+    garbled = [
+        analysis.job_id(i, p) for i, p in enumerate(parts) if "notes/[[prose]].md" in p.files
+    ]
+    assert summary["unparsed_chunks"] == garbled
+    severities = [f["severity"] for f in findings]
+    order = ["critical", "high", "medium", "low", "info"]
+    assert severities == sorted(severities, key=order.index), "sorted by severity"
+    assert len(summary["sessions"]) == len(parts)
+
+    report = (out / "report.md").read_text()
+    assert "no JSON from me" in report, "the unparseable answer is kept raw"
+    assert all(session in report for session in summary["sessions"].values())
+    assert f"python starter.py followup {summary['batch_id']}" in report
+    assert live(sortie.localfly, app_name) == []
+
+    # A follow-up works on an analysis job: its session and workspace were kept.
+    job, session = next(iter(summary["sessions"].items()))
+    workflow_id = await batches.followup(
+        sortie.client, sortie.settings, summary["batch_id"], job, "Which finding matters most?"
+    )
+    turn = (await batches.chunk_handle(sortie.client, workflow_id).result()).results[0]
+    assert turn.state == "succeeded" and turn.session_id == session
+
+
+async def test_analysis_resumes_after_a_worker_kill_without_rerunning_finished_parts(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    repo = package_checkout(tmp_path)
+    checkout = read_checkout(repo)
+    parts = partition(checkout.files, "equal", max_files=40)
+    spec = analysis.analysis_spec(
+        checkout,
+        parts,
+        repo_url=str(repo),
+        focus="[[findings]] [[slow:2]]",
+        workers=2,
+        app=app_name,
+    )
+    settings = settings_for(temporal.client.service_client.config.target_host).model_copy(
+        update={"state_dir": tmp_path / "state"}
+    )
+    credential = {"CLAUDE_CODE_OAUTH_TOKEN": f"sk-ant-oat01-{uuid.uuid4().hex}"}
+    first = WorkerProcess(settings, localfly.url, tmp_path / "w1.log", env=credential).start()
+    second = WorkerProcess(settings, localfly.url, tmp_path / "w2.log", env=credential)
+    try:
+        submitted = await batches.submit(
+            temporal.client,
+            settings,
+            spec,
+            memo=analysis.analysis_memo(checkout, str(repo), "equal", "x"),
+        )
+        await eventually(
+            lambda: _finished_parts(localfly, app_name) >= 2, timeout=120, what="two parts done"
+        )
+        first.kill()
+        finished_before = _finished_parts(localfly, app_name)
+        second.start()
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+        result = await analysis.aggregate(temporal.client, settings, submitted.batch_id)
+    finally:
+        first.stop()
+        second.stop()
+
+    assert result.summary.status == "completed" and finished_before >= 2
+    assert len(result.summary.sessions) == len(parts)
+    made = localfly.machines(app_name)
+    per_attempt = Counter((m["metadata"][META_JOB], m["metadata"][META_ATTEMPT]) for m in made)
+    assert set(per_attempt.values()) == {1} and len(made) == len(parts), "no part ran twice"
+    assert live(localfly, app_name) == []
+
+
+def _finished_parts(localfly: Any, app: str) -> int:
+    return sum(m["state"] == "destroyed" for m in localfly.machines(app))

@@ -8,8 +8,10 @@ COPY localfly ./localfly
 COPY sortie ./sortie
 COPY workflows ./workflows
 COPY activities ./activities
+COPY agent ./agent
 COPY worker.py starter.py ./
-RUN pip install --no-cache-dir . && useradd --create-home sortie
+RUN pip install --no-cache-dir . && useradd --create-home sortie \
+    && mkdir -p /data && chown sortie /data
 USER sortie
 # SIGTERM shuts the worker down gracefully: running waits are handed to the next worker.
 STOPSIGNAL SIGTERM

@@ -194,6 +194,7 @@ class ChunkInput(_Model):
     jobs: list[Job]
     slots: int
     paused: bool = False
+    budgeted: bool = False
     tuning: Tuning = Tuning()
     followup: Followup | None = None
 

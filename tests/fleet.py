@@ -2,7 +2,8 @@
 
 Only the five machine activities are replaced (same names, same models); the workflows, the
 dev server and the worker are real. Job behaviour is read from the job's env: SECONDS (run
-time), EXIT (exit code), FAIL_ATTEMPTS (how many first attempts end in the `failed` state).
+time), EXIT (exit code), COST (what a prompt job spent), FAIL_ATTEMPTS (how many first attempts
+end in the `failed` state).
 With `fill_to`, no job finishes before that many machines exist at once: a test of the cap then
 proves it is reached without depending on timing.
 """
@@ -25,7 +26,10 @@ from sortie.models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
+    JobAnswer,
     MachineRef,
+    ReleaseSessionsInput,
+    ReleaseSessionsOutput,
     WaitMachineInput,
     WaitMachineOutput,
     WaitOutcome,
@@ -43,6 +47,7 @@ class Fleet:
     durations: dict[str, float] = field(default_factory=dict)
     exits: dict[str, int] = field(default_factory=dict)
     failing: dict[str, bool] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
     continued_as_new: bool = False
     fill_to: int = 0
@@ -62,6 +67,7 @@ class Fleet:
         self.runs.append(input.job.id)
         self.durations[input.job.id] = float(input.job.env.get("SECONDS", "0.02"))
         self.exits[input.job.id] = int(input.job.env.get("EXIT", "0"))
+        self.costs[input.job.id] = float(input.job.env.get("COST", "0"))
         self.failing[f"{input.job.id}-a{input.attempt}"] = (
             int(input.job.env.get("FAIL_ATTEMPTS", "0")) >= input.attempt
         )
@@ -80,7 +86,17 @@ class Fleet:
 
     @activity.defn(name="collect_result")
     async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
-        return CollectResultOutput(state="stopped", exit_code=self.exits[input.job_id])
+        answer = None
+        if input.prompt_job:
+            cost = self.costs[input.job_id]
+            answer = JobAnswer(session_id=f"s-{input.job_id}", result="ok", cost_usd=cost)
+        return CollectResultOutput(
+            state="stopped", exit_code=self.exits[input.job_id], answer=answer
+        )
+
+    @activity.defn(name="release_sessions")
+    async def release_sessions(self, input: ReleaseSessionsInput) -> ReleaseSessionsOutput:
+        return ReleaseSessionsOutput(deleted=True)
 
     @activity.defn(name="destroy_machine")
     async def destroy_machine(self, input: DestroyMachineInput) -> DestroyMachineOutput:
@@ -96,4 +112,5 @@ class Fleet:
             self.wait_machine,
             self.collect_result,
             self.destroy_machine,
+            self.release_sessions,
         ]

@@ -1,7 +1,8 @@
 """Replay recorded histories against the current workflow code: determinism as a test.
 
 `tests/histories/` holds histories of representative batches (happy path, infrastructure retry,
-pause and resume, cancel), each a batch history and a chunk history. A change to the workflows
+pause and resume, cancel, prompt jobs pausing at their budget), each a batch history and a chunk
+history. A change to the workflows
 that would break running batches fails `test_committed_histories_replay`. To refresh them on
 purpose (after a deliberate, versioned change): `make histories`.
 """
@@ -23,7 +24,7 @@ from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker
 
 from sortie import batches
 from sortie.labels import chunk_workflow_id
-from sortie.models import CancelRequest, PauseRequest
+from sortie.models import CancelRequest, MaxCostRequest, PauseRequest
 from sortie.settings import Settings
 from sortie.spec import parse_batch
 from tests.fleet import Fleet
@@ -34,7 +35,7 @@ from workflows.reaper import ReaperWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 RECORD = os.environ.get("SORTIE_RECORD_HISTORIES") == "1"
-SCENARIOS = ["happy", "infra_retry", "pause_resume", "cancel"]
+SCENARIOS = ["happy", "infra_retry", "pause_resume", "cancel", "budget"]
 
 
 def replayer() -> Replayer:
@@ -47,6 +48,8 @@ def replayer() -> Replayer:
 def scenario_jobs(name: str) -> list[dict[str, Any]]:
     if name == "infra_retry":
         return [{"id": "flaky", "env": {"FAIL_ATTEMPTS": "1"}}, {"id": "steady"}]
+    if name == "budget":
+        return [{"id": f"job-{i}", "env": {"COST": "0.3"}} for i in range(4)]
     seconds = {"happy": "0.05", "pause_resume": "0.3", "cancel": "30"}[name]
     return [{"id": f"job-{i}", "env": {"SECONDS": seconds}} for i in range(4)]
 
@@ -60,6 +63,22 @@ async def steer(name: str, fleet: Fleet, handle: Any) -> None:
     elif name == "cancel":
         await eventually(lambda: fleet.live == 2, what="two live machines")
         await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="recording"))
+    elif name == "budget":
+        await eventually(lambda: _over_budget(handle), what="paused at the budget")
+        # Two jobs spent 0.6 of the 0.5 budget: a third may have started while only one had
+        # reported, the fourth never did.
+        assert fleet.created <= 3
+        await handle.signal(BatchWorkflow.set_max_cost, MaxCostRequest(max_cost_usd=10))
+        await handle.signal(BatchWorkflow.resume)
+
+
+async def _over_budget(handle: Any) -> bool:
+    progress = await handle.query(BatchWorkflow.progress)
+    return bool(progress.paused and fleet_idle(progress))
+
+
+def fleet_idle(progress: Any) -> bool:
+    return bool(progress.counts.running == 0)
 
 
 async def run_scenario(temporal: WorkflowEnvironment, name: str) -> dict[str, WorkflowHistory]:
@@ -71,7 +90,8 @@ async def run_scenario(temporal: WorkflowEnvironment, name: str) -> dict[str, Wo
             "app": "fleet",
             "max_machines": 2,
             "chunk_size": 4,
-            "defaults": {"command": "true", "retries": 1},
+            **({"max_cost_usd": 0.5} if name == "budget" else {}),
+            "defaults": {"prompt" if name == "budget" else "command": "review", "retries": 1},
             "jobs": [
                 {**job, "env": {"SECONDS": "0.02", **job.get("env", {})}}
                 for job in scenario_jobs(name)

@@ -245,6 +245,7 @@ class BatchWorkflow:
                 app=self._input.app,
                 jobs=jobs,
                 slots=chunk.slots,
+                budgeted=self._state.max_cost_usd is not None,
                 tuning=self._input.tuning,
             ),
             id=chunk.workflow_id,

@@ -333,8 +333,12 @@ class ChunkWorkflow:
     def _job_finished(self, spent: bool = False) -> None:
         """A machine is gone: pay back an owed slot, keep it for the next job, or return it.
 
-        A job that spent money is reported at once, so the batch's budget sees it.
+        A job that spent money is reported at once, so the batch's budget sees it; under a
+        budget its slot goes back with the report, and the batch lends it again only while the
+        budget lasts, so no job starts on money already spent.
         """
+        if spent and self._input.budgeted and self._has_unstarted():
+            self._owed += 1
         if not self._release_idle() and (
             spent or workflow.now() - self._last_report >= REPORT_EVERY
         ):

@@ -279,6 +279,7 @@ class MachineActivities:
                 result=f"no report in the logs {input.log_grace_s:g}s after the machine exited",
             )
         report = AgentReport.parse(payload)
+        kind = report.error_kind()
         cli = report.claude
         text = self._secrets.scrub(
             (cli.result if cli else None) or report.error or "", input.secrets
@@ -290,8 +291,8 @@ class MachineActivities:
             cost_usd=(cli.total_cost_usd or 0.0) if cli else 0.0,
             num_turns=(cli.num_turns or 0) if cli else 0,
             duration_ms=cli.duration_ms if cli else None,
-            is_error=report.error_kind() is not None,
-            error_kind=kind.value if (kind := report.error_kind()) else None,
+            is_error=kind is not None,
+            error_kind=kind.value if kind else None,
             commits={r.url: r.commit for r in report.repos if r.commit},
         )
         if len(text) > PREVIEW_CHARS:

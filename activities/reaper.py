@@ -16,7 +16,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.machines import fly_errors
 from fly import FlyClient, Machine
-from sortie.labels import META_BATCH, META_CHUNK, META_JOB, META_MANAGED, chunk_workflow_id
+from sortie.labels import (
+    META_BATCH,
+    META_CHUNK,
+    META_JOB,
+    META_MANAGED,
+    META_OWNER,
+    chunk_workflow_id,
+)
 from sortie.models import Orphan, ReapInput, ReapOutput
 from sortie.store import SESSIONS, BlobStore
 
@@ -139,7 +146,11 @@ async def _why_orphaned(
     batch_id, chunk = metadata.get(META_BATCH), metadata.get(META_CHUNK)
     if not batch_id or chunk is None or not chunk.isdigit():
         return "no batch or chunk in its metadata"
-    for workflow_id in (batch_id, chunk_workflow_id(batch_id, int(chunk))):
+    owners = [batch_id, chunk_workflow_id(batch_id, int(chunk))]
+    owner = metadata.get(META_OWNER)
+    if owner and owner not in owners:
+        owners = [owner]  # a follow-up turn: its own workflow owns it, the batch may be closed
+    for workflow_id in owners:
         status = await _status(client, workflow_id, cache)
         if status is None:
             return f"{workflow_id} is unknown to Temporal"

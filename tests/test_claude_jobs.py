@@ -159,8 +159,14 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
     assert first.state == "succeeded" and first.session_id and first.archive_ref
 
     workflow_id = await batches.followup(
-        sortie.client, sortie.settings, report.batch_id, "fix", "What did you write?"
+        sortie.client, sortie.settings, report.batch_id, "fix", "What did you write? [[slow:2]]"
     )
+    # The batch is closed, yet the follow-up's machine is owned: the reaper leaves it alone.
+    await eventually(lambda: live(sortie, app_name), what="the follow-up's machine")
+    sweep = await reaping.reap_once(
+        sortie.client, sortie.settings, ReapInput(app=app_name, dry_run=True)
+    )
+    assert sweep.checked == 1 and sweep.orphans == []
     turn = (await batches.chunk_handle(sortie.client, workflow_id).result()).results[0]
     assert turn.state == "succeeded" and turn.turn == 2
     assert turn.session_id == first.session_id

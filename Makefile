@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Debian's docker-compose validates docker-compose.yml in the tests (no Docker engine needed).
+# Debian packages the tests use: docker-compose validates docker-compose.yml (no Docker engine
+# needed), curl replays Fly's documented requests against localfly, git builds test checkouts.
+SYSTEM_TOOLS := docker-compose curl git
 system-deps:
-	@command -v docker-compose >/dev/null || { \
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
-	  else echo "docker-compose missing: install Debian's docker-compose package" >&2; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing:$$missing (install Debian's packages of those names)" >&2; exit 1; fi; fi
 
 lint: install
 	$(VENV)/bin/ruff check .

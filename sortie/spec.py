@@ -119,6 +119,13 @@ class Repo(_Strict):
     ref: str | None = Field(default=None, pattern=r"^[0-9a-f]{7,40}$")
     path: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
+    @field_validator("path")
+    @classmethod
+    def _inside_the_workspace(cls, path: str | None) -> str | None:
+        if path is not None and ".." in path.split("/"):
+            raise ValueError("must stay inside the workspace (no '..')")
+        return path
+
     @classmethod
     def coerce(cls, value: object) -> object:
         """Accept a bare URL string for a repo."""

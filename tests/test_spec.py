@@ -162,3 +162,59 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
 def test_the_demo_batch_is_valid() -> None:
     spec = load_batch_file(ROOT / "examples" / "demo.yaml")
     assert isinstance(spec, BatchSpec) and len(spec.jobs) >= 12
+
+
+def test_prompt_job_fields_are_validated_and_refused_on_command_jobs() -> None:
+    found = problems(
+        base(
+            max_cost_usd=0,
+            keep_sessions="soon",
+            jobs=[
+                {"id": "cmd", "command": "true", "model": "claude-x", "repos": ["u"]},
+                {
+                    "id": "ask",
+                    "prompt": "review",
+                    "max_turns": 0,
+                    "allowed_tools": "Read",
+                    "repos": [{"url": "u", "branch": "", "ref": "main", "path": "../up"}],
+                },
+            ],
+        )
+    )
+    text = "\n".join(found)
+    assert "max_cost_usd: Input should be greater than 0" in text
+    assert "keep_sessions: invalid duration" in text
+    assert "job 'ask' (jobs[1]): max_turns" in text
+    assert "job 'ask' (jobs[1]): allowed_tools" in text
+    for field in ("branch", "ref", "path"):
+        assert f"job 'ask' (jobs[1]): repos.0.{field}" in text, field
+
+
+def test_prompt_only_fields_on_a_command_job_name_the_field() -> None:
+    found = problems(base(jobs=[{"id": "cmd", "command": "true", "model": "m", "repos": ["u"]}]))
+    assert found == [
+        "job 'cmd' (jobs[0]): repos is only for prompt jobs",
+        "job 'cmd' (jobs[0]): model is only for prompt jobs",
+    ]
+
+
+def test_a_prompt_job_with_repos_branch_and_ref_resolves() -> None:
+    spec = parse_batch(
+        base(
+            max_cost_usd=12.5,
+            keep_sessions="7d",
+            jobs=[
+                {
+                    "id": "ask",
+                    "prompt": "review",
+                    "max_cost_usd": 1,
+                    "repos": [
+                        {"url": "https://x/r", "branch": "dev", "ref": "4f2a9c1", "path": "r"}
+                    ],
+                }
+            ],
+        )
+    )
+    assert spec.max_cost_usd == 12.5 and spec.keep_sessions == 7 * 86400
+    job = resolve_job(spec.defaults, spec.jobs[0], 0)
+    assert job.max_cost_usd == 1 and job.repos[0].ref == "4f2a9c1" and job.repos[0].branch == "dev"

@@ -8,6 +8,7 @@ runs. Nothing here needs a database: workflow history is the record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -190,7 +191,9 @@ async def progress(client: Client, batch_id: str) -> Progress:
     """The batch's progress: from its query while running, from its result once closed."""
     closed, status = await is_closed(client, batch_id)
     if not closed:
-        return await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+        return await _live(
+            client, await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+        )
     output = await _closed_output(client, batch_id, status)
     counts = Counts()
     for chunk in output.chunks:
@@ -205,6 +208,25 @@ async def progress(client: Client, batch_id: str) -> Progress:
         counts=counts,
         chunks=output.chunks,
     )
+
+
+async def _live(client: Client, progress: Progress) -> Progress:
+    """Running chunks' counts asked of the chunks themselves: the batch hears of them in
+    batches (every few seconds, or when a slot changes hands), the chunks know them now."""
+
+    async def ask(chunk: ChunkState) -> None:
+        if chunk.status is not ChunkStatus.RUNNING:
+            return
+        with contextlib.suppress(RPCError):
+            chunk.counts = await chunk_handle(client, chunk.workflow_id).query(
+                ChunkWorkflow.progress
+            )
+
+    await asyncio.gather(*(ask(chunk) for chunk in progress.chunks))
+    total = Counts()
+    for chunk in progress.chunks:
+        total = total.add(chunk.counts)
+    return progress.model_copy(update={"counts": total})
 
 
 async def _closed_output(
@@ -228,7 +250,9 @@ async def results(client: Client, batch_id: str, *, parallel: int = 16) -> Batch
         chunks, name, state = output.chunks, output.name, output.status
         paused, pause_reason, cancel_reason = False, None, output.cancel_reason
     else:
-        now = await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+        now = await _live(
+            client, await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+        )
         chunks, name, state = now.chunks, None, now.status
         paused, pause_reason, cancel_reason = now.paused, now.pause_reason, None
     limit = asyncio.Semaphore(parallel)

@@ -22,8 +22,8 @@ from typing import Any
 import _pytest
 import httpx
 import pydantic
-import yaml
 import pytest
+import yaml
 from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches

@@ -19,8 +19,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -136,7 +138,16 @@ RepoField = Annotated[Repo, BeforeValidator(Repo.coerce)]
 
 
 class JobFields(_Strict):
-    """Fields a job may set, and the batch's `defaults` may set for every job."""
+    """Fields a job may set, and the batch's `defaults` may set for every job.
+
+    Serialised without the fields left unset: a batch of 10,000 jobs travels as its jobs'
+    own settings, not as 10,000 copies of every empty field (Temporal caps a payload at 2 MB).
+    """
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
 
     command: Command | None = None
     prompt: str | None = Field(default=None, min_length=1)

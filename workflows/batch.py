@@ -115,6 +115,7 @@ class BatchWorkflow:
             self._state.pause_reason = (
                 f"budget raised to ${request.max_cost_usd:.2f}: send resume to continue"
             )
+        self._check_budget()  # a budget lowered below what was spent pauses at once
         self._touch()
 
     @workflow.signal

@@ -199,6 +199,23 @@ class ChunkInput(_Model):
     followup: Followup | None = None
 
 
+class StartChunkInput(_Model):
+    """Start one chunk of a batch (jobs already resolved) under its deterministic id."""
+
+    workflow_id: str
+    chunk: ChunkInput
+    summary: str
+    details: str
+
+
+class StartChunkOutput(_Model):
+    """The started chunk; a retried start finds it already running or done."""
+
+    workflow_id: str
+    run_id: str | None = None
+    already_started: bool = False
+
+
 class JobResult(_Model):
     """The outcome of one job: small enough to keep a chunk's results in its history."""
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from temporalio import activity
 
+from activities.chunks import start_chunk
 from sortie.models import (
     CheckSecretsInput,
     CheckSecretsOutput,
@@ -113,4 +114,5 @@ class Fleet:
             self.collect_result,
             self.destroy_machine,
             self.release_sessions,
+            start_chunk,
         ]

@@ -2,8 +2,9 @@
 
 The batch owns the machine slots. It starts a ChunkWorkflow per chunk with the slots it can
 spare, tops up chunks that can use more, and takes slots back as chunks hand them in, so a
-freed slot goes to whoever can use it at once. Chunks are abandoned on close (they report by
-signal) so the batch can continue-as-new and keep its history bounded for any batch size.
+freed slot goes to whoever can use it at once. Chunks are started by an activity, not as child
+workflows, and report by signal: the batch's history holds counts, never a chunk's results, and
+it can continue-as-new to stay bounded for any batch size.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.chunks import start_chunk
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import (
@@ -38,12 +40,17 @@ with workflow.unsafe.imports_passed_through():
         Progress,
         ReleaseSessionsInput,
         SlotGrant,
+        StartChunkInput,
     )
     from sortie.spec import resolve_job
     from workflows import policies
     from workflows.chunk import ChunkWorkflow
     from workflows.messaging import tell
     from workflows.shielded import finish
+
+
+CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
+"""A chunk's whole result landed in the batch's history when it was a child; now it is not."""
 
 
 @workflow.defn
@@ -237,26 +244,43 @@ class BatchWorkflow:
             for i, job in enumerate(plan.jobs)
         ]
         last = plan.first_job + len(plan.jobs) - 1
+        chunk_input = ChunkInput(
+            batch_id=self._input.batch_id,
+            batch_workflow_id=workflow.info().workflow_id,
+            index=plan.index,
+            app=self._input.app,
+            jobs=jobs,
+            slots=chunk.slots,
+            budgeted=self._state.max_cost_usd is not None,
+            tuning=self._input.tuning,
+        )
+        summary = f"chunk {plan.index} of batch {self._input.name}: jobs {plan.first_job}-{last}"
+        details = f"Jobs: {', '.join(j.id for j in plan.jobs)}"
+        if workflow.patched(CHUNKS_STARTED_BY_ACTIVITY):
+            await workflow.execute_activity(
+                start_chunk,
+                StartChunkInput(
+                    workflow_id=chunk.workflow_id,
+                    chunk=chunk_input,
+                    summary=summary,
+                    details=details,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=policies.FLY_RETRY,
+                summary=f"start chunk {plan.index} (jobs {plan.first_job}-{last})",
+            )
+            return
+        # Batches started before the patch: chunks are abandoned children.
         await workflow.start_child_workflow(
             ChunkWorkflow.run,
-            ChunkInput(
-                batch_id=self._input.batch_id,
-                batch_workflow_id=workflow.info().workflow_id,
-                index=plan.index,
-                app=self._input.app,
-                jobs=jobs,
-                slots=chunk.slots,
-                budgeted=self._state.max_cost_usd is not None,
-                tuning=self._input.tuning,
-            ),
+            chunk_input,
             id=chunk.workflow_id,
             parent_close_policy=workflow.ParentClosePolicy.ABANDON,
             search_attributes=TypedSearchAttributes(
                 [SearchAttributePair(BATCH_ID, self._input.batch_id)]
             ),
-            static_summary=f"chunk {plan.index} of batch {self._input.name}: "
-            f"jobs {plan.first_job}-{last}",
-            static_details=f"Jobs: {', '.join(j.id for j in plan.jobs)}",
+            static_summary=summary,
+            static_details=details,
         )
 
     def _check_budget(self) -> None:

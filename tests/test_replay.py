@@ -3,9 +3,9 @@
 `tests/histories/` holds histories of representative batches (happy path, infrastructure retry,
 pause and resume, cancel, prompt jobs pausing at their budget), each a batch history and a chunk
 history; the `v1-children-*` ones were recorded before chunks were started by an activity and
-prove that batches already running on the old code still replay (`workflow.patched`). A change to the workflows
-that would break running batches fails `test_committed_histories_replay`. To refresh them on
-purpose (after a deliberate, versioned change): `make histories`.
+prove that batches already running on the old code still replay (`workflow.patched`). A change
+to the workflows that would break running batches fails `test_committed_histories_replay`. To
+refresh them on purpose (after a deliberate, versioned change): `make histories`.
 """
 
 from __future__ import annotations

@@ -241,6 +241,7 @@ async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
         app=app,
         model=args.model,
         max_cost_usd=args.max_cost,
+        secrets=args.secret,
     )
     print(f"{checkout.root} at {checkout.commit[:12]}: {len(checkout.files)} files to review")
     if checkout.dirty:
@@ -407,6 +408,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--app", help="Fly app (default FLY_APP)")
     s.add_argument("--model")
     s.add_argument("--max-cost", type=_positive_usd, help="budget in US dollars")
+    s.add_argument(
+        "--secret", action="append", help="a worker secret the jobs need, e.g. GITHUB_TOKEN"
+    )
     s.set_defaults(run=cmd_analyze)
     s = sub.add_parser("findings", help="merge an analysis batch's findings (so far) into a report")
     s.add_argument("id")

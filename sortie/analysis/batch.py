@@ -69,6 +69,7 @@ def analysis_spec(
     model: str | None = None,
     max_cost_usd: float | None = None,
     timeout: str = "30m",
+    secrets: list[str] | None = None,
 ) -> BatchSpec:
     """The batch: a prompt job per part, each cloning the repository at the checkout's commit."""
     if not parts:
@@ -82,6 +83,8 @@ def analysis_spec(
     }
     if model:
         defaults["model"] = model
+    if secrets:
+        defaults["secrets"] = secrets  # e.g. GITHUB_TOKEN for a private repository
     return parse_batch(
         {
             "name": f"analyze-{name or 'repo'}",

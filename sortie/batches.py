@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
@@ -44,6 +44,7 @@ from workflows.chunk import ChunkWorkflow
 
 # Temporal refuses payloads over 2 MB; keep the batch input well below that.
 MAX_INPUT_BYTES = 1_500_000
+BATCH_TASK_TIMEOUT = timedelta(seconds=60)
 DETAILS_LIMIT = 18_000
 
 
@@ -151,6 +152,9 @@ async def submit(
             static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
             static_details=details or _details(spec),
             memo=memo,
+            # A large batch's workflow task may take seconds on a loaded worker; a task that
+            # times out is replayed from scratch, which only takes longer.
+            task_timeout=BATCH_TASK_TIMEOUT,
         )
     except WorkflowAlreadyStartedError:
         return Submitted(

@@ -49,6 +49,10 @@ with workflow.unsafe.imports_passed_through():
     from workflows.shielded import finish
 
 
+RUN_EVENTS = 2_000
+RUN_BYTES = 1_500_000
+BOUNDED_RUNS = "bounded-runs"
+"""Runs of batches started before this patch continue-as-new only when Temporal suggests it."""
 CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
 """A chunk's whole result landed in the batch's history when it was a child; now it is not."""
 
@@ -179,7 +183,7 @@ class BatchWorkflow:
             await finish(self._sync())
             if self._finished():
                 return
-            if workflow.info().is_continue_as_new_suggested():
+            if self._run_is_long():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(
                     self._input.model_copy(update={"jobs": [], "state": self._state})
@@ -282,6 +286,22 @@ class BatchWorkflow:
             static_summary=summary,
             static_details=details,
         )
+
+    def _run_is_long(self) -> bool:
+        """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds.
+
+        Our bounds are well below Temporal's suggestion (4,096 events or 4 MB), so a worker that
+        lost its cache replays a short history: on a loaded machine a long replay can outlast
+        the workflow task timeout again and again.
+        """
+        info = workflow.info()
+        if info.is_continue_as_new_suggested():
+            return True
+        long = (
+            info.get_current_history_length() > RUN_EVENTS
+            or info.get_current_history_size() > RUN_BYTES
+        )
+        return long and workflow.patched(BOUNDED_RUNS)
 
     def _check_budget(self) -> None:
         """Pause the batch once what its jobs spent reaches its budget."""

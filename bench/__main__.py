@@ -1,11 +1,18 @@
 """Benchmarks: Sortie against the ideal makespan and against a plain asyncio runner.
 
     python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
+        [--no-baseline] [--batches K]
     python -m bench --standard [--large] [--json]
 
 Each run starts its own Temporal dev server and localfly, runs N `sleep T` jobs through Sortie
 (a worker in this process) and then the same jobs through a semaphore-and-gather runner that
 uses the same Fly client with no Temporal, and prints one table row per configuration.
+
+With --enforce-limits localfly answers 429 as Fly does and the Fly client paces itself; the row
+then gives the sustained create rate localfly saw (creates after the first burst of 3, over the
+time from the first create to the last) against Fly's allowed 1/s, and the 429s Sortie drew.
+Fly API calls are counted at localfly, 429s included; peak RSS is this process's (the worker's)
+during the Sortie run, reset per configuration on Linux.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
+import logging
 import math
 import os
 import resource
@@ -29,6 +38,13 @@ from typing import Any
 from pydantic import BaseModel
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 
 from fly import FlyClient, FlySettings, FlyToken, InitConfig, MachineConfig, RestartConfig
 from localfly.process import LocalFlyProcess
@@ -50,6 +66,7 @@ class Row(BaseModel):
     """One configuration's measurements."""
 
     jobs: int
+    batches: int = 1
     concurrency: int
     duration_s: float
     makespan_s: float
@@ -88,28 +105,36 @@ class Row(BaseModel):
 
 
 async def run_sortie(
-    client: Client, fly: FlyClient, n: int, c: int, t: float
-) -> tuple[float, str, str, int]:
-    """Run the batch through a worker in this process; return makespan, batch id, app, and
-    how many jobs succeeded."""
-    app = f"bench-{uuid.uuid4().hex[:8]}"
+    client: Client, fly: FlyClient, app: str, n: int, c: int, t: float, k: int = 1
+) -> tuple[float, list[str], int]:
+    """Run the jobs through a worker in this process, as `k` batches at once that share the
+    `c` machines; return the makespan, the batch ids, and how many jobs succeeded."""
     settings = Settings(task_queue=f"bench-{uuid.uuid4().hex}")
-    spec = parse_batch(
-        {
-            "name": f"bench{n}x{c}",
-            "app": app,
-            "max_machines": c,
-            "chunk_size": 25,
-            "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
-            "jobs": [{"id": f"j{i:05d}", "command": ["sleep", f"{t:g}"]} for i in range(n)],
-        }
-    )
+    specs = [
+        parse_batch(
+            {
+                "name": f"bench{n}x{c}-{b}",
+                "app": app,
+                "max_machines": c // k,
+                "chunk_size": 25,
+                "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
+                "jobs": [
+                    {"id": f"j{i:05d}", "command": ["sleep", f"{t:g}"]}
+                    for i in range(b * n // k, (b + 1) * n // k)
+                ],
+            }
+        )
+        for b in range(k)
+    ]
     async with build_worker(client, fly, SecretStore({}), settings):
         started = time.monotonic()
-        submitted = await batches.submit(client, settings, spec, suffix=uuid.uuid4().hex[:6])
-        output = await batches.batch_handle(client, submitted.batch_id).result()
+        ids = [
+            (await batches.submit(client, settings, spec, suffix=uuid.uuid4().hex[:6])).batch_id
+            for spec in specs
+        ]
+        outputs = await asyncio.gather(*(batches.batch_handle(client, i).result() for i in ids))
         makespan = time.monotonic() - started
-    return makespan, submitted.batch_id, app, output.succeeded
+    return makespan, ids, sum(o.succeeded for o in outputs)
 
 
 async def run_baseline(fly: FlyClient, n: int, c: int, t: float) -> tuple[float, int]:
@@ -145,10 +170,11 @@ async def run_baseline(fly: FlyClient, n: int, c: int, t: float) -> tuple[float,
     return time.monotonic() - started, sum(1 for code in codes if code == 0)
 
 
-async def largest_histories(client: Client, batch_id: str) -> tuple[int, int, int, int]:
+async def largest_histories(client: Client, batch_ids: list[str]) -> tuple[int, int, int, int]:
     """Events and bytes of the largest batch run and of the largest chunk run."""
     parent = child = (0, 0)
-    async for execution in client.list_workflows(f'BatchId="{batch_id}"'):
+    query = " OR ".join(f'BatchId="{batch_id}"' for batch_id in batch_ids)
+    async for execution in client.list_workflows(query):
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
         history = await handle.fetch_history()
         size = (len(history.events), sum(e.ByteSize() for e in history.events))
@@ -159,7 +185,9 @@ async def largest_histories(client: Client, batch_id: str) -> tuple[int, int, in
     return (*parent, *child)
 
 
-async def measure(n: int, c: int, t: float, *, enforce: bool, baseline: bool) -> Row:
+async def measure(
+    n: int, c: int, t: float, *, enforce: bool, baseline: bool, split: int = 1
+) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,22 +196,36 @@ async def measure(n: int, c: int, t: float, *, enforce: bool, baseline: bool) ->
             DevServer(Path(tmp) / "temporal.db", Path(tmp) / "temporal.log") as server,
             LocalFlyProcess(faults=faults) as localfly,
         ):
-            client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+            client = await Client.connect(
+                server.address, data_converter=pydantic_data_converter, runtime=_runtime()
+            )
             fly_settings = FlySettings(
                 api_base_url=localfly.url, logs_base_url=localfly.url, rate_limit=enforce
             )
+            app = f"bench-{uuid.uuid4().hex[:8]}"
+            progress = asyncio.create_task(_progress(localfly, app, n))
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
-                makespan, batch_id, app, succeeded = await run_sortie(client, fly, n, c, t)
+                try:
+                    makespan, batch_ids, succeeded = await run_sortie(
+                        client, fly, app, n, c, t, split
+                    )
+                finally:
+                    progress.cancel()
+                rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                _note(
+                    f"Sortie: {succeeded}/{n} succeeded in {makespan:.1f}s, "
+                    f"peak RSS {rss_mb:.0f} MB"
+                )
                 stats = localfly.stats(app)
                 created = sorted(_when(m["created_at"]) for m in localfly.machines(app))
-                rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                histories = await largest_histories(client, batch_id)
+                histories = await largest_histories(client, batch_ids)
                 base = await run_baseline(fly, n, c, t) if baseline else None
     calls: Counter[str] = Counter(stats["calls"])
     span = created[-1] - created[0] if len(created) > CREATE_BURST else 0.0
     creates_per_s = (len(created) - CREATE_BURST) / span if span > 0 else None
     return Row(
         jobs=n,
+        batches=split,
         concurrency=c,
         duration_s=t,
         makespan_s=makespan,
@@ -203,6 +245,33 @@ async def measure(n: int, c: int, t: float, *, enforce: bool, baseline: bool) ->
         enforced=enforce,
         creates_per_s=creates_per_s,
     )
+
+
+async def _progress(localfly: LocalFlyProcess, app: str, n: int, every: float = 60) -> None:
+    """Say on stderr how far a long Sortie run has got."""
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        stats = await asyncio.to_thread(localfly.stats, app)
+        _note(
+            f"{time.monotonic() - started:.0f}s: {stats['machines_created']}/{n} machines "
+            f"created, {stats['live_machines']} live"
+        )
+
+
+@functools.cache
+def _runtime() -> Runtime:
+    """Temporal's core logs through Python's logging to stderr, so stdout holds only the table."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    forward = LogForwardingConfig(logger=logging.getLogger("temporal.core"))
+    only_warnings = TelemetryFilter(core_level="WARN", other_level="ERROR")
+    return Runtime(
+        telemetry=TelemetryConfig(logging=LoggingConfig(filter=only_warnings, forwarding=forward))
+    )
+
+
+def _note(text: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
 
 
 def _reset_peak_rss() -> None:
@@ -233,11 +302,12 @@ def table(rows: list[Row]) -> str:
         base = f"{r.baseline_s:.1f}s" if r.baseline_s else "-"
         versus = f"{r.versus_baseline:.3f}" if r.versus_baseline else "-"
         base_ok = "-" if r.baseline_succeeded is None else str(r.baseline_succeeded)
+        jobs = f"{r.jobs} in {r.batches} batches" if r.batches > 1 else str(r.jobs)
         rate = "-"
         if r.enforced and r.creates_per_s is not None:
             rate = f"{r.creates_per_s:.3f} vs {CREATE_RATE:g} ({r.creates_per_s / CREATE_RATE:.1%})"
         lines.append(
-            f"| {r.jobs} | {r.concurrency} | {r.duration_s:g}s | {r.makespan_s:.1f}s "
+            f"| {jobs} | {r.concurrency} | {r.duration_s:g}s | {r.makespan_s:.1f}s "
             f"| {r.ideal_s:.1f}s | {r.ratio:.3f} | {base} | {versus} | {r.jobs_per_s:.1f} "
             f"| {r.succeeded}/{base_ok} | {calls} = {r.calls_total:.2f} "
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
@@ -256,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large", action="store_true", help="with --standard: add 10,000 jobs")
     p.add_argument("--enforce-limits", action="store_true", help="Fly's rate limits at localfly")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=1,
+        help="submit the jobs as this many batches at once, sharing the machines",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.standard:
@@ -264,13 +340,22 @@ def main(argv: list[str] | None = None) -> int:
         configs = [(args.jobs, args.concurrency, args.duration)]
     else:
         p.error("give --jobs, --concurrency and --duration, or --standard")
+    if not all(1 <= args.batches <= c for _, c, _ in configs):
+        p.error("--batches must be between 1 and the concurrency")
     rows = []
     for n, c, t in configs:
         row = asyncio.run(
-            measure(n, c, t, enforce=args.enforce_limits, baseline=not args.no_baseline)
+            measure(
+                n,
+                c,
+                t,
+                enforce=args.enforce_limits,
+                baseline=not args.no_baseline,
+                split=args.batches,
+            )
         )
         rows.append(row)
-        print(f"done: N={n} C={c} T={t:g}s in {row.makespan_s:.1f}s", file=sys.stderr)
+        _note(f"done: N={n} C={c} T={t:g}s, Sortie {row.makespan_s:.1f}s")
     if args.json:
         print(json.dumps([r.model_dump() for r in rows], indent=2))
     else:

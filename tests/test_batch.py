@@ -23,7 +23,7 @@ from sortie import batches
 from sortie.labels import META_BATCH, META_JOB
 from sortie.models import BatchOutput, CancelRequest, MaxMachinesRequest, PauseRequest, Tuning
 from sortie.spec import BatchSpec, parse_batch
-from tests.conftest import ROOT, TEMPORAL_CLI, Sortie
+from tests.conftest import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
 
@@ -112,6 +112,25 @@ async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
     first_chunk = [m for m in made if m["metadata"]["sortie_chunk"] == "0"]
     second_chunk = [m for m in made if m["metadata"]["sortie_chunk"] == "1"]
     assert min(m["created_at"] for m in second_chunk) < max(m["destroyed_at"] for m in first_chunk)
+
+
+async def test_every_run_of_the_batch_stays_short_while_it_starts_many_chunks(
+    sortie: Sortie, app_name: str
+) -> None:
+    # Forty one-job chunks and forty free slots: the batch starts them one activity after the
+    # other, and must continue-as-new in the middle of that, not after it.
+    spec = make_spec(app_name, sleepers(40, 0.2), max_machines=40, chunk_size=1)
+    batch_id = await start(sortie, spec)
+    report = await finish(sortie, batch_id)
+
+    assert report.succeeded == 40
+    runs = [
+        await sortie.client.get_workflow_handle(batch_id, run_id=e.run_id).fetch_history()
+        async for e in sortie.client.list_workflows(f'WorkflowId="{batch_id}"')
+    ]
+    lengths = sorted(len(history.events) for history in runs)
+    assert len(runs) > 1 and lengths[-1] <= SUGGEST_CONTINUE_AS_NEW_AT + 40, lengths
+    assert not live(sortie, app_name)
 
 
 async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None:

@@ -53,6 +53,8 @@ RUN_EVENTS = 2_000
 RUN_BYTES = 1_500_000
 BOUNDED_RUNS = "bounded-runs"
 """Runs of batches started before this patch continue-as-new only when Temporal suggests it."""
+CONTINUE_WHILE_STARTING = "continue-as-new-while-starting-chunks"
+"""Runs of batches started before this patch kept starting chunks past their bound."""
 CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
 """A chunk's whole result landed in the batch's history when it was a child; now it is not."""
 
@@ -211,7 +213,9 @@ class BatchWorkflow:
         sends += self._take_back(running)
         if not state.cancelled and not state.paused:
             sends += self._lend(running)
-            while self._free() > 0 and state.pending:
+            # Each start is an activity: while slots free up this loop could run for
+            # thousands of events, so it stops as soon as the run is long enough to continue.
+            while self._free() > 0 and state.pending and not self._long_while_starting():
                 await self._start_chunk(state.pending.pop(0))
         await asyncio.gather(*sends)
 
@@ -302,6 +306,10 @@ class BatchWorkflow:
             or info.get_current_history_size() > RUN_BYTES
         )
         return long and workflow.patched(BOUNDED_RUNS)
+
+    def _long_while_starting(self) -> bool:
+        """Stop starting chunks to continue-as-new (runs from before the patch did not)."""
+        return self._run_is_long() and workflow.patched(CONTINUE_WHILE_STARTING)
 
     def _check_budget(self) -> None:
         """Pause the batch once what its jobs spent reaches its budget."""

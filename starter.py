@@ -168,10 +168,10 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     _ui(settings, args.id, args.json)
     if args.job is None:
         return await _print_results(client, args.id, args.json)
-    report = await batches.results(client, args.id)
-    result = next((r for r in report.results if r.job_id == args.job), None)
-    if result is None:
-        print(f"batch {args.id} has no job {args.job!r}", file=sys.stderr)
+    try:
+        _, result = await batches.find_job(client, args.id, args.job)
+    except batches.UnknownJob as error:
+        print(error, file=sys.stderr)
         return 2
     if args.json:
         print(result.model_dump_json(indent=2))
@@ -254,7 +254,7 @@ async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
         settings,
         spec,
         details=f"Review of `{repo_url}` at `{checkout.commit}`\n\n{plan_markdown(parts)}",
-        memo=analysis.analysis_memo(checkout, repo_url, args.strategy, args.focus),
+        memo=analysis.analysis_memo(checkout, parts, repo_url, args.strategy, args.focus),
     )
     verb = "submitted" if submitted.created else "already running or done:"
     print(f"\n{verb} {submitted.batch_id} ({len(parts)} jobs on {args.workers} machines)")

@@ -44,6 +44,7 @@ def build_worker(
             machines.create_machine,
             machines.wait_machine,
             machines.collect_result,
+            machines.finish_job,
             machines.destroy_machine,
             machines.release_sessions,
             reaper.reap_orphans,

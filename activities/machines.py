@@ -1,4 +1,4 @@
-"""The machine lifecycle of one job: create, wait, collect, destroy.
+"""The machine lifecycle of one job: create, then wait, collect and destroy.
 
 Every step is idempotent so Temporal may retry it after a crash or a lost response: create finds
 the machine an earlier attempt made (deterministic name, metadata), wait resumes on the same
@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -53,6 +53,8 @@ from sortie.models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
+    FinishJobInput,
+    FinishJobOutput,
     JobAnswer,
     MachineRef,
     ReleaseSessionsInput,
@@ -62,6 +64,7 @@ from sortie.models import (
     WaitOutcome,
 )
 from sortie.secrets import SecretStore
+from sortie.spec import LogTail
 from sortie.store import BlobStore, answer_key, session_key, session_prefix
 
 SETTLED_STATES = ["stopped", "failed", "destroyed"]
@@ -167,7 +170,40 @@ class MachineActivities:
     async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
         """Wait until the machine settles, heartbeating its state; hand over on worker shutdown."""
         seen: dict[str, Any] = {"machine_id": input.machine.machine_id, "state": None}
-        beats = asyncio.create_task(_heartbeat(input.heartbeat_every_s, lambda: dict(seen)))
+        async with _beating(input.heartbeat_every_s, seen):
+            return await self._wait_or_hand_over(input, seen)
+
+    @activity.defn(name="finish_job")
+    async def finish_job(self, input: FinishJobInput) -> FinishJobOutput:
+        """Wait for the job's machine, collect its result and destroy it: one task per job.
+
+        A retry after this activity destroyed the machine still reads its result: Fly lists a
+        destroyed machine, with its exit event, for a while. A destroy that fails is left to
+        the workflow's own destroy activity, which retries until the machine is gone.
+        """
+        ref = input.wait.machine
+        seen: dict[str, Any] = {"machine_id": ref.machine_id, "state": None}
+        async with _beating(input.wait.heartbeat_every_s, seen):
+            waited = await self._wait_or_hand_over(input.wait, seen)
+            collected = None
+            if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
+                collected = await self.collect_result(input.collect)
+            destroyed = await self._destroy_now(ref)
+        return FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
+
+    async def _destroy_now(self, ref: MachineRef) -> bool:
+        """Force-destroy the machine; on a Fly error report it still there, not fail."""
+        try:
+            await self._fly.destroy_machine(ref.app, ref.machine_id, force=True)
+        except FlyError as error:
+            activity.logger.warning("machine %s not destroyed yet: %s", ref.machine_id, error)
+            return False
+        return True
+
+    async def _wait_or_hand_over(
+        self, input: WaitMachineInput, seen: dict[str, Any]
+    ) -> WaitMachineOutput:
+        """Wait for the machine; when the worker shuts down, fail so another worker takes over."""
         waiting = asyncio.create_task(self._wait(input, seen))
         shutdown = asyncio.create_task(activity.wait_for_worker_shutdown())
         try:
@@ -181,9 +217,9 @@ class MachineActivities:
             with fly_errors(f"wait for machine {input.machine.machine_id}"):
                 return waiting.result()
         finally:
-            for task in (beats, waiting, shutdown):
+            for task in (waiting, shutdown):
                 task.cancel()
-            await asyncio.gather(beats, waiting, shutdown, return_exceptions=True)
+            await asyncio.gather(waiting, shutdown, return_exceptions=True)
 
     async def _wait(self, input: WaitMachineInput, seen: dict[str, Any]) -> WaitMachineOutput:
         """Loop Fly waits of at most 60 s until the machine settles or a deadline passes."""
@@ -216,7 +252,21 @@ class MachineActivities:
             if state is None:
                 state = (await self._fly.get_machine(ref.app, ref.machine_id)).state
             seen["state"] = state
+            if state == "destroyed" and await self._exited_by_itself(ref):
+                # Destroyed after its process ended, by an earlier try of this activity.
+                return WaitMachineOutput(outcome=WaitOutcome.EXITED, state=state)
             return WaitMachineOutput(outcome=_OUTCOMES.get(state, WaitOutcome.EXITED), state=state)
+
+    async def _exited_by_itself(self, ref: MachineRef) -> bool:
+        """Whether the machine's process exited on its own, not stopped by a stop or destroy."""
+        try:
+            machine = await self._fly.get_machine(ref.app, ref.machine_id)
+        except FlyNotFound:
+            return False
+        exit_event = machine.latest_exit_event()
+        return bool(
+            exit_event and exit_event.exit_code is not None and not exit_event.requested_stop
+        )
 
     @activity.defn(name="collect_result")
     async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
@@ -227,12 +277,13 @@ class MachineActivities:
                 machine = await self._fly.get_machine(ref.app, ref.machine_id)
             except FlyNotFound:
                 return CollectResultOutput(state=None, exit_code=None)
+            exit_event = machine.latest_exit_event()
+            messages: list[str] = []
             if input.prompt_job:
                 messages = [e.message async for e in self._fly.iter_logs(ref.app, ref.machine_id)]
-            else:
+            elif input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
                 page = await self._fly.get_logs(ref.app, ref.machine_id)
                 messages = [e.message for e in page.entries]
-        exit_event = machine.latest_exit_event()
         answer = self._answer(input, messages, exit_event) if input.prompt_job else None
         lines = [
             self._secrets.scrub(m, input.secrets) for m in messages if not m.startswith(FRAME_MARK)
@@ -400,11 +451,31 @@ def _ref(app: str, machine: Machine) -> MachineRef:
     )
 
 
-async def _heartbeat(every: float, details: Callable[[], dict[str, Any]]) -> None:
-    """Heartbeat until cancelled, so a dead worker is noticed and cancels are delivered."""
-    while True:
-        activity.heartbeat(details())
-        await asyncio.sleep(every)
+@asynccontextmanager
+async def _beating(every: float, seen: dict[str, Any]) -> AsyncIterator[None]:
+    """Heartbeat `seen` while the block runs, so a dead worker is noticed and cancels arrive."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat(dict(seen))
+            await asyncio.sleep(every)
+
+    beats = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        beats.cancel()
+        await asyncio.gather(beats, return_exceptions=True)
+
+
+def _succeeded(state: str | None, exit_event: ExitEvent | None) -> bool:
+    """A process that exited 0 on its own, on a machine that did not fail."""
+    return (
+        state != "failed"
+        and exit_event is not None
+        and exit_event.exit_code == 0
+        and not exit_event.oom_killed
+    )
 
 
 def _tail(lines: list[str], count: int, limit: int) -> list[str]:

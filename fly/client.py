@@ -112,8 +112,14 @@ class FlyClient:
         settings = FlySettings.from_env() if settings is None else settings
         token = FlyToken.from_env() if token is None else token
         headers = {"Accept": "application/json", "User-Agent": "sortie-fly/0.1"}
+        # httpx keeps 20 connections alive by default: with hundreds of waits in flight most
+        # calls would open (and close) a connection of their own.
+        limits = httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+        )
         async with httpx.AsyncClient(
-            transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers
+            transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers, limits=limits
         ) as http:
             yield cls(http, token, settings)
 

@@ -7,7 +7,7 @@ import re
 from collections.abc import Generator, Mapping
 
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from fly.exceptions import FlyConfigError
 
@@ -29,10 +29,12 @@ class FlySettings(BaseModel):
     logs_base_url: str = "https://api.fly.io"
     app: str | None = None
     rate_limit: bool = True
+    max_connections: int = Field(default=1000, ge=1)
+    """Connections kept open to Fly: each running wait holds one for up to 60 s."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FlySettings:
-        """Read FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP and SORTIE_FLY_RATE_LIMIT (on/off)."""
+        """Read FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP and SORTIE_FLY_* (limiter, pool)."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for key, name in (
@@ -42,6 +44,8 @@ class FlySettings(BaseModel):
         ):
             if value := env.get(name, "").strip():
                 values[key] = value
+        if connections := env.get("SORTIE_FLY_MAX_CONNECTIONS", "").strip():
+            values["max_connections"] = connections
         if switch := env.get("SORTIE_FLY_RATE_LIMIT", "").strip().lower():
             if switch not in _SWITCH:
                 raise FlyConfigError(f"SORTIE_FLY_RATE_LIMIT must be on or off, not {switch!r}")

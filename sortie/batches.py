@@ -336,6 +336,49 @@ async def _attach_followups(client: Client, batch_id: str, results: list[JobResu
         result.followups.sort(key=lambda turn: turn.turn)
 
 
+class UnknownJob(LookupError):
+    """The batch has no job of that id."""
+
+
+async def find_job(
+    client: Client, batch_id: str, job_id: str, *, window: int = 16
+) -> tuple[ChunkState, JobResult]:
+    """One job's result with its follow-up turns, and its chunk: reads chunks only until found."""
+    closed, status = await is_closed(client, batch_id)
+    if closed:
+        chunks = (await _closed_output(client, batch_id, status)).chunks
+    else:
+        chunks = (await batch_handle(client, batch_id).query(BatchWorkflow.progress)).chunks
+    for start in range(0, len(chunks), window):
+        some = chunks[start : start + window]
+        read = await asyncio.gather(*(_chunk_results(client, chunk) for chunk in some))
+        for chunk, found in zip(some, read, strict=True):
+            for result in found:
+                if result.job_id == job_id:
+                    result.followups = await _followup_turns(client, batch_id, job_id)
+                    return chunk, result
+    raise UnknownJob(f"batch {batch_id} has no job {job_id!r}")
+
+
+async def _followup_turns(client: Client, batch_id: str, job_id: str) -> list[JobResult]:
+    """A job's follow-up turns, found by their workflow ids (turn 2, 3, … until one is missing)."""
+    turns: list[JobResult] = []
+    turn = 2
+    while True:
+        handle = chunk_handle(client, followup_workflow_id(batch_id, job_id, turn))
+        try:
+            status = (await handle.describe()).status
+        except RPCError as error:
+            if error.status is RPCStatusCode.NOT_FOUND:
+                return turns
+            raise
+        if status is WorkflowExecutionStatus.RUNNING:
+            turns += await handle.query(ChunkWorkflow.results)
+        elif status is WorkflowExecutionStatus.COMPLETED:
+            turns += (await handle.result()).results
+        turn += 1
+
+
 class FollowupRefused(ValueError):
     """A follow-up that cannot run: no such job, no session yet, or one still running."""
 
@@ -344,16 +387,16 @@ async def followup(
     client: Client, settings: Settings, batch_id: str, job_id: str, prompt: str
 ) -> str:
     """Continue a finished prompt job's Claude session on a new machine; return the workflow id."""
-    report = await results(client, batch_id)
-    job_result = next((r for r in report.results if r.job_id == job_id), None)
-    if job_result is None:
-        raise FollowupRefused(f"batch {batch_id} has no job {job_id!r}")
-    latest = job_result.followups[-1] if job_result.followups else job_result
+    try:
+        chunk, result = await find_job(client, batch_id, job_id)
+    except UnknownJob as error:
+        raise FollowupRefused(str(error)) from None
+    latest = result.followups[-1] if result.followups else result
     if not latest.state.final:
         raise FollowupRefused(f"job {job_id} turn {latest.turn} is still {latest.state.value}")
     if not latest.session_id:
         raise FollowupRefused(f"job {job_id} has no Claude session to continue (not a prompt job?)")
-    chunk_input = await _chunk_input(client, report, job_result)
+    chunk_input = await _chunk_input(client, chunk)
     job = next(j for j in chunk_input.jobs if j.id == job_id)
     turn = latest.turn + 1
     workflow_id = followup_workflow_id(batch_id, job_id, turn)
@@ -370,7 +413,7 @@ async def followup(
                     prompt=prompt,
                     session_id=latest.session_id,
                     archive_ref=latest.archive_ref,
-                    commits=latest.commits or job_result.commits,
+                    commits=latest.commits or result.commits,
                 ),
             }
         ),
@@ -384,14 +427,12 @@ async def followup(
     return workflow_id
 
 
-async def _chunk_input(client: Client, report: BatchReport, result: JobResult) -> ChunkInput:
+async def _chunk_input(client: Client, chunk: ChunkState) -> ChunkInput:
     """The input the job's chunk was started with: the job as it ran, defaults applied."""
-    progress_now = await progress(client, report.batch_id)
-    chunk = next(
-        c for c in progress_now.chunks if c.first_job <= result.index < c.first_job + c.size
-    )
-    history = await client.get_workflow_handle(chunk.workflow_id).fetch_history()
-    started = history.events[0].workflow_execution_started_event_attributes
+    handle = client.get_workflow_handle(chunk.workflow_id)
+    async for first in handle.fetch_history_events(page_size=1):
+        started = first.workflow_execution_started_event_attributes
+        break
     [decoded] = await client.data_converter.decode(started.input.payloads, [ChunkInput])
     assert isinstance(decoded, ChunkInput)
     return decoded

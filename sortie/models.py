@@ -11,7 +11,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sortie.spec import Defaults, Job, JobSpec
+from sortie.spec import Defaults, Job, JobSpec, LogTail
 
 
 class _Model(BaseModel):
@@ -388,6 +388,7 @@ class CollectResultInput(_Model):
     attempt: int = 1
     credential: str | None = None
     log_grace_s: float = 30.0
+    log_tail: LogTail = LogTail.ALWAYS
 
 
 class JobAnswer(_Model):
@@ -416,6 +417,21 @@ class CollectResultOutput(_Model):
     exited_at: datetime | None = None
     log_tail: list[str] = []
     answer: JobAnswer | None = None
+
+
+class FinishJobInput(_Model):
+    """Wait for a job's machine, collect its result and destroy it, in one activity."""
+
+    wait: WaitMachineInput
+    collect: CollectResultInput
+
+
+class FinishJobOutput(_Model):
+    """How the machine ended, what it left, and whether it is destroyed yet."""
+
+    waited: WaitMachineOutput
+    collected: CollectResultOutput | None = None
+    destroyed: bool = False
 
 
 class DestroyMachineInput(_Model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -105,6 +106,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LogTail(StrEnum):
+    """When a command job's log tail is read: always, or only when the job did not succeed.
+
+    A successful command job needs only its exit code; skipping its logs saves a Fly call per
+    job. A prompt job's answer is in its logs, so they are always read.
+    """
+
+    ON_FAILURE = "on_failure"
+    ALWAYS = "always"
+
+
 class Guest(_Strict):
     """The machine size of a job."""
 
@@ -164,6 +176,7 @@ class JobFields(_Strict):
     max_turns: int | None = Field(default=None, ge=1, le=1000)
     allowed_tools: list[str] | None = None
     max_cost_usd: float | None = Field(default=None, gt=0)
+    log_tail: LogTail | None = None
 
     @field_validator("env")
     @classmethod
@@ -213,6 +226,7 @@ class Job(_Strict):
     max_turns: int | None = None
     allowed_tools: list[str] = []
     max_cost_usd: float | None = None
+    log_tail: LogTail = LogTail.ON_FAILURE
 
 
 class BatchSpec(_Strict):

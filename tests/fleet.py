@@ -1,6 +1,6 @@
 """An in-memory fleet standing in for the machine activities, for fast workflow-logic tests.
 
-Only the five machine activities are replaced (same names, same models); the workflows, the
+Only the machine activities are replaced (same names, same models); the workflows, the
 dev server and the worker are real. Job behaviour is read from the job's env: SECONDS (run
 time), EXIT (exit code), COST (what a prompt job spent), FAIL_ATTEMPTS (how many first attempts
 end in the `failed` state).
@@ -27,6 +27,8 @@ from sortie.models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
+    FinishJobInput,
+    FinishJobOutput,
     JobAnswer,
     MachineRef,
     ReleaseSessionsInput,
@@ -53,6 +55,7 @@ class Fleet:
     continued_as_new: bool = False
     fill_to: int = 0
     filled: asyncio.Event = field(default_factory=asyncio.Event)
+    destroyed: set[str] = field(default_factory=set)
 
     @activity.defn(name="check_secrets")
     async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
@@ -95,14 +98,31 @@ class Fleet:
             state="stopped", exit_code=self.exits[input.job_id], answer=answer
         )
 
+    @activity.defn(name="finish_job")
+    async def finish_job(self, input: FinishJobInput) -> FinishJobOutput:
+        waited = await self.wait_machine(input.wait)
+        collected = None
+        if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
+            collected = await self.collect_result(input.collect)
+        self._destroy(input.wait.machine)
+        return FinishJobOutput(waited=waited, collected=collected, destroyed=True)
+
     @activity.defn(name="release_sessions")
     async def release_sessions(self, input: ReleaseSessionsInput) -> ReleaseSessionsOutput:
         return ReleaseSessionsOutput(deleted=True)
 
     @activity.defn(name="destroy_machine")
     async def destroy_machine(self, input: DestroyMachineInput) -> DestroyMachineOutput:
+        gone = self._destroy(input.machine)
+        return DestroyMachineOutput(destroyed=not gone, already_gone=gone)
+
+    def _destroy(self, machine: MachineRef) -> bool:
+        """Destroy a machine once; return whether it was already gone."""
+        if machine.machine_id in self.destroyed:
+            return True
+        self.destroyed.add(machine.machine_id)
         self.live -= 1
-        return DestroyMachineOutput(destroyed=True, already_gone=False)
+        return False
 
     @property
     def activities(self) -> list[Callable[..., Any]]:
@@ -112,6 +132,7 @@ class Fleet:
             self.create_machine,
             self.wait_machine,
             self.collect_result,
+            self.finish_job,
             self.destroy_machine,
             self.release_sessions,
             start_chunk,

@@ -107,10 +107,9 @@ async def test_analyze_a_package_checkout_plan_progress_and_merged_report(
     assert summary["files"] == len(checkout.files) and summary["chunks"] == len(parts)
     shared = [f for f in findings if f["title"] == "Setup steps are out of date"]
     assert len(shared) == 1, "the finding every part made is merged into one"
-    garbled = [
-        analysis.job_id(i, p) for i, p in enumerate(parts) if "notes/[[prose]].md" in p.files
-    ]
-    assert summary["unparsed_chunks"] == garbled
+    garbled = [p.name for p in parts if "notes/[[prose]].md" in p.files]
+    assert summary["unparsed_chunks"] == garbled, "parts are named as the plan names them"
+    assert summary["chunk_names"] == {analysis.job_id(i, p): p.name for i, p in enumerate(parts)}
     severities = [f["severity"] for f in findings]
     order = ["critical", "high", "medium", "low", "info"]
     assert severities == sorted(severities, key=order.index), "sorted by severity"
@@ -156,7 +155,7 @@ async def test_analysis_resumes_after_a_worker_kill_without_rerunning_finished_p
             temporal.client,
             settings,
             spec,
-            memo=analysis.analysis_memo(checkout, str(repo), "equal", "x"),
+            memo=analysis.analysis_memo(checkout, parts, str(repo), "equal", "x"),
         )
         await eventually(
             lambda: _finished_parts(localfly, app_name) >= 2, timeout=120, what="two parts done"

@@ -76,7 +76,8 @@ async def chunk_histories(s: Sortie, batch_id: str) -> AsyncIterator[Any]:
 
 async def test_happy_path(sortie: Sortie, app_name: str) -> None:
     jobs = [{"id": f"echo-{i}", "command": f"echo hello from {i}"} for i in range(5)]
-    batch_id = await start(sortie, make_spec(app_name, jobs, max_machines=2, chunk_size=2))
+    spec = make_spec(app_name, jobs, max_machines=2, chunk_size=2, defaults={"log_tail": "always"})
+    batch_id = await start(sortie, spec)
     report = await finish(sortie, batch_id)
 
     assert (report.status, report.total, report.succeeded, report.failed) == ("completed", 5, 5, 0)
@@ -135,7 +136,7 @@ async def test_every_run_of_the_batch_stays_short_while_it_starts_many_chunks(
 
 async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None:
     jobs = [
-        {"id": "ok", "command": "true"},
+        {"id": "ok", "command": "echo fine"},
         {"id": "fails", "command": "echo broken >&2; exit 3"},
         {"id": "slow", "command": "sleep 120", "timeout": "2s"},
     ]
@@ -143,9 +144,11 @@ async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None
     report = await finish(sortie, batch_id)
     ok, fails, slow = report.results
 
-    assert ok.state == "succeeded"
+    # By default only a job that did not succeed has its log tail read: one logs call.
+    assert ok.state == "succeeded" and ok.log_tail == []
     assert (fails.state, fails.exit_code, fails.attempts) == ("failed", 3, 1)
     assert "broken" in "\n".join(fails.log_tail)
+    assert sortie.localfly.stats(app_name)["calls"].get("logs") == 1
     assert (slow.state, slow.attempts) == ("timed_out", 1)
     assert "timeout of 2s" in (slow.error or "")
     assert (report.succeeded, report.failed, report.timed_out) == (1, 2, 1)

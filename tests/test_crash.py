@@ -49,7 +49,7 @@ def spec_for(app: str, seconds: float = 1.0) -> BatchSpec:
             "app": app,
             "max_machines": 4,
             "chunk_size": 4,
-            "defaults": {"image": "alpine", "timeout": "2m", "retries": 1},
+            "defaults": {"image": "alpine", "timeout": "2m", "retries": 1, "log_tail": "always"},
             "jobs": [
                 {"id": f"job-{i}", "command": f"echo out-{i}; sleep {seconds}"} for i in range(JOBS)
             ],

@@ -40,7 +40,7 @@ def spec_for(app: str, jobs: list[dict[str, Any]] | None = None) -> BatchSpec:
             "app": app,
             "max_machines": 3,
             "chunk_size": 3,
-            "defaults": {"image": "alpine", "timeout": "2m", "retries": 1},
+            "defaults": {"image": "alpine", "timeout": "2m", "retries": 1, "log_tail": "always"},
             "jobs": jobs
             or [{"id": f"job-{i}", "command": f"echo out-{i}; sleep 0.5"} for i in range(JOBS)],
         }

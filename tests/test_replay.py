@@ -2,8 +2,9 @@
 
 `tests/histories/` holds histories of representative batches (happy path, infrastructure retry,
 pause and resume, cancel, prompt jobs pausing at their budget), each a batch history and a chunk
-history; the `v1-children-*` ones were recorded before chunks were started by an activity and
-prove that batches already running on the old code still replay (`workflow.patched`). A change
+history. Older recordings prove that batches already running on older code still replay
+(`workflow.patched`): `v1-children-*` from before chunks were started by an activity,
+`v2-steps-*` from before a job's wait, collect and destroy became one activity. A change
 to the workflows that would break running batches fails `test_committed_histories_replay`. To
 refresh them on purpose (after a deliberate, versioned change): `make histories`.
 """
@@ -74,12 +75,9 @@ async def steer(name: str, fleet: Fleet, handle: Any) -> None:
 
 
 async def _over_budget(handle: Any) -> bool:
+    """Paused with no job running: the batch stopped at its budget."""
     progress = await handle.query(BatchWorkflow.progress)
-    return bool(progress.paused and fleet_idle(progress))
-
-
-def fleet_idle(progress: Any) -> bool:
-    return bool(progress.counts.running == 0)
+    return bool(progress.paused and progress.counts.running == 0)
 
 
 async def run_scenario(temporal: WorkflowEnvironment, name: str) -> dict[str, WorkflowHistory]:
@@ -142,14 +140,14 @@ async def test_committed_histories_replay() -> None:
 async def test_replay_catches_a_nondeterministic_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Proof the replay test can fail: the chunk reordered its steps, replay must refuse it."""
-    original: Callable[..., Awaitable[Any]] = ChunkWorkflow._destroy
+    """Proof the replay test can fail: the chunk changed its steps, replay must refuse it."""
+    original: Callable[..., Awaitable[Any]] = ChunkWorkflow._finish_job
 
-    async def destroy_twice(self: ChunkWorkflow, machine: Any) -> None:
-        await original(self, machine)
-        await original(self, machine)
+    async def finish_twice(self: ChunkWorkflow, *args: Any) -> Any:
+        await original(self, *args)
+        return await original(self, *args)
 
-    monkeypatch.setattr(ChunkWorkflow, "_destroy", destroy_twice)
+    monkeypatch.setattr(ChunkWorkflow, "_finish_job", finish_twice)
     history = WorkflowHistory.from_json("happy", (HISTORIES / "happy.chunk.json").read_text())
     result = await Replayer(
         workflows=[ChunkWorkflow],

@@ -47,7 +47,7 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
             "name": f"s{uuid.uuid4().hex[:8]}",
             "app": app_name,
             "max_machines": 4,
-            "defaults": {"timeout": "2m", "secrets": ["GITHUB_TOKEN"]},
+            "defaults": {"timeout": "2m", "secrets": ["GITHUB_TOKEN"], "log_tail": "always"},
             "jobs": [
                 {"id": "review", "prompt": "Review it [[write:out.txt]]", "repos": [str(repo)]},
                 {"id": "second", "prompt": "And again [[long:5000]]"},

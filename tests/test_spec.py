@@ -9,6 +9,7 @@ import pytest
 from sortie.spec import (
     BatchFileError,
     BatchSpec,
+    LogTail,
     load_batch_file,
     parse_batch,
     parse_duration,
@@ -218,3 +219,16 @@ def test_a_prompt_job_with_repos_branch_and_ref_resolves() -> None:
     assert spec.max_cost_usd == 12.5 and spec.keep_sessions == 7 * 86400
     job = resolve_job(spec.defaults, spec.jobs[0], 0)
     assert job.max_cost_usd == 1 and job.repos[0].ref == "4f2a9c1" and job.repos[0].branch == "dev"
+
+
+def test_log_tail_defaults_to_on_failure_and_takes_only_known_values() -> None:
+    data = base(jobs=[{"id": "a", "command": "true"}, {"id": "b", "command": "true"}])
+    data["defaults"] = {"log_tail": "always"}
+    data["jobs"][1]["log_tail"] = "on_failure"  # type: ignore[index]
+    spec = parse_batch(data)
+    jobs = [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs)]
+    assert [job.log_tail for job in jobs] == [LogTail.ALWAYS, LogTail.ON_FAILURE]
+    plain = parse_batch(base(jobs=[{"id": "a", "command": "true"}]))
+    assert resolve_job(plain.defaults, plain.jobs[0], 0).log_tail is LogTail.ON_FAILURE
+    found = problems(base(jobs=[{"id": "a", "command": "true", "log_tail": "sometimes"}]))
+    assert any(p.startswith("job 'a' (jobs[0]): log_tail") for p in found), found

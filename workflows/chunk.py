@@ -27,6 +27,8 @@ with workflow.unsafe.imports_passed_through():
         CreateMachineInput,
         CreateMachineOutput,
         DestroyMachineInput,
+        FinishJobInput,
+        FinishJobOutput,
         JobAnswer,
         JobResult,
         JobState,
@@ -43,6 +45,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.shielded import finish, settle
 
 REPORT_EVERY = timedelta(seconds=5)
+FINISH_IN_ONE_ACTIVITY = "finish-job-in-one-activity"
+"""Chunks started before this patch waited, collected and destroyed in three activities."""
 
 
 class InfrastructureFailure(Exception):
@@ -165,7 +169,7 @@ class ChunkWorkflow:
             self._job_finished(spent=bool(result.cost_usd))
 
     async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
-        """Create a machine, wait for it, collect its result and destroy it."""
+        """Create a machine; wait for it, collect its result and destroy it."""
         result.state = JobState.STARTING
         self._show()
         try:
@@ -180,16 +184,23 @@ class ChunkWorkflow:
         result.credential = created.credential
         result.state = JobState.RUNNING
         self._show()
+        destroyed = False
         try:
-            outcome, collected = await self._wait_and_collect(job, machine, attempt, result)
-            self._record(job, result, outcome, collected)
+            if workflow.patched(FINISH_IN_ONE_ACTIVITY):
+                finished = await self._finish_job(job, machine, attempt, result)
+                destroyed = finished.destroyed
+                self._record(job, result, finished.waited, finished.collected)
+            else:
+                outcome, collected = await self._wait_and_collect(job, machine, attempt, result)
+                self._record(job, result, outcome, collected)
         except ActivityError as error:
             if _is_cancellation(error):
                 raise asyncio.CancelledError from error
             result.state = JobState.FAILED
             result.error = _describe(error)
         finally:
-            await finish(self._destroy(machine))
+            if not destroyed:
+                await finish(self._destroy(machine))
             self._live -= 1
             self._show()
 
@@ -220,20 +231,58 @@ class ChunkWorkflow:
             raise asyncio.CancelledError
         return settled.result()
 
+    async def _finish_job(
+        self, job: Job, machine: MachineRef, attempt: int, result: JobResult
+    ) -> FinishJobOutput:
+        """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
+        wait = self._wait_input(job, machine)
+        collect = self._collect_input(job, machine, attempt, result)
+        return await workflow.execute_activity_method(
+            MachineActivities.finish_job,
+            FinishJobInput(wait=wait, collect=collect),
+            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
+            + policies.WAIT_MARGIN,
+            heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
+            retry_policy=policies.FLY_RETRY,
+            summary=f"run job {job.id} on machine {machine.machine_id}, collect, destroy",
+        )
+
+    def _wait_input(self, job: Job, machine: MachineRef) -> WaitMachineInput:
+        now = workflow.now()
+        return WaitMachineInput(
+            machine=machine,
+            job_id=job.id,
+            deadline=now + timedelta(seconds=job.timeout_s),
+            boot_deadline=now + timedelta(seconds=job.boot_timeout_s),
+            heartbeat_every_s=self._input.tuning.heartbeat_every_s,
+        )
+
+    def _collect_input(
+        self, job: Job, machine: MachineRef, attempt: int, result: JobResult
+    ) -> CollectResultInput:
+        tuning = self._input.tuning
+        return CollectResultInput(
+            machine=machine,
+            job_id=job.id,
+            secrets=job.secrets,
+            tail_lines=tuning.log_tail_lines,
+            tail_bytes=tuning.log_tail_bytes,
+            batch_id=self._input.batch_id,
+            prompt_job=job.prompt is not None,
+            turn=result.turn,
+            attempt=attempt,
+            credential=result.credential,
+            log_grace_s=tuning.log_grace_s,
+            log_tail=job.log_tail,
+        )
+
     async def _wait_and_collect(
         self, job: Job, machine: MachineRef, attempt: int, result: JobResult
     ) -> tuple[WaitMachineOutput, CollectResultOutput | None]:
-        """Wait until the machine settles or the job's deadline passes, then read its exit."""
-        now = workflow.now()
+        """Before FINISH_IN_ONE_ACTIVITY: wait, then collect, as two activities."""
         waited = await workflow.execute_activity_method(
             MachineActivities.wait_machine,
-            WaitMachineInput(
-                machine=machine,
-                job_id=job.id,
-                deadline=now + timedelta(seconds=job.timeout_s),
-                boot_deadline=now + timedelta(seconds=job.boot_timeout_s),
-                heartbeat_every_s=self._input.tuning.heartbeat_every_s,
-            ),
+            self._wait_input(job, machine),
             start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
@@ -244,19 +293,7 @@ class ChunkWorkflow:
             return waited, None
         collected = await workflow.execute_activity_method(
             MachineActivities.collect_result,
-            CollectResultInput(
-                machine=machine,
-                job_id=job.id,
-                secrets=job.secrets,
-                tail_lines=self._input.tuning.log_tail_lines,
-                tail_bytes=self._input.tuning.log_tail_bytes,
-                batch_id=self._input.batch_id,
-                prompt_job=job.prompt is not None,
-                turn=result.turn,
-                attempt=attempt,
-                credential=result.credential,
-                log_grace_s=self._input.tuning.log_grace_s,
-            ),
+            self._collect_input(job, machine, attempt, result),
             start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
             schedule_to_close_timeout=policies.COLLECT_DEADLINE,
             retry_policy=policies.FLY_RETRY,

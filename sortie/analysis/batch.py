@@ -50,6 +50,8 @@ class AnalysisMemo(BaseModel):
     strategy: str
     focus: str
     dirty: bool = False
+    parts: dict[str, str] = {}
+    """Job id → the display name of the part it reviews (`src/api (2/3)`)."""
 
 
 def job_id(index: int, part: Part) -> str:
@@ -104,7 +106,7 @@ def analysis_spec(
 
 
 def analysis_memo(
-    checkout: Checkout, repo_url: str, strategy: str, focus: str
+    checkout: Checkout, parts: list[Part], repo_url: str, strategy: str, focus: str
 ) -> dict[str, object]:
     """The batch memo that lets any process aggregate the analysis later."""
     memo = AnalysisMemo(
@@ -115,6 +117,7 @@ def analysis_memo(
         strategy=strategy,
         focus=focus,
         dirty=checkout.dirty,
+        parts={job_id(i, part): part.name for i, part in enumerate(parts)},
     )
     return {MEMO_KEY: memo.model_dump(mode="json")}
 
@@ -139,14 +142,16 @@ async def aggregate(client: Client, settings: Settings, batch_id: str) -> Aggreg
     parsed: list[ParsedAnswer] = []
     raw: dict[str, str] = {}
     unparsed: list[str] = []
+    names = {r.job_id: memo.parts.get(r.job_id, r.job_id) for r in report.results}
     for result in report.results:
         if result.state is not JobState.SUCCEEDED:
             continue
-        answer = parse_answer(batches.full_answer(settings, result), result.job_id)
+        part = names[result.job_id]
+        answer = parse_answer(batches.full_answer(settings, result), part)
         parsed.append(answer)
         if answer.error is not None:
-            unparsed.append(result.job_id)
-            raw[result.job_id] = answer.raw or ""
+            unparsed.append(part)
+            raw[part] = answer.raw or ""
     findings = merge(parsed)
     started = description.start_time or datetime.now(UTC)
     ended = description.close_time or datetime.now(UTC)
@@ -161,7 +166,7 @@ async def aggregate(client: Client, settings: Settings, batch_id: str) -> Aggreg
         sequential_s=sum(r.duration_s or 0.0 for r in report.results),
         cost_usd=report.cost_usd,
         sessions={r.job_id: r.session_id for r in report.results if r.session_id},
-        chunk_names={r.job_id: r.job_id for r in report.results},
+        chunk_names=names,
         batch_id=batch_id,
         status=report.status,
         dirty=memo.dirty,

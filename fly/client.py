@@ -60,6 +60,8 @@ DEFAULT_TIMEOUT = httpx.Timeout(
     connect=10.0, read=WAIT_MAX_S + WAIT_READ_MARGIN_S, write=30.0, pool=30.0
 )
 """Timeouts of the client ``FlyClient.open`` builds: reads long enough for a full 60 s wait."""
+CALL_KEEPALIVE = 32
+"""Idle connections kept for short calls (create, get, destroy, logs)."""
 
 LOGS_FROM_START = "0"
 """A logs ``next_token`` (Unix nanoseconds) before any line: read from the oldest kept."""
@@ -79,7 +81,12 @@ class _ErrorBody(BaseModel):
 
 
 class FlyClient:
-    """Fly Machines API calls over a shared ``httpx.AsyncClient`` that the caller owns."""
+    """Fly Machines API calls over shared ``httpx.AsyncClient`` pools that the caller owns.
+
+    Waits, which hold a connection for up to 60 s each, may get a pool of their own
+    (``waits``): httpcore scans every connection of a pool on each request and each response,
+    so the short calls stay fast when hundreds of waits are in flight.
+    """
 
     def __init__(
         self,
@@ -88,8 +95,10 @@ class FlyClient:
         settings: FlySettings,
         *,
         limiter: RateLimiter | None = None,
+        waits: httpx.AsyncClient | None = None,
     ) -> None:
         self._http = http
+        self._waits = http if waits is None else waits
         self._token = token
         self.settings = settings
         if limiter is None:
@@ -112,16 +121,24 @@ class FlyClient:
         settings = FlySettings.from_env() if settings is None else settings
         token = FlyToken.from_env() if token is None else token
         headers = {"Accept": "application/json", "User-Agent": "sortie-fly/0.1"}
-        # httpx keeps 20 connections alive by default: with hundreds of waits in flight most
-        # calls would open (and close) a connection of their own.
-        limits = httpx.Limits(
+        # Every running wait holds a connection: their pool keeps as many alive as it may open,
+        # so a wait does not pay for a new connection each time; short calls need few.
+        wait_limits = httpx.Limits(
             max_connections=settings.max_connections,
             max_keepalive_connections=settings.max_connections,
         )
-        async with httpx.AsyncClient(
-            transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers, limits=limits
-        ) as http:
-            yield cls(http, token, settings)
+        call_limits = httpx.Limits(
+            max_connections=settings.max_connections, max_keepalive_connections=CALL_KEEPALIVE
+        )
+        async with (
+            httpx.AsyncClient(
+                transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers, limits=call_limits
+            ) as http,
+            httpx.AsyncClient(
+                transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers, limits=wait_limits
+            ) as waits,
+        ):
+            yield cls(http, token, settings, waits=waits)
 
     def __repr__(self) -> str:
         return f"FlyClient(api={self._api!r}, logs={self._logs!r}, token={self._token!r})"
@@ -357,7 +374,8 @@ class FlyClient:
         url = (base or self._api) + path
         extra: dict[str, Any] = {} if http_timeout is None else {"timeout": http_timeout}
         try:
-            response = await self._http.request(
+            pool = self._waits if action == "wait" else self._http
+            response = await pool.request(
                 method, url, params=tuple(params or ()), json=json, auth=self._token, **extra
             )
         except httpx.UnsupportedProtocol as error:

@@ -65,10 +65,11 @@ async def test_reaper_destroys_what_a_terminated_batch_left(
         doomed.stop()
     assert swept.destroyed == 4
     assert live(localfly, app_name) == []
-    # The batch's only started chunk (the cap of 4 filled it) is cancelled, so no worker that
-    # comes back later creates machines for a batch that no longer exists.
+    # Both started chunks (one slot for the first while the second waited, three for the
+    # second) are cancelled, so no worker that comes back later creates machines for a batch
+    # that no longer exists.
     stray = chunk_workflow_id(submitted.batch_id, 0)
-    assert swept.cancelled_chunks == [stray]
+    assert swept.cancelled_chunks == [stray, chunk_workflow_id(submitted.batch_id, 1)]
     chunk = await temporal.client.get_workflow_handle(stray).describe()
     assert chunk.status is WorkflowExecutionStatus.RUNNING  # until a worker runs its cancel
     history = await temporal.client.get_workflow_handle(stray).fetch_history()

@@ -82,6 +82,21 @@ async def test_chunks_smaller_than_the_cap_share_it(temporal: WorkflowEnvironmen
     assert fleet.most == 12 and fleet.live == 0
 
 
+async def test_chunks_reuse_their_slots_in_place_while_others_wait(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Twenty slots, chunks of twenty: four chunks of five slots each, not one of twenty, so a
+    # freed slot mostly runs its chunk's next job without a round trip through the batch.
+    fleet, report, _, _ = await run_fleet_batch(
+        temporal, jobs=80, max_machines=20, chunk_size=20, fill_to=20
+    )
+
+    assert report.succeeded == 80 and fleet.most == 20 and fleet.live == 0
+    first = sorted(fleet.runs[:20])
+    assert first == [f"j{c * 20 + i:05d}" for c in range(4) for i in range(5)], first
+    assert sorted(fleet.runs) == [f"j{i:05d}" for i in range(80)]
+
+
 async def test_a_raised_cap_is_used_at_once(temporal: WorkflowEnvironment) -> None:
     fleet = Fleet()
     settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")

@@ -53,6 +53,10 @@ RUN_EVENTS = 2_000
 RUN_BYTES = 1_500_000
 BOUNDED_RUNS = "bounded-runs"
 """Runs of batches started before this patch continue-as-new only when Temporal suggests it."""
+SLOT_SHARE = 4
+"""While chunks wait to start, a chunk holds at most 1/SLOT_SHARE of its jobs' worth of slots."""
+SLOTS_REUSED_IN_CHUNKS = "slots-reused-in-chunks"
+"""Batches started before this patch lent a chunk a slot for each of its jobs."""
 CONTINUE_WHILE_STARTING = "continue-as-new-while-starting-chunks"
 """Runs of batches started before this patch kept starting chunks past their bound."""
 CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
@@ -68,10 +72,12 @@ class BatchWorkflow:
         self._input = input
         self._state = input.state or _plan(input)
         self._changed = False
+        self._capped = False
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
         """Drive the chunks until every job is done or cancelled."""
+        self._capped = workflow.patched(SLOTS_REUSED_IN_CHUNKS)
         if input.state is None:
             await self._check_secrets(input)
         self._show()
@@ -235,7 +241,7 @@ class BatchWorkflow:
         """Give free slots to the oldest running chunks that still have jobs to start."""
         sends: list[Awaitable[None]] = []
         for chunk in running:
-            give = min(self._free(), chunk.size - chunk.slots)
+            give = min(self._free(), self._slot_cap(chunk.size) - chunk.slots)
             if chunk.wants_more and not chunk.owed and give > 0:
                 chunk.slots += give
                 sends.append(self._tell(chunk, ChunkWorkflow.grant, SlotGrant(grant=give)))
@@ -244,7 +250,7 @@ class BatchWorkflow:
     async def _start_chunk(self, plan: ChunkPlan) -> None:
         """Start a chunk child with as many slots as are free, up to its size."""
         chunk = self._state.chunks[plan.index]
-        chunk.slots = min(self._free(), len(plan.jobs))
+        chunk.slots = min(self._free(), len(plan.jobs), self._slot_cap(len(plan.jobs)))
         chunk.wants_more = chunk.slots < len(plan.jobs)
         chunk.status = ChunkStatus.RUNNING
         jobs = [
@@ -290,6 +296,17 @@ class BatchWorkflow:
             static_summary=summary,
             static_details=details,
         )
+
+    def _slot_cap(self, size: int) -> int:
+        """Slots a chunk of `size` jobs may hold: a quarter of its jobs while other chunks wait.
+
+        A slot a chunk holds runs its next job at once; one handed back costs a signal and a
+        workflow task on each side before another chunk can use it. So while chunks wait to
+        start, more chunks run with fewer slots each, and each slot runs several jobs in place.
+        """
+        if not self._capped or not self._state.pending:
+            return size
+        return max(1, -(-size // SLOT_SHARE))
 
     def _run_is_long(self) -> bool:
         """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds.

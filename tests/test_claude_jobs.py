@@ -176,6 +176,15 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
     again = await batches.results(sortie.client, report.batch_id)
     assert [t.turn for t in again.results[0].followups] == [2]
     assert again.cost_usd == pytest.approx((first.cost_usd or 0) + (turn.cost_usd or 0))
+
+    # A third turn at once continues the second: turns are found by id, not through visibility.
+    third_id = await batches.followup(
+        sortie.client, sortie.settings, report.batch_id, "fix", "And then?"
+    )
+    third = (await batches.chunk_handle(sortie.client, third_id).result()).results[0]
+    assert (third.state, third.turn) == ("succeeded", 3)
+    _, found = await batches.find_job(sortie.client, report.batch_id, "fix")
+    assert [t.turn for t in found.followups] == [2, 3]
     assert live(sortie, app_name) == []
 
 

@@ -223,6 +223,8 @@ class BatchWorkflow:
             # thousands of events, so it stops as soon as the run is long enough to continue.
             while self._free() > 0 and state.pending and not self._long_while_starting():
                 await self._start_chunk(state.pending.pop(0))
+            if self._capped and not state.pending:
+                sends += self._lend(self._running())  # no chunk waits: the others may grow
         await asyncio.gather(*sends)
 
     def _take_back(self, running: list[ChunkState]) -> list[Awaitable[None]]:

@@ -248,6 +248,7 @@ class ChunkWorkflow:
         )
 
     def _wait_input(self, job: Job, machine: MachineRef) -> WaitMachineInput:
+        """The job's deadlines, counted from now (the machine was just created)."""
         now = workflow.now()
         return WaitMachineInput(
             machine=machine,
@@ -260,6 +261,7 @@ class ChunkWorkflow:
     def _collect_input(
         self, job: Job, machine: MachineRef, attempt: int, result: JobResult
     ) -> CollectResultInput:
+        """What to read from the machine once it settles, and how much of its logs."""
         tuning = self._input.tuning
         return CollectResultInput(
             machine=machine,

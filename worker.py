@@ -14,7 +14,7 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.chunks import start_chunk
+from activities.chunks import start_chunk, start_chunks
 from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
@@ -49,6 +49,7 @@ def build_worker(
             machines.release_sessions,
             reaper.reap_orphans,
             start_chunk,
+            start_chunks,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),

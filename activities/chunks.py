@@ -8,6 +8,8 @@ batch's history holds counts, never job results.
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio import activity
 from temporalio.common import (
     SearchAttributePair,
@@ -18,7 +20,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from sortie.labels import BATCH_ID
-from sortie.models import StartChunkInput, StartChunkOutput
+from sortie.models import StartChunkInput, StartChunkOutput, StartChunksInput, StartChunksOutput
 
 CHUNK_WORKFLOW = "ChunkWorkflow"
 
@@ -44,3 +46,10 @@ async def start_chunk(input: StartChunkInput) -> StartChunkOutput:
     except WorkflowAlreadyStartedError:
         return StartChunkOutput(workflow_id=input.workflow_id, already_started=True)
     return StartChunkOutput(workflow_id=input.workflow_id, run_id=handle.result_run_id)
+
+
+@activity.defn(name="start_chunks")
+async def start_chunks(input: StartChunksInput) -> StartChunksOutput:
+    """Start several chunk workflows concurrently; a retry finds those already started."""
+    started = await asyncio.gather(*(start_chunk(chunk) for chunk in input.chunks))
+    return StartChunksOutput(started=list(started))

@@ -228,7 +228,7 @@ class MachineActivities:
         while True:
             now = datetime.now(UTC)
             if now >= input.deadline:
-                return WaitMachineOutput(outcome=WaitOutcome.TIMED_OUT, state=seen["state"])
+                return await self._past_deadline(ref, seen)
             budget = (input.deadline - now).total_seconds()
             if not booted:
                 budget = min(budget, max((input.boot_deadline - now).total_seconds(), 1.0))
@@ -256,6 +256,27 @@ class MachineActivities:
                 # Destroyed after its process ended, by an earlier try of this activity.
                 return WaitMachineOutput(outcome=WaitOutcome.EXITED, state=state)
             return WaitMachineOutput(outcome=_OUTCOMES.get(state, WaitOutcome.EXITED), state=state)
+
+    async def _past_deadline(self, ref: MachineRef, seen: dict[str, Any]) -> WaitMachineOutput:
+        """The job's time is up; but a retry may find the machine settled before the deadline.
+
+        A retry of this activity (after a worker crash, or Fly errors while collecting) can
+        start after the deadline: the job ran in time then, and must not be called timed out.
+        """
+        try:
+            machine = await self._fly.get_machine(ref.app, ref.machine_id)
+        except FlyNotFound:
+            return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
+        seen["state"] = machine.state
+        exit_event = machine.latest_exit_event()
+        stopped_by_us = bool(exit_event and exit_event.requested_stop)
+        settled = machine.state in ("stopped", "failed") or (
+            machine.state == "destroyed" and await self._exited_by_itself(ref)
+        )
+        if settled and not stopped_by_us:
+            outcome = WaitOutcome.FAILED if machine.state == "failed" else WaitOutcome.EXITED
+            return WaitMachineOutput(outcome=outcome, state=machine.state)
+        return WaitMachineOutput(outcome=WaitOutcome.TIMED_OUT, state=machine.state)
 
     async def _exited_by_itself(self, ref: MachineRef) -> bool:
         """Whether the machine's process exited on its own, not stopped by a stop or destroy."""

@@ -105,6 +105,8 @@ class ChunkState(_Model):
     told_paused: bool = False
     told_cancel: bool = False
     report_seq: int = 0
+    reports: int | None = None
+    """Reports received; None in state carried over from before the batch counted them."""
     counts: Counts = Counts()
     skipped_job_ids: list[str] = []
 
@@ -214,6 +216,18 @@ class StartChunkOutput(_Model):
     workflow_id: str
     run_id: str | None = None
     already_started: bool = False
+
+
+class StartChunksInput(_Model):
+    """Start several chunks at once: one activity, however many chunks a pass starts."""
+
+    chunks: list[StartChunkInput]
+
+
+class StartChunksOutput(_Model):
+    """Each chunk started, in input order."""
+
+    started: list[StartChunkOutput]
 
 
 class JobResult(_Model):

@@ -17,7 +17,7 @@ from typing import Any
 
 from temporalio import activity
 
-from activities.chunks import start_chunk
+from activities.chunks import start_chunk, start_chunks
 from sortie.models import (
     CheckSecretsInput,
     CheckSecretsOutput,
@@ -136,4 +136,5 @@ class Fleet:
             self.destroy_machine,
             self.release_sessions,
             start_chunk,
+            start_chunks,
         ]

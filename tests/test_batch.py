@@ -96,13 +96,9 @@ async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
 ) -> None:
     spec = make_spec(app_name, sleepers(100, 0.3), max_machines=10, chunk_size=25)
     batch_id = await start(sortie, spec)
-    first_run = (await batches.batch_handle(sortie.client, batch_id).describe()).run_id
     report = await finish(sortie, batch_id)
 
     assert report.succeeded == 100
-    # The dev server suggests continue-as-new early: the batch went on in a new run.
-    last_run = (await batches.batch_handle(sortie.client, batch_id).describe()).run_id
-    assert last_run != first_run
     stats = sortie.localfly.stats(app_name)
     assert stats["max_live_machines"] == 10, stats
     assert stats["machines_created"] == 100
@@ -118,19 +114,22 @@ async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
 async def test_every_run_of_the_batch_stays_short_while_it_starts_many_chunks(
     sortie: Sortie, app_name: str
 ) -> None:
-    # Forty one-job chunks and forty free slots: the batch starts them one activity after the
-    # other, and must continue-as-new in the middle of that, not after it.
-    spec = make_spec(app_name, sleepers(40, 0.2), max_machines=40, chunk_size=1)
+    # Three hundred one-job chunks: the batch starts them in passes while their
+    # reports pour in, and must continue-as-new between passes, not after the last.
+    spec = make_spec(app_name, sleepers(300, 0.1), max_machines=60, chunk_size=1)
     batch_id = await start(sortie, spec)
     report = await finish(sortie, batch_id)
 
-    assert report.succeeded == 40
+    assert report.succeeded == 300
     runs = [
         await sortie.client.get_workflow_handle(batch_id, run_id=e.run_id).fetch_history()
         async for e in sortie.client.list_workflows(f'WorkflowId="{batch_id}"')
     ]
     lengths = sorted(len(history.events) for history in runs)
-    assert len(runs) > 1 and lengths[-1] <= SUGGEST_CONTINUE_AS_NEW_AT + 40, lengths
+    # A run ends at the first check past the suggestion: what arrives while one pass of starts
+    # is in flight (a chunk's report of its slot and its last report) can overshoot it.
+    overshoot = 2 * spec.max_machines + 40
+    assert len(runs) > 1 and lengths[-1] <= SUGGEST_CONTINUE_AS_NEW_AT + overshoot, lengths
     assert not live(sortie, app_name)
 
 

@@ -8,6 +8,8 @@ result, no job attempt got two machines, and no machine is left alive.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -184,3 +186,6 @@ async def test_server_killed_mid_batch_resumes_on_the_same_database(
         worker.stop()
         server.stop()
     check_exactly_once(localfly, app_name, report)
+    # The kill lost nothing although the server writes through SQLite's write-ahead log.
+    with contextlib.closing(sqlite3.connect(tmp_path / "temporal.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)

@@ -8,13 +8,24 @@ jobs run in seconds and the cap, slot reuse and continue-as-new can be checked e
 from __future__ import annotations
 
 import uuid
+from collections import Counter
+from typing import Any
 
+from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.chunks import start_chunks
 from sortie import batches
 from sortie.models import (
+    ChunkReport,
+    ChunkStatus,
+    Counts,
     MaxMachinesRequest,
+    StartChunkOutput,
+    StartChunksInput,
+    StartChunksOutput,
     Tuning,
 )
 from sortie.settings import Settings
@@ -123,3 +134,74 @@ async def test_a_raised_cap_is_used_at_once(temporal: WorkflowEnvironment) -> No
         await eventually(lambda: fleet.live == 8, what="eight machines")
         await handle.result()
     assert fleet.most == 8 and fleet.created == 40
+
+
+async def test_every_chunk_starts_at_once_when_the_cap_gives_each_a_slot(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Eight chunks of ten, twenty slots: each chunk starts with two slots and the four left
+    # go to four of them, so no chunk waits with all its jobs for the others to finish.
+    fleet, report, _, _ = await run_fleet_batch(
+        temporal, jobs=80, max_machines=20, chunk_size=10, fill_to=20
+    )
+
+    assert report.succeeded == 80 and fleet.most == 20 and fleet.live == 0
+    per_chunk = Counter(int(job[1:]) // 10 for job in fleet.runs[:20])
+    assert sorted(per_chunk) == list(range(8)), fleet.runs[:20]
+    assert sorted(per_chunk.values()) == [2, 2, 2, 2, 3, 3, 3, 3], per_chunk
+
+
+@activity.defn(name="start_chunks")
+async def start_no_chunks(input: StartChunksInput) -> StartChunksOutput:
+    """Starts nothing: the test plays the chunk, by signal."""
+    return StartChunksOutput(started=[StartChunkOutput(workflow_id="-")])
+
+
+async def test_the_batch_closes_only_after_every_report_of_its_chunks(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Signals between workflows may arrive out of order. A batch that closed on a chunk's
+    # last report while an earlier one was still on its way would fail its final workflow
+    # task and replay its whole history; it waits for every report instead.
+    fleet = Fleet()
+    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
+    spec = parse_batch(
+        {
+            "name": f"s{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": 2,
+            "chunk_size": 2,
+            "defaults": {"command": "true"},
+            "jobs": [{"id": "a"}, {"id": "b"}],
+        }
+    )
+    activities = [a for a in fleet.activities if a is not start_chunks] + [start_no_chunks]
+    async with Worker(
+        temporal.client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=activities,
+    ):
+        submitted = await batches.submit(temporal.client, settings, spec)
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        await eventually(
+            lambda: _chunk_status(handle, ChunkStatus.RUNNING), what="the chunk started"
+        )
+        done = Counts(total=2, succeeded=2)
+        last = ChunkReport(index=0, seq=2, released=2, wants_more=False, counts=done, done=True)
+        await handle.signal(BatchWorkflow.chunk_report, last)
+        await eventually(lambda: _chunk_status(handle, ChunkStatus.DONE), what="the last report")
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+        earlier = ChunkReport(index=0, seq=1, wants_more=False, counts=done)
+        await handle.signal(BatchWorkflow.chunk_report, earlier)
+        output = await handle.result()
+
+    assert output.status == "completed" and output.succeeded == 2
+    history = await handle.fetch_history()
+    assert not [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
+
+
+async def _chunk_status(handle: WorkflowHandle[Any, Any], status: ChunkStatus) -> bool:
+    progress = await handle.query(BatchWorkflow.progress)
+    return progress.chunks[0].status is status

@@ -10,6 +10,7 @@ it can continue-as-new to stay bounded for any batch size.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.chunks import start_chunk
+    from activities.chunks import start_chunk, start_chunks
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import (
@@ -41,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         ReleaseSessionsInput,
         SlotGrant,
         StartChunkInput,
+        StartChunksInput,
     )
     from sortie.spec import resolve_job
     from workflows import policies
@@ -59,6 +61,14 @@ SLOTS_REUSED_IN_CHUNKS = "slots-reused-in-chunks"
 """Batches started before this patch lent a chunk a slot for each of its jobs."""
 CONTINUE_WHILE_STARTING = "continue-as-new-while-starting-chunks"
 """Runs of batches started before this patch kept starting chunks past their bound."""
+FAIR_SHARES = "fair-shares-of-slots"
+"""Before this patch chunks started one at a time, each with up to a quarter of its jobs' worth
+of slots, freed slots went to the oldest chunks first, and the batch could close while a chunk's
+last reports were still on their way."""
+STARTS_AT_ONCE = 50
+"""Chunks one activity starts at once, so a large batch has all its machines busy quickly."""
+PASS_BYTES = 256_000
+"""...and no more than about this much chunk input in that activity's input, in history."""
 CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
 """A chunk's whole result landed in the batch's history when it was a child; now it is not."""
 
@@ -73,11 +83,14 @@ class BatchWorkflow:
         self._state = input.state or _plan(input)
         self._changed = False
         self._capped = False
+        self._fair = False
+        self._grants: list[asyncio.Future[None]] = []
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
         """Drive the chunks until every job is done or cancelled."""
         self._capped = workflow.patched(SLOTS_REUSED_IN_CHUNKS)
+        self._fair = workflow.patched(FAIR_SHARES)
         if input.state is None:
             await self._check_secrets(input)
         self._show()
@@ -86,6 +99,7 @@ class BatchWorkflow:
                 await self._drive()
             except asyncio.CancelledError:
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
+        await self._delivered()
         if self._state.prompt_jobs:
             await finish(self._release_sessions())
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -98,6 +112,8 @@ class BatchWorkflow:
     def chunk_report(self, report: ChunkReport) -> None:
         """A chunk handed back slots or reported progress."""
         chunk = self._state.chunks[report.index]
+        if chunk.reports is not None:
+            chunk.reports += 1
         chunk.slots -= report.released
         chunk.owed = max(0, chunk.owed - report.released)
         if report.seq >= chunk.report_seq:
@@ -192,6 +208,7 @@ class BatchWorkflow:
             if self._finished():
                 return
             if self._run_is_long():
+                await self._delivered()
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(
                     self._input.model_copy(update={"jobs": [], "state": self._state})
@@ -216,16 +233,42 @@ class BatchWorkflow:
                     sends.append(self._tell(chunk, ChunkWorkflow.pause, request_p))
                 else:
                     sends.append(self._tell(chunk, ChunkWorkflow.resume))
-        sends += self._take_back(running)
+        grants = self._take_back(running)
         if not state.cancelled and not state.paused:
-            sends += self._lend(running)
+            grants += self._lend(running)
+        if self._fair:
+            self._send_in_background(grants)
+            grants = []
+        if not state.cancelled and not state.paused:
             # Each start is an activity: while slots free up this loop could run for
             # thousands of events, so it stops as soon as the run is long enough to continue.
             while self._free() > 0 and state.pending and not self._long_while_starting():
-                await self._start_chunk(state.pending.pop(0))
+                if not self._fair:
+                    await self._start_chunk(self._prepare(state.pending.pop(0)))
+                    continue
+                await self._start_chunks(self._next_starts())
             if self._capped and not state.pending:
-                sends += self._lend(self._running())  # no chunk waits: the others may grow
+                grants += self._lend(self._running())  # no chunk waits: the others may grow
+        if self._fair:
+            self._send_in_background(grants)
+        else:
+            sends += grants
         await asyncio.gather(*sends)
+
+    def _send_in_background(self, grants: list[Awaitable[None]]) -> None:
+        """Send slot grants without waiting for their delivery: they add up in any order.
+
+        Waiting would hold every other change (a report, a freed slot) until the server had
+        delivered them, which under load takes seconds. Pause, resume and cancel are still
+        awaited, so they arrive in the order they were given.
+        """
+        self._grants = [g for g in self._grants if not g.done()]
+        self._grants += [asyncio.ensure_future(g) for g in grants]
+
+    async def _delivered(self) -> None:
+        """Wait until every grant sent in the background has been delivered."""
+        await asyncio.gather(*self._grants)
+        self._grants = []
 
     def _take_back(self, running: list[ChunkState]) -> list[Awaitable[None]]:
         """Ask the newest chunks to give slots back when the cap was lowered."""
@@ -240,7 +283,9 @@ class BatchWorkflow:
         return sends
 
     def _lend(self, running: list[ChunkState]) -> list[Awaitable[None]]:
-        """Give free slots to the oldest running chunks that still have jobs to start."""
+        """Give free slots to running chunks that still have jobs to start."""
+        if self._fair:
+            return self._lend_evenly(running)
         sends: list[Awaitable[None]] = []
         for chunk in running:
             give = min(self._free(), self._slot_cap(chunk.size) - chunk.slots)
@@ -249,12 +294,91 @@ class BatchWorkflow:
                 sends.append(self._tell(chunk, ChunkWorkflow.grant, SlotGrant(grant=give)))
         return sends
 
-    async def _start_chunk(self, plan: ChunkPlan) -> None:
-        """Start a chunk child with as many slots as are free, up to its size."""
+    def _lend_evenly(self, running: list[ChunkState]) -> list[Awaitable[None]]:
+        """Give each free slot to the chunk with the most unfinished jobs per slot.
+
+        The chunk that would finish last gets the slot, so chunks finish together and no slot
+        idles at the end while one chunk still works through a queue of its own.
+        """
+        free = self._free()
+        given: dict[int, int] = {}
+        queue: list[tuple[float, int, ChunkState]] = []
+        for chunk in running:
+            if chunk.wants_more and not chunk.owed:
+                heapq.heappush(queue, (-_per_slot(chunk), chunk.index, chunk))
+        while free > 0 and queue:
+            _, index, chunk = heapq.heappop(queue)
+            if chunk.slots >= min(self._slot_cap(chunk.size), _unfinished(chunk)):
+                continue
+            chunk.slots += 1
+            free -= 1
+            given[index] = given.get(index, 0) + 1
+            heapq.heappush(queue, (-_per_slot(chunk), index, chunk))
+        chunks = self._state.chunks
+        return [
+            self._tell(chunks[i], ChunkWorkflow.grant, SlotGrant(grant=n)) for i, n in given.items()
+        ]
+
+    def _prepare(self, plan: ChunkPlan) -> ChunkPlan:
+        """Give a chunk about to start as many slots as are free, up to its share."""
         chunk = self._state.chunks[plan.index]
         chunk.slots = min(self._free(), len(plan.jobs), self._slot_cap(len(plan.jobs)))
         chunk.wants_more = chunk.slots < len(plan.jobs)
         chunk.status = ChunkStatus.RUNNING
+        return plan
+
+    def _next_starts(self) -> list[StartChunkInput]:
+        """The chunks to start in one pass: while slots are free, within a pass's size."""
+        state = self._state
+        starts: list[StartChunkInput] = []
+        size = 0
+        while self._free() > 0 and state.pending and len(starts) < STARTS_AT_ONCE:
+            start = self._start_input(self._prepare(state.pending[0]))  # its share counts it
+            state.pending.pop(0)
+            starts.append(start)
+            size += len(start.model_dump_json())
+            if size >= PASS_BYTES:
+                break
+        return starts
+
+    async def _start_chunks(self, starts: list[StartChunkInput]) -> None:
+        """Start chunk workflows with the slots `_prepare` gave them, in one activity."""
+        first, last = starts[0].chunk.index, starts[-1].chunk.index
+        await workflow.execute_activity(
+            start_chunks,
+            StartChunksInput(chunks=starts),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=policies.FLY_RETRY,
+            summary=f"start chunks {first}-{last}" if last > first else f"start chunk {first}",
+        )
+
+    def _start_input(self, plan: ChunkPlan) -> StartChunkInput:
+        """What starts a chunk: its resolved jobs, its slots, and what the UI shows of it."""
+        chunk = self._state.chunks[plan.index]
+        jobs = [
+            resolve_job(self._input.defaults, job, plan.first_job + i)
+            for i, job in enumerate(plan.jobs)
+        ]
+        last = plan.first_job + len(plan.jobs) - 1
+        return StartChunkInput(
+            workflow_id=chunk.workflow_id,
+            chunk=ChunkInput(
+                batch_id=self._input.batch_id,
+                batch_workflow_id=workflow.info().workflow_id,
+                index=plan.index,
+                app=self._input.app,
+                jobs=jobs,
+                slots=chunk.slots,
+                budgeted=self._state.max_cost_usd is not None,
+                tuning=self._input.tuning,
+            ),
+            summary=f"chunk {plan.index} of batch {self._input.name}: jobs {plan.first_job}-{last}",
+            details=f"Jobs: {', '.join(j.id for j in plan.jobs)}",
+        )
+
+    async def _start_chunk(self, plan: ChunkPlan) -> None:
+        """Before FAIR_SHARES: start one chunk workflow with the slots `_prepare` gave it."""
+        chunk = self._state.chunks[plan.index]
         jobs = [
             resolve_job(self._input.defaults, job, plan.first_job + i)
             for i, job in enumerate(plan.jobs)
@@ -308,7 +432,11 @@ class BatchWorkflow:
         """
         if not self._capped or not self._state.pending:
             return size
-        return max(1, -(-size // SLOT_SHARE))
+        quarter = max(1, -(-size // SLOT_SHARE))
+        if not self._fair:
+            return quarter
+        open_chunks = len(self._running()) + len(self._state.pending)
+        return max(1, min(quarter, self._state.max_machines // open_chunks))
 
     def _run_is_long(self) -> bool:
         """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds.
@@ -379,7 +507,12 @@ class BatchWorkflow:
         return self._state.max_machines - sum(c.slots for c in self._running())
 
     def _finished(self) -> bool:
-        return not self._state.pending and not self._running()
+        """Every chunk is done and, so the batch closes with no signal on its way, heard out."""
+        if self._state.pending or self._running():
+            return False
+        return not self._fair or all(
+            c.reports is None or c.reports >= c.report_seq for c in self._state.chunks
+        )
 
     def _touch(self) -> None:
         self._changed = True
@@ -447,6 +580,7 @@ def _plan(input: BatchInput) -> BatchState:
                 workflow_id=chunk_workflow_id(input.batch_id, index),
                 first_job=first,
                 size=len(jobs),
+                reports=0,
                 counts=Counts(total=len(jobs), pending=len(jobs)),
             )
         )
@@ -458,3 +592,13 @@ def _plan(input: BatchInput) -> BatchState:
         chunks=chunks,
         pending=plans,
     )
+
+
+def _unfinished(chunk: ChunkState) -> int:
+    """Jobs of the chunk not finished at its last report: the most slots it can use."""
+    return chunk.counts.pending + chunk.counts.running
+
+
+def _per_slot(chunk: ChunkState) -> float:
+    """Unfinished jobs per slot: how long the chunk has left to run, in rounds."""
+    return _unfinished(chunk) / chunk.slots if chunk.slots else float("inf")

@@ -1,0 +1,63 @@
+"""The machine activities on their own, against localfly, through Temporal's ActivityEnvironment."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from temporalio.testing import ActivityEnvironment
+
+from activities.machines import MachineActivities
+from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
+from sortie.models import MachineRef, WaitMachineInput, WaitOutcome
+from sortie.secrets import SecretStore
+from sortie.store import BlobStore
+from tests.waiting import eventually
+
+
+async def test_a_wait_retried_after_the_deadline_finds_the_job_exited_in_time(
+    fly_client: FlyClient, app_name: str, tmp_path: Path
+) -> None:
+    # finish_job retried after the job's deadline (its collect kept meeting 429s, or a worker
+    # died): the machine exited long before, so the job succeeded; it did not time out.
+    config = MachineConfig(
+        image="alpine", init=InitConfig(exec=["true"]), restart=RestartConfig(policy="no")
+    )
+    machine = await fly_client.create_machine(app_name, config, name=f"m-{uuid.uuid4().hex[:6]}")
+
+    async def stopped() -> bool:
+        return (await fly_client.get_machine(app_name, machine.id)).state == "stopped"
+
+    await eventually(stopped, what="the machine's process exited")
+    activities = MachineActivities(fly_client, SecretStore({}), BlobStore(tmp_path))
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    ref = MachineRef(app=app_name, machine_id=machine.id, name=machine.name or "")
+    waited = await ActivityEnvironment().run(
+        activities.wait_machine,
+        WaitMachineInput(machine=ref, job_id="j", deadline=past, boot_deadline=past),
+    )
+
+    assert (waited.outcome, waited.state) == (WaitOutcome.EXITED, "stopped")
+    await fly_client.destroy_machine(app_name, machine.id, force=True)
+
+
+async def test_a_wait_past_the_deadline_on_a_running_machine_is_a_timeout(
+    fly_client: FlyClient, app_name: str, tmp_path: Path
+) -> None:
+    config = MachineConfig(
+        image="alpine", init=InitConfig(exec=["sleep", "60"]), restart=RestartConfig(policy="no")
+    )
+    machine = await fly_client.create_machine(app_name, config, name=f"m-{uuid.uuid4().hex[:6]}")
+    activities = MachineActivities(fly_client, SecretStore({}), BlobStore(tmp_path))
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    ref = MachineRef(app=app_name, machine_id=machine.id, name=machine.name or "")
+    try:
+        waited = await ActivityEnvironment().run(
+            activities.wait_machine,
+            WaitMachineInput(machine=ref, job_id="j", deadline=past, boot_deadline=past),
+        )
+    finally:
+        await fly_client.destroy_machine(app_name, machine.id, force=True)
+
+    assert waited.outcome is WaitOutcome.TIMED_OUT

@@ -85,7 +85,7 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
         name=spec.name,
         app=spec.app,
         max_machines=spec.max_machines,
-        chunk_size=spec.chunk_size,
+        chunk_size=spec.balanced_chunk_size(),
         max_cost_usd=spec.max_cost_usd,
         keep_sessions_s=spec.keep_sessions,
         defaults=spec.defaults,
@@ -108,7 +108,7 @@ def _details(spec: BatchSpec) -> str:
     """Markdown for the Web UI: the batch's shape and its first jobs."""
     lines = [
         f"**{spec.name}** on Fly app `{spec.app}`: {len(spec.jobs)} jobs, "
-        f"at most {spec.max_machines} machines, chunks of {spec.chunk_size}",
+        f"at most {spec.max_machines} machines, chunks of {spec.balanced_chunk_size()}",
         "",
         "| job | kind | what |",
         "|---|---|---|",

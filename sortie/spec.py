@@ -262,6 +262,23 @@ class BatchSpec(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
+    def balanced_chunk_size(self) -> int:
+        """Jobs per chunk, at most `chunk_size`, so that every chunk gets the same machine slots.
+
+        The batch shares `max_machines` among the chunks running at once. With k chunks of the
+        same size and C machines, every chunk gets C/k slots when k divides C, or one slot each
+        when k is a multiple of C; otherwise some chunks get a slot more than others, finish
+        first, and the rest run on with their queues while slots wait in transit between them.
+        So k is raised to the next divisor (or multiple) of C.
+        """
+        jobs, machines = len(self.jobs), self.max_machines
+        chunks = -(-jobs // self.chunk_size)
+        if chunks <= machines:
+            chunks = next(k for k in range(chunks, machines + 1) if machines % k == 0)
+        else:
+            chunks = -(-chunks // machines) * machines
+        return -(-jobs // min(chunks, jobs))
+
     def secret_names(self) -> list[str]:
         """Every secret name the batch refers to, sorted."""
         names = set(self.defaults.secrets or [])

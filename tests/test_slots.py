@@ -139,16 +139,48 @@ async def test_a_raised_cap_is_used_at_once(temporal: WorkflowEnvironment) -> No
 async def test_every_chunk_starts_at_once_when_the_cap_gives_each_a_slot(
     temporal: WorkflowEnvironment,
 ) -> None:
-    # Eight chunks of ten, twenty slots: each chunk starts with two slots and the four left
-    # go to four of them, so no chunk waits with all its jobs for the others to finish.
+    # Eighty jobs, twenty slots, chunks of at most ten: ten chunks of eight (so that the slots
+    # divide evenly), each starting at once with two slots; no chunk waits with all its jobs.
     fleet, report, _, _ = await run_fleet_batch(
         temporal, jobs=80, max_machines=20, chunk_size=10, fill_to=20
     )
 
     assert report.succeeded == 80 and fleet.most == 20 and fleet.live == 0
-    per_chunk = Counter(int(job[1:]) // 10 for job in fleet.runs[:20])
-    assert sorted(per_chunk) == list(range(8)), fleet.runs[:20]
-    assert sorted(per_chunk.values()) == [2, 2, 2, 2, 3, 3, 3, 3], per_chunk
+    per_chunk = Counter(int(job[1:]) // 8 for job in fleet.runs[:20])
+    assert per_chunk == dict.fromkeys(range(10), 2), fleet.runs[:20]
+
+
+async def test_slots_added_later_go_to_the_chunks_with_most_left(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Eight chunks of ten on eight slots; four slots more go to four chunks, one each (they all
+    # have as much left per slot), not all to the oldest chunk.
+    fleet = Fleet(fill_to=12)
+    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
+    spec = parse_batch(
+        {
+            "name": f"s{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": 8,
+            "chunk_size": 10,
+            "defaults": {"command": "true"},
+            "jobs": [{"id": f"j{i:03d}"} for i in range(80)],
+        }
+    )
+    async with Worker(
+        temporal.client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=fleet.activities,
+    ):
+        submitted = await batches.submit(temporal.client, settings, spec)
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        await eventually(lambda: fleet.live == 8, what="eight machines")
+        await handle.signal(BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=12))
+        await handle.result()
+
+    per_chunk = Counter(int(job[1:]) // 10 for job in fleet.runs[:12])
+    assert sorted(per_chunk.values()) == [1, 1, 1, 1, 2, 2, 2, 2], fleet.runs[:12]
 
 
 @activity.defn(name="start_chunks")

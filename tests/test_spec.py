@@ -232,3 +232,31 @@ def test_log_tail_defaults_to_on_failure_and_takes_only_known_values() -> None:
     assert resolve_job(plain.defaults, plain.jobs[0], 0).log_tail is LogTail.ON_FAILURE
     found = problems(base(jobs=[{"id": "a", "command": "true", "log_tail": "sometimes"}]))
     assert any(p.startswith("job 'a' (jobs[0]): log_tail") for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("jobs", "machines", "most", "size"),
+    [
+        (1000, 100, 25, 20),  # 40 chunks would share 100 slots 2 or 3 each: 50 share them 2 each
+        (100, 10, 25, 20),  # 4 chunks -> 5, two slots each
+        (10000, 200, 25, 25),  # 400 chunks: two rounds of one slot each, as asked
+        (80, 20, 20, 20),  # 4 chunks, five slots each, as asked
+        (300, 7, 20, 15),  # 15 chunks -> 21, three rounds of one slot each
+        (14, 10, 25, 14),  # one chunk
+        (5, 3, 1, 1),  # never more than asked
+    ],
+)
+def test_chunks_are_sized_so_the_machines_divide_evenly(
+    jobs: int, machines: int, most: int, size: int
+) -> None:
+    spec = parse_batch(
+        {
+            "name": "even",
+            "app": "a",
+            "max_machines": machines,
+            "chunk_size": most,
+            "defaults": {"command": "true"},
+            "jobs": [{"id": f"j{i}"} for i in range(jobs)],
+        }
+    )
+    assert spec.balanced_chunk_size() == size

@@ -150,6 +150,20 @@ async def test_every_chunk_starts_at_once_when_the_cap_gives_each_a_slot(
     assert per_chunk == dict.fromkeys(range(10), 2), fleet.runs[:20]
 
 
+async def test_with_more_chunks_than_slots_few_chunks_run_at_once(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Ten chunks of twenty on five slots: a fair share would be no slot at all, and one slot
+    # each would run every chunk at once, each reporting to the batch. The first chunk holds
+    # a quarter of its jobs' worth (all five) and runs its jobs in place.
+    fleet, report, _, _ = await run_fleet_batch(
+        temporal, jobs=200, max_machines=5, chunk_size=20, fill_to=5
+    )
+
+    assert report.succeeded == 200 and fleet.most == 5 and fleet.live == 0
+    assert [int(job[1:]) // 20 for job in fleet.runs[:5]] == [0] * 5, fleet.runs[:5]
+
+
 async def test_slots_added_later_go_to_the_chunks_with_most_left(
     temporal: WorkflowEnvironment,
 ) -> None:

@@ -424,7 +424,7 @@ class BatchWorkflow:
         )
 
     def _slot_cap(self, size: int) -> int:
-        """Slots a chunk of `size` jobs may hold: a quarter of its jobs while other chunks wait.
+        """Slots a chunk of `size` jobs may hold while other chunks wait: its share, or a quarter.
 
         A slot a chunk holds runs its next job at once; one handed back costs a signal and a
         workflow task on each side before another chunk can use it. So while chunks wait to
@@ -435,8 +435,10 @@ class BatchWorkflow:
         quarter = max(1, -(-size // SLOT_SHARE))
         if not self._fair:
             return quarter
-        open_chunks = len(self._running()) + len(self._state.pending)
-        return max(1, min(quarter, self._state.max_machines // open_chunks))
+        share = self._state.max_machines // len(self._state.chunks)
+        # More chunks than slots: a share of one slot would run hundreds of chunks at once,
+        # each reporting to the batch; the quarter keeps them few, as before the fair shares.
+        return max(1, min(quarter, share)) if share >= 1 else quarter
 
     def _run_is_long(self) -> bool:
         """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds.
@@ -461,8 +463,10 @@ class BatchWorkflow:
     def _check_budget(self) -> None:
         """Pause the batch once what its jobs spent reaches its budget."""
         state = self._state
-        spent = self._counts().cost_usd
-        if state.max_cost_usd is None or state.over_budget or spent < state.max_cost_usd:
+        if state.max_cost_usd is None or state.over_budget:
+            return
+        spent = sum(chunk.counts.cost_usd for chunk in state.chunks)
+        if spent < state.max_cost_usd:
             return
         state.over_budget = True
         state.paused = True
@@ -518,10 +522,14 @@ class BatchWorkflow:
         self._changed = True
 
     def _counts(self) -> Counts:
-        total = Counts()
+        """The batch's counts: every chunk's added up (one model built, not one per chunk)."""
+        fields = Counts.model_fields
+        total = dict.fromkeys(fields, 0)
         for chunk in self._state.chunks:
-            total = total.add(chunk.counts)
-        return total
+            counts = chunk.counts
+            for name in fields:
+                total[name] += getattr(counts, name)
+        return Counts(**total)
 
     def _status(self) -> str:
         if self._finished():

@@ -269,11 +269,11 @@ class MachineActivities:
             return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
         seen["state"] = machine.state
         exit_event = machine.latest_exit_event()
-        stopped_by_us = bool(exit_event and exit_event.requested_stop)
+        stopped_on_request = bool(exit_event and exit_event.requested_stop)
         settled = machine.state in ("stopped", "failed") or (
-            machine.state == "destroyed" and await self._exited_by_itself(ref)
+            machine.state == "destroyed" and _exited_by_itself(exit_event)
         )
-        if settled and not stopped_by_us:
+        if settled and not stopped_on_request:
             outcome = WaitOutcome.FAILED if machine.state == "failed" else WaitOutcome.EXITED
             return WaitMachineOutput(outcome=outcome, state=machine.state)
         return WaitMachineOutput(outcome=WaitOutcome.TIMED_OUT, state=machine.state)
@@ -284,10 +284,7 @@ class MachineActivities:
             machine = await self._fly.get_machine(ref.app, ref.machine_id)
         except FlyNotFound:
             return False
-        exit_event = machine.latest_exit_event()
-        return bool(
-            exit_event and exit_event.exit_code is not None and not exit_event.requested_stop
-        )
+        return _exited_by_itself(machine.latest_exit_event())
 
     @activity.defn(name="collect_result")
     async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
@@ -487,6 +484,11 @@ async def _beating(every: float, seen: dict[str, Any]) -> AsyncIterator[None]:
     finally:
         beats.cancel()
         await asyncio.gather(beats, return_exceptions=True)
+
+
+def _exited_by_itself(exit_event: ExitEvent | None) -> bool:
+    """An exit with a code that no stop or destroy request caused: the job's own ending."""
+    return bool(exit_event and exit_event.exit_code is not None and not exit_event.requested_stop)
 
 
 def _succeeded(state: str | None, exit_event: ExitEvent | None) -> bool:

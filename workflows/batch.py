@@ -378,33 +378,12 @@ class BatchWorkflow:
 
     async def _start_chunk(self, plan: ChunkPlan) -> None:
         """Before FAIR_SHARES: start one chunk workflow with the slots `_prepare` gave it."""
-        chunk = self._state.chunks[plan.index]
-        jobs = [
-            resolve_job(self._input.defaults, job, plan.first_job + i)
-            for i, job in enumerate(plan.jobs)
-        ]
+        start = self._start_input(plan)
         last = plan.first_job + len(plan.jobs) - 1
-        chunk_input = ChunkInput(
-            batch_id=self._input.batch_id,
-            batch_workflow_id=workflow.info().workflow_id,
-            index=plan.index,
-            app=self._input.app,
-            jobs=jobs,
-            slots=chunk.slots,
-            budgeted=self._state.max_cost_usd is not None,
-            tuning=self._input.tuning,
-        )
-        summary = f"chunk {plan.index} of batch {self._input.name}: jobs {plan.first_job}-{last}"
-        details = f"Jobs: {', '.join(j.id for j in plan.jobs)}"
         if workflow.patched(CHUNKS_STARTED_BY_ACTIVITY):
             await workflow.execute_activity(
                 start_chunk,
-                StartChunkInput(
-                    workflow_id=chunk.workflow_id,
-                    chunk=chunk_input,
-                    summary=summary,
-                    details=details,
-                ),
+                start,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=policies.FLY_RETRY,
                 summary=f"start chunk {plan.index} (jobs {plan.first_job}-{last})",
@@ -413,14 +392,14 @@ class BatchWorkflow:
         # Batches started before the patch: chunks are abandoned children.
         await workflow.start_child_workflow(
             ChunkWorkflow.run,
-            chunk_input,
-            id=chunk.workflow_id,
+            start.chunk,
+            id=start.workflow_id,
             parent_close_policy=workflow.ParentClosePolicy.ABANDON,
             search_attributes=TypedSearchAttributes(
                 [SearchAttributePair(BATCH_ID, self._input.batch_id)]
             ),
-            static_summary=summary,
-            static_details=details,
+            static_summary=start.summary,
+            static_details=start.details,
         )
 
     def _slot_cap(self, size: int) -> int:

@@ -164,39 +164,6 @@ async def test_with_more_chunks_than_slots_few_chunks_run_at_once(
     assert [int(job[1:]) // 20 for job in fleet.runs[:5]] == [0] * 5, fleet.runs[:5]
 
 
-async def test_slots_added_later_go_to_the_chunks_with_most_left(
-    temporal: WorkflowEnvironment,
-) -> None:
-    # Eight chunks of ten on eight slots; four slots more go to four chunks, one each (they all
-    # have as much left per slot), not all to the oldest chunk.
-    fleet = Fleet(fill_to=12)
-    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
-    spec = parse_batch(
-        {
-            "name": f"s{uuid.uuid4().hex[:8]}",
-            "app": "fleet",
-            "max_machines": 8,
-            "chunk_size": 10,
-            "defaults": {"command": "true"},
-            "jobs": [{"id": f"j{i:03d}"} for i in range(80)],
-        }
-    )
-    async with Worker(
-        temporal.client,
-        task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=fleet.activities,
-    ):
-        submitted = await batches.submit(temporal.client, settings, spec)
-        handle = batches.batch_handle(temporal.client, submitted.batch_id)
-        await eventually(lambda: fleet.live == 8, what="eight machines")
-        await handle.signal(BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=12))
-        await handle.result()
-
-    per_chunk = Counter(int(job[1:]) // 10 for job in fleet.runs[:12])
-    assert sorted(per_chunk.values()) == [1, 1, 1, 1, 2, 2, 2, 2], fleet.runs[:12]
-
-
 @activity.defn(name="start_chunks")
 async def start_no_chunks(input: StartChunksInput) -> StartChunksOutput:
     """Starts nothing: the test plays the chunk, by signal."""

@@ -65,6 +65,8 @@ FAIR_SHARES = "fair-shares-of-slots"
 """Before this patch chunks started one at a time, each with up to a quarter of its jobs' worth
 of slots, freed slots went to the oldest chunks first, and the batch could close while a chunk's
 last reports were still on their way."""
+REPORTS_GRACE = timedelta(seconds=60)
+"""How long a finished batch waits for chunk reports still on their way before it closes."""
 STARTS_AT_ONCE = 50
 """Chunks one activity starts at once, so a large batch has all its machines busy quickly."""
 PASS_BYTES = 256_000
@@ -99,6 +101,7 @@ class BatchWorkflow:
                 await self._drive()
             except asyncio.CancelledError:
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
+        await self._hear_out()
         await self._delivered()
         if self._state.prompt_jobs:
             await finish(self._release_sessions())
@@ -490,12 +493,20 @@ class BatchWorkflow:
         return self._state.max_machines - sum(c.slots for c in self._running())
 
     def _finished(self) -> bool:
-        """Every chunk is done and, so the batch closes with no signal on its way, heard out."""
-        if self._state.pending or self._running():
-            return False
-        return not self._fair or all(
-            c.reports is None or c.reports >= c.report_seq for c in self._state.chunks
-        )
+        return not self._state.pending and not self._running()
+
+    def _heard_out(self) -> bool:
+        """Every report the chunks sent has arrived (their last one says how many they sent)."""
+        return all(c.reports is None or c.reports >= c.report_seq for c in self._state.chunks)
+
+    async def _hear_out(self) -> None:
+        """Close with no report on its way, which would fail the closing task; wait a while."""
+        if not self._fair or self._heard_out():
+            return
+        try:
+            await workflow.wait_condition(self._heard_out, timeout=REPORTS_GRACE)
+        except TimeoutError:
+            workflow.logger.warning("closing without every chunk report after %s", REPORTS_GRACE)
 
     def _touch(self) -> None:
         self._changed = True

@@ -236,6 +236,8 @@ class BatchWorkflow:
                     sends.append(self._tell(chunk, ChunkWorkflow.pause, request_p))
                 else:
                     sends.append(self._tell(chunk, ChunkWorkflow.resume))
+        if self._fair and sum(c.slots - c.owed for c in running) > state.max_machines:
+            await self._delivered()  # a grant still on its way would be used after the take-back
         grants = self._take_back(running)
         if not state.cancelled and not state.paused:
             grants += self._lend(running)

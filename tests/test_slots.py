@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
@@ -29,11 +30,40 @@ from sortie.models import (
     Tuning,
 )
 from sortie.settings import Settings
-from sortie.spec import parse_batch
+from sortie.spec import BatchSpec, parse_batch
 from tests.fleet import Fleet
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
+
+
+def fleet_spec(
+    jobs: list[dict[str, Any]], max_machines: int, chunk_size: int, seconds: str = "0.02"
+) -> BatchSpec:
+    """A batch of command jobs for the in-memory fleet, under a fresh name."""
+    return parse_batch(
+        {
+            "name": f"s{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": max_machines,
+            "chunk_size": chunk_size,
+            "defaults": {"command": "true", "env": {"SECONDS": seconds}},
+            "jobs": jobs,
+        }
+    )
+
+
+def fleet_worker(
+    temporal: WorkflowEnvironment, settings: Settings, activities: list[Callable[..., Any]]
+) -> Worker:
+    """The real batch and chunk workflows, with the fleet's activities."""
+    return Worker(
+        temporal.client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=activities,
+        max_concurrent_activities=1000,
+    )
 
 
 async def run_fleet_batch(
@@ -46,23 +76,8 @@ async def run_fleet_batch(
 ) -> tuple[Fleet, batches.BatchReport, str, Settings]:
     fleet = Fleet(fill_to=fill_to)
     settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
-    spec = parse_batch(
-        {
-            "name": f"s{uuid.uuid4().hex[:8]}",
-            "app": "fleet",
-            "max_machines": max_machines,
-            "chunk_size": chunk_size,
-            "defaults": {"command": "true", "env": {"SECONDS": seconds}},
-            "jobs": [{"id": f"j{i:05d}"} for i in range(jobs)],
-        }
-    )
-    async with Worker(
-        temporal.client,
-        task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=fleet.activities,
-        max_concurrent_activities=1000,
-    ):
+    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(jobs)], max_machines, chunk_size, seconds)
+    async with fleet_worker(temporal, settings, fleet.activities):
         submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
         handle = batches.batch_handle(temporal.client, submitted.batch_id)
         first_run = (await handle.describe()).run_id
@@ -111,22 +126,8 @@ async def test_chunks_reuse_their_slots_in_place_while_others_wait(
 async def test_a_raised_cap_is_used_at_once(temporal: WorkflowEnvironment) -> None:
     fleet = Fleet()
     settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
-    spec = parse_batch(
-        {
-            "name": f"s{uuid.uuid4().hex[:8]}",
-            "app": "fleet",
-            "max_machines": 2,
-            "chunk_size": 10,
-            "defaults": {"command": "true", "env": {"SECONDS": "0.2"}},
-            "jobs": [{"id": f"j{i:03d}"} for i in range(40)],
-        }
-    )
-    async with Worker(
-        temporal.client,
-        task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=fleet.activities,
-    ):
+    spec = fleet_spec([{"id": f"j{i:03d}"} for i in range(40)], 2, 10, seconds="0.2")
+    async with fleet_worker(temporal, settings, fleet.activities):
         submitted = await batches.submit(temporal.client, settings, spec)
         handle = batches.batch_handle(temporal.client, submitted.batch_id)
         await eventually(lambda: fleet.live == 2, what="two machines")
@@ -178,23 +179,9 @@ async def test_the_batch_closes_only_after_every_report_of_its_chunks(
     # task and replay its whole history; it waits for every report instead.
     fleet = Fleet()
     settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
-    spec = parse_batch(
-        {
-            "name": f"s{uuid.uuid4().hex[:8]}",
-            "app": "fleet",
-            "max_machines": 2,
-            "chunk_size": 2,
-            "defaults": {"command": "true"},
-            "jobs": [{"id": "a"}, {"id": "b"}],
-        }
-    )
+    spec = fleet_spec([{"id": "a"}, {"id": "b"}], max_machines=2, chunk_size=2)
     activities = [a for a in fleet.activities if a is not start_chunks] + [start_no_chunks]
-    async with Worker(
-        temporal.client,
-        task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=activities,
-    ):
+    async with fleet_worker(temporal, settings, activities):
         submitted = await batches.submit(temporal.client, settings, spec)
         handle = batches.batch_handle(temporal.client, submitted.batch_id)
         await eventually(

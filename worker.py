@@ -7,13 +7,16 @@ waits in progress are handed over to the next worker, never lost.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import logging
 import signal
 from datetime import timedelta
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+import workflows
 from activities.chunks import start_chunk, start_chunks
 from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
@@ -32,6 +35,7 @@ def build_worker(
     client: Client, fly: FlyClient, secrets: SecretStore, settings: Settings
 ) -> Worker:
     """The worker for Sortie's task queue."""
+    cache_workflow_bytecode()
     store = settings.blob_store()
     machines = MachineActivities(fly, secrets, store)
     reaper = ReaperActivities(fly, store)
@@ -46,6 +50,7 @@ def build_worker(
             machines.collect_result,
             machines.finish_job,
             machines.destroy_machine,
+            machines.destroy_named_machine,
             machines.release_sessions,
             reaper.reap_orphans,
             start_chunk,
@@ -54,6 +59,17 @@ def build_worker(
         max_concurrent_activities=settings.max_concurrent_activities,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
     )
+
+
+def cache_workflow_bytecode() -> None:
+    """Write the bytecode of the workflow modules, which the sandbox imports for every run.
+
+    The sandbox imports a workflow's module afresh for each workflow it starts; without cached
+    bytecode (PYTHONDONTWRITEBYTECODE, set in many container images) each of those imports
+    compiles the source again, which cost most of the worker's CPU while a batch starts its
+    chunks. Where the tree is read-only this does nothing and the sandbox compiles as before.
+    """
+    compileall.compile_dir(Path(workflows.__file__).parent, quiet=2)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -17,7 +17,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from agent.framing import Decoder, FramingError
 from fly import (
@@ -45,6 +47,7 @@ from sortie.labels import (
     machine_name,
 )
 from sortie.models import (
+    MAY_START_MEMO,
     CheckSecretsInput,
     CheckSecretsOutput,
     CollectResultInput,
@@ -53,6 +56,7 @@ from sortie.models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
+    DestroyNamedMachineInput,
     FinishJobInput,
     FinishJobOutput,
     JobAnswer,
@@ -72,6 +76,7 @@ BOOTING_STATES = {"created", "creating", "starting"}
 RESTORE_PATH = "/sortie/restore.tar.gz"
 """Where a follow-up's machine finds the workspace and session archive of the turn before."""
 FRAME_MARK = "SORTIE/1 "
+MAY_START_TIMEOUT = timedelta(seconds=5)
 _OUTCOMES = {
     "stopped": WaitOutcome.EXITED,
     "failed": WaitOutcome.FAILED,
@@ -126,32 +131,31 @@ class MachineActivities:
     @activity.defn(name="create_machine")
     async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
         """Create the job attempt's machine, or find the one an earlier try already made."""
+        with fly_errors(f"create machine for job {input.job.id}"):
+            return await self._create(input, look_first=activity.info().attempt > 1)
+
+    async def _create(self, input: CreateMachineInput, *, look_first: bool) -> CreateMachineOutput:
+        """Create the machine; `look_first` after a try whose answer may have been lost."""
         job = input.job
         turn = input.followup.turn if input.followup else 1
         name = machine_name(input.batch_id, job.id, input.attempt, turn)
-        lookup = {
-            META_BATCH: input.batch_id,
-            META_JOB: job.id,
-            META_ATTEMPT: str(input.attempt),
-            META_TURN: str(turn),
-        }
-        with fly_errors(f"create machine for job {job.id}"):
-            if activity.info().attempt > 1:
-                found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
-                if found is not None:
-                    return self._found(input.app, found)
-            config, credential = self._config(input)
-            try:
-                machine = await self._fly.create_machine(
-                    input.app, config, name=name, region=job.region
-                )
-            except FlyConflict:
-                found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
-                if found is None:
-                    raise ApplicationError(
-                        f"machine {name} exists but is not listed yet", type="MachineNotListed"
-                    ) from None
+        lookup = _lookup(input.batch_id, job.id, input.attempt, turn)
+        if look_first:
+            found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
+            if found is not None:
                 return self._found(input.app, found)
+        config, credential = self._config(input)
+        try:
+            machine = await self._fly.create_machine(
+                input.app, config, name=name, region=job.region
+            )
+        except FlyConflict:
+            found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
+            if found is None:
+                raise ApplicationError(
+                    f"machine {name} exists but is not listed yet", type="MachineNotListed"
+                ) from None
+            return self._found(input.app, found)
         activity.logger.info("created machine %s for job %s", machine.id, job.id)
         return CreateMachineOutput(
             machine=_ref(input.app, machine), credential=credential.name if credential else None
@@ -189,7 +193,25 @@ class MachineActivities:
             if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
                 collected = await self.collect_result(input.collect)
             destroyed = await self._destroy_now(ref)
-        return FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
+            finished = FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
+            if input.next is not None and destroyed and not finished.needs_new_machine:
+                finished.next = await self._hand_over(input.next)
+        return finished
+
+    async def _hand_over(self, input: CreateMachineInput) -> CreateMachineOutput | None:
+        """Start the chunk's next job on the slot just freed, if the chunk still wants it.
+
+        Anything short of a machine (the chunk paused or said no, a Fly error) leaves the job
+        to the chunk's own create, which retries by Temporal's policy and finds a machine this
+        made before its answer was lost.
+        """
+        if not await _may_start(input.owner, input.job.id):
+            return None
+        try:
+            return await self._create(input, look_first=activity.info().attempt > 1)
+        except (FlyError, ApplicationError) as error:
+            activity.logger.info("job %s left to the chunk to start: %s", input.job.id, error)
+            return None
 
     async def _destroy_now(self, ref: MachineRef) -> bool:
         """Force-destroy the machine; on a Fly error report it still there, not fail."""
@@ -398,6 +420,19 @@ class MachineActivities:
         )
         return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
 
+    @activity.defn(name="destroy_named_machine")
+    async def destroy_named_machine(self, input: DestroyNamedMachineInput) -> DestroyMachineOutput:
+        """Destroy a job attempt's machine by name: a hand-over whose answer never came back."""
+        name = machine_name(input.batch_id, input.job_id, input.attempt, input.turn)
+        lookup = _lookup(input.batch_id, input.job_id, input.attempt, input.turn)
+        with fly_errors(f"destroy machine {name}", always_retry=True):
+            found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
+            if found is None or found.state in ("destroyed", "destroying"):
+                return DestroyMachineOutput(destroyed=False, already_gone=True)
+            destroyed = await self._fly.destroy_machine(input.app, found.id, force=True)
+        activity.logger.info("destroyed machine %s (%s) by name", found.id, name)
+        return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
+
     def _config(self, input: CreateMachineInput) -> tuple[MachineConfig, Credential | None]:
         """The machine's config; secret values enter here and never leave the worker."""
         job = input.job
@@ -457,6 +492,32 @@ class MachineActivities:
             ),
         )
         return config, credential
+
+
+async def _may_start(owner: str, job_id: str) -> bool:
+    """Read the owning chunk's gate: running, and not closed by a pause, cancel or lower cap."""
+    try:
+        chunk = (
+            await activity.client()
+            .get_workflow_handle(owner)
+            .describe(rpc_timeout=MAY_START_TIMEOUT)
+        )
+        if chunk.status is not WorkflowExecutionStatus.RUNNING:
+            return False
+        return await chunk.memo_value(MAY_START_MEMO, True, type_hint=bool) is True
+    except (RuntimeError, RPCError) as error:
+        activity.logger.info("chunk %s not read, job %s left to it: %s", owner, job_id, error)
+        return False
+
+
+def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, str]:
+    """The metadata that tells a job attempt's machine from any other of the same name."""
+    return {
+        META_BATCH: batch_id,
+        META_JOB: job_id,
+        META_ATTEMPT: str(attempt),
+        META_TURN: str(turn),
+    }
 
 
 def _ref(app: str, machine: Machine) -> MachineRef:

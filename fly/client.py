@@ -9,7 +9,9 @@ short calls that can run next to a heartbeat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import itertools
 import logging
 import math
 import time
@@ -61,7 +63,11 @@ DEFAULT_TIMEOUT = httpx.Timeout(
 )
 """Timeouts of the client ``FlyClient.open`` builds: reads long enough for a full 60 s wait."""
 CALL_KEEPALIVE = 32
-"""Idle connections kept for short calls (create, get, destroy, logs)."""
+"""Idle connections kept for short calls (create, get, destroy, logs), over all their pools."""
+CALL_POOLS = 4
+"""Connection pools that short calls take turns on."""
+WAIT_POOLS = 16
+"""Connection pools that waits take turns on: a pool's walk grows with its connections."""
 
 LOGS_FROM_START = "0"
 """A logs ``next_token`` (Unix nanoseconds) before any line: read from the oldest kept."""
@@ -83,22 +89,28 @@ class _ErrorBody(BaseModel):
 class FlyClient:
     """Fly Machines API calls over shared ``httpx.AsyncClient`` pools that the caller owns.
 
-    Waits, which hold a connection for up to 60 s each, may get a pool of their own
-    (``waits``): httpcore scans every connection of a pool on each request and each response,
-    so the short calls stay fast when hundreds of waits are in flight.
+    httpcore walks every connection of a pool, with a system call for each idle one, on each
+    request and each response: with hundreds of calls in flight that walk costs more CPU than
+    the calls. So calls go round a few pools (``http`` may be several clients) and waits, which
+    hold a connection for up to 60 s each, round pools of their own (``waits``).
     """
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | Sequence[httpx.AsyncClient],
         token: FlyToken,
         settings: FlySettings,
         *,
         limiter: RateLimiter | None = None,
-        waits: httpx.AsyncClient | None = None,
+        waits: httpx.AsyncClient | Sequence[httpx.AsyncClient] | None = None,
     ) -> None:
-        self._http = http
-        self._waits = http if waits is None else waits
+        calls = (http,) if isinstance(http, httpx.AsyncClient) else tuple(http)
+        self._calls = itertools.cycle(calls)
+        self._waits = (
+            self._calls
+            if waits is None
+            else itertools.cycle((waits,) if isinstance(waits, httpx.AsyncClient) else tuple(waits))
+        )
         self._token = token
         self.settings = settings
         if limiter is None:
@@ -121,24 +133,33 @@ class FlyClient:
         settings = FlySettings.from_env() if settings is None else settings
         token = FlyToken.from_env() if token is None else token
         headers = {"Accept": "application/json", "User-Agent": "sortie-fly/0.1"}
-        # Every running wait holds a connection: their pool keeps as many alive as it may open,
-        # so a wait does not pay for a new connection each time; short calls need few.
+        # Every running wait holds a connection: their pools keep as many alive as they may
+        # open, so a wait does not pay for a new connection each time; short calls need few.
+        wait_pools = min(WAIT_POOLS, settings.max_connections)
+        call_pools = min(CALL_POOLS, settings.max_connections)
+        per_wait_pool = settings.max_connections // wait_pools
         wait_limits = httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
+            max_connections=per_wait_pool, max_keepalive_connections=per_wait_pool
         )
         call_limits = httpx.Limits(
-            max_connections=settings.max_connections, max_keepalive_connections=CALL_KEEPALIVE
+            max_connections=settings.max_connections // call_pools,
+            max_keepalive_connections=max(1, CALL_KEEPALIVE // call_pools),
         )
-        async with (
-            httpx.AsyncClient(
-                transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers, limits=call_limits
-            ) as http,
-            httpx.AsyncClient(
-                transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers, limits=wait_limits
-            ) as waits,
-        ):
-            yield cls(http, token, settings, waits=waits)
+        tls = httpx.create_ssl_context()  # built once: each costs milliseconds
+
+        def pool(limits: httpx.Limits) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                transport=transport,
+                timeout=DEFAULT_TIMEOUT,
+                headers=headers,
+                limits=limits,
+                verify=tls,
+            )
+
+        async with contextlib.AsyncExitStack() as stack:
+            calls = [await stack.enter_async_context(pool(call_limits)) for _ in range(call_pools)]
+            waits = [await stack.enter_async_context(pool(wait_limits)) for _ in range(wait_pools)]
+            yield cls(calls, token, settings, waits=waits)
 
     def __repr__(self) -> str:
         return f"FlyClient(api={self._api!r}, logs={self._logs!r}, token={self._token!r})"
@@ -374,7 +395,7 @@ class FlyClient:
         url = (base or self._api) + path
         extra: dict[str, Any] = {} if http_timeout is None else {"timeout": http_timeout}
         try:
-            pool = self._waits if action == "wait" else self._http
+            pool = next(self._waits if action == "wait" else self._calls)
             response = await pool.request(
                 method, url, params=tuple(params or ()), json=json, auth=self._token, **extra
             )

@@ -433,19 +433,59 @@ class CollectResultOutput(_Model):
     answer: JobAnswer | None = None
 
 
+MAY_START_MEMO = "may_start"
+"""The chunk's memo: whether a finishing job may hand its slot to the next job now."""
+
+
 class FinishJobInput(_Model):
-    """Wait for a job's machine, collect its result and destroy it, in one activity."""
+    """Wait for a job's machine, collect its result and destroy it, in one activity.
+
+    With `next`, the activity hands the slot straight to the chunk's next job: once this job
+    ended for good and its machine is gone, it reads the chunk's MAY_START_MEMO (closed while
+    paused, cancelled or owing slots to a lowered cap) and creates that job's machine.
+    """
 
     wait: WaitMachineInput
     collect: CollectResultInput
+    next: CreateMachineInput | None = None
 
 
 class FinishJobOutput(_Model):
-    """How the machine ended, what it left, and whether it is destroyed yet."""
+    """How the machine ended, what it left, whether it is destroyed yet, and the next machine."""
 
     waited: WaitMachineOutput
     collected: CollectResultOutput | None = None
     destroyed: bool = False
+    next: CreateMachineOutput | None = None
+
+    @property
+    def needs_new_machine(self) -> bool:
+        """Whether the machine, not the job, failed: the job deserves another attempt."""
+        collected = self.collected
+        if self.waited.outcome is WaitOutcome.TIMED_OUT:
+            return False
+        if self.waited.outcome is not WaitOutcome.EXITED:
+            return True
+        if collected is None:
+            return False
+        answer = collected.answer
+        return collected.oom_killed or (
+            answer is not None and answer.error_kind in CREDENTIAL_FAULTS
+        )
+
+
+CREDENTIAL_FAULTS = {"rate_limit", "auth"}
+"""Claude errors that blame the credential, not the job: the job runs again on another."""
+
+
+class DestroyNamedMachineInput(_Model):
+    """Destroy the machine of a job attempt, known by name only: its create's answer was lost."""
+
+    app: str
+    batch_id: str
+    job_id: str
+    attempt: int
+    turn: int = 1
 
 
 class DestroyMachineInput(_Model):

@@ -19,6 +19,7 @@ from temporalio import activity
 
 from activities.chunks import start_chunk, start_chunks
 from sortie.models import (
+    MAY_START_MEMO,
     CheckSecretsInput,
     CheckSecretsOutput,
     CollectResultInput,
@@ -27,6 +28,7 @@ from sortie.models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
+    DestroyNamedMachineInput,
     FinishJobInput,
     FinishJobOutput,
     JobAnswer,
@@ -56,6 +58,9 @@ class Fleet:
     fill_to: int = 0
     filled: asyncio.Event = field(default_factory=asyncio.Event)
     destroyed: set[str] = field(default_factory=set)
+    machines: set[str] = field(default_factory=set)
+    gone: dict[str, asyncio.Event] = field(default_factory=dict)
+    handed_over: int = 0
 
     @activity.defn(name="check_secrets")
     async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
@@ -76,6 +81,7 @@ class Fleet:
             int(input.job.env.get("FAIL_ATTEMPTS", "0")) >= input.attempt
         )
         machine_id = f"m-{input.job.id}-a{input.attempt}"
+        self.machines.add(machine_id)
         return CreateMachineOutput(
             machine=MachineRef(app=input.app, machine_id=machine_id, name=machine_id)
         )
@@ -85,8 +91,12 @@ class Fleet:
         if self.failing[input.machine.machine_id.removeprefix("m-")]:
             return WaitMachineOutput(outcome=WaitOutcome.FAILED, state="failed")
         await self.filled.wait()  # with fill_to, the first jobs run until that many machines exist
-        await asyncio.sleep(self.durations[input.job_id])
-        return WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
+        gone = self._gone(input.machine.machine_id)
+        try:
+            await asyncio.wait_for(gone.wait(), timeout=self.durations[input.job_id])
+        except TimeoutError:
+            return WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
+        return WaitMachineOutput(outcome=WaitOutcome.GONE, state="destroyed")
 
     @activity.defn(name="collect_result")
     async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
@@ -105,7 +115,21 @@ class Fleet:
         if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
             collected = await self.collect_result(input.collect)
         self._destroy(input.wait.machine)
-        return FinishJobOutput(waited=waited, collected=collected, destroyed=True)
+        finished = FinishJobOutput(waited=waited, collected=collected, destroyed=True)
+        if input.next is not None and not finished.needs_new_machine:
+            chunk = await activity.client().get_workflow_handle(input.next.owner).describe()
+            if await chunk.memo_value(MAY_START_MEMO, True):
+                self.handed_over += 1
+                finished.next = await self.create_machine(input.next)
+        return finished
+
+    @activity.defn(name="destroy_named_machine")
+    async def destroy_named_machine(self, input: DestroyNamedMachineInput) -> DestroyMachineOutput:
+        machine_id = f"m-{input.job_id}-a{input.attempt}"
+        if machine_id not in self.machines:
+            return DestroyMachineOutput(destroyed=False, already_gone=True)
+        gone = self._destroy(MachineRef(app=input.app, machine_id=machine_id, name=machine_id))
+        return DestroyMachineOutput(destroyed=not gone, already_gone=gone)
 
     @activity.defn(name="release_sessions")
     async def release_sessions(self, input: ReleaseSessionsInput) -> ReleaseSessionsOutput:
@@ -121,8 +145,13 @@ class Fleet:
         if machine.machine_id in self.destroyed:
             return True
         self.destroyed.add(machine.machine_id)
+        self._gone(machine.machine_id).set()
         self.live -= 1
         return False
+
+    def _gone(self, machine_id: str) -> asyncio.Event:
+        """Set once the machine is destroyed: a wait on it ends, as Fly's does."""
+        return self.gone.setdefault(machine_id, asyncio.Event())
 
     @property
     def activities(self) -> list[Callable[..., Any]]:
@@ -134,6 +163,7 @@ class Fleet:
             self.collect_result,
             self.finish_job,
             self.destroy_machine,
+            self.destroy_named_machine,
             self.release_sessions,
             start_chunk,
             start_chunks,

@@ -643,3 +643,43 @@ async def test_mock_early_408s_do_not_make_a_busy_loop() -> None:
     result = await client.wait_for_state("a", "m1", ["stopped"], timeout=30, call_timeout=10)
     assert result.state == "stopped" and client.api_calls["wait"] == 3
     assert time.monotonic() - started >= 2.0
+
+
+async def test_calls_and_waits_take_turns_on_their_own_pools() -> None:
+    # A pool's bookkeeping walks all its connections on every request: several small pools
+    # keep that walk short, and a wait never queues behind a short call's pool or vice versa.
+    used: list[str] = []
+
+    def pool(name: str) -> httpx.AsyncClient:
+        def handler(request: httpx.Request) -> httpx.Response:
+            used.append(name)
+            if request.url.path.endswith("/wait"):
+                return httpx.Response(200, json={"ok": True, "state": "stopped"})
+            return httpx.Response(200, json={"id": "m1", "state": "started"})
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+    fly = FlyClient(
+        [pool("call-1"), pool("call-2")],
+        FlyToken(SECRET),
+        FlySettings(api_base_url="http://fly.test", logs_base_url="http://logs.test"),
+        limiter=RateLimiter.disabled(),
+        waits=[pool("wait-1"), pool("wait-2"), pool("wait-3")],
+    )
+    for _ in range(3):
+        await fly.get_machine("a", "m1")
+        await fly.wait_machine("a", "m1", ["stopped"], timeout=1)
+
+    assert sorted(used) == ["call-1", "call-1", "call-2", "wait-1", "wait-2", "wait-3"]
+
+
+async def test_open_builds_every_pool_within_max_connections(localfly: LocalFlyProcess) -> None:
+    settings = FlySettings(
+        api_base_url=localfly.url, logs_base_url=localfly.url, rate_limit=False, max_connections=6
+    )
+    async with FlyClient.open(settings, FlyToken("t")) as fly:
+        app = f"pools-{uuid.uuid4().hex[:6]}"
+        assert await fly.list_machines(app) == []
+        calls = {id(next(fly._calls)) for _ in range(20)}
+        waits = {id(next(fly._waits)) for _ in range(40)}
+    assert (len(calls), len(waits)) == (4, 6)  # as many as allowed, one connection each at least

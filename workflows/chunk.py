@@ -9,6 +9,7 @@ runs when the job or the batch is cancelled.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from datetime import timedelta
 
 from temporalio import workflow
@@ -17,6 +18,8 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from activities.machines import MachineActivities
     from sortie.models import (
+        CREDENTIAL_FAULTS,
+        MAY_START_MEMO,
         CancelRequest,
         ChunkInput,
         ChunkOutput,
@@ -27,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         CreateMachineInput,
         CreateMachineOutput,
         DestroyMachineInput,
+        DestroyNamedMachineInput,
         FinishJobInput,
         FinishJobOutput,
         JobAnswer,
@@ -47,6 +51,10 @@ with workflow.unsafe.imports_passed_through():
 REPORT_EVERY = timedelta(seconds=5)
 FINISH_IN_ONE_ACTIVITY = "finish-job-in-one-activity"
 """Chunks started before this patch waited, collected and destroyed in three activities."""
+HAND_OVER_GRACE = timedelta(seconds=90)
+"""Longest a dropped hand-over's create can still take (Fly client read timeout, and more)."""
+HAND_OVER_SLOTS = "hand-over-slots-in-finish-job"
+"""Chunks started before this patch created every job's machine in an activity of its own."""
 
 
 class InfrastructureFailure(Exception):
@@ -67,6 +75,10 @@ class ChunkWorkflow:
         self._running = 0
         self._live = 0
         self._started = 0
+        self._unstarted = deque(input.jobs)
+        self._claimed: set[str] = set()
+        self._hands_over = not input.budgeted and workflow.patched(HAND_OVER_SLOTS)
+        self._gate_open = True
         self._paused = input.paused
         self._cancelled = False
         self._cancel_reason: str | None = None
@@ -78,20 +90,20 @@ class ChunkWorkflow:
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
         """Start each job as a slot frees up, then wait for all of them."""
+        self._publish_gate()
         self._show()
         try:
-            for job in input.jobs:
+            while True:
                 await workflow.wait_condition(self._can_start)
-                if self._cancelled:
+                if self._cancelled or not (self._unstarted or self._claimed):
                     break
-                self._running += 1
                 self._started += 1
-                self._tasks.append(asyncio.create_task(self._run_job(job)))
+                self._start(self._unstarted.popleft())
             self._release_idle()
-            await asyncio.gather(*self._tasks)
+            await self._join_jobs()
         except asyncio.CancelledError:
             self._cancel("chunk cancelled through Temporal")
-            await asyncio.gather(*self._tasks)
+            await self._join_jobs()
         self._release_idle()
         for result in self._results:
             if result.state is JobState.PENDING:
@@ -112,17 +124,20 @@ class ChunkWorkflow:
         self._slots += grant.grant
         self._owed += grant.give_back
         self._release_idle()
+        self._publish_gate()
 
     @workflow.signal
     def pause(self, request: PauseRequest) -> None:
         """Create no new machines; running jobs finish."""
         self._paused = True
+        self._publish_gate()
         self._show()
 
     @workflow.signal
     def resume(self) -> None:
         """Start creating machines again."""
         self._paused = False
+        self._publish_gate()
         self._show()
 
     @workflow.signal
@@ -142,22 +157,29 @@ class ChunkWorkflow:
 
     # ------------------------------------------------------------ one job
 
-    async def _run_job(self, job: Job) -> None:
+    def _start(self, job: Job, handed: CreateMachineOutput | None = None) -> None:
+        """Run the job in a slot of its own, on the machine handed to it if there is one."""
+        self._running += 1
+        self._tasks.append(asyncio.create_task(self._run_job(job, handed)))
+
+    async def _run_job(self, job: Job, handed: CreateMachineOutput | None = None) -> None:
         """Run a job to a final state, on a new machine after each infrastructure failure."""
         result = self._results[job.index - self._input.jobs[0].index]
         result.started_at = workflow.now()
         try:
             for attempt in range(1, job.retries + 2):
-                await workflow.wait_condition(lambda: self._cancelled or not self._paused)
-                if self._cancelled:
-                    raise asyncio.CancelledError
+                if handed is None:
+                    await workflow.wait_condition(lambda: self._cancelled or not self._paused)
+                    if self._cancelled:
+                        raise asyncio.CancelledError
                 result.attempts = attempt
                 try:
-                    await self._attempt(job, attempt, result)
+                    await self._attempt(job, attempt, result, handed)
                     break
                 except InfrastructureFailure as failure:
                     result.state = JobState.FAILED
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
+                handed = None
         except asyncio.CancelledError:
             if not result.state.final:
                 result.state = JobState.CANCELLED
@@ -168,12 +190,14 @@ class ChunkWorkflow:
             self._running -= 1
             self._job_finished(spent=bool(result.cost_usd))
 
-    async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
-        """Create a machine; wait for it, collect its result and destroy it."""
+    async def _attempt(
+        self, job: Job, attempt: int, result: JobResult, handed: CreateMachineOutput | None
+    ) -> None:
+        """Create a machine (unless handed one); wait for it, collect its result, destroy it."""
         result.state = JobState.STARTING
         self._show()
         try:
-            created = await self._create(job, attempt)
+            created = handed or await self._create(job, attempt)
         except ActivityError as error:
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {_describe(error)}"
@@ -186,8 +210,10 @@ class ChunkWorkflow:
         self._show()
         destroyed = False
         try:
+            if self._cancelled:  # a machine handed over just as the chunk was cancelled
+                raise asyncio.CancelledError
             if workflow.patched(FINISH_IN_ONE_ACTIVITY):
-                finished = await self._finish_job(job, machine, attempt, result)
+                finished = await self._finish_and_hand_over(job, machine, attempt, result)
                 destroyed = finished.destroyed
                 self._record(job, result, finished.waited, finished.collected)
             else:
@@ -209,15 +235,7 @@ class ChunkWorkflow:
         create = asyncio.ensure_future(
             workflow.execute_activity_method(
                 MachineActivities.create_machine,
-                CreateMachineInput(
-                    batch_id=self._input.batch_id,
-                    chunk_index=self._input.index,
-                    app=self._input.app,
-                    job=job,
-                    attempt=attempt,
-                    owner=workflow.info().workflow_id,
-                    followup=self._input.followup,
-                ),
+                self._create_input(job, attempt),
                 start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
                 schedule_to_close_timeout=policies.CREATE_DEADLINE,
                 retry_policy=policies.FLY_RETRY,
@@ -231,16 +249,114 @@ class ChunkWorkflow:
             raise asyncio.CancelledError
         return settled.result()
 
-    async def _finish_job(
+    def _create_input(self, job: Job, attempt: int) -> CreateMachineInput:
+        return CreateMachineInput(
+            batch_id=self._input.batch_id,
+            chunk_index=self._input.index,
+            app=self._input.app,
+            job=job,
+            attempt=attempt,
+            owner=workflow.info().workflow_id,
+            followup=self._input.followup,
+        )
+
+    async def _finish_and_hand_over(
         self, job: Job, machine: MachineRef, attempt: int, result: JobResult
+    ) -> FinishJobOutput:
+        """Finish the job; the activity may start the claimed next job on the freed slot.
+
+        Until the activity answers, the next job is claimed: no other slot starts it. Without
+        a machine for it the claim lapses and the job waits for a slot like any other.
+        Cancelled meanwhile, the chunk destroys this job's machine at once, which ends the
+        activity soon (a machine gone hands nothing over), then whatever it still made.
+        """
+        claim = self._claim_next()
+        if claim is None:
+            return await self._finish_job(job, machine, attempt, result, None)
+        finishing = asyncio.ensure_future(self._finish_job(job, machine, attempt, result, claim))
+        try:
+            finished = await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            await finish(asyncio.gather(self._destroy(machine), self._drop_claim(claim, finishing)))
+            raise
+        except ActivityError:
+            await finish(self._drop_claim(claim, finishing))
+            raise
+        if finished.next is None:
+            self._lapse(claim)
+        else:
+            self._claimed.discard(claim.job.id)
+            self._start(claim.job, finished.next)
+        return finished
+
+    async def _drop_claim(
+        self, claim: CreateMachineInput, finishing: asyncio.Future[FinishJobOutput]
+    ) -> None:
+        """Once the activity has ended, destroy any machine it made for the claimed job.
+
+        The gate is closed by now, so an activity still running can create a machine only if it
+        read the gate before: within HAND_OVER_GRACE that create has landed or failed.
+        """
+        await workflow.wait([finishing], timeout=HAND_OVER_GRACE.total_seconds())
+        if not finishing.done() or finishing.cancelled() or finishing.exception() is not None:
+            await self._destroy_named(claim)  # it may have created one and lost the answer
+        elif (handed := finishing.result().next) is not None:
+            await self._destroy(handed.machine)
+        self._lapse(claim)
+
+    async def _join_jobs(self) -> None:
+        """Wait for every job's task, those started by a hand-over meanwhile too."""
+        joined = 0
+        while joined < len(self._tasks):
+            tasks = self._tasks[joined:]
+            await asyncio.gather(*tasks)
+            joined += len(tasks)
+
+    def _claim_next(self) -> CreateMachineInput | None:
+        """Claim the next job for this job's slot, when the slot would go to it anyway."""
+        if not (self._hands_over and self._unstarted and self._may_hand_over()):
+            return None
+        job = self._unstarted.popleft()
+        self._started += 1
+        self._claimed.add(job.id)
+        return self._create_input(job, 1)
+
+    def _lapse(self, claim: CreateMachineInput) -> None:
+        """The claimed job got no machine: it goes back to the front of the queue."""
+        self._claimed.discard(claim.job.id)
+        self._unstarted.appendleft(claim.job)
+        self._started -= 1
+
+    def _may_hand_over(self) -> bool:
+        return not (self._cancelled or self._paused) and self._owed == 0
+
+    def _publish_gate(self) -> None:
+        """Keep the memo a finishing job's activity reads before it hands its slot over.
+
+        A memo, not a query: the server answers it without a round trip to a busy worker.
+        Unset means open, so a chunk that never pauses writes no event for it.
+        """
+        if not self._hands_over or self._may_hand_over() == self._gate_open:
+            return
+        self._gate_open = self._may_hand_over()
+        workflow.upsert_memo({MAY_START_MEMO: self._gate_open})
+
+    async def _finish_job(
+        self,
+        job: Job,
+        machine: MachineRef,
+        attempt: int,
+        result: JobResult,
+        claim: CreateMachineInput | None,
     ) -> FinishJobOutput:
         """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
         wait = self._wait_input(job, machine)
         collect = self._collect_input(job, machine, attempt, result)
+        create_s = self._input.tuning.create_timeout_s if claim else 0.0
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            FinishJobInput(wait=wait, collect=collect),
-            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
+            FinishJobInput(wait=wait, collect=collect, next=claim),
+            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s + create_s)
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
             retry_policy=policies.FLY_RETRY,
@@ -351,6 +467,22 @@ class ChunkWorkflow:
                 result.state = JobState.FAILED
                 result.error = f"exited with code {code}"
 
+    async def _destroy_named(self, claim: CreateMachineInput) -> None:
+        """Destroy the machine a hand-over may have created; retried until it is gone."""
+        await workflow.execute_activity_method(
+            MachineActivities.destroy_named_machine,
+            DestroyNamedMachineInput(
+                app=claim.app,
+                batch_id=claim.batch_id,
+                job_id=claim.job.id,
+                attempt=claim.attempt,
+                turn=claim.followup.turn if claim.followup else 1,
+            ),
+            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+            retry_policy=policies.DESTROY_RETRY,
+            summary=f"destroy any machine made for job {claim.job.id}",
+        )
+
     async def _destroy(self, machine: MachineRef) -> None:
         """Destroy the machine; retried until it is gone."""
         await workflow.execute_activity_method(
@@ -364,7 +496,10 @@ class ChunkWorkflow:
     # ------------------------------------------------------------ slots
 
     def _can_start(self) -> bool:
-        return self._cancelled or (not self._paused and self._running < self._slots)
+        """Cancelled, or every job started for good, or a job waits and a slot is free."""
+        if self._cancelled or not (self._unstarted or self._claimed):
+            return True
+        return bool(self._unstarted) and not self._paused and self._running < self._slots
 
     def _has_unstarted(self) -> bool:
         return not self._cancelled and self._started < len(self._input.jobs)
@@ -390,6 +525,7 @@ class ChunkWorkflow:
         if give <= 0:
             return False
         self._owed = max(0, self._owed - give)
+        self._publish_gate()
         self._slots -= give
         self._report(released=give)
         return True
@@ -419,6 +555,7 @@ class ChunkWorkflow:
             return
         self._cancelled = True
         self._cancel_reason = reason
+        self._publish_gate()
         for task in self._tasks:
             if not task.done() and not task.cancelling():
                 task.cancel()
@@ -457,9 +594,6 @@ class ChunkWorkflow:
             f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
             f"cancelled: {c.cancelled}"
         )
-
-
-CREDENTIAL_FAULTS = {"rate_limit", "auth"}
 
 
 def _record_answer(result: JobResult, answer: JobAnswer) -> None:

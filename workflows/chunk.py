@@ -277,7 +277,7 @@ class ChunkWorkflow:
         try:
             finished = await asyncio.shield(finishing)
         except asyncio.CancelledError:
-            await finish(asyncio.gather(self._destroy(machine), self._drop_claim(claim, finishing)))
+            await finish(self._drop_claim(claim, finishing, destroy_now=machine))
             raise
         except ActivityError:
             await finish(self._drop_claim(claim, finishing))
@@ -290,18 +290,26 @@ class ChunkWorkflow:
         return finished
 
     async def _drop_claim(
-        self, claim: CreateMachineInput, finishing: asyncio.Future[FinishJobOutput]
+        self,
+        claim: CreateMachineInput,
+        finishing: asyncio.Future[FinishJobOutput],
+        destroy_now: MachineRef | None = None,
     ) -> None:
         """Once the activity has ended, destroy any machine it made for the claimed job.
 
-        The gate is closed by now, so an activity still running can create a machine only if it
-        read the gate before: within HAND_OVER_GRACE that create has landed or failed.
+        Cancelled, the chunk destroys the finishing job's machine (`destroy_now`) meanwhile,
+        which ends the activity soon. The gate is closed by then, so an activity still running
+        can create a machine only if it read the gate before: within HAND_OVER_GRACE that create
+        has landed or failed.
         """
+        destroying = asyncio.ensure_future(self._destroy(destroy_now)) if destroy_now else None
         await workflow.wait([finishing], timeout=HAND_OVER_GRACE.total_seconds())
         if not finishing.done() or finishing.cancelled() or finishing.exception() is not None:
             await self._destroy_named(claim)  # it may have created one and lost the answer
         elif (handed := finishing.result().next) is not None:
             await self._destroy(handed.machine)
+        if destroying is not None:
+            await destroying
         self._lapse(claim)
 
     async def _join_jobs(self) -> None:

@@ -60,7 +60,7 @@ class DevServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> DevServer:
-        """Start (or restart) the server and wait until it accepts connections."""
+        """Start (or restart) the server and wait until its frontend serves requests."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [
@@ -90,11 +90,23 @@ class DevServer:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not listening("127.0.0.1", self.port):
+        while not (listening("127.0.0.1", self.port) and self.healthy()):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"dev server did not start; see {self.log}")
             time.sleep(0.05)
         return self
+
+    def healthy(self) -> bool:
+        """Whether the frontend serves requests: it accepts connections a moment before that
+        and answers "Frontend is not healthy yet" meanwhile."""
+        check = subprocess.run(
+            [str(TEMPORAL_CLI), "operator", "cluster", "health", "--address", self.address],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return check.returncode == 0 and check.stdout.strip() == "SERVING"
 
     def kill(self) -> None:
         """SIGKILL the server."""

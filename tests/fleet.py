@@ -5,7 +5,9 @@ dev server and the worker are real. Job behaviour is read from the job's env: SE
 time), EXIT (exit code), COST (what a prompt job spent), FAIL_ATTEMPTS (how many first attempts
 end in the `failed` state).
 With `fill_to`, no job finishes before that many machines exist at once: a test of the cap then
-proves it is reached without depending on timing.
+proves it is reached without depending on timing. Like the real activities, `finish_job` hands
+the slot to the chunk's next job when the chunk's `may_start` memo allows it (counted in
+`handed_over`), and a wait ends as soon as its machine is destroyed.
 """
 
 from __future__ import annotations

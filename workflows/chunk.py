@@ -74,7 +74,6 @@ class ChunkWorkflow:
         self._owed = 0
         self._running = 0
         self._live = 0
-        self._started = 0
         self._unstarted = deque(input.jobs)
         self._claimed: set[str] = set()
         self._hands_over = not input.budgeted and workflow.patched(HAND_OVER_SLOTS)
@@ -97,7 +96,6 @@ class ChunkWorkflow:
                 await workflow.wait_condition(self._can_start)
                 if self._cancelled or not (self._unstarted or self._claimed):
                     break
-                self._started += 1
                 self._start(self._unstarted.popleft())
             self._release_idle()
             await self._join_jobs()
@@ -325,7 +323,6 @@ class ChunkWorkflow:
         if not (self._hands_over and self._unstarted and self._may_hand_over()):
             return None
         job = self._unstarted.popleft()
-        self._started += 1
         self._claimed.add(job.id)
         return self._create_input(job, 1)
 
@@ -333,7 +330,6 @@ class ChunkWorkflow:
         """The claimed job got no machine: it goes back to the front of the queue."""
         self._claimed.discard(claim.job.id)
         self._unstarted.appendleft(claim.job)
-        self._started -= 1
 
     def _may_hand_over(self) -> bool:
         return not (self._cancelled or self._paused) and self._owed == 0
@@ -510,7 +506,7 @@ class ChunkWorkflow:
         return bool(self._unstarted) and not self._paused and self._running < self._slots
 
     def _has_unstarted(self) -> bool:
-        return not self._cancelled and self._started < len(self._input.jobs)
+        return not self._cancelled and bool(self._unstarted)
 
     def _job_finished(self, spent: bool = False) -> None:
         """A machine is gone: pay back an owed slot, keep it for the next job, or return it.
@@ -549,7 +545,7 @@ class ChunkWorkflow:
             index=self._input.index,
             seq=self._report_seq,
             released=released,
-            wants_more=self._started + max(self._slots - self._running, 0) < len(self._input.jobs)
+            wants_more=max(self._slots - self._running, 0) < len(self._unstarted)
             and not self._cancelled,
             counts=self._counts(),
             done=done,

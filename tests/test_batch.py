@@ -21,7 +21,14 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
 from sortie import batches
 from sortie.labels import META_BATCH, META_JOB
-from sortie.models import BatchOutput, CancelRequest, MaxMachinesRequest, PauseRequest, Tuning
+from sortie.models import (
+    BatchOutput,
+    CancelRequest,
+    ChunkStatus,
+    MaxMachinesRequest,
+    PauseRequest,
+    Tuning,
+)
 from sortie.spec import BatchSpec, parse_batch
 from tests.conftest import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.waiting import eventually
@@ -264,12 +271,23 @@ async def test_lowering_max_machines_takes_effect_as_jobs_finish(
     await eventually(lambda: len(live(sortie, app_name)) == 6, what="six live machines")
 
     await handle.signal(BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=2))
-    await eventually(lambda: len(live(sortie, app_name)) <= 2, what="at most two live machines")
+    # Live machines dip between a destroy and the create of a slot handed over, so "at most two
+    # alive" alone does not show the cap took effect: the chunks must also hold two slots.
+    await eventually(
+        lambda: _holding_at_most(sortie, batch_id, app_name, 2),
+        what="two slots held and at most two live machines",
+    )
     sortie.localfly.reset_stats()
     report = await finish(sortie, batch_id)
 
     assert report.succeeded == 24
     assert sortie.localfly.stats(app_name)["max_live_machines"] <= 2
+
+
+async def _holding_at_most(s: Sortie, batch_id: str, app: str, slots: int) -> bool:
+    progress = await batches.progress(s.client, batch_id)
+    held = sum(c.slots for c in progress.chunks if c.status is ChunkStatus.RUNNING)
+    return held <= slots and len(live(s, app)) <= slots
 
 
 async def test_submitting_the_same_file_twice_is_one_batch(sortie: Sortie, app_name: str) -> None:

@@ -72,6 +72,7 @@ from sortie.spec import LogTail
 from sortie.store import BlobStore, answer_key, session_key, session_prefix
 
 SETTLED_STATES = ["stopped", "failed", "destroyed"]
+GONE_STATES = {"destroyed", "destroying"}
 BOOTING_STATES = {"created", "creating", "starting"}
 RESTORE_PATH = "/sortie/restore.tar.gz"
 """Where a follow-up's machine finds the workspace and session archive of the turn before."""
@@ -427,7 +428,7 @@ class MachineActivities:
         lookup = _lookup(input.batch_id, input.job_id, input.attempt, input.turn)
         with fly_errors(f"destroy machine {name}", always_retry=True):
             found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
-            if found is None or found.state in ("destroyed", "destroying"):
+            if found is None or found.state in GONE_STATES:
                 return DestroyMachineOutput(destroyed=False, already_gone=True)
             destroyed = await self._fly.destroy_machine(input.app, found.id, force=True)
         activity.logger.info("destroyed machine %s (%s) by name", found.id, name)

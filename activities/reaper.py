@@ -14,7 +14,7 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.machines import fly_errors
+from activities.machines import GONE_STATES, fly_errors
 from fly import FlyClient, Machine
 from sortie.labels import (
     META_BATCH,
@@ -26,8 +26,6 @@ from sortie.labels import (
 )
 from sortie.models import Orphan, ReapInput, ReapOutput
 from sortie.store import SESSIONS, BlobStore
-
-GONE_STATES = {"destroyed", "destroying"}
 
 
 class ReaperActivities:

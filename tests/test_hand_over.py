@@ -32,6 +32,7 @@ from sortie.models import (
     FinishJobInput,
     FinishJobOutput,
     JobAnswer,
+    JobResult,
     MachineRef,
     WaitMachineInput,
     WaitMachineOutput,
@@ -43,6 +44,7 @@ from sortie.spec import Job
 from sortie.store import BlobStore
 from tests.fleet import Fleet
 from tests.test_slots import fleet_spec, fleet_worker
+from workflows.chunk import InfrastructureFailure, record_outcome
 
 
 @workflow.defn(sandboxed=False)
@@ -207,6 +209,14 @@ def test_only_a_job_that_ended_gives_its_slot_away(
 ) -> None:
     # The chunk retries exactly these on a new machine: that retry keeps the slot.
     assert finished.needs_new_machine is needs_new_machine
+    result = JobResult(job_id="j", index=0)
+    try:
+        record_outcome(_job("j", 0), result, finished.waited, finished.collected)
+    except InfrastructureFailure:
+        retried = True
+    else:
+        retried = False
+    assert retried is needs_new_machine, result
 
 
 async def test_slots_pass_from_job_to_job_and_no_job_runs_twice(

@@ -213,10 +213,10 @@ class ChunkWorkflow:
             if workflow.patched(FINISH_IN_ONE_ACTIVITY):
                 finished = await self._finish_and_hand_over(job, machine, attempt, result)
                 destroyed = finished.destroyed
-                self._record(job, result, finished.waited, finished.collected)
+                record_outcome(job, result, finished.waited, finished.collected)
             else:
                 outcome, collected = await self._wait_and_collect(job, machine, attempt, result)
-                self._record(job, result, outcome, collected)
+                record_outcome(job, result, outcome, collected)
         except ActivityError as error:
             if _is_cancellation(error):
                 raise asyncio.CancelledError from error
@@ -423,54 +423,6 @@ class ChunkWorkflow:
         )
         return waited, collected
 
-    def _record(
-        self,
-        job: Job,
-        result: JobResult,
-        waited: WaitMachineOutput,
-        collected: CollectResultOutput | None,
-    ) -> None:
-        """Turn how the machine ended into the job's state; raise for infrastructure failures."""
-        result.machine_state = collected.state if collected else waited.state
-        if collected:
-            result.exit_code = collected.exit_code
-            result.log_tail = collected.log_tail
-        answer = collected.answer if collected else None
-        if answer is not None:
-            _record_answer(result, answer)
-            if answer.error_kind in CREDENTIAL_FAULTS:
-                raise InfrastructureFailure(
-                    f"Claude refused credential {result.credential} ({answer.error_kind})"
-                )
-        match waited.outcome:
-            case WaitOutcome.TIMED_OUT:
-                result.state = JobState.TIMED_OUT
-                result.error = f"exceeded its timeout of {_seconds(job.timeout_s)}"
-            case WaitOutcome.BOOT_TIMEOUT:
-                raise InfrastructureFailure(
-                    f"machine did not start within {_seconds(job.boot_timeout_s)}"
-                )
-            case WaitOutcome.FAILED:
-                raise InfrastructureFailure("machine entered the failed state")
-            case WaitOutcome.GONE:
-                raise InfrastructureFailure("machine disappeared before the job finished")
-            case WaitOutcome.EXITED if collected and collected.oom_killed:
-                raise InfrastructureFailure("machine ran out of memory (OOM killed)")
-            case WaitOutcome.EXITED if collected and collected.exit_code is None:
-                # The job ran; running it again could do its work twice. Report, don't retry.
-                result.state = JobState.FAILED
-                result.error = "machine stopped but Fly recorded no exit code"
-            case WaitOutcome.EXITED if collected and collected.exit_code == 0:
-                result.state = JobState.SUCCEEDED
-                result.error = None
-            case WaitOutcome.EXITED if answer is not None and answer.error_kind:
-                result.state = JobState.FAILED
-                result.error = f"Claude failed ({answer.error_kind}): {(answer.result or '')[:200]}"
-            case _:
-                code = collected.exit_code if collected else None
-                result.state = JobState.FAILED
-                result.error = f"exited with code {code}"
-
     async def _destroy_named(self, claim: CreateMachineInput) -> None:
         """Destroy the machine a hand-over may have created; retried until it is gone."""
         await workflow.execute_activity_method(
@@ -598,6 +550,58 @@ class ChunkWorkflow:
             f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
             f"cancelled: {c.cancelled}"
         )
+
+
+def record_outcome(
+    job: Job,
+    result: JobResult,
+    waited: WaitMachineOutput,
+    collected: CollectResultOutput | None,
+) -> None:
+    """Turn how the machine ended into the job's state; raise for infrastructure failures.
+
+    `FinishJobOutput.needs_new_machine` must say the same, so that `finish_job` never hands
+    over the slot of a job that will run again (tests/test_hand_over.py checks both).
+    """
+    result.machine_state = collected.state if collected else waited.state
+    if collected:
+        result.exit_code = collected.exit_code
+        result.log_tail = collected.log_tail
+    answer = collected.answer if collected else None
+    if answer is not None:
+        _record_answer(result, answer)
+        if answer.error_kind in CREDENTIAL_FAULTS:
+            raise InfrastructureFailure(
+                f"Claude refused credential {result.credential} ({answer.error_kind})"
+            )
+    match waited.outcome:
+        case WaitOutcome.TIMED_OUT:
+            result.state = JobState.TIMED_OUT
+            result.error = f"exceeded its timeout of {_seconds(job.timeout_s)}"
+        case WaitOutcome.BOOT_TIMEOUT:
+            raise InfrastructureFailure(
+                f"machine did not start within {_seconds(job.boot_timeout_s)}"
+            )
+        case WaitOutcome.FAILED:
+            raise InfrastructureFailure("machine entered the failed state")
+        case WaitOutcome.GONE:
+            raise InfrastructureFailure("machine disappeared before the job finished")
+        case WaitOutcome.EXITED if collected and collected.oom_killed:
+            raise InfrastructureFailure("machine ran out of memory (OOM killed)")
+        case WaitOutcome.EXITED if collected and collected.exit_code is None:
+            # The job ran; running it again could do its work twice. Report, don't retry.
+            result.state = JobState.FAILED
+            result.error = "machine stopped but Fly recorded no exit code"
+        case WaitOutcome.EXITED if collected and collected.exit_code == 0:
+            result.state = JobState.SUCCEEDED
+            result.error = None
+        case WaitOutcome.EXITED if answer is not None and answer.error_kind:
+            result.state = JobState.FAILED
+            result.error = f"Claude failed ({answer.error_kind}): {(answer.result or '')[:200]}"
+        case _:
+            code = collected.exit_code if collected else None
+            result.state = JobState.FAILED
+            result.error = f"exited with code {code}"
 
 
 def _record_answer(result: JobResult, answer: JobAnswer) -> None:

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
 import workflows
 from activities.chunks import start_chunk, start_chunks
@@ -57,6 +57,9 @@ def build_worker(
             start_chunks,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
+        # A batch starts hundreds of creates at once; polling more while the queue has a
+        # backlog gets them to this worker sooner than five fixed pollers.
+        activity_task_poller_behavior=PollerBehaviorAutoscaling(),
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
     )
 

@@ -116,7 +116,6 @@ async def run_sortie(
                 "name": f"bench{n}x{c}-{b}",
                 "app": app,
                 "max_machines": c // k,
-                "chunk_size": 25,
                 "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
                 "jobs": [
                     {"id": f"j{i:05d}", "command": ["sleep", f"{t:g}"]}

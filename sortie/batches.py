@@ -38,12 +38,14 @@ from sortie.models import (
     Tuning,
 )
 from sortie.settings import Settings
-from sortie.spec import BatchFileError, BatchSpec
+from sortie.spec import BatchFileError, BatchSpec, resolve_job
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
 
 # Temporal refuses payloads over 2 MB; keep the batch input well below that.
 MAX_INPUT_BYTES = 1_500_000
+CHUNK_INPUT_BYTES = 1_000_000
+"""Most a chunk's jobs may take with the defaults applied: the chunk's start carries them all."""
 BATCH_TASK_TIMEOUT = timedelta(seconds=60)
 DETAILS_LIMIT = 18_000
 
@@ -85,7 +87,7 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
         name=spec.name,
         app=spec.app,
         max_machines=spec.max_machines,
-        chunk_size=spec.balanced_chunk_size(),
+        chunk_size=chunk_size(spec),
         max_cost_usd=spec.max_cost_usd,
         keep_sessions_s=spec.keep_sessions,
         defaults=spec.defaults,
@@ -104,11 +106,33 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
     return data
 
 
-def _details(spec: BatchSpec) -> str:
+def chunk_size(spec: BatchSpec) -> int:
+    """Jobs per chunk: balanced over the machines, and few enough that a chunk's input fits.
+
+    Each job reaches its chunk with the batch's defaults applied, so a long default prompt is
+    repeated in every job; a chunk of such jobs gets fewer of them.
+    """
+    sizes = [
+        (len(resolve_job(spec.defaults, job, i).model_dump_json()), job.id)
+        for i, job in enumerate(spec.jobs)
+    ]
+    largest, job_id = max(sizes)
+    if largest > CHUNK_INPUT_BYTES:
+        raise BatchFileError(
+            spec.name,
+            [
+                f"job {job_id!r} is {largest:,} bytes with the defaults applied; a job may take "
+                f"at most {CHUNK_INPUT_BYTES:,}: shorten its prompt or env"
+            ],
+        )
+    return spec.balanced_chunk_size(most=CHUNK_INPUT_BYTES // largest)
+
+
+def _details(spec: BatchSpec, chunk_size: int) -> str:
     """Markdown for the Web UI: the batch's shape and its first jobs."""
     lines = [
         f"**{spec.name}** on Fly app `{spec.app}`: {len(spec.jobs)} jobs, "
-        f"at most {spec.max_machines} machines, chunks of {spec.balanced_chunk_size()}",
+        f"at most {spec.max_machines} machines, chunks of {chunk_size}",
         "",
         "| job | kind | what |",
         "|---|---|---|",
@@ -150,7 +174,7 @@ async def submit(
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
             static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
-            static_details=details or _details(spec),
+            static_details=details or _details(spec, data.chunk_size),
             memo=memo,
             # A large batch's workflow task may take seconds on a loaded worker; a task that
             # times out is replayed from scratch, which only takes longer.

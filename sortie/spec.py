@@ -235,7 +235,7 @@ class BatchSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     app: str = Field(pattern=APP_PATTERN)
     max_machines: int = Field(default=10, ge=1, le=2000)
-    chunk_size: int = Field(default=25, ge=1, le=1000)
+    chunk_size: int = Field(default=100, ge=1, le=1000)
     max_cost_usd: float | None = Field(default=None, gt=0)
     keep_sessions: Seconds | None = None
     defaults: Defaults = Defaults()
@@ -262,8 +262,8 @@ class BatchSpec(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
-    def balanced_chunk_size(self) -> int:
-        """Jobs per chunk, at most `chunk_size`, so that every chunk gets the same machine slots.
+    def balanced_chunk_size(self, most: int | None = None) -> int:
+        """Jobs per chunk, at most `chunk_size` (or `most`), so every chunk gets the same slots.
 
         The batch shares `max_machines` among the chunks running at once. With k chunks of the
         same size and C machines, every chunk gets C/k slots when k divides C, or one slot each
@@ -272,7 +272,7 @@ class BatchSpec(_Strict):
         So k is raised to the next divisor (or multiple) of C.
         """
         jobs, machines = len(self.jobs), self.max_machines
-        chunks = -(-jobs // self.chunk_size)
+        chunks = -(-jobs // min(self.chunk_size, most or self.chunk_size))
         if chunks <= machines:
             chunks = next(k for k in range(chunks, machines + 1) if machines % k == 0)
         else:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sortie.batches import CHUNK_INPUT_BYTES, batch_input, chunk_size
 from sortie.spec import (
     BatchFileError,
     BatchSpec,
@@ -260,3 +261,59 @@ def test_chunks_are_sized_so_the_machines_divide_evenly(
         }
     )
     assert spec.balanced_chunk_size() == size
+
+
+def test_chunks_hold_a_hundred_jobs_unless_asked_otherwise() -> None:
+    spec = parse_batch(
+        {
+            "name": "plain",
+            "app": "a",
+            "max_machines": 100,
+            "defaults": {"command": "true"},
+            "jobs": [{"id": f"j{i}"} for i in range(1000)],
+        }
+    )
+    assert spec.chunk_size == 100
+    assert chunk_size(spec) == 100  # ten chunks of ten slots each
+
+
+def test_a_long_default_prompt_makes_chunks_smaller_so_each_start_fits() -> None:
+    spec = parse_batch(
+        {
+            "name": "long",
+            "app": "a",
+            "max_machines": 100,
+            "defaults": {"prompt": "review this " * 2_500},  # 30 KB, repeated in every job
+            "jobs": [{"id": f"j{i}"} for i in range(1000)],
+        }
+    )
+    size = chunk_size(spec)
+    assert size == 20  # 33 would fit; 50 chunks of 20 share the 100 slots evenly
+    chunk = [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs[:size])]
+    assert sum(len(job.model_dump_json()) for job in chunk) <= CHUNK_INPUT_BYTES
+
+
+def test_a_job_too_large_for_any_chunk_is_refused_before_anything_starts() -> None:
+    spec = parse_batch(
+        {
+            "name": "huge",
+            "app": "a",
+            "jobs": [{"id": "small", "prompt": "hi"}, {"id": "big", "prompt": "x" * 1_100_000}],
+        }
+    )
+    with pytest.raises(BatchFileError) as caught:
+        batch_input(spec, "batch-huge")
+    assert "job 'big' is 1,100,3" in str(caught.value)
+    assert "at most 1,000,000" in str(caught.value)
+
+
+def test_a_batch_too_large_for_temporal_is_refused() -> None:
+    spec = parse_batch(
+        {
+            "name": "many",
+            "app": "a",
+            "jobs": [{"id": f"j{i}", "prompt": "y" * 40_000} for i in range(40)],
+        }
+    )
+    with pytest.raises(BatchFileError, match="split it into several batches"):
+        batch_input(spec, "batch-many")

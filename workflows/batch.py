@@ -69,8 +69,10 @@ REPORTS_GRACE = timedelta(seconds=60)
 """How long a finished batch waits for chunk reports still on their way before it closes."""
 STARTS_AT_ONCE = 50
 """Chunks one activity starts at once, so a large batch has all its machines busy quickly."""
-PASS_BYTES = 256_000
-"""...and no more than about this much chunk input in that activity's input, in history."""
+PASS_BYTES = 400_000
+"""...and no more than about this much chunk input in that activity's input, in history: under
+the 512 KB at which the server warns of large payloads, so a batch's first machines usually
+start from a single pass."""
 CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
 """A chunk's whole result landed in the batch's history when it was a child; now it is not."""
 

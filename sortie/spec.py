@@ -229,13 +229,18 @@ class Job(_Strict):
     log_tail: LogTail = LogTail.ON_FAILURE
 
 
+MAX_CHUNK_SIZE = 250
+"""A chunk returns every job's result (up to about 5 KB each with a preview of Claude's answer
+and a log tail) in one payload, which Temporal caps at 2 MB, and keeps about ten events a job."""
+
+
 class BatchSpec(_Strict):
     """A whole batch file."""
 
     name: str = Field(pattern=NAME_PATTERN)
     app: str = Field(pattern=APP_PATTERN)
     max_machines: int = Field(default=10, ge=1, le=2000)
-    chunk_size: int = Field(default=100, ge=1, le=1000)
+    chunk_size: int = Field(default=100, ge=1, le=MAX_CHUNK_SIZE)
     max_cost_usd: float | None = Field(default=None, gt=0)
     keep_sessions: Seconds | None = None
     defaults: Defaults = Defaults()

@@ -317,3 +317,10 @@ def test_a_batch_too_large_for_temporal_is_refused() -> None:
     )
     with pytest.raises(BatchFileError, match="split it into several batches"):
         batch_input(spec, "batch-many")
+
+
+def test_a_chunk_size_whose_results_could_outgrow_a_payload_is_refused() -> None:
+    found = problems(base(chunk_size=251, jobs=[{"id": "a", "command": "true"}]))
+    assert found == ["chunk_size: Input should be less than or equal to 250"], found
+    largest = parse_batch(base(chunk_size=250, jobs=[{"id": "a", "command": "true"}]))
+    assert largest.chunk_size == 250

@@ -277,7 +277,8 @@ class BatchSpec(_Strict):
         So k is raised to the next divisor (or multiple) of C.
         """
         jobs, machines = len(self.jobs), self.max_machines
-        chunks = -(-jobs // min(self.chunk_size, most or self.chunk_size))
+        size = self.chunk_size if most is None else min(self.chunk_size, most)
+        chunks = -(-jobs // size)
         if chunks <= machines:
             chunks = next(k for k in range(chunks, machines + 1) if machines % k == 0)
         else:

@@ -73,6 +73,9 @@ PASS_BYTES = 400_000
 """...and no more than about this much chunk input in that activity's input, in history: under
 the 512 KB at which the server warns of large payloads, so a batch's first machines usually
 start from a single pass."""
+LARGER_PASSES = "passes-of-400-kb"
+"""Batches started before this patch put at most 256 KB of chunk input in a pass; a replay must
+start the same chunks in each pass, or it would count chunks started that never were."""
 CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
 """A chunk's whole result landed in the batch's history when it was a child; now it is not."""
 
@@ -88,6 +91,7 @@ class BatchWorkflow:
         self._changed = False
         self._capped = False
         self._fair = False
+        self._pass_bytes = 256_000
         self._grants: list[asyncio.Future[None]] = []
 
     @workflow.run
@@ -95,6 +99,8 @@ class BatchWorkflow:
         """Drive the chunks until every job is done or cancelled."""
         self._capped = workflow.patched(SLOTS_REUSED_IN_CHUNKS)
         self._fair = workflow.patched(FAIR_SHARES)
+        if workflow.patched(LARGER_PASSES):
+            self._pass_bytes = PASS_BYTES
         if input.state is None:
             await self._check_secrets(input)
         self._show()
@@ -344,7 +350,7 @@ class BatchWorkflow:
             state.pending.pop(0)
             starts.append(start)
             size += len(start.model_dump_json())
-            if size >= PASS_BYTES:
+            if size >= self._pass_bytes:
                 break
         return starts
 

@@ -74,8 +74,9 @@ PASS_BYTES = 400_000
 the 512 KB at which the server warns of large payloads, so a batch's first machines usually
 start from a single pass."""
 LARGER_PASSES = "passes-of-400-kb"
-"""Batches started before this patch put at most 256 KB of chunk input in a pass; a replay must
-start the same chunks in each pass, or it would count chunks started that never were."""
+"""Batches started before this patch put at most SMALL_PASS_BYTES of chunk input in a pass; a
+replay must start the same chunks in each pass, or it would count chunks started that never were."""
+SMALL_PASS_BYTES = 256_000
 CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
 """A chunk's whole result landed in the batch's history when it was a child; now it is not."""
 
@@ -91,7 +92,7 @@ class BatchWorkflow:
         self._changed = False
         self._capped = False
         self._fair = False
-        self._pass_bytes = 256_000
+        self._pass_bytes = SMALL_PASS_BYTES
         self._grants: list[asyncio.Future[None]] = []
 
     @workflow.run

@@ -94,7 +94,7 @@ class ChunkWorkflow:
         try:
             while True:
                 await workflow.wait_condition(self._can_start)
-                if self._cancelled or not (self._unstarted or self._claimed):
+                if self._done_starting():
                     break
                 self._start(self._unstarted.popleft())
             self._release_idle()
@@ -452,10 +452,14 @@ class ChunkWorkflow:
     # ------------------------------------------------------------ slots
 
     def _can_start(self) -> bool:
-        """Cancelled, or every job started for good, or a job waits and a slot is free."""
-        if self._cancelled or not (self._unstarted or self._claimed):
+        """Done starting, or a job waits and a slot is free."""
+        if self._done_starting():
             return True
         return bool(self._unstarted) and not self._paused and self._running < self._slots
+
+    def _done_starting(self) -> bool:
+        """Cancelled, or every job started for good (none waits, none is claimed)."""
+        return self._cancelled or not (self._unstarted or self._claimed)
 
     def _has_unstarted(self) -> bool:
         return not self._cancelled and bool(self._unstarted)

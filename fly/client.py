@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -104,13 +104,8 @@ class FlyClient:
         limiter: RateLimiter | None = None,
         waits: httpx.AsyncClient | Sequence[httpx.AsyncClient] | None = None,
     ) -> None:
-        calls = (http,) if isinstance(http, httpx.AsyncClient) else tuple(http)
-        self._calls = itertools.cycle(calls)
-        self._waits = (
-            self._calls
-            if waits is None
-            else itertools.cycle((waits,) if isinstance(waits, httpx.AsyncClient) else tuple(waits))
-        )
+        self._calls = _round_robin(http)
+        self._waits = self._calls if waits is None else _round_robin(waits)
         self._token = token
         self.settings = settings
         if limiter is None:
@@ -429,6 +424,13 @@ class FlyClient:
             retryable=True if status == 408 else None,
             retry_after=_retry_after(response.headers.get("retry-after")),
         )
+
+
+def _round_robin(
+    pools: httpx.AsyncClient | Sequence[httpx.AsyncClient],
+) -> Iterator[httpx.AsyncClient]:
+    """The pools to take turns on, one client or several."""
+    return itertools.cycle((pools,) if isinstance(pools, httpx.AsyncClient) else tuple(pools))
 
 
 def _seg(value: str) -> str:

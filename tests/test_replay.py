@@ -6,8 +6,9 @@ history. Older recordings prove that batches already running on older code still
 (`workflow.patched`): `v1-children-*` from before chunks were started by an activity,
 `v2-steps-*` from before a job's wait, collect and destroy became one activity,
 `v3-quarter-slots-*` from before fair shares of slots, `v4-created-apart-*` from before a
-finishing job handed its slot to the next job inside `finish_job`, `v5-small-passes-*` from
-before a pass of chunk starts could carry 400 KB of chunk input. A change
+finishing job handed its slot to the next job inside `finish_job`, `v5-small-passes-*` (batch
+histories only: the chunk did not change) from before a pass of chunk starts could carry 400 KB
+of chunk input. A change
 to the workflows that would break running batches fails `test_committed_histories_replay`. To
 refresh them on purpose (after a deliberate, versioned change): `make histories`.
 """

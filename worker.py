@@ -17,7 +17,6 @@ from temporalio.client import Client
 from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
 import workflows
-from activities.chunks import start_chunk, start_chunks
 from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
@@ -46,15 +45,11 @@ def build_worker(
         activities=[
             machines.check_secrets,
             machines.create_machine,
-            machines.wait_machine,
-            machines.collect_result,
             machines.finish_job,
             machines.destroy_machine,
             machines.destroy_named_machine,
             machines.release_sessions,
             reaper.reap_orphans,
-            start_chunk,
-            start_chunks,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         # A batch starts hundreds of creates at once; polling more while the queue has a

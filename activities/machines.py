@@ -67,6 +67,7 @@ from sortie.models import (
     WaitMachineOutput,
     WaitOutcome,
 )
+from sortie.outcomes import machine_failure
 from sortie.secrets import SecretStore
 from sortie.spec import LogTail
 from sortie.store import BlobStore, answer_key, session_key, session_prefix
@@ -171,13 +172,6 @@ class MachineActivities:
             credential=self._secrets.claude.which(env),
         )
 
-    @activity.defn(name="wait_machine")
-    async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
-        """Wait until the machine settles, heartbeating its state; hand over on worker shutdown."""
-        seen: dict[str, Any] = {"machine_id": input.machine.machine_id, "state": None}
-        async with _beating(input.heartbeat_every_s, seen):
-            return await self._wait_or_hand_over(input, seen)
-
     @activity.defn(name="finish_job")
     async def finish_job(self, input: FinishJobInput) -> FinishJobOutput:
         """Wait for the job's machine, collect its result and destroy it: one task per job.
@@ -192,10 +186,11 @@ class MachineActivities:
             waited = await self._wait_or_hand_over(input.wait, seen)
             collected = None
             if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
-                collected = await self.collect_result(input.collect)
+                collected = await self._collect(input.collect)
             destroyed = await self._destroy_now(ref)
             finished = FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
-            if input.next is not None and destroyed and not finished.needs_new_machine:
+            ended_for_good = machine_failure(waited, collected) is None
+            if input.next is not None and destroyed and ended_for_good:
                 finished.next = await self._hand_over(input.next)
         return finished
 
@@ -309,8 +304,7 @@ class MachineActivities:
             return False
         return _exited_by_itself(machine.latest_exit_event())
 
-    @activity.defn(name="collect_result")
-    async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
+    async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
         """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
         ref = input.machine
         with fly_errors(f"collect result of machine {ref.machine_id}"):

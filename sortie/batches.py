@@ -28,7 +28,7 @@ from sortie.models import (
     BatchOutput,
     ChunkInput,
     ChunkOutput,
-    ChunkState,
+    ChunkProgress,
     ChunkStatus,
     Counts,
     Followup,
@@ -242,7 +242,7 @@ async def _live(client: Client, progress: Progress) -> Progress:
     """Running chunks' counts asked of the chunks themselves: the batch hears of them in
     batches (every few seconds, or when a slot changes hands), the chunks know them now."""
 
-    async def ask(chunk: ChunkState) -> None:
+    async def ask(chunk: ChunkProgress) -> None:
         if chunk.status is not ChunkStatus.RUNNING:
             return
         with contextlib.suppress(RPCError):
@@ -285,7 +285,7 @@ async def results(client: Client, batch_id: str, *, parallel: int = 16) -> Batch
         paused, pause_reason, cancel_reason = now.paused, now.pause_reason, None
     limit = asyncio.Semaphore(parallel)
 
-    async def read(chunk: ChunkState) -> list[JobResult]:
+    async def read(chunk: ChunkProgress) -> list[JobResult]:
         async with limit:
             return await _chunk_results(client, chunk)
 
@@ -318,7 +318,7 @@ async def results(client: Client, batch_id: str, *, parallel: int = 16) -> Batch
     )
 
 
-async def _chunk_results(client: Client, chunk: ChunkState) -> list[JobResult]:
+async def _chunk_results(client: Client, chunk: ChunkProgress) -> list[JobResult]:
     """One chunk's job results: final, so far, skipped, or not started yet."""
     if chunk.status is ChunkStatus.SKIPPED:
         return [
@@ -366,7 +366,7 @@ class UnknownJob(LookupError):
 
 async def find_job(
     client: Client, batch_id: str, job_id: str, *, window: int = 16
-) -> tuple[ChunkState, JobResult]:
+) -> tuple[ChunkProgress, JobResult]:
     """One job's result with its follow-up turns, and its chunk: reads chunks only until found."""
     closed, status = await is_closed(client, batch_id)
     if closed:
@@ -428,7 +428,6 @@ async def followup(
         ChunkWorkflow.run,
         chunk_input.model_copy(
             update={
-                "batch_workflow_id": None,
                 "jobs": [job],
                 "slots": 1,
                 "paused": False,
@@ -451,7 +450,7 @@ async def followup(
     return workflow_id
 
 
-async def _chunk_input(client: Client, chunk: ChunkState) -> ChunkInput:
+async def _chunk_input(client: Client, chunk: ChunkProgress) -> ChunkInput:
     """The input the job's chunk was started with: the job as it ran, defaults applied."""
     handle = client.get_workflow_handle(chunk.workflow_id)
     async for first in handle.fetch_history_events(page_size=1):

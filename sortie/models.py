@@ -75,11 +75,47 @@ class Counts(_Model):
     cost_usd: float = 0.0
     num_turns: int = 0
 
+    @property
+    def done(self) -> int:
+        """Jobs in a final state."""
+        return self.succeeded + self.failed + self.timed_out + self.cancelled
+
     def add(self, other: Counts) -> Counts:
         """Sum two counts."""
         return Counts(
             **{f: getattr(self, f) + getattr(other, f) for f in Counts.model_fields},
         )
+
+    @classmethod
+    def total_of(cls, many: list[Counts]) -> Counts:
+        """Sum many counts (one model built, not one per addition)."""
+        total = dict.fromkeys(cls.model_fields, 0)
+        for counts in many:
+            for name in cls.model_fields:
+                total[name] += getattr(counts, name)
+        return cls(**total)
+
+    @classmethod
+    def of(cls, results: list[JobResult], live_machines: int = 0) -> Counts:
+        """Count job results by state, with what they spent."""
+        counts = cls(total=len(results), live_machines=live_machines)
+        for result in results:
+            counts.cost_usd += result.cost_usd or 0.0
+            counts.num_turns += result.num_turns or 0
+            match result.state:
+                case JobState.PENDING:
+                    counts.pending += 1
+                case JobState.STARTING | JobState.RUNNING:
+                    counts.running += 1
+                case JobState.SUCCEEDED:
+                    counts.succeeded += 1
+                case JobState.FAILED:
+                    counts.failed += 1
+                case JobState.TIMED_OUT:
+                    counts.timed_out += 1
+                case JobState.CANCELLED:
+                    counts.cancelled += 1
+        return counts
 
 
 class ChunkStatus(StrEnum):
@@ -91,8 +127,8 @@ class ChunkStatus(StrEnum):
     SKIPPED = "skipped"
 
 
-class ChunkState(_Model):
-    """What the batch knows about one chunk."""
+class ChunkProgress(_Model):
+    """One chunk as the batch's `progress` query and its result show it."""
 
     index: int
     workflow_id: str
@@ -100,15 +136,23 @@ class ChunkState(_Model):
     size: int
     status: ChunkStatus = ChunkStatus.PENDING
     slots: int = 0
-    owed: int = 0
-    wants_more: bool = True
-    told_paused: bool = False
-    told_cancel: bool = False
-    report_seq: int = 0
-    reports: int | None = None
-    """Reports received; None in state carried over from before the batch counted them."""
     counts: Counts = Counts()
     skipped_job_ids: list[str] = []
+
+
+class ChunkState(ChunkProgress):
+    """What the batch keeps of one chunk: its progress and the slots it lent it."""
+
+    owed: int = 0
+    """Slots asked back from the chunk (after the cap was lowered) and not given back yet."""
+    wants_more: bool = True
+    """The chunk's last report said it has more jobs waiting than free slots."""
+    report_seq: int = 0
+    """The newest report's number: an older report that arrives late changes no counts."""
+
+    def progress(self) -> ChunkProgress:
+        """The public part."""
+        return ChunkProgress(**self.model_dump(include=set(ChunkProgress.model_fields)))
 
 
 class BatchState(_Model):
@@ -120,8 +164,10 @@ class BatchState(_Model):
     prompt_jobs: bool = False
     paused: bool = False
     pause_reason: str | None = None
+    told_paused: bool = False
     cancelled: bool = False
     cancel_reason: str | None = None
+    told_cancelled: bool = False
     chunks: list[ChunkState] = []
     pending: list[ChunkPlan] = []
 
@@ -155,7 +201,7 @@ class BatchOutput(_Model):
     timed_out: int
     cost_usd: float = 0.0
     num_turns: int = 0
-    chunks: list[ChunkState]
+    chunks: list[ChunkProgress]
     cancel_reason: str | None = None
 
 
@@ -170,7 +216,7 @@ class Progress(_Model):
     max_machines: int
     max_cost_usd: float | None = None
     counts: Counts
-    chunks: list[ChunkState]
+    chunks: list[ChunkProgress]
 
 
 class Followup(_Model):
@@ -186,11 +232,11 @@ class Followup(_Model):
 class ChunkInput(_Model):
     """Start a chunk: its jobs (defaults applied) and the machine slots it may use.
 
-    A follow-up runs as a chunk of one job that reports to no batch (`batch_workflow_id` None).
+    A chunk is a child of its batch and reports to it; a follow-up turn runs as a chunk of one
+    job with no parent, and reports to nobody.
     """
 
     batch_id: str
-    batch_workflow_id: str | None
     index: int
     app: str
     jobs: list[Job]
@@ -199,35 +245,6 @@ class ChunkInput(_Model):
     budgeted: bool = False
     tuning: Tuning = Tuning()
     followup: Followup | None = None
-
-
-class StartChunkInput(_Model):
-    """Start one chunk of a batch (jobs already resolved) under its deterministic id."""
-
-    workflow_id: str
-    chunk: ChunkInput
-    summary: str
-    details: str
-
-
-class StartChunkOutput(_Model):
-    """The started chunk; a retried start finds it already running or done."""
-
-    workflow_id: str
-    run_id: str | None = None
-    already_started: bool = False
-
-
-class StartChunksInput(_Model):
-    """Start several chunks at once: one activity, however many chunks a pass starts."""
-
-    chunks: list[StartChunkInput]
-
-
-class StartChunksOutput(_Model):
-    """Each chunk started, in input order."""
-
-    started: list[StartChunkOutput]
 
 
 class JobResult(_Model):
@@ -457,21 +474,6 @@ class FinishJobOutput(_Model):
     collected: CollectResultOutput | None = None
     destroyed: bool = False
     next: CreateMachineOutput | None = None
-
-    @property
-    def needs_new_machine(self) -> bool:
-        """Whether the machine, not the job, failed: the job deserves another attempt."""
-        collected = self.collected
-        if self.waited.outcome is WaitOutcome.TIMED_OUT:
-            return False
-        if self.waited.outcome is not WaitOutcome.EXITED:
-            return True
-        if collected is None:
-            return False
-        answer = collected.answer
-        return collected.oom_killed or (
-            answer is not None and answer.error_kind in CREDENTIAL_FAULTS
-        )
 
 
 CREDENTIAL_FAULTS = {"rate_limit", "auth"}

@@ -19,7 +19,6 @@ from typing import Any
 
 from temporalio import activity
 
-from activities.chunks import start_chunk, start_chunks
 from sortie.models import (
     MAY_START_MEMO,
     CheckSecretsInput,
@@ -41,6 +40,7 @@ from sortie.models import (
     WaitMachineOutput,
     WaitOutcome,
 )
+from sortie.outcomes import machine_failure
 
 
 @dataclass
@@ -88,8 +88,7 @@ class Fleet:
             machine=MachineRef(app=input.app, machine_id=machine_id, name=machine_id)
         )
 
-    @activity.defn(name="wait_machine")
-    async def wait_machine(self, input: WaitMachineInput) -> WaitMachineOutput:
+    async def _wait(self, input: WaitMachineInput) -> WaitMachineOutput:
         if self.failing[input.machine.machine_id.removeprefix("m-")]:
             return WaitMachineOutput(outcome=WaitOutcome.FAILED, state="failed")
         await self.filled.wait()  # with fill_to, the first jobs run until that many machines exist
@@ -100,8 +99,7 @@ class Fleet:
             return WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
         return WaitMachineOutput(outcome=WaitOutcome.GONE, state="destroyed")
 
-    @activity.defn(name="collect_result")
-    async def collect_result(self, input: CollectResultInput) -> CollectResultOutput:
+    async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
         answer = None
         if input.prompt_job:
             cost = self.costs[input.job_id]
@@ -112,13 +110,13 @@ class Fleet:
 
     @activity.defn(name="finish_job")
     async def finish_job(self, input: FinishJobInput) -> FinishJobOutput:
-        waited = await self.wait_machine(input.wait)
+        waited = await self._wait(input.wait)
         collected = None
         if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
-            collected = await self.collect_result(input.collect)
+            collected = await self._collect(input.collect)
         self._destroy(input.wait.machine)
         finished = FinishJobOutput(waited=waited, collected=collected, destroyed=True)
-        if input.next is not None and not finished.needs_new_machine:
+        if input.next is not None and machine_failure(waited, collected) is None:
             chunk = await activity.client().get_workflow_handle(input.next.owner).describe()
             if await chunk.memo_value(MAY_START_MEMO, True):
                 self.handed_over += 1
@@ -161,12 +159,8 @@ class Fleet:
         return [
             self.check_secrets,
             self.create_machine,
-            self.wait_machine,
-            self.collect_result,
             self.finish_job,
             self.destroy_machine,
             self.destroy_named_machine,
             self.release_sessions,
-            start_chunk,
-            start_chunks,
         ]

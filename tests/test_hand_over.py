@@ -26,17 +26,11 @@ from sortie.labels import machine_name
 from sortie.models import (
     MAY_START_MEMO,
     CollectResultInput,
-    CollectResultOutput,
     CreateMachineInput,
     DestroyNamedMachineInput,
     FinishJobInput,
-    FinishJobOutput,
-    JobAnswer,
-    JobResult,
     MachineRef,
     WaitMachineInput,
-    WaitMachineOutput,
-    WaitOutcome,
 )
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
@@ -44,7 +38,6 @@ from sortie.spec import Job
 from sortie.store import BlobStore
 from tests.fleet import Fleet
 from tests.test_slots import fleet_spec, fleet_worker
-from workflows.chunk import InfrastructureFailure, record_outcome
 
 
 @workflow.defn(sandboxed=False)
@@ -178,45 +171,6 @@ async def test_no_machine_for_a_job_the_chunk_does_not_let_start(
     assert await _named(fly_client, app_name, "paused-job") == []
     assert await _named(fly_client, app_name, "lost-job") == []
     assert opened.next is not None  # the same machine, already destroyed, with the gate open
-
-
-def _finished(
-    outcome: WaitOutcome, *, oom: bool = False, error_kind: str | None = None
-) -> FinishJobOutput:
-    collected = None
-    if outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
-        answer = JobAnswer(error_kind=error_kind) if error_kind else None
-        collected = CollectResultOutput(state="stopped", exit_code=1, oom_killed=oom, answer=answer)
-    return FinishJobOutput(waited=WaitMachineOutput(outcome=outcome), collected=collected)
-
-
-@pytest.mark.parametrize(
-    ("finished", "needs_new_machine"),
-    [
-        (_finished(WaitOutcome.EXITED), False),
-        (_finished(WaitOutcome.TIMED_OUT), False),
-        (_finished(WaitOutcome.EXITED, error_kind="max_turns"), False),
-        (_finished(WaitOutcome.EXITED, oom=True), True),
-        (_finished(WaitOutcome.EXITED, error_kind="rate_limit"), True),
-        (_finished(WaitOutcome.EXITED, error_kind="auth"), True),
-        (_finished(WaitOutcome.FAILED), True),
-        (_finished(WaitOutcome.BOOT_TIMEOUT), True),
-        (_finished(WaitOutcome.GONE), True),
-    ],
-)
-def test_only_a_job_that_ended_gives_its_slot_away(
-    finished: FinishJobOutput, needs_new_machine: bool
-) -> None:
-    # The chunk retries exactly these on a new machine: that retry keeps the slot.
-    assert finished.needs_new_machine is needs_new_machine
-    result = JobResult(job_id="j", index=0)
-    try:
-        record_outcome(_job("j", 0), result, finished.waited, finished.collected)
-    except InfrastructureFailure:
-        retried = True
-    else:
-        retried = False
-    assert retried is needs_new_machine, result
 
 
 async def test_slots_pass_from_job_to_job_and_no_job_runs_twice(

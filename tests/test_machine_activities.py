@@ -10,7 +10,13 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.machines import MachineActivities
 from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
-from sortie.models import MachineRef, WaitMachineInput, WaitOutcome
+from sortie.models import (
+    CollectResultInput,
+    FinishJobInput,
+    MachineRef,
+    WaitMachineInput,
+    WaitOutcome,
+)
 from sortie.secrets import SecretStore
 from sortie.store import BlobStore
 from tests.waiting import eventually
@@ -33,13 +39,11 @@ async def test_a_wait_retried_after_the_deadline_finds_the_job_exited_in_time(
     activities = MachineActivities(fly_client, SecretStore({}), BlobStore(tmp_path))
     past = datetime.now(UTC) - timedelta(seconds=1)
     ref = MachineRef(app=app_name, machine_id=machine.id, name=machine.name or "")
-    waited = await ActivityEnvironment().run(
-        activities.wait_machine,
-        WaitMachineInput(machine=ref, job_id="j", deadline=past, boot_deadline=past),
-    )
+    finished = await ActivityEnvironment().run(activities.finish_job, _finish_input(ref, past))
 
-    assert (waited.outcome, waited.state) == (WaitOutcome.EXITED, "stopped")
-    await fly_client.destroy_machine(app_name, machine.id, force=True)
+    assert finished.waited.outcome is WaitOutcome.EXITED
+    assert finished.collected is not None and finished.collected.exit_code == 0
+    assert finished.destroyed
 
 
 async def test_a_wait_past_the_deadline_on_a_running_machine_is_a_timeout(
@@ -53,11 +57,16 @@ async def test_a_wait_past_the_deadline_on_a_running_machine_is_a_timeout(
     past = datetime.now(UTC) - timedelta(seconds=1)
     ref = MachineRef(app=app_name, machine_id=machine.id, name=machine.name or "")
     try:
-        waited = await ActivityEnvironment().run(
-            activities.wait_machine,
-            WaitMachineInput(machine=ref, job_id="j", deadline=past, boot_deadline=past),
-        )
+        finished = await ActivityEnvironment().run(activities.finish_job, _finish_input(ref, past))
     finally:
         await fly_client.destroy_machine(app_name, machine.id, force=True)
 
-    assert waited.outcome is WaitOutcome.TIMED_OUT
+    assert finished.waited.outcome is WaitOutcome.TIMED_OUT and finished.collected is None
+
+
+def _finish_input(ref: MachineRef, deadline: datetime) -> FinishJobInput:
+    """Finish job `j` on `ref`, whose deadline (and boot deadline) is `deadline`."""
+    return FinishJobInput(
+        wait=WaitMachineInput(machine=ref, job_id="j", deadline=deadline, boot_deadline=deadline),
+        collect=CollectResultInput(machine=ref, job_id="j"),
+    )

@@ -12,21 +12,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.chunks import start_chunks
 from sortie import batches
 from sortie.models import (
-    ChunkReport,
     ChunkStatus,
-    Counts,
     MaxMachinesRequest,
-    StartChunkOutput,
-    StartChunksInput,
-    StartChunksOutput,
     Tuning,
 )
 from sortie.settings import Settings
@@ -163,43 +156,6 @@ async def test_with_more_chunks_than_slots_few_chunks_run_at_once(
 
     assert report.succeeded == 200 and fleet.most == 5 and fleet.live == 0
     assert [int(job[1:]) // 20 for job in fleet.runs[:5]] == [0] * 5, fleet.runs[:5]
-
-
-@activity.defn(name="start_chunks")
-async def start_no_chunks(input: StartChunksInput) -> StartChunksOutput:
-    """Starts nothing: the test plays the chunk, by signal."""
-    return StartChunksOutput(started=[StartChunkOutput(workflow_id="-")])
-
-
-async def test_the_batch_closes_only_after_every_report_of_its_chunks(
-    temporal: WorkflowEnvironment,
-) -> None:
-    # Signals between workflows may arrive out of order. A batch that closed on a chunk's
-    # last report while an earlier one was still on its way would fail its final workflow
-    # task and replay its whole history; it waits for every report instead.
-    fleet = Fleet()
-    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
-    spec = fleet_spec([{"id": "a"}, {"id": "b"}], max_machines=2, chunk_size=2)
-    activities = [a for a in fleet.activities if a is not start_chunks] + [start_no_chunks]
-    async with fleet_worker(temporal, settings, activities):
-        submitted = await batches.submit(temporal.client, settings, spec)
-        handle = batches.batch_handle(temporal.client, submitted.batch_id)
-        await eventually(
-            lambda: _chunk_status(handle, ChunkStatus.RUNNING), what="the chunk started"
-        )
-        done = Counts(total=2, succeeded=2)
-        last = ChunkReport(index=0, seq=2, released=2, wants_more=False, counts=done, done=True)
-        await handle.signal(BatchWorkflow.chunk_report, last)
-        await eventually(lambda: _chunk_status(handle, ChunkStatus.DONE), what="the last report")
-        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
-
-        earlier = ChunkReport(index=0, seq=1, wants_more=False, counts=done)
-        await handle.signal(BatchWorkflow.chunk_report, earlier)
-        output = await handle.result()
-
-    assert output.status == "completed" and output.succeeded == 2
-    history = await handle.fetch_history()
-    assert not [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
 
 
 async def _chunk_status(handle: WorkflowHandle[Any, Any], status: ChunkStatus) -> bool:

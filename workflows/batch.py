@@ -1,26 +1,31 @@
-"""BatchWorkflow: split a batch into chunks and keep at most `max_machines` machines busy.
+"""BatchWorkflow: split a batch into chunk child workflows and keep at most `max_machines` busy.
 
-The batch owns the machine slots. It starts a ChunkWorkflow per chunk with the slots it can
-spare, tops up chunks that can use more, and takes slots back as chunks hand them in, so a
-freed slot goes to whoever can use it at once. Chunks are started by an activity, not as child
-workflows, and report by signal: the batch's history holds counts, never a chunk's results, and
-it can continue-as-new to stay bounded for any batch size.
+The story: check the worker has the batch's secrets; start chunks as children, each with a
+window of machine slots (workflows/slots.py has every rule); as chunks report back, lend freed
+slots, start waiting chunks, pass on pause, resume and cancel; continue-as-new whenever the run
+grows long; when every chunk is done, release the batch's sessions and return the counts.
+
+Chunks are children with ParentClosePolicy.ABANDON. Continue-as-new closes the batch's run, and
+any other policy would terminate or cancel every running chunk each time the batch continues.
+So the batch never waits on its children's handles: each chunk reports to the batch's workflow
+id by signal, which reaches whichever run is current, and a chunk's result (a compact row per
+job) lands in the history of the run that started it. A batch that is terminated cannot be
+told anything: its chunks stop themselves at their next report, and the reaper destroys what
+they leave.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.chunks import start_chunk, start_chunks
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import (
@@ -41,79 +46,46 @@ with workflow.unsafe.imports_passed_through():
         Progress,
         ReleaseSessionsInput,
         SlotGrant,
-        StartChunkInput,
-        StartChunksInput,
     )
     from sortie.spec import resolve_job
-    from workflows import policies
+    from workflows import policies, slots
     from workflows.chunk import ChunkWorkflow
     from workflows.messaging import tell
     from workflows.shielded import finish
 
-
 RUN_EVENTS = 2_000
 RUN_BYTES = 1_500_000
-BOUNDED_RUNS = "bounded-runs"
-"""Runs of batches started before this patch continue-as-new only when Temporal suggests it."""
-SLOT_SHARE = 4
-"""While chunks wait to start, a chunk holds at most 1/SLOT_SHARE of its jobs' worth of slots."""
-SLOTS_REUSED_IN_CHUNKS = "slots-reused-in-chunks"
-"""Batches started before this patch lent a chunk a slot for each of its jobs."""
-CONTINUE_WHILE_STARTING = "continue-as-new-while-starting-chunks"
-"""Runs of batches started before this patch kept starting chunks past their bound."""
-FAIR_SHARES = "fair-shares-of-slots"
-"""Before this patch chunks started one at a time, each with up to a quarter of its jobs' worth
-of slots, freed slots went to the oldest chunks first, and the batch could close while a chunk's
-last reports were still on their way."""
-REPORTS_GRACE = timedelta(seconds=60)
-"""How long a finished batch waits for chunk reports still on their way before it closes."""
-STARTS_AT_ONCE = 50
-"""Chunks one activity starts at once, so a large batch has all its machines busy quickly."""
-PASS_BYTES = 400_000
-"""...and no more than about this much chunk input in that activity's input, in history: under
-the 512 KB at which the server warns of large payloads, so a batch's first machines usually
-start from a single pass."""
-LARGER_PASSES = "passes-of-400-kb"
-"""Batches started before this patch put at most SMALL_PASS_BYTES of chunk input in a pass; a
-replay must start the same chunks in each pass, or it would count chunks started that never were."""
-SMALL_PASS_BYTES = 256_000
-CHUNKS_STARTED_BY_ACTIVITY = "chunks-started-by-activity"
-"""A chunk's whole result landed in the batch's history when it was a child; now it is not."""
+"""A run continues-as-new past these, well below Temporal's own suggestion (4,096 events or
+4 MB), so a worker that lost its cache replays a short history quickly."""
+PASS_BYTES = 1_000_000
+"""Chunk input started in one workflow task at most: the task's commands stay far below the
+server's 4 MB message limit (one chunk's input is at most 1 MB, see sortie/batches.py)."""
 
 
 @workflow.defn
 class BatchWorkflow:
-    """Runs a whole batch; pause, resume, cancel and set_max_machines steer it."""
+    """Runs a whole batch; pause, resume, cancel, set_max_machines and set_max_cost steer it."""
 
     @workflow.init
     def __init__(self, input: BatchInput) -> None:
         self._input = input
         self._state = input.state or _plan(input)
         self._changed = False
-        self._capped = False
-        self._fair = False
-        self._pass_bytes = SMALL_PASS_BYTES
-        self._grants: list[asyncio.Future[None]] = []
+        self._grants: list[asyncio.Future[bool]] = []
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
         """Drive the chunks until every job is done or cancelled."""
-        self._capped = workflow.patched(SLOTS_REUSED_IN_CHUNKS)
-        self._fair = workflow.patched(FAIR_SHARES)
-        if workflow.patched(LARGER_PASSES):
-            self._pass_bytes = PASS_BYTES
         if input.state is None:
             await self._check_secrets(input)
-        self._show()
         while not self._finished():
             try:
                 await self._drive()
             except asyncio.CancelledError:
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
-        await self._hear_out()
-        await self._delivered()
         if self._state.prompt_jobs:
             await finish(self._release_sessions())
+        await asyncio.gather(*self._grants)
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._show()
         return self._output()
@@ -122,10 +94,8 @@ class BatchWorkflow:
 
     @workflow.signal
     def chunk_report(self, report: ChunkReport) -> None:
-        """A chunk handed back slots or reported progress."""
+        """A chunk gave back slots, or told how far it is, or that it is done."""
         chunk = self._state.chunks[report.index]
-        if chunk.reports is not None:
-            chunk.reports += 1
         chunk.slots -= report.released
         chunk.owed = max(0, chunk.owed - report.released)
         if report.seq >= chunk.report_seq:
@@ -136,14 +106,14 @@ class BatchWorkflow:
             chunk.status = ChunkStatus.DONE
             chunk.wants_more = False
         self._check_budget()
-        self._touch()
+        self._changed = True
 
     @workflow.signal
     def pause(self, request: PauseRequest | None = None) -> None:
         """Create no new machines; running jobs finish."""
         self._state.paused = True
         self._state.pause_reason = (request or PauseRequest()).reason
-        self._touch()
+        self._changed = True
 
     @workflow.signal
     def resume(self) -> None:
@@ -152,7 +122,7 @@ class BatchWorkflow:
         self._state.pause_reason = None
         self._state.over_budget = False
         self._check_budget()
-        self._touch()
+        self._changed = True
 
     @workflow.signal
     def set_max_cost(self, request: MaxCostRequest) -> None:
@@ -163,7 +133,7 @@ class BatchWorkflow:
                 f"budget raised to ${request.max_cost_usd:.2f}: send resume to continue"
             )
         self._check_budget()  # a budget lowered below what was spent pauses at once
-        self._touch()
+        self._changed = True
 
     @workflow.signal
     def cancel(self, request: CancelRequest | None = None) -> None:
@@ -174,7 +144,7 @@ class BatchWorkflow:
     def set_max_machines(self, request: MaxMachinesRequest) -> None:
         """Change the concurrency cap; lowering it takes effect as running jobs finish."""
         self._state.max_machines = request.max_machines
-        self._touch()
+        self._changed = True
 
     @workflow.query
     def progress(self) -> Progress:
@@ -188,7 +158,7 @@ class BatchWorkflow:
             max_machines=self._state.max_machines,
             max_cost_usd=self._state.max_cost_usd,
             counts=self._counts(),
-            chunks=self._state.chunks,
+            chunks=[chunk.progress() for chunk in self._state.chunks],
         )
 
     # ------------------------------------------------------------ the story
@@ -216,11 +186,11 @@ class BatchWorkflow:
         """Apply every change (reports, signals) until done, continuing-as-new when long."""
         while not self._finished():
             self._changed = False
-            await finish(self._sync())
+            await finish(self._steer())
             if self._finished():
                 return
             if self._run_is_long():
-                await self._delivered()
+                await asyncio.gather(*self._grants)
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(
                     self._input.model_copy(update={"jobs": [], "state": self._state})
@@ -228,237 +198,126 @@ class BatchWorkflow:
             self._show()
             await workflow.wait_condition(lambda: self._changed)
 
-    async def _sync(self) -> None:
-        """Tell chunks about pause, resume and cancel; lend free slots; start chunks."""
+    async def _steer(self) -> None:
+        """Pass on pause, resume and cancel; move slots where they are needed; start chunks."""
         state = self._state
-        sends: list[Awaitable[None]] = []
+        await self._pass_on_pause_and_cancel()
         running = self._running()
-        for chunk in running:
-            if state.cancelled and not chunk.told_cancel:
-                chunk.told_cancel = True
-                request = CancelRequest(reason=state.cancel_reason or "cancelled")
-                sends.append(self._tell(chunk, ChunkWorkflow.cancel, request))
-            elif not state.cancelled and chunk.told_paused != state.paused:
-                chunk.told_paused = state.paused
-                if state.paused:
-                    request_p = PauseRequest(reason=state.pause_reason or "paused")
-                    sends.append(self._tell(chunk, ChunkWorkflow.pause, request_p))
-                else:
-                    sends.append(self._tell(chunk, ChunkWorkflow.resume))
-        if self._fair and sum(c.slots - c.owed for c in running) > state.max_machines:
-            await self._delivered()  # a grant still on its way would be used after the take-back
-        grants = self._take_back(running)
-        if not state.cancelled and not state.paused:
-            grants += self._lend(running)
-        if self._fair:
-            self._send_in_background(grants)
-            grants = []
-        if not state.cancelled and not state.paused:
-            # Each start is an activity: while slots free up this loop could run for
-            # thousands of events, so it stops as soon as the run is long enough to continue.
-            while self._free() > 0 and state.pending and not self._long_while_starting():
-                if not self._fair:
-                    await self._start_chunk(self._prepare(state.pending.pop(0)))
-                    continue
-                await self._start_chunks(self._next_starts())
-            if self._capped and not state.pending:
-                grants += self._lend(self._running())  # no chunk waits: the others may grow
-        if self._fair:
-            self._send_in_background(grants)
-        else:
-            sends += grants
+        asks = slots.take_back(state.max_machines, running)
+        if asks:
+            await asyncio.gather(*self._grants)  # no grant may arrive after its take-back
+            for chunk in running:
+                if ask := asks.get(chunk.index, 0):
+                    chunk.owed += ask
+                    self._grant(chunk, SlotGrant(give_back=ask))
+        if state.cancelled or state.paused:
+            return
+        while state.pending and not self._run_is_long() and self._may_open():
+            await self._start_chunks(self._next_pass())
+        running = self._running()
+        for index, give in slots.lend(
+            slots.free_slots(state.max_machines, running), running
+        ).items():
+            state.chunks[index].slots += give
+            self._grant(state.chunks[index], SlotGrant(grant=give))
+
+    async def _pass_on_pause_and_cancel(self) -> None:
+        """Tell every running chunk, in the order they were given, and wait until they heard."""
+        state = self._state
+        sends: list[Awaitable[bool]] = []
+        if state.cancelled and not state.told_cancelled:
+            state.told_cancelled = True
+            request = CancelRequest(reason=state.cancel_reason or "cancelled")
+            sends = [self._tell(c, ChunkWorkflow.cancel, request) for c in self._running()]
+        elif not state.cancelled and state.told_paused != state.paused:
+            state.told_paused = state.paused
+            if state.paused:
+                pause = PauseRequest(reason=state.pause_reason or "paused")
+                sends = [self._tell(c, ChunkWorkflow.pause, pause) for c in self._running()]
+            else:
+                sends = [self._tell(c, ChunkWorkflow.resume) for c in self._running()]
         await asyncio.gather(*sends)
 
-    def _send_in_background(self, grants: list[Awaitable[None]]) -> None:
-        """Send slot grants without waiting for their delivery: they add up in any order.
-
-        Waiting would hold every other change (a report, a freed slot) until the server had
-        delivered them, which under load takes seconds. Pause, resume and cancel are still
-        awaited, so they arrive in the order they were given.
-        """
-        self._grants = [g for g in self._grants if not g.done()]
-        self._grants += [asyncio.ensure_future(g) for g in grants]
-
-    async def _delivered(self) -> None:
-        """Wait until every grant sent in the background has been delivered."""
-        await asyncio.gather(*self._grants)
-        self._grants = []
-
-    def _take_back(self, running: list[ChunkState]) -> list[Awaitable[None]]:
-        """Ask the newest chunks to give slots back when the cap was lowered."""
-        sends: list[Awaitable[None]] = []
-        excess = sum(c.slots - c.owed for c in running) - self._state.max_machines
-        for chunk in reversed(running):
-            ask = min(excess, chunk.slots - chunk.owed)
-            if ask > 0:
-                chunk.owed += ask
-                excess -= ask
-                sends.append(self._tell(chunk, ChunkWorkflow.grant, SlotGrant(give_back=ask)))
-        return sends
-
-    def _lend(self, running: list[ChunkState]) -> list[Awaitable[None]]:
-        """Give free slots to running chunks that still have jobs to start."""
-        if self._fair:
-            return self._lend_evenly(running)
-        sends: list[Awaitable[None]] = []
-        for chunk in running:
-            give = min(self._free(), self._slot_cap(chunk.size) - chunk.slots)
-            if chunk.wants_more and not chunk.owed and give > 0:
-                chunk.slots += give
-                sends.append(self._tell(chunk, ChunkWorkflow.grant, SlotGrant(grant=give)))
-        return sends
-
-    def _lend_evenly(self, running: list[ChunkState]) -> list[Awaitable[None]]:
-        """Give each free slot to the chunk with the most unfinished jobs per slot.
-
-        The chunk that would finish last gets the slot, so chunks finish together and no slot
-        idles at the end while one chunk still works through a queue of its own.
-        """
-        free = self._free()
-        given: dict[int, int] = {}
-        queue: list[tuple[float, int, ChunkState]] = []
-        for chunk in running:
-            if chunk.wants_more and not chunk.owed:
-                heapq.heappush(queue, (-_per_slot(chunk), chunk.index, chunk))
-        while free > 0 and queue:
-            _, index, chunk = heapq.heappop(queue)
-            if chunk.slots >= min(self._slot_cap(chunk.size), _unfinished(chunk)):
-                continue
-            chunk.slots += 1
-            free -= 1
-            given[index] = given.get(index, 0) + 1
-            heapq.heappush(queue, (-_per_slot(chunk), index, chunk))
-        chunks = self._state.chunks
-        return [
-            self._tell(chunks[i], ChunkWorkflow.grant, SlotGrant(grant=n)) for i, n in given.items()
-        ]
-
-    def _prepare(self, plan: ChunkPlan) -> ChunkPlan:
-        """Give a chunk about to start as many slots as are free, up to its share."""
-        chunk = self._state.chunks[plan.index]
-        chunk.slots = min(self._free(), len(plan.jobs), self._slot_cap(len(plan.jobs)))
-        chunk.wants_more = chunk.slots < len(plan.jobs)
-        chunk.status = ChunkStatus.RUNNING
-        return plan
-
-    def _next_starts(self) -> list[StartChunkInput]:
-        """The chunks to start in one pass: while slots are free, within a pass's size."""
+    def _may_open(self) -> bool:
         state = self._state
-        starts: list[StartChunkInput] = []
+        return slots.free_slots(state.max_machines, self._running()) > 0 and slots.may_open(
+            state.max_machines, len(self._running()), self._unfinished_chunks()
+        )
+
+    def _next_pass(self) -> list[tuple[ChunkPlan, ChunkInput]]:
+        """Chunks to start in one workflow task: while one may open, within PASS_BYTES."""
+        state = self._state
+        starts: list[tuple[ChunkPlan, ChunkInput]] = []
         size = 0
-        while self._free() > 0 and state.pending and len(starts) < STARTS_AT_ONCE:
-            start = self._start_input(self._prepare(state.pending[0]))  # its share counts it
-            state.pending.pop(0)
-            starts.append(start)
-            size += len(start.model_dump_json())
-            if size >= self._pass_bytes:
-                break
+        while state.pending and size < PASS_BYTES and self._may_open():
+            plan = state.pending.pop(0)
+            chunk = state.chunks[plan.index]
+            chunk.slots = slots.opening_window(
+                state.max_machines,
+                self._unfinished_chunks(),
+                slots.free_slots(state.max_machines, self._running()),
+                chunk.size,
+            )
+            chunk.wants_more = chunk.slots < chunk.size
+            chunk.status = ChunkStatus.RUNNING
+            chunk_input = self._chunk_input(plan, chunk.slots)
+            starts.append((plan, chunk_input))
+            size += len(chunk_input.model_dump_json())
         return starts
 
-    async def _start_chunks(self, starts: list[StartChunkInput]) -> None:
-        """Start chunk workflows with the slots `_prepare` gave them, in one activity."""
-        first, last = starts[0].chunk.index, starts[-1].chunk.index
-        await workflow.execute_activity(
-            start_chunks,
-            StartChunksInput(chunks=starts),
-            start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=policies.FLY_RETRY,
-            summary=f"start chunks {first}-{last}" if last > first else f"start chunk {first}",
-        )
+    async def _start_chunks(self, starts: list[tuple[ChunkPlan, ChunkInput]]) -> None:
+        """Start chunk children with the windows `_next_pass` gave them."""
+        await asyncio.gather(*(self._start_chunk(plan, chunk) for plan, chunk in starts))
 
-    def _start_input(self, plan: ChunkPlan) -> StartChunkInput:
-        """What starts a chunk: its resolved jobs, its slots, and what the UI shows of it."""
-        chunk = self._state.chunks[plan.index]
-        jobs = [
-            resolve_job(self._input.defaults, job, plan.first_job + i)
-            for i, job in enumerate(plan.jobs)
-        ]
+    async def _start_chunk(self, plan: ChunkPlan, chunk: ChunkInput) -> None:
         last = plan.first_job + len(plan.jobs) - 1
-        return StartChunkInput(
-            workflow_id=chunk.workflow_id,
-            chunk=ChunkInput(
-                batch_id=self._input.batch_id,
-                batch_workflow_id=workflow.info().workflow_id,
-                index=plan.index,
-                app=self._input.app,
-                jobs=jobs,
-                slots=chunk.slots,
-                budgeted=self._state.max_cost_usd is not None,
-                tuning=self._input.tuning,
-            ),
-            summary=f"chunk {plan.index} of batch {self._input.name}: jobs {plan.first_job}-{last}",
-            details=f"Jobs: {', '.join(j.id for j in plan.jobs)}",
-        )
-
-    async def _start_chunk(self, plan: ChunkPlan) -> None:
-        """Before FAIR_SHARES: start one chunk workflow with the slots `_prepare` gave it."""
-        start = self._start_input(plan)
-        last = plan.first_job + len(plan.jobs) - 1
-        if workflow.patched(CHUNKS_STARTED_BY_ACTIVITY):
-            await workflow.execute_activity(
-                start_chunk,
-                start,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=policies.FLY_RETRY,
-                summary=f"start chunk {plan.index} (jobs {plan.first_job}-{last})",
+        try:
+            await workflow.start_child_workflow(
+                ChunkWorkflow.run,
+                chunk,
+                id=self._state.chunks[plan.index].workflow_id,
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                search_attributes=TypedSearchAttributes(
+                    [SearchAttributePair(BATCH_ID, self._input.batch_id)]
+                ),
+                static_summary=(
+                    f"chunk {plan.index} of batch {self._input.name}: jobs {plan.first_job}-{last}"
+                ),
+                static_details=f"Jobs: {', '.join(job.id for job in plan.jobs)}"[:18_000],
             )
-            return
-        # Batches started before the patch: chunks are abandoned children.
-        await workflow.start_child_workflow(
-            ChunkWorkflow.run,
-            start.chunk,
-            id=start.workflow_id,
-            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-            search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(BATCH_ID, self._input.batch_id)]
-            ),
-            static_summary=start.summary,
-            static_details=start.details,
+        except WorkflowAlreadyStartedError:
+            workflow.logger.info("chunk %s was already started", plan.index)
+
+    def _chunk_input(self, plan: ChunkPlan, window: int) -> ChunkInput:
+        """What a chunk starts with: its jobs with the defaults applied, and its window."""
+        return ChunkInput(
+            batch_id=self._input.batch_id,
+            index=plan.index,
+            app=self._input.app,
+            jobs=[
+                resolve_job(self._input.defaults, job, plan.first_job + i)
+                for i, job in enumerate(plan.jobs)
+            ],
+            slots=window,
+            budgeted=self._state.max_cost_usd is not None,
+            tuning=self._input.tuning,
         )
-
-    def _slot_cap(self, size: int) -> int:
-        """Slots a chunk of `size` jobs may hold while other chunks wait: its share, or a quarter.
-
-        A slot a chunk holds runs its next job at once; one handed back costs a signal and a
-        workflow task on each side before another chunk can use it. So while chunks wait to
-        start, more chunks run with fewer slots each, and each slot runs several jobs in place.
-        """
-        if not self._capped or not self._state.pending:
-            return size
-        quarter = max(1, -(-size // SLOT_SHARE))
-        if not self._fair:
-            return quarter
-        share = self._state.max_machines // len(self._state.chunks)
-        # More chunks than slots: a share of one slot would run hundreds of chunks at once,
-        # each reporting to the batch; the quarter keeps them few, as before the fair shares.
-        return max(1, min(quarter, share)) if share >= 1 else quarter
 
     def _run_is_long(self) -> bool:
-        """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds.
-
-        Our bounds are well below Temporal's suggestion (4,096 events or 4 MB), so a worker that
-        lost its cache replays a short history: on a loaded machine a long replay can outlast
-        the workflow task timeout again and again.
-        """
+        """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds."""
         info = workflow.info()
-        if info.is_continue_as_new_suggested():
-            return True
-        long = (
-            info.get_current_history_length() > RUN_EVENTS
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() > RUN_EVENTS
             or info.get_current_history_size() > RUN_BYTES
         )
-        return long and workflow.patched(BOUNDED_RUNS)
-
-    def _long_while_starting(self) -> bool:
-        """Stop starting chunks to continue-as-new (runs from before the patch did not)."""
-        return self._run_is_long() and workflow.patched(CONTINUE_WHILE_STARTING)
 
     def _check_budget(self) -> None:
         """Pause the batch once what its jobs spent reaches its budget."""
         state = self._state
         if state.max_cost_usd is None or state.over_budget:
             return
-        spent = sum(chunk.counts.cost_usd for chunk in state.chunks)
+        spent = self._counts().cost_usd
         if spent < state.max_cost_usd:
             return
         state.over_budget = True
@@ -488,49 +347,30 @@ class BatchWorkflow:
             chunk.skipped_job_ids = [job.id for job in plan.jobs]
             chunk.counts = Counts(total=chunk.size, cancelled=chunk.size)
         state.pending = []
-        self._touch()
+        self._changed = True
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _tell(self, chunk: ChunkState, signal: Any, *arg: Any) -> Awaitable[None]:
+    def _grant(self, chunk: ChunkState, grant: SlotGrant) -> None:
+        """Send a grant or a take-back without waiting: they add up in any order."""
+        self._grants = [g for g in self._grants if not g.done()]
+        self._grants.append(asyncio.ensure_future(self._tell(chunk, ChunkWorkflow.grant, grant)))
+
+    def _tell(self, chunk: ChunkState, signal: Any, *arg: Any) -> Awaitable[bool]:
         """Signal a chunk; one that has just finished cannot be told, and need not be."""
-        handle = workflow.get_external_workflow_handle(chunk.workflow_id)
-        return tell(handle.signal(signal, *arg), chunk.workflow_id)
+        return tell(workflow.get_external_workflow_handle(chunk.workflow_id).signal(signal, *arg))
 
     def _running(self) -> list[ChunkState]:
         return [c for c in self._state.chunks if c.status is ChunkStatus.RUNNING]
 
-    def _free(self) -> int:
-        return self._state.max_machines - sum(c.slots for c in self._running())
+    def _unfinished_chunks(self) -> int:
+        return len(self._state.pending) + len(self._running())
 
     def _finished(self) -> bool:
         return not self._state.pending and not self._running()
 
-    def _heard_out(self) -> bool:
-        """Every report the chunks sent has arrived (their last one says how many they sent)."""
-        return all(c.reports is None or c.reports >= c.report_seq for c in self._state.chunks)
-
-    async def _hear_out(self) -> None:
-        """Close with no report on its way, which would fail the closing task; wait a while."""
-        if not self._fair or self._heard_out():
-            return
-        try:
-            await workflow.wait_condition(self._heard_out, timeout=REPORTS_GRACE)
-        except TimeoutError:
-            workflow.logger.warning("closing without every chunk report after %s", REPORTS_GRACE)
-
-    def _touch(self) -> None:
-        self._changed = True
-
     def _counts(self) -> Counts:
-        """The batch's counts: every chunk's added up (one model built, not one per chunk)."""
-        fields = Counts.model_fields
-        total = dict.fromkeys(fields, 0)
-        for chunk in self._state.chunks:
-            counts = chunk.counts
-            for name in fields:
-                total[name] += getattr(counts, name)
-        return Counts(**total)
+        return Counts.total_of([chunk.counts for chunk in self._state.chunks])
 
     def _status(self) -> str:
         if self._finished():
@@ -552,27 +392,26 @@ class BatchWorkflow:
             cancelled=counts.cancelled,
             cost_usd=round(counts.cost_usd, 6),
             num_turns=counts.num_turns,
-            chunks=self._state.chunks,
+            chunks=[chunk.progress() for chunk in self._state.chunks],
             cancel_reason=self._state.cancel_reason,
         )
 
     def _show(self) -> None:
         """Keep the Web UI's current details in step with the batch."""
+        state = self._state
         c = self._counts()
-        done = c.succeeded + c.failed + c.timed_out + c.cancelled
         status = self._status()
-        if self._state.paused and self._state.pause_reason:
-            status += f" ({self._state.pause_reason})"
-        budget = f" of ${self._state.max_cost_usd:.2f}" if self._state.max_cost_usd else ""
-        running = len(self._running())
+        if state.paused and state.pause_reason:
+            status += f" ({state.pause_reason})"
+        budget = f" of ${state.max_cost_usd:.2f}" if state.max_cost_usd else ""
         workflow.set_current_details(
-            f"**{done}/{c.total} jobs done**, {status}\n\n"
-            f"- machines: {c.live_machines} live, cap {self._state.max_machines}\n"
+            f"**{c.done}/{c.total} jobs done**, {status}\n\n"
+            f"- machines: {c.live_machines} live, cap {state.max_machines}\n"
             f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
             f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
             f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled\n"
-            f"- chunks: {running} running, {len(self._state.pending)} not started, "
-            f"{len(self._state.chunks)} in all"
+            f"- chunks: {len(self._running())} running, {len(state.pending)} not started, "
+            f"{len(state.chunks)} in all"
         )
 
 
@@ -589,7 +428,6 @@ def _plan(input: BatchInput) -> BatchState:
                 workflow_id=chunk_workflow_id(input.batch_id, index),
                 first_job=first,
                 size=len(jobs),
-                reports=0,
                 counts=Counts(total=len(jobs), pending=len(jobs)),
             )
         )
@@ -601,13 +439,3 @@ def _plan(input: BatchInput) -> BatchState:
         chunks=chunks,
         pending=plans,
     )
-
-
-def _unfinished(chunk: ChunkState) -> int:
-    """Jobs of the chunk not finished at its last report: the most slots it can use."""
-    return chunk.counts.pending + chunk.counts.running
-
-
-def _per_slot(chunk: ChunkState) -> float:
-    """Unfinished jobs per slot: how long the chunk has left to run, in rounds."""
-    return _unfinished(chunk) / chunk.slots if chunk.slots else float("inf")

@@ -8,9 +8,11 @@ from temporalio import workflow
 from temporalio.exceptions import FailureError
 
 
-async def tell(send: Awaitable[None], to: str) -> None:
-    """Await a signal to another workflow; one that has closed simply cannot be told."""
+async def tell(send: Awaitable[None]) -> bool:
+    """Await a signal to another workflow; whether it arrived (a closed one cannot be told)."""
     try:
         await send
     except FailureError as error:
-        workflow.logger.info("could not signal %s: %s", to, error)
+        workflow.logger.info("signal not delivered: %s", error)
+        return False
+    return True

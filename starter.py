@@ -79,7 +79,7 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             print(submitted.model_dump_json(indent=2))
         return 0
     await _watch(client, submitted.batch_id, quiet=args.json)
-    return await _print_results(client, submitted.batch_id, args.json)
+    return await _print_results(client, settings, submitted.batch_id, args.json)
 
 
 async def _watch(client: Client, batch_id: str, quiet: bool = False) -> None:
@@ -105,9 +105,9 @@ async def _watch(client: Client, batch_id: str, quiet: bool = False) -> None:
         await asyncio.sleep(REFRESH_S)
 
 
-async def _print_results(client: Client, batch_id: str, as_json: bool) -> int:
+async def _print_results(client: Client, settings: Settings, batch_id: str, as_json: bool) -> int:
     try:
-        report = await batches.results(client, batch_id)
+        report = await batches.results(client, batch_id, store=settings.blob_store())
     except batches.BatchNotReadable as error:
         print(error, file=sys.stderr)
         return 1
@@ -122,7 +122,7 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     _ui(settings, args.id)
     await _watch(client, args.id)
-    return await _print_results(client, args.id, as_json=False)
+    return await _print_results(client, settings, args.id, as_json=False)
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -167,9 +167,9 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     _ui(settings, args.id, args.json)
     if args.job is None:
-        return await _print_results(client, args.id, args.json)
+        return await _print_results(client, settings, args.id, args.json)
     try:
-        _, result = await batches.find_job(client, args.id, args.job)
+        _, result = await batches.find_job(client, args.id, args.job, store=settings.blob_store())
     except batches.UnknownJob as error:
         print(error, file=sys.stderr)
         return 2

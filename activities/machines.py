@@ -70,7 +70,7 @@ from sortie.models import (
 from sortie.outcomes import machine_failure
 from sortie.secrets import SecretStore
 from sortie.spec import LogTail
-from sortie.store import BlobStore, answer_key, session_key, session_prefix
+from sortie.store import BlobStore, answer_key, log_key, session_key, session_prefix
 
 SETTLED_STATES = ["stopped", "failed", "destroyed"]
 GONE_STATES = {"destroyed", "destroying"}
@@ -323,13 +323,16 @@ class MachineActivities:
         lines = [
             self._secrets.scrub(m, input.secrets) for m in messages if not m.startswith(FRAME_MARK)
         ]
+        tail = _tail(lines, input.tail_lines, input.tail_bytes)
+        key = (input.batch_id, input.job_id, input.turn, input.attempt)
         return CollectResultOutput(
             state=machine.state,
             exit_code=exit_event.exit_code if exit_event else None,
             signal=exit_event.signal if exit_event and (exit_event.signal or 0) > 0 else None,
             oom_killed=bool(exit_event and exit_event.oom_killed),
             exited_at=exit_event.exited_at if exit_event else None,
-            log_tail=_tail(lines, input.tail_lines, input.tail_bytes),
+            log_tail=tail,
+            log_ref=self._store.put(log_key(*key), "\n".join(tail).encode()) if tail else None,
             answer=answer,
         )
 
@@ -381,7 +384,7 @@ class MachineActivities:
             error_kind=kind.value if kind else None,
             commits={r.url: r.commit for r in report.repos if r.commit},
         )
-        if len(text) > PREVIEW_CHARS:
+        if text:  # kept whole off history; the chunk's result carries only the key
             key = answer_key(input.batch_id, input.job_id, input.turn, input.attempt)
             answer.result_ref = self._store.put(key, text.encode())
         if archive is not None:

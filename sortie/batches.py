@@ -22,6 +22,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from sortie.claude import PREVIEW_CHARS
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import (
     BatchInput,
@@ -39,6 +40,7 @@ from sortie.models import (
 )
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, BatchSpec, resolve_job
+from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
 
@@ -270,8 +272,14 @@ class BatchNotReadable(RuntimeError):
     """The batch failed or was terminated, so it has no result document."""
 
 
-async def results(client: Client, batch_id: str, *, parallel: int = 16) -> BatchReport:
-    """Every job's result in input order, for a running or closed batch of any size."""
+async def results(
+    client: Client, batch_id: str, *, store: BlobStore | None = None, parallel: int = 16
+) -> BatchReport:
+    """Every job's result in input order, for a running or closed batch of any size.
+
+    A closed chunk's rows are compact (its result is in its batch's history too): with `store`,
+    their log tails and answers are read back from it.
+    """
     closed, status = await is_closed(client, batch_id)
     if closed:
         output = await _closed_output(client, batch_id, status)
@@ -292,6 +300,10 @@ async def results(client: Client, batch_id: str, *, parallel: int = 16) -> Batch
     per_chunk = await asyncio.gather(*(read(c) for c in chunks))
     flat = [r for rs in per_chunk for r in rs]
     await _attach_followups(client, batch_id, flat)
+    if store is not None:
+        for result in flat:
+            for turn in (result, *result.followups):
+                expand(turn, store)
     counts = Counts()
     for chunk in chunks:
         counts = counts.add(chunk.counts)
@@ -365,7 +377,12 @@ class UnknownJob(LookupError):
 
 
 async def find_job(
-    client: Client, batch_id: str, job_id: str, *, window: int = 16
+    client: Client,
+    batch_id: str,
+    job_id: str,
+    *,
+    store: BlobStore | None = None,
+    window: int = 16,
 ) -> tuple[ChunkProgress, JobResult]:
     """One job's result with its follow-up turns, and its chunk: reads chunks only until found."""
     closed, status = await is_closed(client, batch_id)
@@ -380,6 +397,9 @@ async def find_job(
             for result in found:
                 if result.job_id == job_id:
                     result.followups = await _followup_turns(client, batch_id, job_id)
+                    if store is not None:
+                        for turn in (result, *result.followups):
+                            expand(turn, store)
                     return chunk, result
     raise UnknownJob(f"batch {batch_id} has no job {job_id!r}")
 
@@ -459,6 +479,17 @@ async def _chunk_input(client: Client, chunk: ChunkProgress) -> ChunkInput:
     [decoded] = await client.data_converter.decode(started.input.payloads, [ChunkInput])
     assert isinstance(decoded, ChunkInput)
     return decoded
+
+
+def expand(result: JobResult, store: BlobStore) -> JobResult:
+    """Read a compact row's log tail and answer preview back from the blob store."""
+    if result.log_ref and not result.log_tail:
+        data = store.get(result.log_ref)
+        result.log_tail = data.decode().splitlines() if data else []
+    if result.result_ref and result.result is None:
+        data = store.get(result.result_ref)
+        result.result = data.decode()[:PREVIEW_CHARS] if data else None
+    return result
 
 
 def full_answer(settings: Settings, result: JobResult) -> str | None:

@@ -48,6 +48,9 @@ class Tuning(_Model):
     log_tail_lines: int = 20
     log_tail_bytes: int = 2048
     log_grace_s: float = 30.0
+    run_events: int = Field(default=2_000, ge=100)
+    """A batch run continues-as-new past this many events, well below Temporal's suggestion
+    (4,096 events or 4 MB), so a worker that lost its cache replays a short history quickly."""
 
 
 # ---------------------------------------------------------------- workflows
@@ -262,6 +265,7 @@ class JobResult(_Model):
     duration_s: float | None = None
     error: str | None = None
     log_tail: list[str] = []
+    log_ref: str | None = None
     turn: int = 1
     credential: str | None = None
     session_id: str | None = None
@@ -276,6 +280,18 @@ class JobResult(_Model):
     archive_ref: str | None = None
     commits: dict[str, str] = {}
     followups: list[JobResult] = []
+
+    def compact(self) -> JobResult:
+        """The row a chunk returns: what the blob store keeps (log tail, answer) left out.
+
+        A chunk's result lands in its batch's history too, so it carries references, not text.
+        """
+        update: dict[str, object] = {"followups": []}
+        if self.log_ref:
+            update["log_tail"] = []
+        if self.result_ref:
+            update["result"] = None
+        return self.model_copy(update=update)
 
 
 class ChunkOutput(_Model):
@@ -447,6 +463,7 @@ class CollectResultOutput(_Model):
     oom_killed: bool = False
     exited_at: datetime | None = None
     log_tail: list[str] = []
+    log_ref: str | None = None
     answer: JobAnswer | None = None
 
 

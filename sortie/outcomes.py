@@ -46,6 +46,7 @@ def record_outcome(
     if collected:
         result.exit_code = collected.exit_code
         result.log_tail = collected.log_tail
+        result.log_ref = collected.log_ref
     answer = collected.answer if collected else None
     if answer is not None:
         _record_answer(result, answer)

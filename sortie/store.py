@@ -77,6 +77,11 @@ def answer_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     return f"answers/{batch_id}/{job_id}/t{turn}-a{attempt}.txt"
 
 
+def log_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
+    """Where the tail of a job attempt's logs is kept."""
+    return f"logs/{batch_id}/{job_id}/t{turn}-a{attempt}.txt"
+
+
 SESSIONS = "sessions"
 
 

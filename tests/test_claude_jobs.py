@@ -54,7 +54,7 @@ def git_repo(path: Path) -> Path:
 async def run_batch(s: Sortie, spec: BatchSpec) -> batches.BatchReport:
     submitted = await batches.submit(s.client, s.settings, spec)
     await batches.batch_handle(s.client, submitted.batch_id).result()
-    return await batches.results(s.client, submitted.batch_id)
+    return await batches.results(s.client, submitted.batch_id, store=s.settings.blob_store())
 
 
 def live(s: Sortie, app: str) -> list[dict[str, Any]]:
@@ -140,7 +140,9 @@ async def test_budget_pauses_the_batch_and_a_raised_budget_continues(
     await handle.signal(BatchWorkflow.set_max_cost, MaxCostRequest(max_cost_usd=5.0))
     await handle.signal(BatchWorkflow.resume)
     await handle.result()
-    report = await batches.results(sortie.client, submitted.batch_id)
+    report = await batches.results(
+        sortie.client, submitted.batch_id, store=sortie.settings.blob_store()
+    )
     assert report.succeeded == 6 and report.cost_usd == pytest.approx(1.2)
 
 
@@ -173,7 +175,9 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
     assert f"resumed session {first.session_id} (turn 2)" in (turn.result or "")
     assert "notes.txt" in (turn.result or ""), "the workspace came back as the first turn left it"
 
-    again = await batches.results(sortie.client, report.batch_id)
+    again = await batches.results(
+        sortie.client, report.batch_id, store=sortie.settings.blob_store()
+    )
     assert [t.turn for t in again.results[0].followups] == [2]
     assert again.cost_usd == pytest.approx((first.cost_usd or 0) + (turn.cost_usd or 0))
 
@@ -183,7 +187,9 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
     )
     third = (await batches.chunk_handle(sortie.client, third_id).result()).results[0]
     assert (third.state, third.turn) == ("succeeded", 3)
-    _, found = await batches.find_job(sortie.client, report.batch_id, "fix")
+    _, found = await batches.find_job(
+        sortie.client, report.batch_id, "fix", store=sortie.settings.blob_store()
+    )
     assert [t.turn for t in found.followups] == [2, 3]
     assert live(sortie, app_name) == []
 

@@ -125,7 +125,9 @@ async def test_worker_killed_mid_batch_resumes_exactly_once(
         localfly.set_faults({})
         second.start()
         await batches.batch_handle(temporal.client, submitted.batch_id).result()
-        report = await batches.results(temporal.client, submitted.batch_id)
+        report = await batches.results(
+            temporal.client, submitted.batch_id, store=settings.blob_store()
+        )
     finally:
         first.stop()
         second.stop()
@@ -151,7 +153,9 @@ async def test_worker_stopped_with_sigterm_hands_over_its_waits(
         assert "handing running waits over" in (tmp_path / "worker-1.log").read_text()
         second.start()
         await batches.batch_handle(temporal.client, submitted.batch_id).result()
-        report = await batches.results(temporal.client, submitted.batch_id)
+        report = await batches.results(
+            temporal.client, submitted.batch_id, store=settings.blob_store()
+        )
     finally:
         first.stop()
         second.stop()
@@ -181,7 +185,7 @@ async def test_server_killed_mid_batch_resumes_on_the_same_database(
         server.start()
         client = await Client.connect(server.address, data_converter=pydantic_data_converter)
         await batches.batch_handle(client, submitted.batch_id).result()
-        report = await batches.results(client, submitted.batch_id)
+        report = await batches.results(client, submitted.batch_id, store=settings.blob_store())
     finally:
         worker.stop()
         server.stop()

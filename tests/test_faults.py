@@ -50,7 +50,9 @@ def spec_for(app: str, jobs: list[dict[str, Any]] | None = None) -> BatchSpec:
 async def run(sortie: Sortie, spec: BatchSpec) -> batches.BatchReport:
     submitted = await batches.submit(sortie.client, sortie.settings, spec, tuning=TUNING)
     await batches.batch_handle(sortie.client, submitted.batch_id).result()
-    return await batches.results(sortie.client, submitted.batch_id)
+    return await batches.results(
+        sortie.client, submitted.batch_id, store=sortie.settings.blob_store()
+    )
 
 
 def one_machine_per_attempt_and_none_alive(sortie: Sortie, app: str) -> list[dict[str, Any]]:
@@ -146,7 +148,9 @@ async def test_a_cancel_during_a_retried_destroy_still_destroys_the_machine(
     await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="stop during cleanup"))
     await asyncio.wait_for(handle.result(), timeout=60)
 
-    report = await batches.results(sortie.client, submitted.batch_id)
+    report = await batches.results(
+        sortie.client, submitted.batch_id, store=sortie.settings.blob_store()
+    )
     assert [r.state for r in report.results] == ["succeeded", "cancelled"]
     await eventually(
         lambda: not [m for m in sortie.localfly.machines(app_name) if m["state"] != "destroyed"],

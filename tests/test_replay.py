@@ -1,16 +1,11 @@
 """Replay recorded histories against the current workflow code: determinism as a test.
 
-`tests/histories/` holds histories of representative batches (happy path, infrastructure retry,
-pause and resume, cancel, prompt jobs pausing at their budget), each a batch history and a chunk
-history. Older recordings prove that batches already running on older code still replay
-(`workflow.patched`): `v1-children-*` from before chunks were started by an activity,
-`v2-steps-*` from before a job's wait, collect and destroy became one activity,
-`v3-quarter-slots-*` from before fair shares of slots, `v4-created-apart-*` from before a
-finishing job handed its slot to the next job inside `finish_job`, `v5-small-passes-*` (batch
-histories only: the chunk did not change) from before a pass of chunk starts could carry 400 KB
-of chunk input. A change
-to the workflows that would break running batches fails `test_committed_histories_replay`. To
-refresh them on purpose (after a deliberate, versioned change): `make histories`.
+`tests/histories/` holds one batch history and one chunk history per scenario, named by what it
+proves: `happy`, `infra-retry` (a job retried on a new machine), `pause-resume`, `cancel`,
+`budget` (prompt jobs pausing at their budget, then resumed) and `continue-as-new` (the first
+run of a batch that continued-as-new while its chunks ran). A change to the workflows that would
+break running batches fails `test_committed_histories_replay`; Sortie has no release yet, so
+after a deliberate change the histories are recorded again with `make histories`.
 """
 
 from __future__ import annotations
@@ -41,7 +36,7 @@ from workflows.reaper import ReaperWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 RECORD = os.environ.get("SORTIE_RECORD_HISTORIES") == "1"
-SCENARIOS = ["happy", "infra_retry", "pause_resume", "cancel", "budget"]
+SCENARIOS = ["happy", "infra-retry", "pause-resume", "cancel", "budget", "continue-as-new"]
 
 
 def replayer() -> Replayer:
@@ -52,16 +47,18 @@ def replayer() -> Replayer:
 
 
 def scenario_jobs(name: str) -> list[dict[str, Any]]:
-    if name == "infra_retry":
+    if name == "infra-retry":
         return [{"id": "flaky", "env": {"FAIL_ATTEMPTS": "1"}}, {"id": "steady"}]
     if name == "budget":
         return [{"id": f"job-{i}", "env": {"COST": "0.3"}} for i in range(4)]
-    seconds = {"happy": "0.05", "pause_resume": "0.3", "cancel": "30"}[name]
+    if name == "continue-as-new":
+        return [{"id": f"job-{i}", "env": {"SECONDS": "0.05"}} for i in range(24)]
+    seconds = {"happy": "0.05", "pause-resume": "0.3", "cancel": "30"}[name]
     return [{"id": f"job-{i}", "env": {"SECONDS": seconds}} for i in range(4)]
 
 
 async def steer(name: str, fleet: Fleet, handle: Any) -> None:
-    if name == "pause_resume":
+    if name == "pause-resume":
         await eventually(lambda: fleet.live >= 1, what="a live machine")
         await handle.signal(BatchWorkflow.pause, PauseRequest(reason="recording"))
         await eventually(lambda: fleet.live == 0 and fleet.created < 4, what="paused and idle")
@@ -112,10 +109,13 @@ async def run_scenario(temporal: WorkflowEnvironment, name: str) -> dict[str, Wo
         await steer(name, fleet, handle)
         await handle.result()
     chunk = temporal.client.get_workflow_handle(chunk_workflow_id(submitted.batch_id, 0))
-    return {
-        "batch": await handle.fetch_history(),
-        "chunk": await chunk.fetch_history(),
-    }
+    first_run = (await handle.describe()).raw_description.workflow_execution_info.first_run_id
+    batch = temporal.client.get_workflow_handle(submitted.batch_id, run_id=first_run)
+    history = await batch.fetch_history()
+    if name == "continue-as-new":
+        last = history.events[-1]
+        assert last.HasField("workflow_execution_continued_as_new_event_attributes"), last
+    return {"batch": history, "chunk": await chunk.fetch_history()}
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

@@ -60,7 +60,9 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     try:
         submitted = await batches.submit(temporal.client, settings, spec)
         await batches.batch_handle(temporal.client, submitted.batch_id).result()
-        report = await batches.results(temporal.client, submitted.batch_id)
+        report = await batches.results(
+            temporal.client, submitted.batch_id, store=settings.blob_store()
+        )
     finally:
         worker.stop()
 

@@ -53,13 +53,16 @@ with workflow.unsafe.imports_passed_through():
     from workflows.messaging import tell
     from workflows.shielded import finish
 
-RUN_EVENTS = 2_000
 RUN_BYTES = 1_500_000
-"""A run continues-as-new past these, well below Temporal's own suggestion (4,096 events or
-4 MB), so a worker that lost its cache replays a short history quickly."""
+"""A run continues-as-new past this size (or `Tuning.run_events`), well below Temporal's own
+suggestion of 4 MB."""
+EVENTS_PER_CHUNK = 4
+"""A chunk's events in the run that starts it: start initiated, started, completed, last report."""
 PASS_BYTES = 1_000_000
 """Chunk input started in one workflow task at most: the task's commands stay far below the
 server's 4 MB message limit (one chunk's input is at most 1 MB, see sortie/batches.py)."""
+STARTS_AT_ONCE = 50
+"""Chunks started in one workflow task at most, so a run checks its length between passes."""
 
 
 @workflow.defn
@@ -249,15 +252,20 @@ class BatchWorkflow:
         state = self._state
         starts: list[tuple[ChunkPlan, ChunkInput]] = []
         size = 0
-        while state.pending and size < PASS_BYTES and self._may_open():
-            plan = state.pending.pop(0)
-            chunk = state.chunks[plan.index]
+        while (
+            state.pending
+            and size < PASS_BYTES
+            and len(starts) < self._starts_fitting()
+            and self._may_open()
+        ):
+            chunk = state.chunks[state.pending[0].index]
             chunk.slots = slots.opening_window(
                 state.max_machines,
                 self._unfinished_chunks(),
                 slots.free_slots(state.max_machines, self._running()),
                 chunk.size,
             )
+            plan = state.pending.pop(0)
             chunk.wants_more = chunk.slots < chunk.size
             chunk.status = ChunkStatus.RUNNING
             chunk_input = self._chunk_input(plan, chunk.slots)
@@ -303,12 +311,17 @@ class BatchWorkflow:
             tuning=self._input.tuning,
         )
 
+    def _starts_fitting(self) -> int:
+        """Chunks one pass may start without taking the run far past its bound of events."""
+        room = self._input.tuning.run_events - workflow.info().get_current_history_length()
+        return max(1, min(STARTS_AT_ONCE, room // EVENTS_PER_CHUNK))
+
     def _run_is_long(self) -> bool:
         """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds."""
         info = workflow.info()
         return (
             info.is_continue_as_new_suggested()
-            or info.get_current_history_length() > RUN_EVENTS
+            or info.get_current_history_length() > self._input.tuning.run_events
             or info.get_current_history_size() > RUN_BYTES
         )
 

@@ -95,7 +95,8 @@ class ChunkWorkflow:
         await self._report_done()
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._show()
-        return ChunkOutput(index=input.index, counts=self._counts(), results=self._results)
+        results = [result.compact() for result in self._results]
+        return ChunkOutput(index=input.index, counts=self._counts(), results=results)
 
     # ------------------------------------------------------------ signals and queries
 
@@ -351,8 +352,10 @@ class ChunkWorkflow:
 
     def _done_starting(self) -> bool:
         """Cancelled, or every job started for good (none queued, none claimed)."""
-        claims = self._hand_over.claims if self._hand_over else 0
-        return self._cancelled or not (self._queue or claims)
+        return self._cancelled or not (self._queue or self._claimed())
+
+    def _claimed(self) -> int:
+        return self._hand_over.claims if self._hand_over else 0
 
     def _may_start(self) -> bool:
         """Whether a freed slot may go to the next job now."""
@@ -382,6 +385,8 @@ class ChunkWorkflow:
         give = min(idle, self._owed) if more_to_start else idle
         if give <= 0:
             return False
+        if not (more_to_start or self._running or self._claimed()):
+            return True  # the chunk is done: its last report gives back every slot
         self._owed = max(0, self._owed - give)
         self._slots -= give
         self._publish_gate()

@@ -138,7 +138,7 @@ async def aggregate(client: Client, settings: Settings, batch_id: str) -> Aggreg
     if memo_value is None:
         raise AnalysisError(f"{batch_id} is not an analysis batch (its memo has no {MEMO_KEY!r})")
     memo = AnalysisMemo.model_validate(memo_value)
-    report = await batches.results(client, batch_id)
+    report = await batches.results(client, batch_id, store=settings.blob_store())
     parsed: list[ParsedAnswer] = []
     raw: dict[str, str] = {}
     unparsed: list[str] = []

@@ -31,6 +31,9 @@ from tests.processes import WorkerProcess
 from tests.waiting import eventually
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
+LATE = 9
+"""Jobs of the first batch whose chunks start after the switch: enough for the batch to continue
+as new (the session's dev server suggests it at 100 events) after the switch too."""
 
 
 def test_a_version_is_a_deployment_and_a_build_together() -> None:
@@ -126,12 +129,12 @@ async def test_a_batch_finishes_on_its_build_while_the_next_build_takes_new_batc
     try:
         old.start()
         await set_current(address, deployment, "build-1")
-        # The first job holds the batch's only machine until build 2 is current, so the second
+        # The first job holds the batch's only machine until build 2 is current, so every later
         # chunk is started after the switch, by an activity of the batch pinned to build 1.
         first = await batches.submit(
             client,
             settings,
-            spec_for(old_app, [f"until [ -e {gate} ]; do sleep 0.1; done", "sleep 1"]),
+            spec_for(old_app, [f"until [ -e {gate} ]; do sleep 0.1; done"] + ["true"] * LATE),
             tuning=TUNING,
         )
         await eventually(
@@ -153,25 +156,23 @@ async def test_a_batch_finishes_on_its_build_while_the_next_build_takes_new_batc
             timeout=60,
         )
         reports = [await batches.results(client, b.batch_id) for b in (first, second)]
-        expected = {
-            first.batch_id: ("build-1", {identity(old)}),
-            second.batch_id: ("build-2", {identity(new)}),
-        }
+        expected = [("build-1", {identity(old)}), ("build-2", {identity(new)})]
     finally:
         old.stop()
         new.stop()
 
     for report in reports:
         assert report.status == "completed"
-        assert [r.state for r in report.results] == ["succeeded", "succeeded"], report.results
-    # The first batch's second chunk was started after build 2 became current, and still ran on
-    # build 1 with its batch.
+        assert {r.state for r in report.results} == {"succeeded"}, report.results
+    # The first batch's later chunks and its latest run were started after build 2 became
+    # current, and still ran on build 1.
     late = await client.get_workflow_handle(chunk_workflow_id(first.batch_id, 1)).describe()
     assert late.start_time > switched_at
-    for batch_id, ran in expected.items():
-        for workflow_id in [
-            batch_id,
-            chunk_workflow_id(batch_id, 0),
-            chunk_workflow_id(batch_id, 1),
-        ]:
+    latest = (await batches.batch_handle(client, first.batch_id).describe()).raw_description
+    info = latest.workflow_execution_info
+    assert info.first_run_id != info.execution.run_id, "the first batch did not continue as new"
+    assert info.start_time.ToDatetime(UTC) > switched_at
+    for report, ran in zip(reports, expected, strict=True):
+        chunks = [chunk_workflow_id(report.batch_id, i) for i in range(report.total)]
+        for workflow_id in [report.batch_id, *chunks]:
             assert await ran_on(client, workflow_id) == ran, workflow_id

@@ -22,7 +22,7 @@ from activities.reaper import ReaperActivities
 from fly import FlyClient
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
-from sortie.temporal import connect, run_main
+from sortie.temporal import connect, pinning_starts, run_main
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
 from workflows.reaper import ReaperWorkflow
@@ -38,8 +38,9 @@ def build_worker(
     store = settings.blob_store()
     machines = MachineActivities(fly, secrets, store)
     reaper = ReaperActivities(fly, store)
+    deployment = settings.deployment_config()
     return Worker(
-        client,
+        pinning_starts(client, deployment),
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow],
         activities=[
@@ -56,6 +57,9 @@ def build_worker(
         # backlog gets them to this worker sooner than five fixed pollers.
         activity_task_poller_behavior=PollerBehaviorAutoscaling(),
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
+        # SORTIE_DEPLOYMENT and SORTIE_BUILD_ID set: Worker Versioning, workflows pinned to
+        # the build they started on, chunks too (README, Versioning); unset: unversioned.
+        deployment_config=deployment,
     )
 
 

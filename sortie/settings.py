@@ -3,7 +3,8 @@
 Temporal: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE. Fly: FLY_API_TOKEN, FLY_API_BASE_URL,
 FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE, SORTIE_UI_URL,
 SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
-SORTIE_STATE_DIR. Without FLY_API_TOKEN, Sortie runs offline against localfly.
+SORTIE_STATE_DIR, SORTIE_DEPLOYMENT and SORTIE_BUILD_ID (Worker Versioning). Without
+FLY_API_TOKEN, Sortie runs offline against localfly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+from temporalio.worker import WorkerDeploymentConfig
 
 from fly import FlySettings, FlyToken
 from sortie.store import BlobStore
@@ -33,6 +36,16 @@ class Settings(BaseModel):
     max_concurrent_activities: int = 1000
     shutdown_grace_s: float = 10.0
     state_dir: Path = Path(".state")
+    deployment_name: str | None = None
+    build_id: str | None = None
+
+    @model_validator(mode="after")
+    def _version_is_whole(self) -> Settings:
+        if (self.deployment_name is None) != (self.build_id is None):
+            raise ValueError("SORTIE_DEPLOYMENT and SORTIE_BUILD_ID are set together or not at all")
+        if self.deployment_name is not None and "." in self.deployment_name:
+            raise ValueError("SORTIE_DEPLOYMENT may not contain '.'")
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -46,8 +59,20 @@ class Settings(BaseModel):
             "max_concurrent_activities": env.get("SORTIE_MAX_CONCURRENT_ACTIVITIES"),
             "shutdown_grace_s": env.get("SORTIE_SHUTDOWN_GRACE"),
             "state_dir": env.get("SORTIE_STATE_DIR"),
+            "deployment_name": env.get("SORTIE_DEPLOYMENT"),
+            "build_id": env.get("SORTIE_BUILD_ID"),
         }
         return cls.model_validate({k: v for k, v in values.items() if v})
+
+    def deployment_config(self) -> WorkerDeploymentConfig | None:
+        """Worker Versioning, workflows pinned to this build; None: an unversioned worker."""
+        if self.deployment_name is None or self.build_id is None:
+            return None
+        return WorkerDeploymentConfig(
+            version=WorkerDeploymentVersion(self.deployment_name, self.build_id),
+            use_worker_versioning=True,
+            default_versioning_behavior=VersioningBehavior.PINNED,
+        )
 
     def blob_store(self) -> BlobStore:
         """Where long answers and session archives are kept."""

@@ -22,7 +22,7 @@ from activities.reaper import ReaperActivities
 from fly import FlyClient
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
-from sortie.temporal import connect, pinning_starts, run_main
+from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
 from workflows.reaper import ReaperWorkflow
@@ -40,7 +40,7 @@ def build_worker(
     reaper = ReaperActivities(fly, store)
     deployment = settings.deployment_config()
     return Worker(
-        pinning_starts(client, deployment),
+        client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow],
         activities=[
@@ -58,7 +58,7 @@ def build_worker(
         activity_task_poller_behavior=PollerBehaviorAutoscaling(),
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
         # SORTIE_DEPLOYMENT and SORTIE_BUILD_ID set: Worker Versioning, workflows pinned to
-        # the build they started on, chunks too (README, Versioning); unset: unversioned.
+        # the build they started on, their chunks (children) too; unset: unversioned.
         deployment_config=deployment,
     )
 

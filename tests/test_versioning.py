@@ -130,7 +130,7 @@ async def test_a_batch_finishes_on_its_build_while_the_next_build_takes_new_batc
         old.start()
         await set_current(address, deployment, "build-1")
         # The first job holds the batch's only machine until build 2 is current, so every later
-        # chunk is started after the switch, by an activity of the batch pinned to build 1.
+        # chunk is started after the switch, as a child of the batch pinned to build 1.
         first = await batches.submit(
             client,
             settings,

@@ -20,7 +20,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
 from sortie import batches
-from sortie.labels import META_BATCH, META_JOB
+from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import (
     BatchOutput,
     CancelRequest,
@@ -96,6 +96,42 @@ async def test_happy_path(sortie: Sortie, app_name: str) -> None:
     assert len(made) == 5 and not live(sortie, app_name)
     assert {m["metadata"][META_BATCH] for m in made} == {batch_id}
     assert {m["metadata"][META_JOB] for m in made} == {j["id"] for j in jobs}
+    # The chunks are the batch's children: the UI lists them under its Relationships.
+    children = await eventually(
+        lambda: _children(sortie, batch_id, count=3), what="the chunks listed as children"
+    )
+    assert children == [chunk_workflow_id(batch_id, i) for i in range(3)]
+    chunk = await sortie.client.get_workflow_handle(children[0]).describe()
+    assert chunk.parent_id == batch_id and chunk.status is WorkflowExecutionStatus.COMPLETED
+
+
+async def _children(s: Sortie, batch_id: str, count: int) -> list[str] | None:
+    """The batch's children by id, once visibility lists all `count` of them."""
+    query = f'ParentWorkflowId="{batch_id}"'
+    found = sorted([e.id async for e in s.client.list_workflows(query)])
+    return found if len(found) == count else None
+
+
+async def test_a_terminated_batchs_chunks_stop_and_destroy_their_machines(
+    sortie: Sortie, app_name: str
+) -> None:
+    # Chunks are abandoned children (the batch continues-as-new): terminated, the batch cannot
+    # cancel them, so each stops itself when its next report cannot be delivered.
+    spec = make_spec(app_name, sleepers(20, 1), max_machines=2, chunk_size=10)
+    batch_id = await start(sortie, spec)
+    await eventually(lambda: len(live(sortie, app_name)) == 2, what="two running machines")
+    await batches.batch_handle(sortie.client, batch_id).terminate("gave up on it")
+
+    async def stopped() -> bool:
+        statuses = [
+            (await sortie.client.get_workflow_handle(chunk_workflow_id(batch_id, i)).describe())
+            for i in range(2)
+        ]
+        return all(d.status is WorkflowExecutionStatus.COMPLETED for d in statuses)
+
+    await eventually(stopped, timeout=60, what="both chunks to stop")
+    assert not live(sortie, app_name)
+    assert len(machines(sortie, app_name)) < 20, "the chunks stopped starting jobs"
 
 
 async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(

@@ -6,6 +6,7 @@ the workflows' models can change without touching it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 
@@ -126,6 +127,7 @@ class LiveProgress:
         self.bars = Bars(*columns, console=console, auto_refresh=False, expand=self.narrow)
         self.batch: TaskID | None = None
         self.chunks: dict[int, TaskID] = {}
+        self.caps: tuple[int, float | None] = (0, None)
 
     def __enter__(self) -> LiveProgress:
         self.bars.start()
@@ -149,7 +151,11 @@ class LiveProgress:
         self.bars.refresh()
 
     def update(self, v: ProgressView) -> None:
-        """Draw the batch as it is now."""
+        """Draw the batch as it is now; a closed batch's view lacks its caps, so keep the last."""
+        if v.max_machines:
+            self.caps = (v.max_machines, v.max_cost_usd)
+        else:
+            v = replace(v, max_machines=self.caps[0], max_cost_usd=self.caps[1])
         failed = v.failed + v.timed_out
         name = v.batch_id if not self.narrow else "batch"
         description = f"[bold red]{name}[/]" if failed else f"[bold]{name}[/]"
@@ -250,7 +256,8 @@ LIST_STYLES = {"completed": "green", "failed": "bold red", "running": "cyan"}
 
 def print_list(console: Console, rows: Listed) -> None:
     """Recent batches as a rich table."""
-    table = Table("BATCH", "STATUS", "STARTED", "WEB UI")
+    table = Table("BATCH", "STATUS", "STARTED")
+    table.add_column("WEB UI", overflow="fold")
     for bid, status, started, url in rows:
         style = LIST_STYLES.get(status, "yellow")
         table.add_row(bid, Text(status, style=style), _when(started), url)

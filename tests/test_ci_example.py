@@ -58,7 +58,7 @@ def run_step(
 
 def test_the_example_waits_for_the_batch_and_always_uploads_its_results() -> None:
     data = workflow()
-    triggers = data.get("on", data.get(True))
+    triggers = data["on"] if "on" in data else data[True]  # YAML 1.1 reads `on` as true
     assert "workflow_dispatch" in triggers
     [job] = data["jobs"].values()
     assert {"TEMPORAL_ADDRESS", "BATCH_FILE", "RESULTS"} <= job["env"].keys()

@@ -144,7 +144,7 @@ async def _print_results(client: Client, batch_id: str, as_json: bool) -> int:
         render.print_results(Console(highlight=False), report)
     else:
         print("\n".join(render.results_table(report)))
-    return 0 if report.succeeded == report.total else 1
+    return 1 if report.failed or report.cancelled else 0
 
 
 async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:

@@ -132,6 +132,7 @@ def write_batch(path: Path, app: str, jobs: list[dict[str, Any]], **fields: Any)
         (["set-max-machines", "b", "0"], 2, "N must be at least 1"),
         (["set-budget", "b", "-1"], 2, "usage: starter.py set-budget"),
         (["reap"], 2, "name the Fly app with --app or FLY_APP"),
+        (["analyze", "/nonexistent"], 2, "cannot analyse: no such directory: /nonexistent"),
         (["reap", "--app", "a", "--schedule", "soon"], 2, "cannot reach Temporal"),
         (["status", "batch-x"], 2, f"cannot reach Temporal at {NO_SERVER}"),
     ],
@@ -334,6 +335,10 @@ async def test_steering_reading_and_listing_through_the_cli(
     assert code == 0 and re.search(r"BATCH\s+┃\s+STATUS", plain(drawn)), plain(drawn)
     assert batch_id in plain(drawn) and "workflows/" in plain(drawn)
 
+    so_far = await apiped(["results", batch_id], env)
+    assert so_far.returncode == 0, "nothing failed yet: a running batch is not a failed one"
+    assert "4 jobs, 0 succeeded, 0 failed" in so_far.stdout.splitlines()[-1]
+
     cancelled = await apiped(["cancel", batch_id, "--reason", "done here"], env)
     assert (cancelled.returncode, first_line(cancelled.stdout)) == (0, f"sent cancel to {batch_id}")
     watched = await apiped(["watch", batch_id], env)
@@ -380,7 +385,14 @@ async def test_a_batch_the_worker_refuses_and_a_batch_that_does_not_exist_exit_2
         assert ran.returncode == 2, (command, ran.stderr)
         assert "refused by the worker" in ran.stderr
 
-    for args in (["status", "batch-none"], ["watch", "batch-none"], ["pause", "batch-none"]):
+    for args in (
+        ["status", "batch-none"],
+        ["watch", "batch-none"],
+        ["pause", "batch-none"],
+        ["results", "batch-none"],
+        ["findings", "batch-none"],
+        ["followup", "batch-none", "a", "again"],
+    ):
         ran = await apiped(args, env)
         assert ran.returncode == 2, (args, ran.stderr)
         assert first_line(ran.stderr).startswith("no such batch:"), ran.stderr

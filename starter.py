@@ -167,6 +167,9 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     if args.json:
         print(progress.model_dump_json(indent=2))
+    elif sys.stdout.isatty():
+        with render.LiveProgress(Console(highlight=False)) as bars:
+            bars.update(batches.view(progress))
     else:
         print("\n".join(render.progress_lines(batches.view(progress))))
     return 0

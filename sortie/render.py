@@ -100,7 +100,7 @@ def _batch_extra(v: ProgressView, narrow: bool) -> str:
     parts.append(f"machines {_machines(v)}")
     if spent := _spent(v):
         parts.append(spent)
-    if v.paused:
+    if v.paused or v.status != "running":
         parts.append(f"[yellow]{_state(v)}[/]")
     return "  ".join(parts)
 
@@ -139,7 +139,6 @@ class LiveProgress:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self.bars.refresh()
         self.bars.stop()
 
     def waiting(self, text: str) -> None:
@@ -161,7 +160,9 @@ class LiveProgress:
         description = f"[bold red]{name}[/]" if failed else f"[bold]{name}[/]"
         extra = _batch_extra(v, self.narrow)
         if self.batch is None:
-            self.batch = self.bars.add_task(description, total=v.total, extra=extra)
+            self.batch = self.bars.add_task(
+                description, total=v.total, completed=v.done, extra=extra
+            )
         self.bars.update(
             self.batch, description=description, completed=v.done, total=v.total, extra=extra
         )
@@ -173,7 +174,8 @@ class LiveProgress:
             label = f"[red]{label}[/]" if chunk.failed else label
             task = self.chunks.get(index)
             if task is None:
-                task = self.chunks[index] = self.bars.add_task(label, total=chunk.total, extra="")
+                task = self.bars.add_task(label, total=chunk.total, completed=chunk.done, extra="")
+                self.chunks[index] = task
             self.bars.update(
                 task,
                 description=label,
@@ -224,15 +226,34 @@ def results_table(report: BatchReport) -> list[str]:
     return [line.rstrip() for line in lines]
 
 
+WIDE = 120
+"""Below this many columns the results table leaves out the machine and session columns."""
+
+
 def print_results(console: Console, report: BatchReport) -> None:
-    """The results as a rich table, states coloured, then the totals."""
+    """The results as a rich table, states coloured, then the totals.
+
+    Columns no row fills are left out, and so are the machine and session ids on a terminal
+    narrower than `WIDE`, so the answer or error keeps room to be read.
+    """
+    rows = result_rows(report)
+    keep = [
+        i
+        for i, header in enumerate(RESULT_HEADERS)
+        if i < 2
+        or (
+            any(cells[i] for _, cells in rows)
+            and not (console.width < WIDE and header in ("MACHINE", "SESSION"))
+        )
+    ]
     table = Table(title=f"{report.batch_id} ({report.status})", title_justify="left")
-    for header in RESULT_HEADERS:
-        table.add_column(header, no_wrap=header in ("JOB", "STATE"))
-    table.add_column("ERROR/ANSWER", overflow="ellipsis", no_wrap=True, ratio=1)
-    for state, cells in result_rows(report):
-        style = STATE_STYLES.get(state, "")
-        table.add_row(cells[0], Text(cells[1], style=style), *cells[2:])
+    for i in keep:
+        table.add_column(RESULT_HEADERS[i], no_wrap=True)
+    table.add_column("ERROR/ANSWER", overflow="ellipsis", no_wrap=True, ratio=1, min_width=12)
+    for state, cells in rows:
+        picked: list[str | Text] = [cells[i] for i in keep]
+        picked[1] = Text(cells[1], style=STATE_STYLES.get(state, ""))
+        table.add_row(*picked, cells[-1])
     console.print(table)
     failed = report.failed or report.cancelled
     console.print(Text(summary_line(report), style="bold red" if failed else "bold green"))

@@ -259,7 +259,7 @@ async def test_watch_in_a_terminal_draws_a_bar_that_reaches_100_percent(
     assert first_line(shown).startswith("Web UI: http")
     bars = [line for line in shown.splitlines() if line.startswith(batch_id) and "%" in line]
     assert bars, shown
-    assert re.search(r"━+ 100% 4/4 .*✓ 4  ✗ 0  machines 0(/2)?$", bars[-1]), bars[-1]
+    assert re.search(r"━+ 100% 4/4 .*✓ 4  ✗ 0  machines 0(/2)?  completed$", bars[-1]), bars[-1]
     assert re.search(r"\bJOB\b.*\bSTATE\b.*\bEXIT\b", shown), "the results table follows"
     assert f"{batch_id}: completed; 4 jobs, 4 succeeded, 0 failed" in shown
 
@@ -309,6 +309,9 @@ async def test_steering_reading_and_listing_through_the_cli(
     assert first_line(status.stdout).startswith("Web UI: http")
     assert status.stdout.splitlines()[1] == f"{batch_id}  running"
     assert "0/4 done" in status.stdout and "running 2" in status.stdout
+    code, drawn = await aterminal(["status", batch_id], env)
+    assert code == 0 and re.search(r"━ +0% 0/4 .*machines \d/2", plain(drawn)), plain(drawn)
+    assert re.search(r"chunk 0000 .*running 1, slots 1", plain(drawn)), "a bar per running chunk"
     as_json = await apiped(["status", batch_id, "--json"], env)
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["counts"]["total"] == 4
 

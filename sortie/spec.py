@@ -208,11 +208,10 @@ def _job_where(job: object, index: int) -> str:
 
 
 def cross_field_problems(jobs: object, defaults: object) -> list[str]:
-    """Problems across fields and jobs, read from raw data so they are found beside field errors.
+    """Duplicate ids, not one of command and prompt, prompt-only fields on a command job.
 
-    Duplicate ids, a job with both or neither of command and prompt (its own or the defaults'),
-    and prompt-only fields on a command job. Entries that are not mappings are skipped: the
-    field validation names them.
+    Read from raw data, so they are reported beside field errors; entries that are not mappings
+    are left to the field validation, which names them.
     """
     if not isinstance(jobs, list):
         return []
@@ -379,8 +378,8 @@ def _messages(error: ValidationError, data: object) -> list[str]:
 def parse_batch(data: object, source: str = "batch") -> BatchSpec:
     """Validate already-parsed batch data, raising BatchFileError with every problem.
 
-    Field errors and cross-field problems are reported together: pydantic runs the batch's
-    own checks only once every field is valid, so they are read from the raw data too.
+    Pydantic runs the batch's cross-field checks only once every field is valid, so on field
+    errors they are run on the raw data too: the file's problems are all reported at once.
     """
     if not isinstance(data, dict):
         raise BatchFileError(source, ["the batch must be a mapping with name, app and jobs"])

@@ -14,13 +14,14 @@ import re
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pexpect
 import pytest
 
-from sortie import batches
+from sortie import batches, reaping
 from tests.conftest import ROOT, Sortie
 from tests.waiting import eventually
 
@@ -366,10 +367,22 @@ async def test_steering_reading_and_listing_through_the_cli(
     unknown = await apiped(["results", batch_id, "--job", "nope"], env)
     assert unknown.returncode == 2 and f"batch {batch_id} has no job 'nope'" in unknown.stderr
 
+    not_analysis = await apiped(["findings", batch_id], env)
+    assert not_analysis.returncode == 2
+    assert f"cannot analyse: {batch_id} is not an analysis batch" in not_analysis.stderr
+
     reaped = await apiped(["reap", "--app", app_name, "--dry-run"], env)
     assert reaped.returncode == 0, reaped.stderr
     assert first_line(reaped.stdout).startswith(f"{app_name}: ")
     assert "orphaned, would destroy 0" in reaped.stdout
+    scheduled = await apiped(["reap", "--app", app_name, "--schedule", "1h"], env)
+    assert scheduled.returncode == 0, scheduled.stderr
+    schedule = reaping.schedule_id(app_name)
+    assert first_line(scheduled.stdout) == f"schedule {schedule} sweeps {app_name} every 1h"
+    handle = sortie.client.get_schedule_handle(schedule)
+    described = await handle.describe()
+    await handle.delete()
+    assert [i.every for i in described.schedule.spec.intervals] == [timedelta(hours=1)]
 
 
 async def test_a_batch_the_worker_refuses_and_a_batch_that_does_not_exist_exit_2(

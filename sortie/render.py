@@ -88,13 +88,19 @@ def progress_line(v: ProgressView) -> str:
     )
 
 
-def _batch_extra(v: ProgressView, narrow: bool) -> str:
+MARKS = ("✓", "✗")
+ASCII_MARKS = ("ok", "failed")
+"""For a terminal whose encoding has no check marks."""
+
+
+def _batch_extra(v: ProgressView, narrow: bool, marks: tuple[str, str] = MARKS) -> str:
     """The overall bar's trailing text: failures in red, cost and live machines."""
     failed = v.failed + v.timed_out
-    bad = f"[bold red]✗ {failed}[/]" if failed else "✗ 0"
+    ok, ko = marks
+    bad = f"[bold red]{ko} {failed}[/]" if failed else f"{ko} 0"
     if narrow:
         return bad
-    parts = [f"[green]✓ {v.succeeded}[/]", bad]
+    parts = [f"[green]{ok} {v.succeeded}[/]", bad]
     if v.cancelled:
         parts.append(f"[yellow]cancelled {v.cancelled}[/]")
     parts.append(f"machines {_machines(v)}")
@@ -105,8 +111,8 @@ def _batch_extra(v: ProgressView, narrow: bool) -> str:
     return "  ".join(parts)
 
 
-def _chunk_extra(chunk: ChunkView, narrow: bool) -> str:
-    failed = f"  [bold red]✗ {chunk.failed}[/]" if chunk.failed else ""
+def _chunk_extra(chunk: ChunkView, narrow: bool, marks: tuple[str, str] = MARKS) -> str:
+    failed = f"  [bold red]{marks[1]} {chunk.failed}[/]" if chunk.failed else ""
     return failed if narrow else f"running {chunk.running}, slots {chunk.slots}{failed}"
 
 
@@ -116,6 +122,7 @@ class LiveProgress:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.narrow = console.width < NARROW
+        self.marks = MARKS if console.encoding.lower().startswith("utf") else ASCII_MARKS
         columns: list[str | ProgressColumn] = [
             TextColumn("{task.description}"),
             BarColumn(bar_width=None if self.narrow else BAR_WIDTH),
@@ -158,7 +165,7 @@ class LiveProgress:
         failed = v.failed + v.timed_out
         name = v.batch_id if not self.narrow else "batch"
         description = f"[bold red]{name}[/]" if failed else f"[bold]{name}[/]"
-        extra = _batch_extra(v, self.narrow)
+        extra = _batch_extra(v, self.narrow, self.marks)
         if self.batch is None:
             self.batch = self.bars.add_task(
                 description, total=v.total, completed=v.done, extra=extra
@@ -181,7 +188,7 @@ class LiveProgress:
                 description=label,
                 completed=chunk.done,
                 total=chunk.total,
-                extra=_chunk_extra(chunk, self.narrow),
+                extra=_chunk_extra(chunk, self.narrow, self.marks),
             )
         self.bars.refresh()
 

@@ -1,6 +1,7 @@
 """Sortie's command line: submit batches, watch and steer them, read their results.
 
     python starter.py submit FILE [--wait] [--json] [--new]
+    python starter.py validate FILE
     python starter.py watch ID
     python starter.py status ID [--json]
     python starter.py pause|resume|cancel ID [--reason TEXT]
@@ -16,13 +17,15 @@
     python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
 
 Configured by environment: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, SORTIE_TASK_QUEUE,
-SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled jobs, 2 bad input.
+SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled jobs, 2 bad input
+(usage, an unreadable or invalid batch file, a batch the worker refused, no such batch).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -30,7 +33,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from temporalio.client import Client
+from rich.console import Console
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from sortie import batches, reaping, render
@@ -46,6 +50,7 @@ from sortie.models import (
     PauseRequest,
     ReapInput,
 )
+from sortie.plan import plan
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, load_batch_file, parse_duration
 from sortie.temporal import connect, run_main
@@ -83,39 +88,63 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _watch(client: Client, batch_id: str, quiet: bool = False) -> None:
-    """Redraw progress until the batch closes."""
-    tty = sys.stdout.isatty() and not quiet
-    drawn = 0
-    last: list[str] = []
+    """Follow the batch until it closes: live bars on a terminal, a line per change on a pipe."""
+    if quiet:
+        with contextlib.suppress(WorkflowFailureError):
+            await batches.batch_handle(client, batch_id).result()
+        return
+    if not sys.stdout.isatty():
+        await _watch_plain(client, batch_id)
+        return
+    with render.LiveProgress(Console(highlight=False)) as live:
+        while True:
+            closed, _ = await batches.is_closed(client, batch_id)
+            try:
+                live.update(await batches.progress_view(client, batch_id))
+            except batches.BatchNotReadable:
+                break
+            except RPCError:
+                live.waiting(f"{batch_id}: waiting for a worker to answer…")
+            if closed:
+                break
+            await asyncio.sleep(REFRESH_S)
+
+
+async def _watch_plain(client: Client, batch_id: str) -> None:
+    """A plain line each time the batch's counts change, the last one once it closes."""
+    shown = ""
     while True:
         closed, _ = await batches.is_closed(client, batch_id)
-        if closed:
-            break
         try:
-            lines = render.progress_lines(await batches.progress(client, batch_id))
+            line = render.progress_line(await batches.progress_view(client, batch_id))
+        except batches.BatchNotReadable:
+            return
         except RPCError:
-            lines = [f"{batch_id}: waiting for a worker to answer…"]
-        if tty:
-            sys.stdout.write(f"\x1b[{drawn}F\x1b[J" if drawn else "")
-            print("\n".join(lines), flush=True)
-            drawn = len(lines)
-        elif not quiet and lines[:2] != last[:2]:
-            print(lines[1].strip(), flush=True)
-        last = lines
+            line = f"{batch_id}: waiting for a worker to answer…"
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        if closed:
+            return
         await asyncio.sleep(REFRESH_S)
 
 
 async def _print_results(client: Client, settings: Settings, batch_id: str, as_json: bool) -> int:
     try:
         report = await batches.results(client, batch_id, store=settings.blob_store())
+    except batches.BatchRejected as error:
+        print(error, file=sys.stderr)
+        return 2
     except batches.BatchNotReadable as error:
         print(error, file=sys.stderr)
         return 1
     if as_json:
         print(report.model_dump_json(indent=2))
+    elif sys.stdout.isatty():
+        render.print_results(Console(highlight=False), report)
     else:
         print("\n".join(render.results_table(report)))
-    return 0 if report.succeeded == report.total else 1
+    return 1 if report.failed or report.cancelled else 0
 
 
 async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,13 +159,19 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     _ui(settings, args.id, args.json)
     try:
         progress = await batches.progress(client, args.id)
+    except batches.BatchRejected as error:
+        print(error, file=sys.stderr)
+        return 2
     except batches.BatchNotReadable as error:
         print(error, file=sys.stderr)
         return 1
     if args.json:
         print(progress.model_dump_json(indent=2))
+    elif sys.stdout.isatty():
+        with render.LiveProgress(Console(highlight=False)) as bars:
+            bars.update(batches.view(progress))
     else:
-        print("\n".join(render.progress_lines(progress)))
+        print("\n".join(render.progress_lines(batches.view(progress))))
     return 0
 
 
@@ -218,9 +253,20 @@ async def cmd_followup(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
-    for batch_id, status, started in await batches.list_batches(client):
-        when = started.strftime("%Y-%m-%d %H:%M:%S") if started else ""
-        print(f"{batch_id:50} {status:12} {when}  {settings.workflow_url(batch_id)}")
+    rows = [
+        (batch_id, status, started, settings.workflow_url(batch_id))
+        for batch_id, status, started in await batches.list_batches(client)
+    ]
+    if sys.stdout.isatty():
+        render.print_list(Console(highlight=False), rows)
+    else:
+        print("\n".join(render.list_lines(rows)))
+    return 0
+
+
+async def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    """Check a batch file and print its plan or every problem; needs no server."""
+    print("\n".join(render.plan_lines(plan(load_batch_file(args.file)))))
     return 0
 
 
@@ -370,6 +416,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON document")
     s.add_argument("--new", action="store_true", help="run an already submitted file again")
     s.set_defaults(run=cmd_submit)
+    s = sub.add_parser("validate", help="check a batch file and print its plan (no server)")
+    s.add_argument("file")
+    s.set_defaults(run=cmd_validate)
     for name, run in (("watch", cmd_watch), ("status", cmd_status), ("results", cmd_results)):
         s = sub.add_parser(name, help=f"{name} a batch")
         s.add_argument("id")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -262,14 +263,116 @@ async def _live(client: Client, progress: Progress) -> Progress:
 async def _closed_output(
     client: Client, batch_id: str, status: WorkflowExecutionStatus | None
 ) -> BatchOutput:
+    if status is WorkflowExecutionStatus.FAILED:
+        reason = await _failure(client, batch_id)
+        if reason is not None and REJECTED in reason:
+            raise BatchRejected(f"batch {batch_id} was refused by the worker: {reason}")
     if status is not WorkflowExecutionStatus.COMPLETED:
         name = status.name.lower() if status else "unknown"
         raise BatchNotReadable(f"batch {batch_id} ended {name}: it has no results to read")
     return await batch_handle(client, batch_id).result()
 
 
+REJECTED = "batch rejected:"
+"""How the batch workflow's failure begins when the worker refuses its secrets or apps."""
+
+
+async def _failure(client: Client, batch_id: str) -> str | None:
+    """The failed batch's failure message, its causes joined, or None if it did not fail."""
+    try:
+        await batch_handle(client, batch_id).result()
+    except WorkflowFailureError as error:
+        messages: list[str] = []
+        cause: BaseException | None = error.cause
+        while cause is not None:
+            messages.append(str(cause))
+            cause = cause.__cause__
+        return ": ".join(messages)
+    return None
+
+
 class BatchNotReadable(RuntimeError):
     """The batch failed or was terminated, so it has no result document."""
+
+
+class BatchRejected(BatchNotReadable):
+    """The worker refused the batch before any machine (an unknown secret, no credential)."""
+
+
+@dataclass(frozen=True)
+class ChunkView:
+    """One chunk's progress in plain values, for the terminal."""
+
+    index: int
+    total: int
+    done: int
+    failed: int
+    running: int
+    slots: int
+    active: bool
+
+
+@dataclass(frozen=True)
+class ProgressView:
+    """A batch's progress in plain values, for the terminal: the renderer's whole input."""
+
+    batch_id: str
+    status: str
+    paused: bool
+    pause_reason: str | None
+    max_machines: int
+    max_cost_usd: float | None
+    total: int
+    done: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    running: int
+    pending: int
+    live_machines: int
+    cost_usd: float
+    chunks: tuple[ChunkView, ...]
+
+
+def view(p: Progress) -> ProgressView:
+    """The `progress` query's answer as plain values (the one place that reads its model)."""
+    c = p.counts
+    return ProgressView(
+        batch_id=p.batch_id,
+        status=p.status,
+        paused=p.paused,
+        pause_reason=p.pause_reason,
+        max_machines=p.max_machines,
+        max_cost_usd=p.max_cost_usd,
+        total=c.total,
+        done=c.done,
+        succeeded=c.succeeded,
+        failed=c.failed,
+        timed_out=c.timed_out,
+        cancelled=c.cancelled,
+        running=c.running,
+        pending=c.pending,
+        live_machines=c.live_machines,
+        cost_usd=c.cost_usd,
+        chunks=tuple(
+            ChunkView(
+                index=chunk.index,
+                total=chunk.size,
+                done=chunk.counts.done,
+                failed=chunk.counts.failed + chunk.counts.timed_out,
+                running=chunk.counts.running,
+                slots=chunk.slots,
+                active=chunk.status is ChunkStatus.RUNNING,
+            )
+            for chunk in p.chunks
+        ),
+    )
+
+
+async def progress_view(client: Client, batch_id: str) -> ProgressView:
+    """The batch's progress now, as plain values."""
+    return view(await progress(client, batch_id))
 
 
 async def results(

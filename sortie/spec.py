@@ -200,6 +200,44 @@ class Defaults(JobFields):
 PROMPT_ONLY = ("repos", "model", "max_turns", "allowed_tools", "max_cost_usd")
 """Job fields that only a Claude Code (prompt) job uses."""
 
+
+def _job_where(job: object, index: int) -> str:
+    """`job 'ID' (jobs[i])`, as every problem about a job begins."""
+    job_id = job.get("id", "?") if isinstance(job, dict) else "?"
+    return f"job {str(job_id)!r} (jobs[{index}])"
+
+
+def cross_field_problems(jobs: object, defaults: object) -> list[str]:
+    """Duplicate ids, not one of command and prompt, prompt-only fields on a command job.
+
+    Read from raw data, so they are reported beside field errors; entries that are not mappings
+    are left to the field validation, which names them.
+    """
+    if not isinstance(jobs, list):
+        return []
+    fallback = defaults if isinstance(defaults, dict) else {}
+    problems: list[str] = []
+    first: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        if not isinstance(job, dict):
+            continue
+        where = _job_where(job, i)
+        job_id = job.get("id")
+        if isinstance(job_id, str):
+            if job_id in first:
+                problems.append(f"{where}: id: duplicate job id (first at jobs[{first[job_id]}])")
+            first.setdefault(job_id, i)
+        command = job.get("command") if job.get("command") is not None else fallback.get("command")
+        prompt = job.get("prompt") if job.get("prompt") is not None else fallback.get("prompt")
+        if (command is None) == (prompt is None):
+            problems.append(f"{where}: set exactly one of command or prompt")
+        elif command is not None:
+            for field in PROMPT_ONLY:
+                if job.get(field) is not None:
+                    problems.append(f"{where}: {field} is only for prompt jobs")
+    return problems
+
+
 DEFAULT_IMAGE = "registry.fly.io/sortie-agent:latest"
 DEFAULT_TIMEOUT_S = 30 * 60.0
 DEFAULT_BOOT_TIMEOUT_S = 5 * 60.0
@@ -248,21 +286,9 @@ class BatchSpec(_Strict):
 
     @model_validator(mode="after")
     def _jobs_are_runnable(self) -> Self:
-        problems: list[str] = []
-        seen: set[str] = set()
-        for i, job in enumerate(self.jobs):
-            where = f"job {job.id!r} (jobs[{i}])"
-            if job.id in seen:
-                problems.append(f"{where}: duplicate job id")
-            seen.add(job.id)
-            command = job.command if job.command is not None else self.defaults.command
-            prompt = job.prompt if job.prompt is not None else self.defaults.prompt
-            if (command is None) == (prompt is None):
-                problems.append(f"{where}: set exactly one of command or prompt")
-            elif command is not None:
-                for field in PROMPT_ONLY:
-                    if getattr(job, field) is not None:
-                        problems.append(f"{where}: {field} is only for prompt jobs")
+        problems = cross_field_problems(
+            [job.model_dump() for job in self.jobs], self.defaults.model_dump()
+        )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -324,13 +350,10 @@ _JOB_NAMES = {"timeout": "timeout_s", "boot_timeout": "boot_timeout_s"}
 def _describe(spec_data: object, loc: tuple[int | str, ...]) -> str:
     """Name the field and, for job fields, the job id, from a pydantic error location."""
     if len(loc) >= 2 and loc[0] == "jobs" and isinstance(loc[1], int):
-        job_id = "?"
-        if isinstance(spec_data, dict):
-            jobs = spec_data.get("jobs")
-            if isinstance(jobs, list) and loc[1] < len(jobs) and isinstance(jobs[loc[1]], dict):
-                job_id = str(jobs[loc[1]].get("id", "?"))
+        jobs = spec_data.get("jobs") if isinstance(spec_data, dict) else None
+        job = jobs[loc[1]] if isinstance(jobs, list) and loc[1] < len(jobs) else None
         field = ".".join(str(p) for p in loc[2:]) or "job"
-        return f"job {job_id!r} (jobs[{loc[1]}]): {field}"
+        return f"{_job_where(job, loc[1])}: {field}"
     return ".".join(str(p) for p in loc) or "batch"
 
 
@@ -343,6 +366,8 @@ def _messages(error: ValidationError, data: object) -> list[str]:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required"
+        elif loc == ("jobs",) and (item["type"] == "too_short" or item["input"] is None):
+            message = "the batch has no jobs"
         if not loc:
             problems.extend(message.splitlines())
         else:
@@ -351,24 +376,37 @@ def _messages(error: ValidationError, data: object) -> list[str]:
 
 
 def parse_batch(data: object, source: str = "batch") -> BatchSpec:
-    """Validate already-parsed batch data, raising BatchFileError with every problem."""
+    """Validate already-parsed batch data, raising BatchFileError with every problem.
+
+    Pydantic runs the batch's cross-field checks only once every field is valid, so on field
+    errors they are run on the raw data too: the file's problems are all reported at once.
+    """
     if not isinstance(data, dict):
         raise BatchFileError(source, ["the batch must be a mapping with name, app and jobs"])
-    if "jobs" in data and data["jobs"] in (None, []):
-        raise BatchFileError(source, ["jobs: the batch has no jobs"])
     try:
         return BatchSpec.model_validate(data)
     except ValidationError as error:
-        raise BatchFileError(source, _messages(error, data)) from None
+        problems = _messages(error, data)
+        if not any(not item["loc"] for item in error.errors()):
+            problems += cross_field_problems(data.get("jobs"), data.get("defaults"))
+        raise BatchFileError(source, problems) from None
 
 
 def load_batch_file(path: str | Path) -> BatchSpec:
-    """Read and validate a YAML or JSON batch file."""
+    """Read and validate a YAML or JSON batch file, which must be UTF-8 text."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as error:
         raise BatchFileError(str(path), [f"cannot read: {error.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = raw[error.start]
+        raise BatchFileError(
+            str(path),
+            [f"not UTF-8 text (byte 0x{byte:02x} at offset {error.start}): save it as UTF-8"],
+        ) from None
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)

@@ -29,15 +29,26 @@ def run_main(main: Coroutine[Any, Any, int | None]) -> NoReturn:
 
     The Temporal SDK's Rust threads can crash a finishing interpreter after a fully successful
     run (temporalio/sdk-python#300). Flushing and leaving with os._exit keeps the exit code the
-    command decided.
+    command decided. A SystemExit (argparse's for `--help` and usage errors) keeps its code and
+    shows no traceback; any other exception is a crash and shows its traceback.
     """
     try:
         code = asyncio.run(main) or 0
     except KeyboardInterrupt:
         code = 130
+    except SystemExit as done:
+        code = _exit_code(done)
     except BaseException:
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _exit_code(done: SystemExit) -> int:
+    """The status a SystemExit asks for, as `sys.exit` would give it."""
+    if done.code is None or isinstance(done.code, int):
+        return done.code or 0
+    print(done.code, file=sys.stderr)
+    return 1

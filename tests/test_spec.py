@@ -89,7 +89,7 @@ def test_unknown_keys_name_the_job_and_field() -> None:
 
 def test_duplicate_and_missing_ids() -> None:
     dup = problems(base(jobs=[{"id": "x", "command": "a"}, {"id": "x", "command": "b"}]))
-    assert dup == ["job 'x' (jobs[1]): duplicate job id"]
+    assert dup == ["job 'x' (jobs[1]): id: duplicate job id (first at jobs[0])"]
     missing = problems(base(jobs=[{"command": ["true"]}]))
     assert missing == ["job '?' (jobs[0]): id: required"]
 
@@ -129,6 +129,40 @@ def test_every_problem_is_reported_at_once() -> None:
     assert len(found) == 3
 
 
+def test_cross_field_problems_are_reported_beside_field_errors() -> None:
+    found = problems(
+        base(
+            name="Bad Name",
+            defaults={"timeout": "soon"},
+            jobs=[
+                {"id": "a", "command": "x", "retries": 99},
+                {"id": "a", "command": "y"},
+                {"id": "b"},
+                {"id": "c", "command": "x", "prompt": "hi"},
+                {"id": "d", "command": "x", "model": "opus"},
+                "not a job",
+            ],
+        )
+    )
+    assert found[0].startswith("name: String should match pattern")
+    assert found[1].startswith("defaults.timeout: invalid duration")
+    assert found[2].startswith("job 'a' (jobs[0]): retries: Input should be less than")
+    assert found[3].startswith("job '?' (jobs[5]): job: Input should be a valid dictionary")
+    assert found[4:] == [
+        "job 'a' (jobs[1]): id: duplicate job id (first at jobs[0])",
+        "job 'b' (jobs[2]): set exactly one of command or prompt",
+        "job 'c' (jobs[3]): set exactly one of command or prompt",
+        "job 'd' (jobs[4]): model is only for prompt jobs",
+    ]
+
+
+def test_an_empty_batch_still_reports_its_other_problems() -> None:
+    assert problems(base(app="A!", jobs=None)) == [
+        "app: String should match pattern '^[a-z0-9][a-z0-9-]{0,61}$'",
+        "jobs: the batch has no jobs",
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("90s", 90), ("30m", 1800), ("1h30m", 5400), ("500ms", 0.5), (45, 45), ("2", 2)],
@@ -155,6 +189,14 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(BatchFileError, match="not valid YAML"):
         load_batch_file(bad)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(BatchFileError, match=r"not UTF-8 text \(byte 0x89 at offset 0\)"):
+        load_batch_file(binary)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(BatchFileError, match=r"byte 0xe9 at offset 9"):
+        load_batch_file(latin)
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
     with pytest.raises(BatchFileError, match="must be a mapping"):

@@ -15,8 +15,9 @@
     python starter.py list
     python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
 
-Configured by environment: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, SORTIE_TASK_QUEUE,
-SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled jobs, 2 bad input.
+Configured by environment: Temporal's profile and TEMPORAL_* variables (temporalio.envconfig),
+SORTIE_TASK_QUEUE, SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled
+jobs, 2 bad input.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Configuration from the environment, with Temporal's and Fly's own variable names.
 
-Temporal: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE. Fly: FLY_API_TOKEN, FLY_API_BASE_URL,
-FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE, SORTIE_UI_URL,
-SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
+Temporal: its environment configuration (temporalio.envconfig): the profile file
+TEMPORAL_CONFIG_FILE, TEMPORAL_PROFILE, TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY,
+TEMPORAL_TLS_*; the key and certificates stay in the profile, never in Settings.
+Fly: FLY_API_TOKEN, FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE,
+SORTIE_UI_URL, SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
 SORTIE_STATE_DIR. Without FLY_API_TOKEN, Sortie runs offline against localfly.
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from temporalio.envconfig import ClientConfigProfile
 
 from fly import FlySettings, FlyToken
 from sortie.store import BlobStore
@@ -38,9 +41,10 @@ class Settings(BaseModel):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from the environment."""
         env = os.environ if environ is None else environ
+        profile = temporal_profile(env)
         values = {
-            "temporal_address": env.get("TEMPORAL_ADDRESS"),
-            "temporal_namespace": env.get("TEMPORAL_NAMESPACE"),
+            "temporal_address": profile.address,
+            "temporal_namespace": profile.namespace,
             "task_queue": env.get("SORTIE_TASK_QUEUE"),
             "ui_url": env.get("SORTIE_UI_URL"),
             "max_concurrent_activities": env.get("SORTIE_MAX_CONCURRENT_ACTIVITIES"),
@@ -57,6 +61,14 @@ class Settings(BaseModel):
         """The Web UI page of a workflow."""
         base = self.ui_url.rstrip("/")
         return f"{base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+
+
+def temporal_profile(environ: Mapping[str, str] | None = None) -> ClientConfigProfile:
+    """Temporal's profile (file, then TEMPORAL_* over it), read as the temporal CLI reads it."""
+    env = os.environ if environ is None else environ
+    # An empty variable (`TEMPORAL_API_KEY=` in a .env) means unset, not "an empty key".
+    given = {k: v for k, v in env.items() if v or not k.startswith("TEMPORAL_")}
+    return ClientConfigProfile.load(override_env_vars=given)
 
 
 def fly_connection(environ: Mapping[str, str] | None = None) -> tuple[FlySettings, FlyToken]:

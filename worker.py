@@ -21,6 +21,7 @@ from activities.chunks import start_chunk, start_chunks
 from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
+from sortie import reaping
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.temporal import connect, run_main
@@ -88,8 +89,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             fly_settings.api_base_url,
         )
         async with worker:
+            await keep_reaper_scheduled(client, settings, fly_settings.app)
             await stop.wait()
             log.info("shutting down: handing running waits over to the next worker")
+
+
+async def keep_reaper_scheduled(client: Client, settings: Settings, app: str | None) -> None:
+    """Ensure the queue's reaper schedule at start; a failure is logged, the worker serves on."""
+    try:
+        await reaping.ensure_reaper_schedule(client, settings, app)
+    except Exception:
+        log.exception("could not ensure the reaper schedule: orphaned machines are not swept")
 
 
 async def main() -> None:

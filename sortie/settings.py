@@ -5,7 +5,8 @@ TEMPORAL_CONFIG_FILE, TEMPORAL_PROFILE, TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TE
 TEMPORAL_TLS_*; the key and certificates stay in the profile, never in Settings.
 Fly: FLY_API_TOKEN, FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE,
 SORTIE_UI_URL, SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
-SORTIE_STATE_DIR. Without FLY_API_TOKEN, Sortie runs offline against localfly.
+SORTIE_STATE_DIR, SORTIE_REAPER (on/off), SORTIE_REAPER_INTERVAL. Without FLY_API_TOKEN, Sortie
+runs offline against localfly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from temporalio.envconfig import ClientConfigProfile
 
 from fly import FlySettings, FlyToken
+from sortie.spec import parse_duration
 from sortie.store import BlobStore
 
 LOCALFLY_URL = "http://127.0.0.1:4280"
@@ -36,6 +38,8 @@ class Settings(BaseModel):
     max_concurrent_activities: int = 1000
     shutdown_grace_s: float = 10.0
     state_dir: Path = Path(".state")
+    reaper: bool = True
+    reaper_interval_s: float = 600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -50,6 +54,8 @@ class Settings(BaseModel):
             "max_concurrent_activities": env.get("SORTIE_MAX_CONCURRENT_ACTIVITIES"),
             "shutdown_grace_s": env.get("SORTIE_SHUTDOWN_GRACE"),
             "state_dir": env.get("SORTIE_STATE_DIR"),
+            "reaper": env.get("SORTIE_REAPER"),
+            "reaper_interval_s": _seconds(env.get("SORTIE_REAPER_INTERVAL")),
         }
         return cls.model_validate({k: v for k, v in values.items() if v})
 
@@ -61,6 +67,11 @@ class Settings(BaseModel):
         """The Web UI page of a workflow."""
         base = self.ui_url.rstrip("/")
         return f"{base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+
+
+def _seconds(text: str | None) -> float | None:
+    """A duration such as `90s`, `10m` or `1h` (a bare number is seconds)."""
+    return parse_duration(text) if text else None
 
 
 def temporal_profile(environ: Mapping[str, str] | None = None) -> ClientConfigProfile:

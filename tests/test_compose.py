@@ -64,3 +64,19 @@ def test_the_worker_image_copies_every_package_it_imports() -> None:
     assert "COPY worker.py starter.py ./" in dockerfile
     secrets = (ROOT / ".env.example").read_text()
     assert "FLY_API_TOKEN=\n" in secrets, ".env.example must not ship a token value"
+
+
+def test_the_codec_server_runs_only_with_the_encryption_profile(stack: Path) -> None:
+    ran = subprocess.run(
+        ["docker-compose", "--profile", "encryption", "config"],
+        cwd=stack,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    codec = yaml.safe_load(ran.stdout)["services"]["codec"]
+    assert codec["command"][:3] == ["python", "-m", "sortie.codec"]
+    assert str(codec["ports"][0]).startswith("127.0.0.1:"), "decrypts for this host only"
+    default = yaml.safe_load(compose_config(stack).stdout)["services"]
+    assert "codec" not in default

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import compileall
 import logging
+import os
 import signal
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
 from sortie import reaping
+from sortie.logs import LogContextInterceptor, configure_logging, note_machine
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.temporal import connect, run_main
@@ -62,6 +64,7 @@ def build_worker(
         # backlog gets them to this worker sooner than five fixed pollers.
         activity_task_poller_behavior=PollerBehaviorAutoscaling(),
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
+        interceptors=[LogContextInterceptor()],
     )
 
 
@@ -81,6 +84,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     client = await connect(settings)
     fly_settings, token = fly_connection()
     async with FlyClient.open(fly_settings, token) as fly:
+        observe_fly(fly)
         worker = build_worker(client, fly, SecretStore(), settings)
         log.info(
             "worker on task queue %s at %s (Fly API %s)",
@@ -94,6 +98,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             log.info("shutting down: handing running waits over to the next worker")
 
 
+def observe_fly(fly: FlyClient) -> None:
+    """Let the logs name each created machine."""
+    fly.observers.append(note_machine)
+
+
 async def keep_reaper_scheduled(client: Client, settings: Settings, app: str | None) -> None:
     """Ensure the queue's reaper schedule at start; a failure is logged, the worker serves on."""
     try:
@@ -104,8 +113,7 @@ async def keep_reaper_scheduled(client: Client, settings: Settings, app: str | N
 
 async def main() -> None:
     """Entry point: serve until SIGTERM or SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(os.environ)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,11 +11,13 @@ import compileall
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.worker import PollerBehaviorAutoscaling, Worker
+from temporalio.runtime import Runtime
+from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 
 import workflows
 from activities.chunks import start_chunk, start_chunks
@@ -24,6 +26,7 @@ from activities.reaper import ReaperActivities
 from fly import FlyClient
 from sortie import reaping
 from sortie.logs import LogContextInterceptor, configure_logging, note_machine
+from sortie.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.temporal import connect, run_main
@@ -35,7 +38,11 @@ log = logging.getLogger("sortie.worker")
 
 
 def build_worker(
-    client: Client, fly: FlyClient, secrets: SecretStore, settings: Settings
+    client: Client,
+    fly: FlyClient,
+    secrets: SecretStore,
+    settings: Settings,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
     """The worker for Sortie's task queue."""
     cache_workflow_bytecode()
@@ -64,7 +71,7 @@ def build_worker(
         # backlog gets them to this worker sooner than five fixed pollers.
         activity_task_poller_behavior=PollerBehaviorAutoscaling(),
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
-        interceptors=[LogContextInterceptor()],
+        interceptors=[LogContextInterceptor(), *interceptors],
     )
 
 
@@ -81,11 +88,12 @@ def cache_workflow_bytecode() -> None:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run a worker until `stop` is set, then shut it down gracefully."""
-    client = await connect(settings)
+    runtime = metrics_runtime(os.environ)
+    client = await connect(settings, runtime=runtime)
     fly_settings, token = fly_connection()
     async with FlyClient.open(fly_settings, token) as fly:
-        observe_fly(fly)
-        worker = build_worker(client, fly, SecretStore(), settings)
+        secrets = SecretStore()
+        worker = build_worker(client, fly, secrets, settings, observe(fly, secrets, runtime))
         log.info(
             "worker on task queue %s at %s (Fly API %s)",
             settings.task_queue,
@@ -98,9 +106,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             log.info("shutting down: handing running waits over to the next worker")
 
 
-def observe_fly(fly: FlyClient) -> None:
-    """Let the logs name each created machine."""
+def observe(fly: FlyClient, secrets: SecretStore, runtime: Runtime | None) -> list[Interceptor]:
+    """Let the logs name each created machine and, with a metrics runtime, count what happens."""
     fly.observers.append(note_machine)
+    if runtime is None:
+        return []
+    metrics = SortieMetrics(runtime.metric_meter)
+    fly.observers.append(metrics.observe_fly)
+    secrets.claude.on_rest.append(metrics.credential_rested)
+    log.info("metrics at http://%s/metrics", os.environ[ADDRESS_VARIABLE])
+    return [MetricsInterceptor(metrics)]
 
 
 async def keep_reaper_scheduled(client: Client, settings: Settings, app: str | None) -> None:

@@ -438,7 +438,11 @@ async def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "n", 1) < 1:
         print("N must be at least 1", file=sys.stderr)
         return 2
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:
+        print(f"bad configuration: {error}", file=sys.stderr)
+        return 2
     try:
         code: int = await args.run(args, settings)
     except BatchFileError as error:

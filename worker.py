@@ -95,15 +95,26 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         secrets = SecretStore()
         worker = build_worker(client, fly, secrets, settings, observe(fly, secrets, runtime))
         log.info(
-            "worker on task queue %s at %s (Fly API %s)",
+            "worker on task queue %s at %s, namespace %s (%s; Fly API %s)",
             settings.task_queue,
             settings.temporal_address,
+            settings.temporal_namespace,
+            connection_summary(client),
             fly_settings.api_base_url,
         )
         async with worker:
             await keep_reaper_scheduled(client, settings, fly_settings.app)
             await stop.wait()
             log.info("shutting down: handing running waits over to the next worker")
+
+
+def connection_summary(client: Client) -> str:
+    """How the worker reaches Temporal, for its first log line: never a key's value."""
+    config = client.service_client.config
+    tls = "TLS" if config.tls else "no TLS"
+    key = ", API key" if config.api_key else ""
+    codec = client.data_converter.payload_codec
+    return f"{tls}{key}, payloads " + (f"encrypted ({codec!r})" if codec else "in clear")
 
 
 def observe(fly: FlyClient, secrets: SecretStore, runtime: Runtime | None) -> list[Interceptor]:

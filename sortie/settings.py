@@ -69,6 +69,10 @@ class Settings(BaseModel):
         return f"{base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
 
 
+class TemporalConfigError(ValueError):
+    """Temporal's profile could not be read: names the file, never a key."""
+
+
 def _seconds(text: str | None) -> float | None:
     """A duration such as `90s`, `10m` or `1h` (a bare number is seconds)."""
     return parse_duration(text) if text else None
@@ -79,7 +83,11 @@ def temporal_profile(environ: Mapping[str, str] | None = None) -> ClientConfigPr
     env = os.environ if environ is None else environ
     # An empty variable (`TEMPORAL_API_KEY=` in a .env) means unset, not "an empty key".
     given = {k: v for k, v in env.items() if v or not k.startswith("TEMPORAL_")}
-    return ClientConfigProfile.load(override_env_vars=given)
+    try:
+        return ClientConfigProfile.load(override_env_vars=given)
+    except RuntimeError as error:  # the SDK's ConfigError: an unknown profile, a broken file
+        where = given.get("TEMPORAL_CONFIG_FILE", "the default profile file")
+        raise TemporalConfigError(f"Temporal configuration in {where}: {error}") from None
 
 
 def fly_connection(environ: Mapping[str, str] | None = None) -> tuple[FlySettings, FlyToken]:

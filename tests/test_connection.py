@@ -15,7 +15,7 @@ import yaml
 from temporalio.service import TLSConfig
 from temporalio.testing import WorkflowEnvironment
 
-from sortie.settings import Settings
+from sortie.settings import Settings, TemporalConfigError
 from sortie.temporal import connect, connect_options
 from tests.conftest import ROOT
 from tests.processes import WorkerProcess
@@ -90,8 +90,23 @@ def test_nothing_configured_means_a_local_server(tmp_path: Path) -> None:
 
 def test_an_unknown_profile_is_refused_by_name(tmp_path: Path) -> None:
     path = profile_file(tmp_path, '[profile.default]\naddress = "a:1"\n')
-    with pytest.raises(Exception, match="nope"):
+    with pytest.raises(TemporalConfigError, match=f"in {path}: .*'nope' not found"):
         Settings.from_env({"TEMPORAL_CONFIG_FILE": str(path), "TEMPORAL_PROFILE": "nope"})
+
+
+async def test_the_starter_reports_a_bad_profile_as_bad_input(tmp_path: Path) -> None:
+    path = profile_file(tmp_path, "[profile.default\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+    env["TEMPORAL_CONFIG_FILE"] = str(path)
+    starter = await asyncio.create_subprocess_exec(
+        *[sys.executable, str(ROOT / "starter.py"), "list"],
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(starter.communicate(), timeout=60)
+    assert starter.returncode == 2
+    assert f"bad configuration: Temporal configuration in {path}" in err.decode()
 
 
 @pytest.mark.slow

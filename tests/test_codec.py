@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,12 +32,13 @@ from sortie.codec import (
     parse_keys,
 )
 from sortie.spec import parse_batch
-from sortie.stack import free_port
+from sortie.stack import free_port, listening
 from sortie.temporal import connect
-from tests.conftest import TEMPORAL_CLI
+from tests.conftest import ROOT, TEMPORAL_CLI
 from tests.processes import WorkerProcess
 from tests.test_crash import settings_for
 from tests.test_secrets import _decoded
+from tests.waiting import eventually
 
 OLD, NEW, OTHER = new_key("2026-01"), new_key("2026-12"), new_key("2026-12")
 
@@ -137,6 +140,42 @@ async def test_the_codec_server_encodes_decodes_and_answers_the_web_ui(
         assert "x-namespace" in preflight.headers["Access-Control-Allow-Headers"]
         stranger = await http.options(f"{url}/decode", headers={"Origin": "http://evil.test"})
         assert "Access-Control-Allow-Origin" not in stranger.headers
+
+
+async def test_python_m_sortie_codec_serves_until_terminated(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "SORTIE_ENCRYPTION_KEYS": NEW, "PYTHONWARNINGS": "error"}
+    server = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "sortie.codec", "--address", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await eventually(lambda: listening("127.0.0.1", port), what="the codec server")
+        [sealed] = await codec(NEW).encode([plain("round trip")])
+        async with httpx.AsyncClient() as http:
+            decoded = await http.post(
+                f"http://127.0.0.1:{port}/decode",
+                content=json_format.MessageToJson(Payloads(payloads=[sealed])),
+            )
+        assert json_format.Parse(decoded.text, Payloads()).payloads[0] == plain("round trip")
+    finally:
+        server.terminate()
+        _, err = await asyncio.wait_for(server.communicate(), timeout=30)
+    assert server.returncode == 0, err.decode()
+    assert NEW.partition(":")[2] not in err.decode()
+
+    unset = {k: v for k, v in os.environ.items() if k != "SORTIE_ENCRYPTION_KEYS"}
+    refused = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "sortie.codec"],
+        cwd=ROOT,
+        env=unset,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(refused.communicate(), timeout=30)
+    assert refused.returncode == 2 and "set SORTIE_ENCRYPTION_KEYS" in err.decode()
 
 
 async def _cli(*args: str) -> str:

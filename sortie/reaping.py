@@ -6,6 +6,7 @@ machines are destroyed within one interval without anyone typing `starter.py rea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from datetime import timedelta
@@ -77,9 +78,11 @@ async def schedule_reaper(
     except ScheduleAlreadyRunningError:
 
         async def replace(current: ScheduleUpdateInput) -> ScheduleUpdate | None:
-            if await _same(client, current.description.schedule, schedule, request, every):
+            existing = current.description.schedule
+            if await _same(client, existing, schedule, request, every):
                 return None
-            return ScheduleUpdate(schedule=schedule)
+            # An operator's pause (and its note) survives a worker bringing the schedule up to date.
+            return ScheduleUpdate(schedule=dataclasses.replace(schedule, state=existing.state))
 
         await client.get_schedule_handle(sid).update(replace)
     return sid

@@ -171,3 +171,23 @@ async def test_a_scheduled_sweep_nobody_typed_destroys_a_terminated_batchs_machi
         reaper.stop()
         with contextlib.suppress(Exception):
             await handle.delete()
+
+
+async def test_a_paused_schedule_stays_paused_when_a_worker_updates_it(
+    temporal: WorkflowEnvironment,
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    app = f"paused-{uuid.uuid4().hex[:6]}"
+    sid = await reaping.ensure_reaper_schedule(temporal.client, settings, app)
+    assert sid is not None
+    handle = temporal.client.get_schedule_handle(sid)
+    try:
+        await handle.pause(note="maintenance")
+        faster = settings.model_copy(update={"reaper_interval_s": 60.0})
+        await reaping.ensure_reaper_schedule(temporal.client, faster, app)
+        description = await handle.describe()
+        assert description.schedule.spec.intervals[0].every == timedelta(seconds=60)
+        assert description.schedule.state.paused
+        assert description.schedule.state.note == "maintenance"
+    finally:
+        await handle.delete()

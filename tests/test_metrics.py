@@ -118,10 +118,13 @@ async def test_a_scrape_during_a_100_job_batch_agrees_with_localfly(
                 batches.batch_handle(temporal.client, submitted.batch_id).result()
             )
             deadline = time.monotonic() + 240
+            curled = ""
             while not result.done():
                 assert time.monotonic() < deadline, "the batch did not finish in time"
                 text = await scrape()
                 alive_seen.append(total(text, "sortie_machines_alive", app=app_name))
+                if alive_seen[-1] and not curled:  # what an operator types, mid-batch
+                    curled = await _curl(url)
                 await asyncio.wait({result}, timeout=0.2)
             await result
             stats = localfly.stats(app_name)
@@ -134,6 +137,8 @@ async def test_a_scrape_during_a_100_job_batch_agrees_with_localfly(
     finally:
         worker.stop()
     assert 0 < max(alive_seen) <= stats["max_live_machines"] <= cap, alive_seen
+    assert 0 < total(curled, "sortie_machines_alive", app=app_name) <= cap
+    assert 0 < total(curled, "sortie_machines_created", app=app_name) < 100, "mid-batch"
     assert total(final, "sortie_machines_created", app=app_name) == made == 100
     assert total(final, "sortie_machines_created", batch=submitted.batch_id) == 100
     assert total(final, "sortie_machines_alive", app=app_name) == 0
@@ -150,3 +155,12 @@ async def test_a_scrape_during_a_100_job_batch_agrees_with_localfly(
 async def _when(text: Any, check: Any) -> str | None:
     value: str = await text
     return value if check(value) else None
+
+
+async def _curl(url: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-sf", url, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0
+    return out.decode()

@@ -79,7 +79,7 @@ async def schedule_reaper(
 
         async def replace(current: ScheduleUpdateInput) -> ScheduleUpdate | None:
             existing = current.description.schedule
-            if await _same(client, existing, schedule, request, every):
+            if await _same(client, existing, settings.task_queue, request, every):
                 return None
             # An operator's pause (and its note) survives a worker bringing the schedule up to date.
             return ScheduleUpdate(schedule=dataclasses.replace(schedule, state=existing.state))
@@ -89,16 +89,15 @@ async def schedule_reaper(
 
 
 async def _same(
-    client: Client, current: Schedule, wanted: Schedule, request: ReapInput, every: timedelta
+    client: Client, current: Schedule, task_queue: str, request: ReapInput, every: timedelta
 ) -> bool:
     """Whether the existing schedule already sweeps the same app, as often, on the same queue."""
-    action, intervals = current.action, current.spec.intervals
-    if not isinstance(action, ScheduleActionStartWorkflow) or [i.every for i in intervals] != [
-        every
-    ]:
+    action = current.action
+    if not isinstance(action, ScheduleActionStartWorkflow):
         return False
-    assert isinstance(wanted.action, ScheduleActionStartWorkflow)
-    if action.task_queue != wanted.action.task_queue or action.workflow != ReaperWorkflow.__name__:
+    if [i.every for i in current.spec.intervals] != [every] or action.task_queue != task_queue:
+        return False
+    if action.workflow != ReaperWorkflow.__name__:
         return False
     try:
         args = await client.data_converter.decode(list(action.args), [ReapInput])

@@ -15,8 +15,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from fly import FlyClient
 from sortie import batches, reaping
+from sortie.codec import new_key
 from sortie.labels import chunk_workflow_id
 from sortie.models import ReapInput, ReapOutput
+from sortie.temporal import connect
 from tests.conftest import running_worker
 from tests.processes import WorkerProcess
 from tests.test_crash import TUNING, settings_for, spec_for
@@ -189,5 +191,25 @@ async def test_a_paused_schedule_stays_paused_when_a_worker_updates_it(
         assert description.schedule.spec.intervals[0].every == timedelta(seconds=60)
         assert description.schedule.state.paused
         assert description.schedule.state.note == "maintenance"
+    finally:
+        await handle.delete()
+
+
+async def test_an_encrypted_schedule_is_recognised_as_unchanged(
+    temporal: WorkflowEnvironment,
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    client = await connect(settings, {"SORTIE_ENCRYPTION_KEYS": new_key("k1")})
+    first, second = f"enc-{uuid.uuid4().hex[:6]}", f"enc-{uuid.uuid4().hex[:6]}"
+    sid = await reaping.ensure_reaper_schedule(client, settings, first)
+    assert sid is not None
+    handle = client.get_schedule_handle(sid)
+    try:
+        created = (await handle.describe()).info.last_updated_at
+        await reaping.ensure_reaper_schedule(client, settings, second)
+        updated = (await handle.describe()).info.last_updated_at
+        assert updated != created, "another app: updated"
+        await reaping.ensure_reaper_schedule(client, settings, second)
+        assert (await handle.describe()).info.last_updated_at == updated, "same app: left alone"
     finally:
         await handle.delete()

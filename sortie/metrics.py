@@ -8,12 +8,12 @@ exporter. Sortie's come from what the worker itself sees, so they need no workfl
 - `sortie_machines_created`, `sortie_machines_destroyed{app,batch}` and the gauge
   `sortie_machines_alive{app,batch}` (machines this worker created and has not destroyed);
 - `sortie_activity_retries{activity}`: activity attempts after the first;
-- `sortie_claude_cost_usd` and `sortie_claude_turns{app}`: histograms of Claude's answers
+- `sortie_claude_cost_usd` and `sortie_claude_turns{batch}`: histograms of Claude's answers
   (their `_sum` is the money spent and the turns taken);
 - `sortie_credential_rests{credential}` (by name, never value) and `sortie_reaper_destroyed{app}`.
 
-The batch label stays bounded: only machine counts carry it, one series per batch the worker
-ran. Jobs by state need the workflows' counts and are not exported yet.
+The batch label stays bounded: only machine counts and Claude's answers carry it, a few series
+per batch the worker ran. Jobs by state need the workflows' counts and are not exported yet.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from temporalio.worker import (
 
 from fly import FlyEvent
 from sortie.labels import META_BATCH
+from sortie.logs import ids_of
 
 ADDRESS_VARIABLE = "SORTIE_METRICS_ADDRESS"
 
@@ -98,7 +99,9 @@ class SortieMetrics:
         """A Claude pool observer: one rest of the named credential."""
         self.rests.add(1, {"credential": name})
 
-    def activity_done(self, activity_type: str, attempt: int, result: object) -> None:
+    def activity_done(
+        self, activity_type: str, attempt: int, result: object, batch: str = ""
+    ) -> None:
         """Count a retry, and the cost and turns of any Claude answer in the result."""
         if attempt > 1:
             self.retries.add(1, {"activity": activity_type})
@@ -107,8 +110,8 @@ class SortieMetrics:
             if isinstance(destroyed, int) and destroyed:
                 self.reaped.add(destroyed, {"app": str(app)})
         for answer in _answers(result):
-            self.cost.record(float(answer.cost_usd))
-            self.turns.record(int(answer.num_turns))
+            self.cost.record(float(answer.cost_usd), {"batch": batch})
+            self.turns.record(int(answer.num_turns), {"batch": batch})
 
 
 def _answers(value: object, depth: int = 3) -> list[Any]:
@@ -138,12 +141,13 @@ class _MetricsActivity(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         """Run the activity, then count what it did."""
         info = activity.info()
+        batch = next((str(b) for a in input.args if (b := ids_of(a).get("batch_id"))), "")
         try:
             result = await self.next.execute_activity(input)
         except BaseException:
             self._metrics.activity_done(info.activity_type, info.attempt, None)
             raise
-        self._metrics.activity_done(info.activity_type, info.attempt, result)
+        self._metrics.activity_done(info.activity_type, info.attempt, result, batch)
         return result
 
 

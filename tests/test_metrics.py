@@ -17,7 +17,7 @@ from fly import FlyEvent
 from sortie import batches
 from sortie.metrics import SortieMetrics, metrics_runtime
 from sortie.models import CollectResultOutput, JobAnswer, ReapOutput
-from sortie.spec import parse_batch
+from sortie.spec import DEFAULT_IMAGE, parse_batch
 from sortie.stack import free_port
 from tests.processes import WorkerProcess
 from tests.test_crash import settings_for
@@ -60,7 +60,10 @@ async def test_fly_events_become_series_by_app_batch_and_status() -> None:
     metrics.credential_rested("CLAUDE_CODE_OAUTH_TOKEN_2")
     answer = JobAnswer(cost_usd=0.25, num_turns=3)
     metrics.activity_done(
-        "collect_result", 2, CollectResultOutput(state="stopped", exit_code=0, answer=answer)
+        "collect_result",
+        2,
+        CollectResultOutput(state="stopped", exit_code=0, answer=answer),
+        "batch-a",
     )
     metrics.activity_done(
         "collect_result", 1, CollectResultOutput(state="stopped", exit_code=0, answer=answer)
@@ -79,6 +82,7 @@ async def test_fly_events_become_series_by_app_batch_and_status() -> None:
     assert total(text, "sortie_credential_rests", credential="CLAUDE_CODE_OAUTH_TOKEN_2") == 1
     assert total(text, "sortie_activity_retries", activity="collect_result") == 1
     assert total(text, "sortie_claude_cost_usd_sum") == 0.5
+    assert total(text, "sortie_claude_cost_usd_sum", batch="batch-a") == 0.25
     assert total(text, "sortie_claude_turns_sum") == 6
     assert total(text, "sortie_reaper_destroyed", app="app-1") == 2
 
@@ -89,7 +93,11 @@ async def test_a_scrape_during_a_100_job_batch_agrees_with_localfly(
 ) -> None:
     settings = settings_for(temporal.client.service_client.config.target_host)
     address = f"127.0.0.1:{free_port()}"
-    env = {"SORTIE_METRICS_ADDRESS": address, "SORTIE_REAPER": "off"}
+    env = {
+        "SORTIE_METRICS_ADDRESS": address,
+        "SORTIE_REAPER": "off",
+        "CLAUDE_CODE_OAUTH_TOKEN": f"sk-ant-oat01-{uuid.uuid4().hex}",
+    }
     worker = WorkerProcess(settings, localfly.url, tmp_path / "worker.log", env=env).start()
     cap = 10
     spec = parse_batch(
@@ -98,7 +106,11 @@ async def test_a_scrape_during_a_100_job_batch_agrees_with_localfly(
             "app": app_name,
             "max_machines": cap,
             "defaults": {"image": "alpine", "timeout": "1m"},
-            "jobs": [{"id": f"job-{i}", "command": "sleep 0.2"} for i in range(100)],
+            "jobs": [
+                # One Claude job (the stand-in answers with the cost it is told), 99 commands.
+                {"id": "job-0", "prompt": "Review [[cost:0.5]]", "image": DEFAULT_IMAGE},
+                *({"id": f"job-{i}", "command": "sleep 0.2"} for i in range(1, 100)),
+            ],
         }
     )
     url = f"http://{address}/metrics"
@@ -147,6 +159,8 @@ async def test_a_scrape_during_a_100_job_batch_agrees_with_localfly(
         for action in stats["calls"]
     }
     assert calls == {action: float(n) for action, n in stats["calls"].items()}, stats
+    assert total(final, "sortie_claude_cost_usd_sum", batch=submitted.batch_id) == 0.5
+    assert total(final, "sortie_claude_cost_usd_count", batch=submitted.batch_id) == 1
     for status, n in stats["statuses"].items():
         assert total(final, "sortie_fly_calls", app=app_name, status=status) == n
     assert samples(final, "temporal_worker_task_slots_available"), "the SDK's own metrics too"

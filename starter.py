@@ -16,9 +16,10 @@
     python starter.py list
     python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
 
-Configured by environment: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, SORTIE_TASK_QUEUE,
-SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled jobs, 2 bad input
-(usage, an unreadable or invalid batch file, a batch the worker refused, no such batch).
+Configured by environment: Temporal's profile and TEMPORAL_* variables (temporalio.envconfig),
+SORTIE_TASK_QUEUE, SORTIE_UI_URL. Exit codes: 0 success, 1 a batch with failed or cancelled
+jobs, 2 bad input (usage, an unreadable or invalid batch file, a batch the worker refused, no
+such batch).
 """
 
 from __future__ import annotations
@@ -486,7 +487,11 @@ async def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "n", 1) < 1:
         print("N must be at least 1", file=sys.stderr)
         return 2
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:
+        print(f"bad configuration: {error}", file=sys.stderr)
+        return 2
     try:
         code: int = await args.run(args, settings)
     except BatchFileError as error:

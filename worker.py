@@ -9,17 +9,23 @@ from __future__ import annotations
 import asyncio
 import compileall
 import logging
+import os
 import signal
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.worker import PollerBehaviorAutoscaling, Worker
+from temporalio.runtime import Runtime
+from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 
 import workflows
 from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
+from sortie import reaping
+from sortie.logs import LogContextInterceptor, configure_logging, note_machine
+from sortie.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.temporal import connect, run_main
@@ -31,7 +37,11 @@ log = logging.getLogger("sortie.worker")
 
 
 def build_worker(
-    client: Client, fly: FlyClient, secrets: SecretStore, settings: Settings
+    client: Client,
+    fly: FlyClient,
+    secrets: SecretStore,
+    settings: Settings,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
     """The worker for Sortie's task queue."""
     cache_workflow_bytecode()
@@ -60,6 +70,7 @@ def build_worker(
         # SORTIE_DEPLOYMENT and SORTIE_BUILD_ID set: Worker Versioning, workflows pinned to
         # the build they started on, their chunks (children) too; unset: unversioned.
         deployment_config=deployment,
+        interceptors=[LogContextInterceptor(), *interceptors],
     )
 
 
@@ -76,25 +87,58 @@ def cache_workflow_bytecode() -> None:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run a worker until `stop` is set, then shut it down gracefully."""
-    client = await connect(settings)
+    runtime = metrics_runtime(os.environ)
+    client = await connect(settings, runtime=runtime)
     fly_settings, token = fly_connection()
     async with FlyClient.open(fly_settings, token) as fly:
-        worker = build_worker(client, fly, SecretStore(), settings)
+        secrets = SecretStore()
+        worker = build_worker(client, fly, secrets, settings, observe(fly, secrets, runtime))
         log.info(
-            "worker on task queue %s at %s (Fly API %s)",
+            "worker on task queue %s at %s, namespace %s (%s; Fly API %s)",
             settings.task_queue,
             settings.temporal_address,
+            settings.temporal_namespace,
+            connection_summary(client),
             fly_settings.api_base_url,
         )
         async with worker:
+            await keep_reaper_scheduled(client, settings, fly_settings.app)
             await stop.wait()
             log.info("shutting down: handing running waits over to the next worker")
 
 
+def connection_summary(client: Client) -> str:
+    """How the worker reaches Temporal, for its first log line: never a key's value."""
+    config = client.service_client.config
+    tls = "TLS" if config.tls else "no TLS"
+    key = ", API key" if config.api_key else ""
+    codec = client.data_converter.payload_codec
+    return f"{tls}{key}, payloads " + (f"encrypted ({codec!r})" if codec else "in clear")
+
+
+def observe(fly: FlyClient, secrets: SecretStore, runtime: Runtime | None) -> list[Interceptor]:
+    """Let the logs name each created machine and, with a metrics runtime, count what happens."""
+    fly.observers.append(note_machine)
+    if runtime is None:
+        return []
+    metrics = SortieMetrics(runtime.metric_meter)
+    fly.observers.append(metrics.observe_fly)
+    secrets.claude.on_rest.append(metrics.credential_rested)
+    log.info("metrics at http://%s/metrics", os.environ[ADDRESS_VARIABLE])
+    return [MetricsInterceptor(metrics)]
+
+
+async def keep_reaper_scheduled(client: Client, settings: Settings, app: str | None) -> None:
+    """Ensure the queue's reaper schedule at start; a failure is logged, the worker serves on."""
+    try:
+        await reaping.ensure_reaper_schedule(client, settings, app)
+    except Exception:
+        log.exception("could not ensure the reaper schedule: orphaned machines are not swept")
+
+
 async def main() -> None:
     """Entry point: serve until SIGTERM or SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(os.environ)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,7 @@ async with FlyClient.open() as fly:
     await fly.wait_for_state("my-app", machine.id, ["stopped"], timeout=600)
 """
 
-from fly.client import FlyClient
+from fly.client import FlyClient, FlyEvent, FlyObserver
 from fly.exceptions import (
     FlyAPIError,
     FlyAppNotFound,
@@ -57,8 +57,10 @@ __all__ = [
     "FlyConfigError",
     "FlyConflict",
     "FlyError",
+    "FlyEvent",
     "FlyForbidden",
     "FlyNotFound",
+    "FlyObserver",
     "FlyPreconditionFailed",
     "FlyRateLimited",
     "FlyServerError",

@@ -14,13 +14,15 @@ import email.utils
 import itertools
 import logging
 import math
+import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, unquote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -86,6 +88,25 @@ class _ErrorBody(BaseModel):
     status: str | None = None
 
 
+_APP_IN_PATH = re.compile(r"/apps/([^/]+)")
+
+
+@dataclass(frozen=True)
+class FlyEvent:
+    """What observers of a client see (metrics, logs): never a token, a body or a config."""
+
+    kind: Literal["call", "created", "destroyed"]
+    action: str
+    app: str
+    status: int | None = None
+    """The HTTP status; None when the call failed before any answer (a transport error)."""
+    machine_id: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+FlyObserver = Callable[[FlyEvent], None]
+
+
 class FlyClient:
     """Fly Machines API calls over shared ``httpx.AsyncClient`` pools that the caller owns.
 
@@ -112,6 +133,8 @@ class FlyClient:
             limiter = RateLimiter() if settings.rate_limit else RateLimiter.disabled()
         self.limiter = limiter
         self.api_calls: Counter[str] = Counter()
+        self.observers: list[FlyObserver] = []
+        """Told of every call's outcome and of every machine created or destroyed."""
         self._api = settings.api_base_url.rstrip("/")
         self._logs = settings.logs_base_url.rstrip("/")
 
@@ -177,7 +200,10 @@ class FlyClient:
         response = await self._send(
             "create", app, "POST", f"/v1/apps/{_seg(app)}/machines", json=body.to_api()
         )
-        return _parse(Machine, response)
+        machine = _parse(Machine, response)
+        metadata = dict(config.metadata or {})
+        self._tell(FlyEvent("created", "create", app, response.status_code, machine.id, metadata))
+        return machine
 
     async def get_machine(self, app: str, machine_id: str) -> Machine:
         """The machine's current state, config and events (destroyed ones linger a while)."""
@@ -329,7 +355,9 @@ class FlyClient:
                 "destroy", machine_id, "DELETE", _machine_path(app, machine_id), params=params
             )
         except FlyNotFound:
+            self._tell(FlyEvent("destroyed", "destroy", app, 404, machine_id))
             return False
+        self._tell(FlyEvent("destroyed", "destroy", app, 200, machine_id))
         return True
 
     # Logs
@@ -397,13 +425,23 @@ class FlyClient:
         except httpx.UnsupportedProtocol as error:
             raise FlyConfigError(f"{method} {path}: bad base URL ({error})") from None
         except httpx.TransportError as error:
+            self._tell(FlyEvent("call", action, _app_of(path)))
             logger.debug("%s %s -> %s", method, path, type(error).__name__)
             detail = self._token.redact(str(error)) or "no detail"
             raise FlyTransportError(f"{method} {path}: {type(error).__name__} ({detail})") from None
         logger.debug("%s %s -> %d", method, path, response.status_code)
+        self._tell(FlyEvent("call", action, _app_of(path), response.status_code))
         if response.is_success:
             return response
         raise self._error(action, method, path, response)
+
+    def _tell(self, event: FlyEvent) -> None:
+        """Tell every observer; a failing observer is logged and never fails the call."""
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:
+                logger.exception("Fly observer %r failed", observer)
 
     def _error(self, action: str, method: str, path: str, response: httpx.Response) -> FlyError:
         """The classified error for a non-2xx response."""
@@ -424,6 +462,12 @@ class FlyClient:
             retryable=True if status == 408 else None,
             retry_after=_retry_after(response.headers.get("retry-after")),
         )
+
+
+def _app_of(path: str) -> str:
+    """The app a request path names (every Machines and logs API path names one)."""
+    found = _APP_IN_PATH.search(path)
+    return unquote(found.group(1)) if found else ""
 
 
 def _round_robin(

@@ -50,6 +50,8 @@ class ClaudePool:
         self._clock = clock
         self._next = 0
         self._rested_until: dict[str, float] = {}
+        self.on_rest: list[Callable[[str], None]] = []
+        """Told the name (never the value) of each credential set aside, e.g. for metrics."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClaudePool:
@@ -97,6 +99,8 @@ class ClaudePool:
     def rest(self, name: str) -> None:
         """Set a credential aside after an auth or rate-limit failure."""
         self._rested_until[name] = self._clock() + self._rest_s
+        for observer in self.on_rest:
+            observer(name)
 
     def resting(self) -> list[str]:
         """Names of the credentials set aside right now."""

@@ -1,7 +1,13 @@
-"""Client side of the orphan reaper: one sweep now, or a Temporal Schedule of sweeps."""
+"""Client side of the orphan reaper: one sweep now, or a Temporal Schedule of sweeps.
+
+Every worker ensures its task queue's schedule at start (`ensure_reaper_schedule`), so leaked
+machines are destroyed within one interval without anyone typing `starter.py reap`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import secrets
 from datetime import timedelta
 
@@ -22,6 +28,8 @@ from sortie.models import ReapInput, ReapOutput
 from sortie.settings import Settings
 from workflows.reaper import ReaperWorkflow
 
+log = logging.getLogger("sortie.reaper")
+
 
 async def reap_once(client: Client, settings: Settings, request: ReapInput) -> ReapOutput:
     """Run one sweep on a worker (which holds the Fly token) and return what it found."""
@@ -40,26 +48,75 @@ def schedule_id(app: str) -> str:
     return f"sortie-reaper-{app}"
 
 
+def queue_schedule_id(task_queue: str) -> str:
+    """The id of the schedule the workers of a task queue keep (one per namespace and queue)."""
+    return f"sortie-reaper-queue-{task_queue}"
+
+
 async def schedule_reaper(
-    client: Client, settings: Settings, request: ReapInput, every: timedelta
+    client: Client,
+    settings: Settings,
+    request: ReapInput,
+    every: timedelta,
+    sid: str | None = None,
 ) -> str:
-    """Create, or update in place, a schedule sweeping the app every `every`."""
+    """Create, or update in place when it differs, a schedule sweeping the app every `every`."""
+    sid = sid or schedule_id(request.app)
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
             ReaperWorkflow.run,
             request,
-            id=schedule_id(request.app),
+            id=sid,
             task_queue=settings.task_queue,
+            static_summary=f"scheduled sweep of orphaned machines in {request.app}",
         ),
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
     try:
-        await client.create_schedule(schedule_id(request.app), schedule)
+        await client.create_schedule(sid, schedule)
     except ScheduleAlreadyRunningError:
 
-        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
+        async def replace(current: ScheduleUpdateInput) -> ScheduleUpdate | None:
+            existing = current.description.schedule
+            if await _same(client, existing, settings.task_queue, request, every):
+                return None
+            # An operator's pause (and its note) survives a worker bringing the schedule up to date.
+            return ScheduleUpdate(schedule=dataclasses.replace(schedule, state=existing.state))
 
-        await client.get_schedule_handle(schedule_id(request.app)).update(replace)
-    return schedule_id(request.app)
+        await client.get_schedule_handle(sid).update(replace)
+    return sid
+
+
+async def _same(
+    client: Client, current: Schedule, task_queue: str, request: ReapInput, every: timedelta
+) -> bool:
+    """Whether the existing schedule already sweeps the same app, as often, on the same queue."""
+    action = current.action
+    if not isinstance(action, ScheduleActionStartWorkflow):
+        return False
+    if [i.every for i in current.spec.intervals] != [every] or action.task_queue != task_queue:
+        return False
+    if action.workflow != ReaperWorkflow.__name__:
+        return False
+    try:
+        args = await client.data_converter.decode(list(action.args), [ReapInput])
+    except Exception:  # written by another version, or with other keys: write ours
+        return False
+    return bool(args == [request])
+
+
+async def ensure_reaper_schedule(client: Client, settings: Settings, app: str | None) -> str | None:
+    """The task queue's reaper schedule, created or brought up to date; None when it is off."""
+    if not settings.reaper:
+        log.info("reaper schedule off (SORTIE_REAPER=off): orphaned machines are not swept")
+        return None
+    if not app:
+        log.warning("no FLY_APP: no reaper schedule, orphaned machines are not swept")
+        return None
+    every = timedelta(seconds=settings.reaper_interval_s)
+    sid = await schedule_reaper(
+        client, settings, ReapInput(app=app), every, queue_schedule_id(settings.task_queue)
+    )
+    log.info("reaper schedule %s sweeps %s every %ss", sid, app, settings.reaper_interval_s)
+    return sid

@@ -1,10 +1,12 @@
 """Configuration from the environment, with Temporal's and Fly's own variable names.
 
-Temporal: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE. Fly: FLY_API_TOKEN, FLY_API_BASE_URL,
-FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE, SORTIE_UI_URL,
-SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
-SORTIE_STATE_DIR, SORTIE_DEPLOYMENT and SORTIE_BUILD_ID (Worker Versioning). Without
-FLY_API_TOKEN, Sortie runs offline against localfly.
+Temporal: its environment configuration (temporalio.envconfig): the profile file
+TEMPORAL_CONFIG_FILE, TEMPORAL_PROFILE, TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY,
+TEMPORAL_TLS_*; the key and certificates stay in the profile, never in Settings.
+Fly: FLY_API_TOKEN, FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE,
+SORTIE_UI_URL, SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
+SORTIE_STATE_DIR, SORTIE_REAPER (on/off), SORTIE_REAPER_INTERVAL, SORTIE_DEPLOYMENT and
+SORTIE_BUILD_ID (Worker Versioning). Without FLY_API_TOKEN, Sortie runs offline against localfly.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+from temporalio.envconfig import ClientConfigProfile
 from temporalio.worker import WorkerDeploymentConfig
 
 from fly import FlySettings, FlyToken
+from sortie.spec import parse_duration
 from sortie.store import BlobStore
 
 LOCALFLY_URL = "http://127.0.0.1:4280"
@@ -36,6 +40,8 @@ class Settings(BaseModel):
     max_concurrent_activities: int = 1000
     shutdown_grace_s: float = 10.0
     state_dir: Path = Path(".state")
+    reaper: bool = True
+    reaper_interval_s: float = 600.0
     deployment_name: str | None = None
     build_id: str | None = None
 
@@ -51,9 +57,10 @@ class Settings(BaseModel):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from the environment."""
         env = os.environ if environ is None else environ
+        profile = temporal_profile(env)
         values = {
-            "temporal_address": env.get("TEMPORAL_ADDRESS"),
-            "temporal_namespace": env.get("TEMPORAL_NAMESPACE"),
+            "temporal_address": profile.address,
+            "temporal_namespace": profile.namespace,
             "task_queue": env.get("SORTIE_TASK_QUEUE"),
             "ui_url": env.get("SORTIE_UI_URL"),
             "max_concurrent_activities": env.get("SORTIE_MAX_CONCURRENT_ACTIVITIES"),
@@ -61,6 +68,8 @@ class Settings(BaseModel):
             "state_dir": env.get("SORTIE_STATE_DIR"),
             "deployment_name": env.get("SORTIE_DEPLOYMENT"),
             "build_id": env.get("SORTIE_BUILD_ID"),
+            "reaper": env.get("SORTIE_REAPER"),
+            "reaper_interval_s": _seconds(env.get("SORTIE_REAPER_INTERVAL")),
         }
         return cls.model_validate({k: v for k, v in values.items() if v})
 
@@ -82,6 +91,27 @@ class Settings(BaseModel):
         """The Web UI page of a workflow."""
         base = self.ui_url.rstrip("/")
         return f"{base}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+
+
+class TemporalConfigError(ValueError):
+    """Temporal's profile could not be read: names the file, never a key."""
+
+
+def _seconds(text: str | None) -> float | None:
+    """A duration such as `90s`, `10m` or `1h` (a bare number is seconds)."""
+    return parse_duration(text) if text else None
+
+
+def temporal_profile(environ: Mapping[str, str] | None = None) -> ClientConfigProfile:
+    """Temporal's profile (file, then TEMPORAL_* over it), read as the temporal CLI reads it."""
+    env = os.environ if environ is None else environ
+    # An empty variable (`TEMPORAL_API_KEY=` in a .env) means unset, not "an empty key".
+    given = {k: v for k, v in env.items() if v or not k.startswith("TEMPORAL_")}
+    try:
+        return ClientConfigProfile.load(override_env_vars=given)
+    except RuntimeError as error:  # the SDK's ConfigError: an unknown profile, a broken file
+        where = given.get("TEMPORAL_CONFIG_FILE", "the default profile file")
+        raise TemporalConfigError(f"Temporal configuration in {where}: {error}") from None
 
 
 def fly_connection(environ: Mapping[str, str] | None = None) -> tuple[FlySettings, FlyToken]:

@@ -1,4 +1,11 @@
-"""Connecting to Temporal the same way from the worker, the starter and the tests."""
+"""Connecting to Temporal the same way from the worker, the starter and the tests.
+
+Where Temporal is and how to authenticate come from Temporal's own environment configuration
+(`temporalio.envconfig`): the profile file (`TEMPORAL_CONFIG_FILE`, by default
+`~/.config/temporalio/temporal.toml`), `TEMPORAL_PROFILE`, and the `TEMPORAL_ADDRESS`,
+`TEMPORAL_NAMESPACE`, `TEMPORAL_API_KEY` and `TEMPORAL_TLS_*` variables that override it. The same
+profile serves the `temporal` CLI.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +13,39 @@ import asyncio
 import os
 import sys
 import traceback
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, NoReturn
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConnectConfig
+from temporalio.runtime import Runtime
 
-from sortie.settings import Settings
+from sortie.codec import data_converter
+from sortie.settings import Settings, temporal_profile
 
 
-async def connect(settings: Settings) -> Client:
-    """A client that speaks pydantic models, for the configured namespace."""
+def connect_options(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> ClientConnectConfig:
+    """Client.connect's arguments: TLS, API key and gRPC metadata of the profile, with the
+    address and namespace the settings resolved (from that same profile unless set by hand)."""
+    options = temporal_profile(environ).to_client_connect_config()
+    options["target_host"] = settings.temporal_address
+    options["namespace"] = settings.temporal_namespace
+    return options
+
+
+async def connect(
+    settings: Settings,
+    environ: Mapping[str, str] | None = None,
+    runtime: Runtime | None = None,
+) -> Client:
+    """A client that speaks pydantic models (encrypted when keys are configured)."""
+    env = os.environ if environ is None else environ
     return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
+        **connect_options(settings, env),
+        data_converter=data_converter(env),
+        runtime=runtime,
     )
 
 

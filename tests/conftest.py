@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from fly import FlyClient, FlySettings, FlyToken
+from sortie.codec import data_converter
 from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
@@ -64,7 +64,7 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
     """One real dev server for the whole session, with the BatchId search attribute."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_CLI),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter({}),  # the one Sortie's clients use, unencrypted
         search_attributes=[BATCH_ID],
         # Suggest continue-as-new early, so every larger test exercises it.
         dev_server_extra_args=[

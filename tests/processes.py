@@ -22,11 +22,13 @@ class WorkerProcess:
         localfly_url: str,
         log: Path,
         env: dict[str, str] | None = None,
+        unset: tuple[str, ...] = (),
     ) -> None:
         self.settings = settings
         self.localfly_url = localfly_url
         self.log = log
         self.env = env or {}
+        self.unset = unset
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
@@ -40,6 +42,8 @@ class WorkerProcess:
             SORTIE_STATE_DIR=str(self.settings.state_dir),
         )
         env.update(self.env)
+        for name in self.unset:  # e.g. TEMPORAL_ADDRESS, to connect through a profile only
+            env.pop(name, None)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, str(ROOT / "worker.py")],

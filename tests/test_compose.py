@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +12,15 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+SERIES = re.compile(r"\b((?:sortie|temporal)_[a-z_]+)")
+SDK_SERIES = {
+    "temporal_activity_schedule_to_start_latency",
+    "temporal_workflow_task_schedule_to_start_latency",
+    "temporal_worker_task_slots_used",
+    "temporal_worker_task_slots_available",
+    "temporal_request_failure",
+}
+"""The SDK's series the dashboard graphs (seen on a worker's /metrics, or documented failures)."""
 
 
 def compose_config(directory: Path) -> subprocess.CompletedProcess[str]:
@@ -20,8 +31,9 @@ def compose_config(directory: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Path:
-    for name in ("docker-compose.yml", "Dockerfile"):
+    for name in ("docker-compose.yml", "Dockerfile", "grafana-dashboard.json"):
         shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "monitoring", tmp_path / "monitoring")
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")
     return tmp_path
 
@@ -64,3 +76,45 @@ def test_the_worker_image_copies_every_package_it_imports() -> None:
     assert "COPY worker.py starter.py ./" in dockerfile
     secrets = (ROOT / ".env.example").read_text()
     assert "FLY_API_TOKEN=\n" in secrets, ".env.example must not ship a token value"
+
+
+def test_the_codec_server_runs_only_with_the_encryption_profile(stack: Path) -> None:
+    ran = subprocess.run(
+        ["docker-compose", "--profile", "encryption", "config"],
+        cwd=stack,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    codec = yaml.safe_load(ran.stdout)["services"]["codec"]
+    assert codec["command"][:3] == ["python", "-m", "sortie.codec"]
+    assert str(codec["ports"][0]).startswith("127.0.0.1:"), "decrypts for this host only"
+    assert codec["profiles"] == ["encryption"], "not started by a plain `up`"
+
+
+def test_prometheus_scrapes_the_workers_metrics_and_grafana_shows_them(stack: Path) -> None:
+    ran = compose_config(stack)
+    assert ran.returncode == 0, ran.stderr
+    services = yaml.safe_load(ran.stdout)["services"]
+    address = services["worker"]["environment"]["SORTIE_METRICS_ADDRESS"]
+    port = int(address.rsplit(":", 1)[1])
+    scrape = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    [sd] = scrape["scrape_configs"][0]["dns_sd_configs"]
+    assert (sd["names"], sd["port"]) == (["worker"], port)
+    mounts = " ".join(str(v) for v in services["grafana"]["volumes"])
+    assert "grafana-dashboard.json" in mounts and "datasource.yml" in mounts
+    assert services["prometheus"]["ports"][0].startswith("127.0.0.1:")
+
+
+def test_the_dashboard_graphs_only_series_that_exist() -> None:
+    dashboard = json.loads((ROOT / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(sum|count|bucket)$", "", n) for e in exprs for n in SERIES.findall(e)}
+    ours = set(re.findall(r'"(sortie_\w+)"', (ROOT / "sortie" / "metrics.py").read_text()))
+    assert {n for n in used if n.startswith("sortie_")} <= ours
+    assert {"sortie_machines_alive", "sortie_machines_created", "sortie_fly_calls"} <= used
+    assert {n for n in used if n.startswith("temporal_")} <= SDK_SERIES
+    datasource = yaml.safe_load((ROOT / "monitoring" / "grafana" / "datasource.yml").read_text())
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    assert uids == {datasource["datasources"][0]["uid"]}

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import ScheduleActionExecutionStartWorkflow, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from fly import FlyClient
 from sortie import batches, reaping
+from sortie.codec import new_key
 from sortie.labels import chunk_workflow_id
-from sortie.models import ReapInput
+from sortie.models import ReapInput, ReapOutput
+from sortie.temporal import connect
 from tests.conftest import running_worker
 from tests.processes import WorkerProcess
 from tests.test_crash import TUNING, settings_for, spec_for
@@ -91,5 +95,121 @@ async def test_reaper_schedule_is_created_once_and_updated_in_place(
         description = await handle.describe()
         assert first == again == f"sortie-reaper-{app}"
         assert description.schedule.spec.intervals[0].every == timedelta(minutes=10)
+    finally:
+        await handle.delete()
+
+
+async def test_every_worker_start_ensures_one_schedule_per_queue(
+    temporal: WorkflowEnvironment,
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    app = f"queue-{uuid.uuid4().hex[:6]}"
+    client = temporal.client
+    first = await reaping.ensure_reaper_schedule(client, settings, app)
+    handle = client.get_schedule_handle(reaping.queue_schedule_id(settings.task_queue))
+    try:
+        created = (await handle.describe()).info.last_updated_at
+        again = await reaping.ensure_reaper_schedule(client, settings, app)
+        assert first == again == f"sortie-reaper-queue-{settings.task_queue}"
+        assert (await handle.describe()).info.last_updated_at == created, "unchanged: no update"
+
+        faster = settings.model_copy(update={"reaper_interval_s": 30.0})
+        await reaping.ensure_reaper_schedule(client, faster, app)
+        description = await handle.describe()
+        assert description.schedule.spec.intervals[0].every == timedelta(seconds=30)
+        assert description.info.last_updated_at != created
+
+        off = settings.model_copy(update={"reaper": False})
+        assert await reaping.ensure_reaper_schedule(client, off, app) is None
+        assert await reaping.ensure_reaper_schedule(client, settings, None) is None
+        ids = [s.id async for s in await client.list_schedules()]
+        assert ids.count(first) == 1
+    finally:
+        await handle.delete()
+
+
+async def test_a_scheduled_sweep_nobody_typed_destroys_a_terminated_batchs_machines(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    address = temporal.client.service_client.config.target_host
+    batch_settings, reaper_settings = settings_for(address), settings_for(address)
+    doomed = WorkerProcess(batch_settings, localfly.url, tmp_path / "batch-worker.log").start()
+    reaper = WorkerProcess(
+        reaper_settings,
+        localfly.url,
+        tmp_path / "reaper-worker.log",
+        env={"FLY_APP": app_name, "SORTIE_REAPER_INTERVAL": "2s"},
+    )
+    handle = temporal.client.get_schedule_handle(
+        reaping.queue_schedule_id(reaper_settings.task_queue)
+    )
+    try:
+        submitted = await batches.submit(
+            temporal.client, batch_settings, spec_for(app_name, seconds=300), tuning=TUNING
+        )
+        await eventually(lambda: len(live(localfly, app_name)) == 4, what="four live machines")
+        doomed.kill()
+        await batches.batch_handle(temporal.client, submitted.batch_id).terminate("gave up")
+        reaper.start()  # a worker started as in production: nothing else is asked of it
+        started = time.monotonic()
+        await eventually(
+            lambda: live(localfly, app_name) == [], timeout=60, what="the orphans destroyed"
+        )
+        # One interval, plus the worker's own start (imports, connect) on a loaded machine.
+        assert time.monotonic() - started < 2 + 20
+        description = await handle.describe()
+        assert description.schedule.spec.intervals[0].every == timedelta(seconds=2)
+        runs = [a.action for a in description.info.recent_actions]
+        outputs = [
+            await temporal.client.get_workflow_handle(
+                run.workflow_id, result_type=ReapOutput
+            ).result()
+            for run in runs
+            if isinstance(run, ScheduleActionExecutionStartWorkflow)
+        ]
+        assert sum(o.destroyed for o in outputs) == 4, "scheduled runs did the sweep"
+    finally:
+        doomed.stop()
+        reaper.stop()
+        with contextlib.suppress(Exception):
+            await handle.delete()
+
+
+async def test_a_paused_schedule_stays_paused_when_a_worker_updates_it(
+    temporal: WorkflowEnvironment,
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    app = f"paused-{uuid.uuid4().hex[:6]}"
+    sid = await reaping.ensure_reaper_schedule(temporal.client, settings, app)
+    assert sid is not None
+    handle = temporal.client.get_schedule_handle(sid)
+    try:
+        await handle.pause(note="maintenance")
+        faster = settings.model_copy(update={"reaper_interval_s": 60.0})
+        await reaping.ensure_reaper_schedule(temporal.client, faster, app)
+        description = await handle.describe()
+        assert description.schedule.spec.intervals[0].every == timedelta(seconds=60)
+        assert description.schedule.state.paused
+        assert description.schedule.state.note == "maintenance"
+    finally:
+        await handle.delete()
+
+
+async def test_an_encrypted_schedule_is_recognised_as_unchanged(
+    temporal: WorkflowEnvironment,
+) -> None:
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    client = await connect(settings, {"SORTIE_ENCRYPTION_KEYS": new_key("k1")})
+    first, second = f"enc-{uuid.uuid4().hex[:6]}", f"enc-{uuid.uuid4().hex[:6]}"
+    sid = await reaping.ensure_reaper_schedule(client, settings, first)
+    assert sid is not None
+    handle = client.get_schedule_handle(sid)
+    try:
+        created = (await handle.describe()).info.last_updated_at
+        await reaping.ensure_reaper_schedule(client, settings, second)
+        updated = (await handle.describe()).info.last_updated_at
+        assert updated != created, "another app: updated"
+        await reaping.ensure_reaper_schedule(client, settings, second)
+        assert (await handle.describe()).info.last_updated_at == updated, "same app: left alone"
     finally:
         await handle.delete()

@@ -60,13 +60,13 @@ async def test_fly_events_become_series_by_app_batch_and_status() -> None:
     metrics.credential_rested("CLAUDE_CODE_OAUTH_TOKEN_2")
     answer = JobAnswer(cost_usd=0.25, num_turns=3)
     metrics.activity_done(
-        "collect_result",
+        "finish_job",
         2,
         CollectResultOutput(state="stopped", exit_code=0, answer=answer),
         "batch-a",
     )
     metrics.activity_done(
-        "collect_result", 1, CollectResultOutput(state="stopped", exit_code=0, answer=answer)
+        "finish_job", 1, CollectResultOutput(state="stopped", exit_code=0, answer=answer)
     )
     metrics.activity_done(
         "reap_orphans", 1, ReapOutput(app="app-1", checked=2, orphans=[], destroyed=2)
@@ -80,7 +80,7 @@ async def test_fly_events_become_series_by_app_batch_and_status() -> None:
     assert total(text, "sortie_machines_destroyed", batch="batch-a") == 1, "404: was gone"
     assert samples(text, "sortie_machines_alive", batch="batch-a") == [1]
     assert total(text, "sortie_credential_rests", credential="CLAUDE_CODE_OAUTH_TOKEN_2") == 1
-    assert total(text, "sortie_activity_retries", activity="collect_result") == 1
+    assert total(text, "sortie_activity_retries", activity="finish_job") == 1
     assert total(text, "sortie_claude_cost_usd_sum") == 0.5
     assert total(text, "sortie_claude_cost_usd_sum", batch="batch-a") == 0.25
     assert total(text, "sortie_claude_turns_sum") == 6

@@ -38,24 +38,19 @@ from rich.console import Console
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.reaper_models import ReapInput
 from sortie import batches, reaping, render
 from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
 from sortie.analysis.partition import partition, plan_markdown, plan_table
-from sortie.models import (
-    CancelRequest,
-    JobResult,
-    MaxCostRequest,
-    MaxMachinesRequest,
-    PauseRequest,
-    ReapInput,
-)
+from sortie.models import JobResult
 from sortie.plan import plan
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, load_batch_file, parse_duration
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
+from workflows.batch_models import CancelRequest, MaxCostRequest, MaxMachinesRequest, PauseRequest
 
 REFRESH_S = 1.0
 

@@ -21,6 +21,26 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities.machine_models import (
+    MAY_START_MEMO,
+    CheckSecretsInput,
+    CheckSecretsOutput,
+    CollectResultInput,
+    CollectResultOutput,
+    CreateMachineInput,
+    CreateMachineOutput,
+    DestroyMachineInput,
+    DestroyMachineOutput,
+    DestroyNamedMachineInput,
+    FinishJobInput,
+    FinishJobOutput,
+    JobAnswer,
+    ReleaseSessionsInput,
+    ReleaseSessionsOutput,
+    WaitMachineInput,
+    WaitMachineOutput,
+    WaitOutcome,
+)
 from agent.framing import Decoder, FramingError
 from fly import (
     ExitEvent,
@@ -46,27 +66,7 @@ from sortie.labels import (
     machine_metadata,
     machine_name,
 )
-from sortie.models import (
-    MAY_START_MEMO,
-    CheckSecretsInput,
-    CheckSecretsOutput,
-    CollectResultInput,
-    CollectResultOutput,
-    CreateMachineInput,
-    CreateMachineOutput,
-    DestroyMachineInput,
-    DestroyMachineOutput,
-    DestroyNamedMachineInput,
-    FinishJobInput,
-    FinishJobOutput,
-    JobAnswer,
-    MachineRef,
-    ReleaseSessionsInput,
-    ReleaseSessionsOutput,
-    WaitMachineInput,
-    WaitMachineOutput,
-    WaitOutcome,
-)
+from sortie.models import MachineRef
 from sortie.outcomes import machine_failure
 from sortie.secrets import SecretStore
 from sortie.spec import LogTail

@@ -15,6 +15,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.machines import GONE_STATES, fly_errors
+from activities.reaper_models import Orphan, ReapInput, ReapOutput
 from fly import FlyClient, Machine
 from sortie.labels import (
     META_BATCH,
@@ -24,7 +25,6 @@ from sortie.labels import (
     META_OWNER,
     chunk_workflow_id,
 )
-from sortie.models import Orphan, ReapInput, ReapOutput
 from sortie.store import SESSIONS, BlobStore
 
 

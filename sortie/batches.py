@@ -25,25 +25,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from sortie.claude import PREVIEW_CHARS
 from sortie.labels import BATCH_ID, followup_workflow_id
-from sortie.models import (
-    BatchInput,
-    BatchOutput,
-    ChunkInput,
-    ChunkOutput,
-    ChunkProgress,
-    ChunkStatus,
-    Counts,
-    Followup,
-    JobResult,
-    JobState,
-    Progress,
-    Tuning,
-)
+from sortie.models import Counts, Followup, JobResult, JobState, Tuning
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, BatchSpec, resolve_job
 from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
+from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
 from workflows.chunk import ChunkWorkflow
+from workflows.chunk_models import ChunkInput, ChunkOutput
 
 # Temporal refuses payloads over 2 MB; keep the batch input well below that.
 MAX_INPUT_BYTES = 1_500_000

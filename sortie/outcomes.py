@@ -7,15 +7,14 @@ for good. Both call `machine_failure`, so they can never disagree.
 
 from __future__ import annotations
 
-from sortie.models import (
+from activities.machine_models import (
     CREDENTIAL_FAULTS,
     CollectResultOutput,
     JobAnswer,
-    JobResult,
-    JobState,
     WaitMachineOutput,
     WaitOutcome,
 )
+from sortie.models import JobResult, JobState
 from sortie.spec import Job
 
 

@@ -24,7 +24,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from sortie.models import ReapInput, ReapOutput
+from activities.reaper_models import ReapInput, ReapOutput
 from sortie.settings import Settings
 from workflows.reaper import ReaperWorkflow
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from temporalio import activity
 
-from sortie.models import (
+from activities.machine_models import (
     MAY_START_MEMO,
     CheckSecretsInput,
     CheckSecretsOutput,
@@ -33,13 +33,13 @@ from sortie.models import (
     FinishJobInput,
     FinishJobOutput,
     JobAnswer,
-    MachineRef,
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
     WaitMachineInput,
     WaitMachineOutput,
     WaitOutcome,
 )
+from sortie.models import MachineRef
 from sortie.outcomes import machine_failure
 
 

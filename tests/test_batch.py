@@ -21,18 +21,18 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
 from sortie import batches
 from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
-from sortie.models import (
+from sortie.models import Tuning
+from sortie.spec import BatchSpec, parse_batch
+from tests.conftest import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
+from tests.waiting import eventually
+from workflows.batch import BatchWorkflow
+from workflows.batch_models import (
     BatchOutput,
     CancelRequest,
     ChunkStatus,
     MaxMachinesRequest,
     PauseRequest,
-    Tuning,
 )
-from sortie.spec import BatchSpec, parse_batch
-from tests.conftest import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
-from tests.waiting import eventually
-from workflows.batch import BatchWorkflow
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
 

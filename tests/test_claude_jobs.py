@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 
+from activities.reaper_models import ReapInput
 from sortie import batches, reaping
 from sortie.claude import PREVIEW_CHARS
-from sortie.models import MaxCostRequest, ReapInput
 from sortie.spec import BatchSpec, parse_batch
 from sortie.store import session_prefix
 from tests.conftest import Sortie
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
+from workflows.batch_models import MaxCostRequest
 
 
 def prompt_spec(app: str, jobs: list[dict[str, Any]], **fields: Any) -> BatchSpec:

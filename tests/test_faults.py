@@ -16,11 +16,12 @@ import pytest
 
 from sortie import batches
 from sortie.labels import META_ATTEMPT, META_JOB
-from sortie.models import CancelRequest, Tuning
+from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
 from tests.conftest import Sortie
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
+from workflows.batch_models import CancelRequest
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10, call_timeout_s=10)
 JOBS = 6

@@ -19,19 +19,19 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.machines import MachineActivities
-from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
-from sortie import batches
-from sortie.labels import machine_name
-from sortie.models import (
+from activities.machine_models import (
     MAY_START_MEMO,
     CollectResultInput,
     CreateMachineInput,
     DestroyNamedMachineInput,
     FinishJobInput,
-    MachineRef,
     WaitMachineInput,
 )
+from activities.machines import MachineActivities
+from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
+from sortie import batches
+from sortie.labels import machine_name
+from sortie.models import MachineRef
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import Job

@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 from temporalio.testing import WorkflowEnvironment
 
+from activities.machine_models import DestroyMachineInput, DestroyNamedMachineInput
 from sortie import batches
 from sortie.logs import (
     JsonFormatter,
@@ -23,7 +24,7 @@ from sortie.logs import (
     scrubber,
     secret_values,
 )
-from sortie.models import DestroyMachineInput, DestroyNamedMachineInput, MachineRef
+from sortie.models import MachineRef
 from sortie.spec import parse_batch
 from tests.processes import WorkerProcess
 from tests.test_crash import settings_for

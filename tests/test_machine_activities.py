@@ -8,15 +8,15 @@ from pathlib import Path
 
 from temporalio.testing import ActivityEnvironment
 
-from activities.machines import MachineActivities
-from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
-from sortie.models import (
+from activities.machine_models import (
     CollectResultInput,
     FinishJobInput,
-    MachineRef,
     WaitMachineInput,
     WaitOutcome,
 )
+from activities.machines import MachineActivities
+from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
+from sortie.models import MachineRef
 from sortie.secrets import SecretStore
 from sortie.store import BlobStore
 from tests.waiting import eventually

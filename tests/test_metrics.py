@@ -13,10 +13,11 @@ import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from activities.machine_models import CollectResultOutput, JobAnswer
+from activities.reaper_models import ReapOutput
 from fly import FlyEvent
 from sortie import batches
 from sortie.metrics import SortieMetrics, metrics_runtime
-from sortie.models import CollectResultOutput, JobAnswer, ReapOutput
 from sortie.spec import DEFAULT_IMAGE, parse_batch
 from sortie.stack import free_port
 from tests.processes import WorkerProcess

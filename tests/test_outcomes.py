@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sortie.models import (
-    CollectResultOutput,
-    JobAnswer,
-    JobResult,
-    JobState,
-    WaitMachineOutput,
-    WaitOutcome,
-)
+from activities.machine_models import CollectResultOutput, JobAnswer, WaitMachineOutput, WaitOutcome
+from sortie.models import JobResult, JobState
 from sortie.outcomes import machine_failure, record_outcome
 from sortie.spec import Job
 

@@ -13,11 +13,11 @@ import pytest
 from temporalio.client import ScheduleActionExecutionStartWorkflow, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from activities.reaper_models import ReapInput, ReapOutput
 from fly import FlyClient
 from sortie import batches, reaping
 from sortie.codec import new_key
 from sortie.labels import chunk_workflow_id
-from sortie.models import ReapInput, ReapOutput
 from sortie.temporal import connect
 from tests.conftest import running_worker
 from tests.processes import WorkerProcess

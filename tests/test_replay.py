@@ -25,12 +25,12 @@ from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker
 
 from sortie import batches
 from sortie.labels import chunk_workflow_id
-from sortie.models import CancelRequest, MaxCostRequest, PauseRequest
 from sortie.settings import Settings
 from sortie.spec import parse_batch
 from tests.fleet import Fleet
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
+from workflows.batch_models import CancelRequest, MaxCostRequest, PauseRequest
 from workflows.chunk import ChunkWorkflow
 from workflows.reaper import ReaperWorkflow
 

@@ -16,15 +16,13 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from sortie import batches
-from sortie.models import (
-    MaxMachinesRequest,
-    Tuning,
-)
+from sortie.models import Tuning
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
 from tests.fleet import Fleet
 from tests.waiting import eventually
 from workflows.batch import BatchWorkflow
+from workflows.batch_models import MaxMachinesRequest
 from workflows.chunk import ChunkWorkflow
 
 

@@ -26,30 +26,27 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.machine_models import CheckSecretsInput, ReleaseSessionsInput
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID, chunk_workflow_id
-    from sortie.models import (
+    from sortie.models import Counts
+    from sortie.spec import resolve_job
+    from workflows import policies, slots
+    from workflows.batch_models import (
         BatchInput,
         BatchOutput,
         BatchState,
         CancelRequest,
-        CheckSecretsInput,
-        ChunkInput,
         ChunkPlan,
-        ChunkReport,
         ChunkState,
         ChunkStatus,
-        Counts,
         MaxCostRequest,
         MaxMachinesRequest,
         PauseRequest,
         Progress,
-        ReleaseSessionsInput,
-        SlotGrant,
     )
-    from sortie.spec import resolve_job
-    from workflows import policies, slots
     from workflows.chunk import ChunkWorkflow
+    from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
     from workflows.messaging import tell
     from workflows.shielded import finish
 

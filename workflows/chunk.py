@@ -18,30 +18,23 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.machines import MachineActivities
-    from sortie.models import (
-        CancelRequest,
-        ChunkInput,
-        ChunkOutput,
-        ChunkReport,
+    from activities.machine_models import (
         CollectResultInput,
-        Counts,
         CreateMachineInput,
         CreateMachineOutput,
         DestroyMachineInput,
         DestroyNamedMachineInput,
         FinishJobInput,
         FinishJobOutput,
-        JobResult,
-        JobState,
-        MachineRef,
-        PauseRequest,
-        SlotGrant,
         WaitMachineInput,
     )
+    from activities.machines import MachineActivities
+    from sortie.models import Counts, JobResult, JobState, MachineRef
     from sortie.outcomes import record_outcome
     from sortie.spec import Job
     from workflows import policies
+    from workflows.batch_models import CancelRequest, PauseRequest
+    from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport, SlotGrant
     from workflows.hand_over import HandOver
     from workflows.messaging import tell
     from workflows.shielded import finish, settle

@@ -26,12 +26,8 @@ from datetime import timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from sortie.models import (
-        MAY_START_MEMO,
-        CreateMachineInput,
-        FinishJobOutput,
-        MachineRef,
-    )
+    from activities.machine_models import MAY_START_MEMO, CreateMachineInput, FinishJobOutput
+    from sortie.models import MachineRef
     from sortie.spec import Job
 
 HAND_OVER_GRACE = timedelta(seconds=90)

@@ -16,7 +16,7 @@ import heapq
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from sortie.models import ChunkState
+    from workflows.batch_models import ChunkState
 
 
 def free_slots(cap: int, running: list[ChunkState]) -> int:

@@ -117,11 +117,11 @@ class AnalysisError(ValueError):
     """A codebase that cannot be analysed, or arguments that make no sense; the message says why."""
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SourceFile(_Model):
+class SourceFile(StrictModel):
     """One committed file to review."""
 
     path: str = Field(min_length=1)
@@ -129,7 +129,7 @@ class SourceFile(_Model):
     language: str
 
 
-class Checkout(_Model):
+class Checkout(StrictModel):
     """A git checkout's reviewable files at HEAD, and where the machines can clone it from."""
 
     root: str

@@ -60,11 +60,11 @@ Answer [] if you find nothing worth reporting."""
 """The answer format, as the prompt states it."""
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Finding(_Model):
+class Finding(StrictModel):
     """One problem a job reported in one file."""
 
     file: str = Field(min_length=1)
@@ -82,7 +82,7 @@ class Finding(_Model):
         return value.strip().lower() if isinstance(value, str) else value
 
 
-class ParsedAnswer(_Model):
+class ParsedAnswer(StrictModel):
     """One job's answer, read: its findings, or why none could be read (with the raw answer)."""
 
     findings: list[Finding] = []
@@ -92,7 +92,7 @@ class ParsedAnswer(_Model):
     raw: str | None = None
 
 
-class AnalysisSummary(_Model):
+class AnalysisSummary(StrictModel):
     """The figures of one analysis run, for the report and `findings.json`."""
 
     repo: str

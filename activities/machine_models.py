@@ -1,0 +1,185 @@
+"""Inputs and outputs of the machine activities: references and outcomes, never configs.
+
+Nothing here may hold a secret value: the worker resolves secrets when it builds a config.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sortie.models import Followup, MachineRef, StrictModel
+from sortie.spec import Job, LogTail
+
+
+class CheckSecretsInput(StrictModel):
+    """Secret names a batch needs on the worker, and whether it needs a Claude credential."""
+
+    names: list[str]
+    needs_claude: bool = False
+
+
+class CheckSecretsOutput(StrictModel):
+    """The names the worker can resolve."""
+
+    available: list[str]
+
+
+class CreateMachineInput(StrictModel):
+    """Create the machine for one attempt of one job."""
+
+    batch_id: str
+    chunk_index: int
+    app: str
+    job: Job
+    attempt: int
+    owner: str
+    followup: Followup | None = None
+
+
+class CreateMachineOutput(StrictModel):
+    """The created (or found again) machine, and which Claude credential (by name) it got."""
+
+    machine: MachineRef
+    found_existing: bool = False
+    credential: str | None = None
+
+
+class WaitOutcome(StrEnum):
+    """How a wait on a machine ended."""
+
+    EXITED = "exited"
+    TIMED_OUT = "timed_out"
+    BOOT_TIMEOUT = "boot_timeout"
+    FAILED = "failed"
+    GONE = "gone"
+
+
+class WaitMachineInput(StrictModel):
+    """Wait for a machine to finish, until the job's deadline."""
+
+    machine: MachineRef
+    job_id: str
+    deadline: datetime
+    boot_deadline: datetime
+    heartbeat_every_s: float = 5.0
+
+
+class WaitMachineOutput(StrictModel):
+    """The state a machine settled in."""
+
+    outcome: WaitOutcome
+    state: str | None = None
+
+
+class CollectResultInput(StrictModel):
+    """Read a finished machine's exit details, log tail and, for prompt jobs, the answer."""
+
+    machine: MachineRef
+    job_id: str
+    secrets: list[str] = []
+    tail_lines: int = 20
+    tail_bytes: int = 2048
+    batch_id: str = ""
+    prompt_job: bool = False
+    turn: int = 1
+    attempt: int = 1
+    credential: str | None = None
+    log_grace_s: float = 30.0
+    log_tail: LogTail = LogTail.ALWAYS
+
+
+class JobAnswer(StrictModel):
+    """What a Claude Code job answered; the full answer and the session stay off history."""
+
+    session_id: str | None = None
+    result: str | None = None
+    result_ref: str | None = None
+    result_chars: int = 0
+    cost_usd: float = 0.0
+    num_turns: int = 0
+    duration_ms: int | None = None
+    is_error: bool = False
+    error_kind: str | None = None
+    archive_ref: str | None = None
+    commits: dict[str, str] = {}
+
+
+class CollectResultOutput(StrictModel):
+    """A machine's exit details."""
+
+    state: str | None
+    exit_code: int | None
+    signal: int | None = None
+    oom_killed: bool = False
+    exited_at: datetime | None = None
+    log_tail: list[str] = []
+    log_ref: str | None = None
+    answer: JobAnswer | None = None
+
+
+MAY_START_MEMO = "may_start"
+"""The chunk's memo: whether a finishing job may hand its slot to the next job now."""
+
+
+class FinishJobInput(StrictModel):
+    """Wait for a job's machine, collect its result and destroy it, in one activity.
+
+    With `next`, the activity hands the slot straight to the chunk's next job: once this job
+    ended for good and its machine is gone, it reads the chunk's MAY_START_MEMO (closed while
+    paused, cancelled or owing slots to a lowered cap) and creates that job's machine.
+    """
+
+    wait: WaitMachineInput
+    collect: CollectResultInput
+    next: CreateMachineInput | None = None
+
+
+class FinishJobOutput(StrictModel):
+    """How the machine ended, what it left, whether it is destroyed yet, and the next machine."""
+
+    waited: WaitMachineOutput
+    collected: CollectResultOutput | None = None
+    destroyed: bool = False
+    next: CreateMachineOutput | None = None
+
+
+CREDENTIAL_FAULTS = {"rate_limit", "auth"}
+"""Claude errors that blame the credential, not the job: the job runs again on another."""
+
+
+class DestroyNamedMachineInput(StrictModel):
+    """Destroy the machine of a job attempt, known by name only: its create's answer was lost."""
+
+    app: str
+    batch_id: str
+    job_id: str
+    attempt: int
+    turn: int = 1
+
+
+class DestroyMachineInput(StrictModel):
+    """Destroy a machine; already gone counts as done."""
+
+    machine: MachineRef
+
+
+class DestroyMachineOutput(StrictModel):
+    """Whether this call destroyed the machine or found it gone."""
+
+    destroyed: bool
+    already_gone: bool
+
+
+class ReleaseSessionsInput(StrictModel):
+    """A batch closed: delete its session archives, or keep them `keep_s` longer."""
+
+    batch_id: str
+    keep_s: float | None = None
+
+
+class ReleaseSessionsOutput(StrictModel):
+    """Whether archives were deleted, or until when they are kept."""
+
+    deleted: bool
+    kept_until: datetime | None = None

@@ -1,0 +1,143 @@
+"""The batch workflow's input, output, carried state, signals and query answer."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from sortie.models import Counts, StrictModel, Tuning
+from sortie.spec import Defaults, JobSpec
+
+
+class ChunkPlan(StrictModel):
+    """A chunk the batch has not started yet: its position and its jobs."""
+
+    index: int
+    first_job: int
+    jobs: list[JobSpec]
+
+
+class ChunkStatus(StrEnum):
+    """Lifecycle of a chunk as the batch sees it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+
+
+class ChunkProgress(StrictModel):
+    """One chunk as the batch's `progress` query and its result show it."""
+
+    index: int
+    workflow_id: str
+    first_job: int
+    size: int
+    status: ChunkStatus = ChunkStatus.PENDING
+    slots: int = 0
+    counts: Counts = Counts()
+    skipped_job_ids: list[str] = []
+
+
+class ChunkState(ChunkProgress):
+    """What the batch keeps of one chunk: its progress and the slots it lent it."""
+
+    owed: int = 0
+    """Slots asked back from the chunk (after the cap was lowered) and not given back yet."""
+    wants_more: bool = True
+    """The chunk's last report said it has more jobs waiting than free slots."""
+    report_seq: int = 0
+    """The newest report's number: an older report that arrives late changes no counts."""
+
+    def progress(self) -> ChunkProgress:
+        """The public part."""
+        return ChunkProgress(**self.model_dump(include=set(ChunkProgress.model_fields)))
+
+
+class BatchState(StrictModel):
+    """The batch's state carried across continue-as-new."""
+
+    max_machines: int
+    max_cost_usd: float | None = None
+    over_budget: bool = False
+    prompt_jobs: bool = False
+    paused: bool = False
+    pause_reason: str | None = None
+    told_paused: bool = False
+    cancelled: bool = False
+    cancel_reason: str | None = None
+    told_cancelled: bool = False
+    chunks: list[ChunkState] = []
+    pending: list[ChunkPlan] = []
+
+
+class BatchInput(StrictModel):
+    """Start a batch: the validated batch file plus the batch id."""
+
+    batch_id: str
+    name: str
+    app: str
+    max_machines: int
+    chunk_size: int
+    max_cost_usd: float | None = None
+    keep_sessions_s: float | None = None
+    defaults: Defaults
+    jobs: list[JobSpec] = []
+    tuning: Tuning = Tuning()
+    state: BatchState | None = None
+
+
+class BatchOutput(StrictModel):
+    """A closed batch: totals, and per chunk where to find the per-job results."""
+
+    batch_id: str
+    name: str
+    status: str
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    timed_out: int
+    cost_usd: float = 0.0
+    num_turns: int = 0
+    chunks: list[ChunkProgress]
+    cancel_reason: str | None = None
+
+
+class Progress(StrictModel):
+    """What the `progress` query answers."""
+
+    batch_id: str
+    status: str
+    paused: bool
+    pause_reason: str | None
+    cancelled: bool
+    max_machines: int
+    max_cost_usd: float | None = None
+    counts: Counts
+    chunks: list[ChunkProgress]
+
+
+class PauseRequest(StrictModel):
+    """Why a batch pauses."""
+
+    reason: str = Field(default="paused by operator", max_length=200)
+
+
+class CancelRequest(StrictModel):
+    """Why a batch is cancelled."""
+
+    reason: str = Field(default="cancelled by operator", max_length=200)
+
+
+class MaxCostRequest(StrictModel):
+    """A new budget for a running batch, in US dollars."""
+
+    max_cost_usd: float = Field(gt=0)
+
+
+class MaxMachinesRequest(StrictModel):
+    """A new concurrency cap for a running batch."""
+
+    max_machines: int = Field(ge=1, le=2000)

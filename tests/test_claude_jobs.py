@@ -170,7 +170,9 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
         sortie.client, sortie.settings, ReapInput(app=app_name, dry_run=True)
     )
     assert sweep.checked == 1 and sweep.orphans == []
-    turn = (await batches.chunk_handle(sortie.client, workflow_id).result()).results[0]
+    [row] = (await batches.chunk_handle(sortie.client, workflow_id).result()).results
+    assert row.result is None and row.result_ref, "the chunk's result carries a key, not text"
+    turn = batches.expand(row, sortie.settings.blob_store())
     assert turn.state == "succeeded" and turn.turn == 2
     assert turn.session_id == first.session_id
     assert f"resumed session {first.session_id} (turn 2)" in (turn.result or "")

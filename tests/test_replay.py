@@ -52,7 +52,7 @@ def scenario_jobs(name: str) -> list[dict[str, Any]]:
     if name == "budget":
         return [{"id": f"job-{i}", "env": {"COST": "0.3"}} for i in range(4)]
     if name == "continue-as-new":
-        return [{"id": f"job-{i}", "env": {"SECONDS": "0.05"}} for i in range(24)]
+        return [{"id": f"job-{i}", "env": {"SECONDS": "0.02"}} for i in range(80)]
     seconds = {"happy": "0.05", "pause-resume": "0.3", "cancel": "30"}[name]
     return [{"id": f"job-{i}", "env": {"SECONDS": seconds}} for i in range(4)]
 

@@ -47,8 +47,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
-    from workflows.messaging import tell
-    from workflows.shielded import finish
+    from workflows.messaging import deliver
+    from workflows.shielded import complete
 
 RUN_BYTES = 1_500_000
 """A run continues-as-new past this size (or `Tuning.run_events`), well below Temporal's own
@@ -78,16 +78,16 @@ class BatchWorkflow:
         """Drive the chunks until every job is done or cancelled."""
         if input.state is None:
             await self._check_secrets(input)
-        while not self._finished():
+        while not self._all_done():
             try:
                 await self._drive()
             except asyncio.CancelledError:
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
         if self._state.prompt_jobs:
-            await finish(self._release_sessions())
+            await complete(self._release_sessions())
         await asyncio.gather(*self._grants)
         await workflow.wait_condition(workflow.all_handlers_finished)
-        self._show()
+        self._update_details()
         return self._output()
 
     # ------------------------------------------------------------ signals and queries
@@ -184,10 +184,10 @@ class BatchWorkflow:
 
     async def _drive(self) -> None:
         """Apply every change (reports, signals) until done, continuing-as-new when long."""
-        while not self._finished():
+        while not self._all_done():
             self._changed = False
-            await finish(self._steer())
-            if self._finished():
+            await complete(self._steer())
+            if self._all_done():
                 return
             if self._run_is_long():
                 await asyncio.gather(*self._grants)
@@ -195,7 +195,7 @@ class BatchWorkflow:
                 workflow.continue_as_new(
                     self._input.model_copy(update={"jobs": [], "state": self._state})
                 )
-            self._show()
+            self._update_details()
             await workflow.wait_condition(lambda: self._changed)
 
     async def _steer(self) -> None:
@@ -228,14 +228,14 @@ class BatchWorkflow:
         if state.cancelled and not state.told_cancelled:
             state.told_cancelled = True
             request = CancelRequest(reason=state.cancel_reason or "cancelled")
-            sends = [self._tell(c, ChunkWorkflow.cancel, request) for c in self._running()]
+            sends = [self._signal(c, ChunkWorkflow.cancel, request) for c in self._running()]
         elif not state.cancelled and state.told_paused != state.paused:
             state.told_paused = state.paused
             if state.paused:
                 pause = PauseRequest(reason=state.pause_reason or "paused")
-                sends = [self._tell(c, ChunkWorkflow.pause, pause) for c in self._running()]
+                sends = [self._signal(c, ChunkWorkflow.pause, pause) for c in self._running()]
             else:
-                sends = [self._tell(c, ChunkWorkflow.resume) for c in self._running()]
+                sends = [self._signal(c, ChunkWorkflow.resume) for c in self._running()]
         await asyncio.gather(*sends)
 
     def _may_open(self) -> bool:
@@ -364,11 +364,12 @@ class BatchWorkflow:
     def _grant(self, chunk: ChunkState, grant: SlotGrant) -> None:
         """Send a grant or a take-back without waiting: they add up in any order."""
         self._grants = [g for g in self._grants if not g.done()]
-        self._grants.append(asyncio.ensure_future(self._tell(chunk, ChunkWorkflow.grant, grant)))
+        self._grants.append(asyncio.ensure_future(self._signal(chunk, ChunkWorkflow.grant, grant)))
 
-    def _tell(self, chunk: ChunkState, signal: Any, *arg: Any) -> Awaitable[bool]:
+    def _signal(self, chunk: ChunkState, signal: Any, *arg: Any) -> Awaitable[bool]:
         """Signal a chunk; one that has just finished cannot be told, and need not be."""
-        return tell(workflow.get_external_workflow_handle(chunk.workflow_id).signal(signal, *arg))
+        handle = workflow.get_external_workflow_handle(chunk.workflow_id)
+        return deliver(handle.signal(signal, *arg))
 
     def _running(self) -> list[ChunkState]:
         return [c for c in self._state.chunks if c.status is ChunkStatus.RUNNING]
@@ -376,14 +377,14 @@ class BatchWorkflow:
     def _unfinished_chunks(self) -> int:
         return len(self._state.pending) + len(self._running())
 
-    def _finished(self) -> bool:
+    def _all_done(self) -> bool:
         return not self._state.pending and not self._running()
 
     def _counts(self) -> Counts:
         return Counts.total_of([chunk.counts for chunk in self._state.chunks])
 
     def _status(self) -> str:
-        if self._finished():
+        if self._all_done():
             return "cancelled" if self._state.cancelled else "completed"
         if self._state.cancelled:
             return "cancelling"
@@ -406,7 +407,7 @@ class BatchWorkflow:
             cancel_reason=self._state.cancel_reason,
         )
 
-    def _show(self) -> None:
+    def _update_details(self) -> None:
         """Keep the Web UI's current details in step with the batch."""
         state = self._state
         c = self._counts()

@@ -36,8 +36,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport, SlotGrant
     from workflows.hand_over import HandOver
-    from workflows.messaging import tell
-    from workflows.shielded import finish, settle
+    from workflows.messaging import deliver
+    from workflows.shielded import complete, settle
 
 REPORT_EVERY = timedelta(seconds=5)
 """Progress reaches the batch at most this late; slots given back and spending at once."""
@@ -73,7 +73,7 @@ class ChunkWorkflow:
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
         """Start each job as a slot frees up, then wait for all of them."""
-        self._show()
+        self._update_details()
         try:
             while await self._next_start():
                 self._start(self._queue.popleft())
@@ -85,9 +85,9 @@ class ChunkWorkflow:
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
-        await self._report_done()
+        await complete(self._report_done())  # the batch closes only once it heard this
         await workflow.wait_condition(workflow.all_handlers_finished)
-        self._show()
+        self._update_details()
         results = [result.compact() for result in self._results]
         return ChunkOutput(index=input.index, counts=self._counts(), results=results)
 
@@ -106,14 +106,14 @@ class ChunkWorkflow:
         """Create no new machines; running jobs finish."""
         self._paused = True
         self._publish_gate()
-        self._show()
+        self._update_details()
 
     @workflow.signal
     def resume(self) -> None:
         """Start creating machines again."""
         self._paused = False
         self._publish_gate()
-        self._show()
+        self._update_details()
 
     @workflow.signal
     def cancel(self, request: CancelRequest) -> None:
@@ -162,14 +162,14 @@ class ChunkWorkflow:
             result.finished_at = workflow.now()
             result.duration_s = (result.finished_at - result.started_at).total_seconds()
             self._running -= 1
-            self._job_finished(spent=bool(result.cost_usd))
+            self._slot_freed(spent=bool(result.cost_usd))
 
     async def _attempt(
         self, job: Job, attempt: int, result: JobResult, handed: CreateMachineOutput | None
     ) -> None:
         """Create a machine (unless handed one); finish the job on it; make sure it is gone."""
         result.state = JobState.STARTING
-        self._show()
+        self._update_details()
         try:
             created = handed or await self._create(job, attempt)
         except ActivityError as error:
@@ -182,12 +182,12 @@ class ChunkWorkflow:
         self._live += 1
         result.machine_id, result.credential = machine.machine_id, created.credential
         result.state = JobState.RUNNING
-        self._show()
+        self._update_details()
         destroyed = False
         try:
             if self._cancelled:  # a machine handed over just as the chunk was cancelled
                 raise asyncio.CancelledError
-            finished = await self._finish(job, machine, attempt, result)
+            finished = await self._run_on_machine(job, machine, attempt, result)
             destroyed = finished.destroyed
             failure = record_outcome(job, result, finished.waited, finished.collected)
             if failure is not None:
@@ -198,9 +198,9 @@ class ChunkWorkflow:
             result.state, result.error = JobState.FAILED, _why(error)
         finally:
             if not destroyed:
-                await finish(self._destroy(machine))
+                await complete(self._destroy(machine))
             self._live -= 1
-            self._show()
+            self._update_details()
 
     async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
         """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
@@ -215,11 +215,11 @@ class ChunkWorkflow:
         settled, interrupted = await settle(create)
         if interrupted:
             if settled.exception() is None:
-                await finish(self._destroy(settled.result().machine))
+                await complete(self._destroy(settled.result().machine))
             raise asyncio.CancelledError
         return settled.result()
 
-    async def _finish(
+    async def _run_on_machine(
         self, job: Job, machine: MachineRef, attempt: int, result: JobResult
     ) -> FinishJobOutput:
         """Run `finish_job`, handing the slot to the claimed next job when there is one."""
@@ -231,14 +231,15 @@ class ChunkWorkflow:
         try:
             finished = await asyncio.shield(finishing)
         except asyncio.CancelledError:
-            await finish(
+            await complete(
                 self._hand_over.drop(
                     claim, finishing, self._destroy, self._destroy_named, destroy_now=machine
                 )
             )
             raise
         except ActivityError:
-            await finish(self._hand_over.drop(claim, finishing, self._destroy, self._destroy_named))
+            drop = self._hand_over.drop(claim, finishing, self._destroy, self._destroy_named)
+            await complete(drop)
             raise
         self._hand_over.settle(claimed, started=finished.next is not None)
         if finished.next is not None:
@@ -358,7 +359,7 @@ class ChunkWorkflow:
         if self._hand_over is not None:
             self._hand_over.publish_gate(self._may_start())
 
-    def _job_finished(self, spent: bool) -> None:
+    def _slot_freed(self, spent: bool) -> None:
         """A machine is gone: keep its slot for the next job, or give it back.
 
         Under a budget a job that spent money gives its slot back with its report, and the
@@ -390,7 +391,7 @@ class ChunkWorkflow:
 
     def _report(self, released: int = 0, done: bool = False) -> None:
         """Tell the batch about given-back slots and progress, without waiting for delivery."""
-        self._show()
+        self._update_details()
         parent = workflow.info().parent
         if parent is None:  # a follow-up turn runs on its own
             return
@@ -410,7 +411,7 @@ class ChunkWorkflow:
     async def _deliver(self, batch_id: str, report: ChunkReport) -> None:
         """Signal the batch; a batch that can no longer hear (terminated) stops the chunk."""
         batch = workflow.get_external_workflow_handle(batch_id)
-        if not await tell(batch.signal("chunk_report", report)) and not report.done:
+        if not await deliver(batch.signal("chunk_report", report)) and not report.done:
             self._cancel("the batch is no longer running")
 
     async def _report_done(self) -> None:
@@ -428,7 +429,7 @@ class ChunkWorkflow:
         for job in self._jobs:
             if not job.done() and not job.cancelling():
                 job.cancel()
-        self._show()
+        self._update_details()
 
     @property
     def _cancelled(self) -> bool:
@@ -439,7 +440,7 @@ class ChunkWorkflow:
     def _counts(self) -> Counts:
         return Counts.of(self._results, live_machines=self._live)
 
-    def _show(self) -> None:
+    def _update_details(self) -> None:
         """Keep the Web UI's current details in step with the chunk."""
         c = self._counts()
         state = "cancelling" if self._cancelled else "paused" if self._paused else "running"

@@ -8,7 +8,7 @@ from temporalio import workflow
 from temporalio.exceptions import FailureError
 
 
-async def tell(send: Awaitable[None]) -> bool:
+async def deliver(send: Awaitable[None]) -> bool:
     """Await a signal to another workflow; whether it arrived (a closed one cannot be told)."""
     try:
         await send

@@ -26,7 +26,7 @@ async def settle(step: Awaitable[T]) -> tuple[asyncio.Future[T], bool]:
     return future, interrupted
 
 
-async def finish(step: Awaitable[T]) -> T:
+async def complete(step: Awaitable[T]) -> T:
     """Await `step` to completion even if the caller is cancelled meanwhile, then re-raise."""
     future, interrupted = await settle(step)
     result = future.result()

@@ -52,4 +52,4 @@ ui: install
 
 # Re-record the replay fixtures under tests/histories/ (only after a deliberate workflow change).
 histories: install
-	SORTIE_RECORD_HISTORIES=1 $(PY) -m pytest -q tests/test_replay.py -k fresh
+	SORTIE_RECORD_HISTORIES=1 $(PY) -m pytest -q tests/workflows/test_replay.py -k fresh

@@ -12,35 +12,29 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from fly import FlyClient, FlySettings, FlyToken
 from sortie.codec import data_converter
 from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
-from sortie.spec import DEFAULT_IMAGE
-from worker import build_worker
+from tests.helpers.stack import (
+    AGENT_IMAGES,
+    STANDIN_BIN,
+    SUGGEST_CONTINUE_AS_NEW_AT,
+    TEMPORAL_CLI,
+    Sortie,
+    running_worker,
+)
 
 if TYPE_CHECKING:
     from localfly.process import LocalFlyProcess
 
-BIN = Path(sys.executable).parent
-TEMPORAL_CLI = BIN / "temporal"
-ROOT = Path(__file__).resolve().parent.parent
-
-SUGGEST_CONTINUE_AS_NEW_AT = 100
-STANDIN_BIN = ROOT / "tests" / "bin"
-AGENT_IMAGES = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
-"""Under localfly the agent image runs our entrypoint, and `claude` is the stand-in."""
 
 _exit_status: int | None = None
 
@@ -91,26 +85,6 @@ def localfly() -> Iterator[LocalFlyProcess]:
 def app_name(request: pytest.FixtureRequest) -> str:
     """A Fly app name unique to the test, so localfly's counts are the test's own."""
     return f"t-{uuid.uuid4().hex[:10]}"
-
-
-@dataclass
-class Sortie:
-    """What a test needs to run batches: a client, settings with a fresh queue, localfly."""
-
-    client: Client
-    settings: Settings
-    localfly: LocalFlyProcess
-    fly: FlyClient
-
-
-@asynccontextmanager
-async def running_worker(
-    client: Client, settings: Settings, fly: FlyClient, secrets: SecretStore | None = None
-) -> AsyncIterator[Worker]:
-    """Run a worker for the duration of the block."""
-    worker = build_worker(client, fly, secrets or SecretStore({}), settings)
-    async with worker:
-        yield worker
 
 
 @pytest.fixture

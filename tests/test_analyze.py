@@ -31,10 +31,10 @@ from sortie.analysis import batch as analysis
 from sortie.analysis.files import read_checkout
 from sortie.analysis.partition import partition
 from sortie.labels import META_ATTEMPT, META_JOB
-from tests.conftest import ROOT, Sortie
-from tests.processes import WorkerProcess
-from tests.test_crash import settings_for
-from tests.waiting import eventually
+from tests.helpers.batches import settings_for
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.stack import ROOT, Sortie
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers.stack import ROOT
 
 EXAMPLE = ROOT / "examples" / "ci" / "github-actions.yml"
 

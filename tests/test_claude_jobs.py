@@ -20,8 +20,9 @@ from sortie import batches, reaping
 from sortie.claude import PREVIEW_CHARS
 from sortie.spec import BatchSpec, parse_batch
 from sortie.store import session_prefix
-from tests.conftest import Sortie
-from tests.waiting import eventually
+from tests.helpers.batches import git_repo
+from tests.helpers.stack import Sortie
+from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import MaxCostRequest
 
@@ -38,18 +39,6 @@ def prompt_spec(app: str, jobs: list[dict[str, Any]], **fields: Any) -> BatchSpe
             **fields,
         }
     )
-
-
-def git_repo(path: Path) -> Path:
-    """A local repository with two files, committed."""
-    path.mkdir(parents=True)
-    (path / "app.py").write_text("print('hello')\n")
-    (path / "README.md").write_text("# demo\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=path, check=True)
-    subprocess.run([*git, "add", "."], cwd=path, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "first"], cwd=path, check=True)
-    return path
 
 
 async def run_batch(s: Sortie, spec: BatchSpec) -> batches.BatchReport:

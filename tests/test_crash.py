@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,60 +20,20 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
-from sortie.labels import META_ATTEMPT, META_JOB
-from sortie.models import Tuning
-from sortie.settings import Settings
-from sortie.spec import BatchSpec, parse_batch
 from sortie.stack import DevServer
-from tests.processes import WorkerProcess
-from tests.waiting import eventually
+from tests.helpers.batches import TUNING, check_exactly_once, settings_for, spec_for
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
+
 # Fast failure detection, so a killed worker's activities are retried within seconds.
-TUNING = Tuning(heartbeat_timeout_s=3, heartbeat_every_s=0.5, create_timeout_s=5, call_timeout_s=5)
-JOBS = 8
-
-
 @pytest.fixture(autouse=True)
 def no_faults(localfly: Any) -> Iterator[None]:
     localfly.set_faults({})
     yield
     localfly.set_faults({})
-
-
-def spec_for(app: str, seconds: float = 1.0) -> BatchSpec:
-    return parse_batch(
-        {
-            "name": f"c{uuid.uuid4().hex[:8]}",
-            "app": app,
-            "max_machines": 4,
-            "chunk_size": 4,
-            "defaults": {"image": "alpine", "timeout": "2m", "retries": 1, "log_tail": "always"},
-            "jobs": [
-                {"id": f"job-{i}", "command": f"echo out-{i}; sleep {seconds}"} for i in range(JOBS)
-            ],
-        }
-    )
-
-
-def settings_for(address: str) -> Settings:
-    return Settings(
-        temporal_address=address, task_queue=f"crash-{uuid.uuid4().hex}", shutdown_grace_s=2
-    )
-
-
-def check_exactly_once(localfly: Any, app: str, report: batches.BatchReport) -> None:
-    assert report.status == "completed"
-    assert [r.job_id for r in report.results] == [f"job-{i}" for i in range(JOBS)]
-    assert all(r.state == "succeeded" for r in report.results), report.results
-    for i, result in enumerate(report.results):
-        assert f"out-{i}" in "\n".join(result.log_tail)
-    made = localfly.machines(app)
-    per_attempt = Counter((m["metadata"][META_JOB], m["metadata"][META_ATTEMPT]) for m in made)
-    assert all(count == 1 for count in per_attempt.values()), per_attempt
-    assert len(made) == JOBS, "a job ran on more than one machine"
-    assert [m["id"] for m in made if m["state"] != "destroyed"] == []
 
 
 def calls(localfly: Any, app: str, action: str) -> int:

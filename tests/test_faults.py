@@ -18,8 +18,8 @@ from sortie import batches
 from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
-from tests.conftest import Sortie
-from tests.waiting import eventually
+from tests.helpers.stack import Sortie
+from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import CancelRequest
 

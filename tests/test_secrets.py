@@ -8,8 +8,6 @@ are searched for those values.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import subprocess
 import uuid
@@ -21,10 +19,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
 from sortie.spec import parse_batch
-from tests.conftest import TEMPORAL_CLI
-from tests.processes import WorkerProcess
-from tests.test_claude_jobs import git_repo
-from tests.test_crash import settings_for
+from tests.helpers.batches import git_repo, settings_for
+from tests.helpers.history import decoded_payloads
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.stack import TEMPORAL_CLI
 
 pytestmark = pytest.mark.slow
 
@@ -104,20 +102,5 @@ def _export(address: str, workflow_id: str) -> str:
             text=True,
         ).stdout
         parts.append(out)
-        parts.extend(_decoded(json.loads(out)))
+        parts.extend(decoded_payloads(json.loads(out)))
     return "\n".join(parts)
-
-
-def _decoded(node: object) -> list[str]:
-    """Every base64 `data` field of every payload, decoded."""
-    found: list[str] = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "data" and isinstance(value, str):
-                with contextlib.suppress(ValueError):
-                    found.append(base64.b64decode(value).decode(errors="replace"))
-            found.extend(_decoded(value))
-    elif isinstance(node, list):
-        for item in node:
-            found.extend(_decoded(item))
-    return found

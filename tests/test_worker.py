@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers.stack import ROOT
 from worker import cache_workflow_bytecode
 
 

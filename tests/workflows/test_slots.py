@@ -9,71 +9,15 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
 
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from sortie import batches
-from sortie.models import Tuning
 from sortie.settings import Settings
-from sortie.spec import BatchSpec, parse_batch
-from tests.fleet import Fleet
-from tests.waiting import eventually
+from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker, run_fleet_batch
+from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import MaxMachinesRequest
-from workflows.chunk import ChunkWorkflow
-
-
-def fleet_spec(
-    jobs: list[dict[str, Any]], max_machines: int, chunk_size: int, seconds: str = "0.02"
-) -> BatchSpec:
-    """A batch of command jobs for the in-memory fleet, under a fresh name."""
-    return parse_batch(
-        {
-            "name": f"s{uuid.uuid4().hex[:8]}",
-            "app": "fleet",
-            "max_machines": max_machines,
-            "chunk_size": chunk_size,
-            "defaults": {"command": "true", "env": {"SECONDS": seconds}},
-            "jobs": jobs,
-        }
-    )
-
-
-def fleet_worker(
-    temporal: WorkflowEnvironment, settings: Settings, activities: list[Callable[..., Any]]
-) -> Worker:
-    """The real batch and chunk workflows, with the fleet's activities."""
-    return Worker(
-        temporal.client,
-        task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=activities,
-        max_concurrent_activities=1000,
-    )
-
-
-async def run_fleet_batch(
-    temporal: WorkflowEnvironment,
-    jobs: int,
-    max_machines: int,
-    chunk_size: int,
-    seconds: str = "0.02",
-    fill_to: int = 0,
-) -> tuple[Fleet, batches.BatchReport, str, Settings]:
-    fleet = Fleet(fill_to=fill_to)
-    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
-    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(jobs)], max_machines, chunk_size, seconds)
-    async with fleet_worker(temporal, settings, fleet.activities):
-        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
-        handle = batches.batch_handle(temporal.client, submitted.batch_id)
-        first_run = (await handle.describe()).run_id
-        await handle.result()
-        report = await batches.results(temporal.client, submitted.batch_id)
-        fleet.continued_as_new = (await handle.describe()).run_id != first_run
-    return fleet, report, submitted.batch_id, settings
 
 
 async def test_cap_is_held_and_filled_across_many_chunks(temporal: WorkflowEnvironment) -> None:

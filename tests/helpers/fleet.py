@@ -13,11 +13,14 @@ the slot to the chunk's next job when the chunk's `may_start` memo allows it (co
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from temporalio import activity
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from activities.machine_models import (
     MAY_START_MEMO,
@@ -39,8 +42,13 @@ from activities.machine_models import (
     WaitMachineOutput,
     WaitOutcome,
 )
-from sortie.models import MachineRef
+from sortie import batches
+from sortie.models import MachineRef, Tuning
 from sortie.outcomes import machine_failure
+from sortie.settings import Settings
+from sortie.spec import BatchSpec, parse_batch
+from workflows.batch import BatchWorkflow
+from workflows.chunk import ChunkWorkflow
 
 
 @dataclass
@@ -164,3 +172,53 @@ class Fleet:
             self.destroy_named_machine,
             self.release_sessions,
         ]
+
+
+def fleet_spec(
+    jobs: list[dict[str, Any]], max_machines: int, chunk_size: int, seconds: str = "0.02"
+) -> BatchSpec:
+    """A batch of command jobs for the in-memory fleet, under a fresh name."""
+    return parse_batch(
+        {
+            "name": f"s{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": max_machines,
+            "chunk_size": chunk_size,
+            "defaults": {"command": "true", "env": {"SECONDS": seconds}},
+            "jobs": jobs,
+        }
+    )
+
+
+def fleet_worker(
+    temporal: WorkflowEnvironment, settings: Settings, activities: list[Callable[..., Any]]
+) -> Worker:
+    """The real batch and chunk workflows, with the fleet's activities."""
+    return Worker(
+        temporal.client,
+        task_queue=settings.task_queue,
+        workflows=[BatchWorkflow, ChunkWorkflow],
+        activities=activities,
+        max_concurrent_activities=1000,
+    )
+
+
+async def run_fleet_batch(
+    temporal: WorkflowEnvironment,
+    jobs: int,
+    max_machines: int,
+    chunk_size: int,
+    seconds: str = "0.02",
+    fill_to: int = 0,
+) -> tuple[Fleet, batches.BatchReport, str, Settings]:
+    fleet = Fleet(fill_to=fill_to)
+    settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
+    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(jobs)], max_machines, chunk_size, seconds)
+    async with fleet_worker(temporal, settings, fleet.activities):
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        first_run = (await handle.describe()).run_id
+        await handle.result()
+        report = await batches.results(temporal.client, submitted.batch_id)
+        fleet.continued_as_new = (await handle.describe()).run_id != first_run
+    return fleet, report, submitted.batch_id, settings

@@ -19,7 +19,7 @@ from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
 from sortie.models import MachineRef
 from sortie.secrets import SecretStore
 from sortie.store import BlobStore
-from tests.waiting import eventually
+from tests.helpers.waiting import eventually
 
 
 async def test_a_wait_retried_after_the_deadline_finds_the_job_exited_in_time(

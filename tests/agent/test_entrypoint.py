@@ -22,7 +22,7 @@ import pytest
 
 from agent.framing import CHUNK_BYTES, Decoder, FramingError, encode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STANDIN_BIN = ROOT / "tests" / "bin"
 SYSTEM_PATH = os.environ.get("PATH", "/usr/bin:/bin")
 

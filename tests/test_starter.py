@@ -22,8 +22,8 @@ import pexpect
 import pytest
 
 from sortie import batches, reaping
-from tests.conftest import ROOT, Sortie
-from tests.waiting import eventually
+from tests.helpers.stack import ROOT, Sortie
+from tests.helpers.waiting import eventually
 
 ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07)")
 BOLD_RED = "\x1b[1;31m"

@@ -18,7 +18,7 @@ from sortie.spec import (
     resolve_job,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """
 name: nightly-review

@@ -41,7 +41,7 @@ from fly import (
     RestartConfig,
 )
 from localfly.process import LocalFlyProcess
-from tests.waiting import eventually
+from tests.helpers.waiting import eventually
 
 SECRET = "fm2_bG9jYWxmbHktdGVzdC1zZWNyZXQtdmFsdWU"
 IMAGE = "docker.io/library/alpine:3.20"

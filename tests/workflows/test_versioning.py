@@ -26,9 +26,9 @@ from sortie.labels import chunk_workflow_id
 from sortie.models import Tuning
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
-from tests.conftest import TEMPORAL_CLI
-from tests.processes import WorkerProcess
-from tests.waiting import eventually
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.stack import TEMPORAL_CLI
+from tests.helpers.waiting import eventually
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
 LATE = 9

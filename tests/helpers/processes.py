@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sortie.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class WorkerProcess:

@@ -17,8 +17,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from sortie.settings import Settings, TemporalConfigError
 from sortie.temporal import connect, connect_options
-from tests.conftest import ROOT
-from tests.processes import WorkerProcess
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.stack import ROOT
 
 CLOUD_KEY = f"cloud-key-{uuid.uuid4().hex}"
 

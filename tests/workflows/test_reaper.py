@@ -19,10 +19,10 @@ from sortie import batches, reaping
 from sortie.codec import new_key
 from sortie.labels import chunk_workflow_id
 from sortie.temporal import connect
-from tests.conftest import running_worker
-from tests.processes import WorkerProcess
-from tests.test_crash import TUNING, settings_for, spec_for
-from tests.waiting import eventually
+from tests.helpers.batches import TUNING, settings_for, spec_for
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.stack import running_worker
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ from sortie import batches
 from sortie.metrics import SortieMetrics, metrics_runtime
 from sortie.spec import DEFAULT_IMAGE, parse_batch
 from sortie.stack import free_port
-from tests.processes import WorkerProcess
-from tests.test_crash import settings_for
-from tests.waiting import eventually
+from tests.helpers.batches import settings_for
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.waiting import eventually
 
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>.*)\})? (?P<value>\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

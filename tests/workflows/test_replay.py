@@ -27,8 +27,8 @@ from sortie import batches
 from sortie.labels import chunk_workflow_id
 from sortie.settings import Settings
 from sortie.spec import parse_batch
-from tests.fleet import Fleet
-from tests.waiting import eventually
+from tests.helpers.fleet import Fleet
+from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import CancelRequest, MaxCostRequest, PauseRequest
 from workflows.chunk import ChunkWorkflow

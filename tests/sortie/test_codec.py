@@ -34,11 +34,11 @@ from sortie.codec import (
 from sortie.spec import parse_batch
 from sortie.stack import free_port, listening
 from sortie.temporal import connect
-from tests.conftest import ROOT, TEMPORAL_CLI
-from tests.processes import WorkerProcess
-from tests.test_crash import settings_for
-from tests.test_secrets import _decoded
-from tests.waiting import eventually
+from tests.helpers.batches import settings_for
+from tests.helpers.history import decoded_payloads
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.stack import ROOT, TEMPORAL_CLI
+from tests.helpers.waiting import eventually
 
 OLD, NEW, OTHER = new_key("2026-01"), new_key("2026-12"), new_key("2026-12")
 
@@ -231,7 +231,7 @@ async def test_no_prompt_text_in_an_encrypted_history(
 
     for workflow_id in ids:
         raw = await _cli("workflow", "show", "-w", workflow_id, "-o", "json", "--address", address)
-        texts = [raw, *_decoded(json.loads(raw))]
+        texts = [raw, *decoded_payloads(json.loads(raw))]
         assert not [t for t in texts if marker in t], f"prompt text in {workflow_id}'s history"
         assert base64.b64encode(ENCODING).decode() in raw, "metadata says encrypted"
 
@@ -241,7 +241,7 @@ async def test_no_prompt_text_in_an_encrypted_history(
             *("workflow", "show", "-w", workflow_id, "-o", "json", "--address", address),
             *("--codec-endpoint", url),
         )
-        readable.append("\n".join([shown, *_decoded(json.loads(shown))]))
+        readable.append("\n".join([shown, *decoded_payloads(json.loads(shown))]))
     assert any(marker in text for text in readable), "the codec server decodes it back"
 
     wrong = await connect(settings, {"SORTIE_ENCRYPTION_KEYS": OTHER})

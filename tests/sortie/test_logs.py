@@ -26,8 +26,8 @@ from sortie.logs import (
 )
 from sortie.models import MachineRef
 from sortie.spec import parse_batch
-from tests.processes import WorkerProcess
-from tests.test_crash import settings_for
+from tests.helpers.batches import settings_for
+from tests.helpers.processes import WorkerProcess
 
 TOKEN = f"ghp_{uuid.uuid4().hex}"
 KEY = f"k1:{'A' * 43}="

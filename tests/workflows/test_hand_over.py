@@ -36,8 +36,7 @@ from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import Job
 from sortie.store import BlobStore
-from tests.fleet import Fleet
-from tests.test_slots import fleet_spec, fleet_worker
+from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker
 
 
 @workflow.defn(sandboxed=False)

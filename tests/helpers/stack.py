@@ -1,0 +1,52 @@
+"""Where the suite's tools are, how its dev server is set up, and a worker for one test."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from fly import FlyClient
+from sortie.secrets import SecretStore
+from sortie.settings import Settings
+from sortie.spec import DEFAULT_IMAGE
+from worker import build_worker
+
+if TYPE_CHECKING:
+    from localfly.process import LocalFlyProcess
+
+BIN = Path(sys.executable).parent
+TEMPORAL_CLI = BIN / "temporal"
+ROOT = Path(__file__).resolve().parents[2]
+
+SUGGEST_CONTINUE_AS_NEW_AT = 100
+"""The dev server suggests continue-as-new this early, so every larger test exercises it."""
+STANDIN_BIN = ROOT / "tests" / "bin"
+AGENT_IMAGES = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
+"""Under localfly the agent image runs our entrypoint, and `claude` is the stand-in."""
+
+
+@dataclass
+class Sortie:
+    """What a test needs to run batches: a client, settings with a fresh queue, localfly."""
+
+    client: Client
+    settings: Settings
+    localfly: LocalFlyProcess
+    fly: FlyClient
+
+
+@asynccontextmanager
+async def running_worker(
+    client: Client, settings: Settings, fly: FlyClient, secrets: SecretStore | None = None
+) -> AsyncIterator[Worker]:
+    """Run a worker for the duration of the block."""
+    worker = build_worker(client, fly, secrets or SecretStore({}), settings)
+    async with worker:
+        yield worker

@@ -13,16 +13,20 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
 from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
+from tests.helpers.batches import JOBS, settings_for, spec_for
+from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
@@ -453,3 +457,42 @@ async def test_starter_submit_wait_json_and_bad_input(
     )
     assert refused.returncode == 2
     assert "job 'a' (jobs[0]): set exactly one of command or prompt" in refused.stderr
+
+
+async def test_results_of_a_closed_batch_need_no_worker(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    # The chunks' compact rows are in Temporal, their log tails in the blob store: a closed
+    # batch reads back whole with every worker gone.
+    settings = settings_for(temporal.client.service_client.config.target_host).model_copy(
+        update={"state_dir": tmp_path / "state"}
+    )
+    worker = WorkerProcess(settings, localfly.url, tmp_path / "worker.log").start()
+    try:
+        submitted = await batches.submit(
+            temporal.client, settings, spec_for(app_name, seconds=0.1), tuning=TUNING
+        )
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    finally:
+        worker.stop()
+
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": settings.temporal_address,
+        "SORTIE_TASK_QUEUE": settings.task_queue,
+        "SORTIE_STATE_DIR": str(settings.state_dir),
+    }
+    ran = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "starter.py", "results", submitted.batch_id, "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    document = json.loads(ran.stdout)
+    assert [r["state"] for r in document["results"]] == ["succeeded"] * JOBS
+    for i, result in enumerate(document["results"]):
+        assert f"out-{i}" in "\n".join(result["log_tail"]), "read back from the blob store"

@@ -335,7 +335,8 @@ async def test_steering_reading_and_listing_through_the_cli(
     assert listed.returncode == 0, listed.stderr
     mine = [line for line in listed.stdout.splitlines() if line.startswith(batch_id)]
     assert len(mine) == 1 and " running " in mine[0] and mine[0].endswith(batch_id)
-    code, drawn = await aterminal(["list"], env)
+    # Wide enough for whole ids and links however many batches the session's server lists.
+    code, drawn = await aterminal(["list"], env, columns=240)
     assert code == 0 and re.search(r"BATCH\s+┃\s+STATUS", plain(drawn)), plain(drawn)
     assert batch_id in plain(drawn) and "workflows/" in plain(drawn)
 

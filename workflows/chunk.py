@@ -138,7 +138,11 @@ class ChunkWorkflow:
         self._jobs.append(asyncio.create_task(self._run_job(job, handed)))
 
     async def _run_job(self, job: Job, handed: CreateMachineOutput | None) -> None:
-        """Run a job to a final state, on a new machine after each infrastructure failure."""
+        """Run a job to a final state, on a new machine after each infrastructure failure.
+
+        No `finally` here or below: a workflow evicted from the worker's cache is torn down
+        with GeneratorExit, and its replay redoes the bookkeeping; a cancel is caught instead.
+        """
         result = self._results[job.index - self._input.jobs[0].index]
         result.started_at = workflow.now()
         try:
@@ -158,11 +162,10 @@ class ChunkWorkflow:
         except asyncio.CancelledError:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
-        finally:
-            result.finished_at = workflow.now()
-            result.duration_s = (result.finished_at - result.started_at).total_seconds()
-            self._running -= 1
-            self._slot_freed(spent=bool(result.cost_usd))
+        result.finished_at = workflow.now()
+        result.duration_s = (result.finished_at - result.started_at).total_seconds()
+        self._running -= 1
+        self._slot_freed(spent=bool(result.cost_usd))
 
     async def _attempt(
         self, job: Job, attempt: int, result: JobResult, handed: CreateMachineOutput | None
@@ -173,34 +176,34 @@ class ChunkWorkflow:
         try:
             created = handed or await self._create(job, attempt)
         except ActivityError as error:
-            result.state, result.error = (
-                JobState.FAILED,
-                f"could not create a machine: {_why(error)}",
-            )
+            result.state = JobState.FAILED
+            result.error = f"could not create a machine: {_why(error)}"
             return
         machine = created.machine
         self._live += 1
         result.machine_id, result.credential = machine.machine_id, created.credential
         result.state = JobState.RUNNING
         self._update_details()
-        destroyed = False
+        destroyed, cancelled, failure = False, self._cancelled, None
         try:
-            if self._cancelled:  # a machine handed over just as the chunk was cancelled
-                raise asyncio.CancelledError
-            finished = await self._run_on_machine(job, machine, attempt, result)
-            destroyed = finished.destroyed
-            failure = record_outcome(job, result, finished.waited, finished.collected)
-            if failure is not None:
-                raise InfrastructureFailure(failure)
+            if not cancelled:  # else a machine handed over just as the chunk was cancelled
+                finished = await self._run_on_machine(job, machine, attempt, result)
+                destroyed = finished.destroyed
+                failure = record_outcome(job, result, finished.waited, finished.collected)
         except ActivityError as error:
-            if _is_cancellation(error):
-                raise asyncio.CancelledError from error
-            result.state, result.error = JobState.FAILED, _why(error)
-        finally:
-            if not destroyed:
-                await complete(self._destroy(machine))
-            self._live -= 1
-            self._update_details()
+            cancelled = _is_cancellation(error)
+            if not cancelled:
+                result.state, result.error = JobState.FAILED, _why(error)
+        except asyncio.CancelledError:
+            cancelled = True
+        if not destroyed:
+            await complete(self._destroy(machine))
+        self._live -= 1
+        self._update_details()
+        if cancelled:
+            raise asyncio.CancelledError
+        if failure is not None:
+            raise InfrastructureFailure(failure)
 
     async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
         """Create the machine; if cancelled meanwhile, let the create land and destroy it."""

@@ -222,7 +222,7 @@ async def test_no_prompt_text_in_an_encrypted_history(
     try:
         submitted = await batches.submit(client, settings, spec)
         await batches.batch_handle(client, submitted.batch_id).result()
-        report = await batches.results(client, submitted.batch_id)
+        report = await batches.results(client, submitted.batch_id, store=settings.blob_store())
         progress = await batches.progress(client, submitted.batch_id)
     finally:
         worker.stop()

@@ -31,7 +31,7 @@ from tests.helpers.stack import TEMPORAL_CLI
 from tests.helpers.waiting import eventually
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
-LATE = 9
+LATE = 20
 """Jobs of the first batch whose chunks start after the switch: enough for the batch to continue
 as new (the session's dev server suggests it at 100 events) after the switch too."""
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus
@@ -55,6 +56,7 @@ from fly import (
     MachineConfig,
     MachineFile,
     RestartConfig,
+    WaitResult,
 )
 from sortie.claude import ARCHIVE_FRAME, PREVIEW_CHARS, RESULT_FRAME, AgentReport, job_document
 from sortie.credentials import Credential, NoCredential
@@ -79,6 +81,9 @@ RESTORE_PATH = "/sortie/restore.tar.gz"
 """Where a follow-up's machine finds the workspace and session archive of the turn before."""
 FRAME_MARK = "SORTIE/1 "
 MAY_START_TIMEOUT = timedelta(seconds=5)
+CALL_TRIES = 4
+"""Tries of one Fly call within `finish_job` before a transient error fails the activity."""
+T = TypeVar("T")
 _OUTCOMES = {
     "stopped": WaitOutcome.EXITED,
     "failed": WaitOutcome.FAILED,
@@ -212,7 +217,7 @@ class MachineActivities:
     async def _destroy_now(self, ref: MachineRef) -> bool:
         """Force-destroy the machine; on a Fly error report it still there, not fail."""
         try:
-            await self._fly.destroy_machine(ref.app, ref.machine_id, force=True)
+            await patiently(lambda: self._fly.destroy_machine(ref.app, ref.machine_id, force=True))
         except FlyError as error:
             activity.logger.warning("machine %s not destroyed yet: %s", ref.machine_id, error)
             return False
@@ -251,12 +256,12 @@ class MachineActivities:
             if not booted:
                 budget = min(budget, max((input.boot_deadline - now).total_seconds(), 1.0))
             try:
-                result = await self._fly.wait_machine(
-                    ref.app, ref.machine_id, SETTLED_STATES, version=ref.version, timeout=budget
-                )
+                result = await patiently(partial(self._fly_wait, ref, budget))
             except FlyWaitTimeout:
                 try:
-                    machine = await self._fly.get_machine(ref.app, ref.machine_id)
+                    machine = await patiently(
+                        lambda: self._fly.get_machine(ref.app, ref.machine_id)
+                    )
                 except FlyNotFound:
                     return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
                 seen["state"] = machine.state
@@ -268,7 +273,7 @@ class MachineActivities:
                 return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
             state = result.state
             if state is None:
-                state = (await self._fly.get_machine(ref.app, ref.machine_id)).state
+                state = (await self._get(ref)).state
             seen["state"] = state
             if state == "destroyed" and await self._exited_by_itself(ref):
                 # Destroyed after its process ended, by an earlier try of this activity.
@@ -282,7 +287,7 @@ class MachineActivities:
         start after the deadline: the job ran in time then, and must not be called timed out.
         """
         try:
-            machine = await self._fly.get_machine(ref.app, ref.machine_id)
+            machine = await self._get(ref)
         except FlyNotFound:
             return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
         seen["state"] = machine.state
@@ -299,25 +304,39 @@ class MachineActivities:
     async def _exited_by_itself(self, ref: MachineRef) -> bool:
         """Whether the machine's process exited on its own, not stopped by a stop or destroy."""
         try:
-            machine = await self._fly.get_machine(ref.app, ref.machine_id)
+            machine = await self._get(ref)
         except FlyNotFound:
             return False
         return _exited_by_itself(machine.latest_exit_event())
+
+    async def _fly_wait(self, ref: MachineRef, timeout: float) -> WaitResult:
+        """One Fly wait (at most 60 s) for the machine to settle."""
+        return await self._fly.wait_machine(
+            ref.app, ref.machine_id, SETTLED_STATES, version=ref.version, timeout=timeout
+        )
+
+    async def _get(self, ref: MachineRef) -> Machine:
+        """The machine as Fly describes it now."""
+        return await patiently(lambda: self._fly.get_machine(ref.app, ref.machine_id))
+
+    async def _log_messages(self, ref: MachineRef) -> list[str]:
+        """Every log line the machine has printed so far, paging forward."""
+        return [entry.message async for entry in self._fly.iter_logs(ref.app, ref.machine_id)]
 
     async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
         """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
         ref = input.machine
         with fly_errors(f"collect result of machine {ref.machine_id}"):
             try:
-                machine = await self._fly.get_machine(ref.app, ref.machine_id)
+                machine = await self._get(ref)
             except FlyNotFound:
                 return CollectResultOutput(state=None, exit_code=None)
             exit_event = machine.latest_exit_event()
             messages: list[str] = []
             if input.prompt_job:
-                messages = [e.message async for e in self._fly.iter_logs(ref.app, ref.machine_id)]
+                messages = await patiently(lambda: self._log_messages(ref))
             elif input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
-                page = await self._fly.get_logs(ref.app, ref.machine_id)
+                page = await patiently(lambda: self._fly.get_logs(ref.app, ref.machine_id))
                 messages = [e.message for e in page.entries]
         answer = self._answer(input, messages, exit_event) if input.prompt_job else None
         lines = [
@@ -506,6 +525,27 @@ async def _may_start(owner: str, job_id: str) -> bool:
     except (RuntimeError, RPCError) as error:
         activity.logger.info("chunk %s not read, job %s left to it: %s", owner, job_id, error)
         return False
+
+
+async def patiently(call: Callable[[], Awaitable[T]]) -> T:
+    """One Fly call, tried again on a transient error before the activity gives up.
+
+    `finish_job` makes several calls; one 429 or dropped connection among them would fail it
+    and Temporal would repeat all of them after a backoff that grows to 30 s. A few quick tries
+    of the one call (Retry-After honoured) keep a storm from stretching a job by minutes; a
+    call that keeps failing still fails the activity, and Temporal's policy takes over.
+    """
+    for attempt in range(1, CALL_TRIES + 1):
+        try:
+            return await call()
+        except FlyWaitTimeout:
+            raise  # "not yet": the caller's answer, not a fault
+        except FlyError as error:
+            if not error.retryable or attempt == CALL_TRIES:
+                raise
+            delay = error.retry_after if error.retry_after is not None else 0.25 * 2**attempt
+            await asyncio.sleep(min(delay, 5.0))
+    raise AssertionError("unreachable")
 
 
 def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from activities.machines import CALL_TRIES
 from sortie import batches
 from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning
@@ -132,18 +133,20 @@ async def test_a_process_that_never_exits_is_timed_out_and_destroyed(
 async def test_a_cancel_during_a_retried_destroy_still_destroys_the_machine(
     sortie: Sortie, app_name: str
 ) -> None:
-    # The quick job's destroy meets three 503s (retried over about 7 s of backoff); the batch is
+    # The quick job's destroy fails inside `finish_job` (CALL_TRIES 503s), then the chunk's own
+    # destroy activity meets three more (retried over about 7 s of backoff); the batch is
     # cancelled in that window. The cleanup must outlive the cancel, or the machine leaks.
     jobs = [{"id": "quick", "command": "true"}, {"id": "slow", "command": "sleep 600"}]
+    failures = CALL_TRIES + 3
     sortie.localfly.set_faults(
-        {"http": [{"kind": "status", "status": 503, "count": 3, "endpoints": ["destroy"]}]}
+        {"http": [{"kind": "status", "status": 503, "count": failures, "endpoints": ["destroy"]}]}
     )
     submitted = await batches.submit(
         sortie.client, sortie.settings, spec_for(app_name, jobs), tuning=TUNING
     )
     await eventually(
-        lambda: sortie.localfly.stats(app_name)["statuses"].get("503", 0) >= 1,
-        what="the first destroy to fail",
+        lambda: sortie.localfly.stats(app_name)["statuses"].get("503", 0) > CALL_TRIES,
+        what="the destroy activity's first try to fail",
     )
     handle = batches.batch_handle(sortie.client, submitted.batch_id)
     await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="stop during cleanup"))
@@ -157,4 +160,4 @@ async def test_a_cancel_during_a_retried_destroy_still_destroys_the_machine(
         lambda: not [m for m in sortie.localfly.machines(app_name) if m["state"] != "destroyed"],
         what="no live machine",
     )
-    assert sortie.localfly.stats(app_name)["statuses"]["503"] == 3
+    assert sortie.localfly.stats(app_name)["statuses"]["503"] == failures

@@ -12,8 +12,12 @@ exporter. Sortie's come from what the worker itself sees, so they need no workfl
   (their `_sum` is the money spent and the turns taken);
 - `sortie_credential_rests{credential}` (by name, never value) and `sortie_reaper_destroyed{app}`.
 
-The batch label stays bounded: only machine counts and Claude's answers carry it, a few series
-per batch the worker ran. Jobs by state need the workflows' counts and are not exported yet.
+- `sortie_jobs_started{batch}` and `sortie_jobs_finished{batch,state}`: counted by the chunk
+  workflows themselves (a workflow's metrics, which replays never count again); started minus
+  finished is what runs now.
+
+The batch label stays bounded: machine counts, jobs and Claude's answers carry it, a few series
+per batch the worker ran.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from sortie.labels import META_BATCH
 from sortie.logs import ids_of
 
 ADDRESS_VARIABLE = "SORTIE_METRICS_ADDRESS"
+JOBS_STARTED = "sortie_jobs_started"
+JOBS_FINISHED = "sortie_jobs_finished"
+"""Counted by the chunk workflows (workflows/chunk.py), through the workflow's metric meter."""
 
 
 def metrics_runtime(environ: Mapping[str, str]) -> Runtime | None:

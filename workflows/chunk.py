@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         WaitMachineInput,
     )
     from activities.machines import MachineActivities
+    from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
     from sortie.models import Counts, JobResult, JobState, MachineRef
     from sortie.outcomes import record_outcome
     from sortie.spec import Job
@@ -145,6 +146,7 @@ class ChunkWorkflow:
         """
         result = self._results[job.index - self._input.jobs[0].index]
         result.started_at = workflow.now()
+        self._count(JOBS_STARTED, "jobs started")
         try:
             for attempt in range(1, job.retries + 2):
                 if handed is None:
@@ -164,6 +166,7 @@ class ChunkWorkflow:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         result.finished_at = workflow.now()
         result.duration_s = (result.finished_at - result.started_at).total_seconds()
+        self._count(JOBS_FINISHED, "jobs that reached a final state", result.state)
         self._running -= 1
         self._slot_freed(spent=bool(result.cost_usd))
 
@@ -439,6 +442,13 @@ class ChunkWorkflow:
         return self._cancel_reason is not None
 
     # ------------------------------------------------------------ progress
+
+    def _count(self, name: str, description: str, state: JobState | None = None) -> None:
+        """Count a job on the worker's metrics, by batch (and state); replays count nothing."""
+        labels = {"batch": self._input.batch_id}
+        if state is not None:
+            labels["state"] = state.value
+        workflow.metric_meter().create_counter(name, description).add(1, labels)
 
     def _counts(self) -> Counts:
         return Counts.of(self._results, live_machines=self._live)

@@ -155,6 +155,11 @@ async def test_a_scrape_during_a_100_job_batch_agrees_with_localfly(
     assert total(final, "sortie_machines_created", app=app_name) == made == 100
     assert total(final, "sortie_machines_created", batch=submitted.batch_id) == 100
     assert total(final, "sortie_machines_alive", app=app_name) == 0
+    # Jobs by state, counted by the chunks (a workflow's metrics, never counted on replay).
+    batch = submitted.batch_id
+    assert total(final, "sortie_jobs_started", batch=batch) == 100
+    assert total(final, "sortie_jobs_finished", batch=batch, state="succeeded") == 100
+    assert 0 < total(curled, "sortie_jobs_started", batch=batch) < 100, "mid-batch"
     calls = {
         action: total(final, "sortie_fly_calls", app=app_name, action=action)
         for action in stats["calls"]

@@ -54,7 +54,7 @@ def build_worker(
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow],
         activities=[
-            machines.check_secrets,
+            machines.check_batch,
             machines.create_machine,
             machines.finish_job,
             machines.destroy_machine,

@@ -12,14 +12,16 @@ from sortie.models import Followup, MachineRef, StrictModel
 from sortie.spec import Job, LogTail
 
 
-class CheckSecretsInput(StrictModel):
-    """Secret names a batch needs on the worker, and whether it needs a Claude credential."""
+class CheckBatchInput(StrictModel):
+    """What a batch needs before any machine exists: its Fly app, the secrets it names, and
+    whether it needs a Claude credential."""
 
+    app: str
     names: list[str]
     needs_claude: bool = False
 
 
-class CheckSecretsOutput(StrictModel):
+class CheckBatchOutput(StrictModel):
     """The names the worker can resolve."""
 
     available: list[str]

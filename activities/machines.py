@@ -24,8 +24,8 @@ from temporalio.service import RPCError
 
 from activities.machine_models import (
     MAY_START_MEMO,
-    CheckSecretsInput,
-    CheckSecretsOutput,
+    CheckBatchInput,
+    CheckBatchOutput,
     CollectResultInput,
     CollectResultOutput,
     CreateMachineInput,
@@ -48,7 +48,9 @@ from fly import (
     FlyClient,
     FlyConflict,
     FlyError,
+    FlyForbidden,
     FlyNotFound,
+    FlyUnauthorized,
     FlyWaitTimeout,
     GuestConfig,
     InitConfig,
@@ -114,9 +116,20 @@ class MachineActivities:
         self._secrets = secrets
         self._store = store
 
-    @activity.defn(name="check_secrets")
-    async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
-        """Fail fast, before any machine exists, when the worker lacks a named secret."""
+    @activity.defn(name="check_batch")
+    async def check_batch(self, input: CheckBatchInput) -> CheckBatchOutput:
+        """Fail fast, before any machine exists: no such Fly app, or a secret the worker lacks."""
+        try:
+            await patiently(lambda: self._fly.get_app(input.app))
+        except (FlyNotFound, FlyUnauthorized, FlyForbidden) as error:
+            raise ApplicationError(
+                f"the Fly app {input.app!r} cannot be used: {error} (create it with "
+                "`fly apps create`, or check FLY_API_TOKEN may reach it)",
+                type="UnknownApp",
+                non_retryable=True,
+            ) from None
+        except FlyError as error:
+            raise ApplicationError(f"checking the Fly app {input.app!r}: {error}") from None
         available = self._secrets.available(input.names)
         missing = sorted(set(input.names) - set(available))
         if missing:
@@ -133,7 +146,7 @@ class MachineActivities:
                 type="UnknownSecrets",
                 non_retryable=True,
             )
-        return CheckSecretsOutput(available=available)
+        return CheckBatchOutput(available=available)
 
     @activity.defn(name="create_machine")
     async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:

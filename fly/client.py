@@ -37,6 +37,7 @@ from fly.exceptions import (
     error_for_status,
 )
 from fly.models import (
+    App,
     CreateMachineRequest,
     LogEntry,
     LogPage,
@@ -204,6 +205,11 @@ class FlyClient:
         metadata = dict(config.metadata or {})
         self._tell(FlyEvent("created", "create", app, response.status_code, machine.id, metadata))
         return machine
+
+    async def get_app(self, app: str) -> App:
+        """The app, or FlyAppNotFound when Fly has no such app (or the token may not see it)."""
+        response = await self._send("app", app, "GET", f"/v1/apps/{_seg(app)}")
+        return _parse(App, response)
 
     async def get_machine(self, app: str, machine_id: str) -> Machine:
         """The machine's current state, config and events (destroyed ones linger a while)."""

@@ -15,7 +15,7 @@ the API token.
         ├── FlyUnauthorized       401
         ├── FlyForbidden          403
         ├── FlyNotFound           404
-        │   └── FlyAppNotFound    404 on create or list: the app itself is unknown
+        │   └── FlyAppNotFound    404 on app, create or list: the app itself is unknown
         ├── FlyConflict           409 (name taken, lease held)
         ├── FlyPreconditionFailed 412
         └── FlyUnprocessable      422
@@ -162,7 +162,7 @@ def error_for_status(status_code: int, *, action: str) -> type[FlyAPIError]:
     """The error class for an error status of a request made for ``action``."""
     if status_code >= 500:
         return FlyServerError
-    if status_code == 404 and action in ("create", "list"):
+    if status_code == 404 and action in ("app", "create", "list"):
         return FlyAppNotFound
     if status_code == 408 and action != "wait":
         # A generic request timeout, not a wait's "not yet": still worth retrying.

@@ -313,6 +313,14 @@ class Machine(FlyModel):
         return None
 
 
+class App(FlyModel):
+    """An app as `GET /v1/apps/{app}` describes it."""
+
+    id: str | None = None
+    name: str
+    status: str | None = None
+
+
 class WaitResult(FlyModel):
     """A successful wait; older API versions answer only ``{"ok": true}``."""
 

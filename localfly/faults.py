@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Endpoint = Literal[
+    "app",
     "create",
     "get",
     "list",
@@ -74,6 +75,8 @@ class FaultConfig(_Config):
     machines: list[MachineFault] = []
     list_lag_s: float = 0.0
     log_lag_s: float = 0.0
+    missing_apps: list[str] = []
+    """Apps that answer 404 as if they did not exist (every other valid name is an app)."""
     boot_delay_s: float = 0.05
     destroyed_visible_s: float = 300.0
     seed: int | None = None

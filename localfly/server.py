@@ -41,6 +41,8 @@ def endpoint_of(request: web.Request) -> str:
     if path.startswith("/api/v1/apps/") and path.endswith("/logs"):
         return "logs"
     parts = path.strip("/").split("/")
+    if len(parts) == 3 and parts[:2] == ["v1", "apps"]:
+        return "app"
     if len(parts) < 4 or parts[0] != "v1" or parts[3] != "machines":
         return "other"
     if len(parts) == 4:
@@ -91,6 +93,7 @@ class LocalFly:
         r.add_get("/_localfly/machines", self.all_machines)
         r.add_get("/_localfly/faults", self.get_faults)
         r.add_put("/_localfly/faults", self.put_faults)
+        r.add_get("/v1/apps/{app}", self.get_app)
         base = "/v1/apps/{app}/machines"
         r.add_post(base, self.create)
         r.add_get(base, self.list)
@@ -129,7 +132,8 @@ class LocalFly:
     ) -> web.StreamResponse:
         if not self._authorised(request):
             return error(401, "Authenticate: token validation error")
-        if self.apps is not None and app not in self.apps:
+        known = self.apps is None or app in self.apps
+        if app and (not known or app in self.faults.config.missing_apps):
             return error(404, "not_found: app not found")
         key = app if endpoint in ("create", "list") else request.match_info.get("id", app)
         wait = self.faults.rate_limited(endpoint, key)
@@ -177,6 +181,13 @@ class LocalFly:
         return self.token is None or header == self.token
 
     # -------------------------------------------------------------- admin
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        """An app as Fly describes it; under localfly every valid name is an app."""
+        name = request.match_info["app"]
+        return web.json_response(
+            {"id": name, "name": name, "status": "deployed", "organization": {"slug": "personal"}}
+        )
 
     async def health(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True})

@@ -26,7 +26,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.machine_models import CheckSecretsInput, ReleaseSessionsInput
+    from activities.machine_models import CheckBatchInput, ReleaseSessionsInput
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import Counts
@@ -77,7 +77,7 @@ class BatchWorkflow:
     async def run(self, input: BatchInput) -> BatchOutput:
         """Drive the chunks until every job is done or cancelled."""
         if input.state is None:
-            await self._check_secrets(input)
+            await self._check_batch(input)
         while not self._all_done():
             try:
                 await self._drive()
@@ -163,20 +163,18 @@ class BatchWorkflow:
 
     # ------------------------------------------------------------ the story
 
-    async def _check_secrets(self, input: BatchInput) -> None:
-        """Refuse the batch before any machine exists if the worker lacks a named secret."""
+    async def _check_batch(self, input: BatchInput) -> None:
+        """Refuse the batch before any machine exists: no such Fly app, or a missing secret."""
         names = sorted(
             {*(input.defaults.secrets or [])}.union(*(job.secrets or [] for job in input.jobs))
         )
-        if not names and not self._state.prompt_jobs:
-            return
         try:
             await workflow.execute_activity_method(
-                MachineActivities.check_secrets,
-                CheckSecretsInput(names=names, needs_claude=self._state.prompt_jobs),
+                MachineActivities.check_batch,
+                CheckBatchInput(app=input.app, names=names, needs_claude=self._state.prompt_jobs),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=policies.FLY_RETRY,
-                summary="check the batch's secrets exist on the worker",
+                summary=f"check Fly app {input.app} and the batch's secrets",
             )
         except ActivityError as error:
             cause = error.cause if error.cause is not None else error

@@ -19,6 +19,7 @@ import pytest
 
 from fly import (
     FlyAPIError,
+    FlyAppNotFound,
     FlyBadRequest,
     FlyClient,
     FlyConflict,
@@ -366,6 +367,16 @@ async def test_429_with_and_without_retry_after(
     with pytest.raises(FlyRateLimited) as caught:
         await fly.list_machines(app)
     assert caught.value.retryable and caught.value.retry_after is None
+
+
+async def test_an_app_is_read_and_an_unknown_one_is_app_not_found(
+    fly: FlyClient, app: str, localfly: LocalFlyProcess
+) -> None:
+    assert (await fly.get_app(app)).name == app
+    localfly.set_faults({"missing_apps": [app]})
+    with pytest.raises(FlyAppNotFound) as missing:
+        await fly.get_app(app)
+    assert missing.value.status_code == 404 and not missing.value.retryable
 
 
 async def test_real_404_400_and_409(fly: FlyClient, app: str) -> None:

@@ -24,8 +24,8 @@ from temporalio.worker import Worker
 
 from activities.machine_models import (
     MAY_START_MEMO,
-    CheckSecretsInput,
-    CheckSecretsOutput,
+    CheckBatchInput,
+    CheckBatchOutput,
     CollectResultInput,
     CollectResultOutput,
     CreateMachineInput,
@@ -72,9 +72,9 @@ class Fleet:
     gone: dict[str, asyncio.Event] = field(default_factory=dict)
     handed_over: int = 0
 
-    @activity.defn(name="check_secrets")
-    async def check_secrets(self, input: CheckSecretsInput) -> CheckSecretsOutput:
-        return CheckSecretsOutput(available=input.names)
+    @activity.defn(name="check_batch")
+    async def check_batch(self, input: CheckBatchInput) -> CheckBatchOutput:
+        return CheckBatchOutput(available=input.names)
 
     @activity.defn(name="create_machine")
     async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
@@ -165,7 +165,7 @@ class Fleet:
     def activities(self) -> list[Callable[..., Any]]:
         """The activity callables to register on a worker."""
         return [
-            self.check_secrets,
+            self.check_batch,
             self.create_machine,
             self.finish_job,
             self.destroy_machine,

@@ -363,6 +363,44 @@ async def test_an_unknown_secret_is_refused_before_any_machine(
     assert machines(sortie, app_name) == []
 
 
+async def test_an_app_fly_does_not_know_is_refused_before_any_machine(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    # Fly answers 404 for the app (localfly told so): the worker refuses the batch at once,
+    # and the command line calls that bad input.
+    sortie.localfly.set_faults({"missing_apps": [app_name]})
+    try:
+        batch = tmp_path / "batch.json"
+        batch.write_text(
+            json.dumps(
+                {
+                    "name": f"a{uuid.uuid4().hex[:6]}",
+                    "app": app_name,
+                    "jobs": [{"id": "a", "command": "true"}],
+                }
+            )
+        )
+        env = {
+            **os.environ,
+            "TEMPORAL_ADDRESS": sortie.settings.temporal_address,
+            "SORTIE_TASK_QUEUE": sortie.settings.task_queue,
+        }
+        ran = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "starter.py", "submit", str(batch), "--wait"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        sortie.localfly.set_faults({})
+    assert ran.returncode == 2, (ran.stdout, ran.stderr)
+    assert f"Fly app {app_name!r} cannot be used" in ran.stderr and "Traceback" not in ran.stderr
+    assert sortie.localfly.stats(app_name)["calls"] == {"app": 1}, "no machine was asked for"
+
+
 async def test_signals_sent_with_the_plain_temporal_cli(sortie: Sortie, app_name: str) -> None:
     spec = make_spec(app_name, sleepers(6, 60), max_machines=2, chunk_size=3)
     batch_id = await start(sortie, spec)

@@ -108,10 +108,11 @@ def main() -> int:
         left = live_machines(localfly_url, "sortie-demo")
         print(f"\nmachines left running at localfly: {left}")
         print(
-            f"\nIn the Web UI ({settings.ui_url}) open the batch, then its chunks: each shows "
-            "a summary,\nlive details and one activity per machine step. List a batch's "
-            'workflows with the query BatchId="<batch id>".\nRun `make ui` afterwards to '
-            "browse this history again.\n"
+            f"\nIn the Web UI ({settings.ui_url}) open the batch: its chunks are its children "
+            "(Relationships),\neach with a summary, live details, its jobs' outcomes and one "
+            "activity per machine step.\nList them with the query "
+            'ParentWorkflowId="<batch id>" (or BatchId="<batch id>").\nRun `make ui` '
+            "afterwards to browse this history again.\n"
         )
     # The demo batch fails one job and times out another on purpose: exit 1 is expected.
     return 0 if ran.returncode in (0, 1) and left == 0 else 1

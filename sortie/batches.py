@@ -394,8 +394,7 @@ async def results(
     await _attach_followups(client, batch_id, flat)
     if store is not None:
         for result in flat:
-            for turn in (result, *result.followups):
-                expand(turn, store)
+            _expand_turns(result, store)
     counts = Counts()
     for chunk in chunks:
         counts = counts.add(chunk.counts)
@@ -490,8 +489,7 @@ async def find_job(
                 if result.job_id == job_id:
                     result.followups = await _followup_turns(client, batch_id, job_id)
                     if store is not None:
-                        for turn in (result, *result.followups):
-                            expand(turn, store)
+                        _expand_turns(result, store)
                     return chunk, result
     raise UnknownJob(f"batch {batch_id} has no job {job_id!r}")
 
@@ -582,6 +580,12 @@ def expand(result: JobResult, store: BlobStore) -> JobResult:
         data = store.get(result.result_ref)
         result.result = data.decode()[:PREVIEW_CHARS] if data else None
     return result
+
+
+def _expand_turns(result: JobResult, store: BlobStore) -> None:
+    """Expand a job's row and each of its follow-up turns."""
+    for turn in (result, *result.followups):
+        expand(turn, store)
 
 
 def full_answer(settings: Settings, result: JobResult) -> str | None:

@@ -215,9 +215,7 @@ async def progress(client: Client, batch_id: str) -> Progress:
             client, await batch_handle(client, batch_id).query(BatchWorkflow.progress)
         )
     output = await _closed_output(client, batch_id, status)
-    counts = Counts()
-    for chunk in output.chunks:
-        counts = counts.add(chunk.counts)
+    counts = Counts.total_of([chunk.counts for chunk in output.chunks])
     return Progress(
         batch_id=batch_id,
         status=output.status,
@@ -243,9 +241,7 @@ async def _live(client: Client, progress: Progress) -> Progress:
             )
 
     await asyncio.gather(*(ask(chunk) for chunk in progress.chunks))
-    total = Counts()
-    for chunk in progress.chunks:
-        total = total.add(chunk.counts)
+    total = Counts.total_of([chunk.counts for chunk in progress.chunks])
     return progress.model_copy(update={"counts": total})
 
 
@@ -395,9 +391,7 @@ async def results(
     if store is not None:
         for result in flat:
             _expand_turns(result, store)
-    counts = Counts()
-    for chunk in chunks:
-        counts = counts.add(chunk.counts)
+    counts = Counts.total_of([chunk.counts for chunk in chunks])
     return BatchReport(
         batch_id=batch_id,
         name=name,

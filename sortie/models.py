@@ -72,12 +72,6 @@ class Counts(StrictModel):
         """Jobs in a final state."""
         return self.succeeded + self.failed + self.timed_out + self.cancelled
 
-    def add(self, other: Counts) -> Counts:
-        """Sum two counts."""
-        return Counts(
-            **{f: getattr(self, f) + getattr(other, f) for f in Counts.model_fields},
-        )
-
     @classmethod
     def total_of(cls, many: list[Counts]) -> Counts:
         """Sum many counts (one model built, not one per addition)."""

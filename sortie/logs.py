@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,27 +52,31 @@ log_context: contextvars.ContextVar[Mapping[str, object] | None] = contextvars.C
 )
 
 
-def ids_of(value: object, depth: int = 3) -> dict[str, object]:
-    """Batch, chunk, job, machine and attempt ids found in an activity's input models."""
-    found: dict[str, object] = {}
+def models_within(value: object, depth: int = 3) -> Iterator[BaseModel]:
+    """`value` and the models in its fields, level by level, `depth` levels deep."""
     level = [value]
     for _ in range(depth):
         deeper: list[object] = []
         for item in level:
-            if not isinstance(item, BaseModel):
-                continue
-            for name in type(item).model_fields:
-                field = getattr(item, name)
-                target = _FIELDS.get(name)
-                if target and target not in found and isinstance(field, str | int):
-                    found[target] = field
-                elif name == "job" and "job_id" not in found and isinstance(field, BaseModel):
-                    job_id = getattr(field, "id", None)
-                    if isinstance(job_id, str):
-                        found["job_id"] = job_id
-                if isinstance(field, BaseModel):
-                    deeper.append(field)
+            if isinstance(item, BaseModel):
+                yield item
+                deeper.extend(getattr(item, name) for name in type(item).model_fields)
         level = deeper
+
+
+def ids_of(value: object, depth: int = 3) -> dict[str, object]:
+    """Batch, chunk, job, machine and attempt ids found in an activity's input models."""
+    found: dict[str, object] = {}
+    for item in models_within(value, depth):
+        for name in type(item).model_fields:
+            field = getattr(item, name)
+            target = _FIELDS.get(name)
+            if target and target not in found and isinstance(field, str | int):
+                found[target] = field
+            elif name == "job" and "job_id" not in found and isinstance(field, BaseModel):
+                job_id = getattr(field, "id", None)
+                if isinstance(job_id, str):
+                    found["job_id"] = job_id
     return found
 
 

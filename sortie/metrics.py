@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel
 from temporalio import activity
 from temporalio.common import MetricMeter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -38,7 +37,7 @@ from temporalio.worker import (
 
 from fly import FlyEvent
 from sortie.labels import META_BATCH
-from sortie.logs import ids_of
+from sortie.logs import ids_of, models_within
 
 ADDRESS_VARIABLE = "SORTIE_METRICS_ADDRESS"
 JOBS_STARTED = "sortie_jobs_started"
@@ -123,19 +122,11 @@ class SortieMetrics:
 
 def _answers(value: object, depth: int = 3) -> list[Any]:
     """Models with `cost_usd` and `num_turns` (Claude's answers) anywhere in a result."""
-    found: list[Any] = []
-    level = [value]
-    for _ in range(depth):
-        deeper: list[object] = []
-        for item in level:
-            if not isinstance(item, BaseModel):
-                continue
-            fields = type(item).model_fields
-            if "cost_usd" in fields and "num_turns" in fields:
-                found.append(item)
-            deeper.extend(v for v in (getattr(item, n) for n in fields) if isinstance(v, BaseModel))
-        level = deeper
-    return found
+    return [
+        item
+        for item in models_within(value, depth)
+        if {"cost_usd", "num_turns"} <= type(item).model_fields.keys()
+    ]
 
 
 class _MetricsActivity(ActivityInboundInterceptor):

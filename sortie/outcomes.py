@@ -19,12 +19,16 @@ from sortie.spec import Job
 
 
 def machine_failure(
-    waited: WaitMachineOutput, collected: CollectResultOutput | None, *, boot_timeout_s: float = 0
+    waited: WaitMachineOutput,
+    collected: CollectResultOutput | None,
+    *,
+    boot_timeout_s: float = 0,
+    credential: str | None = None,
 ) -> str | None:
     """Why the machine, not the job, failed (the job deserves a new machine), or None."""
     answer = collected.answer if collected else None
     if answer is not None and answer.error_kind in CREDENTIAL_FAULTS:
-        return f"Claude refused the credential ({answer.error_kind})"
+        return f"Claude refused credential {credential} ({answer.error_kind})"
     match waited.outcome:
         case WaitOutcome.BOOT_TIMEOUT:
             return f"machine did not start within {seconds(boot_timeout_s)}"
@@ -49,10 +53,10 @@ def record_outcome(
     answer = collected.answer if collected else None
     if answer is not None:
         _record_answer(result, answer)
-    failure = machine_failure(waited, collected, boot_timeout_s=job.boot_timeout_s)
+    failure = machine_failure(
+        waited, collected, boot_timeout_s=job.boot_timeout_s, credential=result.credential
+    )
     if failure is not None:
-        if answer is not None and answer.error_kind in CREDENTIAL_FAULTS:
-            failure = f"Claude refused credential {result.credential} ({answer.error_kind})"
         return failure
     code = collected.exit_code if collected else None
     if waited.outcome is WaitOutcome.TIMED_OUT:

@@ -548,17 +548,17 @@ async def patiently(call: Callable[[], Awaitable[T]]) -> T:
     of the one call (Retry-After honoured) keep a storm from stretching a job by minutes; a
     call that keeps failing still fails the activity, and Temporal's policy takes over.
     """
-    for attempt in range(1, CALL_TRIES + 1):
+    for attempt in range(1, CALL_TRIES):
         try:
             return await call()
         except FlyWaitTimeout:
             raise  # "not yet": the caller's answer, not a fault
         except FlyError as error:
-            if not error.retryable or attempt == CALL_TRIES:
+            if not error.retryable:
                 raise
             delay = error.retry_after if error.retry_after is not None else 0.25 * 2**attempt
             await asyncio.sleep(min(delay, 5.0))
-    raise AssertionError("unreachable")
+    return await call()
 
 
 def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, str]:

@@ -70,6 +70,9 @@ class ChunkWorkflow:
         self._last_report = workflow.now()
         # A spent slot goes back to the batch under a budget, so no slot is handed over there.
         self._hand_over = HandOver(self._queue) if not input.budgeted else None
+        meter = workflow.metric_meter()
+        self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
+        self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
 
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
@@ -146,7 +149,7 @@ class ChunkWorkflow:
         """
         result = self._results[job.index - self._input.jobs[0].index]
         result.started_at = workflow.now()
-        self._count(JOBS_STARTED, "jobs started")
+        self._jobs_started.add(1, {"batch": self._input.batch_id})
         try:
             for attempt in range(1, job.retries + 2):
                 if handed is None:
@@ -166,7 +169,8 @@ class ChunkWorkflow:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         result.finished_at = workflow.now()
         result.duration_s = (result.finished_at - result.started_at).total_seconds()
-        self._count(JOBS_FINISHED, "jobs that reached a final state", result.state)
+        labels = {"batch": self._input.batch_id, "state": result.state.value}
+        self._jobs_finished.add(1, labels)  # a workflow's metrics: replays count nothing
         self._running -= 1
         self._slot_freed(spent=bool(result.cost_usd))
 
@@ -442,13 +446,6 @@ class ChunkWorkflow:
         return self._cancel_reason is not None
 
     # ------------------------------------------------------------ progress
-
-    def _count(self, name: str, description: str, state: JobState | None = None) -> None:
-        """Count a job on the worker's metrics, by batch (and state); replays count nothing."""
-        labels = {"batch": self._input.batch_id}
-        if state is not None:
-            labels["state"] = state.value
-        workflow.metric_meter().create_counter(name, description).add(1, labels)
 
     def _counts(self) -> Counts:
         return Counts.of(self._results, live_machines=self._live)

@@ -30,8 +30,9 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
+# Two test processes (CI has two cores); each starts its own dev server and localfly.
 test: install system-deps lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n 2 --dist worksteal
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow"

@@ -161,16 +161,16 @@ async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
 async def test_every_run_of_the_batch_stays_short_while_it_starts_many_chunks(
     sortie: Sortie, app_name: str
 ) -> None:
-    # Three hundred one-job chunks on sixty machines: the batch starts them in passes while
-    # their reports pour in, and each pass fits in what is left of the run's bound of events.
-    spec = make_spec(app_name, sleepers(300, 0.1), max_machines=60, chunk_size=1)
+    # A hundred and twenty one-job chunks on thirty machines: the batch starts them in passes
+    # while their reports pour in, and each pass fits in what is left of the run's bound of events.
+    spec = make_spec(app_name, sleepers(120, 0.1), max_machines=30, chunk_size=1)
     bound = SUGGEST_CONTINUE_AS_NEW_AT  # the dev server suggests continue-as-new there too
     submitted = await batches.submit(
         sortie.client, sortie.settings, spec, tuning=TUNING.model_copy(update={"run_events": bound})
     )
     report = await finish(sortie, submitted.batch_id)
 
-    assert report.succeeded == 300
+    assert report.succeeded == 120
     runs = [
         await sortie.client.get_workflow_handle(submitted.batch_id, run_id=e.run_id).fetch_history()
         async for e in sortie.client.list_workflows(f'WorkflowId="{submitted.batch_id}"')

@@ -7,7 +7,11 @@
     python starter.py pause|resume|cancel ID [--reason TEXT]
     python starter.py set-max-machines ID N
     python starter.py set-budget ID USD
-    python starter.py results ID [--json] [--job JOB]
+    python starter.py results ID [--json] [--job JOB] [--latest]
+        [--format json|jsonl|csv|md] [--out FILE]
+    python starter.py retry ID [--failed] [--timed-out] [--cancelled] [--jobs a,b,...]
+        [--continue-sessions [PROMPT]] [--wait] [--json]
+    python starter.py logs ID JOB [--follow]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
     python starter.py analyze PATH [--repo URL] [--ref REF] [--workers N]
         [--strategy directory|size|type|equal] [--min-files 5] [--max-files 20]
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import sys
@@ -44,7 +49,7 @@ from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
 from sortie.analysis.partition import partition, plan_markdown, plan_table
-from sortie.models import JobResult
+from sortie.models import JobResult, JobState
 from sortie.plan import plan
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, load_batch_file, parse_duration
@@ -125,9 +130,14 @@ async def _watch_plain(client: Client, batch_id: str) -> None:
         await asyncio.sleep(REFRESH_S)
 
 
-async def _print_results(client: Client, settings: Settings, batch_id: str, as_json: bool) -> int:
+async def _print_results(
+    client: Client, settings: Settings, batch_id: str, as_json: bool, latest: bool = False
+) -> int:
     try:
-        report = await batches.results(client, batch_id, store=settings.blob_store())
+        if latest:
+            report = await batches.latest_results(client, batch_id, store=settings.blob_store())
+        else:
+            report = await batches.results(client, batch_id, store=settings.blob_store())
     except batches.BatchRejected as error:
         print(error, file=sys.stderr)
         return 2
@@ -140,6 +150,11 @@ async def _print_results(client: Client, settings: Settings, batch_id: str, as_j
         render.print_results(Console(highlight=False), report)
     else:
         print("\n".join(render.results_table(report)))
+    if report.latest_from and not as_json:
+        print(
+            f"latest outcomes: {len(report.latest_from)} jobs from the retries "
+            f"{', '.join(report.retries)}"
+        )
     return 1 if report.failed or report.cancelled else 0
 
 
@@ -161,13 +176,27 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     except batches.BatchNotReadable as error:
         print(error, file=sys.stderr)
         return 1
+    retry_of = await batches.retry_of(client, args.id)
+    retried_by = [
+        (batch, state)
+        for batch, state, parent in await batches.retries_of(client, args.id)
+        if parent == args.id
+    ]
     if args.json:
-        print(progress.model_dump_json(indent=2))
-    elif sys.stdout.isatty():
+        document = progress.model_dump(mode="json")
+        document["retry_of"] = retry_of
+        document["retried_by"] = [{"batch_id": b, "status": st} for b, st in retried_by]
+        print(json.dumps(document, indent=2))
+        return 0
+    if sys.stdout.isatty():
         with render.LiveProgress(Console(highlight=False)) as bars:
             bars.update(batches.view(progress))
     else:
         print("\n".join(render.progress_lines(batches.view(progress))))
+    if retry_of:
+        print(f"retry of {retry_of}: {settings.workflow_url(retry_of)}")
+    for batch, state in retried_by:
+        print(f"retried by {batch} ({state}): {settings.workflow_url(batch)}")
     return 0
 
 
@@ -198,7 +227,7 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     _ui(settings, args.id, args.json)
     if args.job is None:
-        return await _print_results(client, settings, args.id, args.json)
+        return await _print_results(client, settings, args.id, args.json, args.latest)
     try:
         _, result = await batches.find_job(client, args.id, args.job, store=settings.blob_store())
     except batches.UnknownJob as error:
@@ -245,6 +274,53 @@ async def cmd_followup(args: argparse.Namespace, settings: Settings) -> int:
     for turn in output.results:
         _print_turn(settings, turn)
     return 0 if all(t.state.value == "succeeded" for t in output.results) else 1
+
+
+async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """Run again, as a new batch with the same settings, the jobs that did not succeed."""
+    states = {
+        state
+        for flag, state in (
+            (args.failed, JobState.FAILED),
+            (args.timed_out, JobState.TIMED_OUT),
+            (args.cancelled, JobState.CANCELLED),
+        )
+        if flag
+    }
+    job_ids = [j for j in (args.jobs or "").split(",") if j.strip()] if args.jobs else None
+    if not states and not job_ids:
+        states = {JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+    client = await connect(settings)
+    try:
+        retried = await batches.retry(
+            client,
+            settings,
+            args.id,
+            states=states,
+            job_ids=[j.strip() for j in job_ids] if job_ids else None,
+            continue_prompt=args.continue_sessions,
+        )
+    except batches.RetryRefused as error:
+        print(f"cannot retry: {error}", file=sys.stderr)
+        return 2
+    out = sys.stderr if args.json else sys.stdout
+    if retried.created:
+        continued = (
+            f", {len(retried.continued)} continuing their session" if retried.continued else ""
+        )
+        print(
+            f"retrying {len(retried.jobs)} jobs of {args.id} as {retried.batch_id}{continued}",
+            file=out,
+        )
+    else:
+        print(f"{retried.batch_id} already retries them ({retried.status})", file=out)
+    _ui(settings, retried.batch_id, args.json)
+    if not args.wait:
+        if args.json:
+            print(retried.model_dump_json(indent=2))
+        return 0
+    await _watch(client, retried.batch_id, quiet=args.json)
+    return await _print_results(client, settings, retried.batch_id, args.json)
 
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -422,6 +498,9 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true")
         if name == "results":
             s.add_argument("--job", help="one job's turns with their whole answers")
+            s.add_argument(
+                "--latest", action="store_true", help="each job's latest outcome over its retries"
+            )
         s.set_defaults(run=run)
     for name in ("pause", "resume", "cancel"):
         s = sub.add_parser(name, help=f"{name} a batch")
@@ -461,6 +540,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("--out")
     s.set_defaults(run=cmd_findings)
+    s = sub.add_parser("retry", help="run a closed batch's unsuccessful jobs again")
+    s.add_argument("id")
+    s.add_argument("--failed", action="store_true", help="the failed jobs")
+    s.add_argument("--timed-out", action="store_true", help="the jobs that timed out")
+    s.add_argument("--cancelled", action="store_true", help="the cancelled jobs")
+    s.add_argument("--jobs", help="these jobs, by id: a,b,c")
+    s.add_argument(
+        "--continue-sessions",
+        nargs="?",
+        const=batches.DEFAULT_CONTINUE_PROMPT,
+        metavar="PROMPT",
+        help="prompt jobs out of turns or budget continue their session (with PROMPT)",
+    )
+    s.add_argument("--wait", action="store_true", help="watch until done and print results")
+    s.add_argument("--json", action="store_true", help="print a JSON document")
+    s.set_defaults(run=cmd_retry)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")

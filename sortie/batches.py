@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
@@ -23,11 +25,11 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from sortie.claude import PREVIEW_CHARS
+from sortie.claude import PREVIEW_CHARS, ErrorKind
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
 from sortie.settings import Settings
-from sortie.spec import BatchFileError, BatchSpec, resolve_job
+from sortie.spec import MAX_CHUNK_SIZE, BatchFileError, BatchSpec, resolve_job
 from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
@@ -70,6 +72,10 @@ class BatchReport(BaseModel):
     pause_reason: str | None = None
     cancel_reason: str | None = None
     results: list[JobResult]
+    retries: list[str] = []
+    """With `--latest`: the retries whose outcomes the rows include, oldest first."""
+    latest_from: dict[str, str] = {}
+    """With `--latest`: job id → the retry its row comes from (the others are the batch's own)."""
 
 
 def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) -> BatchInput:
@@ -153,6 +159,27 @@ async def submit(
     """Start the batch; the same file submitted twice is the same batch."""
     batch_id = spec.batch_id(suffix)
     data = batch_input(spec, batch_id, tuning)
+    return await _start_batch(
+        client,
+        settings,
+        data,
+        summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
+        details=details or _details(spec, data.chunk_size),
+        memo=memo,
+    )
+
+
+async def _start_batch(
+    client: Client,
+    settings: Settings,
+    data: BatchInput,
+    *,
+    summary: str,
+    details: str,
+    memo: dict[str, object] | None,
+) -> Submitted:
+    """Start the batch unless a batch of that id exists: submit and retry are idempotent."""
+    batch_id = data.batch_id
     existing = await _status(client, batch_id)
     if existing is not None:
         return Submitted(batch_id=batch_id, created=False, status=existing)
@@ -165,8 +192,8 @@ async def submit(
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
-            static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
-            static_details=details or _details(spec, data.chunk_size),
+            static_summary=summary,
+            static_details=details,
             memo=memo,
             # A large batch's workflow task may take seconds on a loaded worker; a task that
             # times out is replayed from scratch, which only takes longer.
@@ -597,3 +624,232 @@ async def list_batches(client: Client, limit: int = 50) -> list[tuple[str, str, 
         status = execution.status.name.lower() if execution.status else "unknown"
         found.append((execution.id, status, execution.start_time))
     return found
+
+
+# ---------------------------------------------------------------- retries
+
+RETRY_INFIX = "-retry-"
+"""A retry's id is its family's first batch's id, this, and a hash of what it retries."""
+RETRY_OF = "retry_of"
+RETRY_ROOT = "retry_root"
+DEFAULT_CONTINUE_PROMPT = "Continue where you stopped and finish the task."
+CONTINUABLE = {ErrorKind.MAX_TURNS.value, ErrorKind.BUDGET.value}
+"""Why a prompt job stopped that continuing its session can mend: it ran out of turns or money."""
+
+
+class RetryRefused(ValueError):
+    """A retry that cannot start: the batch is open, or no job matches, or a job is unknown."""
+
+
+class Retried(Submitted):
+    """What `retry` did: the retry batch, the jobs it runs, those that continue a session."""
+
+    retry_of: str
+    jobs: list[str]
+    continued: list[str] = []
+
+
+async def submitted_input(client: Client, batch_id: str) -> BatchInput:
+    """The batch as it was submitted (its jobs and settings): the first run's input in history.
+
+    Later runs (continue-as-new) carry state instead of jobs, so the first run is read.
+    """
+    description = await client.get_workflow_handle(batch_id).describe()
+    first_run = description.raw_description.workflow_execution_info.first_run_id
+    handle = client.get_workflow_handle(batch_id, run_id=first_run or description.run_id)
+    async for event in handle.fetch_history_events(page_size=1):
+        started = event.workflow_execution_started_event_attributes
+        break
+    [decoded] = await client.data_converter.decode(started.input.payloads, [BatchInput])
+    assert isinstance(decoded, BatchInput)
+    return decoded
+
+
+async def _memo_id(client: Client, batch_id: str, key: str) -> str | None:
+    memo = await (await client.get_workflow_handle(batch_id).describe()).memo()
+    value = memo.get(key)
+    return value if isinstance(value, str) else None
+
+
+async def retry_root(client: Client, batch_id: str) -> str:
+    """The first batch of the batch's family: itself, unless it is a retry."""
+    return await _memo_id(client, batch_id, RETRY_ROOT) or batch_id
+
+
+async def retry_of(client: Client, batch_id: str) -> str | None:
+    """The batch this one retries, or None when it is no retry."""
+    return await _memo_id(client, batch_id, RETRY_OF)
+
+
+OPEN = {"running", "paused", "cancelling"}
+
+
+def _latest_turn(result: JobResult) -> JobResult:
+    return result.followups[-1] if result.followups else result
+
+
+async def retry(
+    client: Client,
+    settings: Settings,
+    batch_id: str,
+    *,
+    states: set[JobState],
+    job_ids: list[str] | None = None,
+    continue_prompt: str | None = None,
+) -> Retried:
+    """Start a batch of the closed batch's jobs in `states` (and `job_ids`), its settings kept.
+
+    The retry's id hashes what it retries, so asking twice finds the first retry. Jobs that ran
+    out of turns or budget continue their Claude session when `continue_prompt` is given.
+    """
+    closed, _ = await is_closed(client, batch_id)
+    if not closed:
+        raise RetryRefused(
+            f"batch {batch_id} is still running: retry it once it has closed (or cancel it first)"
+        )
+    try:
+        report = await results(client, batch_id)
+    except BatchNotReadable as error:
+        raise RetryRefused(str(error)) from None
+    by_id = {r.job_id: r for r in report.results}
+    unknown = sorted(set(job_ids or []) - by_id.keys())
+    if unknown:
+        raise RetryRefused(f"batch {batch_id} has no job {', '.join(map(repr, unknown))}")
+    wanted = set(job_ids or [])
+    chosen = [r for r in report.results if _latest_turn(r).state in states or r.job_id in wanted]
+    if not chosen:
+        which = " or ".join(sorted(s.value for s in states)) or "chosen"
+        raise RetryRefused(f"batch {batch_id} has no {which} jobs: nothing to retry")
+    root = await retry_root(client, batch_id)
+    ids = {r.job_id for r in chosen}
+    key = json.dumps([batch_id, sorted(ids), continue_prompt], separators=(",", ":"))
+    retry_id = f"{root}{RETRY_INFIX}{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    existing = await _status(client, retry_id)
+    if existing is not None:
+        return Retried(
+            batch_id=retry_id,
+            created=False,
+            status=existing,
+            retry_of=batch_id,
+            jobs=[r.job_id for r in chosen],
+        )
+    continues = _continues(settings, chosen, continue_prompt) if continue_prompt else {}
+    original = await submitted_input(client, batch_id)
+    spec = BatchSpec(
+        name=original.name,
+        app=original.app,
+        max_machines=original.max_machines,
+        chunk_size=min(original.chunk_size, MAX_CHUNK_SIZE),
+        max_cost_usd=original.max_cost_usd,
+        keep_sessions=original.keep_sessions_s,
+        defaults=original.defaults,
+        jobs=[job for job in original.jobs if job.id in ids],
+    )
+    data = batch_input(spec, retry_id, original.tuning)
+    data.continues = continues
+    states_named = sorted({_latest_turn(r).state.value for r in chosen})
+    details = (
+        f"**Retry** of [{batch_id}]({settings.workflow_url(batch_id)}): {len(chosen)} jobs "
+        f"({', '.join(states_named)}), {len(continues)} continuing their Claude session.\n\n"
+        f'The family\'s retries: `WorkflowId STARTS_WITH "{root}{RETRY_INFIX}"`.\n\n'
+        + _details(spec, data.chunk_size)
+    )
+    started = await _start_batch(
+        client,
+        settings,
+        data,
+        summary=f"retry of {batch_id}: {len(chosen)} jobs on {spec.app}",
+        details=details,
+        memo={RETRY_OF: batch_id, RETRY_ROOT: root},
+    )
+    return Retried(
+        **started.model_dump(),
+        retry_of=batch_id,
+        jobs=[job.id for job in spec.jobs],
+        continued=sorted(continues),
+    )
+
+
+def _continues(settings: Settings, chosen: list[JobResult], prompt: str) -> dict[str, Followup]:
+    """The chosen jobs that continue their session: they ran out of turns or budget."""
+    continues: dict[str, Followup] = {}
+    gone: list[str] = []
+    for result in chosen:
+        latest = _latest_turn(result)
+        if latest.error_kind not in CONTINUABLE or not latest.session_id:
+            continue
+        if latest.archive_ref and not session_kept(settings, latest.archive_ref):
+            gone.append(result.job_id)
+            continue
+        continues[result.job_id] = Followup(
+            turn=latest.turn + 1,
+            prompt=prompt,
+            session_id=latest.session_id,
+            archive_ref=latest.archive_ref,
+            commits=latest.commits or result.commits,
+        )
+    if gone:
+        raise RetryRefused(
+            f"the Claude sessions of {', '.join(gone)} are no longer kept (a batch keeps them "
+            "while it runs, or longer with keep_sessions): retry without --continue-sessions"
+        )
+    return continues
+
+
+def session_kept(settings: Settings, archive_ref: str) -> bool:
+    """Whether a turn's session archive is still in the store, so its session can go on."""
+    return settings.blob_store().get(archive_ref) is not None
+
+
+async def retries_of(client: Client, batch_id: str) -> list[tuple[str, str, str | None]]:
+    """The batch's family's retries, oldest first: id, status, and the batch each retried."""
+    root = await retry_root(client, batch_id)
+    query = f'WorkflowType="BatchWorkflow" AND WorkflowId STARTS_WITH "{root}{RETRY_INFIX}"'
+    found: list[tuple[datetime, str, str, str | None]] = []
+    async for execution in client.list_workflows(query):
+        status = execution.status.name.lower() if execution.status else "unknown"
+        parent = (await execution.memo()).get(RETRY_OF)
+        started = execution.start_time or datetime.min.replace(tzinfo=UTC)
+        found.append((started, execution.id, status, parent if isinstance(parent, str) else None))
+    return [(batch, status, parent) for _, batch, status, parent in sorted(found)]
+
+
+async def latest_results(
+    client: Client, batch_id: str, *, store: BlobStore | None = None
+) -> BatchReport:
+    """Each job's latest outcome across the batch's family: the first batch and its retries.
+
+    A job's row comes from the last batch of the family, by start, that ran it; the totals
+    count those rows, and the cost is what the whole family spent.
+    """
+    root = await retry_root(client, batch_id)
+    family = [root] + [batch for batch, _, _ in await retries_of(client, root)]
+    reports = [await results(client, batch, store=store) for batch in family]
+    latest = {r.job_id: r for r in reports[0].results}
+    source: dict[str, str] = {}
+    for report in reports[1:]:
+        for row in report.results:
+            if row.job_id in latest and row.state is not JobState.PENDING:
+                latest[row.job_id] = row.model_copy(update={"index": latest[row.job_id].index})
+                source[row.job_id] = report.batch_id
+    rows = list(latest.values())
+    counts = Counts.of([_latest_turn(r) for r in rows])
+    first = reports[0]
+    return first.model_copy(
+        update={
+            "status": next((r.status for r in reports if r.status in OPEN), reports[-1].status),
+            "total": counts.total,
+            "succeeded": counts.succeeded,
+            "failed": counts.failed + counts.timed_out,
+            "timed_out": counts.timed_out,
+            "cancelled": counts.cancelled,
+            "pending": counts.pending,
+            "running": counts.running,
+            "live_machines": sum(r.live_machines for r in reports),
+            "cost_usd": round(sum(r.cost_usd for r in reports), 6),
+            "num_turns": sum(r.num_turns for r in reports),
+            "results": rows,
+            "retries": family[1:],
+            "latest_from": source,
+        }
+    )

@@ -94,3 +94,38 @@ async def test_retry_failed_runs_exactly_the_failed_jobs_and_latest_shows_every_
     assert await batches.retry_of(sortie.client, retry_id) == batch_id
     memo = await (await sortie.client.get_workflow_handle(retry_id).describe()).memo()
     assert memo == {batches.RETRY_OF: batch_id, batches.RETRY_ROOT: batch_id}
+
+
+async def test_retry_continue_sessions_goes_on_with_the_session_that_ran_out_of_turns(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    env = cli_env(sortie)
+    jobs = [{"id": "long", "prompt": "Refactor it all [[max-turns]]", "max_turns": 3}]
+    path = batch_file(
+        tmp_path / "prompts.json",
+        app_name,
+        jobs,
+        keep_sessions="1h",
+        defaults={"timeout": "2m", "retries": 0},
+    )
+    batch_id = (
+        await batches.submit(sortie.client, sortie.settings, load_batch_file(path))
+    ).batch_id
+    await batches.batch_handle(sortie.client, batch_id).result()
+    [first] = (await batches.results(sortie.client, batch_id)).results
+    assert (first.state, first.error_kind) == ("failed", "max_turns") and first.session_id
+
+    retried = await cli(["retry", batch_id, "--continue-sessions", "--wait", "--json"], env)
+    assert retried.returncode == 0, retried.stderr
+    assert "1 continuing their session" in retried.stderr
+    [turn] = json.loads(retried.stdout)["results"]
+    assert (turn["state"], turn["turn"], turn["session_id"]) == ("succeeded", 2, first.session_id)
+    assert f"resumed session {first.session_id} (turn 2)" in turn["result"]
+    assert batches.DEFAULT_CONTINUE_PROMPT in turn["result"], "the continuing prompt was sent"
+
+    assert first.archive_ref
+    sortie.settings.blob_store().delete(first.archive_ref)
+    with pytest.raises(batches.RetryRefused, match="sessions of long are no longer kept"):
+        await batches.retry(
+            sortie.client, sortie.settings, batch_id, states=FAILED, continue_prompt="go on"
+        )

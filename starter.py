@@ -35,7 +35,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reaper_models import ReapInput
-from sortie import batches, reaping, render
+from sortie import batches, export, reaping, render
 from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
@@ -226,6 +226,20 @@ async def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     _ui(settings, args.id, args.json)
+    if args.out is not None and args.format is None:
+        suffix = Path(args.out).suffix.lstrip(".")
+        if suffix not in {f.value for f in export.Format}:
+            print(
+                f"--out {args.out}: name the format with --format json|jsonl|csv|md",
+                file=sys.stderr,
+            )
+            return 2
+        args.format = suffix
+    if args.format is not None:
+        if args.job is not None:
+            print("--format writes a whole batch: leave out --job", file=sys.stderr)
+            return 2
+        return await _export(client, settings, args)
     if args.job is None:
         return await _print_results(client, settings, args.id, args.json, args.latest)
     try:
@@ -239,6 +253,47 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     for turn in [result, *result.followups]:
         _print_turn(settings, turn)
     return 0
+
+
+async def _export(client: Client, settings: Settings, args: argparse.Namespace) -> int:
+    """Write the results in a format, streaming; to --out atomically, or to stdout."""
+    store = settings.blob_store()
+    try:
+        if args.latest:
+            head = await batches.latest_results(client, args.id, store=store)
+            rows = head.results
+            head = head.model_copy(update={"results": []})
+
+            async def stream() -> AsyncIterator[tuple[str, JobResult]]:
+                for row in rows:
+                    yield head.latest_from.get(row.job_id, args.id), row
+        else:
+            head = await batches.report_head(client, args.id)
+
+            def stream() -> AsyncIterator[tuple[str, JobResult]]:
+                return batches.iter_results(client, args.id, store=store)
+    except batches.BatchRejected as error:
+        print(error, file=sys.stderr)
+        return 2
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    kind = export.Format(args.format)
+    if args.out is None:
+        await export.export(kind, head, stream, sys.stdout, settings.workflow_url)
+    else:
+        target = Path(args.out)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            with partial.open("w", encoding="utf-8", newline="") as out:
+                count = await export.export(kind, head, stream, out, settings.workflow_url)
+            partial.replace(target)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            print(f"cannot write {target}: {error.strerror}", file=sys.stderr)
+            return 2
+        print(f"wrote {count} jobs of {args.id} to {target} ({kind.value})")
+    return 1 if head.failed or head.cancelled else 0
 
 
 def _print_turn(settings: Settings, turn: JobResult) -> None:
@@ -501,6 +556,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--latest", action="store_true", help="each job's latest outcome over its retries"
             )
+            s.add_argument(
+                "--format", choices=[f.value for f in export.Format], help="export, streaming"
+            )
+            s.add_argument("--out", metavar="FILE", help="write the export to FILE")
         s.set_defaults(run=run)
     for name in ("pause", "resume", "cancel"):
         s = sub.add_parser(name, help=f"{name} a batch")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -465,23 +466,9 @@ async def _chunk_results(client: Client, chunk: ChunkProgress) -> list[JobResult
 
 async def _attach_followups(client: Client, batch_id: str, results: list[JobResult]) -> None:
     """Add each job's follow-up turns (their own chunk workflows) to its result, in turn order."""
-    by_job = {r.job_id: r for r in results}
-    query = f'BatchId="{batch_id}" AND WorkflowType="ChunkWorkflow"'
-    async for execution in client.list_workflows(query):
-        if not execution.id.startswith(f"{batch_id}-followup-"):
-            continue
-        handle = client.get_workflow_handle_for(ChunkWorkflow.run, execution.id)
-        if execution.status is WorkflowExecutionStatus.RUNNING:
-            turns = await handle.query(ChunkWorkflow.results)
-        elif execution.status is WorkflowExecutionStatus.COMPLETED:
-            turns = (await handle.result()).results
-        else:
-            continue
-        for turn in turns:
-            if turn.job_id in by_job:
-                by_job[turn.job_id].followups.append(turn)
+    by_job = await _followups_by_job(client, batch_id)
     for result in results:
-        result.followups.sort(key=lambda turn: turn.turn)
+        result.followups = sorted(by_job.get(result.job_id, []), key=lambda turn: turn.turn)
 
 
 class UnknownJob(LookupError):
@@ -853,3 +840,93 @@ async def latest_results(
             "latest_from": source,
         }
     )
+
+
+# ---------------------------------------------------------------- streaming results
+
+
+async def report_head(client: Client, batch_id: str) -> BatchReport:
+    """The batch's totals without its rows (`results` is empty): what an export begins with."""
+    closed, status = await is_closed(client, batch_id)
+    if closed:
+        output = await _closed_output(client, batch_id, status)
+        chunks, name, state = output.chunks, output.name, output.status
+        paused, pause_reason, cancel_reason = False, None, output.cancel_reason
+    else:
+        now = await _live(
+            client, await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+        )
+        chunks, name, state = now.chunks, None, now.status
+        paused, pause_reason, cancel_reason = now.paused, now.pause_reason, None
+    turns = [turn for job in (await _followups_by_job(client, batch_id)).values() for turn in job]
+    counts = Counts.total_of([chunk.counts for chunk in chunks])
+    return BatchReport(
+        batch_id=batch_id,
+        name=name,
+        status=state,
+        total=counts.total,
+        succeeded=counts.succeeded,
+        failed=counts.failed + counts.timed_out,
+        timed_out=counts.timed_out,
+        cancelled=counts.cancelled,
+        pending=counts.pending,
+        running=counts.running,
+        live_machines=counts.live_machines,
+        cost_usd=round(counts.cost_usd + sum(t.cost_usd or 0 for t in turns), 6),
+        num_turns=counts.num_turns + sum(t.num_turns or 0 for t in turns),
+        paused=paused,
+        pause_reason=pause_reason,
+        cancel_reason=cancel_reason,
+        results=[],
+    )
+
+
+async def iter_results(
+    client: Client, batch_id: str, *, store: BlobStore | None = None, window: int = 4
+) -> AsyncIterator[tuple[str, JobResult]]:
+    """Every job's result in input order with the workflow it ran in, a few chunks at a time.
+
+    At most `window` chunks' rows are held at once (and the next window is read while these
+    are written), so a batch of 100,000 jobs streams in the memory of a few chunks.
+    """
+    closed, status = await is_closed(client, batch_id)
+    if closed:
+        chunks = (await _closed_output(client, batch_id, status)).chunks
+    else:
+        chunks = (await batch_handle(client, batch_id).query(BatchWorkflow.progress)).chunks
+    followups = await _followups_by_job(client, batch_id)
+
+    def read(some: list[ChunkProgress]) -> asyncio.Future[list[list[JobResult]]]:
+        return asyncio.gather(*(_chunk_results(client, chunk) for chunk in some))
+
+    windows = [chunks[i : i + window] for i in range(0, len(chunks), window)]
+    ahead = read(windows[0]) if windows else None
+    for i, some in enumerate(windows):
+        assert ahead is not None
+        rows = await ahead
+        ahead = read(windows[i + 1]) if i + 1 < len(windows) else None
+        for chunk, found in zip(some, rows, strict=True):
+            for result in found:
+                result.followups = sorted(followups.get(result.job_id, []), key=lambda t: t.turn)
+                if store is not None:
+                    _expand_turns(result, store)
+                yield chunk.workflow_id, result
+
+
+async def _followups_by_job(client: Client, batch_id: str) -> dict[str, list[JobResult]]:
+    """The batch's follow-up turns by job id (there are few: one a question someone asked)."""
+    by_job: dict[str, list[JobResult]] = {}
+    query = f'BatchId="{batch_id}" AND WorkflowType="ChunkWorkflow"'
+    async for execution in client.list_workflows(query):
+        if not execution.id.startswith(f"{batch_id}-followup-"):
+            continue
+        handle = client.get_workflow_handle_for(ChunkWorkflow.run, execution.id)
+        if execution.status is WorkflowExecutionStatus.RUNNING:
+            turns = await handle.query(ChunkWorkflow.results)
+        elif execution.status is WorkflowExecutionStatus.COMPLETED:
+            turns = (await handle.result()).results
+        else:
+            continue
+        for turn in turns:
+            by_job.setdefault(turn.job_id, []).append(turn)
+    return by_job

@@ -44,7 +44,7 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reaper_models import ReapInput
-from sortie import batches, export, reaping, render
+from sortie import batches, export, machine_logs, reaping, render
 from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
@@ -378,6 +378,24 @@ async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return await _print_results(client, settings, retried.batch_id, args.json)
 
 
+async def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    """A job's machine logs: as they come while it runs (--follow: until it ends), then its
+    stored tail; read and scrubbed of secrets on a worker."""
+    client = await connect(settings)
+    try:
+        async for line in machine_logs.follow(
+            client, settings, args.id, args.job, keep_following=args.follow
+        ):
+            print(line, flush=True)
+    except batches.UnknownJob as error:
+        print(error, file=sys.stderr)
+        return 2
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     rows = [
@@ -615,6 +633,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="watch until done and print results")
     s.add_argument("--json", action="store_true", help="print a JSON document")
     s.set_defaults(run=cmd_retry)
+    s = sub.add_parser("logs", help="a job's machine logs, live while it runs")
+    s.add_argument("id")
+    s.add_argument("job")
+    s.add_argument("--follow", "-f", action="store_true", help="until the job ends")
+    s.set_defaults(run=cmd_logs)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")

@@ -30,7 +30,7 @@ from sortie.claude import PREVIEW_CHARS, ErrorKind
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
 from sortie.settings import Settings
-from sortie.spec import MAX_CHUNK_SIZE, BatchFileError, BatchSpec, resolve_job
+from sortie.spec import MAX_CHUNK_SIZE, BatchFileError, BatchSpec, Job, resolve_job
 from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
@@ -930,3 +930,22 @@ async def _followups_by_job(client: Client, batch_id: str) -> dict[str, list[Job
         for turn in turns:
             by_job.setdefault(turn.job_id, []).append(turn)
     return by_job
+
+
+# ---------------------------------------------------------------- one job, live
+
+
+async def job_as_run(client: Client, chunk: ChunkProgress, job_id: str) -> tuple[str, Job]:
+    """The Fly app and the job as its chunk ran it (defaults applied, secrets by name)."""
+    chunk_input = await _chunk_input(client, chunk)
+    return chunk_input.app, next(job for job in chunk_input.jobs if job.id == job_id)
+
+
+async def latest_turn(
+    client: Client, batch_id: str, chunk: ChunkProgress, job_id: str
+) -> JobResult:
+    """The job's latest turn now (its first, or its newest follow-up), read from its chunk."""
+    turns = await _followup_turns(client, batch_id, job_id)
+    if turns:
+        return turns[-1]
+    return next(r for r in await _chunk_results(client, chunk) if r.job_id == job_id)

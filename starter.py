@@ -15,7 +15,7 @@
     python starter.py followup ID JOB "PROMPT" [--no-wait]
     python starter.py analyze PATH [--repo URL] [--ref REF] [--workers N]
         [--strategy directory|size|type|equal] [--min-files 5] [--max-files 20]
-        [--focus "security, bugs, quality"] [--watch] [--out DIR]
+        [--focus "security, bugs, quality"] [--since BATCH_ID] [--watch] [--out DIR]
     python starter.py findings ID [--out DIR]
     python starter.py list
     python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
@@ -423,6 +423,18 @@ async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
         checkout.files, args.strategy, min_files=args.min_files, max_files=args.max_files
     )
     app = args.app or os.environ.get("FLY_APP") or "sortie-analysis"
+    client: Client | None = None
+    increment = None
+    if args.since:
+        client = await connect(settings)
+        increment = await analysis.plan_since(client, args.since, checkout, parts, args.focus)
+        if not increment.review:
+            print(
+                f"nothing to review again: no part changed since {args.since} (commit "
+                f"{increment.since_commit[:12]}); its findings stand: "
+                f"python starter.py findings {args.since}"
+            )
+            return 0
     spec = analysis.analysis_spec(
         checkout,
         parts,
@@ -433,22 +445,37 @@ async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
         model=args.model,
         max_cost_usd=args.max_cost,
         secrets=args.secret,
+        only=set(increment.review) if increment else None,
     )
     print(f"{checkout.root} at {checkout.commit[:12]}: {len(checkout.files)} files to review")
     if checkout.dirty:
         print("note: uncommitted changes are not analysed (machines clone the commit)")
     print(f"plan ({args.strategy}, {args.min_files}-{args.max_files} files a part):")
-    print("\n".join(plan_table(parts)))
-    client = await connect(settings)
+    reviewed = [parts[i] for i in increment.review] if increment else parts
+    print("\n".join(plan_table(reviewed)))
+    details = f"Review of `{repo_url}` at `{checkout.commit}`\n\n{plan_markdown(reviewed)}"
+    if increment:
+        print(
+            f"since {increment.since} (commit {increment.since_commit[:12]}): "
+            f"{increment.changed} files changed; {len(increment.review)} parts to review again, "
+            f"{len(increment.carried)} carried over"
+        )
+        details = (
+            f"Incremental on [{increment.since}]({settings.workflow_url(increment.since)}): "
+            f"{len(increment.carried)} unchanged parts carried over.\n\n{details}"
+        )
+    client = client or await connect(settings)
     submitted = await batches.submit(
         client,
         settings,
         spec,
-        details=f"Review of `{repo_url}` at `{checkout.commit}`\n\n{plan_markdown(parts)}",
-        memo=analysis.analysis_memo(checkout, parts, repo_url, args.strategy, args.focus),
+        details=details,
+        memo=analysis.analysis_memo(
+            checkout, parts, repo_url, args.strategy, args.focus, increment
+        ),
     )
     verb = "submitted" if submitted.created else "already running or done:"
-    print(f"\n{verb} {submitted.batch_id} ({len(parts)} jobs on {args.workers} machines)")
+    print(f"\n{verb} {submitted.batch_id} ({len(spec.jobs)} jobs on {args.workers} machines)")
     _ui(settings, submitted.batch_id)
     if not args.watch:
         print(f"see the findings so far: python starter.py findings {submitted.batch_id}")
@@ -604,6 +631,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--min-files", type=int, default=5)
     s.add_argument("--max-files", type=int, default=20)
     s.add_argument("--focus", default=DEFAULT_FOCUS)
+    s.add_argument(
+        "--since",
+        metavar="BATCH_ID",
+        help="review only the parts changed since that analysis; carry the others over",
+    )
     s.add_argument("--watch", action="store_true", help="follow it and write the report")
     s.add_argument("--out", help="where report.md and findings.json go")
     s.add_argument("--app", help="Fly app (default FLY_APP)")

@@ -224,8 +224,6 @@ async def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
-    client = await connect(settings)
-    _ui(settings, args.id, args.json)
     if args.out is not None and args.format is None:
         suffix = Path(args.out).suffix.lstrip(".")
         if suffix not in {f.value for f in export.Format}:
@@ -235,10 +233,12 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
         args.format = suffix
+    if args.format is not None and args.job is not None:
+        print("--format writes a whole batch: leave out --job", file=sys.stderr)
+        return 2
+    client = await connect(settings)
+    _ui(settings, args.id, args.json or args.format is not None)
     if args.format is not None:
-        if args.job is not None:
-            print("--format writes a whole batch: leave out --job", file=sys.stderr)
-            return 2
         return await _export(client, settings, args)
     if args.job is None:
         return await _print_results(client, settings, args.id, args.json, args.latest)
@@ -342,7 +342,7 @@ async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         )
         if flag
     }
-    job_ids = [j for j in (args.jobs or "").split(",") if j.strip()] if args.jobs else None
+    job_ids = [j.strip() for j in args.jobs.split(",") if j.strip()] if args.jobs else None
     if not states and not job_ids:
         states = {JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
     client = await connect(settings)
@@ -352,7 +352,7 @@ async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
             settings,
             args.id,
             states=states,
-            job_ids=[j.strip() for j in job_ids] if job_ids else None,
+            job_ids=job_ids,
             continue_prompt=args.continue_sessions,
         )
     except batches.RetryRefused as error:

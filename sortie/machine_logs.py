@@ -56,7 +56,21 @@ async def follow(
 ) -> AsyncIterator[str]:
     """The job's log lines as they come (with `keep_following`, until it ends), then the rest
     of its stored tail; a line `== …` before each machine and at the end."""
-    chunk, _ = await batches.find_job(client, batch_id, job_id)
+    said_pending = False
+    while True:
+        try:
+            chunk, _ = await batches.find_job(client, batch_id, job_id)
+            break
+        except batches.UnknownJob:
+            submitted = await batches.submitted_input(client, batch_id)
+            if job_id not in {job.id for job in submitted.jobs}:
+                raise
+        if not said_pending:
+            said_pending = True
+            yield f"== {job_id} is pending: its chunk has not started yet"
+        if not keep_following:
+            return
+        await asyncio.sleep(POLL_S)
     app, job = await batches.job_as_run(client, chunk, job_id)
     store = settings.blob_store()
     machine: str | None = None

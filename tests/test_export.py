@@ -58,7 +58,8 @@ async def test_results_export_in_every_format_streams_rows_failures_first_in_mar
 
     as_csv = await cli(["results", batch_id, "--format", "csv"], env)
     assert as_csv.returncode == 1, as_csv.stderr
-    rows = list(csv.DictReader(io.StringIO(as_csv.stdout.split("\n", 1)[1])))
+    assert as_csv.stderr.startswith("Web UI: http"), "stdout is the CSV alone"
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert [r["job_id"] for r in rows] == [f"j{i:02d}" for i in range(JOBS)]
     assert {r["job_id"]: r["exit_code"] for r in rows if r["state"] == "failed"} == {
         "j03": "3",

@@ -6,7 +6,9 @@ commands whose output is the point run as processes, and the rest through `sorti
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 from pathlib import Path
 
@@ -129,3 +131,18 @@ async def test_retry_continue_sessions_goes_on_with_the_session_that_ran_out_of_
         await batches.retry(
             sortie.client, sortie.settings, batch_id, states=FAILED, continue_prompt="go on"
         )
+
+
+async def test_retry_logs_and_export_usage_errors_exit_2_without_a_server() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "SORTIE_"))}
+    env["TEMPORAL_ADDRESS"] = "127.0.0.1:1"  # nothing listens: none of these may need it
+    cases = [
+        (["retry"], "usage: starter.py retry"),
+        (["logs", "batch-x"], "usage: starter.py logs"),
+        (["results", "batch-x", "--out", "r.txt"], "--out r.txt: name the format with --format"),
+        (["results", "batch-x", "--format", "csv", "--job", "a"], "--format writes a whole batch"),
+    ]
+    ran = await asyncio.gather(*(cli(args, env) for args, _ in cases))
+    for (args, said), done in zip(cases, ran, strict=True):
+        assert done.returncode == 2, (args, done.stderr)
+        assert said in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)

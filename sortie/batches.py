@@ -810,8 +810,10 @@ async def latest_results(
     count those rows, and the cost is what the whole family spent.
     """
     root = await retry_root(client, batch_id)
-    family = [root] + [batch for batch, _, _ in await retries_of(client, root)]
-    reports = [await results(client, batch, store=store) for batch in family]
+    reports = [await results(client, root, store=store)]
+    for retry_id, _, _ in await retries_of(client, root):
+        with contextlib.suppress(BatchNotReadable):  # refused or terminated: no outcome
+            reports.append(await results(client, retry_id, store=store))
     latest = {r.job_id: r for r in reports[0].results}
     source: dict[str, str] = {}
     for report in reports[1:]:
@@ -836,7 +838,7 @@ async def latest_results(
             "cost_usd": round(sum(r.cost_usd for r in reports), 6),
             "num_turns": sum(r.num_turns for r in reports),
             "results": rows,
-            "retries": family[1:],
+            "retries": [report.batch_id for report in reports[1:]],
             "latest_from": source,
         }
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from sortie import batches
 from sortie.spec import load_batch_file
 from tests.helpers.cli import batch_file, cli, cli_env
+from tests.helpers.history import decoded_payloads
 from tests.helpers.stack import ROOT, Sortie
 from tests.helpers.waiting import eventually
 
@@ -93,4 +95,13 @@ async def test_logs_follow_prints_lines_as_they_come_scrubbed_then_the_rest_once
     assert after.returncode == 0, after.stderr
     assert after.stdout.splitlines() == seen[1:], "once it ended: its stored tail"
     assert all(SECRET not in text for text in ("\n".join(seen), asked.stdout, after.stdout))
+    # The reads' own histories (the lines travel through them) hold the scrubbed lines only.
+    machine = seen[0].rsplit(" ", 1)[1]
+    reads: list[str] = []
+    query = f'WorkflowId STARTS_WITH "sortie-logs-{machine}-"'
+    async for execution in sortie.client.list_workflows(query):
+        history = await sortie.client.get_workflow_handle(execution.id).fetch_history()
+        reads += decoded_payloads(json.loads(history.to_json()))
+    assert any("token=[redacted]" in text for text in reads), "the lines went through history"
+    assert all(SECRET not in text for text in reads)
     await eventually(lambda: sortie.localfly.live_machines(app_name) == [], what="no machine")

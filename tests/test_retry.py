@@ -42,7 +42,7 @@ async def test_retry_failed_runs_exactly_the_failed_jobs_and_latest_shows_every_
         return "true"
 
     jobs = [{"id": f"j{i:02d}", "command": command(f"j{i:02d}")} for i in range(50)]
-    spec = load_batch_file(batch_file(tmp_path / "batch.json", app_name, jobs, max_machines=10))
+    spec = load_batch_file(batch_file(tmp_path / "batch.json", app_name, jobs, max_machines=25))
     batch_id = (await batches.submit(sortie.client, sortie.settings, spec)).batch_id
 
     still_open = await cli(["retry", batch_id, "--failed"], env)

@@ -763,9 +763,9 @@ def _continues(settings: Settings, chosen: list[JobResult], prompt: str) -> dict
     gone: list[str] = []
     for result in chosen:
         latest = _latest_turn(result)
-        if latest.error_kind not in CONTINUABLE or not latest.session_id:
-            continue
-        if latest.archive_ref and not session_kept(settings, latest.archive_ref):
+        if latest.error_kind not in CONTINUABLE or not (latest.session_id and latest.archive_ref):
+            continue  # nothing to continue from (no session, or no archive of it was made)
+        if not session_kept(settings, latest.archive_ref):
             gone.append(result.job_id)
             continue
         continues[result.job_id] = Followup(

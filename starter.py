@@ -7,11 +7,15 @@
     python starter.py pause|resume|cancel ID [--reason TEXT]
     python starter.py set-max-machines ID N
     python starter.py set-budget ID USD
-    python starter.py results ID [--json] [--job JOB]
+    python starter.py results ID [--json] [--job JOB] [--latest]
+        [--format json|jsonl|csv|md] [--out FILE]
+    python starter.py retry ID [--failed] [--timed-out] [--cancelled] [--jobs a,b,...]
+        [--continue-sessions [PROMPT]] [--wait] [--json]
+    python starter.py logs ID JOB [--follow]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
     python starter.py analyze PATH [--repo URL] [--ref REF] [--workers N]
         [--strategy directory|size|type|equal] [--min-files 5] [--max-files 20]
-        [--focus "security, bugs, quality"] [--watch] [--out DIR]
+        [--focus "security, bugs, quality"] [--since BATCH_ID] [--watch] [--out DIR]
     python starter.py findings ID [--out DIR]
     python starter.py list
     python starter.py reap [--app APP] [--dry-run] [--schedule EVERY]
@@ -27,10 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,12 +44,12 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reaper_models import ReapInput
-from sortie import batches, reaping, render
+from sortie import batches, export, machine_logs, reaping, render
 from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
 from sortie.analysis.partition import partition, plan_markdown, plan_table
-from sortie.models import JobResult
+from sortie.models import JobResult, JobState
 from sortie.plan import plan
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, load_batch_file, parse_duration
@@ -125,9 +130,14 @@ async def _watch_plain(client: Client, batch_id: str) -> None:
         await asyncio.sleep(REFRESH_S)
 
 
-async def _print_results(client: Client, settings: Settings, batch_id: str, as_json: bool) -> int:
+async def _print_results(
+    client: Client, settings: Settings, batch_id: str, as_json: bool, latest: bool = False
+) -> int:
     try:
-        report = await batches.results(client, batch_id, store=settings.blob_store())
+        if latest:
+            report = await batches.latest_results(client, batch_id, store=settings.blob_store())
+        else:
+            report = await batches.results(client, batch_id, store=settings.blob_store())
     except batches.BatchRejected as error:
         print(error, file=sys.stderr)
         return 2
@@ -140,6 +150,11 @@ async def _print_results(client: Client, settings: Settings, batch_id: str, as_j
         render.print_results(Console(highlight=False), report)
     else:
         print("\n".join(render.results_table(report)))
+    if report.latest_from and not as_json:
+        print(
+            f"latest outcomes: {len(report.latest_from)} jobs from the retries "
+            f"{', '.join(report.retries)}"
+        )
     return 1 if report.failed or report.cancelled else 0
 
 
@@ -161,13 +176,27 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     except batches.BatchNotReadable as error:
         print(error, file=sys.stderr)
         return 1
+    retry_of = await batches.retry_of(client, args.id)
+    retried_by = [
+        (batch, state)
+        for batch, state, parent in await batches.retries_of(client, args.id)
+        if parent == args.id
+    ]
     if args.json:
-        print(progress.model_dump_json(indent=2))
-    elif sys.stdout.isatty():
+        document = progress.model_dump(mode="json")
+        document["retry_of"] = retry_of
+        document["retried_by"] = [{"batch_id": b, "status": st} for b, st in retried_by]
+        print(json.dumps(document, indent=2))
+        return 0
+    if sys.stdout.isatty():
         with render.LiveProgress(Console(highlight=False)) as bars:
             bars.update(batches.view(progress))
     else:
         print("\n".join(render.progress_lines(batches.view(progress))))
+    if retry_of:
+        print(f"retry of {retry_of}: {settings.workflow_url(retry_of)}")
+    for batch, state in retried_by:
+        print(f"retried by {batch} ({state}): {settings.workflow_url(batch)}")
     return 0
 
 
@@ -195,10 +224,24 @@ async def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    if args.out is not None and args.format is None:
+        suffix = Path(args.out).suffix.lstrip(".")
+        if suffix not in {f.value for f in export.Format}:
+            print(
+                f"--out {args.out}: name the format with --format json|jsonl|csv|md",
+                file=sys.stderr,
+            )
+            return 2
+        args.format = suffix
+    if args.format is not None and args.job is not None:
+        print("--format writes a whole batch: leave out --job", file=sys.stderr)
+        return 2
     client = await connect(settings)
-    _ui(settings, args.id, args.json)
+    _ui(settings, args.id, args.json or args.format is not None)
+    if args.format is not None:
+        return await _export(client, settings, args)
     if args.job is None:
-        return await _print_results(client, settings, args.id, args.json)
+        return await _print_results(client, settings, args.id, args.json, args.latest)
     try:
         _, result = await batches.find_job(client, args.id, args.job, store=settings.blob_store())
     except batches.UnknownJob as error:
@@ -210,6 +253,47 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     for turn in [result, *result.followups]:
         _print_turn(settings, turn)
     return 0
+
+
+async def _export(client: Client, settings: Settings, args: argparse.Namespace) -> int:
+    """Write the results in a format, streaming; to --out atomically, or to stdout."""
+    store = settings.blob_store()
+    try:
+        if args.latest:
+            head = await batches.latest_results(client, args.id, store=store)
+            rows = head.results
+            head = head.model_copy(update={"results": []})
+
+            async def stream() -> AsyncIterator[tuple[str, JobResult]]:
+                for row in rows:
+                    yield head.latest_from.get(row.job_id, args.id), row
+        else:
+            head = await batches.report_head(client, args.id)
+
+            def stream() -> AsyncIterator[tuple[str, JobResult]]:
+                return batches.iter_results(client, args.id, store=store)
+    except batches.BatchRejected as error:
+        print(error, file=sys.stderr)
+        return 2
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    kind = export.Format(args.format)
+    if args.out is None:
+        await export.export(kind, head, stream, sys.stdout, settings.workflow_url)
+    else:
+        target = Path(args.out)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            with partial.open("w", encoding="utf-8", newline="") as out:
+                count = await export.export(kind, head, stream, out, settings.workflow_url)
+            partial.replace(target)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            print(f"cannot write {target}: {error.strerror}", file=sys.stderr)
+            return 2
+        print(f"wrote {count} jobs of {args.id} to {target} ({kind.value})")
+    return 1 if head.failed or head.cancelled else 0
 
 
 def _print_turn(settings: Settings, turn: JobResult) -> None:
@@ -247,6 +331,71 @@ async def cmd_followup(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(t.state.value == "succeeded" for t in output.results) else 1
 
 
+async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """Run again, as a new batch with the same settings, the jobs that did not succeed."""
+    states = {
+        state
+        for flag, state in (
+            (args.failed, JobState.FAILED),
+            (args.timed_out, JobState.TIMED_OUT),
+            (args.cancelled, JobState.CANCELLED),
+        )
+        if flag
+    }
+    job_ids = [j.strip() for j in args.jobs.split(",") if j.strip()] if args.jobs else None
+    if not states and not job_ids:
+        states = {JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+    client = await connect(settings)
+    try:
+        retried = await batches.retry(
+            client,
+            settings,
+            args.id,
+            states=states,
+            job_ids=job_ids,
+            continue_prompt=args.continue_sessions,
+        )
+    except batches.RetryRefused as error:
+        print(f"cannot retry: {error}", file=sys.stderr)
+        return 2
+    out = sys.stderr if args.json else sys.stdout
+    if retried.created:
+        continued = (
+            f", {len(retried.continued)} continuing their session" if retried.continued else ""
+        )
+        print(
+            f"retrying {len(retried.jobs)} jobs of {args.id} as {retried.batch_id}{continued}",
+            file=out,
+        )
+    else:
+        print(f"{retried.batch_id} already retries them ({retried.status})", file=out)
+    _ui(settings, retried.batch_id, args.json)
+    if not args.wait:
+        if args.json:
+            print(retried.model_dump_json(indent=2))
+        return 0
+    await _watch(client, retried.batch_id, quiet=args.json)
+    return await _print_results(client, settings, retried.batch_id, args.json)
+
+
+async def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    """A job's machine logs: as they come while it runs (--follow: until it ends), then its
+    stored tail; read and scrubbed of secrets on a worker."""
+    client = await connect(settings)
+    try:
+        async for line in machine_logs.follow(
+            client, settings, args.id, args.job, keep_following=args.follow
+        ):
+            print(line, flush=True)
+    except batches.UnknownJob as error:
+        print(error, file=sys.stderr)
+        return 2
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     rows = [
@@ -274,6 +423,18 @@ async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
         checkout.files, args.strategy, min_files=args.min_files, max_files=args.max_files
     )
     app = args.app or os.environ.get("FLY_APP") or "sortie-analysis"
+    client: Client | None = None
+    increment = None
+    if args.since:
+        client = await connect(settings)
+        increment = await analysis.plan_since(client, args.since, checkout, parts, args.focus)
+        if not increment.review:
+            print(
+                f"nothing to review again: no part changed since {args.since} (commit "
+                f"{increment.since_commit[:12]}); its findings stand: "
+                f"python starter.py findings {args.since}"
+            )
+            return 0
     spec = analysis.analysis_spec(
         checkout,
         parts,
@@ -284,22 +445,37 @@ async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
         model=args.model,
         max_cost_usd=args.max_cost,
         secrets=args.secret,
+        only=set(increment.review) if increment else None,
     )
     print(f"{checkout.root} at {checkout.commit[:12]}: {len(checkout.files)} files to review")
     if checkout.dirty:
         print("note: uncommitted changes are not analysed (machines clone the commit)")
     print(f"plan ({args.strategy}, {args.min_files}-{args.max_files} files a part):")
-    print("\n".join(plan_table(parts)))
-    client = await connect(settings)
+    reviewed = [parts[i] for i in increment.review] if increment else parts
+    print("\n".join(plan_table(reviewed)))
+    details = f"Review of `{repo_url}` at `{checkout.commit}`\n\n{plan_markdown(reviewed)}"
+    if increment:
+        print(
+            f"since {increment.since} (commit {increment.since_commit[:12]}): "
+            f"{increment.changed} files changed; {len(increment.review)} parts to review again, "
+            f"{len(increment.carried)} carried over"
+        )
+        details = (
+            f"Incremental on [{increment.since}]({settings.workflow_url(increment.since)}): "
+            f"{len(increment.carried)} unchanged parts carried over.\n\n{details}"
+        )
+    client = client or await connect(settings)
     submitted = await batches.submit(
         client,
         settings,
         spec,
-        details=f"Review of `{repo_url}` at `{checkout.commit}`\n\n{plan_markdown(parts)}",
-        memo=analysis.analysis_memo(checkout, parts, repo_url, args.strategy, args.focus),
+        details=details,
+        memo=analysis.analysis_memo(
+            checkout, parts, repo_url, args.strategy, args.focus, increment
+        ),
     )
     verb = "submitted" if submitted.created else "already running or done:"
-    print(f"\n{verb} {submitted.batch_id} ({len(parts)} jobs on {args.workers} machines)")
+    print(f"\n{verb} {submitted.batch_id} ({len(spec.jobs)} jobs on {args.workers} machines)")
     _ui(settings, submitted.batch_id)
     if not args.watch:
         print(f"see the findings so far: python starter.py findings {submitted.batch_id}")
@@ -422,6 +598,13 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true")
         if name == "results":
             s.add_argument("--job", help="one job's turns with their whole answers")
+            s.add_argument(
+                "--latest", action="store_true", help="each job's latest outcome over its retries"
+            )
+            s.add_argument(
+                "--format", choices=[f.value for f in export.Format], help="export, streaming"
+            )
+            s.add_argument("--out", metavar="FILE", help="write the export to FILE")
         s.set_defaults(run=run)
     for name in ("pause", "resume", "cancel"):
         s = sub.add_parser(name, help=f"{name} a batch")
@@ -448,6 +631,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--min-files", type=int, default=5)
     s.add_argument("--max-files", type=int, default=20)
     s.add_argument("--focus", default=DEFAULT_FOCUS)
+    s.add_argument(
+        "--since",
+        metavar="BATCH_ID",
+        help="review only the parts changed since that analysis; carry the others over",
+    )
     s.add_argument("--watch", action="store_true", help="follow it and write the report")
     s.add_argument("--out", help="where report.md and findings.json go")
     s.add_argument("--app", help="Fly app (default FLY_APP)")
@@ -461,6 +649,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("--out")
     s.set_defaults(run=cmd_findings)
+    s = sub.add_parser("retry", help="run a closed batch's unsuccessful jobs again")
+    s.add_argument("id")
+    s.add_argument("--failed", action="store_true", help="the failed jobs")
+    s.add_argument("--timed-out", action="store_true", help="the jobs that timed out")
+    s.add_argument("--cancelled", action="store_true", help="the cancelled jobs")
+    s.add_argument("--jobs", help="these jobs, by id: a,b,c")
+    s.add_argument(
+        "--continue-sessions",
+        nargs="?",
+        const=batches.DEFAULT_CONTINUE_PROMPT,
+        metavar="PROMPT",
+        help="prompt jobs out of turns or budget continue their session (with PROMPT)",
+    )
+    s.add_argument("--wait", action="store_true", help="watch until done and print results")
+    s.add_argument("--json", action="store_true", help="print a JSON document")
+    s.set_defaults(run=cmd_retry)
+    s = sub.add_parser("logs", help="a job's machine logs, live while it runs")
+    s.add_argument("id")
+    s.add_argument("job")
+    s.add_argument("--follow", "-f", action="store_true", help="until the job ends")
+    s.set_defaults(run=cmd_logs)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")

@@ -31,6 +31,7 @@ from sortie.settings import Settings, fly_connection
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
+from workflows.logs import MachineLogsWorkflow
 from workflows.reaper import ReaperWorkflow
 
 log = logging.getLogger("sortie.worker")
@@ -52,11 +53,12 @@ def build_worker(
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow],
+        workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow, MachineLogsWorkflow],
         activities=[
             machines.check_batch,
             machines.create_machine,
             machines.finish_job,
+            machines.read_logs,
             machines.destroy_machine,
             machines.destroy_named_machine,
             machines.release_sessions,

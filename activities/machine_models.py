@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
+from pydantic import Field
+
 from sortie.models import Followup, MachineRef, StrictModel
 from sortie.spec import Job, LogTail
 
@@ -185,3 +187,21 @@ class ReleaseSessionsOutput(StrictModel):
 
     deleted: bool
     kept_until: datetime | None = None
+
+
+class ReadLogsInput(StrictModel):
+    """Read a job's machine logs after `next_token`, on the worker that can scrub them."""
+
+    app: str
+    machine_id: str
+    secrets: list[str] = []
+    """The job's secret names: their values are scrubbed from every line."""
+    next_token: str = "0"
+    max_lines: int = Field(default=500, ge=1, le=5000)
+
+
+class ReadLogsOutput(StrictModel):
+    """Log lines (frames left out, secrets scrubbed) and where the next read starts."""
+
+    lines: list[str]
+    next_token: str

@@ -36,6 +36,8 @@ from activities.machine_models import (
     FinishJobInput,
     FinishJobOutput,
     JobAnswer,
+    ReadLogsInput,
+    ReadLogsOutput,
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
     WaitMachineInput,
@@ -462,6 +464,27 @@ class MachineActivities:
             destroyed = await self._fly.destroy_machine(input.app, found.id, force=True)
         activity.logger.info("destroyed machine %s (%s) by name", found.id, name)
         return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
+
+    @activity.defn(name="read_logs")
+    async def read_logs(self, input: ReadLogsInput) -> ReadLogsOutput:
+        """The machine's log lines after `next_token`, up to `max_lines`: for `starter.py logs`.
+
+        Read here, not by the starter, so the Fly token and the secret values to scrub never
+        leave the worker; the lines carry no frame (answers and session archives).
+        """
+        lines: list[str] = []
+        token = input.next_token
+        with fly_errors(f"read logs of machine {input.machine_id}"):
+            while len(lines) < input.max_lines:
+                page = await self._fly.get_logs(input.app, input.machine_id, next_token=token)
+                for entry in page.entries:
+                    if not entry.message.startswith(FRAME_MARK):
+                        lines.append(self._secrets.scrub(entry.message, input.secrets))
+                caught_up = not page.entries or page.next_token in (None, token)
+                token = page.next_token or token
+                if caught_up:
+                    break
+        return ReadLogsOutput(lines=lines, next_token=token)
 
     def _config(self, input: CreateMachineInput) -> tuple[MachineConfig, Credential | None]:
         """The machine's config; secret values enter here and never leave the worker."""

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
@@ -23,11 +26,11 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from sortie.claude import PREVIEW_CHARS
+from sortie.claude import PREVIEW_CHARS, ErrorKind
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
 from sortie.settings import Settings
-from sortie.spec import BatchFileError, BatchSpec, resolve_job
+from sortie.spec import MAX_CHUNK_SIZE, BatchFileError, BatchSpec, Job, resolve_job
 from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
@@ -70,6 +73,10 @@ class BatchReport(BaseModel):
     pause_reason: str | None = None
     cancel_reason: str | None = None
     results: list[JobResult]
+    retries: list[str] = []
+    """With `--latest`: the retries whose outcomes the rows include, oldest first."""
+    latest_from: dict[str, str] = {}
+    """With `--latest`: job id → the retry its row comes from (the others are the batch's own)."""
 
 
 def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) -> BatchInput:
@@ -153,6 +160,27 @@ async def submit(
     """Start the batch; the same file submitted twice is the same batch."""
     batch_id = spec.batch_id(suffix)
     data = batch_input(spec, batch_id, tuning)
+    return await _start_batch(
+        client,
+        settings,
+        data,
+        summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
+        details=details or _details(spec, data.chunk_size),
+        memo=memo,
+    )
+
+
+async def _start_batch(
+    client: Client,
+    settings: Settings,
+    data: BatchInput,
+    *,
+    summary: str,
+    details: str,
+    memo: dict[str, object] | None,
+) -> Submitted:
+    """Start the batch unless a batch of that id exists: submit and retry are idempotent."""
+    batch_id = data.batch_id
     existing = await _status(client, batch_id)
     if existing is not None:
         return Submitted(batch_id=batch_id, created=False, status=existing)
@@ -165,8 +193,8 @@ async def submit(
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
-            static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
-            static_details=details or _details(spec, data.chunk_size),
+            static_summary=summary,
+            static_details=details,
             memo=memo,
             # A large batch's workflow task may take seconds on a loaded worker; a task that
             # times out is replayed from scratch, which only takes longer.
@@ -438,23 +466,9 @@ async def _chunk_results(client: Client, chunk: ChunkProgress) -> list[JobResult
 
 async def _attach_followups(client: Client, batch_id: str, results: list[JobResult]) -> None:
     """Add each job's follow-up turns (their own chunk workflows) to its result, in turn order."""
-    by_job = {r.job_id: r for r in results}
-    query = f'BatchId="{batch_id}" AND WorkflowType="ChunkWorkflow"'
-    async for execution in client.list_workflows(query):
-        if not execution.id.startswith(f"{batch_id}-followup-"):
-            continue
-        handle = client.get_workflow_handle_for(ChunkWorkflow.run, execution.id)
-        if execution.status is WorkflowExecutionStatus.RUNNING:
-            turns = await handle.query(ChunkWorkflow.results)
-        elif execution.status is WorkflowExecutionStatus.COMPLETED:
-            turns = (await handle.result()).results
-        else:
-            continue
-        for turn in turns:
-            if turn.job_id in by_job:
-                by_job[turn.job_id].followups.append(turn)
+    by_job = await _followups_by_job(client, batch_id)
     for result in results:
-        result.followups.sort(key=lambda turn: turn.turn)
+        result.followups = sorted(by_job.get(result.job_id, []), key=lambda turn: turn.turn)
 
 
 class UnknownJob(LookupError):
@@ -597,3 +611,343 @@ async def list_batches(client: Client, limit: int = 50) -> list[tuple[str, str, 
         status = execution.status.name.lower() if execution.status else "unknown"
         found.append((execution.id, status, execution.start_time))
     return found
+
+
+# ---------------------------------------------------------------- retries
+
+RETRY_INFIX = "-retry-"
+"""A retry's id is its family's first batch's id, this, and a hash of what it retries."""
+RETRY_OF = "retry_of"
+RETRY_ROOT = "retry_root"
+DEFAULT_CONTINUE_PROMPT = "Continue where you stopped and finish the task."
+CONTINUABLE = {ErrorKind.MAX_TURNS.value, ErrorKind.BUDGET.value}
+"""Why a prompt job stopped that continuing its session can mend: it ran out of turns or money."""
+
+
+class RetryRefused(ValueError):
+    """A retry that cannot start: the batch is open, or no job matches, or a job is unknown."""
+
+
+class Retried(Submitted):
+    """What `retry` did: the retry batch, the jobs it runs, those that continue a session."""
+
+    retry_of: str
+    jobs: list[str]
+    continued: list[str] = []
+
+
+async def submitted_input(client: Client, batch_id: str) -> BatchInput:
+    """The batch as it was submitted (its jobs and settings): the first run's input in history.
+
+    Later runs (continue-as-new) carry state instead of jobs, so the first run is read.
+    """
+    description = await client.get_workflow_handle(batch_id).describe()
+    first_run = description.raw_description.workflow_execution_info.first_run_id
+    handle = client.get_workflow_handle(batch_id, run_id=first_run or description.run_id)
+    async for event in handle.fetch_history_events(page_size=1):
+        started = event.workflow_execution_started_event_attributes
+        break
+    [decoded] = await client.data_converter.decode(started.input.payloads, [BatchInput])
+    assert isinstance(decoded, BatchInput)
+    return decoded
+
+
+async def _memo_id(client: Client, batch_id: str, key: str) -> str | None:
+    memo = await (await client.get_workflow_handle(batch_id).describe()).memo()
+    value = memo.get(key)
+    return value if isinstance(value, str) else None
+
+
+async def retry_root(client: Client, batch_id: str) -> str:
+    """The first batch of the batch's family: itself, unless it is a retry."""
+    return await _memo_id(client, batch_id, RETRY_ROOT) or batch_id
+
+
+async def retry_of(client: Client, batch_id: str) -> str | None:
+    """The batch this one retries, or None when it is no retry."""
+    return await _memo_id(client, batch_id, RETRY_OF)
+
+
+OPEN = {"running", "paused", "cancelling"}
+
+
+def _latest_turn(result: JobResult) -> JobResult:
+    return result.followups[-1] if result.followups else result
+
+
+async def retry(
+    client: Client,
+    settings: Settings,
+    batch_id: str,
+    *,
+    states: set[JobState],
+    job_ids: list[str] | None = None,
+    continue_prompt: str | None = None,
+) -> Retried:
+    """Start a batch of the closed batch's jobs in `states` (and `job_ids`), its settings kept.
+
+    The retry's id hashes what it retries, so asking twice finds the first retry. Jobs that ran
+    out of turns or budget continue their Claude session when `continue_prompt` is given.
+    """
+    closed, _ = await is_closed(client, batch_id)
+    if not closed:
+        raise RetryRefused(
+            f"batch {batch_id} is still running: retry it once it has closed (or cancel it first)"
+        )
+    try:
+        report = await results(client, batch_id)
+    except BatchNotReadable as error:
+        raise RetryRefused(str(error)) from None
+    by_id = {r.job_id: r for r in report.results}
+    unknown = sorted(set(job_ids or []) - by_id.keys())
+    if unknown:
+        raise RetryRefused(f"batch {batch_id} has no job {', '.join(map(repr, unknown))}")
+    wanted = set(job_ids or [])
+    chosen = [r for r in report.results if _latest_turn(r).state in states or r.job_id in wanted]
+    if not chosen:
+        which = " or ".join(sorted(s.value for s in states)) or "chosen"
+        raise RetryRefused(f"batch {batch_id} has no {which} jobs: nothing to retry")
+    root = await retry_root(client, batch_id)
+    ids = {r.job_id for r in chosen}
+    key = json.dumps([batch_id, sorted(ids), continue_prompt], separators=(",", ":"))
+    retry_id = f"{root}{RETRY_INFIX}{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    existing = await _status(client, retry_id)
+    if existing is not None:
+        return Retried(
+            batch_id=retry_id,
+            created=False,
+            status=existing,
+            retry_of=batch_id,
+            jobs=[r.job_id for r in chosen],
+        )
+    continues = _continues(settings, chosen, continue_prompt) if continue_prompt else {}
+    original = await submitted_input(client, batch_id)
+    spec = BatchSpec(
+        name=original.name,
+        app=original.app,
+        max_machines=original.max_machines,
+        chunk_size=min(original.chunk_size, MAX_CHUNK_SIZE),
+        max_cost_usd=original.max_cost_usd,
+        keep_sessions=original.keep_sessions_s,
+        defaults=original.defaults,
+        jobs=[job for job in original.jobs if job.id in ids],
+    )
+    data = batch_input(spec, retry_id, original.tuning)
+    data.continues = continues
+    states_named = sorted({_latest_turn(r).state.value for r in chosen})
+    details = (
+        f"**Retry** of [{batch_id}]({settings.workflow_url(batch_id)}): {len(chosen)} jobs "
+        f"({', '.join(states_named)}), {len(continues)} continuing their Claude session.\n\n"
+        f'The family\'s retries: `WorkflowId STARTS_WITH "{root}{RETRY_INFIX}"`.\n\n'
+        + _details(spec, data.chunk_size)
+    )
+    started = await _start_batch(
+        client,
+        settings,
+        data,
+        summary=f"retry of {batch_id}: {len(chosen)} jobs on {spec.app}",
+        details=details,
+        memo={RETRY_OF: batch_id, RETRY_ROOT: root},
+    )
+    return Retried(
+        **started.model_dump(),
+        retry_of=batch_id,
+        jobs=[job.id for job in spec.jobs],
+        continued=sorted(continues),
+    )
+
+
+def _continues(settings: Settings, chosen: list[JobResult], prompt: str) -> dict[str, Followup]:
+    """The chosen jobs that continue their session: they ran out of turns or budget."""
+    continues: dict[str, Followup] = {}
+    gone: list[str] = []
+    for result in chosen:
+        latest = _latest_turn(result)
+        if latest.error_kind not in CONTINUABLE or not (latest.session_id and latest.archive_ref):
+            continue  # nothing to continue from (no session, or no archive of it was made)
+        if not session_kept(settings, latest.archive_ref):
+            gone.append(result.job_id)
+            continue
+        continues[result.job_id] = Followup(
+            turn=latest.turn + 1,
+            prompt=prompt,
+            session_id=latest.session_id,
+            archive_ref=latest.archive_ref,
+            commits=latest.commits or result.commits,
+        )
+    if gone:
+        raise RetryRefused(
+            f"the Claude sessions of {', '.join(gone)} are no longer kept (a batch keeps them "
+            "while it runs, or longer with keep_sessions): retry without --continue-sessions"
+        )
+    return continues
+
+
+def session_kept(settings: Settings, archive_ref: str) -> bool:
+    """Whether a turn's session archive is still in the store, so its session can go on."""
+    return settings.blob_store().get(archive_ref) is not None
+
+
+async def retries_of(client: Client, batch_id: str) -> list[tuple[str, str, str | None]]:
+    """The batch's family's retries, oldest first: id, status, and the batch each retried."""
+    root = await retry_root(client, batch_id)
+    query = f'WorkflowType="BatchWorkflow" AND WorkflowId STARTS_WITH "{root}{RETRY_INFIX}"'
+    found: list[tuple[datetime, str, str, str | None]] = []
+    async for execution in client.list_workflows(query):
+        status = execution.status.name.lower() if execution.status else "unknown"
+        parent = (await execution.memo()).get(RETRY_OF)
+        started = execution.start_time or datetime.min.replace(tzinfo=UTC)
+        found.append((started, execution.id, status, parent if isinstance(parent, str) else None))
+    return [(batch, status, parent) for _, batch, status, parent in sorted(found)]
+
+
+async def latest_results(
+    client: Client, batch_id: str, *, store: BlobStore | None = None
+) -> BatchReport:
+    """Each job's latest outcome across the batch's family: the first batch and its retries.
+
+    A job's row comes from the last batch of the family, by start, that ran it; the totals
+    count those rows, and the cost is what the whole family spent.
+    """
+    root = await retry_root(client, batch_id)
+    reports = [await results(client, root, store=store)]
+    for retry_id, _, _ in await retries_of(client, root):
+        with contextlib.suppress(BatchNotReadable):  # refused or terminated: no outcome
+            reports.append(await results(client, retry_id, store=store))
+    latest = {r.job_id: r for r in reports[0].results}
+    source: dict[str, str] = {}
+    for report in reports[1:]:
+        for row in report.results:
+            if row.job_id in latest and row.state is not JobState.PENDING:
+                latest[row.job_id] = row.model_copy(update={"index": latest[row.job_id].index})
+                source[row.job_id] = report.batch_id
+    rows = list(latest.values())
+    counts = Counts.of([_latest_turn(r) for r in rows])
+    first = reports[0]
+    return first.model_copy(
+        update={
+            "status": next((r.status for r in reports if r.status in OPEN), reports[-1].status),
+            "total": counts.total,
+            "succeeded": counts.succeeded,
+            "failed": counts.failed + counts.timed_out,
+            "timed_out": counts.timed_out,
+            "cancelled": counts.cancelled,
+            "pending": counts.pending,
+            "running": counts.running,
+            "live_machines": sum(r.live_machines for r in reports),
+            "cost_usd": round(sum(r.cost_usd for r in reports), 6),
+            "num_turns": sum(r.num_turns for r in reports),
+            "results": rows,
+            "retries": [report.batch_id for report in reports[1:]],
+            "latest_from": source,
+        }
+    )
+
+
+# ---------------------------------------------------------------- streaming results
+
+
+async def report_head(client: Client, batch_id: str) -> BatchReport:
+    """The batch's totals without its rows (`results` is empty): what an export begins with."""
+    closed, status = await is_closed(client, batch_id)
+    if closed:
+        output = await _closed_output(client, batch_id, status)
+        chunks, name, state = output.chunks, output.name, output.status
+        paused, pause_reason, cancel_reason = False, None, output.cancel_reason
+    else:
+        now = await _live(
+            client, await batch_handle(client, batch_id).query(BatchWorkflow.progress)
+        )
+        chunks, name, state = now.chunks, None, now.status
+        paused, pause_reason, cancel_reason = now.paused, now.pause_reason, None
+    turns = [turn for job in (await _followups_by_job(client, batch_id)).values() for turn in job]
+    counts = Counts.total_of([chunk.counts for chunk in chunks])
+    return BatchReport(
+        batch_id=batch_id,
+        name=name,
+        status=state,
+        total=counts.total,
+        succeeded=counts.succeeded,
+        failed=counts.failed + counts.timed_out,
+        timed_out=counts.timed_out,
+        cancelled=counts.cancelled,
+        pending=counts.pending,
+        running=counts.running,
+        live_machines=counts.live_machines,
+        cost_usd=round(counts.cost_usd + sum(t.cost_usd or 0 for t in turns), 6),
+        num_turns=counts.num_turns + sum(t.num_turns or 0 for t in turns),
+        paused=paused,
+        pause_reason=pause_reason,
+        cancel_reason=cancel_reason,
+        results=[],
+    )
+
+
+async def iter_results(
+    client: Client, batch_id: str, *, store: BlobStore | None = None, window: int = 4
+) -> AsyncIterator[tuple[str, JobResult]]:
+    """Every job's result in input order with the workflow it ran in, a few chunks at a time.
+
+    At most `window` chunks' rows are held at once (and the next window is read while these
+    are written), so a batch of 100,000 jobs streams in the memory of a few chunks.
+    """
+    closed, status = await is_closed(client, batch_id)
+    if closed:
+        chunks = (await _closed_output(client, batch_id, status)).chunks
+    else:
+        chunks = (await batch_handle(client, batch_id).query(BatchWorkflow.progress)).chunks
+    followups = await _followups_by_job(client, batch_id)
+
+    def read(some: list[ChunkProgress]) -> asyncio.Future[list[list[JobResult]]]:
+        return asyncio.gather(*(_chunk_results(client, chunk) for chunk in some))
+
+    windows = [chunks[i : i + window] for i in range(0, len(chunks), window)]
+    ahead = read(windows[0]) if windows else None
+    for i, some in enumerate(windows):
+        assert ahead is not None
+        rows = await ahead
+        ahead = read(windows[i + 1]) if i + 1 < len(windows) else None
+        for chunk, found in zip(some, rows, strict=True):
+            for result in found:
+                result.followups = sorted(followups.get(result.job_id, []), key=lambda t: t.turn)
+                if store is not None:
+                    _expand_turns(result, store)
+                yield chunk.workflow_id, result
+
+
+async def _followups_by_job(client: Client, batch_id: str) -> dict[str, list[JobResult]]:
+    """The batch's follow-up turns by job id (there are few: one a question someone asked)."""
+    by_job: dict[str, list[JobResult]] = {}
+    query = f'BatchId="{batch_id}" AND WorkflowType="ChunkWorkflow"'
+    async for execution in client.list_workflows(query):
+        if not execution.id.startswith(f"{batch_id}-followup-"):
+            continue
+        handle = client.get_workflow_handle_for(ChunkWorkflow.run, execution.id)
+        if execution.status is WorkflowExecutionStatus.RUNNING:
+            turns = await handle.query(ChunkWorkflow.results)
+        elif execution.status is WorkflowExecutionStatus.COMPLETED:
+            turns = (await handle.result()).results
+        else:
+            continue
+        for turn in turns:
+            by_job.setdefault(turn.job_id, []).append(turn)
+    return by_job
+
+
+# ---------------------------------------------------------------- one job, live
+
+
+async def job_as_run(client: Client, chunk: ChunkProgress, job_id: str) -> tuple[str, Job]:
+    """The Fly app and the job as its chunk ran it (defaults applied, secrets by name)."""
+    chunk_input = await _chunk_input(client, chunk)
+    return chunk_input.app, next(job for job in chunk_input.jobs if job.id == job_id)
+
+
+async def latest_turn(
+    client: Client, batch_id: str, chunk: ChunkProgress, job_id: str
+) -> JobResult:
+    """The job's latest turn now (its first, or its newest follow-up), read from its chunk."""
+    turns = await _followup_turns(client, batch_id, job_id)
+    if turns:
+        return turns[-1]
+    return next(r for r in await _chunk_results(client, chunk) if r.job_id == job_id)

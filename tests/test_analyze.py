@@ -179,3 +179,97 @@ async def test_analysis_resumes_after_a_worker_kill_without_rerunning_finished_p
 
 def _finished_parts(localfly: Any, app: str) -> int:
     return sum(m["state"] == "destroyed" for m in localfly.machines(app))
+
+
+def _four_part_repo(repo: Path) -> Path:
+    """Three directories of two files and a README: four parts of at most two files."""
+    for directory in ("api", "db", "web"):
+        (repo / directory).mkdir(parents=True)
+        for name in ("a.py", "b.py"):
+            (repo / directory / name).write_text(f"x = {directory + name!r}\n")
+    (repo / "README.md").write_text("# four parts\n")
+    subprocess.run([*GIT, "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run([*GIT, "add", "."], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "first"], cwd=repo, check=True)
+    return repo
+
+
+def _commit_change(repo: Path, path: str) -> None:
+    (repo / path).write_text(f"changed = {uuid.uuid4().hex!r}\n")
+    subprocess.run([*GIT, "commit", "-q", "-am", f"change {path}"], cwd=repo, check=True)
+
+
+async def test_analyze_since_reviews_only_changed_parts_and_carries_the_others_over(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    repo = _four_part_repo(tmp_path / "repo")
+    focus = "bugs [[findings]]"
+    checkout = read_checkout(repo)
+    parts = partition(checkout.files, min_files=1, max_files=2)
+    assert [p.name for p in parts] == ["api", "db", "web", "(root)"]
+    spec = analysis.analysis_spec(
+        checkout, parts, repo_url=str(repo), focus=focus, workers=4, app=app_name
+    )
+    memo = analysis.analysis_memo(checkout, parts, str(repo), "directory", focus)
+    first = (await batches.submit(sortie.client, sortie.settings, spec, memo=memo)).batch_id
+    await batches.batch_handle(sortie.client, first).result()
+    assert len(sortie.localfly.machines(app_name)) == 4
+
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": sortie.settings.temporal_address,
+        "SORTIE_TASK_QUEUE": sortie.settings.task_queue,
+        "SORTIE_STATE_DIR": str(sortie.settings.state_dir),
+        "FLY_APP": app_name,
+    }
+
+    async def analyze_since(batch_id: str, out: Path) -> tuple[str, dict[str, Any]]:
+        command = [sys.executable, str(ROOT / "starter.py"), "analyze", str(repo), "--since"]
+        command += [batch_id, "--min-files", "1", "--max-files", "2", "--focus", focus]
+        command += ["--watch", "--out", str(out)]
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            env=env,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+        assert process.returncode == 0, stdout.decode() + stderr.decode()
+        return stdout.decode(), json.loads((out / "findings.json").read_text())
+
+    _commit_change(repo, "db/a.py")
+    printed, document = await analyze_since(first, tmp_path / "out2")
+    assert "1 files changed; 1 parts to review again, 3 carried over" in printed, printed
+    made = sortie.localfly.machines(app_name)
+    assert len(made) == 5 and made[-1]["metadata"][META_JOB] == analysis.job_id(1, parts[1])
+    summary, findings = document["summary"], document["findings"]
+    second = summary["batch_id"]
+    assert summary["since"] == first and summary["chunks"] == 4
+    assert set(summary["carried"].values()) == {first} and len(summary["carried"]) == 3
+    by_file = {f["file"]: f.get("carried_from") for f in findings if f["file"] != "README.md"}
+    assert by_file == {
+        **dict.fromkeys(["api/a.py", "api/b.py", "web/a.py", "web/b.py"], first),
+        **dict.fromkeys(["db/a.py", "db/b.py"], None),
+    }, "the changed part's findings are new, the others' carried over"
+    report = (tmp_path / "out2" / "report.md").read_text()
+    assert f"| carried over | 3 unchanged parts since `{first}`, not reviewed again |" in report
+    assert f"Unvalidated input in api/a.py _(security)_ (carried over from `{first}`)" in report
+
+    # Again on the incremental batch: its carried parts keep pointing at their first review.
+    _commit_change(repo, "web/a.py")
+    printed, document = await analyze_since(second, tmp_path / "out3")
+    assert "1 parts to review again, 3 carried over" in printed, printed
+    assert len(sortie.localfly.machines(app_name)) == 6
+    carried = document["summary"]["carried"]
+    assert carried == {
+        analysis.job_id(0, parts[0]): first,
+        analysis.job_id(1, parts[1]): second,
+        analysis.job_id(3, parts[3]): first,
+    }
+    third = document["summary"]["batch_id"]
+    unchanged = await analysis.plan_since(sortie.client, third, read_checkout(repo), parts, focus)
+    assert unchanged.review == [] and unchanged.changed == 0
+    refocused = await analysis.plan_since(sortie.client, third, read_checkout(repo), parts, "style")
+    assert refocused.review == [0, 1, 2, 3], "another focus reviews everything again"
+    assert live(sortie.localfly, app_name) == []

@@ -304,6 +304,7 @@ class BatchWorkflow:
             slots=window,
             budgeted=self._state.max_cost_usd is not None,
             tuning=self._input.tuning,
+            continues={j.id: f for j in plan.jobs if (f := self._input.continues.get(j.id))},
         )
 
     def _starts_fitting(self) -> int:

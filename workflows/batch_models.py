@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from sortie.models import Counts, StrictModel, Tuning
+from sortie.models import Counts, Followup, StrictModel, Tuning
 from sortie.spec import Defaults, JobSpec
 
 
@@ -85,6 +85,8 @@ class BatchInput(StrictModel):
     defaults: Defaults
     jobs: list[JobSpec] = []
     tuning: Tuning = Tuning()
+    continues: dict[str, Followup] = {}
+    """A retry's jobs that continue their Claude session (ran out of turns or budget), by id."""
     state: BatchState | None = None
 
 

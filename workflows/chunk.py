@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.machines import MachineActivities
     from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
-    from sortie.models import Counts, JobResult, JobState, MachineRef
+    from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
     from sortie.outcomes import record_outcome
     from sortie.spec import Job
     from workflows import policies
@@ -55,8 +55,10 @@ class ChunkWorkflow:
     @workflow.init
     def __init__(self, input: ChunkInput) -> None:
         self._input = input
-        turn = input.followup.turn if input.followup else 1
-        self._results = [JobResult(job_id=j.id, index=j.index, turn=turn) for j in input.jobs]
+        self._results = [
+            JobResult(job_id=j.id, index=j.index, turn=f.turn if (f := self._followup(j)) else 1)
+            for j in input.jobs
+        ]
         self._queue = deque(input.jobs)
         self._slots = input.slots
         self._owed = 0
@@ -307,8 +309,12 @@ class ChunkWorkflow:
             job=job,
             attempt=attempt,
             owner=workflow.info().workflow_id,
-            followup=self._input.followup,
+            followup=self._followup(job),
         )
+
+    def _followup(self, job: Job) -> Followup | None:
+        """The session the job continues: a follow-up turn's, or a retry's, or none."""
+        return self._input.followup or self._input.continues.get(job.id)
 
     async def _destroy(self, machine: MachineRef) -> None:
         """Destroy the machine; retried until it is gone."""

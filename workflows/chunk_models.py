@@ -24,6 +24,8 @@ class ChunkInput(StrictModel):
     budgeted: bool = False
     tuning: Tuning = Tuning()
     followup: Followup | None = None
+    continues: dict[str, Followup] = {}
+    """Jobs of a retry batch that continue their session instead of starting over, by id."""
 
 
 class ChunkOutput(StrictModel):

@@ -306,3 +306,19 @@ def read_checkout(path: Path, ref: str = "HEAD") -> Checkout:
         files=files,
         excluded=dict(sorted(excluded.items())),
     )
+
+
+def changed_files(checkout: Checkout, since: str) -> set[str]:
+    """Paths added, changed or deleted between commit `since` and the checkout's commit.
+
+    A rename counts as a deletion and an addition, so both parts it touches are reviewed again.
+    """
+    root = Path(checkout.root)
+    try:
+        _git(root, "cat-file", "-e", f"{since}^{{commit}}")
+    except AnalysisError:
+        raise AnalysisError(
+            f"commit {since[:12]} is not in {root}: fetch it, or analyse without --since"
+        ) from None
+    diff = _git(root, "diff", "--name-only", "-z", "--no-renames", since, checkout.commit)
+    return {os.fsdecode(record) for record in _records(diff)}

@@ -75,6 +75,8 @@ class Finding(StrictModel):
     detail: str = ""
     chunk: str | None = None
     """The name of the part whose job reported it."""
+    carried_from: str | None = None
+    """The earlier analysis batch it comes from, its part unchanged since (`--since`)."""
 
     @field_validator("severity", mode="before")
     @classmethod
@@ -114,6 +116,10 @@ class AnalysisSummary(StrictModel):
     status: str
     dirty: bool = False
     """Whether the local work tree had uncommitted changes the machines did not see."""
+    since: str | None = None
+    """The analysis this one is incremental on: its unchanged parts were not reviewed again."""
+    carried: dict[str, str] = {}
+    """Job id → the batch whose review of the unchanged part was carried over."""
 
 
 def _path_line(path: str) -> str:
@@ -345,6 +351,14 @@ def _summary_lines(summary: AnalysisSummary, findings: list[Finding]) -> list[st
         f"(sequential estimate {_duration(summary.sequential_s)}{speedup}) |",
         f"| cost | ${summary.cost_usd:.2f} |",
         f"| batch | {_code(summary.batch_id)}, {summary.status} |",
+        *(
+            [
+                f"| carried over | {len(summary.carried)} unchanged parts since "
+                f"{_code(summary.since)}, not reviewed again |"
+            ]
+            if summary.since
+            else []
+        ),
     ]
 
 
@@ -363,9 +377,13 @@ def _chunk_lines(summary: AnalysisSummary, findings: list[Finding]) -> list[str]
         session = summary.sessions.get(job)
         followup = f'python starter.py followup {batch} {shlex.quote(job)} "..."'
         count = "unparsed" if part in summary.unparsed_chunks else str(per_part.get(part, 0))
+        if job in summary.carried:
+            ask = f"carried over from {_code(summary.carried[job])}"
+        else:
+            ask = _code(followup) if session else ""
         lines.append(
             f"| {_code(job)} | {_code(part) if part else ''} | {count} "
-            f"| {_code(session) if session else 'none'} | {_code(followup) if session else ''} |"
+            f"| {_code(session) if session else 'none'} | {ask} |"
         )
     return lines
 
@@ -380,7 +398,12 @@ def _finding_lines(findings: list[Finding]) -> list[str]:
         lines += ["", f"### {severity.capitalize()} ({len(group)})", ""]
         for finding in group:
             where = finding.file if finding.line is None else f"{finding.file}:{finding.line}"
-            lines.append(f"- **{_code(where)}** {finding.title} _({finding.category})_")
+            carried = (
+                f" (carried over from {_code(finding.carried_from)})"
+                if finding.carried_from
+                else ""
+            )
+            lines.append(f"- **{_code(where)}** {finding.title} _({finding.category})_{carried}")
             lines += [f"  {line}".rstrip() for line in finding.detail.splitlines()]
     return lines
 

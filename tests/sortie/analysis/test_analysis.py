@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sortie.analysis.files import AnalysisError, SourceFile, language_of, read_checkout
+from sortie.analysis.files import (
+    AnalysisError,
+    SourceFile,
+    changed_files,
+    language_of,
+    read_checkout,
+)
 from sortie.analysis.findings import (
     FINDINGS_SCHEMA_DOC,
     PROMPT_LIMIT,
@@ -161,6 +167,21 @@ def test_read_checkout_refuses_a_repository_without_commits(tmp_path: Path) -> N
     git(tmp_path, "init", "-q", "fresh")
     with pytest.raises(AnalysisError, match="no commit yet"):
         read_checkout(tmp_path / "fresh")
+
+
+def test_changed_files_since_a_commit_count_a_rename_on_both_sides(repo: Path) -> None:
+    before = read_checkout(repo).commit
+    write(repo, "src/util.py", "X = 2\n")
+    git(repo, "mv", "src/app.py", "src/main.py")
+    git(repo, "commit", "-q", "-am", "change and rename")
+    assert changed_files(read_checkout(repo), before) == {
+        "src/util.py",
+        "src/app.py",
+        "src/main.py",
+    }
+    assert changed_files(read_checkout(repo), read_checkout(repo).commit) == set()
+    with pytest.raises(AnalysisError, match="commit 0123456789ab is not in"):
+        changed_files(read_checkout(repo), "0123456789abcdef0123456789abcdef01234567")
 
 
 def test_language_from_extension_and_name() -> None:

@@ -26,6 +26,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from sortie.claude import PREVIEW_CHARS
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
+from sortie.pacing import APPS_MEMO
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, BatchSpec, resolve_job
 from sortie.store import BlobStore
@@ -78,6 +79,8 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
         batch_id=batch_id,
         name=spec.name,
         app=spec.app,
+        apps=spec.fly_apps if spec.apps else [],
+        priority=spec.priority,
         max_machines=spec.max_machines,
         chunk_size=chunk_size(spec),
         max_cost_usd=spec.max_cost_usd,
@@ -123,7 +126,7 @@ def chunk_size(spec: BatchSpec) -> int:
 def _details(spec: BatchSpec, chunk_size: int) -> str:
     """Markdown for the Web UI: the batch's shape and its first jobs."""
     lines = [
-        f"**{spec.name}** on Fly app `{spec.app}`: {len(spec.jobs)} jobs, "
+        f"**{spec.name}** on Fly {_apps(spec)}: {len(spec.jobs)} jobs, "
         f"at most {spec.max_machines} machines, chunks of {chunk_size}",
         "",
         "| job | kind | what |",
@@ -138,6 +141,12 @@ def _details(spec: BatchSpec, chunk_size: int) -> str:
             lines.append(f"| … | | {len(spec.jobs)} jobs in all |")
             break
     return "\n".join(lines)
+
+
+def _apps(spec: BatchSpec) -> str:
+    """The batch's Fly apps, for the Web UI."""
+    apps = spec.fly_apps
+    return f"app `{apps[0]}`" if len(apps) == 1 else "apps " + ", ".join(f"`{a}`" for a in apps)
 
 
 async def submit(
@@ -165,9 +174,11 @@ async def submit(
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
-            static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
+            static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on "
+            + ", ".join(spec.fly_apps),
             static_details=details or _details(spec, data.chunk_size),
-            memo=memo,
+            # The workers read which apps' create queues to poll from this memo (sortie/pacing).
+            memo={**(memo or {}), APPS_MEMO: spec.fly_apps},
             # A large batch's workflow task may take seconds on a loaded worker; a task that
             # times out is replayed from scratch, which only takes longer.
             task_timeout=BATCH_TASK_TIMEOUT,
@@ -318,6 +329,7 @@ class ProgressView:
     live_machines: int
     cost_usd: float
     chunks: tuple[ChunkView, ...]
+    apps: tuple[str, ...] = ()
 
 
 def view(p: Progress) -> ProgressView:
@@ -352,6 +364,7 @@ def view(p: Progress) -> ProgressView:
             )
             for chunk in p.chunks
         ),
+        apps=tuple(p.apps),
     )
 
 
@@ -549,6 +562,7 @@ async def followup(
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
         static_summary=f"follow-up turn {turn} of job {job_id}",
+        memo={APPS_MEMO: [chunk_input.app_of(job)]},
         static_details=f"Continues Claude session `{latest.session_id}`.\n\n{prompt[:2000]}",
     )
     return workflow_id

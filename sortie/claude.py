@@ -28,6 +28,8 @@ class ErrorKind(StrEnum):
     MAX_TURNS = "max_turns"
     BUDGET = "budget"
     NO_REPORT = "no_report"
+    CREDENTIALS_RESTING = "credentials_resting"
+    """Not Claude's answer: every credential was resting, so no machine was created."""
     OTHER = "other"
 
     @property

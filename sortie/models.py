@@ -111,6 +111,8 @@ class JobResult(StrictModel):
     index: int
     state: JobState = JobState.PENDING
     exit_code: int | None = None
+    app: str | None = None
+    """The Fly app of the job's (last) machine."""
     machine_id: str | None = None
     machine_state: str | None = None
     attempts: int = 0

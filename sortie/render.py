@@ -69,6 +69,10 @@ def progress_lines(v: ProgressView) -> list[str]:
         f"ok {v.succeeded}  failed {v.failed}  timed out {v.timed_out}  "
         f"cancelled {v.cancelled}  running {v.running}  machines {_machines(v)}",
     ]
+    if len(v.apps) > 1:
+        lines.append(
+            f"  Fly apps {', '.join(v.apps)}: jobs spread evenly, each its own create rate"
+        )
     for chunk in v.chunks:
         if chunk.active:
             lines.append(
@@ -207,7 +211,7 @@ def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
                         r.state.value,
                         "" if r.exit_code is None else str(r.exit_code),
                         str(r.attempts),
-                        r.machine_id or "",
+                        f"{r.app}/{r.machine_id}" if r.app and r.machine_id else r.machine_id or "",
                         "" if r.duration_s is None else f"{r.duration_s:.1f}s",
                         "" if r.cost_usd is None else f"${r.cost_usd:.4f}",
                         r.session_id or "",

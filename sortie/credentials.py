@@ -112,6 +112,9 @@ class ClaudePool:
     def __len__(self) -> int:
         return len(self._credentials)
 
+    def __getitem__(self, name: str) -> Credential:
+        return self._credentials[name]
+
     def names(self) -> list[str]:
         """The credentials' names, sorted."""
         return sorted(self._credentials)

@@ -26,9 +26,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from sortie.claude import PREVIEW_CHARS
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
-from sortie.pacing import APPS_MEMO
+from sortie.pacing import APPS_MEMO, batch_priority
 from sortie.settings import Settings
-from sortie.spec import BatchFileError, BatchSpec, resolve_job
+from sortie.spec import DEFAULT_PRIORITY, BatchFileError, BatchSpec, resolve_job
 from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
@@ -179,6 +179,7 @@ async def submit(
             static_details=details or _details(spec, data.chunk_size),
             # The workers read which apps' create queues to poll from this memo (sortie/pacing).
             memo={**(memo or {}), APPS_MEMO: spec.fly_apps},
+            priority=batch_priority(spec.priority, batch_id),
             # A large batch's workflow task may take seconds on a loaded worker; a task that
             # times out is replayed from scratch, which only takes longer.
             task_timeout=BATCH_TASK_TIMEOUT,
@@ -563,6 +564,7 @@ async def followup(
         search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
         static_summary=f"follow-up turn {turn} of job {job_id}",
         memo={APPS_MEMO: [chunk_input.app_of(job)]},
+        priority=batch_priority(DEFAULT_PRIORITY, batch_id),
         static_details=f"Continues Claude session `{latest.session_id}`.\n\n{prompt[:2000]}",
     )
     return workflow_id

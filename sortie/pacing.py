@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from temporalio.client import Client
+from temporalio.common import Priority
 from temporalio.worker import Worker, WorkerDeploymentConfig
 
 log = logging.getLogger("sortie.pacing")
@@ -29,6 +30,15 @@ DISCOVER_EVERY = 5.0
 """Seconds between two looks for apps in use that this worker does not poll yet."""
 CREATES_AT_ONCE = 20
 """Creates one worker runs at once on an app's queue: each is one short Fly call."""
+
+
+def batch_priority(priority: int, batch_id: str) -> Priority:
+    """How a batch's work is ordered on the shared workers' queues: its priority (1 first, 5
+    last), then a fair share per batch (its id as the fairness key), whoever submitted first.
+
+    Set on the batch and its chunks; their activities (creates included) inherit it.
+    """
+    return Priority(priority_key=priority, fairness_key=batch_id)
 
 
 def create_queue(task_queue: str, app: str) -> str:

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import Counts
+    from sortie.pacing import batch_priority
     from sortie.spec import resolve_job
     from workflows import policies, slots
     from workflows.batch_models import (
@@ -284,6 +285,7 @@ class BatchWorkflow:
                 chunk,
                 id=self._state.chunks[plan.index].workflow_id,
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                priority=batch_priority(self._input.priority, self._input.batch_id),
                 search_attributes=TypedSearchAttributes(
                     [SearchAttributePair(BATCH_ID, self._input.batch_id)]
                 ),

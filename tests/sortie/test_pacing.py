@@ -22,8 +22,10 @@ from temporalio.testing import WorkflowEnvironment
 from sortie import batches
 from sortie.labels import META_JOB
 from sortie.pacing import create_queue
+from sortie.settings import Settings
 from sortie.spec import parse_batch
 from tests.helpers.batches import TUNING, check_exactly_once, settings_for, spec_for
+from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.waiting import eventually
 
@@ -127,3 +129,25 @@ async def test_three_apps_share_a_batch_each_at_its_own_rate(
 
 async def _at_least(count: Any, wanted: int) -> bool:
     return bool(await count >= wanted)
+
+
+async def test_a_small_batch_behind_a_large_one_starts_its_jobs_among_the_large_ones(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # One app's create queue, paced, holds a backlog of the large batch's creates when the
+    # small batch arrives: fairness by batch gives the small one its turns at once, where first
+    # come first served would start its jobs after all thirty.
+    fleet = Fleet()
+    settings = Settings(task_queue=f"fair-{uuid.uuid4().hex}")
+    large = fleet_spec([{"id": f"big{i:02d}"} for i in range(30)], max_machines=30, chunk_size=10)
+    small = fleet_spec([{"id": f"small{i}"} for i in range(3)], max_machines=3, chunk_size=3)
+    async with fleet_worker(temporal, settings, fleet.activities, rate=5.0):
+        first = await batches.submit(temporal.client, settings, large)
+        await eventually(lambda: fleet.created >= 2, what="the large batch creating")
+        second = await batches.submit(temporal.client, settings, small)
+        await batches.batch_handle(temporal.client, second.batch_id).result()
+        await batches.batch_handle(temporal.client, first.batch_id).result()
+    order = fleet.runs
+    assert len(order) == 33
+    smalls = [order.index(f"small{i}") for i in range(3)]
+    assert max(smalls) < 15, f"the small batch's creates came at {smalls} of 33"

@@ -376,13 +376,13 @@ def test_apps_spread_the_jobs_and_priority_is_one_to_five() -> None:
     data = batch_input(spec, spec.batch_id())
     assert [app_for(data.apps, i) for i in range(5)] == ["a", "b", "c", "a", "b"]
     assert parse_batch({"name": "one", "app": "a", "jobs": jobs}).fly_apps == ["a"]
-    bad: dict[str, object]
-    for bad, problem in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"app": "a", "apps": ["b"]}, "give `app` (one Fly app) or `apps` (several), not both"),
         ({"apps": ["a", "a"]}, "apps: each Fly app may be named once"),
         ({"app": "a", "priority": 0}, "priority: Input should be greater than or equal to 1"),
         ({"app": "a", "priority": 6}, "priority: Input should be less than or equal to 5"),
-    ]:
+    ]
+    for bad, problem in cases:
         with pytest.raises(BatchFileError) as refused:
             parse_batch({"name": "bad", "jobs": jobs} | bad)
         assert problem in refused.value.problems, refused.value.problems

@@ -97,7 +97,7 @@ class CreateQueues:
             deployment_config=self._deployment,
         )
         self._workers[app] = worker
-        self._runs.append(asyncio.create_task(worker.run()))
+        self._runs.append(asyncio.create_task(self._run(app, worker)))
         rate = f"{self._rate:g}/s" if self._rate else "unpaced"
         log.info("polling %s for creates in Fly app %s (%s)", worker.task_queue, app, rate)
         for observer in self.on_new_app:
@@ -105,6 +105,15 @@ class CreateQueues:
                 await observer(app)
             except Exception:
                 log.exception("observer of new app %s failed", app)
+
+    async def _run(self, app: str, worker: Worker) -> None:
+        """Poll until shut down; a poller that fails is forgotten, so discovery starts it again."""
+        try:
+            await worker.run()
+        except Exception:
+            log.exception("the create queue of %s stopped; polling it again on discovery", app)
+            if self._workers.get(app) is worker:
+                del self._workers[app]
 
     async def discover(self) -> None:
         """Serve every app a running batch or follow-up on this task queue names."""
@@ -134,5 +143,7 @@ class CreateQueues:
         if self._discovery is not None:
             self._discovery.cancel()
             await asyncio.gather(self._discovery, return_exceptions=True)
-        await asyncio.gather(*(w.shutdown() for w in self._workers.values()))
+        await asyncio.gather(
+            *(w.shutdown() for w in self._workers.values()), return_exceptions=True
+        )
         await asyncio.gather(*self._runs, return_exceptions=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from sortie.labels import META_JOB
 from sortie.pacing import create_queue
 from sortie.settings import Settings
 from sortie.spec import parse_batch
-from tests.helpers.batches import TUNING, check_exactly_once, settings_for, spec_for
+from tests.helpers.batches import TUNING, settings_for
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.waiting import eventually
@@ -52,48 +52,71 @@ async def pollers(client: Client, queue: str) -> int:
     return len({poller.identity for poller in described.pollers})
 
 
-def paced_workers(
-    settings: Any, localfly: Any, tmp_path: Path, apps: list[str]
-) -> list[WorkerProcess]:
-    """Two workers pacing creates as on real Fly (the client's limits on, as with a token)."""
-    env = {"SORTIE_FLY_RATE_LIMIT": "on", "SORTIE_FLY_APPS": ",".join(apps)}
-    return [
-        WorkerProcess(settings, localfly.url, tmp_path / f"worker-{n}.log", env=env) for n in (1, 2)
-    ]
+ONE_APP = f"t-{uuid.uuid4().hex[:10]}"
+THREE_APPS = [f"t-{uuid.uuid4().hex[:10]}" for _ in range(3)]
 
 
-async def test_two_workers_keep_to_one_apps_create_rate(
-    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path, enforced: None
-) -> None:
+@dataclass
+class Fleet2:
+    """Two worker processes on one task queue, pacing creates as on real Fly."""
+
+    settings: Settings
+    workers: list[WorkerProcess]
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    temporal: WorkflowEnvironment, localfly: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet2]:
+    """Started once for the module's tests (the client's limits on, as with a Fly token)."""
     settings = settings_for(temporal.client.service_client.config.target_host)
-    workers = paced_workers(settings, localfly, tmp_path, [app_name])
+    logs = tmp_path_factory.mktemp("workers")
+    env = {"SORTIE_FLY_RATE_LIMIT": "on", "SORTIE_FLY_APPS": ",".join([ONE_APP, *THREE_APPS])}
+    workers = [
+        WorkerProcess(settings, localfly.url, logs / f"worker-{n}.log", env=env) for n in (1, 2)
+    ]
     try:
         for worker in workers:
             worker.start()
-        queue = create_queue(settings.task_queue, app_name)
-        await eventually(
-            lambda: _at_least(pollers(temporal.client, queue), 2), what="both workers polling"
-        )
-        spec = spec_for(app_name, seconds=0)
-        submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
-        await batches.batch_handle(temporal.client, submitted.batch_id).result()
-        report = await batches.results(
-            temporal.client, submitted.batch_id, store=settings.blob_store()
-        )
+        yield Fleet2(settings, workers)
     finally:
         for worker in workers:
             worker.stop()
-    check_exactly_once(localfly, app_name, report)
-    stats = localfly.stats(app_name)
+
+
+async def test_two_workers_keep_to_one_apps_create_rate(
+    temporal: WorkflowEnvironment, localfly: Any, two_workers: Fleet2, enforced: None
+) -> None:
+    settings = two_workers.settings
+    queue = create_queue(settings.task_queue, ONE_APP)
+    await eventually(
+        lambda: _at_least(pollers(temporal.client, queue), 2), what="both workers polling"
+    )
+    spec = parse_batch(
+        {
+            "name": f"o{uuid.uuid4().hex[:8]}",
+            "app": ONE_APP,
+            "max_machines": 8,
+            "defaults": {"image": "alpine", "command": "true"},
+            "jobs": [{"id": f"job-{i}"} for i in range(8)],
+        }
+    )
+    submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
+    await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    report = await batches.results(temporal.client, submitted.batch_id)
+    assert [r.state for r in report.results] == ["succeeded"] * 8, report.results
+    made = localfly.machines(ONE_APP)
+    assert sorted(m["metadata"][META_JOB] for m in made) == [f"job-{i}" for i in range(8)]
+    assert all(m["state"] == "destroyed" for m in made)
+    stats = localfly.stats(ONE_APP)
     assert stats["rate_limited"] == 0, stats
 
 
 async def test_three_apps_share_a_batch_each_at_its_own_rate(
-    temporal: WorkflowEnvironment, localfly: Any, tmp_path: Path, enforced: None
+    temporal: WorkflowEnvironment, localfly: Any, two_workers: Fleet2, enforced: None
 ) -> None:
-    apps = [f"t-{uuid.uuid4().hex[:8]}" for _ in range(3)]
-    settings = settings_for(temporal.client.service_client.config.target_host)
-    workers = paced_workers(settings, localfly, tmp_path, apps)
+    apps = THREE_APPS
+    settings = two_workers.settings
     spec = parse_batch(
         {
             "name": f"a{uuid.uuid4().hex[:8]}",
@@ -103,15 +126,9 @@ async def test_three_apps_share_a_batch_each_at_its_own_rate(
             "jobs": [{"id": f"job-{i}"} for i in range(12)],
         }
     )
-    try:
-        for worker in workers:
-            worker.start()
-        submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
-        await batches.batch_handle(temporal.client, submitted.batch_id).result()
-        report = await batches.results(temporal.client, submitted.batch_id)
-    finally:
-        for worker in workers:
-            worker.stop()
+    submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
+    await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    report = await batches.results(temporal.client, submitted.batch_id)
     assert report.status == "completed" and report.succeeded == 12, report
     # Jobs take the apps in turn, and every result names its machine's app.
     assert [r.app for r in report.results] == [apps[i % 3] for i in range(12)]

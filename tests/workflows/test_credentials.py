@@ -87,7 +87,8 @@ async def test_a_batch_sees_credentials_resting_as_the_jobs_error_kind(
         }
     )
     submitted = await batches.submit(sortie.client, sortie.settings, spec)
-    await batches.batch_handle(sortie.client, submitted.batch_id).result()
+    output = await batches.batch_handle(sortie.client, submitted.batch_id).result()
+    assert [c.counts.credentials_resting for c in output.chunks] == [1], "the batch counts it"
     [result] = (await batches.results(sortie.client, submitted.batch_id)).results
     assert (result.state, result.error_kind) == ("failed", "credentials_resting"), result
     assert "every Claude credential is resting" in (result.error or "")

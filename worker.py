@@ -77,6 +77,7 @@ def build_worker(
     machines = MachineActivities(fly, secrets, store, task_queue=settings.task_queue)
     reaper = ReaperActivities(fly, store)
     deployment = settings.deployment_config()
+    everywhere = [LogContextInterceptor(), *interceptors]
     creates = CreateQueues(
         client,
         settings.task_queue,
@@ -84,6 +85,7 @@ def build_worker(
         rate=fly.settings.paced_create_rate,
         deployment=deployment,
         apps=[*filter(None, [fly.settings.app]), *settings.fly_apps],
+        interceptors=everywhere,
     )
     machines.on_batch_apps.append(creates.serve)
     main = Worker(
@@ -106,7 +108,7 @@ def build_worker(
         # SORTIE_DEPLOYMENT and SORTIE_BUILD_ID set: Worker Versioning, workflows pinned to
         # the build they started on, their chunks (children) too; unset: unversioned.
         deployment_config=deployment,
-        interceptors=[LogContextInterceptor(), *interceptors],
+        interceptors=everywhere,
     )
     return SortieWorker(main, creates)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from temporalio.client import Client
 from temporalio.common import Priority
-from temporalio.worker import Worker, WorkerDeploymentConfig
+from temporalio.worker import Interceptor, Worker, WorkerDeploymentConfig
 
 log = logging.getLogger("sortie.pacing")
 
@@ -66,6 +66,7 @@ class CreateQueues:
         rate: float | None,
         deployment: WorkerDeploymentConfig | None = None,
         apps: Sequence[str] = (),
+        interceptors: Sequence[Interceptor] = (),
     ) -> None:
         self._client = client
         self._task_queue = task_queue
@@ -73,6 +74,7 @@ class CreateQueues:
         self._rate = rate
         self._deployment = deployment
         self._configured = list(apps)
+        self._interceptors = list(interceptors)
         self._workers: dict[str, Worker] = {}
         self._runs: list[asyncio.Task[None]] = []
         self._discovery: asyncio.Task[None] | None = None
@@ -95,6 +97,7 @@ class CreateQueues:
             max_concurrent_activities=CREATES_AT_ONCE,
             max_task_queue_activities_per_second=self._rate,
             deployment_config=self._deployment,
+            interceptors=self._interceptors,
         )
         self._workers[app] = worker
         self._runs.append(asyncio.create_task(self._run(app, worker)))

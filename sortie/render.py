@@ -296,6 +296,10 @@ def print_list(console: Console, rows: Listed) -> None:
     console.print(table)
 
 
+def _apps(apps: list[str]) -> str:
+    return f"app {apps[0]}" if len(apps) == 1 else f"apps {', '.join(apps)}"
+
+
 def summary_line(report: BatchReport) -> str:
     """Totals in one line."""
     line = (
@@ -338,11 +342,13 @@ def plan_lines(p: Plan) -> list[str]:
     if p.prompt_jobs and p.budget_usd is not None:
         cost += f"; budget ${p.budget_usd:.2f}: the batch pauses once it is spent"
     return [
-        f"{p.batch_id} is valid: {p.name} on Fly app {p.app}",
+        f"{p.batch_id} is valid: {p.name} on Fly {_apps(p.apps)}",
         f"  jobs:     {p.jobs} ({p.command_jobs} command, {p.prompt_jobs} prompt)",
         f"  chunks:   {p.chunks} of at most {p.chunk_size} jobs",
         f"  machines: at most {p.machines_at_once} at once (max_machines {p.max_machines})",
-        f"  app:      {p.app}",
+        f"  app:      {p.app}"
+        if len(p.apps) == 1
+        else f"  apps:     {', '.join(p.apps)} (jobs in turn, each app its own create rate)",
         f"  secrets:  {secrets}",
         f"  time:     at most {duration(p.time_bound_s)} (one job at most "
         f"{duration(p.longest_job_s)}: every try boots and runs to its timeout)",

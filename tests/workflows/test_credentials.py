@@ -6,15 +6,17 @@ the rests and the turn live in the task queue's CredentialPoolWorkflow on the re
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from sortie import batches
 from sortie.credentials import ClaudePool, CredentialsResting, pool_workflow_id
 from sortie.spec import parse_batch
+from tests.helpers.history import decoded_payloads
 from tests.helpers.stack import Sortie
 from workflows.credentials import CredentialPoolWorkflow
 
@@ -51,11 +53,17 @@ async def test_a_credential_rested_by_one_worker_is_not_handed_out_by_another(
         await b.rest(client, queue, THREE, "auth error in job j3")
         with pytest.raises(CredentialsResting, match="every Claude credential is resting"):
             await a.take(client, queue)
-        view = await client.get_workflow_handle(pool_workflow_id(queue)).query(
-            CredentialPoolWorkflow.resting
-        )
+        pool = client.get_workflow_handle(pool_workflow_id(queue))
+        view = await pool.query(CredentialPoolWorkflow.resting)
+        history = await pool.fetch_history()
     assert sorted(view.resting) == [ONE, TWO, THREE]
     assert view.reasons[TWO] == "rate_limit error in job j1"
+    # The pool's history replays (deterministic) and holds names, never a value.
+    replayer = Replayer(workflows=[CredentialPoolWorkflow], data_converter=client.data_converter)
+    await replayer.replay_workflow(history)
+    recorded = "\n".join(decoded_payloads(json.loads(history.to_json())))
+    assert TWO in recorded, "names are kept"
+    assert not any(value in recorded for value in (*a.values(), *b.values()))
 
 
 def test_a_numbered_credential_carries_its_own_endpoint_and_model() -> None:

@@ -1,7 +1,9 @@
 """The Sortie worker: runs batch and chunk workflows and the Fly machine activities.
 
-Configured by environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully:
-waits in progress are handed over to the next worker, never lost.
+Each worker polls its task queue (workflows, waits, destroys) and one create queue per Fly app
+in use, paced by Temporal for all workers together (sortie/pacing.py). Configured by
+environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully: waits in
+progress are handed over to the next worker, never lost.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,15 +29,40 @@ from fly import FlyClient
 from sortie import reaping
 from sortie.logs import LogContextInterceptor, configure_logging, note_machine
 from sortie.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
+from sortie.pacing import CreateQueues
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
+from workflows.credentials import CredentialPoolWorkflow
 from workflows.logs import MachineLogsWorkflow
 from workflows.reaper import ReaperWorkflow
 
 log = logging.getLogger("sortie.worker")
+
+
+@dataclass
+class SortieWorker:
+    """The worker of Sortie's task queue and its pollers of the per-app create queues."""
+
+    main: Worker
+    creates: CreateQueues
+
+    async def __aenter__(self) -> SortieWorker:
+        await self.creates.__aenter__()
+        try:
+            await self.main.__aenter__()
+        except BaseException:
+            await self.creates.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.main.__aexit__(None, None, None)
+        finally:
+            await self.creates.__aexit__(None, None, None)
 
 
 def build_worker(
@@ -43,20 +71,36 @@ def build_worker(
     secrets: SecretStore,
     settings: Settings,
     interceptors: Sequence[Interceptor] = (),
-) -> Worker:
-    """The worker for Sortie's task queue."""
+) -> SortieWorker:
+    """The worker for Sortie's task queue, and its create queues (one per Fly app in use)."""
     cache_workflow_bytecode()
     store = settings.blob_store()
-    machines = MachineActivities(fly, secrets, store)
+    machines = MachineActivities(fly, secrets, store, task_queue=settings.task_queue)
     reaper = ReaperActivities(fly, store)
     deployment = settings.deployment_config()
-    return Worker(
+    everywhere = [LogContextInterceptor(), *interceptors]
+    creates = CreateQueues(
+        client,
+        settings.task_queue,
+        machines.create_machine,
+        rate=fly.settings.paced_create_rate,
+        deployment=deployment,
+        apps=[*filter(None, [fly.settings.app]), *settings.fly_apps],
+        interceptors=everywhere,
+    )
+    machines.on_batch_apps.append(creates.serve)
+    main = Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow, ReaperWorkflow, MachineLogsWorkflow],
+        workflows=[
+            BatchWorkflow,
+            ChunkWorkflow,
+            ReaperWorkflow,
+            CredentialPoolWorkflow,
+            MachineLogsWorkflow,
+        ],
         activities=[
             machines.check_batch,
-            machines.create_machine,
             machines.finish_job,
             machines.read_logs,
             machines.destroy_machine,
@@ -72,8 +116,9 @@ def build_worker(
         # SORTIE_DEPLOYMENT and SORTIE_BUILD_ID set: Worker Versioning, workflows pinned to
         # the build they started on, their chunks (children) too; unset: unversioned.
         deployment_config=deployment,
-        interceptors=[LogContextInterceptor(), *interceptors],
+        interceptors=everywhere,
     )
+    return SortieWorker(main, creates)
 
 
 def cache_workflow_bytecode() -> None:
@@ -103,8 +148,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             connection_summary(client),
             fly_settings.api_base_url,
         )
+        # Every app the worker creates machines in gets swept: FLY_APP's schedule is the
+        # queue's own, each other app's is named after it; all outlive the worker.
+        worker.creates.on_new_app.append(
+            lambda app: keep_reaper_scheduled(client, settings, app, fly_settings.app)
+        )
         async with worker:
-            await keep_reaper_scheduled(client, settings, fly_settings.app)
             await stop.wait()
             log.info("shutting down: handing running waits over to the next worker")
 
@@ -130,10 +179,13 @@ def observe(fly: FlyClient, secrets: SecretStore, runtime: Runtime | None) -> li
     return [MetricsInterceptor(metrics)]
 
 
-async def keep_reaper_scheduled(client: Client, settings: Settings, app: str | None) -> None:
-    """Ensure the queue's reaper schedule at start; a failure is logged, the worker serves on."""
+async def keep_reaper_scheduled(
+    client: Client, settings: Settings, app: str, home_app: str | None
+) -> None:
+    """Ensure an app's reaper schedule (FLY_APP's at start, each app as it comes into use); a
+    failure is logged, the worker serves on."""
     try:
-        await reaping.ensure_reaper_schedule(client, settings, app)
+        await reaping.ensure_reaper_schedule(client, settings, app, home=app == home_app)
     except Exception:
         log.exception("could not ensure the reaper schedule: orphaned machines are not swept")
 

@@ -15,18 +15,20 @@ from sortie.spec import Job, LogTail
 
 
 class CheckBatchInput(StrictModel):
-    """What a batch needs before any machine exists: its Fly app, the secrets it names, and
+    """What a batch needs before any machine exists: its Fly apps, the secrets it names, and
     whether it needs a Claude credential."""
 
-    app: str
+    apps: list[str]
     names: list[str]
     needs_claude: bool = False
 
 
 class CheckBatchOutput(StrictModel):
-    """The names the worker can resolve."""
+    """The names the worker can resolve, and the create rate per app the workers keep to."""
 
     available: list[str]
+    create_rate: float | None = None
+    """Creates a second per app, paced by Temporal; None: unpaced (localfly without limits)."""
 
 
 class CreateMachineInput(StrictModel):
@@ -147,6 +149,10 @@ class FinishJobOutput(StrictModel):
     destroyed: bool = False
     next: CreateMachineOutput | None = None
 
+
+CREDENTIALS_RESTING_ERROR = "CredentialsResting"
+"""The create's failure type when every Claude credential rests: the job fails with the error
+kind `credentials_resting` (sortie.claude.ErrorKind) and the machine is never created."""
 
 CREDENTIAL_FAULTS = {"rate_limit", "auth"}
 """Claude errors that blame the credential, not the job: the job runs again on another."""

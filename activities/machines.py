@@ -23,6 +23,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.machine_models import (
+    CREDENTIAL_FAULTS,
+    CREDENTIALS_RESTING_ERROR,
     MAY_START_MEMO,
     CheckBatchInput,
     CheckBatchOutput,
@@ -63,7 +65,7 @@ from fly import (
     WaitResult,
 )
 from sortie.claude import ARCHIVE_FRAME, PREVIEW_CHARS, RESULT_FRAME, AgentReport, job_document
-from sortie.credentials import Credential, NoCredential
+from sortie.credentials import Credential, CredentialsResting, NoCredential
 from sortie.labels import (
     META_ATTEMPT,
     META_BATCH,
@@ -113,25 +115,22 @@ def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
 class MachineActivities:
     """Fly machine steps; owns the shared Fly client, the worker's secrets and its blob store."""
 
-    def __init__(self, fly: FlyClient, secrets: SecretStore, store: BlobStore) -> None:
+    def __init__(
+        self, fly: FlyClient, secrets: SecretStore, store: BlobStore, *, task_queue: str = "sortie"
+    ) -> None:
+        """`task_queue`: the workers' queue, whose credential pool this worker shares."""
         self._fly = fly
         self._secrets = secrets
         self._store = store
+        self._task_queue = task_queue
+        self.on_batch_apps: list[Callable[[str], Awaitable[None]]] = []
+        """Told each app of a batch that passed its check, before any of its machines exists."""
 
     @activity.defn(name="check_batch")
     async def check_batch(self, input: CheckBatchInput) -> CheckBatchOutput:
         """Fail fast, before any machine exists: no such Fly app, or a secret the worker lacks."""
-        try:
-            await patiently(lambda: self._fly.get_app(input.app))
-        except (FlyNotFound, FlyUnauthorized, FlyForbidden) as error:
-            raise ApplicationError(
-                f"the Fly app {input.app!r} cannot be used: {error} (create it with "
-                "`fly apps create`, or check FLY_API_TOKEN may reach it)",
-                type="UnknownApp",
-                non_retryable=True,
-            ) from None
-        except FlyError as error:
-            raise ApplicationError(f"checking the Fly app {input.app!r}: {error}") from None
+        for app in input.apps:
+            await self._check_app(app)
         available = self._secrets.available(input.names)
         missing = sorted(set(input.names) - set(available))
         if missing:
@@ -148,7 +147,26 @@ class MachineActivities:
                 type="UnknownSecrets",
                 non_retryable=True,
             )
-        return CheckBatchOutput(available=available)
+        for app in input.apps:  # this worker polls their create queues from now on
+            for observer in self.on_batch_apps:
+                await observer(app)
+        return CheckBatchOutput(
+            available=available, create_rate=self._fly.settings.paced_create_rate
+        )
+
+    async def _check_app(self, app: str) -> None:
+        """The app exists and the token may reach it."""
+        try:
+            await patiently(lambda: self._fly.get_app(app))
+        except (FlyNotFound, FlyUnauthorized, FlyForbidden) as error:
+            raise ApplicationError(
+                f"the Fly app {app!r} cannot be used: {error} (create it with "
+                "`fly apps create`, or check FLY_API_TOKEN may reach it)",
+                type="UnknownApp",
+                non_retryable=True,
+            ) from None
+        except FlyError as error:
+            raise ApplicationError(f"checking the Fly app {app!r}: {error}") from None
 
     @activity.defn(name="create_machine")
     async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
@@ -166,7 +184,8 @@ class MachineActivities:
             found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
             if found is not None:
                 return self._found(input.app, found)
-        config, credential = self._config(input)
+        credential = await self._take_credential() if job.prompt is not None else None
+        config = self._config(input, credential)
         try:
             machine = await self._fly.create_machine(
                 input.app, config, name=name, region=job.region
@@ -354,6 +373,8 @@ class MachineActivities:
                 page = await patiently(lambda: self._fly.get_logs(ref.app, ref.machine_id))
                 messages = [e.message for e in page.entries]
         answer = self._answer(input, messages, exit_event) if input.prompt_job else None
+        if answer is not None:
+            await self._rest_if_refused(input, answer)
         lines = [
             self._secrets.scrub(m, input.secrets) for m in messages if not m.startswith(FRAME_MARK)
         ]
@@ -424,12 +445,19 @@ class MachineActivities:
         if archive is not None:
             key = session_key(input.batch_id, input.job_id, input.turn, input.attempt)
             answer.archive_ref = self._store.put(key, archive)
-        if kind is not None and kind.credential_fault and input.credential:
-            self._secrets.claude.rest(input.credential)
-            activity.logger.warning(
-                "set credential %s aside after a %s error", input.credential, kind.value
-            )
         return answer
+
+    async def _rest_if_refused(self, input: CollectResultInput, answer: JobAnswer) -> None:
+        """Claude refused the job's credential: rest it for every worker, by name."""
+        if not (answer.error_kind in CREDENTIAL_FAULTS and input.credential):
+            return
+        reason = f"{answer.error_kind} error in job {input.job_id}"
+        await self._secrets.claude.rest(
+            activity.client(), self._task_queue, input.credential, reason
+        )
+        activity.logger.warning(
+            "set credential %s aside after a %s error", input.credential, answer.error_kind
+        )
 
     @activity.defn(name="release_sessions")
     async def release_sessions(self, input: ReleaseSessionsInput) -> ReleaseSessionsOutput:
@@ -486,7 +514,18 @@ class MachineActivities:
                     break
         return ReadLogsOutput(lines=lines, next_token=token)
 
-    def _config(self, input: CreateMachineInput) -> tuple[MachineConfig, Credential | None]:
+    async def _take_credential(self) -> Credential:
+        """The Claude credential the shared pool hands out next (a job outcome when all rest)."""
+        try:
+            return await self._secrets.claude.take(activity.client(), self._task_queue)
+        except NoCredential as error:
+            raise ApplicationError(str(error), type="UnknownSecrets", non_retryable=True) from None
+        except CredentialsResting as error:
+            raise ApplicationError(
+                str(error), type=CREDENTIALS_RESTING_ERROR, non_retryable=True
+            ) from None
+
+    def _config(self, input: CreateMachineInput, credential: Credential | None) -> MachineConfig:
         """The machine's config; secret values enter here and never leave the worker."""
         job = input.job
         try:
@@ -497,14 +536,7 @@ class MachineActivities:
             ) from None
         env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
         files: list[MachineFile] = []
-        credential: Credential | None = None
-        if job.prompt is not None:
-            try:
-                credential = self._secrets.claude.take()
-            except NoCredential as error:
-                raise ApplicationError(
-                    str(error), type="UnknownSecrets", non_retryable=True
-                ) from None
+        if credential is not None:
             followup = input.followup
             restore = None
             if followup is not None and followup.archive_ref:
@@ -527,7 +559,7 @@ class MachineActivities:
                 commits=followup.commits if followup else None,
             )
             env["SORTIE_JOB"] = json.dumps(document)
-            env[credential.variable] = credential.value
+            env.update(credential.machine_env())
         env.update(secrets)
         turn = input.followup.turn if input.followup else 1
         config = MachineConfig(
@@ -544,7 +576,7 @@ class MachineActivities:
                 input.batch_id, input.chunk_index, job.id, input.attempt, input.owner, turn
             ),
         )
-        return config, credential
+        return config
 
 
 async def _may_start(owner: str, job_id: str) -> bool:

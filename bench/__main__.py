@@ -1,7 +1,7 @@
 """Benchmarks: Sortie against the ideal makespan and against a plain asyncio runner.
 
     python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
-        [--no-baseline] [--batches K]
+        [--no-baseline] [--batches K] [--workers W] [--apps A]
     python -m bench --standard [--large] [--json]
 
 Each run starts its own Temporal dev server and localfly, runs N `sleep T` jobs through Sortie
@@ -11,6 +11,9 @@ uses the same Fly client with no Temporal, and prints one table row per configur
 With --enforce-limits localfly answers 429 as Fly does and the Fly client paces itself; the row
 then gives the sustained create rate localfly saw (creates after the first burst of 3, over the
 time from the first create to the last) against Fly's allowed 1/s, and the 429s Sortie drew.
+With --apps A the batch spreads its jobs over A Fly apps (allowed A creates a second); with
+--workers W (more than one) the batch runs on W `worker.py` processes instead of one in this
+process, all pacing creates as on real Fly.
 Fly API calls are counted at localfly, 429s included; peak RSS is this process's (the worker's)
 during the Sortie run, reset per configuration on Linux.
 """
@@ -26,6 +29,7 @@ import logging
 import math
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +88,10 @@ class Row(BaseModel):
     child_bytes: int
     rate_limited: int
     enforced: bool = False
+    apps: int = 1
+    workers: int = 1
+    one_machine_each: bool = True
+    """No job got a second machine: machines made equal jobs run."""
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
@@ -105,16 +113,25 @@ class Row(BaseModel):
 
 
 async def run_sortie(
-    client: Client, fly: FlyClient, app: str, n: int, c: int, t: float, k: int = 1
+    client: Client,
+    fly: FlyClient,
+    apps: list[str],
+    n: int,
+    c: int,
+    t: float,
+    k: int = 1,
+    workers: list[subprocess.Popen[bytes]] | None = None,
+    task_queue: str | None = None,
 ) -> tuple[float, list[str], int]:
-    """Run the jobs through a worker in this process, as `k` batches at once that share the
-    `c` machines; return the makespan, the batch ids, and how many jobs succeeded."""
-    settings = Settings(task_queue=f"bench-{uuid.uuid4().hex}")
+    """Run the jobs through a worker in this process (or the `workers` given, on
+    `task_queue`), as `k` batches at once that share the `c` machines; return the makespan,
+    the batch ids, and how many jobs succeeded."""
+    settings = Settings(task_queue=task_queue or f"bench-{uuid.uuid4().hex}")
     specs = [
         parse_batch(
             {
                 "name": f"bench{n}x{c}-{b}",
-                "app": app,
+                **({"apps": apps} if len(apps) > 1 else {"app": apps[0]}),
                 "max_machines": c // k,
                 "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
                 "jobs": [
@@ -125,7 +142,8 @@ async def run_sortie(
         )
         for b in range(k)
     ]
-    async with build_worker(client, fly, SecretStore({}), settings):
+    here = build_worker(client, fly, SecretStore({}), settings) if not workers else None
+    async with here or contextlib.nullcontext():
         started = time.monotonic()
         ids = [
             (await batches.submit(client, settings, spec, suffix=uuid.uuid4().hex[:6])).batch_id
@@ -184,8 +202,43 @@ async def largest_histories(client: Client, batch_ids: list[str]) -> tuple[int, 
     return (*parent, *child)
 
 
+def start_workers(
+    count: int, server: DevServer, localfly: LocalFlyProcess, task_queue: str, log: Path
+) -> list[subprocess.Popen[bytes]]:
+    """`count` worker processes on the task queue, pacing creates as they would on real Fly."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "TEMPORAL_"))}
+    env.update(
+        TEMPORAL_ADDRESS=server.address,
+        SORTIE_TASK_QUEUE=task_queue,
+        SORTIE_LOCALFLY_URL=localfly.url,
+        SORTIE_FLY_RATE_LIMIT="on",
+        SORTIE_REAPER="off",
+        SORTIE_STATE_DIR=str(log.parent / "state"),
+    )
+    root = Path(__file__).resolve().parents[1]
+    with log.open("ab") as out:
+        return [
+            subprocess.Popen(
+                [sys.executable, str(root / "worker.py")],
+                cwd=root,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            for _ in range(count)
+        ]
+
+
 async def measure(
-    n: int, c: int, t: float, *, enforce: bool, baseline: bool, split: int = 1
+    n: int,
+    c: int,
+    t: float,
+    *,
+    enforce: bool,
+    baseline: bool,
+    split: int = 1,
+    workers: int = 1,
+    apps: int = 1,
 ) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
@@ -201,27 +254,45 @@ async def measure(
             fly_settings = FlySettings(
                 api_base_url=localfly.url, logs_base_url=localfly.url, rate_limit=enforce
             )
-            app = f"bench-{uuid.uuid4().hex[:8]}"
+            names = [f"bench-{uuid.uuid4().hex[:8]}" for _ in range(apps)]
+            app = names[0]
             progress = asyncio.create_task(_progress(localfly, app, n))
+            queue = f"bench-{uuid.uuid4().hex}"
+            processes = (
+                start_workers(workers, server, localfly, queue, Path(tmp) / "workers.log")
+                if workers > 1
+                else []
+            )
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
                 try:
                     makespan, batch_ids, succeeded = await run_sortie(
-                        client, fly, app, n, c, t, split
+                        client, fly, names, n, c, t, split, processes, queue
                     )
                 finally:
                     progress.cancel()
+                    for process in processes:
+                        process.terminate()
+                    for process in processes:
+                        process.wait(timeout=30)
                 rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 _note(
                     f"Sortie: {succeeded}/{n} succeeded in {makespan:.1f}s, "
                     f"peak RSS {rss_mb:.0f} MB"
                 )
-                stats = localfly.stats(app)
-                created = sorted(_when(m["created_at"]) for m in localfly.machines(app))
+                per_app = [localfly.stats(a) for a in names]
+                stats = {
+                    "calls": sum((Counter(s["calls"]) for s in per_app), Counter()),
+                    "max_live_machines": sum(s["max_live_machines"] for s in per_app),
+                    "rate_limited": sum(s.get("rate_limited", 0) for s in per_app),
+                }
+                made = [m for a in names for m in localfly.machines(a)]
+                created = sorted(_when(m["created_at"]) for m in made)
                 histories = await largest_histories(client, batch_ids)
                 base = await run_baseline(fly, n, c, t) if baseline else None
     calls: Counter[str] = Counter(stats["calls"])
-    span = created[-1] - created[0] if len(created) > CREATE_BURST else 0.0
-    creates_per_s = (len(created) - CREATE_BURST) / span if span > 0 else None
+    bursts = CREATE_BURST * apps
+    span = created[-1] - created[0] if len(created) > bursts else 0.0
+    creates_per_s = (len(created) - bursts) / span if span > 0 else None
     return Row(
         jobs=n,
         batches=split,
@@ -242,6 +313,9 @@ async def measure(
         child_bytes=histories[3],
         rate_limited=int(stats.get("rate_limited", 0)),
         enforced=enforce,
+        apps=apps,
+        workers=workers,
+        one_machine_each=len(made) == succeeded,
         creates_per_s=creates_per_s,
     )
 
@@ -293,7 +367,7 @@ def table(rows: list[Row]) -> str:
         "| succeeded (Sortie/baseline) "
         "| Fly calls per job: create/wait/get/list/logs/destroy = total | max live "
         "| worker peak RSS | largest parent history | largest child history "
-        "| creates/s achieved vs allowed | 429s |"
+        "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -303,14 +377,16 @@ def table(rows: list[Row]) -> str:
         base_ok = "-" if r.baseline_succeeded is None else str(r.baseline_succeeded)
         jobs = f"{r.jobs} in {r.batches} batches" if r.batches > 1 else str(r.jobs)
         rate = "-"
+        allowed = CREATE_RATE * r.apps
         if r.enforced and r.creates_per_s is not None:
-            rate = f"{r.creates_per_s:.3f} vs {CREATE_RATE:g} ({r.creates_per_s / CREATE_RATE:.1%})"
+            rate = f"{r.creates_per_s:.3f} vs {allowed:g} ({r.creates_per_s / allowed:.1%})"
         lines.append(
             f"| {jobs} | {r.concurrency} | {r.duration_s:g}s | {r.makespan_s:.1f}s "
             f"| {r.ideal_s:.1f}s | {r.ratio:.3f} | {base} | {versus} | {r.jobs_per_s:.1f} "
             f"| {r.succeeded}/{base_ok} | {calls} = {r.calls_total:.2f} "
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
-            f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} |"
+            f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} "
+            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} |"
         )
     return "\n".join(lines)
 
@@ -331,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="submit the jobs as this many batches at once, sharing the machines",
     )
+    p.add_argument("--workers", type=int, default=1, help="worker processes (1: in this one)")
+    p.add_argument("--apps", type=int, default=1, help="Fly apps the batch spreads over")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.standard:
@@ -351,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                 enforce=args.enforce_limits,
                 baseline=not args.no_baseline,
                 split=args.batches,
+                workers=args.workers,
+                apps=args.apps,
             )
         )
         rows.append(row)

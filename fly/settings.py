@@ -29,12 +29,20 @@ class FlySettings(BaseModel):
     logs_base_url: str = "https://api.fly.io"
     app: str | None = None
     rate_limit: bool = True
+    create_rate: float = Field(default=1.0, gt=0)
+    """Creates a second per app, for all workers together (Fly: 1/s with bursts of 3); the
+    workers' create queues are paced to it by Temporal while `rate_limit` is on."""
     max_connections: int = Field(default=1000, ge=1)
     """Connections kept open to Fly: each running wait holds one for up to 60 s."""
 
+    @property
+    def paced_create_rate(self) -> float | None:
+        """The create rate Temporal holds each app's create queue to; None: unpaced."""
+        return self.create_rate if self.rate_limit else None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FlySettings:
-        """Read FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP and SORTIE_FLY_* (limiter, pool)."""
+        """Read FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP and SORTIE_FLY_* (limits, pool)."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for key, name in (
@@ -46,6 +54,8 @@ class FlySettings(BaseModel):
                 values[key] = value
         if connections := env.get("SORTIE_FLY_MAX_CONNECTIONS", "").strip():
             values["max_connections"] = connections
+        if rate := env.get("SORTIE_FLY_CREATE_RATE", "").strip():
+            values["create_rate"] = rate
         if switch := env.get("SORTIE_FLY_RATE_LIMIT", "").strip().lower():
             if switch not in _SWITCH:
                 raise FlyConfigError(f"SORTIE_FLY_RATE_LIMIT must be on or off, not {switch!r}")

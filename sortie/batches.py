@@ -29,8 +29,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from sortie.claude import PREVIEW_CHARS, ErrorKind
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
+from sortie.pacing import APPS_MEMO, batch_priority
 from sortie.settings import Settings
-from sortie.spec import MAX_CHUNK_SIZE, BatchFileError, BatchSpec, Job, resolve_job
+from sortie.spec import (
+    DEFAULT_PRIORITY,
+    MAX_CHUNK_SIZE,
+    BatchFileError,
+    BatchSpec,
+    Job,
+    resolve_job,
+)
 from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
@@ -85,6 +93,8 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
         batch_id=batch_id,
         name=spec.name,
         app=spec.app,
+        apps=spec.fly_apps if spec.apps else [],
+        priority=spec.priority,
         max_machines=spec.max_machines,
         chunk_size=chunk_size(spec),
         max_cost_usd=spec.max_cost_usd,
@@ -130,7 +140,7 @@ def chunk_size(spec: BatchSpec) -> int:
 def _details(spec: BatchSpec, chunk_size: int) -> str:
     """Markdown for the Web UI: the batch's shape and its first jobs."""
     lines = [
-        f"**{spec.name}** on Fly app `{spec.app}`: {len(spec.jobs)} jobs, "
+        f"**{spec.name}** on Fly {_apps(spec)}: {len(spec.jobs)} jobs, "
         f"at most {spec.max_machines} machines, chunks of {chunk_size}",
         "",
         "| job | kind | what |",
@@ -145,6 +155,12 @@ def _details(spec: BatchSpec, chunk_size: int) -> str:
             lines.append(f"| … | | {len(spec.jobs)} jobs in all |")
             break
     return "\n".join(lines)
+
+
+def _apps(spec: BatchSpec) -> str:
+    """The batch's Fly apps, for the Web UI."""
+    apps = spec.fly_apps
+    return f"app `{apps[0]}`" if len(apps) == 1 else "apps " + ", ".join(f"`{a}`" for a in apps)
 
 
 async def submit(
@@ -164,7 +180,7 @@ async def submit(
         client,
         settings,
         data,
-        summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
+        summary=f"batch {spec.name}: {len(spec.jobs)} jobs on " + ", ".join(spec.fly_apps),
         details=details or _details(spec, data.chunk_size),
         memo=memo,
     )
@@ -195,7 +211,9 @@ async def _start_batch(
             search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
             static_summary=summary,
             static_details=details,
-            memo=memo,
+            # The workers read which apps' create queues to poll from this memo (sortie/pacing).
+            memo={**(memo or {}), APPS_MEMO: data.apps or [data.app]},
+            priority=batch_priority(data.priority, batch_id),
             # A large batch's workflow task may take seconds on a loaded worker; a task that
             # times out is replayed from scratch, which only takes longer.
             task_timeout=BATCH_TASK_TIMEOUT,
@@ -346,6 +364,7 @@ class ProgressView:
     live_machines: int
     cost_usd: float
     chunks: tuple[ChunkView, ...]
+    apps: tuple[str, ...] = ()
 
 
 def view(p: Progress) -> ProgressView:
@@ -380,6 +399,7 @@ def view(p: Progress) -> ProgressView:
             )
             for chunk in p.chunks
         ),
+        apps=tuple(p.apps),
     )
 
 
@@ -563,6 +583,8 @@ async def followup(
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
         static_summary=f"follow-up turn {turn} of job {job_id}",
+        memo={APPS_MEMO: [chunk_input.app_of(job)]},
+        priority=batch_priority(DEFAULT_PRIORITY, batch_id),
         static_details=f"Continues Claude session `{latest.session_id}`.\n\n{prompt[:2000]}",
     )
     return workflow_id
@@ -724,7 +746,8 @@ async def retry(
     original = await submitted_input(client, batch_id)
     spec = BatchSpec(
         name=original.name,
-        app=original.app,
+        **({"apps": original.apps} if original.apps else {"app": original.app}),
+        priority=original.priority,
         max_machines=original.max_machines,
         chunk_size=min(original.chunk_size, MAX_CHUNK_SIZE),
         max_cost_usd=original.max_cost_usd,
@@ -745,7 +768,7 @@ async def retry(
         client,
         settings,
         data,
-        summary=f"retry of {batch_id}: {len(chosen)} jobs on {spec.app}",
+        summary=f"retry of {batch_id}: {len(chosen)} jobs on " + ", ".join(spec.fly_apps),
         details=details,
         memo={RETRY_OF: batch_id, RETRY_ROOT: root},
     )

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
 from sortie.spec import Job
 
 RESULT_FRAME = "result"
@@ -28,6 +29,8 @@ class ErrorKind(StrEnum):
     MAX_TURNS = "max_turns"
     BUDGET = "budget"
     NO_REPORT = "no_report"
+    CREDENTIALS_RESTING = RESTING_KIND
+    """Not Claude's answer: every credential was resting, so no machine was created."""
     OTHER = "other"
 
     @property

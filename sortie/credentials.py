@@ -1,55 +1,90 @@
-"""The worker's pool of Claude credentials, used round-robin and rested after failures.
+"""The worker's Claude credentials, handed out in turn and rested by a pool every worker shares.
 
 Credentials come from the worker's environment only: `CLAUDE_CODE_OAUTH_TOKEN`,
-`ANTHROPIC_API_KEY`, and numbered ones such as `CLAUDE_CODE_OAUTH_TOKEN_2`. A prompt job's
-machine gets one of them under its canonical name; history records only which one (its name). A
-credential whose job failed with an authentication or rate-limit error is set aside for a while
-so the next jobs use the others.
+`ANTHROPIC_API_KEY`, and numbered ones such as `CLAUDE_CODE_OAUTH_TOKEN_2`; a numbered one may
+carry its own endpoint and model (`ANTHROPIC_BASE_URL_2`, `ANTHROPIC_MODEL_2`; the unnumbered
+`ANTHROPIC_BASE_URL` and `ANTHROPIC_MODEL` go with the unnumbered ones), for proxies and
+gateways. A prompt job's machine gets one of them under its canonical name; history records only
+which one (its name). Which one, and which rest after an authentication or rate-limit error, the
+task queue's CredentialPoolWorkflow decides for every worker (workflows/credentials.py), so a
+credential rested on one worker is rested on all, and stays rested across restarts.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+
+from temporalio.client import Client, WithStartWorkflowOperation
+from temporalio.common import WorkflowIDConflictPolicy
+
+from workflows.credentials import (
+    CredentialPoolWorkflow,
+    PoolState,
+    RestCredential,
+    TakeCredential,
+)
 
 _NAME = re.compile(r"^(CLAUDE_CODE_OAUTH_TOKEN|ANTHROPIC_API_KEY)(_\d+)?$")
 DEFAULT_REST_S = 300.0
+BASE_URL = "ANTHROPIC_BASE_URL"
+MODEL = "ANTHROPIC_MODEL"
+
+
+def pool_workflow_id(task_queue: str) -> str:
+    """The id of the credential pool the workers of a task queue share."""
+    return f"sortie-credentials-{task_queue}"
 
 
 @dataclass(frozen=True)
 class Credential:
-    """One credential: its variable name here, the name the CLI reads, and its value."""
+    """One credential: its variable name here, the name the CLI reads, its value, and the
+    endpoint and model that go with it (if any)."""
 
     name: str
     variable: str
     value: str
+    base_url: str | None = None
+    model: str | None = None
 
     def __repr__(self) -> str:
         return f"Credential({self.name})"
+
+    def machine_env(self) -> dict[str, str]:
+        """What a machine's environment gets: the value under its canonical name, and the rest."""
+        env = {self.variable: self.value}
+        if self.base_url:
+            env[BASE_URL] = self.base_url
+        if self.model:
+            env[MODEL] = self.model
+        return env
 
 
 class NoCredential(LookupError):
     """The worker has no Claude credential at all."""
 
 
-class ClaudePool:
-    """Round-robin over the worker's Claude credentials, skipping rested ones while it can."""
+class CredentialsResting(LookupError):
+    """Every Claude credential the worker holds is resting after refusals."""
 
-    def __init__(
-        self,
-        credentials: list[Credential],
-        *,
-        rest_s: float = DEFAULT_REST_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._credentials = credentials
-        self._rest_s = rest_s
-        self._clock = clock
-        self._next = 0
-        self._rested_until: dict[str, float] = {}
+    def __init__(self, names: list[str], until: datetime | None) -> None:
+        when = f" until {until:%H:%M:%S} UTC" if until else ""
+        super().__init__(
+            f"every Claude credential is resting after rate-limit or auth refusals{when}: "
+            f"{', '.join(names)}"
+        )
+        self.until = until
+
+
+class ClaudePool:
+    """The worker's Claude credentials; the shared pool workflow says which to use and rest."""
+
+    def __init__(self, credentials: list[Credential], *, rest_s: float = DEFAULT_REST_S) -> None:
+        self._credentials = {c.name: c for c in credentials}
+        self.rest_s = rest_s
         self.on_rest: list[Callable[[str], None]] = []
         """Told the name (never the value) of each credential set aside, e.g. for metrics."""
 
@@ -58,7 +93,13 @@ class ClaudePool:
         """Every Claude credential in the environment, in a stable order."""
         env = os.environ if environ is None else environ
         found = [
-            Credential(name=name, variable=match.group(1), value=env[name])
+            Credential(
+                name=name,
+                variable=match.group(1),
+                value=env[name],
+                base_url=env.get(BASE_URL + (match.group(2) or "")) or None,
+                model=env.get(MODEL + (match.group(2) or "")) or None,
+            )
             for name in sorted(env)
             if (match := _NAME.fullmatch(name)) and env[name]
         ]
@@ -66,43 +107,61 @@ class ClaudePool:
         return cls(found, rest_s=rest)
 
     def __repr__(self) -> str:
-        return f"ClaudePool({[c.name for c in self._credentials]})"
+        return f"ClaudePool({sorted(self._credentials)})"
 
     def __len__(self) -> int:
         return len(self._credentials)
 
+    def __getitem__(self, name: str) -> Credential:
+        return self._credentials[name]
+
+    def names(self) -> list[str]:
+        """The credentials' names, sorted."""
+        return sorted(self._credentials)
+
     def values(self) -> list[str]:
         """Every credential value, for scrubbing text that leaves the worker."""
-        return [c.value for c in self._credentials]
+        return [c.value for c in self._credentials.values()]
 
-    def take(self) -> Credential:
-        """The next credential not resting; when all rest, the one that recovers first."""
+    async def take(self, client: Client, task_queue: str) -> Credential:
+        """The credential the shared pool hands this worker next; raises while all rest."""
         if not self._credentials:
             raise NoCredential(
                 "no Claude credential on the worker: set CLAUDE_CODE_OAUTH_TOKEN or "
                 "ANTHROPIC_API_KEY (or numbered ones, e.g. CLAUDE_CODE_OAUTH_TOKEN_2)"
             )
-        now = self._clock()
-        count = len(self._credentials)
-        for step in range(count):
-            candidate = self._credentials[(self._next + step) % count]
-            if self._rested_until.get(candidate.name, 0.0) <= now:
-                self._next = (self._next + step + 1) % count
-                return candidate
-        return min(self._credentials, key=lambda c: self._rested_until.get(c.name, 0.0))
+        choice = await client.execute_update_with_start_workflow(
+            CredentialPoolWorkflow.take,
+            TakeCredential(names=self.names()),
+            start_workflow_operation=_pool_start(task_queue),
+        )
+        if choice.name is None or choice.name not in self._credentials:
+            raise CredentialsResting(self.names(), choice.resting_until)
+        return self._credentials[choice.name]
+
+    async def rest(self, client: Client, task_queue: str, name: str, reason: str) -> None:
+        """Set a credential aside for every worker after an auth or rate-limit failure."""
+        await client.execute_update_with_start_workflow(
+            CredentialPoolWorkflow.rest,
+            RestCredential(name=name, seconds=self.rest_s, reason=reason),
+            start_workflow_operation=_pool_start(task_queue),
+        )
+        for observer in self.on_rest:
+            observer(name)
 
     def which(self, env: Mapping[str, str]) -> str | None:
         """The name of the pool credential a machine's environment carries, if any."""
         values = set(env.values())
-        return next((c.name for c in self._credentials if c.value in values), None)
+        return next((c.name for c in self._credentials.values() if c.value in values), None)
 
-    def rest(self, name: str) -> None:
-        """Set a credential aside after an auth or rate-limit failure."""
-        self._rested_until[name] = self._clock() + self._rest_s
-        for observer in self.on_rest:
-            observer(name)
 
-    def resting(self) -> list[str]:
-        """Names of the credentials set aside right now."""
-        now = self._clock()
-        return sorted(n for n, until in self._rested_until.items() if until > now)
+def _pool_start(task_queue: str) -> WithStartWorkflowOperation[CredentialPoolWorkflow, None]:
+    """Start the task queue's pool if it is not running (an update then reaches it at once)."""
+    return WithStartWorkflowOperation(
+        CredentialPoolWorkflow.run,
+        PoolState(),
+        id=pool_workflow_id(task_queue),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary="Claude credentials: whose turn, and which rest, for every worker",
+    )

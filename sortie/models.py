@@ -18,6 +18,10 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+CREDENTIALS_RESTING = "credentials_resting"
+"""The error kind of a job that found every Claude credential resting (sortie.claude.ErrorKind)."""
+
+
 class JobState(StrEnum):
     """Where a job is; the last four are final."""
 
@@ -66,6 +70,8 @@ class Counts(StrictModel):
     live_machines: int = 0
     cost_usd: float = 0.0
     num_turns: int = 0
+    credentials_resting: int = 0
+    """Failed jobs (among `failed`) that found every Claude credential resting: no machine."""
 
     @property
     def done(self) -> int:
@@ -97,6 +103,8 @@ class Counts(StrictModel):
                     counts.succeeded += 1
                 case JobState.FAILED:
                     counts.failed += 1
+                    if result.error_kind == CREDENTIALS_RESTING:
+                        counts.credentials_resting += 1
                 case JobState.TIMED_OUT:
                     counts.timed_out += 1
                 case JobState.CANCELLED:
@@ -111,6 +119,8 @@ class JobResult(StrictModel):
     index: int
     state: JobState = JobState.PENDING
     exit_code: int | None = None
+    app: str | None = None
+    """The Fly app of the job's (last) machine."""
     machine_id: str | None = None
     machine_state: str | None = None
     attempts: int = 0

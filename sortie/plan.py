@@ -15,6 +15,7 @@ class Plan:
     name: str
     batch_id: str
     app: str
+    apps: list[str]
     jobs: int
     command_jobs: int
     prompt_jobs: int
@@ -49,6 +50,7 @@ def plan(spec: BatchSpec) -> Plan:
         name=spec.name,
         batch_id=spec.batch_id(),
         app=spec.app,
+        apps=spec.fly_apps,
         jobs=len(jobs),
         command_jobs=len(jobs) - len(prompts),
         prompt_jobs=len(prompts),

@@ -48,9 +48,11 @@ def schedule_id(app: str) -> str:
     return f"sortie-reaper-{app}"
 
 
-def queue_schedule_id(task_queue: str) -> str:
-    """The id of the schedule the workers of a task queue keep (one per namespace and queue)."""
-    return f"sortie-reaper-queue-{task_queue}"
+def queue_schedule_id(task_queue: str, app: str | None = None) -> str:
+    """The id of the schedule the workers of a task queue keep for FLY_APP, or for another app
+    their batches use (one per namespace, queue and app)."""
+    own = f"sortie-reaper-queue-{task_queue}"
+    return own if app is None else f"{own}.{app}"
 
 
 async def schedule_reaper(
@@ -106,8 +108,11 @@ async def _same(
     return bool(args == [request])
 
 
-async def ensure_reaper_schedule(client: Client, settings: Settings, app: str | None) -> str | None:
-    """The task queue's reaper schedule, created or brought up to date; None when it is off."""
+async def ensure_reaper_schedule(
+    client: Client, settings: Settings, app: str | None, *, home: bool = True
+) -> str | None:
+    """The task queue's reaper schedule of FLY_APP (`home`) or of another app, created or
+    brought up to date; None when it is off."""
     if not settings.reaper:
         log.info("reaper schedule off (SORTIE_REAPER=off): orphaned machines are not swept")
         return None
@@ -116,7 +121,11 @@ async def ensure_reaper_schedule(client: Client, settings: Settings, app: str | 
         return None
     every = timedelta(seconds=settings.reaper_interval_s)
     sid = await schedule_reaper(
-        client, settings, ReapInput(app=app), every, queue_schedule_id(settings.task_queue)
+        client,
+        settings,
+        ReapInput(app=app),
+        every,
+        queue_schedule_id(settings.task_queue, None if home else app),
     )
     log.info("reaper schedule %s sweeps %s every %ss", sid, app, settings.reaper_interval_s)
     return sid

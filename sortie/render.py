@@ -69,6 +69,10 @@ def progress_lines(v: ProgressView) -> list[str]:
         f"ok {v.succeeded}  failed {v.failed}  timed out {v.timed_out}  "
         f"cancelled {v.cancelled}  running {v.running}  machines {_machines(v)}",
     ]
+    if len(v.apps) > 1:
+        lines.append(
+            f"  Fly apps {', '.join(v.apps)}: jobs spread evenly, each its own create rate"
+        )
     for chunk in v.chunks:
         if chunk.active:
             lines.append(
@@ -207,7 +211,7 @@ def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
                         r.state.value,
                         "" if r.exit_code is None else str(r.exit_code),
                         str(r.attempts),
-                        r.machine_id or "",
+                        f"{r.app}/{r.machine_id}" if r.app and r.machine_id else r.machine_id or "",
                         "" if r.duration_s is None else f"{r.duration_s:.1f}s",
                         "" if r.cost_usd is None else f"${r.cost_usd:.4f}",
                         r.session_id or "",
@@ -292,6 +296,10 @@ def print_list(console: Console, rows: Listed) -> None:
     console.print(table)
 
 
+def _apps(apps: list[str]) -> str:
+    return f"app {apps[0]}" if len(apps) == 1 else f"apps {', '.join(apps)}"
+
+
 def summary_line(report: BatchReport) -> str:
     """Totals in one line."""
     line = (
@@ -334,11 +342,13 @@ def plan_lines(p: Plan) -> list[str]:
     if p.prompt_jobs and p.budget_usd is not None:
         cost += f"; budget ${p.budget_usd:.2f}: the batch pauses once it is spent"
     return [
-        f"{p.batch_id} is valid: {p.name} on Fly app {p.app}",
+        f"{p.batch_id} is valid: {p.name} on Fly {_apps(p.apps)}",
         f"  jobs:     {p.jobs} ({p.command_jobs} command, {p.prompt_jobs} prompt)",
         f"  chunks:   {p.chunks} of at most {p.chunk_size} jobs",
         f"  machines: at most {p.machines_at_once} at once (max_machines {p.max_machines})",
-        f"  app:      {p.app}",
+        f"  app:      {p.app}"
+        if len(p.apps) == 1
+        else f"  apps:     {', '.join(p.apps)} (jobs in turn, each app its own create rate)",
         f"  secrets:  {secrets}",
         f"  time:     at most {duration(p.time_bound_s)} (one job at most "
         f"{duration(p.longest_job_s)}: every try boots and runs to its timeout)",

@@ -6,7 +6,8 @@ TEMPORAL_TLS_*; the key and certificates stay in the profile, never in Settings.
 Fly: FLY_API_TOKEN, FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: SORTIE_TASK_QUEUE,
 SORTIE_UI_URL, SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
 SORTIE_STATE_DIR, SORTIE_REAPER (on/off), SORTIE_REAPER_INTERVAL, SORTIE_DEPLOYMENT and
-SORTIE_BUILD_ID (Worker Versioning). Without FLY_API_TOKEN, Sortie runs offline against localfly.
+SORTIE_BUILD_ID (Worker Versioning), SORTIE_FLY_APPS (more apps to poll creates for at start, comma
+separated; sortie/pacing.py). Without FLY_API_TOKEN, Sortie runs offline against localfly.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Settings(BaseModel):
     reaper_interval_s: float = 600.0
     deployment_name: str | None = None
     build_id: str | None = None
+    fly_apps: tuple[str, ...] = ()
+    """Fly apps whose create queues the worker polls from its start (more join as batches
+    name them)."""
 
     @model_validator(mode="after")
     def _version_is_whole(self) -> Settings:
@@ -70,6 +74,7 @@ class Settings(BaseModel):
             "build_id": env.get("SORTIE_BUILD_ID"),
             "reaper": env.get("SORTIE_REAPER"),
             "reaper_interval_s": _seconds(env.get("SORTIE_REAPER_INTERVAL")),
+            "fly_apps": [a.strip() for a in env.get("SORTIE_FLY_APPS", "").split(",") if a.strip()],
         }
         return cls.model_validate({k: v for k, v in values.items() if v})
 

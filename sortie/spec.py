@@ -267,6 +267,16 @@ class Job(_Strict):
     log_tail: LogTail = LogTail.ON_FAILURE
 
 
+MAX_APPS = 20
+DEFAULT_PRIORITY = 3
+"""Temporal's default priority key (the middle of 1..5)."""
+
+
+def app_for(apps: list[str], index: int) -> str:
+    """The Fly app of the job at `index`: jobs take the apps in turn, so each gets its share."""
+    return apps[index % len(apps)]
+
+
 MAX_CHUNK_SIZE = 250
 """A chunk returns every job's result (up to about 5 KB each with a preview of Claude's answer
 and a log tail) in one payload, which Temporal caps at 2 MB, and keeps about ten events a job."""
@@ -277,12 +287,39 @@ class BatchSpec(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     app: str = Field(pattern=APP_PATTERN)
+    """The Fly app of every machine, or with `apps` the first of them."""
+    apps: list[Annotated[str, Field(pattern=APP_PATTERN)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_APPS
+    )
+    """Several Fly apps, each with its own create rate: the jobs are spread evenly over them."""
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=1, le=5)
+    """1 (first) to 5 (last): which batch's work the shared workers take first."""
     max_machines: int = Field(default=10, ge=1, le=2000)
     chunk_size: int = Field(default=100, ge=1, le=MAX_CHUNK_SIZE)
     max_cost_usd: float | None = Field(default=None, gt=0)
     keep_sessions: Seconds | None = None
     defaults: Defaults = Defaults()
     jobs: list[JobSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _app_or_apps(cls, data: Any) -> Any:
+        """`app: a` or `apps: [a, b, c]`; with `apps`, `app` is the first of them."""
+        if not isinstance(data, dict) or data.get("apps") is None:
+            return data
+        if data.get("app") is not None:
+            raise ValueError("give `app` (one Fly app) or `apps` (several), not both")
+        apps = data["apps"]
+        if isinstance(apps, list) and apps:
+            if len(set(map(str, apps))) != len(apps):
+                raise ValueError("apps: each Fly app may be named once")
+            return {**data, "app": apps[0]}
+        return data
+
+    @property
+    def fly_apps(self) -> list[str]:
+        """Every Fly app of the batch, in the file's order."""
+        return list(self.apps) if self.apps else [self.app]
 
     @model_validator(mode="after")
     def _jobs_are_runnable(self) -> Self:

@@ -23,6 +23,7 @@ from sortie.codec import data_converter
 from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
+from sortie.stack import MATCHING_CONFIG
 from tests.helpers.stack import (
     AGENT_IMAGES,
     STANDIN_BIN,
@@ -64,6 +65,7 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_extra_args=[
             "--dynamic-config-value",
             f"limit.historyCount.suggestContinueAsNew={SUGGEST_CONTINUE_AS_NEW_AT}",
+            *MATCHING_CONFIG,
         ],
     )
     try:

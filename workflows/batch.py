@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import Counts
+    from sortie.pacing import batch_priority
     from sortie.spec import resolve_job
     from workflows import policies, slots
     from workflows.batch_models import (
@@ -159,6 +160,7 @@ class BatchWorkflow:
             max_cost_usd=self._state.max_cost_usd,
             counts=self._counts(),
             chunks=[chunk.progress() for chunk in self._state.chunks],
+            apps=self._input.apps or [self._input.app],
         )
 
     # ------------------------------------------------------------ the story
@@ -168,17 +170,20 @@ class BatchWorkflow:
         names = sorted(
             {*(input.defaults.secrets or [])}.union(*(job.secrets or [] for job in input.jobs))
         )
+        apps = input.apps or [input.app]
         try:
-            await workflow.execute_activity_method(
+            checked = await workflow.execute_activity_method(
                 MachineActivities.check_batch,
-                CheckBatchInput(app=input.app, names=names, needs_claude=self._state.prompt_jobs),
+                CheckBatchInput(apps=apps, names=names, needs_claude=self._state.prompt_jobs),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=policies.FLY_RETRY,
-                summary=f"check Fly app {input.app} and the batch's secrets",
+                summary=f"check Fly app{'s' * (len(apps) > 1)} {', '.join(apps)} "
+                "and the batch's secrets",
             )
         except ActivityError as error:
             cause = error.cause if error.cause is not None else error
             raise ApplicationError(f"batch rejected: {cause}", non_retryable=True) from None
+        self._state.paced_creates = checked.create_rate is not None
 
     async def _drive(self) -> None:
         """Apply every change (reports, signals) until done, continuing-as-new when long."""
@@ -280,6 +285,7 @@ class BatchWorkflow:
                 chunk,
                 id=self._state.chunks[plan.index].workflow_id,
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                priority=batch_priority(self._input.priority, self._input.batch_id),
                 search_attributes=TypedSearchAttributes(
                     [SearchAttributePair(BATCH_ID, self._input.batch_id)]
                 ),
@@ -297,12 +303,14 @@ class BatchWorkflow:
             batch_id=self._input.batch_id,
             index=plan.index,
             app=self._input.app,
+            apps=self._input.apps,
             jobs=[
                 resolve_job(self._input.defaults, job, plan.first_job + i)
                 for i, job in enumerate(plan.jobs)
             ],
             slots=window,
             budgeted=self._state.max_cost_usd is not None,
+            paced=self._state.paced_creates,
             tuning=self._input.tuning,
             continues={j.id: f for j in plan.jobs if (f := self._input.continues.get(j.id))},
         )
@@ -416,7 +424,8 @@ class BatchWorkflow:
         budget = f" of ${state.max_cost_usd:.2f}" if state.max_cost_usd else ""
         workflow.set_current_details(
             f"**{c.done}/{c.total} jobs done**, {status}\n\n"
-            f"- machines: {c.live_machines} live, cap {state.max_machines}\n"
+            f"- machines: {c.live_machines} live, cap {state.max_machines}, "
+            f"Fly {', '.join(self._input.apps or [self._input.app])}\n"
             f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
             f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
             f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled\n"

@@ -60,6 +60,8 @@ class BatchState(StrictModel):
 
     max_machines: int
     max_cost_usd: float | None = None
+    paced_creates: bool = False
+    """The workers' creates are paced by Temporal: no create may bypass the app's queue."""
     over_budget: bool = False
     prompt_jobs: bool = False
     paused: bool = False
@@ -78,6 +80,9 @@ class BatchInput(StrictModel):
     batch_id: str
     name: str
     app: str
+    apps: list[str] = []
+    """Every Fly app of the batch (the jobs take them in turn); empty: `app` alone."""
+    priority: int = 3
     max_machines: int
     chunk_size: int
     max_cost_usd: float | None = None
@@ -119,6 +124,8 @@ class Progress(StrictModel):
     max_cost_usd: float | None = None
     counts: Counts
     chunks: list[ChunkProgress]
+    apps: list[str] = []
+    """The Fly apps the batch's machines are created in."""
 
 
 class PauseRequest(StrictModel):

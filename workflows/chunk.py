@@ -15,10 +15,11 @@ from collections import deque
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.machine_models import (
+        CREDENTIALS_RESTING_ERROR,
         CollectResultInput,
         CreateMachineInput,
         CreateMachineOutput,
@@ -29,9 +30,11 @@ with workflow.unsafe.imports_passed_through():
         WaitMachineInput,
     )
     from activities.machines import MachineActivities
+    from sortie.claude import ErrorKind
     from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
     from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
     from sortie.outcomes import record_outcome
+    from sortie.pacing import create_queue
     from sortie.spec import Job
     from workflows import policies
     from workflows.batch_models import CancelRequest, PauseRequest
@@ -70,8 +73,10 @@ class ChunkWorkflow:
         self._reports: list[asyncio.Future[None]] = []
         self._report_seq = 0
         self._last_report = workflow.now()
-        # A spent slot goes back to the batch under a budget, so no slot is handed over there.
-        self._hand_over = HandOver(self._queue) if not input.budgeted else None
+        # A spent slot goes back to the batch under a budget, so no slot is handed over there;
+        # nor where creates are paced by their app's queue, which a hand-over would bypass.
+        handing_over = not (input.budgeted or input.paced)
+        self._hand_over = HandOver(self._queue) if handing_over else None
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
         self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
@@ -187,10 +192,13 @@ class ChunkWorkflow:
         except ActivityError as error:
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {_why(error)}"
+            if _failure_type(error) == CREDENTIALS_RESTING_ERROR:  # the batch can tell why
+                result.error_kind = ErrorKind.CREDENTIALS_RESTING.value
             return
         machine = created.machine
         self._live += 1
-        result.machine_id, result.credential = machine.machine_id, created.credential
+        result.app, result.machine_id = machine.app, machine.machine_id
+        result.credential = created.credential
         result.state = JobState.RUNNING
         self._update_details()
         destroyed, cancelled, failure = False, self._cancelled, None
@@ -216,13 +224,16 @@ class ChunkWorkflow:
 
     async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
         """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
+        app = self._input.app_of(job)
         create = workflow.execute_activity_method(
             MachineActivities.create_machine,
             self._create_input(job, attempt),
+            # The app's create queue: Temporal paces it for every worker together.
+            task_queue=create_queue(workflow.info().task_queue, app),
             start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
             schedule_to_close_timeout=policies.CREATE_DEADLINE,
             retry_policy=policies.FLY_RETRY,
-            summary=f"create machine for job {job.id} (attempt {attempt})",
+            summary=f"create machine in {app} for job {job.id} (attempt {attempt})",
         )
         settled, interrupted = await settle(create)
         if interrupted:
@@ -298,14 +309,15 @@ class ChunkWorkflow:
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=tuning.heartbeat_timeout_s),
             retry_policy=policies.FLY_RETRY,
-            summary=f"run job {job.id} on machine {machine.machine_id}, collect, destroy",
+            summary=f"run job {job.id} on machine {machine.machine_id} in {machine.app}, "
+            "collect, destroy",
         )
 
     def _create_input(self, job: Job, attempt: int) -> CreateMachineInput:
         return CreateMachineInput(
             batch_id=self._input.batch_id,
             chunk_index=self._input.index,
-            app=self._input.app,
+            app=self._input.app_of(job),
             job=job,
             attempt=attempt,
             owner=workflow.info().workflow_id,
@@ -475,6 +487,12 @@ def _is_cancellation(error: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
+
+
+def _failure_type(error: ActivityError) -> str | None:
+    """The type of the ApplicationError an activity failed with, if that is why."""
+    cause = error.cause
+    return cause.type if isinstance(cause, ApplicationError) else None
 
 
 def _why(error: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from sortie.models import Counts, Followup, JobResult, StrictModel, Tuning
-from sortie.spec import Job
+from sortie.spec import Job, app_for
 
 
 class ChunkInput(StrictModel):
@@ -18,14 +18,22 @@ class ChunkInput(StrictModel):
     batch_id: str
     index: int
     app: str
+    apps: list[str] = []
+    """Every Fly app of the batch; empty: `app` alone."""
     jobs: list[Job]
     slots: int
     paused: bool = False
     budgeted: bool = False
+    paced: bool = False
+    """Creates are paced by Temporal on each app's queue: no hand-over creates beside it."""
     tuning: Tuning = Tuning()
     followup: Followup | None = None
     continues: dict[str, Followup] = {}
     """Jobs of a retry batch that continue their session instead of starting over, by id."""
+
+    def app_of(self, job: Job) -> str:
+        """The Fly app the job's machines are created in."""
+        return app_for(self.apps, job.index) if self.apps else self.app
 
 
 class ChunkOutput(StrictModel):

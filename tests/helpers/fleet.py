@@ -45,8 +45,10 @@ from activities.machine_models import (
 from sortie import batches
 from sortie.models import MachineRef, Tuning
 from sortie.outcomes import machine_failure
+from sortie.pacing import CreateQueues
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
+from worker import SortieWorker
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
 
@@ -191,16 +193,24 @@ def fleet_spec(
 
 
 def fleet_worker(
-    temporal: WorkflowEnvironment, settings: Settings, activities: list[Callable[..., Any]]
-) -> Worker:
-    """The real batch and chunk workflows, with the fleet's activities."""
-    return Worker(
+    temporal: WorkflowEnvironment,
+    settings: Settings,
+    activities: list[Callable[..., Any]],
+    apps: tuple[str, ...] = ("fleet",),
+    rate: float | None = None,
+) -> SortieWorker:
+    """The real batch and chunk workflows, with the fleet's activities; its creates on the
+    apps' create queues, as a real worker polls them."""
+    [create] = [a for a in activities if getattr(a, "__name__", "") == "create_machine"]
+    main = Worker(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=activities,
+        activities=[a for a in activities if a is not create],
         max_concurrent_activities=1000,
     )
+    creates = CreateQueues(temporal.client, settings.task_queue, create, rate=rate, apps=apps)
+    return SortieWorker(main, creates)
 
 
 async def run_fleet_batch(

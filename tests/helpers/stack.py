@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from temporalio.client import Client
-from temporalio.worker import Worker
 
 from fly import FlyClient
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import DEFAULT_IMAGE
-from worker import build_worker
+from worker import SortieWorker, build_worker
 
 if TYPE_CHECKING:
     from localfly.process import LocalFlyProcess
@@ -45,7 +44,7 @@ class Sortie:
 @asynccontextmanager
 async def running_worker(
     client: Client, settings: Settings, fly: FlyClient, secrets: SecretStore | None = None
-) -> AsyncIterator[Worker]:
+) -> AsyncIterator[SortieWorker]:
     """Run a worker for the duration of the block."""
     worker = build_worker(client, fly, secrets or SecretStore({}), settings)
     async with worker:

@@ -11,6 +11,7 @@ from sortie.spec import (
     BatchFileError,
     BatchSpec,
     LogTail,
+    app_for,
     load_batch_file,
     parse_batch,
     parse_duration,
@@ -366,3 +367,22 @@ def test_a_chunk_size_whose_results_could_outgrow_a_payload_is_refused() -> None
     assert found == ["chunk_size: Input should be less than or equal to 250"], found
     largest = parse_batch(base(chunk_size=250, jobs=[{"id": "a", "command": "true"}]))
     assert largest.chunk_size == 250
+
+
+def test_apps_spread_the_jobs_and_priority_is_one_to_five() -> None:
+    jobs = [{"id": f"j{i}", "command": "true"} for i in range(5)]
+    spec = parse_batch({"name": "many", "apps": ["a", "b", "c"], "priority": 1, "jobs": jobs})
+    assert (spec.app, spec.fly_apps, spec.priority) == ("a", ["a", "b", "c"], 1)
+    data = batch_input(spec, spec.batch_id())
+    assert [app_for(data.apps, i) for i in range(5)] == ["a", "b", "c", "a", "b"]
+    assert parse_batch({"name": "one", "app": "a", "jobs": jobs}).fly_apps == ["a"]
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"app": "a", "apps": ["b"]}, "give `app` (one Fly app) or `apps` (several), not both"),
+        ({"apps": ["a", "a"]}, "apps: each Fly app may be named once"),
+        ({"app": "a", "priority": 0}, "priority: Input should be greater than or equal to 1"),
+        ({"app": "a", "priority": 6}, "priority: Input should be less than or equal to 5"),
+    ]
+    for bad, problem in cases:
+        with pytest.raises(BatchFileError) as refused:
+            parse_batch({"name": "bad", "jobs": jobs} | bad)
+        assert problem in refused.value.problems, refused.value.problems

@@ -363,11 +363,13 @@ async def test_an_unknown_secret_is_refused_before_any_machine(
     assert machines(sortie, app_name) == []
 
 
+@pytest.mark.parametrize("several", [False, True], ids=["app", "apps"])
 async def test_an_app_fly_does_not_know_is_refused_before_any_machine(
-    sortie: Sortie, app_name: str, tmp_path: Path
+    sortie: Sortie, app_name: str, tmp_path: Path, several: bool
 ) -> None:
     # Fly answers 404 for the app (localfly told so): the worker refuses the batch at once,
-    # and the command line calls that bad input.
+    # and the command line calls that bad input; among several apps, before any app gets one.
+    known = f"t-{uuid.uuid4().hex[:10]}"
     sortie.localfly.set_faults({"missing_apps": [app_name]})
     try:
         batch = tmp_path / "batch.json"
@@ -375,8 +377,8 @@ async def test_an_app_fly_does_not_know_is_refused_before_any_machine(
             json.dumps(
                 {
                     "name": f"a{uuid.uuid4().hex[:6]}",
-                    "app": app_name,
-                    "jobs": [{"id": "a", "command": "true"}],
+                    **({"apps": [known, app_name]} if several else {"app": app_name}),
+                    "jobs": [{"id": f"j{i}", "command": "true"} for i in range(4)],
                 }
             )
         )
@@ -399,6 +401,8 @@ async def test_an_app_fly_does_not_know_is_refused_before_any_machine(
     assert ran.returncode == 2, (ran.stdout, ran.stderr)
     assert f"Fly app {app_name!r} cannot be used" in ran.stderr and "Traceback" not in ran.stderr
     assert sortie.localfly.stats(app_name)["calls"] == {"app": 1}, "no machine was asked for"
+    if several:
+        assert sortie.localfly.stats(known)["calls"] == {"app": 1}, "none in the known app"
 
 
 async def test_signals_sent_with_the_plain_temporal_cli(sortie: Sortie, app_name: str) -> None:

@@ -1,0 +1,170 @@
+"""Creates paced by Temporal on a queue per Fly app: any number of workers stay within Fly's rate.
+
+Real `worker.py` processes, a real dev server and localfly enforcing Fly's published limits
+(429 past 1 create/s per app with bursts of 3).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from sortie import batches
+from sortie.labels import META_JOB
+from sortie.pacing import create_queue
+from sortie.settings import Settings
+from sortie.spec import parse_batch
+from tests.helpers.batches import TUNING, settings_for
+from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker
+from tests.helpers.processes import WorkerProcess
+from tests.helpers.waiting import eventually
+
+ENFORCED = {"rate_limits": {"enforce": True, "retry_after": True}}
+
+
+@pytest.fixture
+def enforced(localfly: Any) -> Iterator[None]:
+    """localfly answers 429 as Fly does, for this test only."""
+    localfly.set_faults(ENFORCED)
+    yield
+    localfly.set_faults({})
+
+
+async def pollers(client: Client, queue: str) -> int:
+    """Workers polling the queue for activities right now."""
+    described = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+        )
+    )
+    return len({poller.identity for poller in described.pollers})
+
+
+ONE_APP = f"t-{uuid.uuid4().hex[:10]}"
+THREE_APPS = [f"t-{uuid.uuid4().hex[:10]}" for _ in range(3)]
+
+
+@dataclass
+class Fleet2:
+    """Two worker processes on one task queue, pacing creates as on real Fly."""
+
+    settings: Settings
+    workers: list[WorkerProcess]
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    temporal: WorkflowEnvironment, localfly: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet2]:
+    """Started once for the module's tests (the client's limits on, as with a Fly token)."""
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    logs = tmp_path_factory.mktemp("workers")
+    env = {"SORTIE_FLY_RATE_LIMIT": "on", "SORTIE_FLY_APPS": ",".join([ONE_APP, *THREE_APPS])}
+    workers = [
+        WorkerProcess(settings, localfly.url, logs / f"worker-{n}.log", env=env) for n in (1, 2)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        yield Fleet2(settings, workers)
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+async def test_two_workers_keep_to_one_apps_create_rate(
+    temporal: WorkflowEnvironment, localfly: Any, two_workers: Fleet2, enforced: None
+) -> None:
+    settings = two_workers.settings
+    queue = create_queue(settings.task_queue, ONE_APP)
+    await eventually(
+        lambda: _at_least(pollers(temporal.client, queue), 2), what="both workers polling"
+    )
+    spec = parse_batch(
+        {
+            "name": f"o{uuid.uuid4().hex[:8]}",
+            "app": ONE_APP,
+            "max_machines": 8,
+            "defaults": {"image": "alpine", "command": "true"},
+            "jobs": [{"id": f"job-{i}"} for i in range(8)],
+        }
+    )
+    submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
+    await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    report = await batches.results(temporal.client, submitted.batch_id)
+    assert [r.state for r in report.results] == ["succeeded"] * 8, report.results
+    made = localfly.machines(ONE_APP)
+    assert sorted(m["metadata"][META_JOB] for m in made) == [f"job-{i}" for i in range(8)]
+    assert all(m["state"] == "destroyed" for m in made)
+    stats = localfly.stats(ONE_APP)
+    assert stats["rate_limited"] == 0, stats
+
+
+async def test_three_apps_share_a_batch_each_at_its_own_rate(
+    temporal: WorkflowEnvironment, localfly: Any, two_workers: Fleet2, enforced: None
+) -> None:
+    apps = THREE_APPS
+    settings = two_workers.settings
+    spec = parse_batch(
+        {
+            "name": f"a{uuid.uuid4().hex[:8]}",
+            "apps": apps,
+            "max_machines": 9,
+            "defaults": {"image": "alpine", "command": "true"},
+            "jobs": [{"id": f"job-{i}"} for i in range(12)],
+        }
+    )
+    submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
+    await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    report = await batches.results(temporal.client, submitted.batch_id)
+    assert report.status == "completed" and report.succeeded == 12, report
+    # Jobs take the apps in turn, and every result names its machine's app.
+    assert [r.app for r in report.results] == [apps[i % 3] for i in range(12)]
+    made = {app: localfly.machines(app) for app in apps}
+    assert {app: len(m) for app, m in made.items()} == dict.fromkeys(apps, 4)
+    jobs = Counter(m["metadata"][META_JOB] for machines in made.values() for m in machines)
+    assert set(jobs.values()) == {1}, "one machine per job"
+    assert all(m["state"] == "destroyed" for machines in made.values() for m in machines)
+    assert sum(localfly.stats(app)["rate_limited"] for app in apps) == 0
+    # Each app's creates overlap the others': three apps create at once, not one after another.
+    first = {app: min(m["created_at"] for m in made[app]) for app in apps}
+    last = {app: max(m["created_at"] for m in made[app]) for app in apps}
+    assert max(first.values()) < min(last.values()), (first, last)
+
+
+async def _at_least(count: Any, wanted: int) -> bool:
+    return bool(await count >= wanted)
+
+
+async def test_a_small_batch_behind_a_large_one_starts_its_jobs_among_the_large_ones(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # One app's create queue, paced, holds a backlog of the large batch's creates when the
+    # small batch arrives: fairness by batch gives the small one its turns at once, where first
+    # come first served would start its jobs after all thirty.
+    fleet = Fleet()
+    settings = Settings(task_queue=f"fair-{uuid.uuid4().hex}")
+    large = fleet_spec([{"id": f"big{i:02d}"} for i in range(30)], max_machines=30, chunk_size=10)
+    small = fleet_spec([{"id": f"small{i}"} for i in range(3)], max_machines=3, chunk_size=3)
+    async with fleet_worker(temporal, settings, fleet.activities, rate=5.0):
+        first = await batches.submit(temporal.client, settings, large)
+        await eventually(lambda: fleet.created >= 2, what="the large batch creating")
+        second = await batches.submit(temporal.client, settings, small)
+        await batches.batch_handle(temporal.client, second.batch_id).result()
+        await batches.batch_handle(temporal.client, first.batch_id).result()
+    order = fleet.runs
+    assert len(order) == 33
+    smalls = [order.index(f"small{i}") for i in range(3)]
+    assert max(smalls) < 15, f"the small batch's creates came at {smalls} of 33"

@@ -1,0 +1,103 @@
+"""The Claude credential pool all workers share: turns, rests, and what a batch sees if all rest.
+
+Each `ClaudePool` below stands for one worker's memory (its credentials from its environment);
+the rests and the turn live in the task queue's CredentialPoolWorkflow on the real dev server.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer, Worker
+
+from sortie import batches
+from sortie.credentials import ClaudePool, CredentialsResting, pool_workflow_id
+from sortie.spec import parse_batch
+from tests.helpers.history import decoded_payloads
+from tests.helpers.stack import Sortie
+from workflows.credentials import CredentialPoolWorkflow
+
+ONE, TWO, THREE = (
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN_2",
+    "CLAUDE_CODE_OAUTH_TOKEN_3",
+)
+
+
+def worker_pool(**extra: str) -> ClaudePool:
+    """One worker's credentials, as its environment gives them."""
+    env = {name: f"sk-ant-oat01-{uuid.uuid4().hex}" for name in (ONE, TWO, THREE)}
+    return ClaudePool.from_env({**env, **extra})
+
+
+async def test_a_credential_rested_by_one_worker_is_not_handed_out_by_another(
+    temporal: WorkflowEnvironment,
+) -> None:
+    queue = f"pool-{uuid.uuid4().hex}"
+    client = temporal.client
+    a, b = worker_pool(), worker_pool()
+    async with Worker(client, task_queue=queue, workflows=[CredentialPoolWorkflow]):
+        # Turns are shared: two workers asking in turn get the three credentials in turn.
+        taken = [(await pool.take(client, queue)).name for pool in (a, b, a, b, a, b)]
+        assert taken == [ONE, TWO, THREE, ONE, TWO, THREE]
+
+        await a.rest(client, queue, TWO, "rate_limit error in job j1")
+        assert [(await b.take(client, queue)).name for _ in range(4)] == [ONE, THREE] * 2
+        # A worker started afresh (nothing in its memory) still sees the rest.
+        assert TWO not in [(await worker_pool().take(client, queue)).name for _ in range(3)]
+
+        await b.rest(client, queue, ONE, "auth error in job j2")
+        await b.rest(client, queue, THREE, "auth error in job j3")
+        with pytest.raises(CredentialsResting, match="every Claude credential is resting"):
+            await a.take(client, queue)
+        pool = client.get_workflow_handle(pool_workflow_id(queue))
+        view = await pool.query(CredentialPoolWorkflow.resting)
+        history = await pool.fetch_history()
+    assert sorted(view.resting) == [ONE, TWO, THREE]
+    assert view.reasons[TWO] == "rate_limit error in job j1"
+    # The pool's history replays (deterministic) and holds names, never a value.
+    replayer = Replayer(workflows=[CredentialPoolWorkflow], data_converter=client.data_converter)
+    await replayer.replay_workflow(history)
+    recorded = "\n".join(decoded_payloads(json.loads(history.to_json())))
+    assert TWO in recorded, "names are kept"
+    assert not any(value in recorded for value in (*a.values(), *b.values()))
+
+
+def test_a_numbered_credential_carries_its_own_endpoint_and_model() -> None:
+    pool = worker_pool(
+        ANTHROPIC_BASE_URL_2="https://gateway.example/anthropic", ANTHROPIC_MODEL_2="claude-x"
+    )
+    second = pool[TWO]
+    assert second.machine_env() == {
+        "CLAUDE_CODE_OAUTH_TOKEN": second.value,
+        "ANTHROPIC_BASE_URL": "https://gateway.example/anthropic",
+        "ANTHROPIC_MODEL": "claude-x",
+    }
+    assert pool[ONE].machine_env() == {"CLAUDE_CODE_OAUTH_TOKEN": pool[ONE].value}, "its own"
+
+
+async def test_a_batch_sees_credentials_resting_as_the_jobs_error_kind(
+    sortie: Sortie, app_name: str, worker_env: dict[str, str]
+) -> None:
+    # The worker's one credential rests (another worker saw Claude refuse it): the prompt job
+    # fails at its create with the error kind `credentials_resting`, and no machine is made.
+    pool = ClaudePool.from_env(worker_env)
+    await pool.rest(sortie.client, sortie.settings.task_queue, ONE, "rate_limit error elsewhere")
+    spec = parse_batch(
+        {
+            "name": f"p{uuid.uuid4().hex[:8]}",
+            "app": app_name,
+            "defaults": {"retries": 1},
+            "jobs": [{"id": "ask", "prompt": "anything"}],
+        }
+    )
+    submitted = await batches.submit(sortie.client, sortie.settings, spec)
+    output = await batches.batch_handle(sortie.client, submitted.batch_id).result()
+    assert [c.counts.credentials_resting for c in output.chunks] == [1], "the batch counts it"
+    [result] = (await batches.results(sortie.client, submitted.batch_id)).results
+    assert (result.state, result.error_kind) == ("failed", "credentials_resting"), result
+    assert "every Claude credential is resting" in (result.error or "")
+    assert sortie.localfly.machines(app_name) == []

@@ -95,7 +95,7 @@ async def test_retry_failed_runs_exactly_the_failed_jobs_and_latest_shows_every_
     assert f"retried by {retry_id} (completed): http" in status.stdout, status.stdout
     assert await batches.retry_of(sortie.client, retry_id) == batch_id
     memo = await (await sortie.client.get_workflow_handle(retry_id).describe()).memo()
-    assert memo == {batches.RETRY_OF: batch_id, batches.RETRY_ROOT: batch_id}
+    assert (memo[batches.RETRY_OF], memo[batches.RETRY_ROOT]) == (batch_id, batch_id)
 
 
 async def test_retry_continue_sessions_goes_on_with_the_session_that_ran_out_of_turns(

@@ -46,7 +46,11 @@ def bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
 
 
 def _state(v: ProgressView) -> str:
-    return v.status + (f" ({v.pause_reason})" if v.paused and v.pause_reason else "")
+    if v.paused and v.pause_reason:
+        return f"{v.status} ({v.pause_reason})"
+    if v.status in ("cancelling", "cancelled") and v.cancel_reason:
+        return f"{v.status} ({v.cancel_reason})"
+    return v.status
 
 
 def _spent(v: ProgressView) -> str:
@@ -69,6 +73,8 @@ def progress_lines(v: ProgressView) -> list[str]:
         f"ok {v.succeeded}  failed {v.failed}  timed out {v.timed_out}  "
         f"cancelled {v.cancelled}  running {v.running}  machines {_machines(v)}",
     ]
+    if v.failure_limit:
+        lines.append(f"  failure limit: {v.failure_limit}")
     for chunk in v.chunks:
         if chunk.active:
             lines.append(

@@ -349,4 +349,6 @@ def plan_lines(p: Plan) -> list[str]:
         f"  time:     at most {duration(p.time_bound_s)} (one job at most "
         f"{duration(p.longest_job_s)}: every try boots and runs to its timeout)",
         f"  cost:     {cost}",
+        f"  failures: {p.failure_limit or 'no limit (max_failures, max_failure_rate)'}",
+        f"  storms:   {p.storm or 'not watched (storm: off)'}",
     ]

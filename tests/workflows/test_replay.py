@@ -39,7 +39,7 @@ HISTORIES = Path(__file__).parent / "histories"
 RECORD = os.environ.get("SORTIE_RECORD_HISTORIES") == "1"
 SCENARIOS = ["happy", "infra-retry", "pause-resume", "cancel", "budget", "storm", "continue-as-new"]
 PROMPTS = {"budget", "storm"}
-EXTRA = {
+EXTRA: dict[str, dict[str, Any]] = {
     "budget": {"max_cost_usd": 0.5},
     "storm": {"storm": {"errors": 2, "within": "1m", "auto_resume_after": "1s"}},
 }

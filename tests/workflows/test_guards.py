@@ -7,6 +7,7 @@ End to end on localfly, through the command line: tests/test_guards.py.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -309,7 +310,7 @@ async def test_a_storm_pause_resumes_itself_on_a_durable_timer(
     async with batch(
         temporal, fleet, jobs, storm=storm, defaults={"prompt": "review"}, chunk_size=4
     ) as handle:
-        output = await handle.result()
+        output = await asyncio.wait_for(handle.result(), timeout=30)
         history = await handle.fetch_history()
     assert (output.status, output.succeeded) == ("completed", 4)
     kinds = [event.event_type for event in history.events]

@@ -308,7 +308,7 @@ class StormGuard(_Strict):
     batch paused by a storm by itself, on a durable timer.
     """
 
-    errors: int = Field(default=10, ge=1, le=100_000)
+    errors: int = Field(default=10, ge=1, le=1000)
     within: Seconds = 300.0
     auto_resume_after: Seconds | None = None
 

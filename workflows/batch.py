@@ -347,7 +347,7 @@ class BatchWorkflow:
             ],
             slots=window,
             budgeted=self._state.max_cost_usd is not None,
-            guarded=guards.limit_text(self._state.failure_limit) is not None,
+            guarded=self._state.failure_limit.is_set,
             tuning=self._input.tuning,
         )
 
@@ -378,13 +378,13 @@ class BatchWorkflow:
 
     def _check_failures(self) -> None:
         """Pause (or cancel) the batch once its failed jobs reach its failure limit."""
-        state = self._state
-        if state.cancelled or state.paused_by is PausedBy.FAILURES:
+        state, limit = self._state, self._state.failure_limit
+        if not limit.is_set or state.cancelled or state.paused_by is PausedBy.FAILURES:
             return
-        why = guards.too_many_failures(state.failure_limit, self._counts())
+        why = guards.too_many_failures(limit, self._counts())
         if why is None:
             return
-        if state.failure_limit.on_too_many is OnTooManyFailures.CANCEL:
+        if limit.on_too_many is OnTooManyFailures.CANCEL:
             self._cancel(f"too many failures: {why}")
         elif not state.paused:
             self._pause_itself(_failed(why), PausedBy.FAILURES)

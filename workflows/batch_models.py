@@ -68,6 +68,11 @@ class FailureLimit(StrictModel):
     """In percent of the finished jobs, counted once `FAILURE_RATE_AFTER` have finished."""
     on_too_many: OnTooManyFailures = OnTooManyFailures.PAUSE
 
+    @property
+    def is_set(self) -> bool:
+        """Whether failures can stop the batch at all."""
+        return self.max_failures is not None or self.max_failure_rate is not None
+
 
 class PausedBy(StrEnum):
     """Which of the batch's own guards paused it (an operator's or the budget's pause is not)."""

@@ -90,7 +90,7 @@ def changed_limit(limit: FailureLimit, request: FailureLimitRequest) -> FailureL
 
 def limit_text(limit: FailureLimit) -> str | None:
     """The limit as the batch file writes it, or None when there is none."""
-    parts = []
+    parts: list[str] = []
     if limit.max_failures is not None:
         parts.append(f"max_failures {limit.max_failures}")
     if limit.max_failure_rate is not None:

@@ -170,7 +170,7 @@ async def test_max_failures_pauses_the_batch_until_the_limit_is_raised_and_it_is
     temporal: WorkflowEnvironment,
 ) -> None:
     fleet = Fleet()
-    async with batch(temporal, fleet, failing(12), max_failures=3) as handle:
+    async with batch(temporal, fleet, failing(8), max_failures=3) as handle:
         progress = await eventually(
             lambda: paused_and_idle(temporal, handle), what="paused, none running"
         )
@@ -203,7 +203,7 @@ async def test_max_failures_pauses_the_batch_until_the_limit_is_raised_and_it_is
         assert raised.pause_reason == "failure limit raised: send resume to continue"
         await handle.signal(BatchWorkflow.resume)
         output = await handle.result()
-    assert (output.status, output.failed, fleet.created) == ("completed", 12, 12)
+    assert (output.status, output.failed, fleet.created) == ("completed", 8, 8)
 
 
 async def test_infrastructure_retries_that_succeeded_do_not_count_as_failures(
@@ -221,15 +221,14 @@ async def test_a_failure_rate_waits_for_enough_finished_jobs_then_cancels_when_t
     temporal: WorkflowEnvironment,
 ) -> None:
     fleet = Fleet()
-    jobs = [{"id": f"j{i:02d}", "env": {"EXIT": str(i % 2)}} for i in range(40)]
-    async with batch(
-        temporal, fleet, jobs, max_failure_rate="10%", on_too_many_failures="cancel"
-    ) as handle:
+    jobs = [{"id": f"j{i:02d}", "env": {"EXIT": str(i % 2)}} for i in range(FAILURE_RATE_AFTER + 6)]
+    limits = {"max_failure_rate": "10%", "on_too_many_failures": "cancel"}
+    async with batch(temporal, fleet, jobs, max_machines=4, **limits) as handle:
         output = await handle.result()
     finished = output.succeeded + output.failed
     assert output.status == "cancelled" and output.cancelled > 0
     # Half the jobs fail from the first on, yet the rate counts only from the 20th finished.
-    assert FAILURE_RATE_AFTER <= finished <= FAILURE_RATE_AFTER + 2, finished
+    assert FAILURE_RATE_AFTER <= finished <= FAILURE_RATE_AFTER + 4, finished
     why = re.fullmatch(
         r"too many failures: \d+ of (\d+) finished jobs failed \(\d+%\), max_failure_rate is 10%",
         output.cancel_reason or "",
@@ -267,9 +266,7 @@ async def test_a_limit_lowered_on_a_running_batch_pauses_it_at_once(
 @pytest.mark.parametrize(
     ("env", "defaults", "reason"),
     [
-        ({"ERROR_KIND": "rate_limit"}, {"prompt": "review"}, "3 Claude rate limit"),
         ({"ERROR_KIND": "auth"}, {"prompt": "review"}, "3 Claude authentication"),
-        ({"CREATE_ERROR": "FlyRateLimited"}, {"command": "true"}, "3 Fly 429"),
         ({"CREATE_ERROR": "FlyServerError"}, {"command": "true"}, "3 Fly 5xx or unreachable"),
         (
             {"CREATE_ERROR": "CredentialsResting"},
@@ -277,7 +274,7 @@ async def test_a_limit_lowered_on_a_running_batch_pauses_it_at_once(
             "every Claude credential is resting",
         ),
     ],
-    ids=["claude-429", "claude-auth", "fly-429", "fly-5xx", "credentials-resting"],
+    ids=["claude-auth", "fly-5xx", "credentials-resting"],
 )
 async def test_a_storm_of_platform_errors_pauses_the_batch(
     temporal: WorkflowEnvironment, env: dict[str, str], defaults: dict[str, str], reason: str

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from sortie import batches
 from sortie.models import Tuning
@@ -97,10 +98,13 @@ async def test_a_batch_whose_jobs_all_fail_pauses_at_max_failures_with_no_machin
     )
     assert "max_failures is 3; raise it with set-failure-limit, then resume" in status.stdout
     assert "  failure limit: max_failures 3, then pause" in status.stdout
+    handle = batches.batch_handle(sortie.client, batch_id)
+    ui = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    assert "paused (too many failures: " in ui.current_details, "the Web UI's current details"
+    assert "(limit: max_failures 3, then pause)" in ui.current_details
 
     raised = await starter(sortie, "set-failure-limit", batch_id, "--max-failures", str(failed + 1))
     assert raised.stdout.startswith(f"sent set-failure-limit to {batch_id}"), raised.stderr
-    handle = batches.batch_handle(sortie.client, batch_id)
 
     async def raised_limit() -> Progress | None:
         progress = await batches.progress(sortie.client, batch_id)
@@ -159,8 +163,10 @@ async def test_every_credential_answering_429_pauses_the_batch_and_no_machine_st
     assert "Claude rate limit" in progress.pause_reason
     status = await starter(sortie, "status", batch_id)
     assert f"{batch_id}  paused (storm: " in status.stdout, status.stdout
-
     handle = batches.batch_handle(sortie.client, batch_id)
+    ui = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    assert "paused (storm: " in ui.current_details, "the Web UI's current details"
+
     await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="enough"))
     await handle.result()
     assert live(sortie, app_name) == 0

@@ -1,7 +1,7 @@
 """Benchmarks: Sortie against the ideal makespan and against a plain asyncio runner.
 
     python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
-        [--no-baseline] [--batches K]
+        [--no-baseline] [--batches K] [--max-failures F]
     python -m bench --standard [--large] [--json]
 
 Each run starts its own Temporal dev server and localfly, runs N `sleep T` jobs through Sortie
@@ -105,10 +105,18 @@ class Row(BaseModel):
 
 
 async def run_sortie(
-    client: Client, fly: FlyClient, app: str, n: int, c: int, t: float, k: int = 1
+    client: Client,
+    fly: FlyClient,
+    app: str,
+    n: int,
+    c: int,
+    t: float,
+    k: int = 1,
+    max_failures: int | None = None,
 ) -> tuple[float, list[str], int]:
     """Run the jobs through a worker in this process, as `k` batches at once that share the
-    `c` machines; return the makespan, the batch ids, and how many jobs succeeded."""
+    `c` machines (under `max_failures` if given); return the makespan, the batch ids, and how
+    many jobs succeeded."""
     settings = Settings(task_queue=f"bench-{uuid.uuid4().hex}")
     specs = [
         parse_batch(
@@ -116,6 +124,7 @@ async def run_sortie(
                 "name": f"bench{n}x{c}-{b}",
                 "app": app,
                 "max_machines": c // k,
+                **({"max_failures": max_failures} if max_failures else {}),
                 "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
                 "jobs": [
                     {"id": f"j{i:05d}", "command": ["sleep", f"{t:g}"]}
@@ -185,7 +194,14 @@ async def largest_histories(client: Client, batch_ids: list[str]) -> tuple[int, 
 
 
 async def measure(
-    n: int, c: int, t: float, *, enforce: bool, baseline: bool, split: int = 1
+    n: int,
+    c: int,
+    t: float,
+    *,
+    enforce: bool,
+    baseline: bool,
+    split: int = 1,
+    max_failures: int | None = None,
 ) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
@@ -206,7 +222,7 @@ async def measure(
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
                 try:
                     makespan, batch_ids, succeeded = await run_sortie(
-                        client, fly, app, n, c, t, split
+                        client, fly, app, n, c, t, split, max_failures
                     )
                 finally:
                     progress.cancel()
@@ -331,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="submit the jobs as this many batches at once, sharing the machines",
     )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        help="run under this failure limit (its chunks hand no slot on inside finish_job)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.standard:
@@ -351,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 enforce=args.enforce_limits,
                 baseline=not args.no_baseline,
                 split=args.batches,
+                max_failures=args.max_failures,
             )
         )
         rows.append(row)

@@ -71,10 +71,9 @@ class ChunkWorkflow:
         self._errors: dict[str, int] = {}
         self._heard = 0
         self._last_report = workflow.now()
-        # A spent slot goes back to the batch under a budget, and a failed job's slot under a
-        # failure limit, so no slot is handed over there.
-        judged = input.budgeted or input.guarded
-        self._hand_over = HandOver(self._queue) if not judged else None
+        # A spent slot goes back to the batch under a budget, so no slot is handed over there;
+        # under a failure limit a failed job's slot goes back, so only a success hands over.
+        self._hand_over = HandOver(self._queue) if not input.budgeted else None
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
         self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
@@ -301,7 +300,9 @@ class ChunkWorkflow:
         create_s = tuning.create_timeout_s if claim else 0.0
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            FinishJobInput(wait=wait, collect=collect, next=claim),
+            FinishJobInput(
+                wait=wait, collect=collect, next=claim, only_after_success=self._input.guarded
+            ),
             start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s + create_s)
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=tuning.heartbeat_timeout_s),

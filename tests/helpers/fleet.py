@@ -47,7 +47,7 @@ from activities.machine_models import (
 )
 from sortie import batches
 from sortie.models import MachineRef, Tuning
-from sortie.outcomes import machine_failure
+from sortie.outcomes import machine_failure, succeeded
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
 from workflows.batch import BatchWorkflow
@@ -138,7 +138,11 @@ class Fleet:
             collected = await self._collect(input.collect)
         self._destroy(input.wait.machine)
         finished = FinishJobOutput(waited=waited, collected=collected, destroyed=True)
-        if input.next is not None and machine_failure(waited, collected) is None:
+        if input.only_after_success:
+            hand_on = succeeded(waited, collected)
+        else:
+            hand_on = machine_failure(waited, collected) is None
+        if input.next is not None and hand_on:
             chunk = await activity.client().get_workflow_handle(input.next.owner).describe()
             if await chunk.memo_value(MAY_START_MEMO, True):
                 self.handed_over += 1

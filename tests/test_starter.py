@@ -352,7 +352,9 @@ async def test_steering_reading_and_listing_through_the_cli(
     assert watched.returncode == 1, "a batch with cancelled jobs"
     lines = watched.stdout.splitlines()
     assert lines[0].startswith("Web UI: http")
-    assert any(line.startswith(f"{batch_id} cancelled: 4/4 done") for line in lines), lines
+    # The cancel's reason shows with the state, as a pause's does.
+    done = f"{batch_id} cancelled (done here): 4/4 done"
+    assert any(line.startswith(done) for line in lines), lines
     assert "━" not in watched.stdout and "\x1b" not in watched.stdout, "plain when piped"
 
     results = await apiped(["results", batch_id], env)

@@ -167,7 +167,8 @@ class ChunkWorkflow:
                     await self._judged(result)
                     break
                 except InfrastructureFailure as failure:
-                    result.state = JobState.FAILED
+                    # Pending its next attempt, not failed: the batch's failure limit counts jobs.
+                    result.state = JobState.FAILED if attempt > job.retries else JobState.PENDING
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
                     await self._judged(result)
                 handed = None

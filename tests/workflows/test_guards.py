@@ -210,9 +210,13 @@ async def test_infrastructure_retries_that_succeeded_do_not_count_as_failures(
     temporal: WorkflowEnvironment,
 ) -> None:
     fleet = Fleet()
-    jobs = [{"id": f"j{i}", "env": {"FAIL_ATTEMPTS": "1"}} for i in range(4)]
-    async with batch(temporal, fleet, jobs, max_failures=1) as handle:
-        output = await handle.result()
+    # Two first attempts lose their machine, two meet a Claude rate limit (the batch hears of
+    # those at once): each job then succeeds on a new machine, so nothing failed.
+    refused = {"ERROR_KIND": "rate_limit", "ERROR_ATTEMPTS": "1"}
+    jobs = [{"id": f"j{i}", "env": {"FAIL_ATTEMPTS": "1"} if i < 2 else refused} for i in range(4)]
+    prompts = {"prompt": "review"}
+    async with batch(temporal, fleet, jobs, max_failures=1, defaults=prompts) as handle:
+        output = await asyncio.wait_for(handle.result(), timeout=30)
     assert (output.status, output.succeeded, fleet.created) == ("completed", 4, 8)
     assert await signals_to_chunks(temporal, output.batch_id) == [], "never paused"
 

@@ -12,6 +12,8 @@
     python starter.py retry ID [--failed] [--timed-out] [--cancelled] [--jobs a,b,...]
         [--continue-sessions [PROMPT]] [--wait] [--json]
     python starter.py logs ID JOB [--follow]
+    python starter.py set-failure-limit ID [--max-failures N] [--max-failure-rate P%]
+        [--on-too-many-failures pause|cancel]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
     python starter.py analyze PATH [--repo URL] [--ref REF] [--workers N]
         [--strategy directory|size|type|equal] [--min-files 5] [--max-files 20]
@@ -52,10 +54,22 @@ from sortie.analysis.partition import partition, plan_markdown, plan_table
 from sortie.models import JobResult, JobState
 from sortie.plan import plan
 from sortie.settings import Settings
-from sortie.spec import BatchFileError, load_batch_file, parse_duration
+from sortie.spec import (
+    BatchFileError,
+    OnTooManyFailures,
+    load_batch_file,
+    parse_duration,
+    parse_percent,
+)
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
-from workflows.batch_models import CancelRequest, MaxCostRequest, MaxMachinesRequest, PauseRequest
+from workflows.batch_models import (
+    CancelRequest,
+    FailureLimitRequest,
+    MaxCostRequest,
+    MaxMachinesRequest,
+    PauseRequest,
+)
 
 REFRESH_S = 1.0
 
@@ -218,6 +232,13 @@ async def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
             )
         case "set-budget":
             await handle.signal(BatchWorkflow.set_max_cost, MaxCostRequest(max_cost_usd=args.usd))
+        case "set-failure-limit":
+            limit = FailureLimitRequest(
+                max_failures=args.max_failures,
+                max_failure_rate=args.max_failure_rate,
+                on_too_many_failures=args.on_too_many_failures,
+            )
+            await handle.signal(BatchWorkflow.set_failure_limit, limit)
     print(f"sent {args.command} to {args.id}")
     _ui(settings, args.id)
     return 0
@@ -578,6 +599,25 @@ def _positive_usd(text: str) -> float:
     return value
 
 
+def _failures(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of jobs: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("the number of failures must be 0 (no limit) or more")
+    return value
+
+
+def _failure_rate(text: str) -> float:
+    if text.strip().removesuffix("%").strip() in ("0", "0.0"):
+        return 0.0  # no limit
+    try:
+        return parse_percent(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
     p = argparse.ArgumentParser(prog="starter.py", description=__doc__.splitlines()[0])
@@ -619,6 +659,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("set-budget", help="change a running batch's budget (US dollars)")
     s.add_argument("id")
     s.add_argument("usd", type=_positive_usd)
+    s.set_defaults(run=cmd_signal)
+    s = sub.add_parser(
+        "set-failure-limit", help="change a running batch's failure thresholds (0: no limit)"
+    )
+    s.add_argument("id")
+    s.add_argument("--max-failures", type=_failures, metavar="N")
+    s.add_argument("--max-failure-rate", type=_failure_rate, metavar="P%")
+    s.add_argument("--on-too-many-failures", choices=[o.value for o in OnTooManyFailures])
     s.set_defaults(run=cmd_signal)
     s = sub.add_parser("analyze", help="review a codebase with parallel Claude jobs")
     s.add_argument("path", help="a local git checkout (or a directory inside one)")
@@ -690,6 +738,16 @@ async def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "n", 1) < 1:
         print("N must be at least 1", file=sys.stderr)
+        return 2
+    if args.command == "set-failure-limit" and (
+        args.max_failures is None
+        and args.max_failure_rate is None
+        and args.on_too_many_failures is None
+    ):
+        print(
+            "set-failure-limit: give --max-failures, --max-failure-rate or --on-too-many-failures",
+            file=sys.stderr,
+        )
         return 2
     try:
         settings = Settings.from_env()

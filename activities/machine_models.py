@@ -139,6 +139,9 @@ class FinishJobInput(StrictModel):
     wait: WaitMachineInput
     collect: CollectResultInput
     next: CreateMachineInput | None = None
+    only_after_success: bool = False
+    """Hand the slot on only if this job succeeded: under a failure limit the batch judges
+    every failure before the slot is used again."""
 
 
 class FinishJobOutput(StrictModel):

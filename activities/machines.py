@@ -75,7 +75,7 @@ from sortie.labels import (
     machine_name,
 )
 from sortie.models import MachineRef
-from sortie.outcomes import machine_failure
+from sortie.outcomes import machine_failure, succeeded
 from sortie.secrets import SecretStore
 from sortie.spec import LogTail
 from sortie.store import BlobStore, answer_key, log_key, session_key, session_prefix
@@ -228,8 +228,11 @@ class MachineActivities:
                 collected = await self._collect(input.collect)
             destroyed = await self._destroy_now(ref)
             finished = FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
-            ended_for_good = machine_failure(waited, collected) is None
-            if input.next is not None and destroyed and ended_for_good:
+            if input.only_after_success:  # the batch judges each failure before the slot goes on
+                hand_on = succeeded(waited, collected)
+            else:  # the job ended for good
+                hand_on = machine_failure(waited, collected) is None
+            if input.next is not None and destroyed and hand_on:
                 finished.next = await self._hand_over(input.next)
         return finished
 

@@ -1,7 +1,7 @@
 """Benchmarks: Sortie against the ideal makespan and against a plain asyncio runner.
 
     python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
-        [--no-baseline] [--batches K] [--workers W] [--apps A]
+        [--no-baseline] [--batches K] [--workers W] [--apps A] [--max-failures F]
     python -m bench --standard [--large] [--json]
 
 Each run starts its own Temporal dev server and localfly, runs N `sleep T` jobs through Sortie
@@ -122,10 +122,11 @@ async def run_sortie(
     k: int = 1,
     workers: list[subprocess.Popen[bytes]] | None = None,
     task_queue: str | None = None,
+    max_failures: int | None = None,
 ) -> tuple[float, list[str], int]:
     """Run the jobs through a worker in this process (or the `workers` given, on
-    `task_queue`), as `k` batches at once that share the `c` machines; return the makespan,
-    the batch ids, and how many jobs succeeded."""
+    `task_queue`), as `k` batches at once that share the `c` machines (under `max_failures` if
+    given); return the makespan, the batch ids, and how many jobs succeeded."""
     settings = Settings(task_queue=task_queue or f"bench-{uuid.uuid4().hex}")
     specs = [
         parse_batch(
@@ -133,6 +134,7 @@ async def run_sortie(
                 "name": f"bench{n}x{c}-{b}",
                 **({"apps": apps} if len(apps) > 1 else {"app": apps[0]}),
                 "max_machines": c // k,
+                **({"max_failures": max_failures} if max_failures else {}),
                 "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
                 "jobs": [
                     {"id": f"j{i:05d}", "command": ["sleep", f"{t:g}"]}
@@ -239,6 +241,7 @@ async def measure(
     split: int = 1,
     workers: int = 1,
     apps: int = 1,
+    max_failures: int | None = None,
 ) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
@@ -266,7 +269,7 @@ async def measure(
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
                 try:
                     makespan, batch_ids, succeeded = await run_sortie(
-                        client, fly, names, n, c, t, split, processes, queue
+                        client, fly, names, n, c, t, split, processes, queue, max_failures
                     )
                 finally:
                     progress.cancel()
@@ -409,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes (1: in this one)")
     p.add_argument("--apps", type=int, default=1, help="Fly apps the batch spreads over")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        help="run under this failure limit (its chunks hand no slot on inside finish_job)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.standard:
@@ -431,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 split=args.batches,
                 workers=args.workers,
                 apps=args.apps,
+                max_failures=args.max_failures,
             )
         )
         rows.append(row)

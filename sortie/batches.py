@@ -41,9 +41,17 @@ from sortie.spec import (
 )
 from sortie.store import BlobStore
 from workflows.batch import BatchWorkflow
-from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
+from workflows.batch_models import (
+    BatchInput,
+    BatchOutput,
+    ChunkProgress,
+    ChunkStatus,
+    FailureLimit,
+    Progress,
+)
 from workflows.chunk import ChunkWorkflow
 from workflows.chunk_models import ChunkInput, ChunkOutput
+from workflows.guards import limit_text
 
 # Temporal refuses payloads over 2 MB; keep the batch input well below that.
 MAX_INPUT_BYTES = 1_500_000
@@ -99,6 +107,12 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
         chunk_size=chunk_size(spec),
         max_cost_usd=spec.max_cost_usd,
         keep_sessions_s=spec.keep_sessions,
+        failure_limit=FailureLimit(
+            max_failures=spec.max_failures,
+            max_failure_rate=spec.max_failure_rate,
+            on_too_many=spec.on_too_many_failures,
+        ),
+        storm=spec.storm,
         defaults=spec.defaults,
         jobs=spec.jobs,
         tuning=tuning or Tuning(),
@@ -269,6 +283,7 @@ async def progress(client: Client, batch_id: str) -> Progress:
         pause_reason=None,
         cancelled=output.status == "cancelled",
         max_machines=0,
+        cancel_reason=output.cancel_reason,
         counts=counts,
         chunks=output.chunks,
     )
@@ -351,6 +366,8 @@ class ProgressView:
     status: str
     paused: bool
     pause_reason: str | None
+    cancel_reason: str | None
+    failure_limit: str | None
     max_machines: int
     max_cost_usd: float | None
     total: int
@@ -375,6 +392,8 @@ def view(p: Progress) -> ProgressView:
         status=p.status,
         paused=p.paused,
         pause_reason=p.pause_reason,
+        cancel_reason=p.cancel_reason,
+        failure_limit=limit_text(p.failure_limit),
         max_machines=p.max_machines,
         max_cost_usd=p.max_cost_usd,
         total=c.total,

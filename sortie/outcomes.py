@@ -41,6 +41,22 @@ def machine_failure(
     return None
 
 
+def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) -> bool:
+    """Whether the job succeeded: it exited 0 on its own in time, with its report if it had one.
+
+    `record_outcome` gives a job this verdict, and `finish_job` reads it to hand a slot on only
+    after a success when the batch must judge every failure (a failure limit).
+    """
+    answer = collected.answer if collected else None
+    return (
+        machine_failure(waited, collected) is None
+        and waited.outcome is not WaitOutcome.TIMED_OUT
+        and collected is not None
+        and collected.exit_code == 0
+        and not (answer is not None and answer.error_kind == "no_report")
+    )
+
+
 def record_outcome(
     job: Job, result: JobResult, waited: WaitMachineOutput, collected: CollectResultOutput | None
 ) -> str | None:
@@ -59,7 +75,9 @@ def record_outcome(
     if failure is not None:
         return failure
     code = collected.exit_code if collected else None
-    if waited.outcome is WaitOutcome.TIMED_OUT:
+    if succeeded(waited, collected):
+        result.state, result.error = JobState.SUCCEEDED, None
+    elif waited.outcome is WaitOutcome.TIMED_OUT:
         result.state, result.error = (
             JobState.TIMED_OUT,
             f"exceeded its timeout of {seconds(job.timeout_s)}",
@@ -73,8 +91,6 @@ def record_outcome(
     elif answer is not None and answer.error_kind == "no_report":
         # Whatever the exit code, an answer that never arrived is no success (claude-code#85040).
         result.state, result.error = JobState.FAILED, f"no report from the agent: {answer.result}"
-    elif code == 0:
-        result.state, result.error = JobState.SUCCEEDED, None
     elif answer is not None and answer.error_kind:
         result.state = JobState.FAILED
         result.error = f"Claude failed ({answer.error_kind}): {(answer.result or '')[:200]}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sortie.batches import batch_input, chunk_size
-from sortie.spec import BatchSpec, resolve_job
+from sortie.outcomes import seconds
+from sortie.spec import FAILURE_RATE_AFTER, BatchSpec, resolve_job
+from workflows.guards import limit_text
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class Plan:
     job_costs_usd: float | None
     """The prompt jobs' `max_cost_usd` added up (first turns), None when one has none."""
     budget_usd: float | None
+    failure_limit: str | None = None
+    """When failed jobs stop the batch, as the batch file says it; None: they never do."""
+    storm: str | None = None
+    """When a storm of platform errors pauses the batch; None: the guard is off."""
 
     @property
     def machines_at_once(self) -> int:
@@ -40,7 +46,7 @@ class Plan:
 def plan(spec: BatchSpec) -> Plan:
     """Resolve every job and bound the batch's time and cost; raises BatchFileError if too big."""
     size = chunk_size(spec)
-    batch_input(spec, spec.batch_id())
+    data = batch_input(spec, spec.batch_id())
     jobs = [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs)]
     worst = [(job.retries + 1) * (job.boot_timeout_s + job.timeout_s) for job in jobs]
     machines = min(spec.max_machines, len(jobs))
@@ -62,4 +68,22 @@ def plan(spec: BatchSpec) -> Plan:
         time_bound_s=sum(worst) / machines + max(worst) * (machines - 1) / machines,
         job_costs_usd=None if None in caps else round(sum(c or 0.0 for c in caps), 6),
         budget_usd=spec.max_cost_usd,
+        failure_limit=_failure_limit(limit_text(data.failure_limit), spec),
+        storm=_storm(spec),
     )
+
+
+def _failure_limit(text: str | None, spec: BatchSpec) -> str | None:
+    if text is None or spec.max_failure_rate is None:
+        return text
+    return f"{text} (the rate counts once {FAILURE_RATE_AFTER} jobs have finished)"
+
+
+def _storm(spec: BatchSpec) -> str | None:
+    guard = spec.storm
+    if guard is None:
+        return None
+    text = f"pause at {guard.errors} Claude or Fly errors within {seconds(guard.within)}"
+    if guard.auto_resume_after is not None:
+        text += f", resume after {seconds(guard.auto_resume_after)}"
+    return text

@@ -46,7 +46,11 @@ def bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
 
 
 def _state(v: ProgressView) -> str:
-    return v.status + (f" ({v.pause_reason})" if v.paused and v.pause_reason else "")
+    if v.paused and v.pause_reason:
+        return f"{v.status} ({v.pause_reason})"
+    if v.status in ("cancelling", "cancelled") and v.cancel_reason:
+        return f"{v.status} ({v.cancel_reason})"
+    return v.status
 
 
 def _spent(v: ProgressView) -> str:
@@ -73,6 +77,8 @@ def progress_lines(v: ProgressView) -> list[str]:
         lines.append(
             f"  Fly apps {', '.join(v.apps)}: jobs spread evenly, each its own create rate"
         )
+    if v.failure_limit:
+        lines.append(f"  failure limit: {v.failure_limit}")
     for chunk in v.chunks:
         if chunk.active:
             lines.append(
@@ -353,4 +359,6 @@ def plan_lines(p: Plan) -> list[str]:
         f"  time:     at most {duration(p.time_bound_s)} (one job at most "
         f"{duration(p.longest_job_s)}: every try boots and runs to its timeout)",
         f"  cost:     {cost}",
+        f"  failures: {p.failure_limit or 'no limit (max_failures, max_failure_rate)'}",
+        f"  storms:   {p.storm or 'not watched (storm: off)'}",
     ]

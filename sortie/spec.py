@@ -97,7 +97,33 @@ def _command(value: object) -> object:
     return value
 
 
+FAILURE_RATE_AFTER = 20
+"""`max_failure_rate` counts once this many jobs have finished (succeeded, failed or timed out):
+before that one early failure would already be a rate of 100%."""
+
+
+def parse_percent(value: object) -> float:
+    """Parse '10%', '12.5%' or a number of percent into a percentage in (0, 100]."""
+    text = value.strip().removesuffix("%").strip() if isinstance(value, str) else value
+    try:
+        percent = float(text) if isinstance(text, str | int | float) else None
+    except ValueError:
+        percent = None
+    if isinstance(value, bool) or percent is None or not 0 < percent <= 100:
+        raise ValueError(
+            f"invalid failure rate {value!r}: use a percentage above 0% and at most 100%, "
+            f"e.g. 10% (it counts once {FAILURE_RATE_AFTER} jobs have finished)"
+        )
+    return percent
+
+
+def _off(value: object) -> object:
+    """`storm: off` (YAML's false) or null turns the storm guard off."""
+    return None if value is False else value
+
+
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
+Percent = Annotated[float, BeforeValidator(parse_percent)]
 MemoryMB = Annotated[int, BeforeValidator(parse_memory_mb)]
 Command = Annotated[list[str], BeforeValidator(_command), Field(min_length=1)]
 
@@ -277,6 +303,26 @@ def app_for(apps: list[str], index: int) -> str:
     return apps[index % len(apps)]
 
 
+class OnTooManyFailures(StrEnum):
+    """What a batch does once its failures reach `max_failures` or `max_failure_rate`."""
+
+    PAUSE = "pause"
+    CANCEL = "cancel"
+
+
+class StormGuard(_Strict):
+    """Pause the batch when `errors` errors that blame the platform, not the job, come `within`.
+
+    Those errors are Claude rate-limit and authentication errors, and Fly 429s and 5xx that
+    outlasted their retries (workflows/guards.py has the rule); `auto_resume_after` resumes a
+    batch paused by a storm by itself, on a durable timer.
+    """
+
+    errors: int = Field(default=10, ge=1, le=1000)
+    within: Seconds = 300.0
+    auto_resume_after: Seconds | None = None
+
+
 MAX_CHUNK_SIZE = 250
 """A chunk returns every job's result (up to about 5 KB each with a preview of Claude's answer
 and a log tail) in one payload, which Temporal caps at 2 MB, and keeps about ten events a job."""
@@ -298,6 +344,10 @@ class BatchSpec(_Strict):
     chunk_size: int = Field(default=100, ge=1, le=MAX_CHUNK_SIZE)
     max_cost_usd: float | None = Field(default=None, gt=0)
     keep_sessions: Seconds | None = None
+    max_failures: int | None = Field(default=None, ge=1)
+    max_failure_rate: Percent | None = None
+    on_too_many_failures: OnTooManyFailures = OnTooManyFailures.PAUSE
+    storm: Annotated[StormGuard | None, BeforeValidator(_off)] = StormGuard()
     defaults: Defaults = Defaults()
     jobs: list[JobSpec] = Field(min_length=1)
 

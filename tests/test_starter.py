@@ -132,6 +132,8 @@ def write_batch(path: Path, app: str, jobs: list[dict[str, Any]], **fields: Any)
         (["set-max-machines", "b", "many"], 2, "usage: starter.py set-max-machines"),
         (["set-max-machines", "b", "0"], 2, "N must be at least 1"),
         (["set-budget", "b", "-1"], 2, "usage: starter.py set-budget"),
+        (["set-failure-limit", "b"], 2, "set-failure-limit: give --max-failures"),
+        (["set-failure-limit", "b", "--max-failure-rate", "150%"], 2, "usage: starter.py set-"),
         (["reap"], 2, "name the Fly app with --app or FLY_APP"),
         (["analyze", "/nonexistent"], 2, "cannot analyse: no such directory: /nonexistent"),
         (["reap", "--app", "a", "--schedule", "soon"], 2, "cannot reach Temporal"),
@@ -350,7 +352,9 @@ async def test_steering_reading_and_listing_through_the_cli(
     assert watched.returncode == 1, "a batch with cancelled jobs"
     lines = watched.stdout.splitlines()
     assert lines[0].startswith("Web UI: http")
-    assert any(line.startswith(f"{batch_id} cancelled: 4/4 done") for line in lines), lines
+    # The cancel's reason shows with the state, as a pause's does.
+    done = f"{batch_id} cancelled (done here): 4/4 done"
+    assert any(line.startswith(done) for line in lines), lines
     assert "━" not in watched.stdout and "\x1b" not in watched.stdout, "plain when piped"
 
     results = await apiped(["results", batch_id], env)

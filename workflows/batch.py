@@ -2,8 +2,10 @@
 
 The story: check the worker has the batch's secrets; start chunks as children, each with a
 window of machine slots (workflows/slots.py has every rule); as chunks report back, lend freed
-slots, start waiting chunks, pass on pause, resume and cancel; continue-as-new whenever the run
-grows long; when every chunk is done, release the batch's sessions and return the counts.
+slots, start waiting chunks, pass on pause, resume and cancel, and pause (or cancel) the batch
+when its failures or a storm of platform errors say so (workflows/guards.py has those rules);
+continue-as-new whenever the run grows long; when every chunk is done, release the batch's
+sessions and return the counts.
 
 Chunks are children with ParentClosePolicy.ABANDON. Continue-as-new closes the batch's run, and
 any other policy would terminate or cancel every running chunk each time the batch continues.
@@ -31,8 +33,8 @@ with workflow.unsafe.imports_passed_through():
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import Counts
     from sortie.pacing import batch_priority
-    from sortie.spec import resolve_job
-    from workflows import policies, slots
+    from sortie.spec import OnTooManyFailures, resolve_job
+    from workflows import guards, policies, slots
     from workflows.batch_models import (
         BatchInput,
         BatchOutput,
@@ -41,10 +43,13 @@ with workflow.unsafe.imports_passed_through():
         ChunkPlan,
         ChunkState,
         ChunkStatus,
+        FailureLimitRequest,
         MaxCostRequest,
         MaxMachinesRequest,
+        PausedBy,
         PauseRequest,
         Progress,
+        StormMark,
     )
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
@@ -65,7 +70,8 @@ STARTS_AT_ONCE = 50
 
 @workflow.defn
 class BatchWorkflow:
-    """Runs a whole batch; pause, resume, cancel, set_max_machines and set_max_cost steer it."""
+    """Runs a whole batch; pause, resume, cancel, set_max_machines, set_max_cost and
+    set_failure_limit steer it."""
 
     @workflow.init
     def __init__(self, input: BatchInput) -> None:
@@ -103,10 +109,14 @@ class BatchWorkflow:
             chunk.report_seq = report.seq
             chunk.counts = report.counts
             chunk.wants_more = report.wants_more
+        if report.errors:
+            chunk.errors_seq = max(chunk.errors_seq, report.seq)
         if report.done:
             chunk.status = ChunkStatus.DONE
             chunk.wants_more = False
         self._check_budget()
+        self._check_failures()
+        self._check_storm(report.errors)
         self._changed = True
 
     @workflow.signal
@@ -114,16 +124,15 @@ class BatchWorkflow:
         """Create no new machines; running jobs finish."""
         self._state.paused = True
         self._state.pause_reason = (request or PauseRequest()).reason
+        self._state.paused_by = None  # the operator's pause now: no timer resumes it
+        self._state.auto_resume_at = None
         self._changed = True
 
     @workflow.signal
     def resume(self) -> None:
-        """Start creating machines again (not while the budget is spent: raise it first)."""
-        self._state.paused = False
-        self._state.pause_reason = None
-        self._state.over_budget = False
-        self._check_budget()
-        self._changed = True
+        """Start creating machines again (not while the budget is spent or the failures are
+        over their limit: raise it first)."""
+        self._resume()
 
     @workflow.signal
     def set_max_cost(self, request: MaxCostRequest) -> None:
@@ -134,6 +143,20 @@ class BatchWorkflow:
                 f"budget raised to ${request.max_cost_usd:.2f}: send resume to continue"
             )
         self._check_budget()  # a budget lowered below what was spent pauses at once
+        self._changed = True
+
+    @workflow.signal
+    def set_failure_limit(self, request: FailureLimitRequest) -> None:
+        """Change the failure thresholds; a batch paused by them continues on `resume`."""
+        state = self._state
+        state.failure_limit = guards.changed_limit(state.failure_limit, request)
+        if state.paused_by is PausedBy.FAILURES:
+            why = guards.too_many_failures(state.failure_limit, self._counts())
+            state.pause_reason = (
+                "failure limit raised: send resume to continue" if why is None else _failed(why)
+            )
+        else:
+            self._check_failures()  # a limit lowered below what failed acts at once
         self._changed = True
 
     @workflow.signal
@@ -158,6 +181,8 @@ class BatchWorkflow:
             cancelled=self._state.cancelled,
             max_machines=self._state.max_machines,
             max_cost_usd=self._state.max_cost_usd,
+            failure_limit=self._state.failure_limit,
+            cancel_reason=self._state.cancel_reason,
             counts=self._counts(),
             chunks=[chunk.progress() for chunk in self._state.chunks],
             apps=self._input.apps or [self._input.app],
@@ -199,13 +224,32 @@ class BatchWorkflow:
                     self._input.model_copy(update={"jobs": [], "state": self._state})
                 )
             self._update_details()
-            await workflow.wait_condition(lambda: self._changed)
+            await self._wait_for_change()
+
+    async def _wait_for_change(self) -> None:
+        """Wait for a report or a signal; a storm pause with `auto_resume_after` ends on a timer."""
+        at = self._state.auto_resume_at
+        try:
+            if at is not None and at <= workflow.now():
+                raise TimeoutError
+            await workflow.wait_condition(
+                lambda: self._changed,
+                timeout=None if at is None else at - workflow.now(),
+                timeout_summary="resume after the storm pause",
+            )
+        except TimeoutError:
+            workflow.logger.info("the storm pause is over: resuming")
+            self._resume()
 
     async def _steer(self) -> None:
         """Pass on pause, resume and cancel; move slots where they are needed; start chunks."""
         state = self._state
         await self._pass_on_pause_and_cancel()
         running = self._running()
+        for chunk in running:  # judged, and paused first if it must: the chunk may go on
+            if chunk.errors_seq > chunk.heard_seq:
+                chunk.heard_seq = chunk.errors_seq
+                self._grant(chunk, SlotGrant(heard=chunk.heard_seq))
         asks = slots.take_back(state.max_machines, running)
         if asks:
             await asyncio.gather(*self._grants)  # no grant may arrive after its take-back
@@ -311,6 +355,7 @@ class BatchWorkflow:
             slots=window,
             budgeted=self._state.max_cost_usd is not None,
             paced=self._state.paced_creates,
+            guarded=self._state.failure_limit.is_set,
             tuning=self._input.tuning,
             continues={j.id: f for j in plan.jobs if (f := self._input.continues.get(j.id))},
         )
@@ -338,8 +383,55 @@ class BatchWorkflow:
         if spent < state.max_cost_usd:
             return
         state.over_budget = True
-        state.paused = True
-        state.pause_reason = f"budget reached: spent ${spent:.4f} of ${state.max_cost_usd:.2f}"
+        self._pause_itself(f"budget reached: spent ${spent:.4f} of ${state.max_cost_usd:.2f}")
+
+    def _check_failures(self) -> None:
+        """Pause (or cancel) the batch once its failed jobs reach its failure limit."""
+        state, limit = self._state, self._state.failure_limit
+        if not limit.is_set or state.cancelled or state.paused_by is PausedBy.FAILURES:
+            return
+        why = guards.too_many_failures(limit, self._counts())
+        if why is None:
+            return
+        if limit.on_too_many is OnTooManyFailures.CANCEL:
+            self._cancel(f"too many failures: {why}")
+        elif not state.paused:
+            self._pause_itself(_failed(why), PausedBy.FAILURES)
+
+    def _check_storm(self, errors: dict[str, int]) -> None:
+        """Pause the batch when storm errors pass their threshold within the window."""
+        state, guard = self._state, self._input.storm
+        if guard is None or not errors or state.paused or state.cancelled:
+            return
+        now = workflow.now()
+        marks = [StormMark(at=now, kind=kind, count=n) for kind, n in sorted(errors.items())]
+        state.storm_marks = guards.recent([*state.storm_marks, *marks], now, guard)
+        why = guards.storm(state.storm_marks, guard)
+        if why is None:
+            return
+        if guard.auto_resume_after is not None:
+            state.auto_resume_at = now + timedelta(seconds=guard.auto_resume_after)
+            why += f"; resumes by itself at {state.auto_resume_at:%H:%M:%S} UTC, or send resume"
+        else:
+            why += "; send resume to continue"
+        self._pause_itself(why, PausedBy.STORM)
+
+    def _pause_itself(self, reason: str, by: PausedBy | None = None) -> None:
+        """The batch pauses on its own: the budget is spent, or a guard tripped."""
+        state = self._state
+        state.paused, state.pause_reason, state.paused_by = True, reason, by
+        if by is not PausedBy.STORM:
+            state.auto_resume_at = None
+
+    def _resume(self) -> None:
+        """Resume: the storm window starts afresh; the budget and the failure limit still hold."""
+        state = self._state
+        state.paused, state.pause_reason, state.paused_by = False, None, None
+        state.over_budget = False
+        state.storm_marks, state.auto_resume_at = [], None
+        self._check_budget()
+        self._check_failures()
+        self._changed = True
 
     async def _release_sessions(self) -> None:
         """Session archives live as long as the batch, or `keep_sessions` longer."""
@@ -421,17 +513,27 @@ class BatchWorkflow:
         status = self._status()
         if state.paused and state.pause_reason:
             status += f" ({state.pause_reason})"
+        elif state.cancelled and state.cancel_reason:
+            status += f" ({state.cancel_reason})"
         budget = f" of ${state.max_cost_usd:.2f}" if state.max_cost_usd else ""
+        limit = guards.limit_text(state.failure_limit)
         workflow.set_current_details(
             f"**{c.done}/{c.total} jobs done**, {status}\n\n"
             f"- machines: {c.live_machines} live, cap {state.max_machines}, "
             f"Fly {', '.join(self._input.apps or [self._input.app])}\n"
             f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
             f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
-            f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled\n"
+            f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled"
+            + (f" (limit: {limit})" if limit else "")
+            + "\n"
             f"- chunks: {len(self._running())} running, {len(state.pending)} not started, "
             f"{len(state.chunks)} in all"
         )
+
+
+def _failed(why: str) -> str:
+    """The pause reason of a batch whose failures reached their limit."""
+    return f"too many failures: {why}; raise it with set-failure-limit, then resume"
 
 
 def _plan(input: BatchInput) -> BatchState:
@@ -454,6 +556,7 @@ def _plan(input: BatchInput) -> BatchState:
     return BatchState(
         max_machines=input.max_machines,
         max_cost_usd=input.max_cost_usd,
+        failure_limit=input.failure_limit,
         prompt_jobs=prompts,
         chunks=chunks,
         pending=plans,

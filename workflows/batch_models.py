@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 
 from pydantic import Field
 
 from sortie.models import Counts, Followup, StrictModel, Tuning
-from sortie.spec import Defaults, JobSpec
+from sortie.spec import Defaults, JobSpec, OnTooManyFailures, StormGuard
 
 
 class ChunkPlan(StrictModel):
@@ -49,10 +50,43 @@ class ChunkState(ChunkProgress):
     """The chunk's last report said it has more jobs waiting than free slots."""
     report_seq: int = 0
     """The newest report's number: an older report that arrives late changes no counts."""
+    errors_seq: int = 0
+    """The newest report that brought storm errors: the chunk waits until it is judged."""
+    heard_seq: int = 0
+    """The newest such report the batch told the chunk it has judged."""
 
     def progress(self) -> ChunkProgress:
         """The public part."""
         return ChunkProgress(**self.model_dump(include=set(ChunkProgress.model_fields)))
+
+
+class FailureLimit(StrictModel):
+    """When the batch stops itself for failed jobs: a count, a percentage, or both."""
+
+    max_failures: int | None = None
+    max_failure_rate: float | None = None
+    """In percent of the finished jobs, counted once `FAILURE_RATE_AFTER` have finished."""
+    on_too_many: OnTooManyFailures = OnTooManyFailures.PAUSE
+
+    @property
+    def is_set(self) -> bool:
+        """Whether failures can stop the batch at all."""
+        return self.max_failures is not None or self.max_failure_rate is not None
+
+
+class PausedBy(StrEnum):
+    """Which of the batch's own guards paused it (an operator's or the budget's pause is not)."""
+
+    FAILURES = "failures"
+    STORM = "storm"
+
+
+class StormMark(StrictModel):
+    """Errors of one kind that blame the platform, as one chunk report brought them."""
+
+    at: datetime
+    kind: str
+    count: int
 
 
 class BatchState(StrictModel):
@@ -66,6 +100,11 @@ class BatchState(StrictModel):
     prompt_jobs: bool = False
     paused: bool = False
     pause_reason: str | None = None
+    paused_by: PausedBy | None = None
+    failure_limit: FailureLimit = FailureLimit()
+    storm_marks: list[StormMark] = []
+    """Storm errors heard within the storm window, oldest first."""
+    auto_resume_at: datetime | None = None
     told_paused: bool = False
     cancelled: bool = False
     cancel_reason: str | None = None
@@ -87,6 +126,8 @@ class BatchInput(StrictModel):
     chunk_size: int
     max_cost_usd: float | None = None
     keep_sessions_s: float | None = None
+    failure_limit: FailureLimit = FailureLimit()
+    storm: StormGuard | None = StormGuard()
     defaults: Defaults
     jobs: list[JobSpec] = []
     tuning: Tuning = Tuning()
@@ -122,6 +163,8 @@ class Progress(StrictModel):
     cancelled: bool
     max_machines: int
     max_cost_usd: float | None = None
+    failure_limit: FailureLimit = FailureLimit()
+    cancel_reason: str | None = None
     counts: Counts
     chunks: list[ChunkProgress]
     apps: list[str] = []
@@ -150,3 +193,11 @@ class MaxMachinesRequest(StrictModel):
     """A new concurrency cap for a running batch."""
 
     max_machines: int = Field(ge=1, le=2000)
+
+
+class FailureLimitRequest(StrictModel):
+    """New failure thresholds for a running batch: a field left out stays, 0 removes the limit."""
+
+    max_failures: int | None = Field(default=None, ge=0)
+    max_failure_rate: float | None = Field(default=None, ge=0, le=100)
+    on_too_many_failures: OnTooManyFailures | None = None

@@ -19,7 +19,6 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.machine_models import (
-        CREDENTIALS_RESTING_ERROR,
         CollectResultInput,
         CreateMachineInput,
         CreateMachineOutput,
@@ -30,13 +29,12 @@ with workflow.unsafe.imports_passed_through():
         WaitMachineInput,
     )
     from activities.machines import MachineActivities
-    from sortie.claude import ErrorKind
     from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
     from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
     from sortie.outcomes import record_outcome
     from sortie.pacing import create_queue
     from sortie.spec import Job
-    from workflows import policies
+    from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport, SlotGrant
     from workflows.hand_over import HandOver
@@ -44,7 +42,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.shielded import complete, settle
 
 REPORT_EVERY = timedelta(seconds=5)
-"""Progress reaches the batch at most this late; slots given back and spending at once."""
+"""Progress reaches the batch at most this late; slots given back, spending, failed jobs and
+storm errors at once (the batch's guards act on them before another machine starts)."""
 
 
 class InfrastructureFailure(Exception):
@@ -72,8 +71,11 @@ class ChunkWorkflow:
         self._jobs: list[asyncio.Task[None]] = []
         self._reports: list[asyncio.Future[None]] = []
         self._report_seq = 0
+        self._errors: dict[str, int] = {}
+        self._heard = 0
         self._last_report = workflow.now()
         # A spent slot goes back to the batch under a budget, so no slot is handed over there;
+        # under a failure limit a failed job's slot goes back, so only a success hands over;
         # nor where creates are paced by their app's queue, which a hand-over would bypass.
         handing_over = not (input.budgeted or input.paced)
         self._hand_over = HandOver(self._queue) if handing_over else None
@@ -109,6 +111,7 @@ class ChunkWorkflow:
         """The batch adds slots, or asks for some back as jobs finish."""
         self._slots += grant.grant
         self._owed += grant.give_back
+        self._heard = max(self._heard, grant.heard)
         self._give_back_idle()
         self._publish_gate()
 
@@ -166,10 +169,13 @@ class ChunkWorkflow:
                 result.attempts = attempt
                 try:
                     await self._attempt(job, attempt, result, handed)
+                    await self._judged(result)
                     break
                 except InfrastructureFailure as failure:
-                    result.state = JobState.FAILED
+                    # Pending its next attempt, not failed: the batch's failure limit counts jobs.
+                    result.state = JobState.FAILED if attempt > job.retries else JobState.PENDING
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
+                    await self._judged(result)
                 handed = None
         except asyncio.CancelledError:
             if not result.state.final:
@@ -179,21 +185,21 @@ class ChunkWorkflow:
         labels = {"batch": self._input.batch_id, "state": result.state.value}
         self._jobs_finished.add(1, labels)  # a workflow's metrics: replays count nothing
         self._running -= 1
-        self._slot_freed(spent=bool(result.cost_usd))
+        failed = result.state in (JobState.FAILED, JobState.TIMED_OUT)
+        self._slot_freed(spent=bool(result.cost_usd), failed=failed)
 
     async def _attempt(
         self, job: Job, attempt: int, result: JobResult, handed: CreateMachineOutput | None
     ) -> None:
         """Create a machine (unless handed one); finish the job on it; make sure it is gone."""
-        result.state = JobState.STARTING
+        result.state, result.error_kind = JobState.STARTING, None
         self._update_details()
         try:
             created = handed or await self._create(job, attempt)
         except ActivityError as error:
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {_why(error)}"
-            if _failure_type(error) == CREDENTIALS_RESTING_ERROR:  # the batch can tell why
-                result.error_kind = ErrorKind.CREDENTIALS_RESTING.value
+            result.error_kind = guards.create_failure_kind(error)
             return
         machine = created.machine
         self._live += 1
@@ -304,7 +310,9 @@ class ChunkWorkflow:
         create_s = tuning.create_timeout_s if claim else 0.0
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            FinishJobInput(wait=wait, collect=collect, next=claim),
+            FinishJobInput(
+                wait=wait, collect=collect, next=claim, only_after_success=self._input.guarded
+            ),
             start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s + create_s)
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=tuning.heartbeat_timeout_s),
@@ -387,18 +395,37 @@ class ChunkWorkflow:
         if self._hand_over is not None:
             self._hand_over.publish_gate(self._may_start())
 
-    def _slot_freed(self, spent: bool) -> None:
+    def _slot_freed(self, spent: bool, failed: bool) -> None:
         """A machine is gone: keep its slot for the next job, or give it back.
 
-        Under a budget a job that spent money gives its slot back with its report, and the
-        batch lends it again only while money is left, so no job starts on money already spent.
+        A job that spent money, failed, or met a storm error is reported at once. Under a budget
+        a job that spent money gives its slot back with its report, and the batch lends it again
+        only while money is left, so no job starts on money already spent; under a failure
+        limit a failed job's slot goes back the same way, so no job starts past the limit.
         """
-        if spent and self._input.budgeted and self._queue and not self._cancelled:
+        judged = (spent and self._input.budgeted) or (failed and self._input.guarded)
+        if judged and self._queue and not self._cancelled:
             self._owed += 1
+        urgent = spent or failed
         if not self._give_back_idle() and (
-            spent or workflow.now() - self._last_report >= REPORT_EVERY
+            urgent or workflow.now() - self._last_report >= REPORT_EVERY
         ):
             self._report()
+
+    async def _judged(self, result: JobResult) -> None:
+        """After an attempt that met a storm error, keep its slot until the batch judged it.
+
+        The batch hears of the error at once, and says so only after it paused if the error
+        made a storm: no other attempt starts on the slot before that, so a storm pauses the
+        batch within its threshold plus the attempts already under way.
+        """
+        kind = result.error_kind
+        if kind is None or not guards.is_storm(kind):
+            return
+        self._errors[kind] = self._errors.get(kind, 0) + 1
+        seq = self._report()
+        if seq is not None:
+            await workflow.wait_condition(lambda: self._heard >= seq or self._cancelled)
 
     def _give_back_idle(self) -> bool:
         """Give back the slots this chunk owes or can no longer use; whether any went back."""
@@ -417,12 +444,13 @@ class ChunkWorkflow:
 
     # ------------------------------------------------------------ reports
 
-    def _report(self, released: int = 0, done: bool = False) -> None:
-        """Tell the batch about given-back slots and progress, without waiting for delivery."""
+    def _report(self, released: int = 0, done: bool = False) -> int | None:
+        """Tell the batch about given-back slots and progress, without waiting for delivery;
+        the report's number, or None when there is no batch to tell."""
         self._update_details()
         parent = workflow.info().parent
         if parent is None:  # a follow-up turn runs on its own
-            return
+            return None
         self._last_report = workflow.now()
         self._report_seq += 1
         report = ChunkReport(
@@ -432,9 +460,12 @@ class ChunkWorkflow:
             wants_more=len(self._queue) > max(self._slots - self._running, 0)
             and not self._cancelled,
             counts=self._counts(),
+            errors=self._errors,
             done=done,
         )
+        self._errors = {}
         self._reports.append(asyncio.ensure_future(self._deliver(parent.workflow_id, report)))
+        return report.seq
 
     async def _deliver(self, batch_id: str, report: ChunkReport) -> None:
         """Signal the batch; a batch that can no longer hear (terminated) stops the chunk."""

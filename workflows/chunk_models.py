@@ -26,6 +26,8 @@ class ChunkInput(StrictModel):
     budgeted: bool = False
     paced: bool = False
     """Creates are paced by Temporal on each app's queue: no hand-over creates beside it."""
+    guarded: bool = False
+    """The batch has a failure limit: a failed job's slot goes back to it to be judged."""
     tuning: Tuning = Tuning()
     followup: Followup | None = None
     continues: dict[str, Followup] = {}
@@ -45,10 +47,10 @@ class ChunkOutput(StrictModel):
 
 
 class ChunkReport(StrictModel):
-    """A chunk tells the batch what it has released and how far it is.
+    """A chunk tells the batch what it has released, how far it is, and what errors it met.
 
     Signals between workflows may arrive out of order: `seq` lets the batch keep only the newest
-    counts, while `released` (a delta) counts whatever order it arrives in.
+    counts, while `released` and `errors` (deltas) count whatever order they arrive in.
     """
 
     index: int
@@ -56,6 +58,8 @@ class ChunkReport(StrictModel):
     released: int = 0
     wants_more: bool = True
     counts: Counts
+    errors: dict[str, int] = {}
+    """Attempts that ended with a storm error since the last report, by kind (a delta)."""
     done: bool = False
 
 
@@ -64,3 +68,5 @@ class SlotGrant(StrictModel):
 
     grant: int = Field(default=0, ge=0)
     give_back: int = Field(default=0, ge=0)
+    heard: int = Field(default=0, ge=0)
+    """The newest report with storm errors the batch has judged (and paused for, if it must)."""

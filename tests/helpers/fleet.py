@@ -3,7 +3,9 @@
 Only the machine activities are replaced (same names, same models); the workflows, the
 dev server and the worker are real. Job behaviour is read from the job's env: SECONDS (run
 time), EXIT (exit code), COST (what a prompt job spent), FAIL_ATTEMPTS (how many first attempts
-end in the `failed` state).
+end in the `failed` state), ERROR_KIND (the Claude error a prompt job's first ERROR_ATTEMPTS
+attempts end with, every one when unset), CREATE_ERROR (the ApplicationError type its creates
+fail with for good, e.g. FlyRateLimited).
 With `fill_to`, no job finishes before that many machines exist at once: a test of the cap then
 proves it is reached without depending on timing. Like the real activities, `finish_job` hands
 the slot to the chunk's next job when the chunk's `may_start` memo allows it (counted in
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -44,7 +47,7 @@ from activities.machine_models import (
 )
 from sortie import batches
 from sortie.models import MachineRef, Tuning
-from sortie.outcomes import machine_failure
+from sortie.outcomes import machine_failure, succeeded
 from sortie.pacing import CreateQueues
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
@@ -60,11 +63,13 @@ class Fleet:
     live: int = 0
     most: int = 0
     created: int = 0
+    refused: int = 0
     hold: asyncio.Event = field(default_factory=asyncio.Event)
     durations: dict[str, float] = field(default_factory=dict)
     exits: dict[str, int] = field(default_factory=dict)
     failing: dict[str, bool] = field(default_factory=dict)
     costs: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str | None] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
     continued_as_new: bool = False
     fill_to: int = 0
@@ -80,6 +85,9 @@ class Fleet:
 
     @activity.defn(name="create_machine")
     async def create_machine(self, input: CreateMachineInput) -> CreateMachineOutput:
+        if refused := input.job.env.get("CREATE_ERROR"):
+            self.refused += 1
+            raise ApplicationError(f"create refused ({refused})", type=refused, non_retryable=True)
         self.live += 1
         self.created += 1
         self.most = max(self.most, self.live)
@@ -91,6 +99,10 @@ class Fleet:
         self.costs[input.job.id] = float(input.job.env.get("COST", "0"))
         self.failing[f"{input.job.id}-a{input.attempt}"] = (
             int(input.job.env.get("FAIL_ATTEMPTS", "0")) >= input.attempt
+        )
+        erring = int(input.job.env.get("ERROR_ATTEMPTS", "1000")) >= input.attempt
+        self.errors[f"{input.job.id}-a{input.attempt}"] = (
+            input.job.env.get("ERROR_KIND") if erring else None
         )
         machine_id = f"m-{input.job.id}-a{input.attempt}"
         self.machines.add(machine_id)
@@ -111,12 +123,14 @@ class Fleet:
 
     async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
         answer = None
+        exit_code = self.exits[input.job_id]
         if input.prompt_job:
             cost = self.costs[input.job_id]
             answer = JobAnswer(session_id=f"s-{input.job_id}", result="ok", cost_usd=cost)
-        return CollectResultOutput(
-            state="stopped", exit_code=self.exits[input.job_id], answer=answer
-        )
+            if kind := self.errors[f"{input.job_id}-a{input.attempt}"]:
+                answer = JobAnswer(is_error=True, error_kind=kind, result=f"API Error: {kind}")
+                exit_code = 1
+        return CollectResultOutput(state="stopped", exit_code=exit_code, answer=answer)
 
     @activity.defn(name="finish_job")
     async def finish_job(self, input: FinishJobInput) -> FinishJobOutput:
@@ -126,7 +140,11 @@ class Fleet:
             collected = await self._collect(input.collect)
         self._destroy(input.wait.machine)
         finished = FinishJobOutput(waited=waited, collected=collected, destroyed=True)
-        if input.next is not None and machine_failure(waited, collected) is None:
+        if input.only_after_success:
+            hand_on = succeeded(waited, collected)
+        else:
+            hand_on = machine_failure(waited, collected) is None
+        if input.next is not None and hand_on:
             chunk = await activity.client().get_workflow_handle(input.next.owner).describe()
             if await chunk.memo_value(MAY_START_MEMO, True):
                 self.handed_over += 1

@@ -5,17 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sortie.batches import CHUNK_INPUT_BYTES, batch_input, chunk_size
 from sortie.spec import (
+    FAILURE_RATE_AFTER,
     BatchFileError,
     BatchSpec,
     LogTail,
+    StormGuard,
     app_for,
     load_batch_file,
     parse_batch,
     parse_duration,
     parse_memory_mb,
+    parse_percent,
     resolve_job,
 )
 
@@ -386,3 +390,63 @@ def test_apps_spread_the_jobs_and_priority_is_one_to_five() -> None:
         with pytest.raises(BatchFileError) as refused:
             parse_batch({"name": "bad", "jobs": jobs} | bad)
         assert problem in refused.value.problems, refused.value.problems
+
+
+def test_failure_thresholds_and_the_storm_guard_validate_and_reach_the_batch() -> None:
+    spec = parse_batch(
+        {
+            "name": "guarded",
+            "app": "a",
+            "max_failures": 20,
+            "max_failure_rate": "12.5%",
+            "on_too_many_failures": "cancel",
+            "storm": {"errors": 5, "within": "2m", "auto_resume_after": "10m"},
+            "jobs": [{"id": "x", "command": "true"}],
+        }
+    )
+    limit = batch_input(spec, "b").failure_limit
+    assert (limit.max_failures, limit.max_failure_rate, limit.on_too_many) == (20, 12.5, "cancel")
+    assert batch_input(spec, "b").storm == StormGuard(errors=5, within=120, auto_resume_after=600)
+    plain = parse_batch({"name": "p", "app": "a", "jobs": [{"id": "x", "command": "true"}]})
+    assert (plain.max_failures, plain.max_failure_rate, plain.on_too_many_failures) == (
+        None,
+        None,
+        "pause",
+    )
+    assert plain.storm == StormGuard(errors=10, within=300, auto_resume_after=None)
+    off = yaml.safe_load("name: o\napp: a\nstorm: off\njobs: [{id: x, command: 'true'}]\n")
+    assert parse_batch(off).storm is None, "YAML's off turns the storm guard off"
+
+
+def test_bad_failure_thresholds_are_refused_and_the_rate_says_when_it_counts() -> None:
+    with pytest.raises(BatchFileError) as error:
+        parse_batch(
+            {
+                "name": "bad",
+                "app": "a",
+                "max_failures": 0,
+                "max_failure_rate": "0%",
+                "on_too_many_failures": "explode",
+                "storm": {"errors": 0, "within": "soon"},
+                "jobs": [{"id": "x", "command": "true"}],
+            }
+        )
+    assert error.value.problems == [
+        "max_failures: Input should be greater than or equal to 1",
+        "max_failure_rate: invalid failure rate '0%': use a percentage above 0% and at most "
+        f"100%, e.g. 10% (it counts once {FAILURE_RATE_AFTER} jobs have finished)",
+        "on_too_many_failures: Input should be 'pause' or 'cancel'",
+        "storm.errors: Input should be greater than or equal to 1",
+        "storm.within: invalid duration 'soon' (use e.g. 90s, 30m, 1h30m)",
+    ]
+    for rate in ("150%", "ten", True, -5):
+        with pytest.raises(BatchFileError, match="invalid failure rate"):
+            parse_batch(
+                {
+                    "name": "b",
+                    "app": "a",
+                    "max_failure_rate": rate,
+                    "jobs": [{"id": "x", "command": "true"}],
+                }
+            )
+    assert parse_percent("10%") == parse_percent(10) == parse_percent(" 10 % ") == 10.0

@@ -2,8 +2,9 @@
 
 `tests/histories/` holds one batch history and one chunk history per scenario, named by what it
 proves: `happy`, `infra-retry` (a job retried on a new machine), `pause-resume`, `cancel`,
-`budget` (prompt jobs pausing at their budget, then resumed) and `continue-as-new` (the first
-run of a batch that continued-as-new while its chunks ran). A change to the workflows that would
+`budget` (prompt jobs pausing at their budget, then resumed), `storm` (Claude rate limits
+pausing the batch, a durable timer resuming it) and `continue-as-new` (the first run of a batch
+that continued-as-new while its chunks ran). A change to the workflows that would
 break running batches fails `test_committed_histories_replay`; Sortie has no release yet, so
 after a deliberate change the histories are recorded again with `make histories`.
 """
@@ -36,7 +37,12 @@ from workflows.reaper import ReaperWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 RECORD = os.environ.get("SORTIE_RECORD_HISTORIES") == "1"
-SCENARIOS = ["happy", "infra-retry", "pause-resume", "cancel", "budget", "continue-as-new"]
+SCENARIOS = ["happy", "infra-retry", "pause-resume", "cancel", "budget", "storm", "continue-as-new"]
+PROMPTS = {"budget", "storm"}
+EXTRA: dict[str, dict[str, Any]] = {
+    "budget": {"max_cost_usd": 0.5},
+    "storm": {"storm": {"errors": 2, "within": "1m", "auto_resume_after": "1s"}},
+}
 
 
 def replayer() -> Replayer:
@@ -51,6 +57,9 @@ def scenario_jobs(name: str) -> list[dict[str, Any]]:
         return [{"id": "flaky", "env": {"FAIL_ATTEMPTS": "1"}}, {"id": "steady"}]
     if name == "budget":
         return [{"id": f"job-{i}", "env": {"COST": "0.3"}} for i in range(4)]
+    if name == "storm":
+        limited = {"ERROR_KIND": "rate_limit", "ERROR_ATTEMPTS": "1"}
+        return [{"id": f"job-{i}", "env": limited if i < 2 else {}} for i in range(4)]
     if name == "continue-as-new":
         return [{"id": f"job-{i}", "env": {"SECONDS": "0.02"}} for i in range(80)]
     seconds = {"happy": "0.05", "pause-resume": "0.3", "cancel": "30"}[name]
@@ -90,8 +99,8 @@ async def run_scenario(temporal: WorkflowEnvironment, name: str) -> dict[str, Wo
             "app": "fleet",
             "max_machines": 2,
             "chunk_size": 4,
-            **({"max_cost_usd": 0.5} if name == "budget" else {}),
-            "defaults": {"prompt" if name == "budget" else "command": "review", "retries": 1},
+            **EXTRA.get(name, {}),
+            "defaults": {"prompt" if name in PROMPTS else "command": "review", "retries": 1},
             "jobs": [
                 {**job, "env": {"SECONDS": "0.02", **job.get("env", {})}}
                 for job in scenario_jobs(name)

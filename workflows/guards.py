@@ -1,0 +1,121 @@
+"""When a batch stops itself: too many failed jobs, or a storm of errors that blame the platform.
+
+Every rule is here, as workflows/slots.py holds the window rules:
+- Failures are jobs that ended failed or timed out, as the chunks report them. A job that
+  succeeded on a retry is a success, and Fly calls retried inside an activity never show. The
+  batch stops once they reach `max_failures`, or `max_failure_rate` percent of the finished
+  jobs once FAILURE_RATE_AFTER jobs have finished.
+- A storm error is an attempt that ended with one of STORM_KINDS, whatever became of its job
+  afterwards: the platform, not the job, is to blame, and another machine would meet it again.
+  `errors` of them within `within` pause the batch; one of AT_ONCE pauses it at once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from sortie.models import Counts
+    from sortie.outcomes import seconds
+    from sortie.spec import FAILURE_RATE_AFTER, StormGuard
+    from workflows.batch_models import FailureLimit, FailureLimitRequest, StormMark
+
+STORM_KINDS = {
+    "rate_limit": "Claude rate limit",
+    "auth": "Claude authentication",
+    "credentials_resting": "every Claude credential resting",
+    "fly_rate_limit": "Fly 429",
+    "fly_unavailable": "Fly 5xx or unreachable",
+}
+"""Job error kinds that count towards a storm, and how the pause reason names them."""
+AT_ONCE = frozenset({"credentials_resting"})
+"""Kinds that pause the batch the first time: no credential left to try is a storm already."""
+_CREATE_KINDS = {
+    "FlyRateLimited": "fly_rate_limit",
+    "FlyServerError": "fly_unavailable",
+    "FlyTransportError": "fly_unavailable",
+    "CredentialsResting": "credentials_resting",
+}
+"""A create's failure by its ApplicationError type: activities/machines.py names Fly's errors
+after their class; a pool that has no credential left to hand out refuses as CredentialsResting."""
+
+
+def create_failure_kind(error: BaseException) -> str | None:
+    """The storm kind of a create that failed for good: a Fly 429 or 5xx past its retries, or
+    no Claude credential to give the machine."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type in _CREATE_KINDS:
+            return _CREATE_KINDS[cause.type]
+        cause = cause.__cause__
+    return None
+
+
+def is_storm(kind: str | None) -> bool:
+    """Whether an attempt that ended with this error kind counts towards a storm."""
+    return kind in STORM_KINDS
+
+
+def too_many_failures(limit: FailureLimit, counts: Counts) -> str | None:
+    """Why the batch's failures reached its limit, or None while they have not."""
+    failed = counts.failed + counts.timed_out
+    finished = failed + counts.succeeded
+    if limit.max_failures is not None and failed >= limit.max_failures:
+        return f"{failed} jobs failed, max_failures is {limit.max_failures}"
+    if limit.max_failure_rate is not None and finished >= FAILURE_RATE_AFTER:
+        rate = 100 * failed / finished
+        if rate >= limit.max_failure_rate:
+            return (
+                f"{failed} of {finished} finished jobs failed ({rate:.0f}%), "
+                f"max_failure_rate is {limit.max_failure_rate:g}%"
+            )
+    return None
+
+
+def changed_limit(limit: FailureLimit, request: FailureLimitRequest) -> FailureLimit:
+    """The limit after a `set_failure_limit`: fields left out stay, a 0 removes that limit."""
+    update: dict[str, object] = {}
+    if request.max_failures is not None:
+        update["max_failures"] = request.max_failures or None
+    if request.max_failure_rate is not None:
+        update["max_failure_rate"] = request.max_failure_rate or None
+    if request.on_too_many_failures is not None:
+        update["on_too_many"] = request.on_too_many_failures
+    return limit.model_copy(update=update)
+
+
+def limit_text(limit: FailureLimit) -> str | None:
+    """The limit as the batch file writes it, or None when there is none."""
+    parts: list[str] = []
+    if limit.max_failures is not None:
+        parts.append(f"max_failures {limit.max_failures}")
+    if limit.max_failure_rate is not None:
+        parts.append(f"max_failure_rate {limit.max_failure_rate:g}%")
+    if not parts:
+        return None
+    return " or ".join(parts) + f", then {limit.on_too_many.value}"
+
+
+def recent(marks: list[StormMark], now: datetime, guard: StormGuard) -> list[StormMark]:
+    """The marks still inside the storm window."""
+    since = now - timedelta(seconds=guard.within)
+    return [mark for mark in marks if mark.at > since]
+
+
+def storm(marks: list[StormMark], guard: StormGuard) -> str | None:
+    """Why the errors in the window make a storm, or None while they do not."""
+    if any(mark.kind in AT_ONCE for mark in marks):
+        return "every Claude credential is resting"
+    kinds: Counter[str] = Counter()
+    for mark in marks:
+        kinds[mark.kind] += mark.count
+    total = sum(kinds.values())
+    if total < guard.errors:
+        return None
+    commonest = sorted(kinds.items(), key=lambda item: (-item[1], item[0]))
+    named = ", ".join(f"{n} {STORM_KINDS.get(kind, kind)}" for kind, n in commonest)
+    return f"storm: {total} errors within {seconds(guard.within)} ({named})"

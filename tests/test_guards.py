@@ -9,7 +9,6 @@ kind of storm, are tested on the workflows in tests/workflows/test_guards.py.
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 import uuid
@@ -154,13 +153,19 @@ async def test_every_credential_answering_429_pauses_the_batch_and_no_machine_st
     progress = await eventually(
         lambda: paused_and_idle(sortie, batch_id, app_name), timeout=90, what="paused by the storm"
     )
-    # One machine per attempt, each answered 429: the third error paused the batch, and only
-    # the attempt already under way on the other slot came after it.
+    # One machine per attempt, each answered 429, which rests its credential in the pool every
+    # worker shares: once both rest, the next create finds none to hand out and the batch
+    # pauses at once, within the threshold of 3 (plus the attempt under way on the other slot).
     before = made(sortie, app_name)
-    assert 3 <= before <= 3 + 1, before
+    assert len(LIMITED) <= before <= 3 + 1, before
     assert progress.pause_reason is not None
-    assert re.match(r"storm: [34] errors within 5m \(", progress.pause_reason)
-    assert "Claude rate limit" in progress.pause_reason
+    assert progress.pause_reason is not None
+    reason = progress.pause_reason.split(";")[0]
+    assert reason in (
+        "storm: every Claude credential is resting",
+        "storm: 3 errors within 5m (3 Claude rate limit)",
+        "storm: 4 errors within 5m (4 Claude rate limit)",
+    ), progress.pause_reason
     status = await starter(sortie, "status", batch_id)
     assert f"{batch_id}  paused (storm: " in status.stdout, status.stdout
     handle = batches.batch_handle(sortie.client, batch_id)

@@ -15,7 +15,7 @@ from collections import deque
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.machine_models import (
@@ -518,12 +518,6 @@ def _is_cancellation(error: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
-
-
-def _failure_type(error: ActivityError) -> str | None:
-    """The type of the ApplicationError an activity failed with, if that is why."""
-    cause = error.cause
-    return cause.type if isinstance(cause, ApplicationError) else None
 
 
 def _why(error: BaseException) -> str:

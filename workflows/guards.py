@@ -109,7 +109,7 @@ def recent(marks: list[StormMark], now: datetime, guard: StormGuard) -> list[Sto
 def storm(marks: list[StormMark], guard: StormGuard) -> str | None:
     """Why the errors in the window make a storm, or None while they do not."""
     if any(mark.kind in AT_ONCE for mark in marks):
-        return "every Claude credential is resting"
+        return "storm: every Claude credential is resting"
     kinds: Counter[str] = Counter()
     for mark in marks:
         kinds[mark.kind] += mark.count

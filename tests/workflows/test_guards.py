@@ -87,7 +87,7 @@ def test_a_storm_is_errors_within_the_window_and_resting_credentials_at_once() -
         "storm: 3 errors within 1m (1 Claude authentication, 1 Fly 429, 1 Claude rate limit)"
     )
     resting = [StormMark(at=NOW, kind="credentials_resting", count=1)]
-    assert guards.storm(resting, guard) == "every Claude credential is resting"
+    assert guards.storm(resting, guard) == "storm: every Claude credential is resting"
 
 
 def test_only_errors_that_blame_the_platform_are_storm_errors() -> None:

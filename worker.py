@@ -1,7 +1,8 @@
 """The Sortie worker: runs batch and chunk workflows and the Fly machine activities.
 
 Configured by environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully:
-waits in progress are handed over to the next worker, never lost.
+waits in progress are handed over to the next worker, never lost. An object store it cannot use
+(unreachable, no such bucket, refused keys) stops it at start with exit 2, before any batch runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import compileall
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +30,7 @@ from sortie.logs import LogContextInterceptor, configure_logging, note_machine
 from sortie.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
+from sortie.store import StoreError
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
@@ -136,14 +139,25 @@ async def keep_reaper_scheduled(client: Client, settings: Settings, app: str | N
         log.exception("could not ensure the reaper schedule: orphaned machines are not swept")
 
 
-async def main() -> None:
-    """Entry point: serve until SIGTERM or SIGINT."""
+async def main() -> int:
+    """Entry point: check the object store, then serve until SIGTERM or SIGINT."""
     configure_logging(os.environ)
+    settings = Settings.from_env()
+    store = settings.blob_store()
+    try:
+        await store.check()
+    except StoreError as error:
+        print(f"sortie worker: {error}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(Settings.from_env(), stop)
+    try:
+        await serve(settings, stop)
+    finally:
+        await store.close()
+    return 0
 
 
 if __name__ == "__main__":

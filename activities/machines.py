@@ -4,12 +4,16 @@ Every step is idempotent so Temporal may retry it after a crash or a lost respon
 the machine an earlier attempt made (deterministic name, metadata), wait resumes on the same
 machine, destroy treats "already gone" as done. Fly errors become ApplicationErrors that say
 whether a retry can help and, for 429s, when to retry.
+
+A prompt job's report and session archive travel by the object store, never by Fly's logs
+(best-effort, lagging, lossy): create mints presigned PUT URLs for the attempt's keys into the
+machine's env, the agent uploads there, and collect reads the objects. Logs carry only the tail
+shown to people.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -42,7 +46,6 @@ from activities.machine_models import (
     WaitMachineOutput,
     WaitOutcome,
 )
-from agent.framing import Decoder, FramingError
 from fly import (
     ExitEvent,
     FlyClient,
@@ -56,11 +59,10 @@ from fly import (
     InitConfig,
     Machine,
     MachineConfig,
-    MachineFile,
     RestartConfig,
     WaitResult,
 )
-from sortie.claude import ARCHIVE_FRAME, PREVIEW_CHARS, RESULT_FRAME, AgentReport, job_document
+from sortie.claude import PREVIEW_CHARS, AgentReport, job_document
 from sortie.credentials import Credential, NoCredential
 from sortie.labels import (
     META_ATTEMPT,
@@ -74,14 +76,31 @@ from sortie.models import MachineRef
 from sortie.outcomes import machine_failure
 from sortie.secrets import SecretStore
 from sortie.spec import LogTail
-from sortie.store import BlobStore, answer_key, log_key, session_key, session_prefix
+from sortie.store import (
+    KEEP_UNTIL,
+    ObjectStore,
+    answer_key,
+    log_key,
+    report_key,
+    session_key,
+    session_prefix,
+)
 
 SETTLED_STATES = ["stopped", "failed", "destroyed"]
 GONE_STATES = {"destroyed", "destroying"}
 BOOTING_STATES = {"created", "creating", "starting"}
 RESTORE_PATH = "/sortie/restore.tar.gz"
-"""Where a follow-up's machine finds the workspace and session archive of the turn before."""
-FRAME_MARK = "SORTIE/1 "
+"""Where a follow-up's machine puts the workspace and session archive of the turn before."""
+REPORT_URL = "SORTIE_REPORT_URL"
+ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
+RESTORE_URL = "SORTIE_RESTORE_URL"
+"""The machine's env: presigned URLs for this attempt's report and archive (PUT) and the turn
+before's archive (GET). Secrets: they go to Fly in the create request and nowhere else."""
+URL_SLACK_S = 3600
+"""How long a presigned URL outlives the job's own boot and run time: creates queued behind
+Fly's rate limits, a slow upload at the very end."""
+URL_MOST_S = 7 * 24 * 3600
+"""SigV4 presigned URLs expire after seven days at most."""
 MAY_START_TIMEOUT = timedelta(seconds=5)
 CALL_TRIES = 4
 """Tries of one Fly call within `finish_job` before a transient error fails the activity."""
@@ -109,9 +128,9 @@ def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
 
 
 class MachineActivities:
-    """Fly machine steps; owns the shared Fly client, the worker's secrets and its blob store."""
+    """Fly machine steps; owns the shared Fly client, the worker's secrets and the object store."""
 
-    def __init__(self, fly: FlyClient, secrets: SecretStore, store: BlobStore) -> None:
+    def __init__(self, fly: FlyClient, secrets: SecretStore, store: ObjectStore) -> None:
         self._fly = fly
         self._secrets = secrets
         self._store = store
@@ -164,7 +183,7 @@ class MachineActivities:
             found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
             if found is not None:
                 return self._found(input.app, found)
-        config, credential = self._config(input)
+        config, credential = await self._config(input)
         try:
             machine = await self._fly.create_machine(
                 input.app, config, name=name, region=job.region
@@ -332,10 +351,6 @@ class MachineActivities:
         """The machine as Fly describes it now."""
         return await patiently(lambda: self._fly.get_machine(ref.app, ref.machine_id))
 
-    async def _log_messages(self, ref: MachineRef) -> list[str]:
-        """Every log line the machine has printed so far, paging forward."""
-        return [entry.message async for entry in self._fly.iter_logs(ref.app, ref.machine_id)]
-
     async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
         """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
         ref = input.machine
@@ -346,17 +361,14 @@ class MachineActivities:
                 return CollectResultOutput(state=None, exit_code=None)
             exit_event = machine.latest_exit_event()
             messages: list[str] = []
-            if input.prompt_job:
-                messages = await patiently(lambda: self._log_messages(ref))
-            elif input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
+            if input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
                 page = await patiently(lambda: self._fly.get_logs(ref.app, ref.machine_id))
                 messages = [e.message for e in page.entries]
-        answer = self._answer(input, messages, exit_event) if input.prompt_job else None
-        lines = [
-            self._secrets.scrub(m, input.secrets) for m in messages if not m.startswith(FRAME_MARK)
-        ]
+        answer = await self._answer(input, exit_event) if input.prompt_job else None
+        lines = [self._secrets.scrub(m, input.secrets) for m in messages]
         tail = _tail(lines, input.tail_lines, input.tail_bytes)
         key = (input.batch_id, input.job_id, input.turn, input.attempt)
+        log_ref = await self._store.put(log_key(*key), "\n".join(tail).encode()) if tail else None
         return CollectResultOutput(
             state=machine.state,
             exit_code=exit_event.exit_code if exit_event else None,
@@ -364,40 +376,28 @@ class MachineActivities:
             oom_killed=bool(exit_event and exit_event.oom_killed),
             exited_at=exit_event.exited_at if exit_event else None,
             log_tail=tail,
-            log_ref=self._store.put(log_key(*key), "\n".join(tail).encode()) if tail else None,
+            log_ref=log_ref,
             answer=answer,
         )
 
-    def _answer(
-        self, input: CollectResultInput, messages: list[str], exit_event: ExitEvent | None
-    ) -> JobAnswer:
-        """Decode the agent's framed report; keep the full answer and the session off history.
+    async def _answer(self, input: CollectResultInput, exit_event: ExitEvent | None) -> JobAnswer:
+        """Read the report the agent uploaded; keep the full answer and the session off history.
 
-        Logs lag behind the machine: while the report is incomplete and the grace period after
-        the exit has not passed, the activity fails retryably and Temporal tries again.
+        The agent uploads before it exits and the store reads its own writes, so a report that
+        is not there once the machine stopped never will be: the job failed, whatever its exit
+        code, and ran (it is not run again).
         """
-        decoder = Decoder()
-        for message in messages:
-            decoder.feed(message)
-        try:
-            payload = decoder.payload(RESULT_FRAME)
-            archive = decoder.payload(ARCHIVE_FRAME)
-        except FramingError as error:
-            return JobAnswer(is_error=True, error_kind="no_report", result=f"{error}")
+        key = (input.batch_id, input.job_id, input.turn, input.attempt)
+        payload = await self._store.get(report_key(*key))
         if payload is None:
-            exited = (
-                exit_event.exited_at if exit_event else None
-            ) or activity.info().scheduled_time
-            if datetime.now(UTC) < exited + timedelta(seconds=input.log_grace_s):
-                raise ApplicationError(
-                    f"the report of job {input.job_id} is not in the logs yet",
-                    type="ReportNotInLogsYet",
-                    next_retry_delay=timedelta(seconds=1),
-                )
+            code = exit_event.exit_code if exit_event else None
             return JobAnswer(
                 is_error=True,
                 error_kind="no_report",
-                result=f"no report in the logs {input.log_grace_s:g}s after the machine exited",
+                result=(
+                    f"the agent's report never reached the object store (exit code {code}): "
+                    "its upload failed or its URL expired, or the agent died before it"
+                ),
             )
         report = AgentReport.parse(payload)
         kind = report.error_kind()
@@ -417,11 +417,9 @@ class MachineActivities:
             commits={r.url: r.commit for r in report.repos if r.commit},
         )
         if text:  # kept whole off history; the chunk's result carries only the key
-            key = answer_key(input.batch_id, input.job_id, input.turn, input.attempt)
-            answer.result_ref = self._store.put(key, text.encode())
-        if archive is not None:
-            key = session_key(input.batch_id, input.job_id, input.turn, input.attempt)
-            answer.archive_ref = self._store.put(key, archive)
+            answer.result_ref = await self._store.put(answer_key(*key), text.encode())
+        if report.session_archive and await self._store.metadata(session_key(*key)) is not None:
+            answer.archive_ref = session_key(*key)
         if kind is not None and kind.credential_fault and input.credential:
             self._secrets.claude.rest(input.credential)
             activity.logger.warning(
@@ -434,9 +432,9 @@ class MachineActivities:
         """A closed batch's session archives: deleted now, or marked to expire later."""
         prefix = session_prefix(input.batch_id)
         if not input.keep_s:
-            return ReleaseSessionsOutput(deleted=self._store.delete(prefix))
+            return ReleaseSessionsOutput(deleted=await self._store.delete(prefix))
         until = datetime.now(UTC) + timedelta(seconds=input.keep_s)
-        self._store.put(f"{prefix}/keep-until", until.isoformat().encode())
+        await self._store.put(f"{prefix}/{KEEP_UNTIL}", until.isoformat().encode())
         return ReleaseSessionsOutput(deleted=False, kept_until=until)
 
     @activity.defn(name="destroy_machine")
@@ -463,8 +461,8 @@ class MachineActivities:
         activity.logger.info("destroyed machine %s (%s) by name", found.id, name)
         return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
 
-    def _config(self, input: CreateMachineInput) -> tuple[MachineConfig, Credential | None]:
-        """The machine's config; secret values enter here and never leave the worker."""
+    async def _config(self, input: CreateMachineInput) -> tuple[MachineConfig, Credential | None]:
+        """The machine's config; secret values and presigned URLs enter here, and go only to Fly."""
         job = input.job
         try:
             secrets = self._secrets.resolve(job.secrets)
@@ -473,8 +471,8 @@ class MachineActivities:
                 str(error.args[0]), type="UnknownSecrets", non_retryable=True
             ) from None
         env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
-        files: list[MachineFile] = []
         credential: Credential | None = None
+        turn = input.followup.turn if input.followup else 1
         if job.prompt is not None:
             try:
                 credential = self._secrets.claude.take()
@@ -484,18 +482,20 @@ class MachineActivities:
                 ) from None
             followup = input.followup
             restore = None
+            valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
             if followup is not None and followup.archive_ref:
-                archive = self._store.get(followup.archive_ref)
-                if archive is None:
+                if await self._store.metadata(followup.archive_ref) is None:
                     raise ApplicationError(
                         f"the workspace of job {job.id} is no longer kept (sessions are kept "
                         "while the batch runs, or longer with the batch's keep_sessions)",
                         type="SessionGone",
                         non_retryable=True,
                     )
-                raw = base64.b64encode(archive).decode()
-                files.append(MachineFile(guest_path=RESTORE_PATH, raw_value=raw, mode=0o600))
+                env[RESTORE_URL] = await self._store.presign_get(followup.archive_ref, valid_s)
                 restore = RESTORE_PATH
+            key = (input.batch_id, job.id, turn, input.attempt)
+            env[REPORT_URL] = await self._store.presign_put(report_key(*key), valid_s)
+            env[ARCHIVE_URL] = await self._store.presign_put(session_key(*key), valid_s)
             document = job_document(
                 job,
                 prompt=followup.prompt if followup else None,
@@ -506,11 +506,9 @@ class MachineActivities:
             env["SORTIE_JOB"] = json.dumps(document)
             env[credential.variable] = credential.value
         env.update(secrets)
-        turn = input.followup.turn if input.followup else 1
         config = MachineConfig(
             image=job.image,
             env=env,
-            files=files or None,
             init=InitConfig(exec=job.command) if job.command else None,
             guest=GuestConfig(
                 cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb

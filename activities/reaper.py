@@ -25,13 +25,13 @@ from sortie.labels import (
     META_OWNER,
     chunk_workflow_id,
 )
-from sortie.store import SESSIONS, BlobStore
+from sortie.store import KEEP_UNTIL, SESSIONS, ObjectStore
 
 
 class ReaperActivities:
-    """Owns the Fly client and the blob store; asks Temporal through the activity's client."""
+    """Owns the Fly client and the object store; asks Temporal through the activity's client."""
 
-    def __init__(self, fly: FlyClient, store: BlobStore) -> None:
+    def __init__(self, fly: FlyClient, store: ObjectStore) -> None:
         self._fly = fly
         self._store = store
 
@@ -85,7 +85,7 @@ class ReaperActivities:
         expired = await self._expired_sessions(client, statuses)
         if not input.dry_run:
             for prefix in expired:
-                self._store.delete(prefix)
+                await self._store.delete(prefix)
         return ReapOutput(
             app=input.app,
             checked=len(machines),
@@ -102,11 +102,11 @@ class ReaperActivities:
         """Session archives of batches that are gone, or closed and past their keep time."""
         expired: list[str] = []
         now = datetime.now(UTC)
-        for prefix in self._store.prefixes(SESSIONS):
+        for prefix in await self._store.prefixes(SESSIONS):
             batch_id = prefix.rsplit("/", 1)[-1]
             if await _status(client, batch_id, statuses) is WorkflowExecutionStatus.RUNNING:
                 continue
-            until = self._store.get(f"{prefix}/keep-until")
+            until = await self._store.get(f"{prefix}/{KEEP_UNTIL}")
             if until is not None and datetime.fromisoformat(until.decode()) > now:
                 continue
             expired.append(prefix)

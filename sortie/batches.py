@@ -28,7 +28,7 @@ from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
 from sortie.settings import Settings
 from sortie.spec import BatchFileError, BatchSpec, resolve_job
-from sortie.store import BlobStore
+from sortie.store import ObjectStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
 from workflows.chunk import ChunkWorkflow
@@ -361,7 +361,7 @@ async def progress_view(client: Client, batch_id: str) -> ProgressView:
 
 
 async def results(
-    client: Client, batch_id: str, *, store: BlobStore | None = None, parallel: int = 16
+    client: Client, batch_id: str, *, store: ObjectStore | None = None, parallel: int = 16
 ) -> BatchReport:
     """Every job's result in input order, for a running or closed batch of any size.
 
@@ -389,8 +389,12 @@ async def results(
     flat = [r for rs in per_chunk for r in rs]
     await _attach_followups(client, batch_id, flat)
     if store is not None:
-        for result in flat:
-            _expand_turns(result, store)
+
+        async def expand_one(result: JobResult) -> None:
+            async with limit:
+                await _expand_turns(result, store)
+
+        await asyncio.gather(*(expand_one(result) for result in flat))
     counts = Counts.total_of([chunk.counts for chunk in chunks])
     return BatchReport(
         batch_id=batch_id,
@@ -466,7 +470,7 @@ async def find_job(
     batch_id: str,
     job_id: str,
     *,
-    store: BlobStore | None = None,
+    store: ObjectStore | None = None,
     window: int = 16,
 ) -> tuple[ChunkProgress, JobResult]:
     """One job's result with its follow-up turns, and its chunk: reads chunks only until found."""
@@ -483,7 +487,7 @@ async def find_job(
                 if result.job_id == job_id:
                     result.followups = await _followup_turns(client, batch_id, job_id)
                     if store is not None:
-                        _expand_turns(result, store)
+                        await _expand_turns(result, store)
                     return chunk, result
     raise UnknownJob(f"batch {batch_id} has no job {job_id!r}")
 
@@ -565,28 +569,28 @@ async def _chunk_input(client: Client, chunk: ChunkProgress) -> ChunkInput:
     return decoded
 
 
-def expand(result: JobResult, store: BlobStore) -> JobResult:
-    """Read a compact row's log tail and answer preview back from the blob store."""
+async def expand(result: JobResult, store: ObjectStore) -> JobResult:
+    """Read a compact row's log tail and answer preview back from the object store."""
     if result.log_ref and not result.log_tail:
-        data = store.get(result.log_ref)
+        data = await store.get(result.log_ref)
         result.log_tail = data.decode().splitlines() if data else []
     if result.result_ref and result.result is None:
-        data = store.get(result.result_ref)
+        data = await store.get(result.result_ref)
         result.result = data.decode()[:PREVIEW_CHARS] if data else None
     return result
 
 
-def _expand_turns(result: JobResult, store: BlobStore) -> None:
+async def _expand_turns(result: JobResult, store: ObjectStore) -> None:
     """Expand a job's row and each of its follow-up turns."""
     for turn in (result, *result.followups):
-        expand(turn, store)
+        await expand(turn, store)
 
 
-def full_answer(settings: Settings, result: JobResult) -> str | None:
-    """A job's whole answer: from the blob store when history keeps only its beginning."""
+async def full_answer(settings: Settings, result: JobResult) -> str | None:
+    """A job's whole answer: from the object store when history keeps only its beginning."""
     if result.result_ref is None:
         return result.result
-    data = settings.blob_store().get(result.result_ref)
+    data = await settings.blob_store().get(result.result_ref)
     return data.decode() if data is not None else None
 
 

@@ -71,7 +71,7 @@ async def test_prompt_jobs_return_answer_session_and_cost(
     assert essay.state == "succeeded" and essay.cost_usd == 0.5
     assert essay.result is not None and len(essay.result) == PREVIEW_CHARS
     assert essay.result_ref and essay.result_chars == PREVIEW_CHARS * 3
-    full = batches.full_answer(sortie.settings, essay)
+    full = await batches.full_answer(sortie.settings, essay)
     assert full is not None and len(full) == PREVIEW_CHARS * 3 and full.startswith(essay.result)
 
     assert broken.state == "failed" and broken.exit_code == 1 and broken.is_error
@@ -161,7 +161,7 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
     assert sweep.checked == 1 and sweep.orphans == []
     [row] = (await batches.chunk_handle(sortie.client, workflow_id).result()).results
     assert row.result is None and row.result_ref, "the chunk's result carries a key, not text"
-    turn = batches.expand(row, sortie.settings.blob_store())
+    turn = await batches.expand(row, sortie.settings.blob_store())
     assert turn.state == "succeeded" and turn.turn == 2
     assert turn.session_id == first.session_id
     assert f"resumed session {first.session_id} (turn 2)" in (turn.result or "")
@@ -192,7 +192,7 @@ async def test_sessions_are_deleted_with_the_batch_unless_kept(
     store = sortie.settings.blob_store()
     report = await run_batch(sortie, prompt_spec(app_name, [{"id": "a", "prompt": "hi"}]))
     assert report.results[0].archive_ref
-    assert store.get(report.results[0].archive_ref) is None, "deleted when the batch closed"
+    assert await store.get(report.results[0].archive_ref) is None, "deleted when the batch closed"
     with pytest.raises(batches.FollowupRefused):
         await batches.followup(sortie.client, sortie.settings, report.batch_id, "nope", "x")
 
@@ -200,16 +200,16 @@ async def test_sessions_are_deleted_with_the_batch_unless_kept(
         sortie, prompt_spec(app_name, [{"id": "b", "prompt": "hi"}], keep_sessions="1h")
     )
     archive = kept.results[0].archive_ref
-    assert archive and store.get(archive) is not None
+    assert archive and await store.get(archive) is not None
     swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
-    assert swept.expired_sessions == [] and store.get(archive) is not None
+    assert swept.expired_sessions == [] and await store.get(archive) is not None
 
     # Once the keep time is up, the reaper deletes them.
     past = datetime.now(UTC) - timedelta(seconds=1)
-    store.put(f"{session_prefix(kept.batch_id)}/keep-until", past.isoformat().encode())
+    await store.put(f"{session_prefix(kept.batch_id)}/keep-until", past.isoformat().encode())
     swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
     assert swept.expired_sessions == [session_prefix(kept.batch_id)]
-    assert store.get(archive) is None
+    assert await store.get(archive) is None
 
 
 def _head(repo: Path) -> str:

@@ -285,7 +285,6 @@ class ChunkWorkflow:
             turn=result.turn,
             attempt=attempt,
             credential=result.credential,
-            log_grace_s=tuning.log_grace_s,
             log_tail=job.log_tail,
         )
         create_s = tuning.create_timeout_s if claim else 0.0

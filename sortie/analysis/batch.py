@@ -147,7 +147,7 @@ async def aggregate(client: Client, settings: Settings, batch_id: str) -> Aggreg
         if result.state is not JobState.SUCCEEDED:
             continue
         part = names[result.job_id]
-        answer = parse_answer(batches.full_answer(settings, result), part)
+        answer = parse_answer(await batches.full_answer(settings, result), part)
         parsed.append(answer)
         if answer.error is not None:
             unparsed.append(part)

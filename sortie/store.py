@@ -7,9 +7,10 @@ attempt), so a collect retried after a crash rewrites the same object instead of
 
 Configured as Tigris' `fly storage create` sets it: AWS_ENDPOINT_URL_S3, BUCKET_NAME,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (SORTIE_S3_ADDRESSING: path, the default,
-or virtual). Without BUCKET_NAME Sortie is offline: the bucket `sortie` on the loopback S3
-server the stack starts (moto, SORTIE_LOCAL_S3_URL). The client is aiobotocore's, one per
-process and event loop.
+or virtual; SORTIE_S3_PUBLIC_URL: the endpoint as machines reach it, when the worker reaches the
+store by another name, e.g. MinIO in docker-compose). Without BUCKET_NAME Sortie is offline:
+the bucket `sortie` on the loopback S3 server the stack starts (moto, SORTIE_LOCAL_S3_URL). The
+client is aiobotocore's, one per process and event loop.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class StoreSettings(BaseModel):
     bucket: str = OFFLINE_BUCKET
     region: str = OFFLINE_REGION
     addressing: Literal["path", "virtual"] = "path"
+    public_url: str | None = None
+    """The endpoint presigned URLs name, when machines reach the store by another address."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> StoreSettings:
@@ -66,6 +69,7 @@ class StoreSettings(BaseModel):
             bucket=env["BUCKET_NAME"],
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "auto",
             addressing="virtual" if env.get("SORTIE_S3_ADDRESSING") == "virtual" else "path",
+            public_url=env.get("SORTIE_S3_PUBLIC_URL") or None,
         )
 
     @property
@@ -119,7 +123,7 @@ class ObjectStore:
     def __init__(self, settings: StoreSettings, credentials: StoreCredentials) -> None:
         self.settings = settings
         self._credentials = credentials
-        self._clients: dict[asyncio.AbstractEventLoop, asyncio.Task[_Opened]] = {}
+        self._clients: dict[tuple[asyncio.AbstractEventLoop, bool], asyncio.Task[_Opened]] = {}
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.settings.describe()})"
@@ -221,41 +225,44 @@ class ObjectStore:
 
     async def presign_put(self, key: str, expires_s: int) -> str:
         """A URL that lets its holder PUT one object under `key` until it expires; a secret."""
-        client = await self._client()
+        client = await self._client(public=True)
         return await client.generate_presigned_url(
             "put_object", Params={"Bucket": self.bucket, "Key": _checked(key)}, ExpiresIn=expires_s
         )
 
     async def presign_get(self, key: str, expires_s: int) -> str:
         """A URL that lets its holder GET the object under `key` until it expires; a secret."""
-        client = await self._client()
+        client = await self._client(public=True)
         return await client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": _checked(key)}, ExpiresIn=expires_s
         )
 
     async def close(self) -> None:
-        """Close this event loop's client (a later call opens a new one)."""
-        task = self._clients.pop(asyncio.get_running_loop(), None)
-        if task is not None:
-            stack, _ = await task
-            await stack.aclose()
-        self._clients = {loop: t for loop, t in self._clients.items() if not loop.is_closed()}
-
-    async def _client(self) -> S3Client:
-        """This event loop's client, opened on first use (concurrent first uses share it)."""
+        """Close this event loop's clients (a later call opens new ones)."""
         loop = asyncio.get_running_loop()
-        task = self._clients.get(loop)
+        for public in (False, True):
+            task = self._clients.pop((loop, public), None)
+            if task is not None:
+                stack, _ = await task
+                await stack.aclose()
+        self._clients = {key: t for key, t in self._clients.items() if not key[0].is_closed()}
+
+    async def _client(self, *, public: bool = False) -> S3Client:
+        """This event loop's client, opened on first use (concurrent first uses share it);
+        `public`: the one that signs URLs for machines, on SORTIE_S3_PUBLIC_URL when set."""
+        key = (asyncio.get_running_loop(), public and self.settings.public_url is not None)
+        task = self._clients.get(key)
         if task is None:
-            task = self._clients[loop] = loop.create_task(self._open())
+            task = self._clients[key] = key[0].create_task(self._open(public=key[1]))
         try:
             _, client = await asyncio.shield(task)
         except BaseException:
             if task.done():
-                self._clients.pop(loop, None)
+                self._clients.pop(key, None)
             raise
         return client
 
-    async def _open(self) -> _Opened:
+    async def _open(self, *, public: bool) -> _Opened:
         stack = AsyncExitStack()
         config = AioConfig(
             signature_version="s3v4",
@@ -268,7 +275,7 @@ class ObjectStore:
         client = await stack.enter_async_context(
             get_session().create_client(
                 "s3",
-                endpoint_url=self.settings.endpoint_url,
+                endpoint_url=self.settings.public_url if public else self.settings.endpoint_url,
                 region_name=self.settings.region,
                 aws_access_key_id=self._credentials.access_key_id,
                 aws_secret_access_key=self._credentials.secret_access_key,

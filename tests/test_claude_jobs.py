@@ -216,3 +216,37 @@ def _head(repo: Path) -> str:
     return subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True
     ).stdout.strip()
+
+
+ANSWER_CHARS = 20_000
+
+
+async def test_answers_arrive_whole_when_logs_lose_lines(sortie: Sortie, app_name: str) -> None:
+    # Fly's logs are best-effort: with a tenth of the lines lost for good, every answer still
+    # arrives whole, because the report travels by the object store, not the logs.
+    sortie.localfly.set_faults({"log_drop_rate": 0.1, "seed": 15})
+    try:
+        jobs = [{"id": f"j{i}", "prompt": f"Essay {i} [[long:{ANSWER_CHARS}]]"} for i in range(20)]
+        report = await run_batch(sortie, prompt_spec(app_name, jobs, max_machines=10))
+    finally:
+        sortie.localfly.set_faults({})
+    assert [r.state for r in report.results] == ["succeeded"] * 20
+    for result in report.results:
+        full = await batches.full_answer(sortie.settings, result)
+        assert full is not None and len(full) == ANSWER_CHARS, result.job_id
+    assert live(sortie, app_name) == []
+
+
+async def test_a_report_that_never_arrives_fails_the_job(sortie: Sortie, app_name: str) -> None:
+    # Claude ran and the machine exited 0, but the report never reached the store.
+    sortie.localfly.set_faults({"machines": [{"kind": "withhold_report", "count": 1}]})
+    try:
+        report = await run_batch(
+            sortie, prompt_spec(app_name, [{"id": "lost", "prompt": "hi", "retries": 0}])
+        )
+    finally:
+        sortie.localfly.set_faults({})
+    [lost] = report.results
+    assert (lost.state, lost.exit_code, lost.attempts) == ("failed", 0, 1), "not run again"
+    assert lost.error_kind == "no_report" and "never reached the object store" in (lost.error or "")
+    assert (report.succeeded, report.failed) == (0, 1)

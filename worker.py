@@ -22,6 +22,7 @@ from temporalio.runtime import Runtime
 from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 
 import workflows
+from activities.jobs import JobActivities
 from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
@@ -51,6 +52,7 @@ def build_worker(
     store = settings.blob_store()
     machines = MachineActivities(fly, secrets, store)
     reaper = ReaperActivities(fly, store)
+    jobs = JobActivities(store)
     deployment = settings.deployment_config()
     return Worker(
         client,
@@ -63,6 +65,7 @@ def build_worker(
             machines.destroy_machine,
             machines.destroy_named_machine,
             machines.release_sessions,
+            jobs.load_jobs,
             reaper.reap_orphans,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
@@ -97,12 +100,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         secrets = SecretStore()
         worker = build_worker(client, fly, secrets, settings, observe(fly, secrets, runtime))
         log.info(
-            "worker on task queue %s at %s, namespace %s (%s; Fly API %s)",
+            "worker on task queue %s at %s, namespace %s (%s; Fly API %s; object store %s)",
             settings.task_queue,
             settings.temporal_address,
             settings.temporal_namespace,
             connection_summary(client),
             fly_settings.api_base_url,
+            settings.store.describe(),
         )
         async with worker:
             await keep_reaper_scheduled(client, settings, fly_settings.app)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -23,21 +24,25 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.job_models import JobsClaim, LoadedJobs, jobs_key
 from sortie.claude import PREVIEW_CHARS
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
 from sortie.settings import Settings
-from sortie.spec import BatchFileError, BatchSpec, resolve_job
+from sortie.spec import BatchFileError, BatchSpec, Job, resolve_job
 from sortie.store import ObjectStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import BatchInput, BatchOutput, ChunkProgress, ChunkStatus, Progress
 from workflows.chunk import ChunkWorkflow
 from workflows.chunk_models import ChunkInput, ChunkOutput
 
-# Temporal refuses payloads over 2 MB; keep the batch input well below that.
-MAX_INPUT_BYTES = 1_500_000
-CHUNK_INPUT_BYTES = 1_000_000
-"""Most a chunk's jobs may take with the defaults applied: the chunk's start carries them all."""
+PAYLOAD_BYTES = 512 * 1024
+"""Most any workflow or activity input or result may take: the jobs travel by the store."""
+CHUNK_INPUT_BYTES = 400_000
+"""Most a chunk's jobs may take with the defaults applied: `load_jobs` returns them all, and
+its result stays below PAYLOAD_BYTES."""
+STORE_AT_ONCE = 16
+"""Chunk objects the starter uploads at once."""
 BATCH_TASK_TIMEOUT = timedelta(seconds=60)
 DETAILS_LIMIT = 18_000
 
@@ -72,43 +77,76 @@ class BatchReport(BaseModel):
     results: list[JobResult]
 
 
-def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) -> BatchInput:
-    """The workflow input for a validated batch file, refused if too large for Temporal."""
-    data = BatchInput(
+@dataclass(frozen=True)
+class ClaimedBatch:
+    """A batch's workflow input and the objects its claim check names (key to bytes)."""
+
+    input: BatchInput
+    objects: dict[str, bytes]
+
+
+def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) -> ClaimedBatch:
+    """The workflow input for a validated batch file, and its jobs as one object per chunk.
+
+    The same file gives the same objects and digests, so submitting it again is harmless.
+    """
+    jobs = resolved_jobs(spec)
+    size = chunk_size(spec, jobs)
+    objects: dict[str, bytes] = {}
+    digests: list[str] = []
+    for index, first in enumerate(range(0, len(jobs), size)):
+        data = LoadedJobs(jobs=jobs[first : first + size]).model_dump_json().encode()
+        objects[jobs_key(batch_id, index)] = data
+        digests.append(hashlib.sha256(data).hexdigest())
+    claimed = BatchInput(
         batch_id=batch_id,
         name=spec.name,
         app=spec.app,
         max_machines=spec.max_machines,
-        chunk_size=chunk_size(spec),
         max_cost_usd=spec.max_cost_usd,
         keep_sessions_s=spec.keep_sessions,
-        defaults=spec.defaults,
-        jobs=spec.jobs,
+        jobs=JobsClaim(batch_id=batch_id, total=len(jobs), chunk_size=size, digests=digests),
+        secrets=spec.secret_names(),
+        prompt_jobs=any(job.prompt is not None for job in jobs),
         tuning=tuning or Tuning(),
     )
-    size = len(data.model_dump_json())
-    if size > MAX_INPUT_BYTES:
+    encoded = len(claimed.model_dump_json())
+    if encoded > PAYLOAD_BYTES:
         raise BatchFileError(
             spec.name,
             [
-                f"the batch is {size:,} bytes once encoded; Temporal takes at most "
-                f"{MAX_INPUT_BYTES:,}: split it into several batches or shorten the prompts"
+                f"the batch's input is {encoded:,} bytes once encoded, over {PAYLOAD_BYTES:,} "
+                f"({len(digests):,} chunks): split it into several batches"
             ],
         )
-    return data
+    return ClaimedBatch(claimed, objects)
 
 
-def chunk_size(spec: BatchSpec) -> int:
-    """Jobs per chunk: balanced over the machines, and few enough that a chunk's input fits.
+def resolved_jobs(spec: BatchSpec) -> list[Job]:
+    """Every job with the batch's defaults applied, as its chunk will run it."""
+    return [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs)]
+
+
+async def store_jobs(store: ObjectStore, objects: dict[str, bytes]) -> None:
+    """Upload a batch's chunk objects, a few at once."""
+    limit = asyncio.Semaphore(STORE_AT_ONCE)
+
+    async def put(key: str, data: bytes) -> None:
+        async with limit:
+            await store.put(key, data)
+
+    await asyncio.gather(*(put(key, data) for key, data in objects.items()))
+
+
+def chunk_size(spec: BatchSpec, jobs: list[Job] | None = None) -> int:
+    """Jobs per chunk: balanced over the machines, and few enough that a chunk's jobs fit in
+    the one activity result that reads them.
 
     Each job reaches its chunk with the batch's defaults applied, so a long default prompt is
     repeated in every job; a chunk of such jobs gets fewer of them.
     """
-    sizes = [
-        (len(resolve_job(spec.defaults, job, i).model_dump_json()), job.id)
-        for i, job in enumerate(spec.jobs)
-    ]
-    largest, job_id = max(sizes)
+    resolved = resolved_jobs(spec) if jobs is None else jobs
+    largest, job_id = max((len(job.model_dump_json()), job.id) for job in resolved)
     if largest > CHUNK_INPUT_BYTES:
         raise BatchFileError(
             spec.name,
@@ -152,10 +190,12 @@ async def submit(
 ) -> Submitted:
     """Start the batch; the same file submitted twice is the same batch."""
     batch_id = spec.batch_id(suffix)
-    data = batch_input(spec, batch_id, tuning)
+    claimed = batch_input(spec, batch_id, tuning)
+    data = claimed.input
     existing = await _status(client, batch_id)
     if existing is not None:
         return Submitted(batch_id=batch_id, created=False, status=existing)
+    await store_jobs(settings.blob_store(), claimed.objects)
     try:
         await client.start_workflow(
             BatchWorkflow.run,
@@ -166,7 +206,7 @@ async def submit(
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes([SearchAttributePair(BATCH_ID, batch_id)]),
             static_summary=f"batch {spec.name}: {len(spec.jobs)} jobs on {spec.app}",
-            static_details=details or _details(spec, data.chunk_size),
+            static_details=details or _details(spec, data.jobs.chunk_size),
             memo=memo,
             # A large batch's workflow task may take seconds on a loaded worker; a task that
             # times out is replayed from scratch, which only takes longer.
@@ -383,7 +423,7 @@ async def results(
 
     async def read(chunk: ChunkProgress) -> list[JobResult]:
         async with limit:
-            return await _chunk_results(client, chunk)
+            return await _chunk_results(client, batch_id, chunk, store)
 
     per_chunk = await asyncio.gather(*(read(c) for c in chunks))
     flat = [r for rs in per_chunk for r in rs]
@@ -419,9 +459,18 @@ async def results(
     )
 
 
-async def _chunk_results(client: Client, chunk: ChunkProgress) -> list[JobResult]:
-    """One chunk's job results: final, so far, skipped, or not started yet."""
+async def _chunk_results(
+    client: Client, batch_id: str, chunk: ChunkProgress, store: ObjectStore | None
+) -> list[JobResult]:
+    """One chunk's job results: final, so far, skipped, or not started yet.
+
+    A skipped chunk never read its jobs: their ids come from the store (`#index` without it).
+    """
     if chunk.status is ChunkStatus.SKIPPED:
+        ids = [f"#{chunk.first_job + i}" for i in range(chunk.size)]
+        data = await store.get(jobs_key(batch_id, chunk.index)) if store is not None else None
+        if data is not None:
+            ids = [job.id for job in LoadedJobs.model_validate_json(data).jobs]
         return [
             JobResult(
                 job_id=job_id,
@@ -429,7 +478,7 @@ async def _chunk_results(client: Client, chunk: ChunkProgress) -> list[JobResult
                 state=JobState.CANCELLED,
                 error="batch cancelled before the job started",
             )
-            for i, job_id in enumerate(chunk.skipped_job_ids)
+            for i, job_id in enumerate(ids)
         ]
     if chunk.status is ChunkStatus.PENDING:
         return []
@@ -481,7 +530,9 @@ async def find_job(
         chunks = (await batch_handle(client, batch_id).query(BatchWorkflow.progress)).chunks
     for start in range(0, len(chunks), window):
         some = chunks[start : start + window]
-        read = await asyncio.gather(*(_chunk_results(client, chunk) for chunk in some))
+        read = await asyncio.gather(
+            *(_chunk_results(client, batch_id, chunk, store) for chunk in some)
+        )
         for chunk, found in zip(some, read, strict=True):
             for result in found:
                 if result.job_id == job_id:
@@ -519,8 +570,9 @@ async def followup(
     client: Client, settings: Settings, batch_id: str, job_id: str, prompt: str
 ) -> str:
     """Continue a finished prompt job's Claude session on a new machine; return the workflow id."""
+    store = settings.blob_store()
     try:
-        chunk, result = await find_job(client, batch_id, job_id)
+        chunk, result = await find_job(client, batch_id, job_id, store=store)
     except UnknownJob as error:
         raise FollowupRefused(str(error)) from None
     latest = result.followups[-1] if result.followups else result
@@ -529,7 +581,7 @@ async def followup(
     if not latest.session_id:
         raise FollowupRefused(f"job {job_id} has no Claude session to continue (not a prompt job?)")
     chunk_input = await _chunk_input(client, chunk)
-    job = next(j for j in chunk_input.jobs if j.id == job_id)
+    job = next(j for j in await _chunk_jobs(chunk_input, store) if j.id == job_id)
     turn = latest.turn + 1
     workflow_id = followup_workflow_id(batch_id, job_id, turn)
     await client.start_workflow(
@@ -537,6 +589,7 @@ async def followup(
         chunk_input.model_copy(
             update={
                 "jobs": [job],
+                "claim": None,
                 "slots": 1,
                 "paused": False,
                 "followup": Followup(
@@ -567,6 +620,18 @@ async def _chunk_input(client: Client, chunk: ChunkProgress) -> ChunkInput:
     [decoded] = await client.data_converter.decode(started.input.payloads, [ChunkInput])
     assert isinstance(decoded, ChunkInput)
     return decoded
+
+
+async def _chunk_jobs(chunk: ChunkInput, store: ObjectStore) -> list[Job]:
+    """The jobs a chunk ran: in its input (a follow-up's), or where its claim points."""
+    if chunk.claim is None:
+        return chunk.jobs
+    data = await store.get(chunk.claim.key)
+    if data is None:
+        raise FollowupRefused(
+            f"the batch's jobs are no longer in the object store ({chunk.claim.key})"
+        )
+    return LoadedJobs.model_validate_json(data).jobs
 
 
 async def expand(result: JobResult, store: ObjectStore) -> JobResult:

@@ -6,16 +6,16 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from activities.job_models import JobsClaim
 from sortie.models import Counts, StrictModel, Tuning
-from sortie.spec import Defaults, JobSpec
 
 
 class ChunkPlan(StrictModel):
-    """A chunk the batch has not started yet: its position and its jobs."""
+    """A chunk the batch has not started yet: its position and how many jobs it has."""
 
     index: int
     first_job: int
-    jobs: list[JobSpec]
+    size: int
 
 
 class ChunkStatus(StrEnum):
@@ -38,6 +38,7 @@ class ChunkProgress(StrictModel):
     slots: int = 0
     counts: Counts = Counts()
     skipped_job_ids: list[str] = []
+    """Unused: a skipped chunk's job ids are read from the object store (its JobSlice)."""
 
 
 class ChunkState(ChunkProgress):
@@ -73,17 +74,22 @@ class BatchState(StrictModel):
 
 
 class BatchInput(StrictModel):
-    """Start a batch: the validated batch file plus the batch id."""
+    """Start a batch: the validated batch file's settings, and a claim check for its jobs.
+
+    The jobs themselves (defaults applied) wait in the object store, one object per chunk, so
+    the input stays small whatever the batch's size; `secrets` and `prompt_jobs` are what the
+    batch checks before any machine exists.
+    """
 
     batch_id: str
     name: str
     app: str
     max_machines: int
-    chunk_size: int
     max_cost_usd: float | None = None
     keep_sessions_s: float | None = None
-    defaults: Defaults
-    jobs: list[JobSpec] = []
+    jobs: JobsClaim
+    secrets: list[str] = []
+    prompt_jobs: bool = False
     tuning: Tuning = Tuning()
     state: BatchState | None = None
 

@@ -1,11 +1,13 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
 A chunk is a child workflow of its batch. It starts a job whenever fewer jobs run than its
-window of machine slots holds. The batch widens the window (a grant) or asks slots back (when
-its cap is lowered); the chunk gives slots back as soon as it has nothing left to start, so
-another chunk can use them. It reports to its batch by signal, by workflow id, so whichever run
-of the batch is current hears it. A job is: create its machine, then `finish_job` (wait,
-collect, destroy), then the shielded destroy whenever `finish_job` did not destroy it.
+window of machine slots holds. Its jobs wait in the object store, where the starter put them:
+the chunk reads its own slice first (`load_jobs`, digest checked). The batch widens the window
+(a grant) or asks slots back (when its cap is lowered); the chunk gives slots back as soon as
+it has nothing left to start, so another chunk can use them. It reports to its batch by signal,
+by workflow id, so whichever run of the batch is current hears it. A job is: create its
+machine, then `finish_job` (wait, collect, destroy), then the shielded destroy whenever
+`finish_job` did not destroy it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.jobs import JobActivities
     from activities.machine_models import (
         CollectResultInput,
         CreateMachineInput,
@@ -55,9 +58,9 @@ class ChunkWorkflow:
     @workflow.init
     def __init__(self, input: ChunkInput) -> None:
         self._input = input
-        turn = input.followup.turn if input.followup else 1
-        self._results = [JobResult(job_id=j.id, index=j.index, turn=turn) for j in input.jobs]
-        self._queue = deque(input.jobs)
+        self._results: list[JobResult] = []
+        self._queue: deque[Job] = deque()
+        self._loaded = False
         self._slots = input.slots
         self._owed = 0
         self._running = 0
@@ -77,8 +80,9 @@ class ChunkWorkflow:
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
         """Start each job as a slot frees up, then wait for all of them."""
-        self._update_details()
         try:
+            await complete(self._load_jobs())
+            self._update_details()
             while await self._next_start():
                 self._start(self._queue.popleft())
             self._give_back_idle()
@@ -136,6 +140,39 @@ class ChunkWorkflow:
 
     # ------------------------------------------------------------ one job
 
+    async def _load_jobs(self) -> None:
+        """Read this chunk's jobs from the store (a follow-up carries its one job itself)."""
+        jobs, claim = self._input.jobs, self._input.claim
+        failed: str | None = None
+        if claim is not None:
+            try:
+                loaded = await workflow.execute_activity_method(
+                    JobActivities.load_jobs,
+                    claim,
+                    start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+                    retry_policy=policies.FLY_RETRY,
+                    summary=f"read jobs {claim.first_job}-{claim.first_job + claim.size - 1}",
+                )
+                jobs = loaded.jobs
+            except ActivityError as error:
+                failed = f"the chunk's jobs could not be read: {_why(error)}"
+        turn = self._input.followup.turn if self._input.followup else 1
+        if failed is not None and claim is not None:
+            self._results = [
+                JobResult(
+                    job_id=f"#{claim.first_job + i}",
+                    index=claim.first_job + i,
+                    turn=turn,
+                    state=JobState.FAILED,
+                    error=failed,
+                )
+                for i in range(claim.size)
+            ]
+        else:
+            self._results = [JobResult(job_id=j.id, index=j.index, turn=turn) for j in jobs]
+            self._queue.extend(jobs)
+        self._loaded = True
+
     def _start(self, job: Job, handed: CreateMachineOutput | None = None) -> None:
         """Run the job in a slot of its own, on the machine handed to it if there is one."""
         self._running += 1
@@ -147,7 +184,7 @@ class ChunkWorkflow:
         No `finally` here or below: a workflow evicted from the worker's cache is torn down
         with GeneratorExit, and its replay redoes the bookkeeping; a cancel is caught instead.
         """
-        result = self._results[job.index - self._input.jobs[0].index]
+        result = self._results[job.index - self._results[0].index]
         result.started_at = workflow.now()
         self._jobs_started.add(1, {"batch": self._input.batch_id})
         try:
@@ -384,7 +421,7 @@ class ChunkWorkflow:
     def _give_back_idle(self) -> bool:
         """Give back the slots this chunk owes or can no longer use; whether any went back."""
         idle = self._slots - self._running
-        more_to_start = self._queue and not self._cancelled
+        more_to_start = (self._queue or not self._loaded) and not self._cancelled
         give = min(idle, self._owed) if more_to_start else idle
         if give <= 0:
             return False

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from activities.job_models import JobSlice
 from sortie.models import Counts, Followup, JobResult, StrictModel, Tuning
 from sortie.spec import Job
 
 
 class ChunkInput(StrictModel):
-    """Start a chunk: its jobs (defaults applied) and the machine slots it may use.
+    """Start a chunk: where its jobs are (a claim on the object store) and its machine slots.
 
     A chunk is a child of its batch and reports to it; a follow-up turn runs as a chunk of one
-    job with no parent, and reports to nobody.
+    job with no parent, and reports to nobody: its one job travels in `jobs` itself.
     """
 
     batch_id: str
     index: int
     app: str
-    jobs: list[Job]
+    claim: JobSlice | None = None
+    jobs: list[Job] = []
     slots: int
     paused: bool = False
     budgeted: bool = False

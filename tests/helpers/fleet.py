@@ -22,6 +22,7 @@ from temporalio import activity
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.jobs import JobActivities
 from activities.machine_models import (
     MAY_START_MEMO,
     CheckBatchInput,
@@ -193,12 +194,13 @@ def fleet_spec(
 def fleet_worker(
     temporal: WorkflowEnvironment, settings: Settings, activities: list[Callable[..., Any]]
 ) -> Worker:
-    """The real batch and chunk workflows, with the fleet's activities."""
+    """The real batch and chunk workflows, with the fleet's activities (and the real reading of
+    a chunk's jobs from the object store)."""
     return Worker(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=activities,
+        activities=[*activities, JobActivities(settings.blob_store()).load_jobs],
         max_concurrent_activities=1000,
     )
 

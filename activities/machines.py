@@ -368,7 +368,9 @@ class MachineActivities:
         lines = [self._secrets.scrub(m, input.secrets) for m in messages]
         tail = _tail(lines, input.tail_lines, input.tail_bytes)
         key = (input.batch_id, input.job_id, input.turn, input.attempt)
-        log_ref = await self._store.put(log_key(*key), "\n".join(tail).encode()) if tail else None
+        log_ref = None
+        if tail:
+            log_ref = await self._store.put(log_key(*key), "\n".join(tail).encode(), _about(input))
         return CollectResultOutput(
             state=machine.state,
             exit_code=exit_event.exit_code if exit_event else None,
@@ -417,7 +419,9 @@ class MachineActivities:
             commits={r.url: r.commit for r in report.repos if r.commit},
         )
         if text:  # kept whole off history; the chunk's result carries only the key
-            answer.result_ref = await self._store.put(answer_key(*key), text.encode())
+            answer.result_ref = await self._store.put(
+                answer_key(*key), text.encode(), _about(input)
+            )
         if report.session_archive and await self._store.metadata(session_key(*key)) is not None:
             answer.archive_ref = session_key(*key)
         if kind is not None and kind.credential_fault and input.credential:
@@ -567,6 +571,11 @@ def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, st
         META_ATTEMPT: str(attempt),
         META_TURN: str(turn),
     }
+
+
+def _about(input: CollectResultInput) -> dict[str, str]:
+    """An object's metadata: whose it is, never anything secret."""
+    return {"batch": input.batch_id, "job": input.job_id, "attempt": str(input.attempt)}
 
 
 def _ref(app: str, machine: Machine) -> MachineRef:

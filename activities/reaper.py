@@ -8,7 +8,7 @@ Chunks still running under a closed batch are cancelled so no worker creates mor
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -25,7 +25,11 @@ from sortie.labels import (
     META_OWNER,
     chunk_workflow_id,
 )
-from sortie.store import KEEP_UNTIL, SESSIONS, ObjectStore
+from sortie.store import KEEP_UNTIL, REPORTS, SESSIONS, ObjectStore
+
+REPORTS_KEPT = timedelta(hours=1)
+"""A closed batch's agent reports outlive their upload this long (a follow-up of a closed batch
+uploads new ones, and its collect reads them within seconds), then the reaper deletes them."""
 
 
 class ReaperActivities:
@@ -83,9 +87,12 @@ class ReaperActivities:
                         destroyed += 1
                 activity.logger.info("reaped machine %s (%s)", orphan.machine_id, orphan.reason)
         expired = await self._expired_sessions(client, statuses)
+        stale = await self._stale_reports(client, statuses)
         if not input.dry_run:
             for prefix in expired:
                 await self._store.delete(prefix)
+            for key in stale:
+                await self._store.delete(key)
         return ReapOutput(
             app=input.app,
             checked=len(machines),
@@ -93,6 +100,7 @@ class ReaperActivities:
             destroyed=destroyed,
             cancelled_chunks=cancelled,
             expired_sessions=expired,
+            stale_reports=len(stale),
             dry_run=input.dry_run,
         )
 
@@ -111,6 +119,20 @@ class ReaperActivities:
                 continue
             expired.append(prefix)
         return expired
+
+
+    async def _stale_reports(
+        self, client: Client, statuses: dict[str, WorkflowExecutionStatus | None]
+    ) -> list[str]:
+        """Reports of batches no longer running, uploaded more than REPORTS_KEPT ago."""
+        stale: list[str] = []
+        before = datetime.now(UTC) - REPORTS_KEPT
+        for prefix in await self._store.prefixes(REPORTS):
+            batch_id = prefix.rsplit("/", 1)[-1]
+            if await _status(client, batch_id, statuses) is WorkflowExecutionStatus.RUNNING:
+                continue
+            stale += [o.key async for o in self._store.objects(prefix) if o.modified < before]
+        return stale
 
 
 def _metadata(machine: Machine) -> dict[str, str]:

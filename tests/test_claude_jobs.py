@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
+from activities import reaper as reaper_activities
 from activities.reaper_models import ReapInput
 from sortie import batches, reaping
 from sortie.claude import PREVIEW_CHARS
 from sortie.spec import BatchSpec, parse_batch
-from sortie.store import session_prefix
-from tests.helpers.batches import git_repo
+from sortie.store import REPORTS, session_prefix
+from tests.helpers.batches import git_repo, settings_for
+from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
@@ -187,7 +190,7 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
 
 
 async def test_sessions_are_deleted_with_the_batch_unless_kept(
-    sortie: Sortie, app_name: str
+    sortie: Sortie, app_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = sortie.settings.blob_store()
     report = await run_batch(sortie, prompt_spec(app_name, [{"id": "a", "prompt": "hi"}]))
@@ -208,8 +211,18 @@ async def test_sessions_are_deleted_with_the_batch_unless_kept(
     past = datetime.now(UTC) - timedelta(seconds=1)
     await store.put(f"{session_prefix(kept.batch_id)}/keep-until", past.isoformat().encode())
     swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
-    assert swept.expired_sessions == [session_prefix(kept.batch_id)]
+    assert session_prefix(kept.batch_id) in swept.expired_sessions
     assert await store.get(archive) is None
+
+    # The agents' reports of closed batches go too, once read long enough ago; the answers
+    # (which history points at) stay.
+    reports = f"{REPORTS}/{kept.batch_id}"
+    assert [o.key async for o in store.objects(reports)], "the agent's report came by the store"
+    monkeypatch.setattr(reaper_activities, "REPORTS_KEPT", timedelta(0))
+    swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
+    assert swept.stale_reports >= 1
+    assert [o.key async for o in store.objects(reports)] == []
+    assert kept.results[0].result_ref and await store.get(kept.results[0].result_ref)
 
 
 def _head(repo: Path) -> str:
@@ -250,3 +263,43 @@ async def test_a_report_that_never_arrives_fails_the_job(sortie: Sortie, app_nam
     assert (lost.state, lost.exit_code, lost.attempts) == ("failed", 0, 1), "not run again"
     assert lost.error_kind == "no_report" and "never reached the object store" in (lost.error or "")
     assert (report.succeeded, report.failed) == (0, 1)
+
+
+async def test_a_followup_runs_on_another_worker_with_its_own_state_dir(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    # Two hosts in all but name: worker processes with different SORTIE_STATE_DIRs, sharing
+    # only Temporal and the object store. The first runs the batch and stops; the follow-up
+    # runs on the second, from the session archive the first one's machine uploaded.
+    address = temporal.client.service_client.config.target_host
+    settings = settings_for(address)
+    credential = {"CLAUDE_CODE_OAUTH_TOKEN": f"sk-ant-oat01-{uuid.uuid4().hex}"}
+
+    def worker(name: str) -> WorkerProcess:
+        own = settings.model_copy(update={"state_dir": tmp_path / name})
+        return WorkerProcess(own, localfly.url, tmp_path / f"{name}.log", env=credential)
+
+    repo = git_repo(tmp_path / "repo")
+    jobs = [{"id": "fix", "prompt": "Note it [[write:notes.txt]]", "repos": [str(repo)]}]
+    first = worker("host-a").start()
+    try:
+        submitted = await batches.submit(
+            temporal.client, settings, prompt_spec(app_name, jobs, keep_sessions="1h")
+        )
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    finally:
+        assert first.terminate() == 0
+    second = worker("host-b").start()
+    try:
+        workflow_id = await batches.followup(
+            temporal.client, settings, submitted.batch_id, "fix", "What did you write?"
+        )
+        [turn] = (await batches.chunk_handle(temporal.client, workflow_id).result()).results
+    finally:
+        second.stop()
+    turn = await batches.expand(turn, settings.blob_store())
+    assert turn.state == "succeeded", turn.error
+    assert "notes.txt" in (turn.result or ""), "the workspace came back on the other host"
+    assert not (tmp_path / "host-a").exists() and not (tmp_path / "host-b").exists(), (
+        "nothing on either worker's disk"
+    )

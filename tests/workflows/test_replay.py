@@ -21,13 +21,13 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 from sortie import batches
 from sortie.labels import chunk_workflow_id
 from sortie.settings import Settings
 from sortie.spec import parse_batch
-from tests.helpers.fleet import Fleet
+from tests.helpers.fleet import Fleet, fleet_worker
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import CancelRequest, MaxCostRequest, PauseRequest
@@ -98,12 +98,7 @@ async def run_scenario(temporal: WorkflowEnvironment, name: str) -> dict[str, Wo
             ],
         }
     )
-    async with Worker(
-        temporal.client,
-        task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=fleet.activities,
-    ):
+    async with fleet_worker(temporal, settings, fleet.activities):
         submitted = await batches.submit(temporal.client, settings, spec)
         handle = batches.batch_handle(temporal.client, submitted.batch_id)
         await steer(name, fleet, handle)

@@ -268,7 +268,7 @@ def _payloads(event: Any) -> list[Any]:
         for field, value in message.ListFields():
             if field.message_type is None:
                 continue
-            items = value if field.label == field.LABEL_REPEATED else [value]
+            items = value if field.is_repeated else [value]
             for item in items:
                 if field.message_type.name == "Payload":
                     found.append(item)

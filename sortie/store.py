@@ -339,3 +339,9 @@ def shared_store(settings: StoreSettings) -> ObjectStore:
     if store is None:
         store = _OPEN[settings] = ObjectStore(settings, StoreCredentials.from_env())
     return store
+
+
+async def close_shared() -> None:
+    """Close the process's shared stores' clients on this event loop (at exit)."""
+    for store in _OPEN.values():
+        await store.close()

@@ -25,6 +25,7 @@ from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.stack import LocalS3
+from sortie.store import close_shared
 from tests.helpers.stack import (
     AGENT_IMAGES,
     STANDIN_BIN,
@@ -70,6 +71,13 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def shared_stores_closed(object_store: LocalS3) -> AsyncIterator[None]:
+    """The store clients the session opened are closed at its end, on its event loop."""
+    yield
+    await close_shared()
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,12 @@ from sortie.claude import PREVIEW_CHARS
 from sortie.spec import BatchSpec, parse_batch
 from sortie.store import REPORTS, session_prefix
 from tests.helpers.batches import git_repo, settings_for
+from tests.helpers.history import largest_payload
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
-from workflows.batch_models import MaxCostRequest
+from workflows.batch_models import CancelRequest, MaxCostRequest
 
 
 def prompt_spec(app: str, jobs: list[dict[str, Any]], **fields: Any) -> BatchSpec:
@@ -303,3 +304,37 @@ async def test_a_followup_runs_on_another_worker_with_its_own_state_dir(
     assert not (tmp_path / "host-a").exists() and not (tmp_path / "host-b").exists(), (
         "nothing on either worker's disk"
     )
+
+
+PROMPT_BYTES = 2_000
+PAYLOAD_LIMIT = 512 * 1024
+
+
+async def test_twenty_thousand_prompt_jobs_of_2kb_start_small_and_leave_no_machine(
+    sortie: Sortie, app_name: str
+) -> None:
+    # 40 MB of prompts: the jobs wait in the object store and no workflow or activity input or
+    # result in any history reaches 512 KB. The suite runs a few of them and cancels the rest
+    # (the bench runs all 20,000 on 200 machines).
+    jobs = [
+        {"id": f"j{i:05d}", "prompt": f"Review {i} " + "p" * PROMPT_BYTES} for i in range(20_000)
+    ]
+    spec = prompt_spec(app_name, jobs, max_machines=2, chunk_size=250)
+    submitted = await batches.submit(sortie.client, sortie.settings, spec)
+    handle = batches.batch_handle(sortie.client, submitted.batch_id)
+
+    async def some_succeeded() -> bool:
+        return (await batches.progress(sortie.client, submitted.batch_id)).counts.succeeded >= 2
+
+    await eventually(some_succeeded, timeout=120, what="the first jobs done")
+    await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="enough of a sample"))
+    await handle.result()
+    await eventually(lambda: live(sortie, app_name) == [], what="every machine destroyed")
+
+    report = await batches.results(
+        sortie.client, submitted.batch_id, store=sortie.settings.blob_store()
+    )
+    assert [r.job_id for r in report.results] == [job["id"] for job in jobs]
+    assert report.succeeded >= 2 and report.succeeded + report.cancelled == 20_000
+    largest, runs = await largest_payload(sortie.client, f'BatchId="{submitted.batch_id}"')
+    assert runs > 1 and 0 < largest < PAYLOAD_LIMIT, (largest, runs)

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from sortie.store import ObjectStore, StoreCredentials, StoreSettings
+from sortie.store import StoreCredentials, StoreSettings, shared_store
 
 
 def test_tigris_variables_are_taken_as_they_are() -> None:
@@ -36,7 +36,7 @@ def test_tigris_variables_are_taken_as_they_are() -> None:
 
 
 async def test_objects_prefixes_and_deletes() -> None:
-    store = ObjectStore.from_env()
+    store = shared_store(StoreSettings.from_env())
     base = f"t/{uuid.uuid4().hex}"
     await asyncio.gather(
         store.put(f"{base}/a/1.txt", b"one", {"batch": "b1"}),
@@ -59,7 +59,7 @@ async def test_objects_prefixes_and_deletes() -> None:
 
 
 async def test_a_presigned_put_writes_exactly_one_object() -> None:
-    store = ObjectStore.from_env()
+    store = shared_store(StoreSettings.from_env())
     key = f"t/{uuid.uuid4().hex}/report.json"
     url = await store.presign_put(key, 60)
     assert "X-Amz-Signature=" in url and "X-Amz-Expires=60" in url, "SigV4, as Tigris needs"

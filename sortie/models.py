@@ -135,7 +135,7 @@ class JobResult(StrictModel):
     followups: list[JobResult] = []
 
     def compact(self) -> JobResult:
-        """The row a chunk returns: what the blob store keeps (log tail, answer) left out.
+        """The row a chunk returns: what the object store keeps (log tail, answer) left out.
 
         A chunk's result lands in its batch's history too, so it carries references, not text.
         """

@@ -4,7 +4,7 @@ The batch is an ordinary batch: every guarantee holds (a crash re-runs no finish
 the same checkout, commit and options make the same batch id, so running `analyze` again
 attaches to the batch instead of starting over. The memo carries what aggregation needs
 besides the jobs' answers (repository, commit, file counts), so a report can be written by any
-process that reaches Temporal and the blob store, while the batch runs or after it closed.
+process that reaches Temporal and the object store, while the batch runs or after it closed.
 """
 
 from __future__ import annotations

@@ -37,8 +37,6 @@ class ChunkProgress(StrictModel):
     status: ChunkStatus = ChunkStatus.PENDING
     slots: int = 0
     counts: Counts = Counts()
-    skipped_job_ids: list[str] = []
-    """Unused: a skipped chunk's job ids are read from the object store (its JobSlice)."""
 
 
 class ChunkState(ChunkProgress):

@@ -120,7 +120,6 @@ class ReaperActivities:
             expired.append(prefix)
         return expired
 
-
     async def _stale_reports(
         self, client: Client, statuses: dict[str, WorkflowExecutionStatus | None]
     ) -> list[str]:

@@ -74,7 +74,7 @@ from sortie.labels import (
 )
 from sortie.models import MachineRef
 from sortie.outcomes import machine_failure
-from sortie.secrets import SecretStore
+from sortie.secrets import SecretStore, redact_presigned
 from sortie.spec import LogTail
 from sortie.store import (
     KEEP_UNTIL,
@@ -120,7 +120,7 @@ def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
     except FlyError as error:
         delay = timedelta(seconds=error.retry_after) if error.retry_after else None
         raise ApplicationError(
-            f"{action}: {error}",
+            redact_presigned(f"{action}: {error}"),  # a Fly error may echo the config back
             type=type(error).__name__,
             non_retryable=not (error.retryable or always_retry),
             next_retry_delay=delay,

@@ -484,6 +484,9 @@ class ChunkWorkflow:
     # ------------------------------------------------------------ progress
 
     def _counts(self) -> Counts:
+        claim = self._input.claim
+        if not self._loaded and claim is not None:  # its jobs not read yet: all pending
+            return Counts(total=claim.size, pending=claim.size)
         return Counts.of(self._results, live_machines=self._live)
 
     def _update_details(self) -> None:

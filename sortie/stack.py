@@ -143,10 +143,19 @@ class LocalS3:
     the same client code as against Tigris or MinIO.
     """
 
-    def __init__(self, log: Path, *, port: int | None = None, bucket: str = OFFLINE_BUCKET) -> None:
+    def __init__(
+        self,
+        log: Path,
+        *,
+        port: int | None = None,
+        bucket: str = OFFLINE_BUCKET,
+        check_keys: bool = False,
+    ) -> None:
         self.log = log
         self.port = port or free_port()
         self.bucket = bucket
+        self.check_keys = check_keys
+        """Refuse unknown access keys (moto's IAM checks) once the bucket is made."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -166,9 +175,13 @@ class LocalS3:
 
     def start(self, timeout: float = 30) -> LocalS3:
         """Start the server, wait until it answers, and create the bucket."""
+        env = dict(os.environ)
+        if self.check_keys:  # the one request let through unchecked is the bucket's creation
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "1"
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

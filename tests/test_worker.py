@@ -54,3 +54,24 @@ def test_a_worker_refuses_a_store_it_cannot_use_before_serving(
     assert f"bucket {env['BUCKET_NAME']!r} at {endpoint}" in done.stderr and why in done.stderr
     assert "Traceback" not in done.stderr
     assert object_store.env()["AWS_SECRET_ACCESS_KEY"] not in done.stderr
+
+
+def test_a_worker_refuses_keys_the_store_refuses(tmp_path: Path) -> None:
+    with LocalS3(tmp_path / "s3.log", check_keys=True) as strict:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SORTIE_", "TEMPORAL_"))},
+            **strict.env(),
+            "AWS_SECRET_ACCESS_KEY": "not-the-key",
+            "TEMPORAL_ADDRESS": "127.0.0.1:1",
+        }
+        done = subprocess.run(
+            [sys.executable, "worker.py"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"bucket 'sortie' at {strict.url}" in done.stderr and "access denied" in done.stderr
+    assert "not-the-key" not in done.stderr and "Traceback" not in done.stderr

@@ -2,12 +2,12 @@
 
 A chunk is a child workflow of its batch. It starts a job whenever fewer jobs run than its
 window of machine slots holds. Its jobs wait in the object store, where the starter put them:
-the chunk reads its own slice first (`load_jobs`, digest checked). The batch widens the window
-(a grant) or asks slots back (when its cap is lowered); the chunk gives slots back as soon as
-it has nothing left to start, so another chunk can use them. It reports to its batch by signal,
-by workflow id, so whichever run of the batch is current hears it. A job is: create its
-machine, then `finish_job` (wait, collect, destroy), then the shielded destroy whenever
-`finish_job` did not destroy it.
+the chunk reads its own slice first (`load_jobs`, a local activity, digest checked). The batch
+widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives slots
+back as soon as it has nothing left to start, so another chunk can use them. It reports to its
+batch by signal, by workflow id, so whichever run of the batch is current hears it. A job is:
+create its machine, then `finish_job` (wait, collect, destroy), then the shielded destroy
+whenever `finish_job` did not destroy it.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ class ChunkWorkflow:
         failed: str | None = None
         if claim is not None:
             try:
-                loaded = await workflow.execute_activity_method(
+                # A local activity: one short read, one marker in history, no extra task.
+                loaded = await workflow.execute_local_activity_method(
                     JobActivities.load_jobs,
                     claim,
                     start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),

@@ -61,6 +61,7 @@ from sortie.spec import (
     parse_duration,
     parse_percent,
 )
+from sortie.store import StoreError
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import (
@@ -272,7 +273,7 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
         print(result.model_dump_json(indent=2))
         return 0
     for turn in [result, *result.followups]:
-        _print_turn(settings, turn)
+        await _print_turn(settings, turn)
     return 0
 
 
@@ -317,7 +318,7 @@ async def _export(client: Client, settings: Settings, args: argparse.Namespace) 
     return 1 if head.failed or head.cancelled else 0
 
 
-def _print_turn(settings: Settings, turn: JobResult) -> None:
+async def _print_turn(settings: Settings, turn: JobResult) -> None:
     """One turn of a job in full: its state, cost, session and whole answer."""
     cost = "" if turn.cost_usd is None else f", ${turn.cost_usd:.4f}, {turn.num_turns} turns"
     print(f"== {turn.job_id} turn {turn.turn}: {turn.state.value}{cost}")
@@ -325,10 +326,10 @@ def _print_turn(settings: Settings, turn: JobResult) -> None:
         print(f"session: {turn.session_id}")
     if turn.error:
         print(f"error: {turn.error}")
-    answer = batches.full_answer(settings, turn)
+    answer = await batches.full_answer(settings, turn)
     if answer is None and turn.result_ref:
-        answer = f"{turn.result}\n[… {turn.result_chars} characters in all; the rest is in the "
-        answer += f"worker's store at {turn.result_ref}, not reachable from here]"
+        answer = f"{turn.result}\n[… {turn.result_chars} characters in all; the rest was at "
+        answer += f"{turn.result_ref} in the object store, which no longer has it]"
     if answer:
         print(answer)
     elif turn.log_tail:
@@ -348,7 +349,7 @@ async def cmd_followup(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     output = await batches.chunk_handle(client, workflow_id).result()
     for turn in output.results:
-        _print_turn(settings, turn)
+        await _print_turn(settings, turn)
     return 0 if all(t.state.value == "succeeded" for t in output.results) else 1
 
 
@@ -756,6 +757,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = await args.run(args, settings)
+    except StoreError as error:
+        print(error, file=sys.stderr)
+        return 2
     except BatchFileError as error:
         print(error.render(), file=sys.stderr)
         return 2
@@ -772,6 +776,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
             print(f"cannot reach Temporal at {settings.temporal_address}: {error}", file=sys.stderr)
             return 2
         raise
+    finally:
+        await settings.blob_store().close()
     return code
 
 

@@ -3,7 +3,8 @@
 Each worker polls its task queue (workflows, waits, destroys) and one create queue per Fly app
 in use, paced by Temporal for all workers together (sortie/pacing.py). Configured by
 environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully: waits in
-progress are handed over to the next worker, never lost.
+progress are handed over to the next worker, never lost. An object store it cannot use
+(unreachable, no such bucket, refused keys) stops it at start with exit 2, before any batch runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import compileall
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +25,7 @@ from temporalio.runtime import Runtime
 from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 
 import workflows
+from activities.jobs import JobActivities
 from activities.machines import MachineActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
@@ -32,6 +35,7 @@ from sortie.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, 
 from sortie.pacing import CreateQueues
 from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
+from sortie.store import StoreError
 from sortie.temporal import connect, run_main
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
@@ -77,6 +81,7 @@ def build_worker(
     store = settings.blob_store()
     machines = MachineActivities(fly, secrets, store, task_queue=settings.task_queue)
     reaper = ReaperActivities(fly, store)
+    jobs = JobActivities(store)
     deployment = settings.deployment_config()
     everywhere = [LogContextInterceptor(), *interceptors]
     creates = CreateQueues(
@@ -106,6 +111,7 @@ def build_worker(
             machines.destroy_machine,
             machines.destroy_named_machine,
             machines.release_sessions,
+            jobs.load_jobs,
             reaper.reap_orphans,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
@@ -141,12 +147,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         secrets = SecretStore()
         worker = build_worker(client, fly, secrets, settings, observe(fly, secrets, runtime))
         log.info(
-            "worker on task queue %s at %s, namespace %s (%s; Fly API %s)",
+            "worker on task queue %s at %s, namespace %s (%s; Fly API %s; object store %s)",
             settings.task_queue,
             settings.temporal_address,
             settings.temporal_namespace,
             connection_summary(client),
             fly_settings.api_base_url,
+            settings.store.describe(),
         )
         # Every app the worker creates machines in gets swept: FLY_APP's schedule is the
         # queue's own, each other app's is named after it; all outlive the worker.
@@ -190,14 +197,25 @@ async def keep_reaper_scheduled(
         log.exception("could not ensure the reaper schedule: orphaned machines are not swept")
 
 
-async def main() -> None:
-    """Entry point: serve until SIGTERM or SIGINT."""
+async def main() -> int:
+    """Entry point: check the object store, then serve until SIGTERM or SIGINT."""
     configure_logging(os.environ)
+    settings = Settings.from_env()
+    store = settings.blob_store()
+    try:
+        await store.check()
+    except StoreError as error:
+        print(f"sortie worker: {error}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(Settings.from_env(), stop)
+    try:
+        await serve(settings, stop)
+    finally:
+        await store.close()
+    return 0
 
 
 if __name__ == "__main__":

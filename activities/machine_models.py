@@ -91,7 +91,6 @@ class CollectResultInput(StrictModel):
     turn: int = 1
     attempt: int = 1
     credential: str | None = None
-    log_grace_s: float = 30.0
     log_tail: LogTail = LogTail.ALWAYS
 
 

@@ -4,12 +4,16 @@ Every step is idempotent so Temporal may retry it after a crash or a lost respon
 the machine an earlier attempt made (deterministic name, metadata), wait resumes on the same
 machine, destroy treats "already gone" as done. Fly errors become ApplicationErrors that say
 whether a retry can help and, for 429s, when to retry.
+
+A prompt job's report and session archive travel by the object store, never by Fly's logs
+(best-effort, lagging, lossy): create mints presigned PUT URLs for the attempt's keys into the
+machine's env, the agent uploads there, and collect reads the objects. Logs carry only the tail
+shown to people.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -46,7 +50,6 @@ from activities.machine_models import (
     WaitMachineOutput,
     WaitOutcome,
 )
-from agent.framing import Decoder, FramingError
 from fly import (
     ExitEvent,
     FlyClient,
@@ -60,11 +63,10 @@ from fly import (
     InitConfig,
     Machine,
     MachineConfig,
-    MachineFile,
     RestartConfig,
     WaitResult,
 )
-from sortie.claude import ARCHIVE_FRAME, PREVIEW_CHARS, RESULT_FRAME, AgentReport, job_document
+from sortie.claude import PREVIEW_CHARS, AgentReport, job_document
 from sortie.credentials import Credential, CredentialsResting, NoCredential
 from sortie.labels import (
     META_ATTEMPT,
@@ -76,16 +78,33 @@ from sortie.labels import (
 )
 from sortie.models import MachineRef
 from sortie.outcomes import machine_failure, succeeded
-from sortie.secrets import SecretStore
+from sortie.secrets import SecretStore, redact_presigned
 from sortie.spec import LogTail
-from sortie.store import BlobStore, answer_key, log_key, session_key, session_prefix
+from sortie.store import (
+    KEEP_UNTIL,
+    ObjectStore,
+    answer_key,
+    log_key,
+    report_key,
+    session_key,
+    session_prefix,
+)
 
 SETTLED_STATES = ["stopped", "failed", "destroyed"]
 GONE_STATES = {"destroyed", "destroying"}
 BOOTING_STATES = {"created", "creating", "starting"}
 RESTORE_PATH = "/sortie/restore.tar.gz"
-"""Where a follow-up's machine finds the workspace and session archive of the turn before."""
-FRAME_MARK = "SORTIE/1 "
+"""Where a follow-up's machine puts the workspace and session archive of the turn before."""
+REPORT_URL = "SORTIE_REPORT_URL"
+ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
+RESTORE_URL = "SORTIE_RESTORE_URL"
+"""The machine's env: presigned URLs for this attempt's report and archive (PUT) and the turn
+before's archive (GET). Secrets: they go to Fly in the create request and nowhere else."""
+URL_SLACK_S = 3600
+"""How long a presigned URL outlives the job's own boot and run time: creates queued behind
+Fly's rate limits, a slow upload at the very end."""
+URL_MOST_S = 7 * 24 * 3600
+"""SigV4 presigned URLs expire after seven days at most."""
 MAY_START_TIMEOUT = timedelta(seconds=5)
 CALL_TRIES = 4
 """Tries of one Fly call within `finish_job` before a transient error fails the activity."""
@@ -105,7 +124,7 @@ def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
     except FlyError as error:
         delay = timedelta(seconds=error.retry_after) if error.retry_after else None
         raise ApplicationError(
-            f"{action}: {error}",
+            redact_presigned(f"{action}: {error}"),  # a Fly error may echo the config back
             type=type(error).__name__,
             non_retryable=not (error.retryable or always_retry),
             next_retry_delay=delay,
@@ -113,10 +132,15 @@ def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
 
 
 class MachineActivities:
-    """Fly machine steps; owns the shared Fly client, the worker's secrets and its blob store."""
+    """Fly machine steps; owns the shared Fly client, the worker's secrets and the object store."""
 
     def __init__(
-        self, fly: FlyClient, secrets: SecretStore, store: BlobStore, *, task_queue: str = "sortie"
+        self,
+        fly: FlyClient,
+        secrets: SecretStore,
+        store: ObjectStore,
+        *,
+        task_queue: str = "sortie",
     ) -> None:
         """`task_queue`: the workers' queue, whose credential pool this worker shares."""
         self._fly = fly
@@ -185,7 +209,7 @@ class MachineActivities:
             if found is not None:
                 return self._found(input.app, found)
         credential = await self._take_credential() if job.prompt is not None else None
-        config = self._config(input, credential)
+        config = await self._config(input, credential)
         try:
             machine = await self._fly.create_machine(
                 input.app, config, name=name, region=job.region
@@ -356,10 +380,6 @@ class MachineActivities:
         """The machine as Fly describes it now."""
         return await patiently(lambda: self._fly.get_machine(ref.app, ref.machine_id))
 
-    async def _log_messages(self, ref: MachineRef) -> list[str]:
-        """Every log line the machine has printed so far, paging forward."""
-        return [entry.message async for entry in self._fly.iter_logs(ref.app, ref.machine_id)]
-
     async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
         """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
         ref = input.machine
@@ -370,19 +390,18 @@ class MachineActivities:
                 return CollectResultOutput(state=None, exit_code=None)
             exit_event = machine.latest_exit_event()
             messages: list[str] = []
-            if input.prompt_job:
-                messages = await patiently(lambda: self._log_messages(ref))
-            elif input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
+            if input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
                 page = await patiently(lambda: self._fly.get_logs(ref.app, ref.machine_id))
                 messages = [e.message for e in page.entries]
-        answer = self._answer(input, messages, exit_event) if input.prompt_job else None
+        answer = await self._answer(input, exit_event) if input.prompt_job else None
         if answer is not None:
             await self._rest_if_refused(input, answer)
-        lines = [
-            self._secrets.scrub(m, input.secrets) for m in messages if not m.startswith(FRAME_MARK)
-        ]
+        lines = [self._secrets.scrub(m, input.secrets) for m in messages]
         tail = _tail(lines, input.tail_lines, input.tail_bytes)
         key = (input.batch_id, input.job_id, input.turn, input.attempt)
+        log_ref = None
+        if tail:
+            log_ref = await self._store.put(log_key(*key), "\n".join(tail).encode(), _about(input))
         return CollectResultOutput(
             state=machine.state,
             exit_code=exit_event.exit_code if exit_event else None,
@@ -390,40 +409,28 @@ class MachineActivities:
             oom_killed=bool(exit_event and exit_event.oom_killed),
             exited_at=exit_event.exited_at if exit_event else None,
             log_tail=tail,
-            log_ref=self._store.put(log_key(*key), "\n".join(tail).encode()) if tail else None,
+            log_ref=log_ref,
             answer=answer,
         )
 
-    def _answer(
-        self, input: CollectResultInput, messages: list[str], exit_event: ExitEvent | None
-    ) -> JobAnswer:
-        """Decode the agent's framed report; keep the full answer and the session off history.
+    async def _answer(self, input: CollectResultInput, exit_event: ExitEvent | None) -> JobAnswer:
+        """Read the report the agent uploaded; keep the full answer and the session off history.
 
-        Logs lag behind the machine: while the report is incomplete and the grace period after
-        the exit has not passed, the activity fails retryably and Temporal tries again.
+        The agent uploads before it exits and the store reads its own writes, so a report that
+        is not there once the machine stopped never will be: the job failed, whatever its exit
+        code, and ran (it is not run again).
         """
-        decoder = Decoder()
-        for message in messages:
-            decoder.feed(message)
-        try:
-            payload = decoder.payload(RESULT_FRAME)
-            archive = decoder.payload(ARCHIVE_FRAME)
-        except FramingError as error:
-            return JobAnswer(is_error=True, error_kind="no_report", result=f"{error}")
+        key = (input.batch_id, input.job_id, input.turn, input.attempt)
+        payload = await self._store.get(report_key(*key))
         if payload is None:
-            exited = (
-                exit_event.exited_at if exit_event else None
-            ) or activity.info().scheduled_time
-            if datetime.now(UTC) < exited + timedelta(seconds=input.log_grace_s):
-                raise ApplicationError(
-                    f"the report of job {input.job_id} is not in the logs yet",
-                    type="ReportNotInLogsYet",
-                    next_retry_delay=timedelta(seconds=1),
-                )
+            code = exit_event.exit_code if exit_event else None
             return JobAnswer(
                 is_error=True,
                 error_kind="no_report",
-                result=f"no report in the logs {input.log_grace_s:g}s after the machine exited",
+                result=(
+                    f"the agent's report never reached the object store (exit code {code}): "
+                    "its upload failed or its URL expired, or the agent died before it"
+                ),
             )
         report = AgentReport.parse(payload)
         kind = report.error_kind()
@@ -443,11 +450,11 @@ class MachineActivities:
             commits={r.url: r.commit for r in report.repos if r.commit},
         )
         if text:  # kept whole off history; the chunk's result carries only the key
-            key = answer_key(input.batch_id, input.job_id, input.turn, input.attempt)
-            answer.result_ref = self._store.put(key, text.encode())
-        if archive is not None:
-            key = session_key(input.batch_id, input.job_id, input.turn, input.attempt)
-            answer.archive_ref = self._store.put(key, archive)
+            answer.result_ref = await self._store.put(
+                answer_key(*key), text.encode(), _about(input)
+            )
+        if report.session_archive and await self._store.metadata(session_key(*key)) is not None:
+            answer.archive_ref = session_key(*key)
         return answer
 
     async def _rest_if_refused(self, input: CollectResultInput, answer: JobAnswer) -> None:
@@ -467,9 +474,9 @@ class MachineActivities:
         """A closed batch's session archives: deleted now, or marked to expire later."""
         prefix = session_prefix(input.batch_id)
         if not input.keep_s:
-            return ReleaseSessionsOutput(deleted=self._store.delete(prefix))
+            return ReleaseSessionsOutput(deleted=await self._store.delete(prefix))
         until = datetime.now(UTC) + timedelta(seconds=input.keep_s)
-        self._store.put(f"{prefix}/keep-until", until.isoformat().encode())
+        await self._store.put(f"{prefix}/{KEEP_UNTIL}", until.isoformat().encode())
         return ReleaseSessionsOutput(deleted=False, kept_until=until)
 
     @activity.defn(name="destroy_machine")
@@ -501,16 +508,14 @@ class MachineActivities:
         """The machine's log lines after `next_token`, up to `max_lines`: for `starter.py logs`.
 
         Read here, not by the starter, so the Fly token and the secret values to scrub never
-        leave the worker; the lines carry no frame (answers and session archives).
+        leave the worker.
         """
         lines: list[str] = []
         token = input.next_token
         with fly_errors(f"read logs of machine {input.machine_id}"):
             while len(lines) < input.max_lines:
                 page = await self._fly.get_logs(input.app, input.machine_id, next_token=token)
-                for entry in page.entries:
-                    if not entry.message.startswith(FRAME_MARK):
-                        lines.append(self._secrets.scrub(entry.message, input.secrets))
+                lines.extend(self._secrets.scrub(e.message, input.secrets) for e in page.entries)
                 caught_up = not page.entries or page.next_token in (None, token)
                 token = page.next_token or token
                 if caught_up:
@@ -528,8 +533,10 @@ class MachineActivities:
                 str(error), type=CREDENTIALS_RESTING_ERROR, non_retryable=True
             ) from None
 
-    def _config(self, input: CreateMachineInput, credential: Credential | None) -> MachineConfig:
-        """The machine's config; secret values enter here and never leave the worker."""
+    async def _config(
+        self, input: CreateMachineInput, credential: Credential | None
+    ) -> MachineConfig:
+        """The machine's config; secret values and presigned URLs enter here, and go only to Fly."""
         job = input.job
         try:
             secrets = self._secrets.resolve(job.secrets)
@@ -538,22 +545,24 @@ class MachineActivities:
                 str(error.args[0]), type="UnknownSecrets", non_retryable=True
             ) from None
         env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
-        files: list[MachineFile] = []
+        turn = input.followup.turn if input.followup else 1
         if credential is not None:
             followup = input.followup
             restore = None
+            valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
             if followup is not None and followup.archive_ref:
-                archive = self._store.get(followup.archive_ref)
-                if archive is None:
+                if await self._store.metadata(followup.archive_ref) is None:
                     raise ApplicationError(
                         f"the workspace of job {job.id} is no longer kept (sessions are kept "
                         "while the batch runs, or longer with the batch's keep_sessions)",
                         type="SessionGone",
                         non_retryable=True,
                     )
-                raw = base64.b64encode(archive).decode()
-                files.append(MachineFile(guest_path=RESTORE_PATH, raw_value=raw, mode=0o600))
+                env[RESTORE_URL] = await self._store.presign_get(followup.archive_ref, valid_s)
                 restore = RESTORE_PATH
+            key = (input.batch_id, job.id, turn, input.attempt)
+            env[REPORT_URL] = await self._store.presign_put(report_key(*key), valid_s)
+            env[ARCHIVE_URL] = await self._store.presign_put(session_key(*key), valid_s)
             document = job_document(
                 job,
                 prompt=followup.prompt if followup else None,
@@ -564,11 +573,9 @@ class MachineActivities:
             env["SORTIE_JOB"] = json.dumps(document)
             env.update(credential.machine_env())
         env.update(secrets)
-        turn = input.followup.turn if input.followup else 1
         config = MachineConfig(
             image=job.image,
             env=env,
-            files=files or None,
             init=InitConfig(exec=job.command) if job.command else None,
             guest=GuestConfig(
                 cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb
@@ -627,6 +634,11 @@ def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, st
         META_ATTEMPT: str(attempt),
         META_TURN: str(turn),
     }
+
+
+def _about(input: CollectResultInput) -> dict[str, str]:
+    """An object's metadata: whose it is, never anything secret."""
+    return {"batch": input.batch_id, "job": input.job_id, "attempt": str(input.attempt)}
 
 
 def _ref(app: str, machine: Machine) -> MachineRef:

@@ -8,7 +8,7 @@ Chunks still running under a closed batch are cancelled so no worker creates mor
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -25,13 +25,17 @@ from sortie.labels import (
     META_OWNER,
     chunk_workflow_id,
 )
-from sortie.store import SESSIONS, BlobStore
+from sortie.store import KEEP_UNTIL, REPORTS, SESSIONS, ObjectStore
+
+REPORTS_KEPT = timedelta(hours=1)
+"""A closed batch's agent reports outlive their upload this long (a follow-up of a closed batch
+uploads new ones, and its collect reads them within seconds), then the reaper deletes them."""
 
 
 class ReaperActivities:
-    """Owns the Fly client and the blob store; asks Temporal through the activity's client."""
+    """Owns the Fly client and the object store; asks Temporal through the activity's client."""
 
-    def __init__(self, fly: FlyClient, store: BlobStore) -> None:
+    def __init__(self, fly: FlyClient, store: ObjectStore) -> None:
         self._fly = fly
         self._store = store
 
@@ -83,9 +87,12 @@ class ReaperActivities:
                         destroyed += 1
                 activity.logger.info("reaped machine %s (%s)", orphan.machine_id, orphan.reason)
         expired = await self._expired_sessions(client, statuses)
+        stale = await self._stale_reports(client, statuses)
         if not input.dry_run:
             for prefix in expired:
-                self._store.delete(prefix)
+                await self._store.delete(prefix)
+            for key in stale:
+                await self._store.delete(key)
         return ReapOutput(
             app=input.app,
             checked=len(machines),
@@ -93,6 +100,7 @@ class ReaperActivities:
             destroyed=destroyed,
             cancelled_chunks=cancelled,
             expired_sessions=expired,
+            stale_reports=len(stale),
             dry_run=input.dry_run,
         )
 
@@ -102,15 +110,28 @@ class ReaperActivities:
         """Session archives of batches that are gone, or closed and past their keep time."""
         expired: list[str] = []
         now = datetime.now(UTC)
-        for prefix in self._store.prefixes(SESSIONS):
+        for prefix in await self._store.prefixes(SESSIONS):
             batch_id = prefix.rsplit("/", 1)[-1]
             if await _status(client, batch_id, statuses) is WorkflowExecutionStatus.RUNNING:
                 continue
-            until = self._store.get(f"{prefix}/keep-until")
+            until = await self._store.get(f"{prefix}/{KEEP_UNTIL}")
             if until is not None and datetime.fromisoformat(until.decode()) > now:
                 continue
             expired.append(prefix)
         return expired
+
+    async def _stale_reports(
+        self, client: Client, statuses: dict[str, WorkflowExecutionStatus | None]
+    ) -> list[str]:
+        """Reports of batches no longer running, uploaded more than REPORTS_KEPT ago."""
+        stale: list[str] = []
+        before = datetime.now(UTC) - REPORTS_KEPT
+        for prefix in await self._store.prefixes(REPORTS):
+            batch_id = prefix.rsplit("/", 1)[-1]
+            if await _status(client, batch_id, statuses) is WorkflowExecutionStatus.RUNNING:
+                continue
+            stale += [o.key async for o in self._store.objects(prefix) if o.modified < before]
+        return stale
 
 
 def _metadata(machine: Machine) -> dict[str, str]:

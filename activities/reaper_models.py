@@ -33,4 +33,6 @@ class ReapOutput(StrictModel):
     destroyed: int
     cancelled_chunks: list[str] = []
     expired_sessions: list[str] = []
+    stale_reports: int = 0
+    """Agent reports of closed batches, read long ago, deleted from the store."""
     dry_run: bool = False

@@ -1,10 +1,14 @@
-"""What a prompt-job machine runs: clone the repos, run Claude Code headless, frame the outcome.
+"""What a prompt-job machine runs: clone the repos, run Claude Code headless, upload the outcome.
 
 Standard library only: the machine image holds python3, git, node and the `claude` CLI.
-Everything the orchestrator needs leaves through stdout as framed log lines (see
-`agent.framing`): an `archive` frame (sessions and workspace changes, so a later run can resume)
-then a `result` frame. Exit codes: claude's own, 2 for a bad job, 3 when the workspace cannot
-be prepared, 127 when `claude` is not on PATH.
+What the orchestrator needs leaves through the object store, never through the logs: the
+session archive (sessions and workspace changes, so a later run can resume) is PUT to
+SORTIE_ARCHIVE_URL, then the report to SORTIE_REPORT_URL, presigned URLs the worker minted for
+this attempt (no credential of the store reaches the machine); a follow-up's archive comes from
+SORTIE_RESTORE_URL. Uploads are retried on network errors, 5xx, 408 and 429; a report that never
+lands fails the job on the worker. A `file://` URL writes a local file (running by hand, tests).
+Exit codes: claude's own, 2 for a bad job, 3 when the workspace cannot be prepared, 127 when
+`claude` is not on PATH.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -29,11 +36,21 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import IO, Any
 
-from agent.framing import encode
-
-SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY")
-ARCHIVE_LIMIT = 1 << 20
+REPORT_URL = "SORTIE_REPORT_URL"
+ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
+RESTORE_URL = "SORTIE_RESTORE_URL"
+STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL)
+"""Presigned URLs: secrets, never printed, and kept from claude's environment."""
+SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", *STORE_URLS)
 RESTORE_LIMIT = 256 << 20
+ARCHIVE_LIMIT = RESTORE_LIMIT
+"""Most bytes a session archive may hold unpacked: what a restore accepts, so any archive made
+restores. ~/.claude keeps each session's whole JSONL transcript (every message and tool result)
+and a snapshot of every file Claude edited, which a long session takes to many MB; the archive
+is built on disk and streamed, so a machine's 256 MB of memory need not hold it."""
+UPLOAD_TRIES = 6
+UPLOAD_BACKOFF_S = 0.5
+UPLOAD_TIMEOUT_S = 120
 ERROR_LIMIT = 4000
 EXIT_BAD_JOB = 2
 EXIT_SETUP = 3
@@ -243,10 +260,67 @@ class Machine:
         sys.stdout.write(self.scrub.text(line) + "\n")
         sys.stdout.flush()
 
-    def frame(self, kind: str, payload: bytes) -> None:
-        """A framed payload on stdout."""
-        sys.stdout.write("".join(line + "\n" for line in encode(kind, payload)))
-        sys.stdout.flush()
+    def upload(self, variable: str, what: str, body: Path | bytes) -> bool:
+        """PUT `body` to the presigned URL in `variable`, retrying what a retry can help."""
+        url = self.env.get(variable)
+        if not url:
+            self.note(f"no {variable}: the {what} goes nowhere")
+            return False
+        if url.startswith("file://"):
+            target = Path(urllib.parse.urlsplit(url).path)
+            target.write_bytes(body.read_bytes() if isinstance(body, Path) else body)
+            return True
+        size = body.stat().st_size if isinstance(body, Path) else len(body)
+        for attempt in range(1, UPLOAD_TRIES + 1):
+            try:
+                with _body(body) as payload:
+                    request = urllib.request.Request(
+                        url,
+                        data=payload,
+                        method="PUT",
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Length": str(size),
+                        },
+                    )
+                    with urllib.request.urlopen(request, timeout=UPLOAD_TIMEOUT_S) as answer:
+                        answer.read()
+                return True
+            except urllib.error.HTTPError as error:
+                detail = error.read(300).decode("utf-8", errors="replace")
+                why = f"HTTP {error.code} {detail}"
+                if error.code < 500 and error.code not in (408, 429):
+                    self.note(f"{what} upload refused ({why}); not retried")
+                    return False
+            except (urllib.error.URLError, OSError) as error:
+                why = str(getattr(error, "reason", error))
+            self.note(f"{what} upload failed (try {attempt} of {UPLOAD_TRIES}): {why}")
+            if attempt < UPLOAD_TRIES:
+                time.sleep(min(UPLOAD_BACKOFF_S * 2 ** (attempt - 1), 10.0))
+        self.note(f"{what} upload gave up after {UPLOAD_TRIES} tries")
+        return False
+
+    def download(self, variable: str, target: Path) -> None:
+        """GET the presigned URL in `variable` into `target` (a follow-up's archive)."""
+        url = self.env[variable]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, UPLOAD_TRIES + 1):
+            try:
+                with (
+                    urllib.request.urlopen(url, timeout=UPLOAD_TIMEOUT_S) as answer,
+                    target.open("wb") as out,
+                ):
+                    shutil.copyfileobj(answer, out)
+                return
+            except urllib.error.HTTPError as error:
+                if error.code < 500 and error.code not in (408, 429):
+                    why = f"HTTP {error.code}"
+                    raise SetupError(f"the session archive was refused ({why})") from None
+            except (urllib.error.URLError, OSError) as error:
+                self.note(f"archive download failed (try {attempt}): {error}")
+            if attempt < UPLOAD_TRIES:
+                time.sleep(min(UPLOAD_BACKOFF_S * 2 ** (attempt - 1), 10.0))
+        raise SetupError(f"the session archive could not be downloaded in {UPLOAD_TRIES} tries")
 
     def result(
         self,
@@ -255,7 +329,8 @@ class Machine:
         error: str | None,
         session_archive: bool = False,
     ) -> int:
-        """Emit the `result` frame (secrets scrubbed) and hand back the exit code."""
+        """Upload the report (secrets scrubbed) and hand back the exit code, whatever happened:
+        a report that did not land fails the job on the worker."""
         body = {
             "exit_code": exit_code,
             "claude": claude,
@@ -263,7 +338,8 @@ class Machine:
             "repos": [checkout.describe() for checkout in self.checkouts],
             "session_archive": session_archive,
         }
-        self.frame("result", json.dumps(self.scrub.value(body)).encode("utf-8"))
+        if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
+            self.note("report uploaded")
         return exit_code
 
     def fail(self, exit_code: int, error: str) -> int:
@@ -361,18 +437,33 @@ class Machine:
 
     # Session archives ----------------------------------------------------------------------
 
-    def archive(self) -> bytes:
-        """The session archive: claude-home/, repos/<path>.patch and manifest.json."""
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    def archive(self, path: Path) -> int:
+        """Write the session archive to `path` (claude-home/, repos/<path>.patch, manifest.json)
+        and return how many bytes it unpacks to."""
+        total = 0
+
+        def counted(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            nonlocal total
+            kept = _archivable(info)
+            if kept is not None:
+                total += kept.size
+                if total > ARCHIVE_LIMIT:
+                    raise SetupError(f"it unpacks to more than {ARCHIVE_LIMIT} bytes")
+            return kept
+
+        with tarfile.open(path, mode="w:gz") as tar:
             claude_home = self.home / ".claude"
             if claude_home.is_dir():
-                tar.add(claude_home, arcname="claude-home", filter=_archivable)
+                tar.add(claude_home, arcname="claude-home", filter=counted)
             for checkout in self.checkouts:
-                _add_bytes(tar, f"repos/{checkout.path}.patch", self.patch(checkout))
+                patch = self.patch(checkout)
+                total += len(patch)
+                if total > ARCHIVE_LIMIT:
+                    raise SetupError(f"it unpacks to more than {ARCHIVE_LIMIT} bytes")
+                _add_bytes(tar, f"repos/{checkout.path}.patch", patch)
             manifest = {"repos": [checkout.describe() for checkout in self.checkouts]}
             _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=2).encode())
-        return buffer.getvalue()
+        return total
 
     def restore(self, restore_file: str) -> Restored:
         """Unpack claude-home/ into $HOME/.claude; keep the manifest and patches for later."""
@@ -435,7 +526,7 @@ class Machine:
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=self.env,
+            env={k: v for k, v in self.env.items() if k not in STORE_URLS},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -460,6 +551,8 @@ class Machine:
     def prepare(self, job: Job) -> None:
         """Restore (when asked), clone every repo and replay restored patches."""
         self.workspace.mkdir(parents=True, exist_ok=True)
+        if job.restore_file and self.env.get(RESTORE_URL):
+            self.download(RESTORE_URL, self.root / job.restore_file.lstrip("/"))
         restored = self.restore(job.restore_file) if job.restore_file else Restored()
         saved = {repo.path: repo for repo in restored.repos}
         specs = [
@@ -493,22 +586,20 @@ class Machine:
         self.note(f"job {job.id}: running claude in {cwd}")
         code, stdout = self.run_claude(claude, job, cwd)
         output, problem = parse_claude_output(stdout)
-        archived = self.emit_archive()
+        archived = self.send_archive()
         self.say(summary(code, output))
         return self.result(code, output, problem, archived)
 
-    def emit_archive(self) -> bool:
-        """Frame the session archive unless it is too big or cannot be built."""
-        try:
-            data = self.archive()
-        except (SetupError, OSError, tarfile.TarError) as error:
-            self.note(f"no session archive: {error}")
-            return False
-        if len(data) > ARCHIVE_LIMIT:
-            self.note(f"no session archive: {len(data)} bytes is over {ARCHIVE_LIMIT}")
-            return False
-        self.frame("archive", data)
-        return True
+    def send_archive(self) -> bool:
+        """Build the session archive on disk and upload it, unless too big or it cannot be."""
+        with tempfile.TemporaryDirectory(prefix="sortie-archive-") as tmp:
+            path = Path(tmp) / "session.tar.gz"
+            try:
+                self.archive(path)
+            except (SetupError, OSError, tarfile.TarError) as error:
+                self.note(f"no session archive: {error}")
+                return False
+            return self.upload(ARCHIVE_URL, "session archive", path)
 
 
 def parse_claude_output(stdout: bytes) -> tuple[dict[str, Any] | None, str | None]:
@@ -527,8 +618,18 @@ def parse_claude_output(stdout: bytes) -> tuple[dict[str, Any] | None, str | Non
     return None, text[:ERROR_LIMIT]
 
 
+@contextmanager
+def _body(body: Path | bytes) -> Iterator[IO[bytes] | bytes]:
+    """An upload's body: the bytes, or the file opened afresh for each try."""
+    if isinstance(body, bytes):
+        yield body
+        return
+    with body.open("rb") as handle:
+        yield handle
+
+
 def summary(code: int, output: Mapping[str, Any] | None) -> str:
-    """The one human line printed before the result frame."""
+    """The one human line printed before the report is uploaded."""
     if output is None:
         return f"sortie: claude exited {code} without a JSON result"
     turns = output.get("num_turns")

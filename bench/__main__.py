@@ -1,10 +1,12 @@
 """Benchmarks: Sortie against the ideal makespan and against a plain asyncio runner.
 
     python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
-        [--no-baseline] [--batches K] [--workers W] [--apps A] [--max-failures F]
+        [--no-baseline] [--batches K] [--workers W] [--apps A] [--max-failures F] [--job-bytes B]
+    python -m bench --submit-only --jobs N [--job-bytes B] [--json]
     python -m bench --standard [--large] [--json]
 
-Each run starts its own Temporal dev server and localfly, runs N `sleep T` jobs through Sortie
+Each run starts its own Temporal dev server, S3 server (moto) and localfly, runs N `sleep T`
+jobs (each padded to B bytes with --job-bytes, a command that long) through Sortie
 (a worker in this process) and then the same jobs through a semaphore-and-gather runner that
 uses the same Fly client with no Temporal, and prints one table row per configuration.
 
@@ -16,6 +18,10 @@ With --apps A the batch spreads its jobs over A Fly apps (allowed A creates a se
 process, all pacing creates as on real Fly.
 Fly API calls are counted at localfly, 429s included; peak RSS is this process's (the worker's)
 during the Sortie run, reset per configuration on Linux.
+
+--submit-only submits N jobs and measures what the starter does: the time to validate, store the
+jobs in the object store (the claim check) and start the batch, and the largest workflow input
+in the batch's history; no worker runs and the batch is terminated afterwards.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from sortie import batches
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import parse_batch
-from sortie.stack import DevServer
+from sortie.stack import DevServer, LocalS3
 from worker import build_worker
 
 STANDARD = [(100, 10, 2.0), (1000, 100, 5.0)]
@@ -112,6 +118,17 @@ class Row(BaseModel):
         return self.makespan_s / self.baseline_s if self.baseline_s else None
 
 
+def bench_jobs(first: int, last: int, t: float, job_bytes: int) -> list[dict[str, Any]]:
+    """`sleep T` command jobs, each padded to about `job_bytes` bytes of command."""
+    if job_bytes <= 0:
+        return [{"id": f"j{i:06d}", "command": ["sleep", f"{t:g}"]} for i in range(first, last)]
+    pad = "x" * max(job_bytes - 32, 0)
+    return [
+        {"id": f"j{i:06d}", "command": ["sh", "-c", f"sleep {t:g} # {i} {pad}"]}
+        for i in range(first, last)
+    ]
+
+
 async def run_sortie(
     client: Client,
     fly: FlyClient,
@@ -123,6 +140,7 @@ async def run_sortie(
     workers: list[subprocess.Popen[bytes]] | None = None,
     task_queue: str | None = None,
     max_failures: int | None = None,
+    job_bytes: int = 0,
 ) -> tuple[float, list[str], int]:
     """Run the jobs through a worker in this process (or the `workers` given, on
     `task_queue`), as `k` batches at once that share the `c` machines (under `max_failures` if
@@ -136,10 +154,7 @@ async def run_sortie(
                 "max_machines": c // k,
                 **({"max_failures": max_failures} if max_failures else {}),
                 "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
-                "jobs": [
-                    {"id": f"j{i:05d}", "command": ["sleep", f"{t:g}"]}
-                    for i in range(b * n // k, (b + 1) * n // k)
-                ],
+                "jobs": bench_jobs(b * n // k, (b + 1) * n // k, t, job_bytes),
             }
         )
         for b in range(k)
@@ -231,6 +246,95 @@ def start_workers(
         ]
 
 
+class SubmitRow(BaseModel):
+    """What submitting a large batch costs the starter."""
+
+    jobs: int
+    job_bytes: int
+    submit_s: float
+    chunks: int
+    stored_bytes: int
+    largest_input_bytes: int
+    batch_events: int
+
+
+async def measure_submit(n: int, job_bytes: int) -> SubmitRow:
+    """Submit N jobs with no worker: time it, then read the largest payload in history."""
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        DevServer(Path(tmp) / "temporal.db", Path(tmp) / "temporal.log") as server,
+        LocalS3(Path(tmp) / "s3.log") as s3,
+    ):
+        os.environ.update(s3.env())
+        client = await Client.connect(
+            server.address, data_converter=pydantic_data_converter, runtime=_runtime()
+        )
+        settings = Settings(task_queue=f"bench-{uuid.uuid4().hex}")
+        started = time.monotonic()
+        spec = parse_batch(
+            {
+                "name": f"submit{n}",
+                "app": "bench",
+                "max_machines": 200,
+                "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
+                "jobs": bench_jobs(0, n, 0, job_bytes),
+            }
+        )
+        submitted = await batches.submit(client, settings, spec)
+        submit_s = time.monotonic() - started
+        handle = client.get_workflow_handle(submitted.batch_id)
+        history = await handle.fetch_history()
+        largest = max((p.ByteSize() for e in history.events for p in _payloads(e)), default=0)
+        stored = chunks = 0
+        async for item in settings.blob_store().objects(f"jobs/{submitted.batch_id}"):
+            stored, chunks = stored + item.size, chunks + 1
+        await handle.terminate(reason="bench: submit only")
+        await settings.blob_store().close()
+    return SubmitRow(
+        jobs=n,
+        job_bytes=job_bytes,
+        submit_s=submit_s,
+        chunks=chunks,
+        stored_bytes=stored,
+        largest_input_bytes=largest,
+        batch_events=len(history.events),
+    )
+
+
+def _payloads(event: Any) -> list[Any]:
+    """Every payload an event carries (inputs and results), found by walking its fields."""
+    found: list[Any] = []
+
+    def walk(message: Any) -> None:
+        for field, value in message.ListFields():
+            if field.message_type is None:
+                continue
+            items = value if field.is_repeated else [value]
+            for item in items:
+                if field.message_type.name == "Payload":
+                    found.append(item)
+                elif hasattr(item, "ListFields"):
+                    walk(item)
+
+    walk(event)
+    return found
+
+
+def submit_table(rows: list[SubmitRow]) -> str:
+    """A Markdown table of submit-only rows."""
+    head = (
+        "| N | bytes a job | submit time | chunks | jobs stored | largest workflow input "
+        "| batch events |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r.jobs:,} | {r.job_bytes:,} | {r.submit_s:.1f}s | {r.chunks:,} "
+            f"| {r.stored_bytes / 1e6:.1f} MB | {r.largest_input_bytes:,} B | {r.batch_events} |"
+        )
+    return "\n".join(lines)
+
+
 async def measure(
     n: int,
     c: int,
@@ -242,6 +346,7 @@ async def measure(
     workers: int = 1,
     apps: int = 1,
     max_failures: int | None = None,
+    job_bytes: int = 0,
 ) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
@@ -250,7 +355,9 @@ async def measure(
         with (
             DevServer(Path(tmp) / "temporal.db", Path(tmp) / "temporal.log") as server,
             LocalFlyProcess(faults=faults) as localfly,
+            LocalS3(Path(tmp) / "s3.log") as s3,
         ):
+            os.environ.update(s3.env())
             client = await Client.connect(
                 server.address, data_converter=pydantic_data_converter, runtime=_runtime()
             )
@@ -269,7 +376,17 @@ async def measure(
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
                 try:
                     makespan, batch_ids, succeeded = await run_sortie(
-                        client, fly, names, n, c, t, split, processes, queue, max_failures
+                        client,
+                        fly,
+                        names,
+                        n,
+                        c,
+                        t,
+                        split,
+                        processes,
+                        queue,
+                        max_failures,
+                        job_bytes,
                     )
                 finally:
                     progress.cancel()
@@ -417,8 +534,22 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="run under this failure limit (its chunks hand no slot on inside finish_job)",
     )
+    p.add_argument("--job-bytes", type=int, default=0, help="pad each job to this many bytes")
+    p.add_argument(
+        "--submit-only", action="store_true", help="with --jobs: time the submit, run nothing"
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.submit_only:
+        if not args.jobs:
+            p.error("--submit-only needs --jobs")
+        submitted = asyncio.run(measure_submit(args.jobs, args.job_bytes))
+        if args.json:
+            print(submitted.model_dump_json(indent=2))
+        else:
+            print(submit_table([submitted]))
+        sys.stdout.flush()
+        os._exit(0)
     if args.standard:
         configs = STANDARD + (LARGE if args.large else [])
     elif args.jobs and args.concurrency and args.duration is not None:
@@ -440,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 apps=args.apps,
                 max_failures=args.max_failures,
+                job_bytes=args.job_bytes,
             )
         )
         rows.append(row)

@@ -61,7 +61,9 @@ class HttpFault(_Config):
 class MachineFault(_Config):
     """Make matching new machines misbehave."""
 
-    kind: Literal["fail_boot", "stuck_created", "oom", "no_exit_event"]
+    kind: Literal["fail_boot", "stuck_created", "oom", "no_exit_event", "withhold_report"]
+    """`withhold_report`: the machine runs without the presigned upload URLs it was given, so
+    its agent's report and archive never reach the store (a report lost on the way back)."""
     count: int | None = None
     metadata: dict[str, str] = {}
     name_contains: str | None = None
@@ -75,6 +77,8 @@ class FaultConfig(_Config):
     machines: list[MachineFault] = []
     list_lag_s: float = 0.0
     log_lag_s: float = 0.0
+    log_drop_rate: float = Field(default=0.0, ge=0, le=1)
+    """The share of log lines lost for good, as Fly's best-effort logs may lose them."""
     missing_apps: list[str] = []
     """Apps that answer 404 as if they did not exist (every other valid name is an app)."""
     boot_delay_s: float = 0.05
@@ -115,6 +119,11 @@ class Faults:
                 rule.count -= 1
             return rule
         return None
+
+    def drops_log_line(self) -> bool:
+        """Whether the next log line is lost for good (`log_drop_rate`)."""
+        rate = self.config.log_drop_rate
+        return rate > 0 and self._random.random() < rate
 
     def machine_fault(self, name: str, metadata: dict[str, str]) -> str | None:
         """The kind of the first machine rule matching a new machine, consuming its count."""

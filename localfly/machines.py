@@ -27,6 +27,9 @@ from typing import Any
 
 from localfly.faults import Faults
 
+WITHHELD = ("SORTIE_REPORT_URL", "SORTIE_ARCHIVE_URL")
+"""What the `withhold_report` fault keeps from a machine: where its agent would upload."""
+
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ADJECTIVES = ["aged", "bold", "calm", "dark", "eager", "fancy", "green", "hidden", "icy", "lucky"]
 NOUNS = ["thunder", "river", "forest", "meadow", "cloud", "ember", "frost", "harbor", "pine"]
@@ -286,6 +289,9 @@ class Fleet:
             "LOCALFLY_ROOT": str(machine.workspace),
         }
         env.update({str(k): str(v) for k, v in (machine.config.get("env") or {}).items()})
+        if machine.fault == "withhold_report":
+            for name in WITHHELD:
+                env.pop(name, None)
         return env
 
     async def _run(self, machine: Machine) -> None:
@@ -346,6 +352,8 @@ class Fleet:
 
     def _log(self, machine: Machine, message: str, level: str) -> None:
         """Append a line; timestamps are unique per app, so a page boundary never drops one."""
+        if self.faults.drops_log_line():
+            return
         lines = self.logs.setdefault(machine.app, [])
         nanos = max(time.time_ns(), lines[-1].nanos + 1) if lines else time.time_ns()
         lines.append(LogLine(nanos, message, level, machine.id, machine.region))

@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
@@ -26,6 +27,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.job_models import JobsClaim, LoadedJobs, jobs_key
 from sortie.claude import PREVIEW_CHARS, ErrorKind
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
@@ -33,13 +35,12 @@ from sortie.pacing import APPS_MEMO, batch_priority
 from sortie.settings import Settings
 from sortie.spec import (
     DEFAULT_PRIORITY,
-    MAX_CHUNK_SIZE,
     BatchFileError,
     BatchSpec,
     Job,
     resolve_job,
 )
-from sortie.store import BlobStore
+from sortie.store import ObjectStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import (
     BatchInput,
@@ -53,10 +54,13 @@ from workflows.chunk import ChunkWorkflow
 from workflows.chunk_models import ChunkInput, ChunkOutput
 from workflows.guards import limit_text
 
-# Temporal refuses payloads over 2 MB; keep the batch input well below that.
-MAX_INPUT_BYTES = 1_500_000
-CHUNK_INPUT_BYTES = 1_000_000
-"""Most a chunk's jobs may take with the defaults applied: the chunk's start carries them all."""
+PAYLOAD_BYTES = 512 * 1024
+"""Most any workflow or activity input or result may take: the jobs travel by the store."""
+CHUNK_INPUT_BYTES = 400_000
+"""Most a chunk's jobs may take with the defaults applied: `load_jobs` returns them all, and
+its result stays below PAYLOAD_BYTES."""
+STORE_AT_ONCE = 16
+"""Chunk objects the starter uploads at once."""
 BATCH_TASK_TIMEOUT = timedelta(seconds=60)
 DETAILS_LIMIT = 18_000
 
@@ -95,16 +99,27 @@ class BatchReport(BaseModel):
     """With `--latest`: job id → the retry its row comes from (the others are the batch's own)."""
 
 
-def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) -> BatchInput:
-    """The workflow input for a validated batch file, refused if too large for Temporal."""
-    data = BatchInput(
-        batch_id=batch_id,
+@dataclass(frozen=True)
+class ClaimedBatch:
+    """A batch's workflow input and the objects its claim check names (key to bytes)."""
+
+    input: BatchInput
+    objects: dict[str, bytes]
+    jobs: list[Job]
+
+
+def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) -> ClaimedBatch:
+    """The workflow input for a validated batch file, and its jobs as one object per chunk."""
+    jobs = resolved_jobs(spec)
+    return claimed_batch(
+        batch_id,
+        jobs,
+        chunk_size(spec, jobs),
         name=spec.name,
         app=spec.app,
         apps=spec.fly_apps if spec.apps else [],
         priority=spec.priority,
         max_machines=spec.max_machines,
-        chunk_size=chunk_size(spec),
         max_cost_usd=spec.max_cost_usd,
         keep_sessions_s=spec.keep_sessions,
         failure_limit=FailureLimit(
@@ -113,33 +128,75 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
             on_too_many=spec.on_too_many_failures,
         ),
         storm=spec.storm,
-        defaults=spec.defaults,
-        jobs=spec.jobs,
         tuning=tuning or Tuning(),
     )
-    size = len(data.model_dump_json())
-    if size > MAX_INPUT_BYTES:
+
+
+def claimed_batch(
+    batch_id: str,
+    jobs: list[Job],
+    size: int,
+    continues: dict[str, Followup] | None = None,
+    **fields: Any,
+) -> ClaimedBatch:
+    """The workflow input for these jobs (defaults applied) in chunks of `size`, and the jobs
+    as one object per chunk, with the sessions a retry's jobs continue (`continues`, by id);
+    `fields` are the batch's other settings (BatchInput's).
+
+    The same jobs give the same objects and digests, so submitting them again is harmless.
+    """
+    objects: dict[str, bytes] = {}
+    digests: list[str] = []
+    for index, first in enumerate(range(0, len(jobs), size)):
+        some = jobs[first : first + size]
+        going_on = {job.id: f for job in some if (f := (continues or {}).get(job.id))}
+        data = LoadedJobs(jobs=some, continues=going_on).model_dump_json().encode()
+        objects[jobs_key(batch_id, index)] = data
+        digests.append(hashlib.sha256(data).hexdigest())
+    claimed = BatchInput(
+        batch_id=batch_id,
+        **fields,
+        jobs=JobsClaim(batch_id=batch_id, total=len(jobs), chunk_size=size, digests=digests),
+        secrets=sorted({name for job in jobs for name in job.secrets}),
+        prompt_jobs=any(job.prompt is not None for job in jobs),
+    )
+    encoded = len(claimed.model_dump_json())
+    if encoded > PAYLOAD_BYTES:
         raise BatchFileError(
-            spec.name,
+            claimed.name,
             [
-                f"the batch is {size:,} bytes once encoded; Temporal takes at most "
-                f"{MAX_INPUT_BYTES:,}: split it into several batches or shorten the prompts"
+                f"the batch's input is {encoded:,} bytes once encoded, over {PAYLOAD_BYTES:,} "
+                f"({len(digests):,} chunks): split it into several batches"
             ],
         )
-    return data
+    return ClaimedBatch(claimed, objects, jobs)
 
 
-def chunk_size(spec: BatchSpec) -> int:
-    """Jobs per chunk: balanced over the machines, and few enough that a chunk's input fits.
+def resolved_jobs(spec: BatchSpec) -> list[Job]:
+    """Every job with the batch's defaults applied, as its chunk will run it."""
+    return [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs)]
+
+
+async def store_jobs(store: ObjectStore, objects: dict[str, bytes]) -> None:
+    """Upload a batch's chunk objects, a few at once."""
+    limit = asyncio.Semaphore(STORE_AT_ONCE)
+
+    async def put(key: str, data: bytes) -> None:
+        async with limit:
+            await store.put(key, data)
+
+    await asyncio.gather(*(put(key, data) for key, data in objects.items()))
+
+
+def chunk_size(spec: BatchSpec, jobs: list[Job] | None = None) -> int:
+    """Jobs per chunk: balanced over the machines, and few enough that a chunk's jobs fit in
+    the one activity result that reads them.
 
     Each job reaches its chunk with the batch's defaults applied, so a long default prompt is
     repeated in every job; a chunk of such jobs gets fewer of them.
     """
-    sizes = [
-        (len(resolve_job(spec.defaults, job, i).model_dump_json()), job.id)
-        for i, job in enumerate(spec.jobs)
-    ]
-    largest, job_id = max(sizes)
+    resolved = resolved_jobs(spec) if jobs is None else jobs
+    largest, job_id = max((len(job.model_dump_json()), job.id) for job in resolved)
     if largest > CHUNK_INPUT_BYTES:
         raise BatchFileError(
             spec.name,
@@ -151,30 +208,26 @@ def chunk_size(spec: BatchSpec) -> int:
     return spec.balanced_chunk_size(most=CHUNK_INPUT_BYTES // largest)
 
 
-def _details(spec: BatchSpec, chunk_size: int) -> str:
+def _details(claimed: ClaimedBatch) -> str:
     """Markdown for the Web UI: the batch's shape and its first jobs."""
+    data = claimed.input
+    apps = data.apps or [data.app]
+    where = f"app `{apps[0]}`" if len(apps) == 1 else "apps " + ", ".join(f"`{a}`" for a in apps)
     lines = [
-        f"**{spec.name}** on Fly {_apps(spec)}: {len(spec.jobs)} jobs, "
-        f"at most {spec.max_machines} machines, chunks of {chunk_size}",
+        f"**{data.name}** on Fly {where}: {data.jobs.total} jobs, "
+        f"at most {data.max_machines} machines, chunks of {data.jobs.chunk_size}",
         "",
         "| job | kind | what |",
         "|---|---|---|",
     ]
-    for job in spec.jobs:
-        command = job.command or spec.defaults.command
-        what = " ".join(command) if command else (job.prompt or spec.defaults.prompt or "")
-        kind = "command" if command else "prompt"
+    for job in claimed.jobs:
+        what = " ".join(job.command) if job.command else (job.prompt or "")
+        kind = "command" if job.command else "prompt"
         lines.append(f"| {job.id} | {kind} | {what[:80].replace('|', '/')} |")
         if sum(len(line) for line in lines) > DETAILS_LIMIT:
-            lines.append(f"| … | | {len(spec.jobs)} jobs in all |")
+            lines.append(f"| … | | {data.jobs.total} jobs in all |")
             break
     return "\n".join(lines)
-
-
-def _apps(spec: BatchSpec) -> str:
-    """The batch's Fly apps, for the Web UI."""
-    apps = spec.fly_apps
-    return f"app `{apps[0]}`" if len(apps) == 1 else "apps " + ", ".join(f"`{a}`" for a in apps)
 
 
 async def submit(
@@ -189,13 +242,13 @@ async def submit(
 ) -> Submitted:
     """Start the batch; the same file submitted twice is the same batch."""
     batch_id = spec.batch_id(suffix)
-    data = batch_input(spec, batch_id, tuning)
+    claimed = batch_input(spec, batch_id, tuning)
     return await _start_batch(
         client,
         settings,
-        data,
+        claimed,
         summary=f"batch {spec.name}: {len(spec.jobs)} jobs on " + ", ".join(spec.fly_apps),
-        details=details or _details(spec, data.chunk_size),
+        details=details or _details(claimed),
         memo=memo,
     )
 
@@ -203,17 +256,20 @@ async def submit(
 async def _start_batch(
     client: Client,
     settings: Settings,
-    data: BatchInput,
+    claimed: ClaimedBatch,
     *,
     summary: str,
     details: str,
     memo: dict[str, object] | None,
 ) -> Submitted:
-    """Start the batch unless a batch of that id exists: submit and retry are idempotent."""
+    """Store the jobs and start the batch, unless a batch of that id exists: submit and retry
+    are idempotent."""
+    data = claimed.input
     batch_id = data.batch_id
     existing = await _status(client, batch_id)
     if existing is not None:
         return Submitted(batch_id=batch_id, created=False, status=existing)
+    await store_jobs(settings.blob_store(), claimed.objects)
     try:
         await client.start_workflow(
             BatchWorkflow.run,
@@ -428,7 +484,7 @@ async def progress_view(client: Client, batch_id: str) -> ProgressView:
 
 
 async def results(
-    client: Client, batch_id: str, *, store: BlobStore | None = None, parallel: int = 16
+    client: Client, batch_id: str, *, store: ObjectStore | None = None, parallel: int = 16
 ) -> BatchReport:
     """Every job's result in input order, for a running or closed batch of any size.
 
@@ -450,14 +506,18 @@ async def results(
 
     async def read(chunk: ChunkProgress) -> list[JobResult]:
         async with limit:
-            return await _chunk_results(client, chunk)
+            return await _chunk_results(client, batch_id, chunk, store)
 
     per_chunk = await asyncio.gather(*(read(c) for c in chunks))
     flat = [r for rs in per_chunk for r in rs]
     await _attach_followups(client, batch_id, flat)
     if store is not None:
-        for result in flat:
-            _expand_turns(result, store)
+
+        async def expand_one(result: JobResult) -> None:
+            async with limit:
+                await _expand_turns(result, store)
+
+        await asyncio.gather(*(expand_one(result) for result in flat))
     counts = Counts.total_of([chunk.counts for chunk in chunks])
     return BatchReport(
         batch_id=batch_id,
@@ -482,9 +542,18 @@ async def results(
     )
 
 
-async def _chunk_results(client: Client, chunk: ChunkProgress) -> list[JobResult]:
-    """One chunk's job results: final, so far, skipped, or not started yet."""
+async def _chunk_results(
+    client: Client, batch_id: str, chunk: ChunkProgress, store: ObjectStore | None
+) -> list[JobResult]:
+    """One chunk's job results: final, so far, skipped, or not started yet.
+
+    A skipped chunk never read its jobs: their ids come from the store (`#index` without it).
+    """
     if chunk.status is ChunkStatus.SKIPPED:
+        ids = [f"#{chunk.first_job + i}" for i in range(chunk.size)]
+        data = await store.get(jobs_key(batch_id, chunk.index)) if store is not None else None
+        if data is not None:
+            ids = [job.id for job in LoadedJobs.model_validate_json(data).jobs]
         return [
             JobResult(
                 job_id=job_id,
@@ -492,7 +561,7 @@ async def _chunk_results(client: Client, chunk: ChunkProgress) -> list[JobResult
                 state=JobState.CANCELLED,
                 error="batch cancelled before the job started",
             )
-            for i, job_id in enumerate(chunk.skipped_job_ids)
+            for i, job_id in enumerate(ids)
         ]
     if chunk.status is ChunkStatus.PENDING:
         return []
@@ -519,7 +588,7 @@ async def find_job(
     batch_id: str,
     job_id: str,
     *,
-    store: BlobStore | None = None,
+    store: ObjectStore | None = None,
     window: int = 16,
 ) -> tuple[ChunkProgress, JobResult]:
     """One job's result with its follow-up turns, and its chunk: reads chunks only until found."""
@@ -530,13 +599,15 @@ async def find_job(
         chunks = (await batch_handle(client, batch_id).query(BatchWorkflow.progress)).chunks
     for start in range(0, len(chunks), window):
         some = chunks[start : start + window]
-        read = await asyncio.gather(*(_chunk_results(client, chunk) for chunk in some))
+        read = await asyncio.gather(
+            *(_chunk_results(client, batch_id, chunk, store) for chunk in some)
+        )
         for chunk, found in zip(some, read, strict=True):
             for result in found:
                 if result.job_id == job_id:
                     result.followups = await _followup_turns(client, batch_id, job_id)
                     if store is not None:
-                        _expand_turns(result, store)
+                        await _expand_turns(result, store)
                     return chunk, result
     raise UnknownJob(f"batch {batch_id} has no job {job_id!r}")
 
@@ -568,8 +639,9 @@ async def followup(
     client: Client, settings: Settings, batch_id: str, job_id: str, prompt: str
 ) -> str:
     """Continue a finished prompt job's Claude session on a new machine; return the workflow id."""
+    store = settings.blob_store()
     try:
-        chunk, result = await find_job(client, batch_id, job_id)
+        chunk, result = await find_job(client, batch_id, job_id, store=store)
     except UnknownJob as error:
         raise FollowupRefused(str(error)) from None
     latest = result.followups[-1] if result.followups else result
@@ -578,7 +650,7 @@ async def followup(
     if not latest.session_id:
         raise FollowupRefused(f"job {job_id} has no Claude session to continue (not a prompt job?)")
     chunk_input = await _chunk_input(client, chunk)
-    job = next(j for j in chunk_input.jobs if j.id == job_id)
+    job = next(j for j in await _chunk_jobs(chunk_input, store) if j.id == job_id)
     turn = latest.turn + 1
     workflow_id = followup_workflow_id(batch_id, job_id, turn)
     await client.start_workflow(
@@ -586,6 +658,7 @@ async def followup(
         chunk_input.model_copy(
             update={
                 "jobs": [job],
+                "claim": None,
                 "slots": 1,
                 "paused": False,
                 "followup": Followup(
@@ -620,28 +693,40 @@ async def _chunk_input(client: Client, chunk: ChunkProgress) -> ChunkInput:
     return decoded
 
 
-def expand(result: JobResult, store: BlobStore) -> JobResult:
-    """Read a compact row's log tail and answer preview back from the blob store."""
+async def _chunk_jobs(chunk: ChunkInput, store: ObjectStore) -> list[Job]:
+    """The jobs a chunk ran: in its input (a follow-up's), or where its claim points."""
+    if chunk.claim is None:
+        return chunk.jobs
+    data = await store.get(chunk.claim.key)
+    if data is None:
+        raise FollowupRefused(
+            f"the batch's jobs are no longer in the object store ({chunk.claim.key})"
+        )
+    return LoadedJobs.model_validate_json(data).jobs
+
+
+async def expand(result: JobResult, store: ObjectStore) -> JobResult:
+    """Read a compact row's log tail and answer preview back from the object store."""
     if result.log_ref and not result.log_tail:
-        data = store.get(result.log_ref)
+        data = await store.get(result.log_ref)
         result.log_tail = data.decode().splitlines() if data else []
     if result.result_ref and result.result is None:
-        data = store.get(result.result_ref)
+        data = await store.get(result.result_ref)
         result.result = data.decode()[:PREVIEW_CHARS] if data else None
     return result
 
 
-def _expand_turns(result: JobResult, store: BlobStore) -> None:
+async def _expand_turns(result: JobResult, store: ObjectStore) -> None:
     """Expand a job's row and each of its follow-up turns."""
     for turn in (result, *result.followups):
-        expand(turn, store)
+        await expand(turn, store)
 
 
-def full_answer(settings: Settings, result: JobResult) -> str | None:
-    """A job's whole answer: from the blob store when history keeps only its beginning."""
+async def full_answer(settings: Settings, result: JobResult) -> str | None:
+    """A job's whole answer: from the object store when history keeps only its beginning."""
     if result.result_ref is None:
         return result.result
-    data = settings.blob_store().get(result.result_ref)
+    data = await settings.blob_store().get(result.result_ref)
     return data.decode() if data is not None else None
 
 
@@ -761,45 +846,77 @@ async def retry(
             retry_of=batch_id,
             jobs=[r.job_id for r in chosen],
         )
-    continues = _continues(settings, chosen, continue_prompt) if continue_prompt else {}
+    continues = await _continues(settings, chosen, continue_prompt) if continue_prompt else {}
     original = await submitted_input(client, batch_id)
-    spec = BatchSpec(
-        name=original.name,
-        **({"apps": original.apps} if original.apps else {"app": original.app}),
-        priority=original.priority,
-        max_machines=original.max_machines,
-        chunk_size=min(original.chunk_size, MAX_CHUNK_SIZE),
-        max_cost_usd=original.max_cost_usd,
-        keep_sessions=original.keep_sessions_s,
-        defaults=original.defaults,
-        jobs=[job for job in original.jobs if job.id in ids],
+    ids = {r.job_id for r in chosen}
+    again = [job for job in await submitted_jobs(client, settings, batch_id) if job.id in ids]
+    claimed = claimed_batch(
+        retry_id,
+        [job.model_copy(update={"index": i}) for i, job in enumerate(again)],
+        original.jobs.chunk_size,
+        **original.model_dump(include=RETRY_KEEPS),
+        continues=continues,
     )
-    data = batch_input(spec, retry_id, original.tuning)
-    data.continues = continues
     states_named = sorted({_latest_turn(r).state.value for r in chosen})
     details = (
         f"**Retry** of [{batch_id}]({settings.workflow_url(batch_id)}): {len(chosen)} jobs "
         f"({', '.join(states_named)}), {len(continues)} continuing their Claude session.\n\n"
         f'The family\'s retries: `WorkflowId STARTS_WITH "{root}{RETRY_INFIX}"`.\n\n'
-        + _details(spec, data.chunk_size)
+        + _details(claimed)
     )
+    apps = original.apps or [original.app]
     started = await _start_batch(
         client,
         settings,
-        data,
-        summary=f"retry of {batch_id}: {len(chosen)} jobs on " + ", ".join(spec.fly_apps),
+        claimed,
+        summary=f"retry of {batch_id}: {len(chosen)} jobs on " + ", ".join(apps),
         details=details,
         memo={RETRY_OF: batch_id, RETRY_ROOT: root},
     )
     return Retried(
         **started.model_dump(),
         retry_of=batch_id,
-        jobs=[job.id for job in spec.jobs],
+        jobs=[job.id for job in again],
         continued=sorted(continues),
     )
 
 
-def _continues(settings: Settings, chosen: list[JobResult], prompt: str) -> dict[str, Followup]:
+RETRY_KEEPS = {
+    "name",
+    "app",
+    "apps",
+    "priority",
+    "max_machines",
+    "max_cost_usd",
+    "keep_sessions_s",
+    "failure_limit",
+    "storm",
+    "tuning",
+}
+"""What a retry keeps of the batch it retries: every setting, none of its jobs or state."""
+
+
+async def submitted_jobs(client: Client, settings: Settings, batch_id: str) -> list[Job]:
+    """Every job of the batch as submitted (defaults applied), read from the object store."""
+    claim = (await submitted_input(client, batch_id)).jobs
+    store = settings.blob_store()
+    limit = asyncio.Semaphore(STORE_AT_ONCE)
+
+    async def read(index: int) -> list[Job]:
+        key = jobs_key(batch_id, index)
+        async with limit:
+            data = await store.get(key)
+        if data is None:
+            raise BatchNotReadable(f"the jobs of batch {batch_id} are gone from the store ({key})")
+        return LoadedJobs.model_validate_json(data).jobs
+
+    slices = await asyncio.gather(*(read(i) for i in range(len(claim.digests))))
+    return [job for jobs in slices for job in jobs]
+
+
+async def _continues(
+    settings: Settings, chosen: list[JobResult], prompt: str
+) -> dict[str, Followup]:
     """The chosen jobs that continue their session: they ran out of turns or budget."""
     continues: dict[str, Followup] = {}
     gone: list[str] = []
@@ -807,7 +924,7 @@ def _continues(settings: Settings, chosen: list[JobResult], prompt: str) -> dict
         latest = _latest_turn(result)
         if latest.error_kind not in CONTINUABLE or not (latest.session_id and latest.archive_ref):
             continue  # nothing to continue from (no session, or no archive of it was made)
-        if not session_kept(settings, latest.archive_ref):
+        if not await session_kept(settings, latest.archive_ref):
             gone.append(result.job_id)
             continue
         continues[result.job_id] = Followup(
@@ -825,9 +942,9 @@ def _continues(settings: Settings, chosen: list[JobResult], prompt: str) -> dict
     return continues
 
 
-def session_kept(settings: Settings, archive_ref: str) -> bool:
+async def session_kept(settings: Settings, archive_ref: str) -> bool:
     """Whether a turn's session archive is still in the store, so its session can go on."""
-    return settings.blob_store().get(archive_ref) is not None
+    return await settings.blob_store().metadata(archive_ref) is not None
 
 
 async def retries_of(client: Client, batch_id: str) -> list[tuple[str, str, str | None]]:
@@ -844,7 +961,7 @@ async def retries_of(client: Client, batch_id: str) -> list[tuple[str, str, str 
 
 
 async def latest_results(
-    client: Client, batch_id: str, *, store: BlobStore | None = None
+    client: Client, batch_id: str, *, store: ObjectStore | None = None
 ) -> BatchReport:
     """Each job's latest outcome across the batch's family: the first batch and its retries.
 
@@ -926,7 +1043,7 @@ async def report_head(client: Client, batch_id: str) -> BatchReport:
 
 
 async def iter_results(
-    client: Client, batch_id: str, *, store: BlobStore | None = None, window: int = 4
+    client: Client, batch_id: str, *, store: ObjectStore | None = None, window: int = 4
 ) -> AsyncIterator[tuple[str, JobResult]]:
     """Every job's result in input order with the workflow it ran in, a few chunks at a time.
 
@@ -941,7 +1058,7 @@ async def iter_results(
     followups = await _followups_by_job(client, batch_id)
 
     def read(some: list[ChunkProgress]) -> asyncio.Future[list[list[JobResult]]]:
-        return asyncio.gather(*(_chunk_results(client, chunk) for chunk in some))
+        return asyncio.gather(*(_chunk_results(client, batch_id, chunk, store) for chunk in some))
 
     windows = [chunks[i : i + window] for i in range(0, len(chunks), window)]
     ahead = read(windows[0]) if windows else None
@@ -953,7 +1070,7 @@ async def iter_results(
             for result in found:
                 result.followups = sorted(followups.get(result.job_id, []), key=lambda t: t.turn)
                 if store is not None:
-                    _expand_turns(result, store)
+                    await _expand_turns(result, store)
                 yield chunk.workflow_id, result
 
 
@@ -979,10 +1096,13 @@ async def _followups_by_job(client: Client, batch_id: str) -> dict[str, list[Job
 # ---------------------------------------------------------------- one job, live
 
 
-async def job_as_run(client: Client, chunk: ChunkProgress, job_id: str) -> tuple[str, Job]:
+async def job_as_run(
+    client: Client, store: ObjectStore, chunk: ChunkProgress, job_id: str
+) -> tuple[str, Job]:
     """The Fly app and the job as its chunk ran it (defaults applied, secrets by name)."""
     chunk_input = await _chunk_input(client, chunk)
-    return chunk_input.app, next(job for job in chunk_input.jobs if job.id == job_id)
+    job = next(job for job in await _chunk_jobs(chunk_input, store) if job.id == job_id)
+    return chunk_input.app_of(job), job
 
 
 async def latest_turn(
@@ -992,4 +1112,5 @@ async def latest_turn(
     turns = await _followup_turns(client, batch_id, job_id)
     if turns:
         return turns[-1]
-    return next(r for r in await _chunk_results(client, chunk) if r.job_id == job_id)
+    rows = await _chunk_results(client, batch_id, chunk, None)
+    return next(r for r in rows if r.job_id == job_id)

@@ -1,7 +1,7 @@
 """What a Claude Code job hands back: the agent's report, parsed and classified on the worker.
 
-The machine's entrypoint (`agent/`) frames its report into the machine's log lines; the worker
-reads the logs, decodes the frame, and turns the Claude CLI's JSON result into a `JobAnswer`:
+The machine's entrypoint (`agent/`) uploads its report to the object store; the worker reads
+it there and turns the Claude CLI's JSON result into a `JobAnswer`:
 the answer, the session to continue, what it cost, and whether it failed for a reason a retry
 with another credential can help (rate limit, authentication).
 """
@@ -15,10 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
 from sortie.spec import Job
 
-RESULT_FRAME = "result"
-ARCHIVE_FRAME = "archive"
 PREVIEW_CHARS = 2000
-"""How much of an answer history keeps; the whole answer goes to the blob store."""
+"""How much of an answer history keeps; the whole answer goes to the object store."""
 
 
 class ErrorKind(StrEnum):
@@ -65,7 +63,7 @@ class RepoCheckout(BaseModel):
 
 
 class AgentReport(BaseModel):
-    """The entrypoint's framed report."""
+    """The entrypoint's report, as it uploaded it."""
 
     model_config = ConfigDict(extra="ignore")
 

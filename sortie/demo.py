@@ -1,8 +1,9 @@
 """`make demo`: the whole stack on one machine, an example batch, its results, then cleanup.
 
 Starts what is not already running (a Temporal dev server with its SQLite file under .state/,
-localfly, a worker), submits examples/demo.yaml, shows progress to the end, prints the results
-and where to look in the Web UI, checks localfly has no machine left, and stops what it started.
+localfly, the loopback S3 store with its bucket, a worker), submits examples/demo.yaml, shows
+progress to the end, prints the results and where to look in the Web UI, checks localfly has no
+machine left, and stops what it started.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from localfly.process import LocalFlyProcess
 from sortie.credentials import ClaudePool
 from sortie.settings import Settings
 from sortie.spec import DEFAULT_IMAGE
-from sortie.stack import DevServer, listening
+from sortie.stack import DevServer, LocalS3, listening
+from sortie.store import OFFLINE_URL, StoreSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".state"
@@ -64,6 +66,20 @@ def start_localfly(stack: ExitStack) -> str:
     return process.url
 
 
+def start_store(stack: ExitStack) -> None:
+    """moto's S3 on its usual port with the bucket made, unless the environment names a bucket."""
+    if not StoreSettings.from_env().offline:
+        print(f"using the object store {StoreSettings.from_env().describe()}")
+        return
+    port = int(OFFLINE_URL.rsplit(":", 1)[1])
+    if listening("127.0.0.1", port):
+        print(f"using the S3 server already on {OFFLINE_URL}")
+        return
+    stack.enter_context(LocalS3(STATE / "s3.log", port=port))
+    stack.callback(print, "stopped the S3 server")
+    print(f"started the S3 server (moto) at {OFFLINE_URL}, bucket sortie")
+
+
 def start_worker(stack: ExitStack, localfly_url: str) -> None:
     """A Sortie worker, offline against localfly."""
     env = {k: v for k, v in os.environ.items() if k != "FLY_API_TOKEN"}
@@ -92,6 +108,7 @@ def main() -> int:
     with ExitStack() as stack:
         start_temporal(stack)
         localfly_url = start_localfly(stack)
+        start_store(stack)
         start_worker(stack, localfly_url)
         print(f"\nsubmitting {BATCH_FILE.relative_to(ROOT)}\n")
         ran = subprocess.run(

@@ -4,8 +4,8 @@ Each JSON line names what it is about: the batch, chunk, job, machine and job at
 from the running activity's input (a worker interceptor puts them in a context variable, so the
 Fly client's lines inside an activity carry them too) and from Temporal's own logger context
 (workflow id, run id, activity type and attempt); a machine's id joins once the Fly client
-reports it created (`note_machine`). Known secret values are scrubbed from every
-line, in either format.
+reports it created (`note_machine`). Known secret values and presigned URLs are scrubbed from
+every line, in either format.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from temporalio.worker import (
 
 from fly import FlyEvent
 from sortie.labels import META_ATTEMPT, META_BATCH, META_CHUNK, META_JOB
-from sortie.secrets import REDACTED
+from sortie.secrets import REDACTED, redact_presigned
 
 FORMAT_VARIABLE = "SORTIE_LOG_FORMAT"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -203,7 +203,7 @@ def scrubber(values: Iterable[str]) -> Callable[[str], str]:
     def scrub(text: str) -> str:
         for value in known:
             text = text.replace(value, REDACTED)
-        return text
+        return redact_presigned(text)
 
     return scrub
 

@@ -20,7 +20,7 @@ from fly.client import LOGS_FROM_START
 from sortie import batches
 from sortie.models import JobResult, JobState
 from sortie.settings import Settings
-from sortie.store import BlobStore
+from sortie.store import ObjectStore
 from workflows.logs import MachineLogsWorkflow
 
 POLL_S = 1.0
@@ -62,8 +62,8 @@ async def follow(
             chunk, _ = await batches.find_job(client, batch_id, job_id)
             break
         except batches.UnknownJob:
-            submitted = await batches.submitted_input(client, batch_id)
-            if job_id not in {job.id for job in submitted.jobs}:
+            submitted = await batches.submitted_jobs(client, settings, batch_id)
+            if job_id not in {job.id for job in submitted}:
                 raise
         if not said_pending:
             said_pending = True
@@ -71,8 +71,8 @@ async def follow(
         if not keep_following:
             return
         await asyncio.sleep(POLL_S)
-    app, job = await batches.job_as_run(client, chunk, job_id)
     store = settings.blob_store()
+    app, job = await batches.job_as_run(client, store, chunk, job_id)
     machine: str | None = None
     token = LOGS_FROM_START
     shown: deque[str] = deque(maxlen=KEEP)
@@ -118,9 +118,9 @@ async def _drain(
         yield line
 
 
-async def _ended(turn: JobResult, store: BlobStore, shown: deque[str]) -> AsyncIterator[str]:
+async def _ended(turn: JobResult, store: ObjectStore, shown: deque[str]) -> AsyncIterator[str]:
     """The stored tail not shown yet, then how the job ended."""
-    batches.expand(turn, store)
+    await batches.expand(turn, store)
     for line in _unseen(shown, turn.log_tail):
         yield line
     how = turn.state.value

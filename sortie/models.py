@@ -51,7 +51,6 @@ class Tuning(StrictModel):
     call_timeout_s: float = 60.0
     log_tail_lines: int = 20
     log_tail_bytes: int = 2048
-    log_grace_s: float = 30.0
     run_events: int = Field(default=2_000, ge=100)
     """A batch run continues-as-new past this many events, well below Temporal's suggestion
     (4,096 events or 4 MB), so a worker that lost its cache replays a short history quickly."""
@@ -146,7 +145,7 @@ class JobResult(StrictModel):
     followups: list[JobResult] = []
 
     def compact(self) -> JobResult:
-        """The row a chunk returns: what the blob store keeps (log tail, answer) left out.
+        """The row a chunk returns: what the object store keeps (log tail, answer) left out.
 
         A chunk's result lands in its batch's history too, so it carries references, not text.
         """

@@ -68,7 +68,7 @@ def plan(spec: BatchSpec) -> Plan:
         time_bound_s=sum(worst) / machines + max(worst) * (machines - 1) / machines,
         job_costs_usd=None if None in caps else round(sum(c or 0.0 for c in caps), 6),
         budget_usd=spec.max_cost_usd,
-        failure_limit=_failure_limit(limit_text(data.failure_limit), spec),
+        failure_limit=_failure_limit(limit_text(data.input.failure_limit), spec),
         storm=_storm(spec),
     )
 

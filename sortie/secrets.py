@@ -2,17 +2,23 @@
 
 Batch files and workflow history carry only secret names. Values come from the worker's
 environment and go straight into the Fly create request; they are never returned, logged or
-heartbeated, and log tails are scrubbed of them before they leave the worker.
+heartbeated, and log tails are scrubbed of them before they leave the worker. The object
+store's secret key, and any presigned URL (its signature lets the holder write or read one
+object), are scrubbed the same way.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 
 from sortie.credentials import ClaudePool
 
 REDACTED = "[redacted]"
+STORE_SECRET = "AWS_SECRET_ACCESS_KEY"
+_PRESIGNED = re.compile(r"\S*[?&]X-Amz-(?:Credential|Signature|Security-Token)=\S*")
+"""A presigned S3 URL, whole: it grants what its signature signs until it expires."""
 
 
 class SecretStore:
@@ -41,8 +47,13 @@ class SecretStore:
 
     def scrub(self, text: str, names: Iterable[str]) -> str:
         """Replace every value of `names`, and every Claude credential, found in `text`."""
-        values = [self._environ.get(name) for name in names] + self.claude.values()
-        for value in values:
+        values = [self._environ.get(name) for name in [*names, STORE_SECRET]]
+        for value in values + self.claude.values():
             if value and len(value) >= 4:
                 text = text.replace(value, REDACTED)
-        return text
+        return redact_presigned(text)
+
+
+def redact_presigned(text: str) -> str:
+    """`text` with every presigned S3 URL replaced whole."""
+    return _PRESIGNED.sub(REDACTED, text)

@@ -8,6 +8,7 @@ SORTIE_UI_URL, SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHU
 SORTIE_STATE_DIR, SORTIE_REAPER (on/off), SORTIE_REAPER_INTERVAL, SORTIE_DEPLOYMENT and
 SORTIE_BUILD_ID (Worker Versioning), SORTIE_FLY_APPS (more apps to poll creates for at start, comma
 separated; sortie/pacing.py). Without FLY_API_TOKEN, Sortie runs offline against localfly.
+The object store: AWS's names (sortie.store); without BUCKET_NAME, the stack's loopback S3.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.envconfig import ClientConfigProfile
 from temporalio.worker import WorkerDeploymentConfig
 
 from fly import FlySettings, FlyToken
 from sortie.spec import parse_duration
-from sortie.store import BlobStore
+from sortie.store import ObjectStore, StoreSettings, shared_store
 
 LOCALFLY_URL = "http://127.0.0.1:4280"
 LOCALFLY_TOKEN = "localfly-offline"
@@ -48,6 +49,7 @@ class Settings(BaseModel):
     fly_apps: tuple[str, ...] = ()
     """Fly apps whose create queues the worker polls from its start (more join as batches
     name them)."""
+    store: StoreSettings = Field(default_factory=StoreSettings.from_env)
 
     @model_validator(mode="after")
     def _version_is_whole(self) -> Settings:
@@ -75,6 +77,7 @@ class Settings(BaseModel):
             "reaper": env.get("SORTIE_REAPER"),
             "reaper_interval_s": _seconds(env.get("SORTIE_REAPER_INTERVAL")),
             "fly_apps": [a.strip() for a in env.get("SORTIE_FLY_APPS", "").split(",") if a.strip()],
+            "store": StoreSettings.from_env(env),
         }
         return cls.model_validate({k: v for k, v in values.items() if v})
 
@@ -88,9 +91,9 @@ class Settings(BaseModel):
             default_versioning_behavior=VersioningBehavior.PINNED,
         )
 
-    def blob_store(self) -> BlobStore:
-        """Where long answers and session archives are kept."""
-        return BlobStore(self.state_dir / "blobs")
+    def blob_store(self) -> ObjectStore:
+        """The object store every worker and starter share: answers, reports, sessions, jobs."""
+        return shared_store(self.store)
 
     def workflow_url(self, workflow_id: str) -> str:
         """The Web UI page of a workflow."""

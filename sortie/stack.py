@@ -1,6 +1,7 @@
-"""Local processes of a Sortie stack: a Temporal dev server persisting to a SQLite file.
+"""Local processes of a Sortie stack: a Temporal dev server persisting to a SQLite file, and the
+object store (moto's S3 server) on loopback.
 
-Used by `make demo`, the benchmarks and the crash tests, which kill and restart it.
+Used by `make demo`, the benchmarks, the suite and the crash tests, which kill and restart them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
+
+from sortie.store import OFFLINE_BUCKET, OFFLINE_KEY, OFFLINE_REGION
 
 TEMPORAL_CLI = Path(sys.executable).parent / "temporal"
 SQLITE_PRAGMAS = ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
@@ -143,6 +148,82 @@ class DevServer:
             self.kill()
 
     def __enter__(self) -> DevServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalS3:
+    """moto's S3 in server mode on loopback, with the bucket made: the offline object store.
+
+    A real S3-protocol server, so the worker, the starter and the agent's presigned uploads run
+    the same client code as against Tigris or MinIO.
+    """
+
+    def __init__(
+        self,
+        log: Path,
+        *,
+        port: int | None = None,
+        bucket: str = OFFLINE_BUCKET,
+        check_keys: bool = False,
+    ) -> None:
+        self.log = log
+        self.port = port or free_port()
+        self.bucket = bucket
+        self.check_keys = check_keys
+        """Refuse unknown access keys (moto's IAM checks) once the bucket is made."""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its endpoint."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The variables Tigris' `fly storage create` would set, pointing here."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.url,
+            "BUCKET_NAME": self.bucket,
+            "AWS_REGION": OFFLINE_REGION,
+            "AWS_ACCESS_KEY_ID": OFFLINE_KEY,
+            "AWS_SECRET_ACCESS_KEY": OFFLINE_KEY,
+        }
+
+    def start(self, timeout: float = 30) -> LocalS3:
+        """Start the server, wait until it answers, and create the bucket."""
+        env = dict(os.environ)
+        if self.check_keys:  # the one request let through unchecked is the bucket's creation
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "1"
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not listening("127.0.0.1", self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the S3 server did not start; see {self.log}")
+            time.sleep(0.05)
+        httpx.put(f"{self.url}/{self.bucket}", timeout=10).raise_for_status()
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> LocalS3:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

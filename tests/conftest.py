@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Temporal dev server, a real localfly, and workers on fresh queues.
+"""Shared fixtures: a real Temporal dev server, a real localfly, a real S3-protocol server (moto)
+and workers on fresh queues.
 
 Also guards the suite's exit status against the Temporal SDK's occasional crash during
 interpreter finalisation (temporalio/sdk-python#300): pytest's own verdict is recorded when the
@@ -23,7 +24,8 @@ from sortie.codec import data_converter
 from sortie.labels import BATCH_ID
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
-from sortie.stack import MATCHING_CONFIG
+from sortie.stack import MATCHING_CONFIG, LocalS3
+from sortie.store import close_shared
 from tests.helpers.stack import (
     AGENT_IMAGES,
     STANDIN_BIN,
@@ -52,6 +54,30 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    """moto's S3 server for the session, its bucket made, named in the environment as Tigris
+    would: every worker, starter and Settings the tests make share it, as on several hosts."""
+    with LocalS3(tmp_path_factory.mktemp("s3") / "s3.log") as s3:
+        saved = {name: os.environ.get(name) for name in s3.env()}
+        os.environ.update(s3.env())
+        try:
+            yield s3
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def shared_stores_closed(object_store: LocalS3) -> AsyncIterator[None]:
+    """The store clients the session opened are closed at its end, on its event loop."""
+    yield
+    await close_shared()
 
 
 @pytest.fixture(scope="session")

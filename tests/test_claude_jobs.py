@@ -14,17 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
+from activities import reaper as reaper_activities
 from activities.reaper_models import ReapInput
 from sortie import batches, reaping
 from sortie.claude import PREVIEW_CHARS
 from sortie.spec import BatchSpec, parse_batch
-from sortie.store import session_prefix
-from tests.helpers.batches import git_repo
+from sortie.store import REPORTS, session_prefix
+from tests.helpers.batches import git_repo, settings_for
+from tests.helpers.history import largest_payload
+from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
-from workflows.batch_models import MaxCostRequest
+from workflows.batch_models import CancelRequest, MaxCostRequest
 
 
 def prompt_spec(app: str, jobs: list[dict[str, Any]], **fields: Any) -> BatchSpec:
@@ -71,7 +75,7 @@ async def test_prompt_jobs_return_answer_session_and_cost(
     assert essay.state == "succeeded" and essay.cost_usd == 0.5
     assert essay.result is not None and len(essay.result) == PREVIEW_CHARS
     assert essay.result_ref and essay.result_chars == PREVIEW_CHARS * 3
-    full = batches.full_answer(sortie.settings, essay)
+    full = await batches.full_answer(sortie.settings, essay)
     assert full is not None and len(full) == PREVIEW_CHARS * 3 and full.startswith(essay.result)
 
     assert broken.state == "failed" and broken.exit_code == 1 and broken.is_error
@@ -161,7 +165,7 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
     assert sweep.checked == 1 and sweep.orphans == []
     [row] = (await batches.chunk_handle(sortie.client, workflow_id).result()).results
     assert row.result is None and row.result_ref, "the chunk's result carries a key, not text"
-    turn = batches.expand(row, sortie.settings.blob_store())
+    turn = await batches.expand(row, sortie.settings.blob_store())
     assert turn.state == "succeeded" and turn.turn == 2
     assert turn.session_id == first.session_id
     assert f"resumed session {first.session_id} (turn 2)" in (turn.result or "")
@@ -187,12 +191,12 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
 
 
 async def test_sessions_are_deleted_with_the_batch_unless_kept(
-    sortie: Sortie, app_name: str
+    sortie: Sortie, app_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = sortie.settings.blob_store()
     report = await run_batch(sortie, prompt_spec(app_name, [{"id": "a", "prompt": "hi"}]))
     assert report.results[0].archive_ref
-    assert store.get(report.results[0].archive_ref) is None, "deleted when the batch closed"
+    assert await store.get(report.results[0].archive_ref) is None, "deleted when the batch closed"
     with pytest.raises(batches.FollowupRefused):
         await batches.followup(sortie.client, sortie.settings, report.batch_id, "nope", "x")
 
@@ -200,19 +204,137 @@ async def test_sessions_are_deleted_with_the_batch_unless_kept(
         sortie, prompt_spec(app_name, [{"id": "b", "prompt": "hi"}], keep_sessions="1h")
     )
     archive = kept.results[0].archive_ref
-    assert archive and store.get(archive) is not None
+    assert archive and await store.get(archive) is not None
     swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
-    assert swept.expired_sessions == [] and store.get(archive) is not None
+    assert swept.expired_sessions == [] and await store.get(archive) is not None
 
     # Once the keep time is up, the reaper deletes them.
     past = datetime.now(UTC) - timedelta(seconds=1)
-    store.put(f"{session_prefix(kept.batch_id)}/keep-until", past.isoformat().encode())
+    await store.put(f"{session_prefix(kept.batch_id)}/keep-until", past.isoformat().encode())
     swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
-    assert swept.expired_sessions == [session_prefix(kept.batch_id)]
-    assert store.get(archive) is None
+    assert session_prefix(kept.batch_id) in swept.expired_sessions
+    assert await store.get(archive) is None
+
+    # The agents' reports of closed batches go too, once read long enough ago; the answers
+    # (which history points at) stay.
+    reports = f"{REPORTS}/{kept.batch_id}"
+    assert [o.key async for o in store.objects(reports)], "the agent's report came by the store"
+    monkeypatch.setattr(reaper_activities, "REPORTS_KEPT", timedelta(0))
+    swept = await reaping.reap_once(sortie.client, sortie.settings, ReapInput(app=app_name))
+    assert swept.stale_reports >= 1
+    assert [o.key async for o in store.objects(reports)] == []
+    assert kept.results[0].result_ref and await store.get(kept.results[0].result_ref)
 
 
 def _head(repo: Path) -> str:
     return subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True
     ).stdout.strip()
+
+
+ANSWER_CHARS = 20_000
+
+
+async def test_answers_arrive_whole_when_logs_lose_lines(sortie: Sortie, app_name: str) -> None:
+    # Fly's logs are best-effort: with a tenth of the lines lost for good, every answer still
+    # arrives whole, because the report travels by the object store, not the logs.
+    sortie.localfly.set_faults({"log_drop_rate": 0.1, "seed": 15})
+    try:
+        jobs = [{"id": f"j{i}", "prompt": f"Essay {i} [[long:{ANSWER_CHARS}]]"} for i in range(20)]
+        report = await run_batch(sortie, prompt_spec(app_name, jobs, max_machines=10))
+    finally:
+        sortie.localfly.set_faults({})
+    assert [r.state for r in report.results] == ["succeeded"] * 20
+    for result in report.results:
+        full = await batches.full_answer(sortie.settings, result)
+        assert full is not None and len(full) == ANSWER_CHARS, result.job_id
+    assert live(sortie, app_name) == []
+
+
+async def test_a_report_that_never_arrives_fails_the_job(sortie: Sortie, app_name: str) -> None:
+    # Claude ran and the machine exited 0, but the report never reached the store.
+    sortie.localfly.set_faults({"machines": [{"kind": "withhold_report", "count": 1}]})
+    try:
+        report = await run_batch(
+            sortie, prompt_spec(app_name, [{"id": "lost", "prompt": "hi", "retries": 0}])
+        )
+    finally:
+        sortie.localfly.set_faults({})
+    [lost] = report.results
+    assert (lost.state, lost.exit_code, lost.attempts) == ("failed", 0, 1), "not run again"
+    assert lost.error_kind == "no_report" and "never reached the object store" in (lost.error or "")
+    assert (report.succeeded, report.failed) == (0, 1)
+
+
+async def test_a_followup_runs_on_another_worker_with_its_own_state_dir(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
+) -> None:
+    # Two hosts in all but name: worker processes with different SORTIE_STATE_DIRs, sharing
+    # only Temporal and the object store. The first runs the batch and stops; the follow-up
+    # runs on the second, from the session archive the first one's machine uploaded.
+    address = temporal.client.service_client.config.target_host
+    settings = settings_for(address)
+    credential = {"CLAUDE_CODE_OAUTH_TOKEN": f"sk-ant-oat01-{uuid.uuid4().hex}"}
+
+    def worker(name: str) -> WorkerProcess:
+        own = settings.model_copy(update={"state_dir": tmp_path / name})
+        return WorkerProcess(own, localfly.url, tmp_path / f"{name}.log", env=credential)
+
+    repo = git_repo(tmp_path / "repo")
+    jobs = [{"id": "fix", "prompt": "Note it [[write:notes.txt]]", "repos": [str(repo)]}]
+    first = worker("host-a").start()
+    try:
+        submitted = await batches.submit(
+            temporal.client, settings, prompt_spec(app_name, jobs, keep_sessions="1h")
+        )
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    finally:
+        assert first.terminate() == 0
+    second = worker("host-b").start()
+    try:
+        workflow_id = await batches.followup(
+            temporal.client, settings, submitted.batch_id, "fix", "What did you write?"
+        )
+        [turn] = (await batches.chunk_handle(temporal.client, workflow_id).result()).results
+    finally:
+        second.stop()
+    turn = await batches.expand(turn, settings.blob_store())
+    assert turn.state == "succeeded", turn.error
+    assert "notes.txt" in (turn.result or ""), "the workspace came back on the other host"
+    assert not (tmp_path / "host-a").exists() and not (tmp_path / "host-b").exists(), (
+        "nothing on either worker's disk"
+    )
+
+
+PROMPT_BYTES = 2_000
+PAYLOAD_LIMIT = 512 * 1024
+
+
+async def test_twenty_thousand_prompt_jobs_of_2kb_start_small_and_leave_no_machine(
+    sortie: Sortie, app_name: str
+) -> None:
+    # 40 MB of prompts: the jobs wait in the object store and no workflow or activity input or
+    # result in any history reaches 512 KB. The suite runs a few of them and cancels the rest
+    # (the bench runs all 20,000 on 200 machines).
+    jobs = [
+        {"id": f"j{i:05d}", "prompt": f"Review {i} " + "p" * PROMPT_BYTES} for i in range(20_000)
+    ]
+    spec = prompt_spec(app_name, jobs, max_machines=2, chunk_size=250)
+    submitted = await batches.submit(sortie.client, sortie.settings, spec)
+    handle = batches.batch_handle(sortie.client, submitted.batch_id)
+
+    async def some_succeeded() -> bool:
+        return (await batches.progress(sortie.client, submitted.batch_id)).counts.succeeded >= 2
+
+    await eventually(some_succeeded, timeout=120, what="the first jobs done")
+    await handle.signal(BatchWorkflow.cancel, CancelRequest(reason="enough of a sample"))
+    await handle.result()
+    await eventually(lambda: live(sortie, app_name) == [], what="every machine destroyed")
+
+    report = await batches.results(
+        sortie.client, submitted.batch_id, store=sortie.settings.blob_store()
+    )
+    assert [r.job_id for r in report.results] == [job["id"] for job in jobs]
+    assert report.succeeded >= 2 and report.succeeded + report.cancelled == 20_000
+    largest, runs = await largest_payload(sortie.client, f'BatchId="{submitted.batch_id}"')
+    assert runs > 1 and 0 < largest < PAYLOAD_LIMIT, (largest, runs)

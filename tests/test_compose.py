@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -118,3 +119,34 @@ def test_the_dashboard_graphs_only_series_that_exist() -> None:
     datasource = yaml.safe_load((ROOT / "monitoring" / "grafana" / "datasource.yml").read_text())
     uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
     assert uids == {datasource["datasources"][0]["uid"]}
+
+
+def test_minio_serves_the_worker_as_its_object_store(stack: Path) -> None:
+    env = stack / ".env"
+    env.write_text(
+        env.read_text()
+        .replace("AWS_ACCESS_KEY_ID=\n", "AWS_ACCESS_KEY_ID=sortie-minio\n")
+        .replace("AWS_SECRET_ACCESS_KEY=\n", "AWS_SECRET_ACCESS_KEY=minio-secret-1\n")
+    )
+    # The suite names its own store in the environment, which compose would prefer to .env.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BUCKET_"))}
+    ran = subprocess.run(
+        ["docker-compose", "--profile", "minio", "config"],
+        cwd=stack,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    services = yaml.safe_load(ran.stdout)["services"]
+    worker, minio = services["worker"]["environment"], services["minio"]
+    assert worker["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert worker["BUCKET_NAME"] == "sortie"
+    assert minio["environment"]["MINIO_ROOT_USER"] == "sortie-minio"
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"] == "minio-secret-1"
+    assert {"published": 9000, "target": 9000} in minio["ports"], "where machines upload"
+    setup = services["minio-setup"]
+    assert setup["command"] == ["mb", "--ignore-existing", "store/sortie"]
+    assert setup["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "volumes" not in services["worker"], "no state on the worker's disk"

@@ -14,6 +14,7 @@ from temporalio.client import Client
 from sortie import batches, export
 from sortie.models import JobResult
 from sortie.spec import load_batch_file
+from sortie.store import ObjectStore
 from tests.helpers.cli import batch_file, cli, cli_env
 from tests.helpers.stack import Sortie
 from workflows.batch_models import ChunkProgress
@@ -71,9 +72,11 @@ async def test_results_export_in_every_format_streams_rows_failures_first_in_mar
     read: list[str] = []
     real = batches._chunk_results
 
-    async def counted(client: Client, chunk: ChunkProgress) -> list[JobResult]:
+    async def counted(
+        client: Client, batch_id: str, chunk: ChunkProgress, store: ObjectStore | None
+    ) -> list[JobResult]:
         read.append(chunk.workflow_id)
-        return await real(client, chunk)
+        return await real(client, batch_id, chunk, store)
 
     monkeypatch.setattr(batches, "_chunk_results", counted)
     head = await batches.report_head(sortie.client, batch_id)

@@ -126,7 +126,7 @@ async def test_retry_continue_sessions_goes_on_with_the_session_that_ran_out_of_
     assert batches.DEFAULT_CONTINUE_PROMPT in turn["result"], "the continuing prompt was sent"
 
     assert first.archive_ref
-    sortie.settings.blob_store().delete(first.archive_ref)
+    await sortie.settings.blob_store().delete(first.archive_ref)
     with pytest.raises(batches.RetryRefused, match="sessions of long are no longer kept"):
         await batches.retry(
             sortie.client, sortie.settings, batch_id, states=FAILED, continue_prompt="go on"

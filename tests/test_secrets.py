@@ -1,9 +1,10 @@
-"""No secret value reaches workflow history, the Web UI's metadata or the worker's log.
+"""No secret value reaches workflow history, the Web UI's metadata, the store or the logs.
 
-A batch runs on a worker process whose environment holds known token values; then the full
-exported history of the batch and every child (`temporal workflow show -o json`, payloads
-decoded), their descriptions (UI summaries, details, search attributes) and the worker's log
-are searched for those values.
+A batch runs on a worker process whose environment holds known token values (and the object
+store's keys); then the full exported history of the batch and every child (`temporal workflow
+show -o json`, payloads decoded), their descriptions (UI summaries, details, search attributes),
+the worker's log, and every object the batch left in the store with its metadata are searched
+for those values, and for any presigned URL the worker minted for the machines.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ pytestmark = pytest.mark.slow
 CLAUDE = f"sk-ant-oat01-{uuid.uuid4().hex}{uuid.uuid4().hex}"
 CLAUDE_2 = f"sk-ant-api03-{uuid.uuid4().hex}{uuid.uuid4().hex}"
 GITHUB = f"ghp_{uuid.uuid4().hex}{uuid.uuid4().hex[:4]}"
-SECRETS = {CLAUDE: "CLAUDE_CODE_OAUTH_TOKEN", CLAUDE_2: "ANTHROPIC_API_KEY", GITHUB: "GITHUB_TOKEN"}
+STORE_KEY = f"store-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"
+SECRETS = {
+    CLAUDE: "CLAUDE_CODE_OAUTH_TOKEN",
+    CLAUDE_2: "ANTHROPIC_API_KEY",
+    GITHUB: "GITHUB_TOKEN",
+    STORE_KEY: "AWS_SECRET_ACCESS_KEY",  # moto takes any key: the worker signs with this one
+}
+PRESIGNED = ("X-Amz-Signature", "X-Amz-Credential", "Signature=")
+"""What any presigned URL carries in its query."""
 
 
 async def test_no_secret_value_in_history_ui_or_worker_log(
@@ -75,10 +84,26 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     assert all(
         '"WorkflowExecutionStarted"' in e or "WORKFLOW_EXECUTION_STARTED" in e for e in exported
     )
-    texts = [*exported, (tmp_path / "worker.log").read_text(), report.model_dump_json()]
+    store = settings.blob_store()
+    stored: list[str] = []
+    for prefix in ("answers", "logs", "reports", "sessions", "jobs"):
+        async for item in store.objects(f"{prefix}/{submitted.batch_id}"):
+            stored.append(f"{item.key} {await store.metadata(item.key)}")
+            if not item.key.endswith(".tar.gz"):
+                stored.append((await store.get(item.key) or b"").decode())
+    assert any(key.startswith("reports/") for key in stored), "the reports came by the store"
+    texts = [
+        *exported,
+        (tmp_path / "worker.log").read_text(),
+        report.model_dump_json(),
+        *stored,
+    ]
     for value, name in SECRETS.items():
         leaks = [i for i, text in enumerate(texts) if value in text or value[8:40] in text]
         assert not leaks, f"{name} leaked into {leaks}"
+    for mark in PRESIGNED:
+        leaks = [i for i, text in enumerate(texts) if mark in text]
+        assert not leaks, f"a presigned URL leaked into {leaks}"
 
 
 def _export(address: str, workflow_id: str) -> str:

@@ -450,3 +450,28 @@ async def test_prompt_jobs_submit_wait_in_a_terminal_then_followup(
     assert "== ask turn 2: succeeded" in started.stdout
     refused = await apiped(["followup", batch_id, "nope", "x"], env)
     assert refused.returncode == 2 and "has no job 'nope'" in refused.stderr
+
+
+async def test_a_prompt_job_whose_report_never_arrives_makes_submit_wait_exit_1(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    batch = tmp_path / "withheld.json"
+    jobs = [{"id": "lost", "prompt": "hello"}]
+    batch.write_text(
+        json.dumps(
+            {
+                "name": f"cliw{uuid.uuid4().hex[:6]}",
+                "app": app_name,
+                "defaults": {"timeout": "2m", "retries": 0},
+                "jobs": jobs,
+            }
+        )
+    )
+    sortie.localfly.set_faults({"machines": [{"kind": "withhold_report", "count": 1}]})
+    try:
+        done = await apiped(["submit", str(batch), "--wait"], sortie_env(sortie))
+    finally:
+        sortie.localfly.set_faults({})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "0 succeeded, 1 failed" in done.stdout, done.stdout
+    assert "report never reached" in done.stdout, "the row says why"

@@ -33,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
     from sortie.labels import BATCH_ID, chunk_workflow_id
     from sortie.models import Counts
     from sortie.pacing import batch_priority
-    from sortie.spec import OnTooManyFailures, resolve_job
+    from sortie.spec import OnTooManyFailures
     from workflows import guards, policies, slots
     from workflows.batch_models import (
         BatchInput,
@@ -192,9 +192,7 @@ class BatchWorkflow:
 
     async def _check_batch(self, input: BatchInput) -> None:
         """Refuse the batch before any machine exists: no such Fly app, or a missing secret."""
-        names = sorted(
-            {*(input.defaults.secrets or [])}.union(*(job.secrets or [] for job in input.jobs))
-        )
+        names = input.secrets
         apps = input.apps or [input.app]
         try:
             checked = await workflow.execute_activity_method(
@@ -220,9 +218,7 @@ class BatchWorkflow:
             if self._run_is_long():
                 await asyncio.gather(*self._grants)
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(
-                    self._input.model_copy(update={"jobs": [], "state": self._state})
-                )
+                workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
             self._update_details()
             await self._wait_for_change()
 
@@ -322,7 +318,7 @@ class BatchWorkflow:
         await asyncio.gather(*(self._start_chunk(plan, chunk) for plan, chunk in starts))
 
     async def _start_chunk(self, plan: ChunkPlan, chunk: ChunkInput) -> None:
-        last = plan.first_job + len(plan.jobs) - 1
+        last = plan.first_job + plan.size - 1
         try:
             await workflow.start_child_workflow(
                 ChunkWorkflow.run,
@@ -336,28 +332,23 @@ class BatchWorkflow:
                 static_summary=(
                     f"chunk {plan.index} of batch {self._input.name}: jobs {plan.first_job}-{last}"
                 ),
-                static_details=f"Jobs: {', '.join(job.id for job in plan.jobs)}"[:18_000],
             )
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
 
     def _chunk_input(self, plan: ChunkPlan, window: int) -> ChunkInput:
-        """What a chunk starts with: its jobs with the defaults applied, and its window."""
+        """What a chunk starts with: where its jobs are in the store, and its window."""
         return ChunkInput(
             batch_id=self._input.batch_id,
             index=plan.index,
             app=self._input.app,
             apps=self._input.apps,
-            jobs=[
-                resolve_job(self._input.defaults, job, plan.first_job + i)
-                for i, job in enumerate(plan.jobs)
-            ],
+            claim=self._input.jobs.slice(plan.index),
             slots=window,
             budgeted=self._state.max_cost_usd is not None,
             paced=self._state.paced_creates,
             guarded=self._state.failure_limit.is_set,
             tuning=self._input.tuning,
-            continues={j.id: f for j in plan.jobs if (f := self._input.continues.get(j.id))},
         )
 
     def _starts_fitting(self) -> int:
@@ -453,7 +444,6 @@ class BatchWorkflow:
         for plan in state.pending:
             chunk = state.chunks[plan.index]
             chunk.status = ChunkStatus.SKIPPED
-            chunk.skipped_job_ids = [job.id for job in plan.jobs]
             chunk.counts = Counts(total=chunk.size, cancelled=chunk.size)
         state.pending = []
         self._changed = True
@@ -537,27 +527,27 @@ def _failed(why: str) -> str:
 
 
 def _plan(input: BatchInput) -> BatchState:
-    """Split the jobs into chunks of `chunk_size`."""
+    """Split the jobs into chunks of `chunk_size`, as the starter stored them."""
     plans: list[ChunkPlan] = []
     chunks: list[ChunkState] = []
-    for index, first in enumerate(range(0, len(input.jobs), input.chunk_size)):
-        jobs = input.jobs[first : first + input.chunk_size]
-        plans.append(ChunkPlan(index=index, first_job=first, jobs=jobs))
+    claim = input.jobs
+    for index, first in enumerate(range(0, claim.total, claim.chunk_size)):
+        size = min(claim.chunk_size, claim.total - first)
+        plans.append(ChunkPlan(index=index, first_job=first, size=size))
         chunks.append(
             ChunkState(
                 index=index,
                 workflow_id=chunk_workflow_id(input.batch_id, index),
                 first_job=first,
-                size=len(jobs),
-                counts=Counts(total=len(jobs), pending=len(jobs)),
+                size=size,
+                counts=Counts(total=size, pending=size),
             )
         )
-    prompts = input.defaults.prompt is not None or any(j.prompt is not None for j in input.jobs)
     return BatchState(
         max_machines=input.max_machines,
         max_cost_usd=input.max_cost_usd,
         failure_limit=input.failure_limit,
-        prompt_jobs=prompts,
+        prompt_jobs=input.prompt_jobs,
         chunks=chunks,
         pending=plans,
     )

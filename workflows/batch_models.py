@@ -7,16 +7,17 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from sortie.models import Counts, Followup, StrictModel, Tuning
-from sortie.spec import Defaults, JobSpec, OnTooManyFailures, StormGuard
+from activities.job_models import JobsClaim
+from sortie.models import Counts, StrictModel, Tuning
+from sortie.spec import OnTooManyFailures, StormGuard
 
 
 class ChunkPlan(StrictModel):
-    """A chunk the batch has not started yet: its position and its jobs."""
+    """A chunk the batch has not started yet: its position and how many jobs it has."""
 
     index: int
     first_job: int
-    jobs: list[JobSpec]
+    size: int
 
 
 class ChunkStatus(StrEnum):
@@ -38,7 +39,6 @@ class ChunkProgress(StrictModel):
     status: ChunkStatus = ChunkStatus.PENDING
     slots: int = 0
     counts: Counts = Counts()
-    skipped_job_ids: list[str] = []
 
 
 class ChunkState(ChunkProgress):
@@ -114,7 +114,12 @@ class BatchState(StrictModel):
 
 
 class BatchInput(StrictModel):
-    """Start a batch: the validated batch file plus the batch id."""
+    """Start a batch: the validated batch file's settings, and a claim check for its jobs.
+
+    The jobs themselves (defaults applied) wait in the object store, one object per chunk, so
+    the input stays small whatever the batch's size; `secrets` and `prompt_jobs` are what the
+    batch checks before any machine exists.
+    """
 
     batch_id: str
     name: str
@@ -123,15 +128,14 @@ class BatchInput(StrictModel):
     """Every Fly app of the batch (the jobs take them in turn); empty: `app` alone."""
     priority: int = 3
     max_machines: int
-    chunk_size: int
     max_cost_usd: float | None = None
     keep_sessions_s: float | None = None
     failure_limit: FailureLimit = FailureLimit()
     storm: StormGuard | None = StormGuard()
-    defaults: Defaults
-    jobs: list[JobSpec] = []
+    jobs: JobsClaim
+    secrets: list[str] = []
+    prompt_jobs: bool = False
     tuning: Tuning = Tuning()
-    continues: dict[str, Followup] = {}
     """A retry's jobs that continue their Claude session (ran out of turns or budget), by id."""
     state: BatchState | None = None
 

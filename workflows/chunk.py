@@ -1,11 +1,13 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
 A chunk is a child workflow of its batch. It starts a job whenever fewer jobs run than its
-window of machine slots holds. The batch widens the window (a grant) or asks slots back (when
-its cap is lowered); the chunk gives slots back as soon as it has nothing left to start, so
-another chunk can use them. It reports to its batch by signal, by workflow id, so whichever run
-of the batch is current hears it. A job is: create its machine, then `finish_job` (wait,
-collect, destroy), then the shielded destroy whenever `finish_job` did not destroy it.
+window of machine slots holds. Its jobs wait in the object store, where the starter put them:
+the chunk reads its own slice first (`load_jobs`, a local activity, digest checked). The batch
+widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives slots
+back as soon as it has nothing left to start, so another chunk can use them. It reports to its
+batch by signal, by workflow id, so whichever run of the batch is current hears it. A job is:
+create its machine, then `finish_job` (wait, collect, destroy), then the shielded destroy
+whenever `finish_job` did not destroy it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.jobs import JobActivities
     from activities.machine_models import (
         CollectResultInput,
         CreateMachineInput,
@@ -57,11 +60,10 @@ class ChunkWorkflow:
     @workflow.init
     def __init__(self, input: ChunkInput) -> None:
         self._input = input
-        self._results = [
-            JobResult(job_id=j.id, index=j.index, turn=f.turn if (f := self._followup(j)) else 1)
-            for j in input.jobs
-        ]
-        self._queue = deque(input.jobs)
+        self._results: list[JobResult] = []
+        self._queue: deque[Job] = deque()
+        self._loaded = False
+        self._continues: dict[str, Followup] = {}
         self._slots = input.slots
         self._owed = 0
         self._running = 0
@@ -86,8 +88,9 @@ class ChunkWorkflow:
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
         """Start each job as a slot frees up, then wait for all of them."""
-        self._update_details()
         try:
+            await complete(self._load_jobs())
+            self._update_details()
             while await self._next_start():
                 self._start(self._queue.popleft())
             self._give_back_idle()
@@ -146,6 +149,42 @@ class ChunkWorkflow:
 
     # ------------------------------------------------------------ one job
 
+    async def _load_jobs(self) -> None:
+        """Read this chunk's jobs from the store (a follow-up carries its one job itself)."""
+        jobs, claim = self._input.jobs, self._input.claim
+        failed: str | None = None
+        if claim is not None:
+            try:
+                # A local activity: one short read, one marker in history, no extra task.
+                loaded = await workflow.execute_local_activity_method(
+                    JobActivities.load_jobs,
+                    claim,
+                    start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+                    retry_policy=policies.FLY_RETRY,
+                    summary=f"read jobs {claim.first_job}-{claim.first_job + claim.size - 1}",
+                )
+                jobs, self._continues = loaded.jobs, loaded.continues
+            except ActivityError as error:
+                failed = f"the chunk's jobs could not be read: {_why(error)}"
+        turn = self._input.followup.turn if self._input.followup else 1
+        if failed is not None and claim is not None:
+            self._results = [
+                JobResult(
+                    job_id=f"#{claim.first_job + i}",
+                    index=claim.first_job + i,
+                    turn=turn,
+                    state=JobState.FAILED,
+                    error=failed,
+                )
+                for i in range(claim.size)
+            ]
+        else:
+            self._results = [
+                JobResult(job_id=j.id, index=j.index, turn=self._turn(j)) for j in jobs
+            ]
+            self._queue.extend(jobs)
+        self._loaded = True
+
     def _start(self, job: Job, handed: CreateMachineOutput | None = None) -> None:
         """Run the job in a slot of its own, on the machine handed to it if there is one."""
         self._running += 1
@@ -157,7 +196,7 @@ class ChunkWorkflow:
         No `finally` here or below: a workflow evicted from the worker's cache is torn down
         with GeneratorExit, and its replay redoes the bookkeeping; a cancel is caught instead.
         """
-        result = self._results[job.index - self._input.jobs[0].index]
+        result = self._results[job.index - self._results[0].index]
         result.started_at = workflow.now()
         self._jobs_started.add(1, {"batch": self._input.batch_id})
         try:
@@ -304,7 +343,6 @@ class ChunkWorkflow:
             turn=result.turn,
             attempt=attempt,
             credential=result.credential,
-            log_grace_s=tuning.log_grace_s,
             log_tail=job.log_tail,
         )
         create_s = tuning.create_timeout_s if claim else 0.0
@@ -334,7 +372,12 @@ class ChunkWorkflow:
 
     def _followup(self, job: Job) -> Followup | None:
         """The session the job continues: a follow-up turn's, or a retry's, or none."""
-        return self._input.followup or self._input.continues.get(job.id)
+        return self._input.followup or self._continues.get(job.id)
+
+    def _turn(self, job: Job) -> int:
+        """The turn of the job this chunk runs: the one its session continues with, else 1."""
+        followup = self._followup(job)
+        return followup.turn if followup else 1
 
     async def _destroy(self, machine: MachineRef) -> None:
         """Destroy the machine; retried until it is gone."""
@@ -430,7 +473,7 @@ class ChunkWorkflow:
     def _give_back_idle(self) -> bool:
         """Give back the slots this chunk owes or can no longer use; whether any went back."""
         idle = self._slots - self._running
-        more_to_start = self._queue and not self._cancelled
+        more_to_start = (self._queue or not self._loaded) and not self._cancelled
         give = min(idle, self._owed) if more_to_start else idle
         if give <= 0:
             return False
@@ -497,6 +540,9 @@ class ChunkWorkflow:
     # ------------------------------------------------------------ progress
 
     def _counts(self) -> Counts:
+        claim = self._input.claim
+        if not self._loaded and claim is not None:  # its jobs not read yet: all pending
+            return Counts(total=claim.size, pending=claim.size)
         return Counts.of(self._results, live_machines=self._live)
 
     def _update_details(self) -> None:

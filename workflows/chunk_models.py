@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from activities.job_models import JobSlice
 from sortie.models import Counts, Followup, JobResult, StrictModel, Tuning
 from sortie.spec import Job, app_for
 
 
 class ChunkInput(StrictModel):
-    """Start a chunk: its jobs (defaults applied) and the machine slots it may use.
+    """Start a chunk: where its jobs are (a claim on the object store) and its machine slots.
 
     A chunk is a child of its batch and reports to it; a follow-up turn runs as a chunk of one
-    job with no parent, and reports to nobody.
+    job with no parent, and reports to nobody: its one job travels in `jobs` itself.
     """
 
     batch_id: str
@@ -20,7 +21,8 @@ class ChunkInput(StrictModel):
     app: str
     apps: list[str] = []
     """Every Fly app of the batch; empty: `app` alone."""
-    jobs: list[Job]
+    claim: JobSlice | None = None
+    jobs: list[Job] = []
     slots: int
     paused: bool = False
     budgeted: bool = False
@@ -30,7 +32,6 @@ class ChunkInput(StrictModel):
     """The batch has a failure limit: a failed job's slot goes back to it to be judged."""
     tuning: Tuning = Tuning()
     followup: Followup | None = None
-    continues: dict[str, Followup] = {}
     """Jobs of a retry batch that continue their session instead of starting over, by id."""
 
     def app_of(self, job: Job) -> str:

@@ -4,7 +4,7 @@ The batch is an ordinary batch: every guarantee holds (a crash re-runs no finish
 the same checkout, commit and options make the same batch id, so running `analyze` again
 attaches to the batch instead of starting over. The memo carries what aggregation needs
 besides the jobs' answers (repository, commit, file counts), so a report can be written by any
-process that reaches Temporal and the blob store, while the batch runs or after it closed.
+process that reaches Temporal and the object store, while the batch runs or after it closed.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ async def aggregate(client: Client, settings: Settings, batch_id: str) -> Aggreg
             continue
         part = memo.parts.get(job, job)
         names[job] = part
-        answer = parse_answer(batches.full_answer(settings, result), part)
+        answer = parse_answer(await batches.full_answer(settings, result), part)
         if carried_from is not None:
             answer.findings = [
                 f.model_copy(update={"carried_from": carried_from}) for f in answer.findings

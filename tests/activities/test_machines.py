@@ -18,7 +18,7 @@ from activities.machines import MachineActivities
 from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
 from sortie.models import MachineRef
 from sortie.secrets import SecretStore
-from sortie.store import BlobStore
+from sortie.settings import Settings
 from tests.helpers.waiting import eventually
 
 
@@ -36,7 +36,7 @@ async def test_a_wait_retried_after_the_deadline_finds_the_job_exited_in_time(
         return (await fly_client.get_machine(app_name, machine.id)).state == "stopped"
 
     await eventually(stopped, what="the machine's process exited")
-    activities = MachineActivities(fly_client, SecretStore({}), BlobStore(tmp_path))
+    activities = MachineActivities(fly_client, SecretStore({}), Settings().blob_store())
     past = datetime.now(UTC) - timedelta(seconds=1)
     ref = MachineRef(app=app_name, machine_id=machine.id, name=machine.name or "")
     finished = await ActivityEnvironment().run(activities.finish_job, _finish_input(ref, past))
@@ -53,7 +53,7 @@ async def test_a_wait_past_the_deadline_on_a_running_machine_is_a_timeout(
         image="alpine", init=InitConfig(exec=["sleep", "60"]), restart=RestartConfig(policy="no")
     )
     machine = await fly_client.create_machine(app_name, config, name=f"m-{uuid.uuid4().hex[:6]}")
-    activities = MachineActivities(fly_client, SecretStore({}), BlobStore(tmp_path))
+    activities = MachineActivities(fly_client, SecretStore({}), Settings().blob_store())
     past = datetime.now(UTC) - timedelta(seconds=1)
     ref = MachineRef(app=app_name, machine_id=machine.id, name=machine.name or "")
     try:

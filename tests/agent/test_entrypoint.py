@@ -1,13 +1,11 @@
-"""The machine side of prompt jobs: log framing, and the entrypoint run against the stand-in CLI."""
+"""The machine side of prompt jobs: the entrypoint run against the stand-in CLI, and its uploads."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
-import random
 import subprocess
 import sys
 import tarfile
@@ -20,102 +18,9 @@ from typing import Any
 
 import pytest
 
-from agent.framing import CHUNK_BYTES, Decoder, FramingError, encode
-
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN_BIN = ROOT / "tests" / "bin"
 SYSTEM_PATH = os.environ.get("PATH", "/usr/bin:/bin")
-
-
-def decode(lines: list[str], kind: str) -> bytes | None:
-    """Feed lines to a fresh decoder and return one kind's payload."""
-    decoder = Decoder()
-    for line in lines:
-        decoder.feed(line)
-    return decoder.payload(kind)
-
-
-# Framing -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("size", [0, 1, CHUNK_BYTES, CHUNK_BYTES + 1, 5 * CHUNK_BYTES - 7])
-def test_round_trip(size: int) -> None:
-    payload = random.Random(size).randbytes(size)
-    lines = encode("result", payload)
-    assert decode(lines, "result") == payload
-    assert len(lines) == 2 + -(-size // CHUNK_BYTES)
-
-
-def test_round_trip_one_mebibyte() -> None:
-    payload = random.Random(1).randbytes(1 << 20)
-    assert decode(encode("archive", payload), "archive") == payload
-
-
-def test_exact_format() -> None:
-    payload = b"x" * (CHUNK_BYTES + 1)
-    lines = encode("result", payload)
-    digest = hashlib.sha256(payload).hexdigest()
-    assert lines[0] == f"SORTIE/1 BEGIN result {CHUNK_BYTES + 1} {digest} 2"
-    assert lines[1] == f"SORTIE/1 DATA result 0 {base64.b64encode(b'x' * CHUNK_BYTES).decode()}"
-    assert lines[2] == "SORTIE/1 DATA result 1 eA=="
-    assert lines[3] == "SORTIE/1 END result"
-    assert encode("result", b"") == [
-        "SORTIE/1 BEGIN result 0 "
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855 0",
-        "SORTIE/1 END result",
-    ]
-
-
-def test_bad_kind_is_refused() -> None:
-    with pytest.raises(ValueError):
-        encode("Result", b"x")
-
-
-def test_noise_duplicates_reordering_and_prefixes() -> None:
-    payload = random.Random(2).randbytes(7 * CHUNK_BYTES + 100)
-    framed = encode("archive", payload) + encode("result", b'{"exit_code": 0}')
-    lines = [
-        f"2025-01-01T00:00:{i % 60:02d}Z app[abc] iad [info]{line}" for i, line in enumerate(framed)
-    ]
-    lines += framed[1:5]  # duplicates, unprefixed
-    lines += ["noise", "", "SORTIE/1 DATA archive x ???", "SORTIE/1 BOGUS result 1"]
-    random.Random(3).shuffle(lines)
-    decoder = Decoder()
-    for line in lines:
-        decoder.feed(line)
-    assert decoder.kinds_seen() == {"archive", "result"}
-    assert decoder.complete("archive") and decoder.complete("result")
-    assert decoder.payload("archive") == payload
-    assert decoder.payload("result") == b'{"exit_code": 0}'
-
-
-def test_incomplete_frames_give_none() -> None:
-    lines = encode("archive", b"y" * (3 * CHUNK_BYTES))
-    for missing in range(len(lines)):
-        decoder = Decoder()
-        for index, line in enumerate(lines):
-            if index != missing:
-                decoder.feed(line)
-        assert not decoder.complete("archive")
-        assert decoder.payload("archive") is None
-    assert Decoder().payload("archive") is None
-    assert Decoder().kinds_seen() == set()
-
-
-def test_corruption_is_detected() -> None:
-    lines = encode("result", b"a" * (2 * CHUNK_BYTES))
-    forged = base64.b64encode(b"b" * CHUNK_BYTES).decode()
-    tampered = [*lines[:1], f"SORTIE/1 DATA result 0 {forged}", *lines[2:]]
-    with pytest.raises(FramingError, match="result"):
-        decode(tampered, "result")
-    short = [*lines[:2], "SORTIE/1 DATA result 1 eA==", *lines[3:]]
-    with pytest.raises(FramingError, match="result"):
-        decode(short, "result")
-
-
-def test_newer_begin_replaces_older_payload() -> None:
-    old, new = encode("result", b"first run"), encode("result", b"second run")
-    assert decode(old + new, "result") == b"second run"
 
 
 # The entrypoint ------------------------------------------------------------------------------
@@ -123,7 +28,7 @@ def test_newer_begin_replaces_older_payload() -> None:
 
 @dataclass
 class Run:
-    """One finished entrypoint process and what its frames carried."""
+    """One finished entrypoint process and what it uploaded."""
 
     code: int
     stdout: str
@@ -164,7 +69,7 @@ def run_agent(
     path: str | None = None,
     env: dict[str, str] | None = None,
 ) -> Run:
-    """Run `python -m agent` in a fresh root and home, and decode its frames."""
+    """Run `python -m agent` in a fresh root and home; its uploads land in local files."""
     base = tmp_path / name
     (base / "home").mkdir(parents=True, exist_ok=True)
     (base / "root").mkdir(exist_ok=True)
@@ -175,8 +80,12 @@ def run_agent(
         "LANG": "C.UTF-8",
         "CLAUDE_CODE_OAUTH_TOKEN": "oauth-test-token",
         "SORTIE_JOB": job if isinstance(job, str) else json.dumps(job),
+        "SORTIE_REPORT_URL": f"file://{base / 'report.json'}",
+        "SORTIE_ARCHIVE_URL": f"file://{base / 'archive.tar.gz'}",
         **(env or {}),
     }
+    for upload in ("report.json", "archive.tar.gz"):
+        (base / upload).unlink(missing_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "agent"],
         cwd=base,
@@ -186,13 +95,15 @@ def run_agent(
         timeout=120,
         check=False,
     )
-    decoder = Decoder()
-    for line in proc.stdout.splitlines():
-        decoder.feed(line)
-    result = decoder.payload("result")
-    assert result is not None, proc.stdout + proc.stderr
+    report = base / "report.json"
+    assert report.exists(), proc.stdout + proc.stderr
+    archive = base / "archive.tar.gz"
     return Run(
-        proc.returncode, proc.stdout, proc.stderr, json.loads(result), decoder.payload("archive")
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+        json.loads(report.read_text()),
+        archive.read_bytes() if archive.exists() else None,
     )
 
 
@@ -216,7 +127,7 @@ def test_success(tmp_path: Path, origin: tuple[Path, str]) -> None:
     assert "README.md, app.py" in claude["result"]
     turns = claude["num_turns"]
     assert f"sortie: claude exited 0 after {turns} turns, $0.0115" in run.stdout
-    assert run.stdout.index("BEGIN archive") < run.stdout.index("BEGIN result")
+    assert "report uploaded" in run.stderr
 
 
 def test_commit_branch_path_and_several_repos(tmp_path: Path, origin: tuple[Path, str]) -> None:
@@ -444,3 +355,96 @@ def test_claude_printing_no_json(tmp_path: Path) -> None:
     assert run.code == 4
     assert run.result["claude"] is None and run.result["error"] == "not json at all"
     assert "sortie: claude exited 4" in run.stdout
+
+
+class _Bucket(BaseHTTPRequestHandler):
+    """A loopback upload target: answers `failures` with their statuses first, then 200."""
+
+    failures: list[int] = []
+    bodies: dict[str, bytes] = {}
+    tries: int = 0
+
+    def do_PUT(self) -> None:
+        type(self).tries += 1
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.failures:
+            self.send_response(self.failures.pop(0))
+            self.end_headers()
+            self.wfile.write(b"<Error><Code>Refused</Code></Error>")
+            return
+        self.bodies[self.path] = body
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def bucket() -> Iterator[str]:
+    """The upload target's URL, fresh for the test."""
+    _Bucket.failures, _Bucket.bodies, _Bucket.tries = [], {}, 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Bucket)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_uploads_are_retried_until_they_land(tmp_path: Path, bucket: str) -> None:
+    _Bucket.failures = [503, 500]
+    env = {
+        "SORTIE_REPORT_URL": f"{bucket}/report?X-Amz-Signature=abc",
+        "SORTIE_ARCHIVE_URL": f"{bucket}/archive?X-Amz-Signature=def",
+    }
+    proc = _run_raw(tmp_path, job("Hi", []), env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(_Bucket.bodies["/report?X-Amz-Signature=abc"])
+    assert report["exit_code"] == 0 and report["session_archive"] is True
+    assert _Bucket.bodies["/archive?X-Amz-Signature=def"][:2] == b"\x1f\x8b", "a gzip archive"
+    assert _Bucket.tries == 4, "two failures retried, then both uploads landed"
+    assert "X-Amz-Signature" not in proc.stdout + proc.stderr, "presigned URLs are never printed"
+
+
+def test_a_refused_upload_is_not_retried_and_keeps_the_exit_code(
+    tmp_path: Path, bucket: str
+) -> None:
+    _Bucket.failures = [403, 403]
+    env = {
+        "SORTIE_REPORT_URL": f"{bucket}/report?X-Amz-Signature=abc",
+        "SORTIE_ARCHIVE_URL": f"{bucket}/archive?X-Amz-Signature=def",
+    }
+    proc = _run_raw(tmp_path, job("Hi", []), env)
+    assert proc.returncode == 0, "claude's own code: the worker decides the job failed"
+    assert _Bucket.bodies == {} and _Bucket.tries == 2, "each refused once, never retried"
+    assert "report upload refused (HTTP 403" in proc.stderr
+
+
+def _run_raw(
+    tmp_path: Path, job: dict[str, Any], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run the entrypoint with the given upload URLs (the env run_agent sets, overridden)."""
+    base = tmp_path / "raw"
+    (base / "home").mkdir(parents=True)
+    (base / "root").mkdir()
+    full_env = {
+        "PATH": f"{STANDIN_BIN}{os.pathsep}{SYSTEM_PATH}",
+        "HOME": str(base / "home"),
+        "LOCALFLY_ROOT": str(base / "root"),
+        "LANG": "C.UTF-8",
+        "CLAUDE_CODE_OAUTH_TOKEN": "oauth-test-token",
+        "SORTIE_JOB": json.dumps(job),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "agent"],
+        cwd=base,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

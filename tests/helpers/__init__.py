@@ -5,5 +5,5 @@
 - `processes`: `WorkerProcess`, a real `worker.py` to start, stop and kill
 - `fleet`: in-memory machine activities, for fast tests of the workflows' logic
 - `batches`: small batch files, settings and checks the end-to-end tests share
-- `history`: reading what a workflow's exported history holds
+- `history`: reading what a workflow's exported history holds, and its largest payload
 """

@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.jobs import JobActivities
 from activities.machine_models import (
     MAY_START_MEMO,
     CheckBatchInput,
@@ -217,14 +218,16 @@ def fleet_worker(
     apps: tuple[str, ...] = ("fleet",),
     rate: float | None = None,
 ) -> SortieWorker:
-    """The real batch and chunk workflows, with the fleet's activities; its creates on the
-    apps' create queues, as a real worker polls them."""
+    """The real batch and chunk workflows, with the fleet's activities (and the real reading of
+    a chunk's jobs from the object store); its creates on the apps' create queues, as a real
+    worker polls them."""
     [create] = [a for a in activities if getattr(a, "__name__", "") == "create_machine"]
+    loads = JobActivities(settings.blob_store()).load_jobs
     main = Worker(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow],
-        activities=[a for a in activities if a is not create],
+        activities=[*(a for a in activities if a is not create), loads],
         max_concurrent_activities=1000,
     )
     creates = CreateQueues(temporal.client, settings.task_queue, create, rate=rate, apps=apps)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+from typing import Any
+
+from temporalio.client import Client
 
 
 def decoded_payloads(node: object) -> list[str]:
@@ -19,3 +22,30 @@ def decoded_payloads(node: object) -> list[str]:
         for item in node:
             found.extend(decoded_payloads(item))
     return found
+
+
+def payload_sizes(message: Any) -> list[int]:
+    """The size of every payload (an input or a result) a history event holds, at any depth."""
+    sizes: list[int] = []
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        items = value if field.is_repeated else [value]
+        for item in items:
+            if field.message_type.name == "Payload":
+                sizes.append(item.ByteSize())
+            elif hasattr(item, "ListFields"):
+                sizes.extend(payload_sizes(item))
+    return sizes
+
+
+async def largest_payload(client: Client, query: str) -> tuple[int, int]:
+    """The largest payload in the history of every run the visibility query lists, and how
+    many runs there were."""
+    largest = runs = 0
+    async for execution in client.list_workflows(query):
+        handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        async for event in handle.fetch_history_events():
+            largest = max([largest, *payload_sizes(event)])
+        runs += 1
+    return largest, runs

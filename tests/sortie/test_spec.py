@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sortie.batches import CHUNK_INPUT_BYTES, batch_input, chunk_size
+from sortie.batches import CHUNK_INPUT_BYTES, PAYLOAD_BYTES, batch_input, chunk_size
 from sortie.spec import (
     FAILURE_RATE_AFTER,
     BatchFileError,
@@ -335,7 +335,7 @@ def test_a_long_default_prompt_makes_chunks_smaller_so_each_start_fits() -> None
         }
     )
     size = chunk_size(spec)
-    assert size == 20  # 33 would fit; 50 chunks of 20 share the 100 slots evenly
+    assert size == 10  # 13 would fit; 100 chunks of 10 share the 100 slots evenly
     chunk = [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs[:size])]
     assert sum(len(job.model_dump_json()) for job in chunk) <= CHUNK_INPUT_BYTES
 
@@ -351,19 +351,26 @@ def test_a_job_too_large_for_any_chunk_is_refused_before_anything_starts() -> No
     with pytest.raises(BatchFileError) as caught:
         batch_input(spec, "batch-huge")
     assert "job 'big' is 1,100,3" in str(caught.value)
-    assert "at most 1,000,000" in str(caught.value)
+    assert f"at most {CHUNK_INPUT_BYTES:,}" in str(caught.value)
 
 
-def test_a_batch_too_large_for_temporal_is_refused() -> None:
+def test_a_large_batch_goes_to_the_store_and_its_input_stays_small() -> None:
+    # 20,000 prompt jobs of 2 KB: 40 MB of jobs, an input of a few KB (the bench submits
+    # 100,000 of them).
     spec = parse_batch(
         {
             "name": "many",
             "app": "a",
-            "jobs": [{"id": f"j{i}", "prompt": "y" * 40_000} for i in range(40)],
+            "max_machines": 200,
+            "jobs": [{"id": f"j{i:06d}", "prompt": f"{i} " + "y" * 2_000} for i in range(20_000)],
         }
     )
-    with pytest.raises(BatchFileError, match="split it into several batches"):
-        batch_input(spec, "batch-many")
+    claimed = batch_input(spec, "batch-many")
+    size = len(claimed.input.model_dump_json())
+    assert size < PAYLOAD_BYTES and size < 50_000, size
+    assert all(len(data) <= CHUNK_INPUT_BYTES for data in claimed.objects.values())
+    assert claimed.input.jobs.total == 20_000
+    assert len(claimed.objects) == len(claimed.input.jobs.digests)
 
 
 def test_a_chunk_size_whose_results_could_outgrow_a_payload_is_refused() -> None:
@@ -377,7 +384,7 @@ def test_apps_spread_the_jobs_and_priority_is_one_to_five() -> None:
     jobs = [{"id": f"j{i}", "command": "true"} for i in range(5)]
     spec = parse_batch({"name": "many", "apps": ["a", "b", "c"], "priority": 1, "jobs": jobs})
     assert (spec.app, spec.fly_apps, spec.priority) == ("a", ["a", "b", "c"], 1)
-    data = batch_input(spec, spec.batch_id())
+    data = batch_input(spec, spec.batch_id()).input
     assert [app_for(data.apps, i) for i in range(5)] == ["a", "b", "c", "a", "b"]
     assert parse_batch({"name": "one", "app": "a", "jobs": jobs}).fly_apps == ["a"]
     cases: list[tuple[dict[str, object], str]] = [
@@ -404,9 +411,11 @@ def test_failure_thresholds_and_the_storm_guard_validate_and_reach_the_batch() -
             "jobs": [{"id": "x", "command": "true"}],
         }
     )
-    limit = batch_input(spec, "b").failure_limit
+    limit = batch_input(spec, "b").input.failure_limit
     assert (limit.max_failures, limit.max_failure_rate, limit.on_too_many) == (20, 12.5, "cancel")
-    assert batch_input(spec, "b").storm == StormGuard(errors=5, within=120, auto_resume_after=600)
+    assert batch_input(spec, "b").input.storm == StormGuard(
+        errors=5, within=120, auto_resume_after=600
+    )
     plain = parse_batch({"name": "p", "app": "a", "jobs": [{"id": "x", "command": "true"}]})
     assert (plain.max_failures, plain.max_failure_rate, plain.on_too_many_failures) == (
         None,

@@ -504,7 +504,7 @@ async def test_starter_submit_wait_json_and_bad_input(
 async def test_results_of_a_closed_batch_need_no_worker(
     temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path
 ) -> None:
-    # The chunks' compact rows are in Temporal, their log tails in the blob store: a closed
+    # The chunks' compact rows are in Temporal, their log tails in the object store: a closed
     # batch reads back whole with every worker gone.
     settings = settings_for(temporal.client.service_client.config.target_host).model_copy(
         update={"state_dir": tmp_path / "state"}
@@ -537,4 +537,4 @@ async def test_results_of_a_closed_batch_need_no_worker(
     document = json.loads(ran.stdout)
     assert [r["state"] for r in document["results"]] == ["succeeded"] * JOBS
     for i, result in enumerate(document["results"]):
-        assert f"out-{i}" in "\n".join(result["log_tail"]), "read back from the blob store"
+        assert f"out-{i}" in "\n".join(result["log_tail"]), "read back from the object store"

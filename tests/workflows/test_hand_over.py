@@ -35,7 +35,6 @@ from sortie.models import MachineRef
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import Job
-from sortie.store import BlobStore
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker
 
 
@@ -121,7 +120,7 @@ async def test_a_job_that_ended_hands_its_slot_to_the_next_job_once(
     exit_code: int,
 ) -> None:
     owner = await chunk(None)
-    activities = MachineActivities(fly_client, SecretStore({}), BlobStore(tmp_path))
+    activities = MachineActivities(fly_client, SecretStore({}), Settings().blob_store())
     ref = await _this_job(fly_client, app_name, exit_code)
     env = ActivityEnvironment(client=temporal.client)
 
@@ -153,7 +152,7 @@ async def test_no_machine_for_a_job_the_chunk_does_not_let_start(
     tmp_path: Path,
     chunk: StartChunk,
 ) -> None:
-    activities = MachineActivities(fly_client, SecretStore({}), BlobStore(tmp_path))
+    activities = MachineActivities(fly_client, SecretStore({}), Settings().blob_store())
     ref = await _this_job(fly_client, app_name, 0)
     env = ActivityEnvironment(client=temporal.client)
     closed = _finish_input(app_name, ref, await chunk(False), "paused-job")

@@ -48,7 +48,14 @@ async def test_logs_follow_prints_lines_as_they_come_scrubbed_then_the_rest_once
     )
     jobs: list[dict[str, Any]] = [
         {"id": "cmd", "command": script, "secrets": ["SORTIE_TEST_LOG_SECRET"]},
-        {"id": "ask", "prompt": "think [[slow:3]]", "image": "registry.fly.io/sortie-agent:latest"},
+        # Its tail is kept whole, so its agent's lines show even if it ends before the follower
+        # first looks (a loaded machine may take that long to start the follower).
+        {
+            "id": "ask",
+            "prompt": "think [[slow:3]]",
+            "image": "registry.fly.io/sortie-agent:latest",
+            "log_tail": "always",
+        },
     ]
     path = batch_file(tmp_path / "batch.json", app_name, jobs, max_machines=2)
     batch_id = (

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sortie.stack import MATCHING_CONFIG
+
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = re.compile(r"\b((?:sortie|temporal)_[a-z_]+)")
 SDK_SERIES = {
@@ -35,6 +37,7 @@ def stack(tmp_path: Path) -> Path:
     for name in ("docker-compose.yml", "Dockerfile", "grafana-dashboard.json"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "monitoring", tmp_path / "monitoring")
+    shutil.copytree(ROOT / "config", tmp_path / "config")
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")
     return tmp_path
 
@@ -53,6 +56,24 @@ def test_compose_file_is_valid_with_the_example_env(stack: Path) -> None:
     assert worker["environment"]["TEMPORAL_ADDRESS"] == "temporal:7233"
     assert worker["stop_signal"] == "SIGTERM"
     assert "BatchId" in " ".join(services["temporal-setup"]["command"])
+
+
+def test_the_compose_server_paces_and_shares_as_the_offline_one(stack: Path) -> None:
+    # The server's dynamic config is mounted where it is read, and says what the dev server is
+    # told: one partition per queue (an app's create rate is one bucket) and fairness on.
+    ran = compose_config(stack)
+    assert ran.returncode == 0, ran.stderr
+    temporal = yaml.safe_load(ran.stdout)["services"]["temporal"]
+    path = temporal["environment"]["DYNAMIC_CONFIG_FILE_PATH"]
+    # docker-compose v1 prints a volume as "source:target:mode", v2 as a mapping
+    volumes = [
+        v if isinstance(v, dict) else dict(zip(("source", "target"), v.split(":"), strict=False))
+        for v in temporal["volumes"]
+    ]
+    [mount] = [v for v in volumes if v["target"] == path]
+    mounted = yaml.safe_load(Path(mount["source"]).read_text())
+    told = dict(MATCHING_CONFIG[i + 1].split("=") for i in range(0, len(MATCHING_CONFIG), 2))
+    assert {key: str(values[0]["value"]).lower() for key, values in mounted.items()} == told
 
 
 def test_compose_refuses_a_missing_database_password(stack: Path) -> None:

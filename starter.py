@@ -94,13 +94,7 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             "use --new to run the file again as a new batch",
             file=out,
         )
-    _ui(settings, submitted.batch_id, args.json)
-    if not args.wait:
-        if args.json:
-            print(submitted.model_dump_json(indent=2))
-        return 0
-    await _watch(client, submitted.batch_id, quiet=args.json)
-    return await _print_results(client, settings, submitted.batch_id, args.json)
+    return await _started(client, settings, submitted, args)
 
 
 async def _watch(client: Client, batch_id: str, quiet: bool = False) -> None:
@@ -391,13 +385,20 @@ async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         print(f"{retried.batch_id} already retries them ({retried.status})", file=out)
-    _ui(settings, retried.batch_id, args.json)
+    return await _started(client, settings, retried, args)
+
+
+async def _started(
+    client: Client, settings: Settings, started: batches.Submitted, args: argparse.Namespace
+) -> int:
+    """After submit or retry: the UI link, then the answer (--json) or, with --wait, the end."""
+    _ui(settings, started.batch_id, args.json)
     if not args.wait:
         if args.json:
-            print(retried.model_dump_json(indent=2))
+            print(started.model_dump_json(indent=2))
         return 0
-    await _watch(client, retried.batch_id, quiet=args.json)
-    return await _print_results(client, settings, retried.batch_id, args.json)
+    await _watch(client, started.batch_id, quiet=args.json)
+    return await _print_results(client, settings, started.batch_id, args.json)
 
 
 async def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:

@@ -491,6 +491,31 @@ async def results(
     A closed chunk's rows are compact (its result is in its batch's history too): with `store`,
     their log tails and answers are read back from it.
     """
+    head, chunks, followups = await _head(client, batch_id)
+    limit = asyncio.Semaphore(parallel)
+
+    async def read(chunk: ChunkProgress) -> list[JobResult]:
+        async with limit:
+            return await _chunk_results(client, batch_id, chunk, store)
+
+    per_chunk = await asyncio.gather(*(read(c) for c in chunks))
+    flat = [r for rs in per_chunk for r in rs]
+    for result in flat:
+        _attach_followups(result, followups)
+    if store is not None:
+
+        async def expand_one(result: JobResult) -> None:
+            async with limit:
+                await _expand_turns(result, store)
+
+        await asyncio.gather(*(expand_one(result) for result in flat))
+    return head.model_copy(update={"results": flat})
+
+
+async def _head(
+    client: Client, batch_id: str
+) -> tuple[BatchReport, list[ChunkProgress], dict[str, list[JobResult]]]:
+    """The batch's totals (no rows yet), its chunks, and its follow-up turns by job id."""
     closed, status = await is_closed(client, batch_id)
     if closed:
         output = await _closed_output(client, batch_id, status)
@@ -502,24 +527,10 @@ async def results(
         )
         chunks, name, state = now.chunks, None, now.status
         paused, pause_reason, cancel_reason = now.paused, now.pause_reason, None
-    limit = asyncio.Semaphore(parallel)
-
-    async def read(chunk: ChunkProgress) -> list[JobResult]:
-        async with limit:
-            return await _chunk_results(client, batch_id, chunk, store)
-
-    per_chunk = await asyncio.gather(*(read(c) for c in chunks))
-    flat = [r for rs in per_chunk for r in rs]
-    await _attach_followups(client, batch_id, flat)
-    if store is not None:
-
-        async def expand_one(result: JobResult) -> None:
-            async with limit:
-                await _expand_turns(result, store)
-
-        await asyncio.gather(*(expand_one(result) for result in flat))
+    followups = await _followups_by_job(client, batch_id)
+    turns = [turn for job in followups.values() for turn in job]
     counts = Counts.total_of([chunk.counts for chunk in chunks])
-    return BatchReport(
+    head = BatchReport(
         batch_id=batch_id,
         name=name,
         status=state,
@@ -531,15 +542,14 @@ async def results(
         pending=counts.pending,
         running=counts.running,
         live_machines=counts.live_machines,
-        cost_usd=round(
-            counts.cost_usd + sum(f.cost_usd or 0 for r in flat for f in r.followups), 6
-        ),
-        num_turns=counts.num_turns + sum(f.num_turns or 0 for r in flat for f in r.followups),
+        cost_usd=round(counts.cost_usd + sum(t.cost_usd or 0 for t in turns), 6),
+        num_turns=counts.num_turns + sum(t.num_turns or 0 for t in turns),
         paused=paused,
         pause_reason=pause_reason,
         cancel_reason=cancel_reason,
-        results=flat,
+        results=[],
     )
+    return head, chunks, followups
 
 
 async def _chunk_results(
@@ -572,11 +582,9 @@ async def _chunk_results(
     return await handle.query(ChunkWorkflow.results)
 
 
-async def _attach_followups(client: Client, batch_id: str, results: list[JobResult]) -> None:
-    """Add each job's follow-up turns (their own chunk workflows) to its result, in turn order."""
-    by_job = await _followups_by_job(client, batch_id)
-    for result in results:
-        result.followups = sorted(by_job.get(result.job_id, []), key=lambda turn: turn.turn)
+def _attach_followups(result: JobResult, by_job: dict[str, list[JobResult]]) -> None:
+    """Add the job's follow-up turns (their own chunk workflows) to its result, in turn order."""
+    result.followups = sorted(by_job.get(result.job_id, []), key=lambda turn: turn.turn)
 
 
 class UnknownJob(LookupError):
@@ -1008,38 +1016,8 @@ async def latest_results(
 
 async def report_head(client: Client, batch_id: str) -> BatchReport:
     """The batch's totals without its rows (`results` is empty): what an export begins with."""
-    closed, status = await is_closed(client, batch_id)
-    if closed:
-        output = await _closed_output(client, batch_id, status)
-        chunks, name, state = output.chunks, output.name, output.status
-        paused, pause_reason, cancel_reason = False, None, output.cancel_reason
-    else:
-        now = await _live(
-            client, await batch_handle(client, batch_id).query(BatchWorkflow.progress)
-        )
-        chunks, name, state = now.chunks, None, now.status
-        paused, pause_reason, cancel_reason = now.paused, now.pause_reason, None
-    turns = [turn for job in (await _followups_by_job(client, batch_id)).values() for turn in job]
-    counts = Counts.total_of([chunk.counts for chunk in chunks])
-    return BatchReport(
-        batch_id=batch_id,
-        name=name,
-        status=state,
-        total=counts.total,
-        succeeded=counts.succeeded,
-        failed=counts.failed + counts.timed_out,
-        timed_out=counts.timed_out,
-        cancelled=counts.cancelled,
-        pending=counts.pending,
-        running=counts.running,
-        live_machines=counts.live_machines,
-        cost_usd=round(counts.cost_usd + sum(t.cost_usd or 0 for t in turns), 6),
-        num_turns=counts.num_turns + sum(t.num_turns or 0 for t in turns),
-        paused=paused,
-        pause_reason=pause_reason,
-        cancel_reason=cancel_reason,
-        results=[],
-    )
+    head, _, _ = await _head(client, batch_id)
+    return head
 
 
 async def iter_results(
@@ -1068,7 +1046,7 @@ async def iter_results(
         ahead = read(windows[i + 1]) if i + 1 < len(windows) else None
         for chunk, found in zip(some, rows, strict=True):
             for result in found:
-                result.followups = sorted(followups.get(result.job_id, []), key=lambda t: t.turn)
+                _attach_followups(result, followups)
                 if store is not None:
                     await _expand_turns(result, store)
                 yield chunk.workflow_id, result

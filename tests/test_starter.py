@@ -22,6 +22,7 @@ import pexpect
 import pytest
 
 from sortie import batches, reaping
+from tests.helpers.cli import run_cli as piped
 from tests.helpers.stack import ROOT, Sortie
 from tests.helpers.waiting import eventually
 
@@ -48,20 +49,6 @@ def sortie_env(s: Sortie) -> dict[str, str]:
         TEMPORAL_ADDRESS=s.settings.temporal_address,
         SORTIE_TASK_QUEUE=s.settings.task_queue,
         SORTIE_STATE_DIR=str(s.settings.state_dir),
-    )
-
-
-def piped(
-    args: list[str], env: dict[str, str], timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run `starter.py ARGS` with stdout and stderr piped."""
-    return subprocess.run(
-        [sys.executable, "starter.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
     )
 
 

@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from sortie import batches
 from sortie.models import Tuning
 from sortie.spec import parse_batch
+from tests.helpers.history import assert_no_create_while_paused
 from tests.helpers.stack import ROOT, Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
@@ -180,12 +180,5 @@ async def test_every_credential_answering_429_pauses_the_batch_and_no_machine_st
     async for execution in sortie.client.list_workflows(f'BatchId="{batch_id}"'):
         if execution.workflow_type != "ChunkWorkflow":
             continue
-        paused = False
         history = await sortie.client.get_workflow_handle(execution.id).fetch_history()
-        for event in history.events:
-            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
-                name = event.workflow_execution_signaled_event_attributes.signal_name
-                paused = {"pause": True, "resume": False}.get(name, paused)
-            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-                kind = event.activity_task_scheduled_event_attributes.activity_type.name
-                assert not (paused and kind == "create_machine"), "created a machine while paused"
+        assert_no_create_while_paused(history)

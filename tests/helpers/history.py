@@ -6,7 +6,8 @@ import base64
 import contextlib
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
 
 
 def decoded_payloads(node: object) -> list[str]:
@@ -49,3 +50,15 @@ async def largest_payload(client: Client, query: str) -> tuple[int, int]:
             largest = max([largest, *payload_sizes(event)])
         runs += 1
     return largest, runs
+
+
+def assert_no_create_while_paused(history: WorkflowHistory) -> None:
+    """A chunk scheduled no `create_machine` between a `pause` signal and the next `resume`."""
+    paused = False
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            name = event.workflow_execution_signaled_event_attributes.signal_name
+            paused = {"pause": True, "resume": False}.get(name, paused)
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            kind = event.activity_task_scheduled_event_attributes.activity_type.name
+            assert not (paused and kind == "create_machine"), "created a machine while paused"

@@ -167,4 +167,7 @@ async def test_a_small_batch_behind_a_large_one_starts_its_jobs_among_the_large_
     order = fleet.runs
     assert len(order) == 33
     smalls = [order.index(f"small{i}") for i in range(3)]
-    assert max(smalls) < 15, f"the small batch's creates came at {smalls} of 33"
+    # First come, first served puts them last (30th to 32nd, seen with the fairness key taken
+    # out); how many of the large batch's creates go first depends on how fast the small one's
+    # check reaches the queue (12 to 15 seen), so the bound is "among": before the last three.
+    assert max(smalls) < len(order) - len(smalls), f"the small batch's creates came at {smalls}"

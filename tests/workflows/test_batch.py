@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
@@ -26,6 +25,7 @@ from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.batches import JOBS, settings_for, spec_for
+from tests.helpers.history import assert_no_create_while_paused
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.helpers.waiting import eventually
@@ -258,14 +258,7 @@ async def test_pause_creates_nothing_until_resume(sortie: Sortie, app_name: str)
 
     assert report.succeeded == 8
     async for history in chunk_histories(sortie, batch_id):
-        paused = False
-        for event in history.events:
-            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
-                name = event.workflow_execution_signaled_event_attributes.signal_name
-                paused = {"pause": True, "resume": False}.get(name, paused)
-            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-                kind = event.activity_task_scheduled_event_attributes.activity_type.name
-                assert not (paused and kind == "create_machine"), "created a machine while paused"
+        assert_no_create_while_paused(history)
 
 
 async def _paused_and_idle(s: Sortie, batch_id: str, app: str) -> Any:

@@ -98,14 +98,17 @@ class Row(BaseModel):
     workers: int = 1
     one_machine_each: bool = True
     """No job got a second machine: machines made equal jobs run."""
+    batch_run_events: list[int] = []
+    """Events of every batch run (every batch's, with --batches), in the order they started."""
+    chunk_runs: int = 0
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
 
     @property
-    def ratio(self) -> float:
-        """Makespan over the ideal ceil(N/C)*T."""
-        return self.makespan_s / self.ideal_s
+    def ratio(self) -> float | None:
+        """Makespan over the ideal ceil(N/C)*T (none for jobs of 0 s)."""
+        return self.makespan_s / self.ideal_s if self.ideal_s else None
 
     @property
     def calls_total(self) -> float:
@@ -204,19 +207,33 @@ async def run_baseline(fly: FlyClient, n: int, c: int, t: float) -> tuple[float,
     return time.monotonic() - started, sum(1 for code in codes if code == 0)
 
 
-async def largest_histories(client: Client, batch_ids: list[str]) -> tuple[int, int, int, int]:
-    """Events and bytes of the largest batch run and of the largest chunk run."""
-    parent = child = (0, 0)
+class Histories(BaseModel):
+    """The sizes of a configuration's workflow runs."""
+
+    batch_runs: list[tuple[int, int]]
+    """Events and bytes of every batch run, in the order the runs started."""
+    chunk_runs: int
+    largest_chunk: tuple[int, int]
+
+
+async def histories(client: Client, batch_ids: list[str]) -> Histories:
+    """Events and bytes of every batch run, and of the largest chunk run."""
+    runs: list[tuple[datetime, int, int]] = []
+    chunks: list[tuple[int, int]] = []
     query = " OR ".join(f'BatchId="{batch_id}"' for batch_id in batch_ids)
     async for execution in client.list_workflows(query):
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
         history = await handle.fetch_history()
         size = (len(history.events), sum(e.ByteSize() for e in history.events))
         if execution.workflow_type == "BatchWorkflow":
-            parent = max(parent, size)
+            runs.append((execution.start_time, *size))
         else:
-            child = max(child, size)
-    return (*parent, *child)
+            chunks.append(size)
+    return Histories(
+        batch_runs=[(events, size) for _, events, size in sorted(runs)],
+        chunk_runs=len(chunks),
+        largest_chunk=max(chunks, default=(0, 0)),
+    )
 
 
 def start_workers(
@@ -407,7 +424,7 @@ async def measure(
                 }
                 made = [m for a in names for m in localfly.machines(a)]
                 created = sorted(_when(m["created_at"]) for m in made)
-                histories = await largest_histories(client, batch_ids)
+                runs = await histories(client, batch_ids)
                 base = await run_baseline(fly, n, c, t) if baseline else None
     calls: Counter[str] = Counter(stats["calls"])
     bursts = CREATE_BURST * apps
@@ -427,10 +444,12 @@ async def measure(
         calls_per_job={e: calls.get(e, 0) / n for e in ENDPOINTS},
         max_live=int(stats["max_live_machines"]),
         rss_mb=rss_mb,
-        parent_events=histories[0],
-        parent_bytes=histories[1],
-        child_events=histories[2],
-        child_bytes=histories[3],
+        parent_events=max(events for events, _ in runs.batch_runs),
+        parent_bytes=max(size for _, size in runs.batch_runs),
+        child_events=runs.largest_chunk[0],
+        child_bytes=runs.largest_chunk[1],
+        batch_run_events=[events for events, _ in runs.batch_runs],
+        chunk_runs=runs.chunk_runs,
         rate_limited=int(stats.get("rate_limited", 0)),
         enforced=enforce,
         apps=apps,
@@ -494,6 +513,7 @@ def table(rows: list[Row]) -> str:
         calls = "/".join(f"{r.calls_per_job[e]:.2f}" for e in ENDPOINTS)
         base = f"{r.baseline_s:.1f}s" if r.baseline_s else "-"
         versus = f"{r.versus_baseline:.3f}" if r.versus_baseline else "-"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
         base_ok = "-" if r.baseline_succeeded is None else str(r.baseline_succeeded)
         jobs = f"{r.jobs} in {r.batches} batches" if r.batches > 1 else str(r.jobs)
         rate = "-"
@@ -502,11 +522,20 @@ def table(rows: list[Row]) -> str:
             rate = f"{r.creates_per_s:.3f} vs {allowed:g} ({r.creates_per_s / allowed:.1%})"
         lines.append(
             f"| {jobs} | {r.concurrency} | {r.duration_s:g}s | {r.makespan_s:.1f}s "
-            f"| {r.ideal_s:.1f}s | {r.ratio:.3f} | {base} | {versus} | {r.jobs_per_s:.1f} "
+            f"| {r.ideal_s:.1f}s | {ratio} | {base} | {versus} | {r.jobs_per_s:.1f} "
             f"| {r.succeeded}/{base_ok} | {calls} = {r.calls_total:.2f} "
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
             f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} "
             f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} |"
+        )
+    lines.append("")
+    for r in rows:
+        runs = len(r.batch_run_events)
+        lines.append(
+            f"- N={r.jobs} C={r.concurrency} T={r.duration_s:g}s: "
+            f"{runs} batch run{'s' * (runs > 1)}"
+            f" of {', '.join(f'{e:,}' for e in r.batch_run_events)} events; "
+            f"{r.chunk_runs:,} chunk runs"
         )
     return "\n".join(lines)
 

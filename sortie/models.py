@@ -79,12 +79,9 @@ class Counts(StrictModel):
 
     @classmethod
     def total_of(cls, many: list[Counts]) -> Counts:
-        """Sum many counts (one model built, not one per addition)."""
-        total = dict.fromkeys(cls.model_fields, 0)
-        for counts in many:
-            for name in cls.model_fields:
-                total[name] += getattr(counts, name)
-        return cls(**total)
+        """Sum many counts (one model built, not one per addition): a batch does this for its
+        Web UI details after every report, over every chunk."""
+        return cls(**{name: sum(getattr(c, name) for c in many) for name in cls.model_fields})
 
     @classmethod
     def of(cls, results: list[JobResult], live_machines: int = 0) -> Counts:

@@ -66,6 +66,13 @@ PASS_BYTES = 1_000_000
 server's 4 MB message limit (one chunk's input is at most 1 MB, see sortie/batches.py)."""
 STARTS_AT_ONCE = 50
 """Chunks started in one workflow task at most, so a run checks its length between passes."""
+REPORTS_PER_S = 4.0
+"""Progress reports a batch takes from all its chunks together, per second at most. Every
+report takes the batch's lock on the server; at about 20 a second a dev server throttled the
+batch as a busy workflow (BusyWorkflow), its chunk starts waited 10 s each in the server's
+queue and the batch never got to continue-as-new (docs/benchmarks.md, 20,000 jobs)."""
+REPORT_EVERY_S = 5.0
+"""A chunk's progress reaches its batch at most this late when few chunks run."""
 
 
 @workflow.defn
@@ -348,6 +355,7 @@ class BatchWorkflow:
             budgeted=self._state.max_cost_usd is not None,
             paced=self._state.paced_creates,
             guarded=self._state.failure_limit.is_set,
+            report_every_s=report_every(self._state.max_machines, len(self._state.chunks)),
             tuning=self._input.tuning,
         )
 
@@ -519,6 +527,12 @@ class BatchWorkflow:
             f"- chunks: {len(self._running())} running, {len(state.pending)} not started, "
             f"{len(state.chunks)} in all"
         )
+
+
+def report_every(max_machines: int, chunks: int) -> float:
+    """Seconds between a chunk's progress reports: the chunks that may run at once share
+    REPORTS_PER_S between them."""
+    return max(REPORT_EVERY_S, min(max_machines, chunks) / REPORTS_PER_S)
 
 
 def _failed(why: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -44,10 +44,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.messaging import deliver
     from workflows.shielded import complete, settle
 
-REPORT_EVERY = timedelta(seconds=5)
-"""Progress reaches the batch at most this late; slots given back, spending, failed jobs and
-storm errors at once (the batch's guards act on them before another machine starts)."""
-
 
 class InfrastructureFailure(Exception):
     """The machine, not the job, failed: worth another attempt on a new machine."""
@@ -76,6 +72,8 @@ class ChunkWorkflow:
         self._errors: dict[str, int] = {}
         self._heard = 0
         self._last_report = workflow.now()
+        self._unreported = False
+        self._report_due: asyncio.Task[None] | None = None
         # A spent slot goes back to the batch under a budget, so no slot is handed over there;
         # under a failure limit a failed job's slot goes back, so only a success hands over;
         # nor where creates are paced by their app's queue, which a hand-over would bypass.
@@ -441,19 +439,24 @@ class ChunkWorkflow:
     def _slot_freed(self, spent: bool, failed: bool) -> None:
         """A machine is gone: keep its slot for the next job, or give it back.
 
-        A job that spent money, failed, or met a storm error is reported at once. Under a budget
-        a job that spent money gives its slot back with its report, and the batch lends it again
-        only while money is left, so no job starts on money already spent; under a failure
-        limit a failed job's slot goes back the same way, so no job starts past the limit.
+        Progress is reported every `report_every_s`; a job the batch must judge at once (one that
+        spent money under a budget, or failed under a failure limit) and a storm error are
+        reported as they happen. Under a budget a job that spent money gives its slot back with
+        its report, and the batch lends it again only while money is left, so no job starts on
+        money already spent; under a failure limit a failed job's slot goes back the same way,
+        so no job starts past the limit.
         """
         judged = (spent and self._input.budgeted) or (failed and self._input.guarded)
         if judged and self._queue and not self._cancelled:
             self._owed += 1
-        urgent = spent or failed
-        if not self._give_back_idle() and (
-            urgent or workflow.now() - self._last_report >= REPORT_EVERY
-        ):
+        if self._give_back_idle():
+            return
+        if judged or workflow.now() >= self._next_report_at():
             self._report()
+            return
+        self._unreported = True
+        if self._report_due is None or self._report_due.done():
+            self._report_due = asyncio.create_task(self._report_when_due())
 
     async def _judged(self, result: JobResult) -> None:
         """After an attempt that met a storm error, keep its slot until the batch judged it.
@@ -487,10 +490,24 @@ class ChunkWorkflow:
 
     # ------------------------------------------------------------ reports
 
+    def _next_report_at(self) -> datetime:
+        return self._last_report + timedelta(seconds=self._input.report_every_s)
+
+    async def _report_when_due(self) -> None:
+        """Report what is still unreported once `report_every_s` has passed since the last
+        report, so progress reaches the batch that late at most even when no slot frees."""
+        while self._unreported:
+            wait = self._next_report_at() - workflow.now()
+            if wait > timedelta(0):
+                await workflow.sleep(wait, summary="report progress to the batch")
+            else:
+                self._report()
+
     def _report(self, released: int = 0, done: bool = False) -> int | None:
         """Tell the batch about given-back slots and progress, without waiting for delivery;
         the report's number, or None when there is no batch to tell."""
         self._update_details()
+        self._unreported = False
         parent = workflow.info().parent
         if parent is None:  # a follow-up turn runs on its own
             return None
@@ -518,6 +535,8 @@ class ChunkWorkflow:
 
     async def _report_done(self) -> None:
         """The last report, sent once every earlier one has arrived: the batch may then close."""
+        if self._report_due is not None:
+            self._report_due.cancel()
         await asyncio.gather(*self._reports)
         self._report(released=self._slots, done=True)
         self._slots = 0

@@ -30,6 +30,8 @@ class ChunkInput(StrictModel):
     """Creates are paced by Temporal on each app's queue: no hand-over creates beside it."""
     guarded: bool = False
     """The batch has a failure limit: a failed job's slot goes back to it to be judged."""
+    report_every_s: float = Field(default=5.0, gt=0)
+    """Progress reaches the batch at most this late (the batch sets it: see its REPORTS_PER_S)."""
     tuning: Tuning = Tuning()
     followup: Followup | None = None
     """Jobs of a retry batch that continue their session instead of starting over, by id."""

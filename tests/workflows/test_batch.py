@@ -29,7 +29,7 @@ from tests.helpers.history import assert_no_create_while_paused
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.helpers.waiting import eventually
-from workflows.batch import BatchWorkflow
+from workflows.batch import REPORTS_PER_S, BatchWorkflow, report_every
 from workflows.batch_models import (
     BatchOutput,
     CancelRequest,
@@ -37,6 +37,7 @@ from workflows.batch_models import (
     MaxMachinesRequest,
     PauseRequest,
 )
+from workflows.chunk_models import ChunkInput
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
 
@@ -77,6 +78,14 @@ def machines(s: Sortie, app: str) -> list[dict[str, Any]]:
 
 def live(s: Sortie, app: str) -> list[dict[str, Any]]:
     return [m for m in machines(s, app) if m["state"] != "destroyed"]
+
+
+async def chunk_input(s: Sortie, history: Any) -> ChunkInput:
+    """The input a chunk run started with."""
+    started = history.events[0].workflow_execution_started_event_attributes
+    [value] = await s.client.data_converter.decode(started.input.payloads, [ChunkInput])
+    assert isinstance(value, ChunkInput)
+    return value
 
 
 async def chunk_histories(s: Sortie, batch_id: str) -> AsyncIterator[Any]:
@@ -180,6 +189,19 @@ async def test_every_run_of_the_batch_stays_short_while_it_starts_many_chunks(
     # (each running chunk's completion and last report, and the tasks they cause) overshoots it.
     assert len(runs) > 1 and lengths[-1] <= bound + 2 * spec.max_machines + 40, lengths
     assert not live(sortie, app_name)
+    # Thirty chunks at once share the batch's reports: each reports every 30/4 s at most.
+    every = {
+        (await chunk_input(sortie, history)).report_every_s
+        async for history in chunk_histories(sortie, submitted.batch_id)
+    }
+    assert every == {7.5}
+
+
+def test_chunks_report_less_often_the_more_of_them_run_at_once() -> None:
+    # Together they send the batch REPORTS_PER_S reports a second, never more often than every 5 s.
+    assert report_every(max_machines=200, chunks=200) == 200 / REPORTS_PER_S == 50
+    assert report_every(max_machines=200, chunks=10) == 5
+    assert report_every(max_machines=3, chunks=1000) == 5
 
 
 async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None:

@@ -53,7 +53,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
-    from workflows.messaging import deliver
+    from workflows.messaging import Delivery, deliver
     from workflows.shielded import complete
 
 RUN_BYTES = 1_500_000
@@ -85,7 +85,7 @@ class BatchWorkflow:
         self._input = input
         self._state = input.state or _plan(input)
         self._changed = False
-        self._grants: list[asyncio.Future[bool]] = []
+        self._grants: list[asyncio.Future[Delivery]] = []
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
@@ -274,7 +274,7 @@ class BatchWorkflow:
     async def _pass_on_pause_and_cancel(self) -> None:
         """Tell every running chunk, in the order they were given, and wait until they heard."""
         state = self._state
-        sends: list[Awaitable[bool]] = []
+        sends: list[Awaitable[Delivery]] = []
         if state.cancelled and not state.told_cancelled:
             state.told_cancelled = True
             request = CancelRequest(reason=state.cancel_reason or "cancelled")
@@ -463,7 +463,7 @@ class BatchWorkflow:
         self._grants = [g for g in self._grants if not g.done()]
         self._grants.append(asyncio.ensure_future(self._signal(chunk, ChunkWorkflow.grant, grant)))
 
-    def _signal(self, chunk: ChunkState, signal: Any, *arg: Any) -> Awaitable[bool]:
+    def _signal(self, chunk: ChunkState, signal: Any, *arg: Any) -> Awaitable[Delivery]:
         """Signal a chunk; one that has just finished cannot be told, and need not be."""
         handle = workflow.get_external_workflow_handle(chunk.workflow_id)
         return deliver(handle.signal(signal, *arg))

@@ -41,7 +41,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport, SlotGrant
     from workflows.hand_over import HandOver
-    from workflows.messaging import deliver
+    from workflows.messaging import Delivery, deliver
     from workflows.shielded import complete, settle
 
 
@@ -528,9 +528,16 @@ class ChunkWorkflow:
         return report.seq
 
     async def _deliver(self, batch_id: str, report: ChunkReport) -> None:
-        """Signal the batch; a batch that can no longer hear (terminated) stops the chunk."""
+        """Signal the batch until it hears the report; a batch that is gone (terminated) stops
+        the chunk. A batch run that took all the signals the server allows it is told again
+        later, and its next run hears the report: `seq` keeps the newest counts, and what the
+        report gave back adds up in any order."""
         batch = workflow.get_external_workflow_handle(batch_id)
-        if not await deliver(batch.signal("chunk_report", report)) and not report.done:
+        while (delivery := await deliver(batch.signal("chunk_report", report))) is Delivery.REFUSED:
+            await workflow.sleep(
+                self._input.report_every_s, summary="the batch took no more signals: tell it again"
+            )
+        if delivery is Delivery.GONE and not report.done:
             self._cancel("the batch is no longer running")
 
     async def _report_done(self) -> None:

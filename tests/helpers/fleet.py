@@ -217,16 +217,17 @@ def fleet_worker(
     activities: list[Callable[..., Any]],
     apps: tuple[str, ...] = ("fleet",),
     rate: float | None = None,
+    workflows: tuple[type, ...] = (),
 ) -> SortieWorker:
-    """The real batch and chunk workflows, with the fleet's activities (and the real reading of
-    a chunk's jobs from the object store); its creates on the apps' create queues, as a real
-    worker polls them."""
+    """The real batch and chunk workflows (and `workflows`), with the fleet's activities (and
+    the real reading of a chunk's jobs from the object store); its creates on the apps' create
+    queues, as a real worker polls them."""
     [create] = [a for a in activities if getattr(a, "__name__", "") == "create_machine"]
     loads = JobActivities(settings.blob_store()).load_jobs
     main = Worker(
         temporal.client,
         task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow],
+        workflows=[BatchWorkflow, ChunkWorkflow, *workflows],
         activities=[*(a for a in activities if a is not create), loads],
         max_concurrent_activities=1000,
     )

@@ -56,9 +56,10 @@ with workflow.unsafe.imports_passed_through():
     from workflows.messaging import Delivery, deliver
     from workflows.shielded import complete
 
-RUN_BYTES = 1_500_000
-"""A run continues-as-new past this size (or `Tuning.run_events`), well below Temporal's own
-suggestion of 4 MB."""
+RESULT_BYTES_PER_JOB = 1_000
+"""What a job's row adds to the history of the batch run that started its chunk, at most
+(about 630 bytes measured): a chunk's result lands there when it completes, if that run is
+still open."""
 EVENTS_PER_CHUNK = 4
 """A chunk's events in the run that starts it: start initiated, started, completed, last report."""
 PASS_BYTES = 1_000_000
@@ -86,6 +87,7 @@ class BatchWorkflow:
         self._state = input.state or _plan(input)
         self._changed = False
         self._grants: list[asyncio.Future[Delivery]] = []
+        self._started_here: list[ChunkState] = []
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
@@ -303,6 +305,7 @@ class BatchWorkflow:
             state.pending
             and size < PASS_BYTES
             and len(starts) < self._starts_fitting()
+            and (not starts or self._room_for(state.chunks[state.pending[0].index]))
             and self._may_open()
         ):
             chunk = state.chunks[state.pending[0].index]
@@ -315,6 +318,7 @@ class BatchWorkflow:
             plan = state.pending.pop(0)
             chunk.wants_more = chunk.slots < chunk.size
             chunk.status = ChunkStatus.RUNNING
+            self._started_here.append(chunk)
             chunk_input = self._chunk_input(plan, chunk.slots)
             starts.append((plan, chunk_input))
             size += len(chunk_input.model_dump_json())
@@ -365,13 +369,26 @@ class BatchWorkflow:
         return max(1, min(STARTS_AT_ONCE, room // EVENTS_PER_CHUNK))
 
     def _run_is_long(self) -> bool:
-        """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds."""
+        """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds
+        (its size counting the results its chunks still running will bring)."""
         info = workflow.info()
         return (
             info.is_continue_as_new_suggested()
             or info.get_current_history_length() > self._input.tuning.run_events
-            or info.get_current_history_size() > RUN_BYTES
+            or self._bytes_to_come() > self._input.tuning.run_bytes
         )
+
+    def _room_for(self, chunk: ChunkState) -> bool:
+        """Whether this run can still take the chunk's result within its bound of bytes."""
+        size = chunk.size * RESULT_BYTES_PER_JOB
+        return self._bytes_to_come() + size <= self._input.tuning.run_bytes
+
+    def _bytes_to_come(self) -> int:
+        """This run's size, with the results of the chunks it started that still run: chunks
+        finish together, and their results would land in a burst too late to continue-as-new."""
+        running = [c for c in self._started_here if c.status is ChunkStatus.RUNNING]
+        owed = sum(chunk.size for chunk in running) * RESULT_BYTES_PER_JOB
+        return workflow.info().get_current_history_size() + owed
 
     def _check_budget(self) -> None:
         """Pause the batch once what its jobs spent reaches its budget."""

@@ -13,6 +13,7 @@ from collections import Counter
 from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
+from sortie.models import Tuning
 from sortie.settings import Settings
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker, run_fleet_batch
 from tests.helpers.waiting import eventually
@@ -96,3 +97,27 @@ async def test_with_more_chunks_than_slots_each_running_chunk_holds_one(
     assert report.succeeded == 200 and fleet.most == 5 and fleet.live == 0
     assert sorted(int(job[1:]) // 20 for job in fleet.runs[:5]) == [0, 1, 2, 3, 4], fleet.runs
     assert sorted(fleet.runs) == [f"j{i:05d}" for i in range(200)], "every job ran exactly once"
+
+
+async def test_no_batch_run_outgrows_its_bytes_when_its_chunks_finish_together(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Ten chunks of sixty jobs with a slot per job all finish at once; each chunk's result
+    # lands in the batch run that started it, if that run is still open. A run starts no more
+    # chunks than it can take the results of, so none passes its bound of bytes (here 60 KB).
+    fleet = Fleet()
+    settings = Settings(task_queue=f"bytes-{uuid.uuid4().hex}")
+    spec = fleet_spec([{"id": f"j{i:04d}"} for i in range(600)], max_machines=600, chunk_size=60)
+    bound = 60_000
+    async with fleet_worker(temporal, settings, fleet.activities):
+        submitted = await batches.submit(
+            temporal.client, settings, spec, tuning=Tuning(run_bytes=bound)
+        )
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        output = await handle.result()
+    assert output.succeeded == 600 and fleet.live == 0
+    sizes = []
+    async for execution in temporal.client.list_workflows(f'WorkflowId="{submitted.batch_id}"'):
+        run = temporal.client.get_workflow_handle(submitted.batch_id, run_id=execution.run_id)
+        sizes.append(sum(event.ByteSize() for event in (await run.fetch_history()).events))
+    assert len(sizes) > 1 and max(sizes) <= bound, sorted(sizes)

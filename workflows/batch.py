@@ -87,7 +87,9 @@ class BatchWorkflow:
         self._state = input.state or _plan(input)
         self._changed = False
         self._grants: list[asyncio.Future[Delivery]] = []
-        self._started_here: list[ChunkState] = []
+        self._results_to_come: list[tuple[int, workflow.ChildWorkflowHandle[Any, Any]]] = []
+        """Jobs of each chunk this run started, with its handle: done once its result landed."""
+        self._full = False
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
@@ -265,7 +267,9 @@ class BatchWorkflow:
         if state.cancelled or state.paused:
             return
         while state.pending and not self._run_is_long() and self._may_open():
-            await self._start_chunks(self._next_pass())
+            starts = self._next_pass()
+            self._full = not starts  # no room for the next chunk's results: continue-as-new
+            await self._start_chunks(starts)
         running = self._running()
         for index, give in slots.lend(
             slots.free_slots(state.max_machines, running), running
@@ -300,12 +304,15 @@ class BatchWorkflow:
         """Chunks to start in one workflow task: while one may open, within PASS_BYTES."""
         state = self._state
         starts: list[tuple[ChunkPlan, ChunkInput]] = []
-        size = 0
+        size = jobs = 0
         while (
             state.pending
             and size < PASS_BYTES
             and len(starts) < self._starts_fitting()
-            and (not starts or self._room_for(state.chunks[state.pending[0].index]))
+            and (
+                self._room_for(jobs + state.pending[0].size)
+                or not (starts or self._results_to_come)  # a run starts one chunk at least
+            )
             and self._may_open()
         ):
             chunk = state.chunks[state.pending[0].index]
@@ -318,10 +325,10 @@ class BatchWorkflow:
             plan = state.pending.pop(0)
             chunk.wants_more = chunk.slots < chunk.size
             chunk.status = ChunkStatus.RUNNING
-            self._started_here.append(chunk)
             chunk_input = self._chunk_input(plan, chunk.slots)
             starts.append((plan, chunk_input))
             size += len(chunk_input.model_dump_json())
+            jobs += plan.size
         return starts
 
     async def _start_chunks(self, starts: list[tuple[ChunkPlan, ChunkInput]]) -> None:
@@ -331,7 +338,7 @@ class BatchWorkflow:
     async def _start_chunk(self, plan: ChunkPlan, chunk: ChunkInput) -> None:
         last = plan.first_job + plan.size - 1
         try:
-            await workflow.start_child_workflow(
+            handle = await workflow.start_child_workflow(
                 ChunkWorkflow.run,
                 chunk,
                 id=self._state.chunks[plan.index].workflow_id,
@@ -346,6 +353,8 @@ class BatchWorkflow:
             )
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
+            return
+        self._results_to_come.append((plan.size, handle))
 
     def _chunk_input(self, plan: ChunkPlan, window: int) -> ChunkInput:
         """What a chunk starts with: where its jobs are in the store, and its window."""
@@ -376,19 +385,18 @@ class BatchWorkflow:
             info.is_continue_as_new_suggested()
             or info.get_current_history_length() > self._input.tuning.run_events
             or self._bytes_to_come() > self._input.tuning.run_bytes
+            or self._full
         )
 
-    def _room_for(self, chunk: ChunkState) -> bool:
-        """Whether this run can still take the chunk's result within its bound of bytes."""
-        size = chunk.size * RESULT_BYTES_PER_JOB
-        return self._bytes_to_come() + size <= self._input.tuning.run_bytes
+    def _room_for(self, jobs: int) -> bool:
+        """Whether this run can still take the results of chunks of `jobs` more jobs."""
+        return self._bytes_to_come(jobs) <= self._input.tuning.run_bytes
 
-    def _bytes_to_come(self) -> int:
-        """This run's size, with the results of the chunks it started that still run: chunks
+    def _bytes_to_come(self, more_jobs: int = 0) -> int:
+        """This run's size, with the results still to land of the chunks it started: chunks
         finish together, and their results would land in a burst too late to continue-as-new."""
-        running = [c for c in self._started_here if c.status is ChunkStatus.RUNNING]
-        owed = sum(chunk.size for chunk in running) * RESULT_BYTES_PER_JOB
-        return workflow.info().get_current_history_size() + owed
+        jobs = more_jobs + sum(n for n, handle in self._results_to_come if not handle.done())
+        return workflow.info().get_current_history_size() + jobs * RESULT_BYTES_PER_JOB
 
     def _check_budget(self) -> None:
         """Pause the batch once what its jobs spent reaches its budget."""

@@ -62,3 +62,11 @@ def assert_no_create_while_paused(history: WorkflowHistory) -> None:
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             kind = event.activity_task_scheduled_event_attributes.activity_type.name
             assert not (paused and kind == "create_machine"), "created a machine while paused"
+
+
+async def every_run(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """The history of every run of a workflow (a batch continues-as-new)."""
+    return [
+        await client.get_workflow_handle(workflow_id, run_id=e.run_id).fetch_history()
+        async for e in client.list_workflows(f'WorkflowId="{workflow_id}"')
+    ]

@@ -25,7 +25,7 @@ from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.batches import JOBS, settings_for, spec_for
-from tests.helpers.history import assert_no_create_while_paused
+from tests.helpers.history import assert_no_create_while_paused, every_run
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.helpers.waiting import eventually
@@ -180,10 +180,7 @@ async def test_every_run_of_the_batch_stays_short_while_it_starts_many_chunks(
     report = await finish(sortie, submitted.batch_id)
 
     assert report.succeeded == 120
-    runs = [
-        await sortie.client.get_workflow_handle(submitted.batch_id, run_id=e.run_id).fetch_history()
-        async for e in sortie.client.list_workflows(f'WorkflowId="{submitted.batch_id}"')
-    ]
+    runs = await every_run(sortie.client, submitted.batch_id)
     lengths = sorted(len(history.events) for history in runs)
     # A run ends at the first check past its bound: what arrives while it continues-as-new
     # (each running chunk's completion and last report, and the tasks they cause) overshoots it.

@@ -16,6 +16,7 @@ from sortie import batches
 from sortie.models import Tuning
 from sortie.settings import Settings
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker, run_fleet_batch
+from tests.helpers.history import every_run
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import MaxMachinesRequest
@@ -116,10 +117,8 @@ async def test_no_batch_run_outgrows_its_bytes_when_its_chunks_finish_together(
         handle = batches.batch_handle(temporal.client, submitted.batch_id)
         output = await handle.result()
     assert output.succeeded == 600 and fleet.live == 0
-    sizes = []
-    async for execution in temporal.client.list_workflows(f'WorkflowId="{submitted.batch_id}"'):
-        run = temporal.client.get_workflow_handle(submitted.batch_id, run_id=execution.run_id)
-        sizes.append(sum(event.ByteSize() for event in (await run.fetch_history()).events))
+    runs = await every_run(temporal.client, submitted.batch_id)
+    sizes = [sum(event.ByteSize() for event in run.events) for run in runs]
     # A run takes one chunk at least, and what arrives while it continues-as-new (reports,
     # their tasks) may pass its bound by a little.
     assert len(sizes) > 1 and max(sizes) <= bound + 15_000, sorted(sizes)

@@ -2,6 +2,7 @@
 
     python starter.py submit FILE [--wait] [--json] [--new]
     python starter.py validate FILE
+    python starter.py doctor [FILE] [--json]
     python starter.py watch ID
     python starter.py status ID [--json]
     python starter.py pause|resume|cancel ID [--reason TEXT]
@@ -46,7 +47,7 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reaper_models import ReapInput
-from sortie import batches, export, machine_logs, reaping, render
+from sortie import batches, doctor, export, machine_logs, reaping, render
 from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
@@ -438,6 +439,14 @@ async def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    """Check the setup a batch needs, one line a check; exit 2 when something is missing."""
+    spec = load_batch_file(args.file) if args.file else None
+    text, code = doctor.report(await doctor.diagnose(spec), as_json=args.json)
+    print(text)
+    return code
+
+
 async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
     """Partition a checkout, submit one prompt job per part, and report the merged findings."""
     checkout = read_checkout(Path(args.path), args.ref)
@@ -633,6 +642,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a batch file and print its plan (no server)")
     s.add_argument("file")
     s.set_defaults(run=cmd_validate)
+    s = sub.add_parser("doctor", help="check Temporal, workers, the store, Fly and credentials")
+    s.add_argument("file", nargs="?", help="a batch file: also check its apps, images, secrets")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_doctor)
     for name, run in (("watch", cmd_watch), ("status", cmd_status), ("results", cmd_results)):
         s = sub.add_parser(name, help=f"{name} a batch")
         s.add_argument("id")

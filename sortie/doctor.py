@@ -318,6 +318,13 @@ def _claude(env: Mapping[str, str], spec: BatchSpec | None) -> Check:
     )
     if names:
         return Check("Claude", True, f"credentials {', '.join(names)}")
+    if not env.get("FLY_API_TOKEN"):
+        return Check(
+            "Claude",
+            True,
+            "none set: offline, the stand-in `claude` answers prompt jobs "
+            "(`make up` gives its worker a placeholder credential)",
+        )
     if prompts:
         return Check(
             "Claude",

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from localfly.process import LocalFlyProcess
 from sortie.local_stack import StackPlan
 from sortie.stack import LocalS3, free_port, listening
 
@@ -155,3 +156,35 @@ def test_the_stack_starts_only_what_the_environment_does_not_name_elsewhere(tmp_
     )
     assert (online.temporal_port, online.localfly_port, online.store_port) == (None, None, None)
     assert online.state == offline.state == tmp_path.resolve()
+
+
+@pytest.mark.slow
+def test_with_a_fly_token_make_up_starts_no_localfly_and_its_worker_uses_fly(
+    tmp_path: Path,
+) -> None:
+    # "Fly" is a localfly that refuses every token but one, where FLY_API_BASE_URL points.
+    token = "fm2_make-up-token"
+    with LocalFlyProcess(token=token, log=tmp_path / "fly.log") as fly:
+        env = stack_env(tmp_path / "state")
+        env.update(
+            FLY_API_TOKEN=f"FlyV1 {token}",
+            FLY_API_BASE_URL=fly.url,
+            FLY_LOGS_BASE_URL=fly.url,
+            FLY_APP="my-sortie-app",
+        )
+        try:
+            up = make("up", env, timeout=240)
+            assert up.returncode == 0, up.stdout + up.stderr
+            assert not any(line.startswith("localfly") for line in up.stdout.splitlines())
+            assert "FLY_API_TOKEN is set" in up.stdout
+            assert not (tmp_path / "state" / "up" / "localfly.json").exists()
+            assert not listening("127.0.0.1", ports(env)[2])
+
+            ran = starter(["submit", str(FIRST_BATCH), "--wait", "--json"], env)
+            assert ran.returncode == 0, ran.stdout + ran.stderr
+            assert json.loads(ran.stdout)["succeeded"] == 5
+            machines = fly.machines("my-sortie-app")
+            assert len(machines) == 5 and not fly.live_machines("my-sortie-app")
+        finally:
+            down = make("down", env, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -28,6 +28,7 @@ from temporalio.api.workflowservice.v1 import (
     ListTaskQueuePartitionsRequest,
 )
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from fly import FlyClient
 from fly.exceptions import FlyError, FlyForbidden, FlyNotFound, FlyUnauthorized
@@ -72,9 +73,10 @@ async def diagnose(
         for name in ("search attribute", "create pacing", "workers"):
             checks.append(Check(name, None, "skipped: needs Temporal"))
     else:
-        checks.append(await _search_attribute(client, settings))
-        checks.append(await server_pacing(client, settings, _apps(settings, env, spec)))
-        checks.append(await _workers(client, settings))
+        apps = _apps(settings, env, spec)
+        checks.append(await _answered("search attribute", _search_attribute(client, settings)))
+        checks.append(await _answered("create pacing", server_pacing(client, settings, apps)))
+        checks.append(await _answered("workers", _workers(client, settings)))
     checks.append(await _store(env))
     checks.append(await _fly(settings, env, spec))
     checks.append(_claude(env, spec))
@@ -90,6 +92,16 @@ def report(checks: list[Check], *, as_json: bool) -> tuple[str, int]:
     else:
         text = "\n".join(check.line() for check in checks)
     return text, 2 if failed else 0
+
+
+async def _answered(name: str, check: Awaitable[Check]) -> Check:
+    """The check's answer; a server that refuses the question fails it with its reason."""
+    try:
+        return await check
+    except RPCError as error:
+        return Check(
+            name, False, f"Temporal refused: {_first_line(error)}", "check the API key's role"
+        )
 
 
 async def _temporal(settings: Settings, env: Mapping[str, str]) -> tuple[Client | None, Check]:
@@ -145,13 +157,16 @@ async def server_pacing(client: Client, settings: Settings, apps: list[str]) -> 
             "run Temporal 1.29 or later",
         )
     queue = create_queue(settings.task_queue, apps[0] if apps else "app")
-    partitions = await client.workflow_service.list_task_queue_partitions(
-        ListTaskQueuePartitionsRequest(
-            namespace=settings.temporal_namespace,
-            task_queue=TaskQueue(name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
-        ),
-        timeout=_timeout(),
-    )
+    try:
+        partitions = await client.workflow_service.list_task_queue_partitions(
+            ListTaskQueuePartitionsRequest(
+                namespace=settings.temporal_namespace,
+                task_queue=TaskQueue(name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+            ),
+            timeout=_timeout(),
+        )
+    except RPCError as error:  # e.g. a hosted service that does not list partitions
+        return Check("create pacing", None, f"the server does not say: {_first_line(error)}")
     count = len(partitions.activity_task_queue_partitions)
     if count > 1:
         return Check(

@@ -565,6 +565,7 @@ class MachineActivities:
             env[ARCHIVE_URL] = await self._store.presign_put(session_key(*key), valid_s)
             document = job_document(
                 job,
+                batch_id=input.batch_id,
                 prompt=followup.prompt if followup else None,
                 resume_session_id=followup.session_id if followup else None,
                 restore_file=restore,

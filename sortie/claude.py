@@ -13,7 +13,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
-from sortie.spec import Job
+from sortie.spec import Job, branch_name
 
 PREVIEW_CHARS = 2000
 """How much of an answer history keeps; the whole answer goes to the object store."""
@@ -106,6 +106,7 @@ class AgentReport(BaseModel):
 def job_document(
     job: Job,
     *,
+    batch_id: str = "",
     prompt: str | None = None,
     resume_session_id: str | None = None,
     restore_file: str | None = None,
@@ -130,4 +131,7 @@ def job_document(
         "max_cost_usd": job.max_cost_usd,
         "resume_session_id": resume_session_id,
         "restore_file": restore_file,
+        "verify": job.verify,
+        "max_iterations": job.max_iterations,
+        "push_branch": branch_name(job.push_branch, batch_id, job.id) if job.push_branch else None,
     }

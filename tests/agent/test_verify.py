@@ -1,0 +1,183 @@
+"""The machine side of jobs that check their work: the verify loop, the changes, the pushed branch.
+
+The entrypoint runs against the stand-in CLI; its uploads land in local files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.changes import auth_env
+from tests.agent.test_entrypoint import Run, git, job, run_agent
+
+TOKEN = "ghp_verifytesttoken0123456789abcdefABCDEF"
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> tuple[Path, str]:
+    """A bare repository on disk (the origin a branch is pushed to) and its one commit."""
+    work = tmp_path / "seed"
+    work.mkdir()
+    git("init", "-q", "-b", "main", cwd=work)
+    (work / "app.py").write_text("print('hi')\n")
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "initial", cwd=work)
+    origin = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(work), str(origin), cwd=tmp_path)
+    return origin, git("rev-parse", "HEAD", cwd=work)
+
+
+def run_with_changes(tmp_path: Path, description: dict[str, Any], **env: str) -> Run:
+    """Run the agent with a changes URL; the changes document is read back into the run."""
+    changes = tmp_path / "run" / "changes.json"
+    changes.parent.mkdir(parents=True, exist_ok=True)
+    changes.unlink(missing_ok=True)
+    run = run_agent(tmp_path, description, env={"SORTIE_CHANGES_URL": f"file://{changes}", **env})
+    run.result["_changes"] = json.loads(changes.read_text()) if changes.exists() else None
+    return run
+
+
+def sessions(tmp_path: Path) -> list[list[dict[str, Any]]]:
+    """Every stand-in session of the run: one JSON line per Claude run in it."""
+    projects = tmp_path / "run" / "home" / ".claude" / "projects"
+    return [
+        [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(projects.glob("*/*.jsonl"))
+    ]
+
+
+def test_a_passing_check_takes_one_iteration_and_the_patch_applies(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, sha = bare
+    description = job(
+        "Take notes [[write:notes.txt]]",
+        [{"url": str(origin)}],
+        verify=["sh", "-c", "test -f notes.txt"],
+        max_iterations=2,
+    )
+    run = run_with_changes(tmp_path, description)
+    assert run.code == 0, run.stderr
+    report = run.result
+    assert report["verify_failed"] is False and report["error"] is None
+    [iteration] = report["iterations"]
+    assert iteration["claude_exit"] == 0 and iteration["verify_exit"] == 0
+    assert iteration["cost_usd"] == report["claude"]["total_cost_usd"] > 0
+    assert iteration["seconds"] > 0
+    assert report["changes"] == [
+        {
+            "url": str(origin),
+            "path": "origin",
+            "commit": sha,
+            "files": 1,
+            "insertions": 1,
+            "deletions": 0,
+        }
+    ]
+    assert report["changes_uploaded"] is True
+    [stored] = report["_changes"]["repos"]
+    patch = base64.b64decode(stored["patch"])
+    assert b"notes.txt" in patch
+    fresh = tmp_path / "fresh"
+    git("clone", "-q", str(origin), str(fresh), cwd=tmp_path)
+    subprocess.run(["git", "apply"], input=patch, cwd=fresh, check=True)
+    assert (fresh / "notes.txt").read_text().startswith("Take notes")
+
+
+def test_a_failing_check_resumes_the_session_then_fails_with_its_scrubbed_tail(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    check = "echo checking; echo token=$GITHUB_TOKEN; echo 'tests: 3 failed'; exit 1"
+    description = job("Fix it", [{"url": str(origin)}], verify=["sh", "-c", check])
+    description["max_iterations"] = 2
+    run = run_with_changes(tmp_path, description, GITHUB_TOKEN=TOKEN)
+    assert run.code == 4
+    report = run.result
+    assert report["verify_failed"] is True
+    assert [i["verify_exit"] for i in report["iterations"]] == [1, 1]
+    assert report["error"].startswith("verify failed: `" + check + "` exited 1 after 2 iterations")
+    assert "tests: 3 failed" in report["error"] and "token=[redacted]" in report["error"]
+    [session] = sessions(tmp_path)  # Claude ran twice, in one session
+    assert len(session) == 2
+    assert session[1]["prompt"].startswith(f"The check `{check}` failed with exit code 1")
+    assert "token=[redacted]" in session[1]["prompt"]
+    assert TOKEN not in run.stdout + run.stderr + json.dumps(report)
+
+
+def test_the_jobs_max_cost_bounds_all_its_iterations(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    # The check's output carries the stand-in's cost marker into the next prompt: $0.30 a turn.
+    check = "echo '[[cost:0.3]]'; exit 1"
+    description = job(
+        "Work [[cost:0.3]]",
+        [{"url": str(origin)}],
+        verify=["sh", "-c", check],
+        max_iterations=5,
+        max_cost_usd=0.5,
+    )
+    run = run_with_changes(tmp_path, description)
+    assert run.code == 4
+    report = run.result
+    assert [i["cost_usd"] for i in report["iterations"]] == [0.3, 0.3]
+    assert "max_cost_usd of $0.5 is spent" in report["error"]
+
+
+def test_push_branch_commits_and_pushes_to_origin_without_the_token(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, sha = bare
+    description = job(
+        "Take notes [[write:notes.txt]]",
+        [{"url": str(origin)}],
+        verify=["sh", "-c", "test -f notes.txt"],
+        push_branch="sortie/b1/job-1",
+    )
+    run = run_with_changes(tmp_path, description, GITHUB_TOKEN=TOKEN)
+    assert run.code == 0, run.stderr
+    [pushed] = run.result["push"]
+    assert pushed["branch"] == "sortie/b1/job-1" and len(pushed["commit"]) == 40
+    branch = git("--git-dir", str(origin), "rev-parse", "sortie/b1/job-1", cwd=tmp_path)
+    assert branch == pushed["commit"]
+    assert git("--git-dir", str(origin), "rev-parse", "sortie/b1/job-1~1", cwd=tmp_path) == sha
+    files = git("--git-dir", str(origin), "show", "--name-only", "--format=", branch, cwd=tmp_path)
+    assert files.splitlines() == ["notes.txt"]
+    everything = git("--git-dir", str(origin), "log", "-p", "--all", cwd=tmp_path)
+    config = (tmp_path / "run" / "root" / "workspace" / "origin" / ".git" / "config").read_text()
+    for text in (everything, config, run.stdout, run.stderr, json.dumps(run.result)):
+        assert TOKEN not in text
+
+
+def test_no_push_when_the_check_fails(tmp_path: Path, bare: tuple[Path, str]) -> None:
+    origin, _ = bare
+    description = job(
+        "Take notes [[write:notes.txt]]",
+        [{"url": str(origin)}],
+        verify=["sh", "-c", "exit 3"],
+        max_iterations=1,
+        push_branch="sortie/b1/job-1",
+    )
+    run = run_with_changes(tmp_path, description)
+    assert run.code == 4 and "push" not in run.result
+    assert run.result["changes"][0]["files"] == 1, "the change is stored whatever the outcome"
+    refs = git("--git-dir", str(origin), "branch", "--list", "sortie/*", cwd=tmp_path)
+    assert refs == ""
+
+
+def test_the_token_goes_to_git_by_environment_for_the_origins_host_only() -> None:
+    env = {"GITHUB_TOKEN": TOKEN}
+    header = auth_env(env, "https://user@github.com/o/r.git")
+    assert header["GIT_CONFIG_COUNT"] == "1"
+    assert header["GIT_CONFIG_KEY_0"] == "http.https://github.com/.extraHeader"
+    encoded = base64.b64encode(f"x-access-token:{TOKEN}".encode()).decode()
+    assert header["GIT_CONFIG_VALUE_0"] == f"Authorization: Basic {encoded}"
+    assert auth_env(env, "/srv/git/repo.git") == {}
+    assert auth_env({}, "https://github.com/o/r.git") == {}

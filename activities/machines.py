@@ -110,8 +110,9 @@ URL_MOST_S = 7 * 24 * 3600
 MAY_START_TIMEOUT = timedelta(seconds=5)
 CALL_TRIES = 4
 """Tries of one Fly call within `finish_job` before a transient error fails the activity."""
-ERROR_CHARS = 2500
-"""How much of the agent's own failure (a failing check's output tail) a result keeps."""
+ERROR_CHARS = 800
+"""How much of the agent's own failure (a failing check's output tail) a result keeps: it rides
+in the chunk's history with the row (the agent's whole report stays in the store)."""
 T = TypeVar("T")
 _OUTCOMES = {
     "stopped": WaitOutcome.EXITED,

@@ -109,7 +109,8 @@ def auth_env(env: Mapping[str, str], url: str) -> dict[str, str]:
 
 def push(machine: Machine, branch: str, job_id: str) -> list[dict[str, Any]]:
     """Commit each checkout's change on `branch` and push it to origin; per repository the
-    branch and commit, or the error. A repository without changes is left alone."""
+    branch and commit, or the error. A repository without changes is left alone; a branch that
+    exists gets the change as a new commit on its tip."""
     return [_push_one(machine, checkout, branch, job_id) for checkout in machine.checkouts]
 
 
@@ -121,7 +122,13 @@ def _push_one(machine: Machine, checkout: Checkout, branch: str, job_id: str) ->
     def git(args: Sequence[str], extra: Mapping[str, str] | None = None) -> int:
         return machine.git(args, checkout.dir, env={**env, **(extra or {})}).returncode
 
-    failed = git(["checkout", "-q", "-B", branch]) or git(["add", "-A"])
+    auth = auth_env(machine.env, checkout.url)
+    failed = git(["checkout", "-q", "-B", branch])
+    if not failed and not git(["fetch", "-q", "origin", f"refs/heads/{branch}"], auth):
+        # The branch exists (an earlier turn or attempt pushed it): build on its tip, so the
+        # push is a fast-forward; the working tree, the job's change, stays as it is.
+        failed = git(["reset", "-q", "--soft", "FETCH_HEAD"])
+    failed = failed or git(["add", "-A"])
     if not failed and git(["diff", "--cached", "--quiet", "HEAD"]):
         failed = git(["commit", "-q", "-m", f"Sortie job {job_id}"])
     head = machine.git(["rev-parse", "HEAD"], checkout.dir).stdout.decode("ascii").strip()
@@ -130,9 +137,7 @@ def _push_one(machine: Machine, checkout: Checkout, branch: str, job_id: str) ->
     elif head == checkout.commit:
         entry["branch"] = None
         entry["skipped"] = "no changes"
-    elif code := git(
-        ["push", "-q", "origin", f"HEAD:refs/heads/{branch}"], auth_env(machine.env, checkout.url)
-    ):
+    elif code := git(["push", "-q", "origin", f"HEAD:refs/heads/{branch}"], auth):
         entry["error"] = f"git push of {branch} from {checkout.path} failed (exit {code})"
     else:
         entry["commit"] = head

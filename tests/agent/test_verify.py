@@ -156,6 +156,22 @@ def test_push_branch_commits_and_pushes_to_origin_without_the_token(
         assert TOKEN not in text
 
 
+def test_a_second_push_builds_on_the_branch_it_finds(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, sha = bare
+    pushes = []
+    for name in ("first.txt", "second.txt"):  # the job run twice: the branch exists the 2nd time
+        description = job(
+            f"Write [[write:{name}]]", [{"url": str(origin)}], push_branch="sortie/b1/job-1"
+        )
+        run = run_with_changes(tmp_path, description)
+        assert run.code == 0, run.stderr
+        pushes.append(run.result["push"][0]["commit"])
+    log = git("--git-dir", str(origin), "rev-list", "sortie/b1/job-1", cwd=tmp_path)
+    assert log.splitlines() == [pushes[1], pushes[0], sha], "a fast-forward, history kept"
+
+
 def test_no_push_when_the_check_fails(tmp_path: Path, bare: tuple[Path, str]) -> None:
     origin, _ = bare
     description = job(

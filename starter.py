@@ -334,6 +334,17 @@ async def _print_turn(settings: Settings, turn: JobResult) -> None:
         print(f"session: {turn.session_id}")
     if turn.error:
         print(f"error: {turn.error}")
+    for number, step in enumerate(turn.iterations, 1):
+        print(
+            f"iteration {number}: claude exited {step.claude_exit}, verify exited "
+            f"{'-' if step.verify_exit is None else step.verify_exit}, {step.seconds:.1f}s, "
+            f"${step.cost_usd:.4f}"
+        )
+    if turn.changes is not None:
+        print(f"changes: {turn.changes.describe()} (python starter.py diff ID {turn.job_id})")
+    if turn.pushed is not None:
+        commits = ", ".join(f"{path} {sha[:12]}" for path, sha in turn.pushed.commits.items())
+        print(f"pushed: {turn.pushed.branch} ({commits})")
     answer = await batches.full_answer(settings, turn)
     if answer is None and turn.result_ref:
         answer = f"{turn.result}\n[… {turn.result_chars} characters in all; the rest was at "

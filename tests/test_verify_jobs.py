@@ -130,6 +130,11 @@ async def test_verify_loops_their_changes_as_a_patch_and_a_pushed_branch(
     assert rows[1]["iterations"][1]["verify_exit"] == 1
     md = await cli(["results", report.batch_id, "--format", "md"], env)
     assert "| notes | succeeded |" in md.stdout and "| 1 file +1 -0 |" in md.stdout
+    one = await cli(["results", report.batch_id, "--job", "never"], env)
+    assert "iteration 2: claude exited 0, verify exited 1" in one.stdout
+    assert "changes: 0 files +0 -0" in one.stdout
+    one = await cli(["results", report.batch_id, "--job", "pushed"], env)
+    assert f"pushed: {branch} (origin {commit[:12]})" in one.stdout
     cause = "1 job, verify_failed: verify failed: `echo 'still red'; exit 1` exited 1 after 2"
     assert "## Causes of failure (1)" in md.stdout
     status = await cli(["status", report.batch_id], env)

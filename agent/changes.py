@@ -15,7 +15,7 @@ import base64
 import json
 import subprocess
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -70,14 +70,23 @@ def capture(machine: Machine) -> tuple[list[dict[str, Any]], bool]:
         except (RuntimeError, OSError) as error:
             machine.note(f"changes of {checkout.path} not read: {error}")
             patch = b""
-        repos.append({**checkout.describe(), **stats(machine, checkout, patch)})
+        entry = {**checkout.describe(), **stats(machine, checkout, patch)}
+        if machine.scrub.holds(patch):
+            machine.note(f"the change to {checkout.path} holds a secret value: not stored")
+            entry["withheld"], patch = True, b""
+        repos.append(entry)
         patches.append(patch)
     if not repos:
         return [], False
     whole = sum(len(patch) for patch in patches) <= CHANGES_LIMIT
     document = {
         "repos": [
-            {**repo, "patch": base64.b64encode(patch).decode("ascii") if whole else None}
+            {
+                **repo,
+                "patch": None
+                if not whole or repo.get("withheld")
+                else base64.b64encode(patch).decode("ascii"),
+            }
             for repo, patch in zip(repos, patches, strict=True)
         ]
     }
@@ -107,11 +116,18 @@ def auth_env(env: Mapping[str, str], url: str) -> dict[str, str]:
     }
 
 
-def push(machine: Machine, branch: str, job_id: str) -> list[dict[str, Any]]:
+def push(
+    machine: Machine, branch: str, job_id: str, withheld: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """Commit each checkout's change on `branch` and push it to origin; per repository the
     branch and commit, or the error. A repository without changes is left alone; a branch that
     exists gets the change as a new commit on its tip."""
-    return [_push_one(machine, checkout, branch, job_id) for checkout in machine.checkouts]
+    return [
+        {"path": c.path, "branch": branch, "error": f"the change to {c.path} holds a secret value"}
+        if c.path in withheld
+        else _push_one(machine, c, branch, job_id)
+        for c in machine.checkouts
+    ]
 
 
 def _push_one(machine: Machine, checkout: Checkout, branch: str, job_id: str) -> dict[str, Any]:

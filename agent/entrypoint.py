@@ -149,6 +149,10 @@ class Scrubber:
             text = text.replace(value, REDACTED)
         return _USERINFO.sub(rf"\1{REDACTED}@", text)
 
+    def holds(self, data: bytes) -> bool:
+        """Whether `data` holds a secret value as it is (a file Claude wrote one into)."""
+        return any(value.encode() in data for value in self._values)
+
     def value(self, value: Any) -> Any:
         """A JSON-like value with every string scrubbed, so no secret reaches the logs."""
         if isinstance(value, str):
@@ -625,6 +629,7 @@ class Machine:
         """Claude (and the verify loop), then the changes stored and the branch pushed: the exit
         code, Claude's last result, the failure and what the report adds about the work."""
         work: dict[str, Any] = {}
+        failure: str | None = None
         if job.verify is None:
             turn = self.claude_turn(claude, job, cwd)
             finished = turn.ok
@@ -633,12 +638,15 @@ class Machine:
             turn, finished = loop.turn, loop.passed
             work["iterations"] = loop.iterations
             work["verify_failed"] = loop.failed
+            if loop.failed:
+                failure = loop.failure
         code, problem = turn.code, turn.problem
-        if not finished and turn.ok:
-            code, problem = verify.EXIT_VERIFY_FAILED, loop.failure
+        if failure is not None:
+            code, problem = verify.EXIT_VERIFY_FAILED, failure
         work["changes"], work["changes_uploaded"] = changes.capture(self)
         if job.push_branch and finished:
-            work["push"] = changes.push(self, job.push_branch, job.id)
+            withheld = {repo["path"] for repo in work["changes"] if repo.get("withheld")}
+            work["push"] = changes.push(self, job.push_branch, job.id, withheld)
             failed = [entry["error"] for entry in work["push"] if entry.get("error")]
             if failed:
                 code, problem = changes.EXIT_PUSH_FAILED, "; ".join(failed)

@@ -33,9 +33,15 @@ class RepoPatch(BaseModel):
     insertions: int = 0
     deletions: int = 0
     patch: str | None = None
+    withheld: bool = False
+    """The change held a secret value as it is: the agent counted it but did not store it."""
 
     def data(self) -> bytes:
         """The patch's bytes."""
+        if self.withheld:
+            raise ChangesUnavailable(
+                f"the change to {self.path} holds a secret value: it was not stored"
+            )
         if self.patch is None:
             raise ChangesUnavailable(
                 f"the change to {self.path} was too large to store: only its counts were kept"

@@ -80,3 +80,22 @@ def test_the_token_goes_to_git_by_environment_for_the_origins_host_only() -> Non
     assert header["GIT_CONFIG_VALUE_0"] == f"Authorization: Basic {encoded}"
     assert auth_env(env, "/srv/git/repo.git") == {}
     assert auth_env({}, "https://github.com/o/r.git") == {}
+
+
+def test_a_change_holding_a_secret_is_neither_stored_nor_pushed(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    description = job(
+        f"Write the token {TOKEN} into a file [[write:notes.txt]]",
+        [{"url": str(origin)}],
+        push_branch="sortie/b1/job-1",
+    )
+    run = run_with_changes(tmp_path, description, GITHUB_TOKEN=TOKEN)
+    assert run.code == 5
+    [repo] = run.result["changes"]
+    assert repo["withheld"] is True and repo["files"] == 1, "counted, not stored"
+    assert run.result["_changes"]["repos"][0]["patch"] is None
+    assert run.result["push"][0]["error"] == "the change to origin holds a secret value"
+    assert git("--git-dir", str(origin), "branch", "--list", "sortie/*", cwd=tmp_path) == ""
+    assert TOKEN not in json.dumps(run.result) + run.stdout + run.stderr

@@ -66,7 +66,7 @@ from fly import (
     RestartConfig,
     WaitResult,
 )
-from sortie.claude import PREVIEW_CHARS, AgentReport, job_document
+from sortie.claude import CLI_ENV, PREVIEW_CHARS, AgentReport, ErrorKind, job_document
 from sortie.credentials import Credential, CredentialsResting, NoCredential
 from sortie.labels import (
     META_ATTEMPT,
@@ -438,8 +438,14 @@ class MachineActivities:
         text = self._secrets.scrub(
             (cli.result if cli else None) or report.error or "", input.secrets
         )
+        problem = None
+        if kind is None and input.json_schema is not None:
+            problem = report.structured_problem(input.json_schema)
+            if problem is not None:
+                kind = ErrorKind.INVALID_OUTPUT
+                text = f"{problem}\n\n{text}"
         answer = JobAnswer(
-            session_id=cli.session_id if cli else None,
+            session_id=cli.session_id if cli else report.session_id,
             result=text[:PREVIEW_CHARS],
             result_chars=len(text),
             cost_usd=(cli.total_cost_usd or 0.0) if cli else 0.0,
@@ -448,6 +454,7 @@ class MachineActivities:
             is_error=kind is not None,
             error_kind=kind.value if kind else None,
             commits={r.url: r.commit for r in report.repos if r.commit},
+            structured=cli.structured_output if cli and input.json_schema and not problem else None,
         )
         if text:  # kept whole off history; the chunk's result carries only the key
             answer.result_ref = await self._store.put(
@@ -545,6 +552,8 @@ class MachineActivities:
                 str(error.args[0]), type="UnknownSecrets", non_retryable=True
             ) from None
         env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
+        if job.prompt is not None:
+            env = {**CLI_ENV, **env}
         turn = input.followup.turn if input.followup else 1
         if credential is not None:
             followup = input.followup

@@ -36,6 +36,8 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import IO, Any
 
+from agent.watch import Watched, watch
+
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
@@ -100,6 +102,8 @@ class Job:
     max_cost_usd: float | None
     resume_session_id: str | None
     restore_file: str | None
+    json_schema: dict[str, Any] | None = None
+    stall_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,7 @@ def parse_job(text: str | None) -> Job:
     max_turns = _optional(data, "max_turns", int)
     max_cost = _optional(data, "max_cost_usd", (int, float))
     restore = _optional(data, "restore_file", str)
+    stall = _optional(data, "stall_timeout_s", (int, float))
     if restore is not None and ".." in PurePosixPath(restore).parts:
         raise JobError(f"restore_file {restore!r} must not contain '..'")
     return Job(
@@ -233,6 +238,8 @@ def parse_job(text: str | None) -> Job:
         max_cost_usd=None if max_cost is None else float(max_cost),
         resume_session_id=_optional(data, "resume_session_id", str),
         restore_file=restore,
+        json_schema=_optional(data, "json_schema", dict),
+        stall_timeout_s=None if stall is None else float(stall),
     )
 
 
@@ -328,6 +335,7 @@ class Machine:
         claude: dict[str, Any] | None,
         error: str | None,
         session_archive: bool = False,
+        watched: Watched | None = None,
     ) -> int:
         """Upload the report (secrets scrubbed) and hand back the exit code, whatever happened:
         a report that did not land fails the job on the worker."""
@@ -338,6 +346,8 @@ class Machine:
             "repos": [checkout.describe() for checkout in self.checkouts],
             "session_archive": session_archive,
         }
+        if watched is not None and watched.stalled:
+            body.update(stalled=True, session_id=watched.session_id)
         if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
             self.note("report uploaded")
         return exit_code
@@ -510,9 +520,10 @@ class Machine:
 
     # Claude --------------------------------------------------------------------------------
 
-    def run_claude(self, claude: str, job: Job, cwd: Path) -> tuple[int, bytes]:
-        """Run the CLI headless; stdout captured, stderr passed through scrubbed."""
-        argv = [claude, "-p", job.prompt, "--output-format", "json"]
+    def run_claude(self, claude: str, job: Job, cwd: Path) -> Watched:
+        """Run the CLI headless, its events watched (agent/watch.py): one log line each, the
+        result kept, the CLI stopped once it stalls; stderr passed through scrubbed."""
+        argv = [claude, "-p", job.prompt, "--output-format", "stream-json", "--verbose"]
         if job.model:
             argv += ["--model", job.model]
         if job.max_turns is not None:
@@ -523,6 +534,8 @@ class Machine:
             argv += ["--max-budget-usd", f"{job.max_cost_usd:g}"]
         if job.resume_session_id:
             argv += ["--resume", job.resume_session_id]
+        if job.json_schema is not None:
+            argv += ["--json-schema", json.dumps(job.json_schema)]
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -535,10 +548,9 @@ class Machine:
         pump = threading.Thread(target=self._pump, args=(proc.stderr,), daemon=True)
         pump.start()
         with _forward_signals(proc):
-            stdout = proc.stdout.read()
-            code = proc.wait()
+            watched = watch(proc, job.stall_timeout_s, self.say)
         pump.join()
-        return (128 - code if code < 0 else code), stdout
+        return watched
 
     def _pump(self, stream: IO[bytes]) -> None:
         """Copy claude's stderr to ours line by line, secrets scrubbed."""
@@ -584,11 +596,15 @@ class Machine:
             return self.fail(EXIT_SETUP, f"workspace setup failed: {error}")
         cwd = self.checkouts[0].dir if len(self.checkouts) == 1 else self.workspace
         self.note(f"job {job.id}: running claude in {cwd}")
-        code, stdout = self.run_claude(claude, job, cwd)
-        output, problem = parse_claude_output(stdout)
+        watched = self.run_claude(claude, job, cwd)
+        output, problem = watched.result, None
+        if watched.stalled:
+            problem = f"no event from claude for {job.stall_timeout_s:g}s (stall_timeout): stopped"
+        elif output is None:
+            problem = "\n".join(watched.other)[:ERROR_LIMIT] or "claude printed no result"
         archived = self.send_archive()
-        self.say(summary(code, output))
-        return self.result(code, output, problem, archived)
+        self.say(summary(watched.exit_code, output))
+        return self.result(watched.exit_code, output, problem, archived, watched)
 
     def send_archive(self) -> bool:
         """Build the session archive on disk and upload it, unless too big or it cannot be."""
@@ -600,22 +616,6 @@ class Machine:
                 self.note(f"no session archive: {error}")
                 return False
             return self.upload(ARCHIVE_URL, "session archive", path)
-
-
-def parse_claude_output(stdout: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """The CLI's JSON result object, or None and why not."""
-    text = stdout.decode("utf-8", errors="replace").strip()
-    if not text:
-        return None, "claude printed no JSON"
-    candidates = [text, *reversed(text.splitlines())]
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and (candidate is text or value.get("type") == "result"):
-            return value, None
-    return None, text[:ERROR_LIMIT]
 
 
 @contextmanager

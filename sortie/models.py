@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -139,6 +140,8 @@ class JobResult(StrictModel):
     duration_ms: int | None = None
     is_error: bool | None = None
     error_kind: str | None = None
+    structured: Any = None
+    """The object Claude answered a job's `json_schema` with (whole: the schema bounds it)."""
     archive_ref: str | None = None
     commits: dict[str, str] = {}
     followups: list[JobResult] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
+    STALLED,
     CollectResultOutput,
     JobAnswer,
     WaitMachineOutput,
@@ -29,6 +30,9 @@ def machine_failure(
     answer = collected.answer if collected else None
     if answer is not None and answer.error_kind in CREDENTIAL_FAULTS:
         return f"Claude refused credential {credential} ({answer.error_kind})"
+    if answer is not None and answer.error_kind == STALLED:
+        # Hung API calls and tools are the platform's; the next machine may well finish.
+        return f"the agent stalled: {answer.result or 'no progress within its stall_timeout'}"
     match waited.outcome:
         case WaitOutcome.BOOT_TIMEOUT:
             return f"machine did not start within {seconds(boot_timeout_s)}"
@@ -110,6 +114,7 @@ def _record_answer(result: JobResult, answer: JobAnswer) -> None:
     result.duration_ms = answer.duration_ms
     result.is_error = answer.is_error
     result.error_kind = answer.error_kind
+    result.structured = answer.structured
     result.archive_ref = answer.archive_ref
     result.commits = answer.commits
 

@@ -46,7 +46,8 @@ def machine_failure(
 
 
 def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) -> bool:
-    """Whether the job succeeded: it exited 0 on its own in time, with its report if it had one.
+    """Whether the job succeeded: it exited 0 on its own in time, with its report if it had one
+    and that report names no error (an answer that misses its json_schema is one).
 
     `record_outcome` gives a job this verdict, and `finish_job` reads it to hand a slot on only
     after a success when the batch must judge every failure (a failure limit).
@@ -57,7 +58,7 @@ def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) 
         and waited.outcome is not WaitOutcome.TIMED_OUT
         and collected is not None
         and collected.exit_code == 0
-        and not (answer is not None and answer.error_kind == "no_report")
+        and not (answer is not None and answer.error_kind is not None)
     )
 
 

@@ -6,7 +6,8 @@ picked by markers in the request (the prompt travels in it):
 - `[[structured:JSON]]`: answers by calling the StructuredOutput tool the CLI offers for
   `--json-schema`, with JSON as its input;
 - `[[hang]]`: accepts the request and never answers (a stall);
-- `[[burst:N]]`: the first N requests of that prompt answer 429, the rest succeed.
+- `[[burst:N]]`: the first N requests of that prompt answer 429, the rest succeed;
+- `[[status:NNN]]`: every request answers that status with Anthropic's error body.
 A path prefix before `/v1/` makes every request under it fail the same way, so one credential
 of a pool (its `ANTHROPIC_BASE_URL_n`) can be refused while another works:
 `/status/429/v1/messages` answers 429 with Anthropic's error body, likewise 401, 403, 400, 503,
@@ -151,7 +152,9 @@ class AnthropicApi:
             return web.json_response({"input_tokens": len(json.dumps(body)) // 4})
         text = _text_of(body)
         status = 200
-        if match := re.fullmatch(r"/status/(\d{3})", prefix):
+        if match := re.fullmatch(r"/status/(\d{3})", prefix) or re.search(
+            r"\[\[status:(\d{3})\]\]", text
+        ):
             status = int(match.group(1))
         elif burst := re.search(r"\[\[burst:(\d+)\]\]", text):
             key = text[burst.start() - 40 : burst.end()]

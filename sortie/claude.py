@@ -222,6 +222,6 @@ def job_document(
         "max_cost_usd": job.max_cost_usd,
         "resume_session_id": resume_session_id,
         "restore_file": restore_file,
-        "json_schema": job.json_schema,
+        "json_schema": None if resume_session_id else job.json_schema,
         "stall_timeout_s": job.stall_timeout_s or None,
     }

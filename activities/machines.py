@@ -438,12 +438,15 @@ class MachineActivities:
         text = self._secrets.scrub(
             (cli.result if cli else None) or report.error or "", input.secrets
         )
-        problem = None
-        if kind is None and input.json_schema is not None:
+        problem, structured = None, None
+        if kind is None and input.json_schema is not None and cli is not None:
             problem = report.structured_problem(input.json_schema)
             if problem is not None:
                 kind = ErrorKind.INVALID_OUTPUT
                 text = f"{problem}\n\n{text}"
+            else:  # the answer is the object: whole in the store, in the row when small
+                text = json.dumps(cli.structured_output, ensure_ascii=False)
+                structured = cli.structured_output if len(text) <= PREVIEW_CHARS else None
         answer = JobAnswer(
             session_id=cli.session_id if cli else report.session_id,
             result=text[:PREVIEW_CHARS],
@@ -454,7 +457,7 @@ class MachineActivities:
             is_error=kind is not None,
             error_kind=kind.value if kind else None,
             commits={r.url: r.commit for r in report.repos if r.commit},
-            structured=cli.structured_output if cli and input.json_schema and not problem else None,
+            structured=structured,
         )
         if text:  # kept whole off history; the chunk's result carries only the key
             answer.result_ref = await self._store.put(

@@ -141,7 +141,8 @@ class JobResult(StrictModel):
     is_error: bool | None = None
     error_kind: str | None = None
     structured: Any = None
-    """The object Claude answered a job's `json_schema` with (whole: the schema bounds it)."""
+    """The object Claude answered a job's `json_schema` with, when its JSON fits the answer's
+    preview; the stored answer (`result_ref`) is that JSON whole either way."""
     archive_ref: str | None = None
     commits: dict[str, str] = {}
     followups: list[JobResult] = []

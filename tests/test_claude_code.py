@@ -9,6 +9,9 @@ object) is its own.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from sortie.claude import CLI_ENV
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.anthropic_api import ANSWER
 from tests.helpers.batches import git_repo
+from tests.helpers.cli import cli, cli_env
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
@@ -213,6 +217,20 @@ async def test_json_schema_gives_the_object_and_a_mismatch_fails_the_job(
     calls = api(claude_code).calls_to(marker='"why": "asked"')
     assert calls and "StructuredOutput" in calls[0].tools, "the CLI got --json-schema"
     assert (wrong.state, wrong.error_kind, wrong.structured) == ("failed", "invalid_output", None)
+    assert "does not match json_schema" in (wrong.error or "") or "no structured" in (
+        wrong.error or ""
+    )
+
+    env = cli_env(claude_code)
+    shown = await cli(["results", report.batch_id, "--job", "fits"], env)
+    assert shown.returncode == 0, shown.stderr
+    assert "structured (json_schema):" in shown.stdout and '"answer": 42' in shown.stdout
+    as_csv = await cli(["results", report.batch_id, "--format", "csv"], env)
+    [row] = [r for r in csv.DictReader(io.StringIO(as_csv.stdout)) if r["job_id"] == "fits"]
+    assert json.loads(row["structured"]) == {"answer": 42, "why": "asked"}
+    as_json = await cli(["results", report.batch_id, "--format", "jsonl"], env)
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["structured"] for r in rows] == [{"answer": 42, "why": "asked"}, None]
 
 
 async def test_a_hung_api_call_is_stopped_as_stalled(claude_code: Sortie, app_name: str) -> None:

@@ -77,7 +77,7 @@ from sortie.labels import (
     machine_name,
 )
 from sortie.models import MachineRef
-from sortie.outcomes import machine_failure, succeeded
+from sortie.outcomes import hands_on
 from sortie.secrets import SecretStore, redact_presigned
 from sortie.spec import LogTail
 from sortie.store import (
@@ -252,10 +252,7 @@ class MachineActivities:
                 collected = await self._collect(input.collect)
             destroyed = await self._destroy_now(ref)
             finished = FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
-            if input.only_after_success:  # the batch judges each failure before the slot goes on
-                hand_on = succeeded(waited, collected)
-            else:  # the job ended for good
-                hand_on = machine_failure(waited, collected) is None
+            hand_on = hands_on(waited, collected, only_after_success=input.only_after_success)
             if input.next is not None and destroyed and hand_on:
                 finished.next = await self._hand_over(input.next)
         return finished

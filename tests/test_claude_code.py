@@ -28,7 +28,8 @@ from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 
-RETRIES = int(CLI_ENV["CLAUDE_CODE_MAX_RETRIES"])
+CLI_RETRIES = "CLAUDE_CODE_MAX_RETRIES"
+RETRIES = int(CLI_ENV[CLI_RETRIES])
 """The CLI's own retries a job gets by default: a refused call is made 1 + RETRIES times."""
 
 
@@ -110,16 +111,20 @@ async def test_each_api_error_becomes_its_error_kind(claude_code: Sortie, app_na
         {"id": f"s{status}", "prompt": f"{tag} [[status:{status}]]"} for status in ERROR_KINDS
     ]
     jobs += [
+        # The batch file's env overrides the CLI's bounds a job gets by default.
+        {"id": "once", "prompt": f"{tag}-once [[status:429]]", "env": {CLI_RETRIES: "1"}},
         {"id": "turns", "prompt": f"{tag} [[tool]]", "max_turns": 1},
         {"id": "budget", "prompt": f"{tag} [[tool]]", "max_cost_usd": 0.001},
     ]
-    report = await run_batch(claude_code, claude_spec(app_name, jobs, storm=False))
+    report = await run_batch(claude_code, claude_spec(app_name, jobs, storm=False, max_machines=10))
     kinds = {r.job_id: r.error_kind for r in report.results}
     assert kinds == {
         **{f"s{status}": kind for status, kind in ERROR_KINDS.items()},
+        "once": "rate_limit",
         "turns": "max_turns",
         "budget": "budget",
     }
+    assert len(api(claude_code).calls_to(marker=f"{tag}-once [[status:429]]")) == 2
     assert all(r.state == "failed" for r in report.results)
     for status, calls in ((429, 1 + RETRIES), (401, 1 + RETRIES), (529, 3), (503, 3)):
         # The CLI's own retries are the job's bound (CLAUDE_CODE_MAX_RETRIES), not its ~10;

@@ -91,6 +91,9 @@ async def test_an_answer_its_session_cost_and_turns_and_a_followup_on_a_new_mach
     assert turn.session_id == first.session_id, "the follow-up resumed the session"
     [resumed] = api(claude_code).calls_to(marker=followup)
     assert marker in resumed.text, "the first turn's conversation came along"
+    assert all(c.path.endswith("/v1/messages") for c in api(claude_code).calls), (
+        "with the agent's environment the CLI calls nothing but the Messages API"
+    )
     machines = claude_code.localfly.machines(app_name)
     assert len(machines) == 2 and live(claude_code, app_name) == []
 

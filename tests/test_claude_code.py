@@ -2,9 +2,9 @@
 machines, against the fake Messages API of tests/helpers/anthropic_api.py on loopback.
 
 Markers in a prompt script the fake API (`[[tool]]`, `[[status:529]]`, `[[structured:{…}]]`,
-`[[hang]]`, `[[burst:2]]`); a credential whose ANTHROPIC_BASE_URL_n ends in `/status/429` is
-refused with that status. What the CLI does with it (its retries, its messages, its result
-object) is its own.
+`[[hang]]`, `[[burst:2]]`, `[[cut]]`); a credential whose ANTHROPIC_BASE_URL_n ends in
+`/status/429` is refused with that status. What the CLI does with it (its retries, its
+messages, its result object) is its own.
 """
 
 from __future__ import annotations
@@ -68,15 +68,22 @@ async def test_an_answer_its_session_cost_and_turns_and_a_followup_on_a_new_mach
 ) -> None:
     repo = git_repo(tmp_path / "repo")
     marker = uuid.uuid4().hex
-    jobs = [{"id": "look", "prompt": f"Look around {marker} [[tool]]", "repos": [str(repo)]}]
+    cut = uuid.uuid4().hex
+    jobs = [
+        {"id": "look", "prompt": f"Look around {marker} [[tool]]", "repos": [str(repo)]},
+        {"id": "cut", "prompt": f"A stream that breaks {cut} [[cut]]"},
+    ]
     report = await run_batch(claude_code, claude_spec(app_name, jobs, keep_sessions="1h"))
-    [first] = report.results
+    first, unstreamed = report.results
     assert first.state == "succeeded", first.error
     assert first.result == ANSWER and first.session_id and first.archive_ref
     assert first.num_turns == 2, "a tool use, then the answer"
     assert first.cost_usd and first.cost_usd > 0, "the CLI priced the usage the API reported"
     calls = api(claude_code).calls_to(marker=marker)
     assert len(calls) == 2 and all(c.stream for c in calls), "the CLI streams its requests"
+    # Streams that break make the CLI ask without streaming: that answer counts the same.
+    assert (unstreamed.state, unstreamed.result) == ("succeeded", ANSWER), unstreamed.error
+    assert [c.stream for c in api(claude_code).calls_to(marker=cut)][-1] is False
     # The live log: one human line per event, never the CLI's JSON.
     assert any("uses Bash" in line for line in first.log_tail), first.log_tail
     assert not any(line.lstrip().startswith("{") for line in first.log_tail), first.log_tail
@@ -95,7 +102,7 @@ async def test_an_answer_its_session_cost_and_turns_and_a_followup_on_a_new_mach
         "with the agent's environment the CLI calls nothing but the Messages API"
     )
     machines = claude_code.localfly.machines(app_name)
-    assert len(machines) == 2 and live(claude_code, app_name) == []
+    assert len(machines) == 3 and live(claude_code, app_name) == []
 
 
 ERROR_KINDS = {

@@ -7,7 +7,9 @@ picked by markers in the request (the prompt travels in it):
   `--json-schema`, with JSON as its input;
 - `[[hang]]`: accepts the request and never answers (a stall);
 - `[[burst:N]]`: the first N requests of that prompt answer 429, the rest succeed;
-- `[[status:NNN]]`: every request answers that status with Anthropic's error body.
+- `[[status:NNN]]`: every request answers that status with Anthropic's error body;
+- `[[cut]]`: a streamed answer breaks after its first event (the CLI then asks without
+  streaming, which answers whole).
 A path prefix before `/v1/` makes every request under it fail the same way, so one credential
 of a pool (its `ANTHROPIC_BASE_URL_n`) can be refused while another works:
 `/status/429/v1/messages` answers 429 with Anthropic's error body, likewise 401, 403, 400, 503,
@@ -168,7 +170,7 @@ class AnthropicApi:
             await asyncio.Event().wait()
         message = _reply(body, text)
         if body.get("stream"):
-            return await _stream(request, message)
+            return await _stream(request, message, cut="[[cut]]" in text)
         return web.json_response(message)
 
     def _record(
@@ -260,8 +262,11 @@ def _tool_use(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _stream(request: web.Request, message: dict[str, Any]) -> web.StreamResponse:
-    """The message as Server-Sent Events, as the Messages API streams it."""
+async def _stream(
+    request: web.Request, message: dict[str, Any], cut: bool = False
+) -> web.StreamResponse:
+    """The message as Server-Sent Events, as the Messages API streams it; `cut` drops the
+    connection after the first event, as a broken stream does."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
 
@@ -272,6 +277,10 @@ async def _stream(request: web.Request, message: dict[str, Any]) -> web.StreamRe
     start = {**message, "content": [], "stop_reason": None}
     start["usage"] = {**message["usage"], "output_tokens": 1}
     await event("message_start", {"message": start})
+    if cut:
+        assert request.transport is not None
+        request.transport.close()
+        return response
     await event("ping", {})
     for index, block in enumerate(message["content"]):
         if block["type"] == "text":

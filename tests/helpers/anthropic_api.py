@@ -76,6 +76,7 @@ class AnthropicApi:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def base_url(self, status: int | None = None) -> str:
@@ -115,6 +116,7 @@ class AnthropicApi:
     def stop(self) -> None:
         """Stop serving (hung requests are dropped)."""
         if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._released.set)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
 
@@ -127,7 +129,10 @@ class AnthropicApi:
     async def _start(self) -> None:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A hung request ends when its client goes (the CLI stopped), or when the fake stops.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)
         await site.start()
@@ -167,7 +172,8 @@ class AnthropicApi:
         if status != 200:
             return _error(status)
         if "[[hang]]" in text:
-            await asyncio.Event().wait()
+            await self._released.wait()
+            return web.Response(status=499)
         message = _reply(body, text)
         if body.get("stream"):
             return await _stream(request, message, cut="[[cut]]" in text)

@@ -69,7 +69,7 @@ async def test_an_answer_its_session_cost_and_turns_and_a_followup_on_a_new_mach
     repo = git_repo(tmp_path / "repo")
     marker = uuid.uuid4().hex
     cut = uuid.uuid4().hex
-    jobs = [
+    jobs: list[dict[str, Any]] = [
         {"id": "look", "prompt": f"Look around {marker} [[tool]]", "repos": [str(repo)]},
         {"id": "cut", "prompt": f"A stream that breaks {cut} [[cut]]"},
     ]

@@ -5,9 +5,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install system-deps lint test test-fast demo up down bench clean ui histories
+.PHONY: install system-deps claude-code lint test test-fast demo up down bench clean ui histories
 
 install: $(STAMP)
+
+# The real Claude Code CLI, at the version the machine image pins (agent/Dockerfile names it once),
+# in a project-local prefix: the end-to-end tests run it against a fake Messages API on loopback.
+CLAUDE_CODE_VERSION := $(shell sed -n 's/^ARG CLAUDE_CODE_VERSION=//p' agent/Dockerfile)
+CLAUDE_CODE_PREFIX := .state/claude-code
+CLAUDE_CODE := $(CLAUDE_CODE_PREFIX)/node_modules/.bin/claude
+CLAUDE_CODE_STAMP := $(CLAUDE_CODE_PREFIX)/.installed-$(CLAUDE_CODE_VERSION)
+claude-code: $(CLAUDE_CODE_STAMP)
+$(CLAUDE_CODE_STAMP): agent/Dockerfile | system-deps
+	rm -rf $(CLAUDE_CODE_PREFIX) && mkdir -p $(CLAUDE_CODE_PREFIX)
+	npm install --prefix $(CLAUDE_CODE_PREFIX) --no-audit --no-fund --loglevel=error \
+	  "@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)"
+	$(CLAUDE_CODE) --version | grep -qF "$(CLAUDE_CODE_VERSION)"
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +30,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Debian packages the tests use: docker-compose validates docker-compose.yml (no Docker engine
-# needed), curl replays Fly's documented requests against localfly, git builds test checkouts.
-SYSTEM_TOOLS := docker-compose curl git
+# needed), curl replays Fly's documented requests against localfly, git builds test checkouts,
+# node and npm install and run the real Claude Code CLI (package names: nodejs, npm).
+SYSTEM_TOOLS := docker-compose curl git node npm
 system-deps:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $${tool/#node/nodejs}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -31,10 +46,10 @@ lint: install
 	$(VENV)/bin/mypy .
 
 # Two test processes (CI has two cores); each starts its own dev server and localfly.
-test: install system-deps lint
+test: install system-deps claude-code lint
 	$(PY) -m pytest -q -ra -n 2 --dist worksteal
 
-test-fast: install
+test-fast: install claude-code
 	$(PY) -m pytest -q -x -m "not slow"
 
 demo: install

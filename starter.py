@@ -346,6 +346,10 @@ async def _print_turn(settings: Settings, turn: JobResult) -> None:
     if turn.pushed is not None:
         commits = ", ".join(f"{path} {sha[:12]}" for path, sha in turn.pushed.commits.items())
         print(f"pushed: {turn.pushed.branch} ({commits})")
+    if turn.structured is not None:
+        print("structured (json_schema):")
+        print(json.dumps(turn.structured, indent=2, ensure_ascii=False))
+        return
     answer = await batches.full_answer(settings, turn)
     if answer is None and turn.result_ref:
         answer = f"{turn.result}\n[… {turn.result_chars} characters in all; the rest was at "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import Field
 
@@ -92,6 +93,8 @@ class CollectResultInput(StrictModel):
     attempt: int = 1
     credential: str | None = None
     log_tail: LogTail = LogTail.ALWAYS
+    json_schema: dict[str, Any] | None = None
+    """The prompt job's schema: an answer that does not match it fails the job."""
 
 
 class JobAnswer(StrictModel):
@@ -106,6 +109,7 @@ class JobAnswer(StrictModel):
     duration_ms: int | None = None
     is_error: bool = False
     error_kind: str | None = None
+    structured: Any = None
     archive_ref: str | None = None
     commits: dict[str, str] = {}
     iterations: list[Iteration] = []
@@ -163,6 +167,8 @@ kind `credentials_resting` (sortie.claude.ErrorKind) and the machine is never cr
 
 CREDENTIAL_FAULTS = {"rate_limit", "auth"}
 """Claude errors that blame the credential, not the job: the job runs again on another."""
+STALLED = "stalled"
+"""The stall watchdog stopped the agent: the machine failed, not the job (it runs again)."""
 
 
 class DestroyNamedMachineInput(StrictModel):

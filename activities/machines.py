@@ -66,7 +66,7 @@ from fly import (
     RestartConfig,
     WaitResult,
 )
-from sortie.claude import PREVIEW_CHARS, AgentReport, ErrorKind, job_document
+from sortie.claude import CLI_ENV, PREVIEW_CHARS, AgentReport, ErrorKind, job_document
 from sortie.credentials import Credential, CredentialsResting, NoCredential
 from sortie.labels import (
     META_ATTEMPT,
@@ -77,7 +77,7 @@ from sortie.labels import (
     machine_name,
 )
 from sortie.models import Iteration, MachineRef
-from sortie.outcomes import machine_failure, succeeded
+from sortie.outcomes import hands_on
 from sortie.secrets import SecretStore, redact_presigned
 from sortie.spec import LogTail
 from sortie.store import (
@@ -257,10 +257,7 @@ class MachineActivities:
                 collected = await self._collect(input.collect)
             destroyed = await self._destroy_now(ref)
             finished = FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
-            if input.only_after_success:  # the batch judges each failure before the slot goes on
-                hand_on = succeeded(waited, collected)
-            else:  # the job ended for good
-                hand_on = machine_failure(waited, collected) is None
+            hand_on = hands_on(waited, collected, only_after_success=input.only_after_success)
             if input.next is not None and destroyed and hand_on:
                 finished.next = await self._hand_over(input.next)
         return finished
@@ -448,8 +445,17 @@ class MachineActivities:
         if report.changes_uploaded and await self._store.metadata(changes_key(*key)) is not None:
             changed = changes_key(*key)
         failure = report.error if kind in (ErrorKind.VERIFY_FAILED, ErrorKind.PUSH_FAILED) else None
+        problem, structured = None, None
+        if kind is None and input.json_schema is not None and cli is not None:
+            problem = report.structured_problem(input.json_schema)
+            if problem is not None:
+                kind = ErrorKind.INVALID_OUTPUT
+                text = f"{problem}\n\n{text}"
+            else:  # the answer is the object: whole in the store, in the row when small
+                text = json.dumps(cli.structured_output, ensure_ascii=False)
+                structured = cli.structured_output if len(text) <= PREVIEW_CHARS else None
         answer = JobAnswer(
-            session_id=cli.session_id if cli else None,
+            session_id=cli.session_id if cli else report.session_id,
             result=text[:PREVIEW_CHARS],
             result_chars=len(text),
             cost_usd=cost,
@@ -462,6 +468,7 @@ class MachineActivities:
             changes=report.total_changes(changed),
             pushed=report.pushed(),
             failure=self._secrets.scrub(failure, input.secrets)[:ERROR_CHARS] if failure else None,
+            structured=structured,
         )
         if text:  # kept whole off history; the chunk's result carries only the key
             answer.result_ref = await self._store.put(
@@ -559,6 +566,8 @@ class MachineActivities:
                 str(error.args[0]), type="UnknownSecrets", non_retryable=True
             ) from None
         env = {**job.env, "SORTIE_BATCH_ID": input.batch_id, "SORTIE_JOB_ID": job.id}
+        if job.prompt is not None:
+            env = {**CLI_ENV, **env}
         turn = input.followup.turn if input.followup else 1
         if credential is not None:
             followup = input.followup

@@ -41,6 +41,7 @@ from types import FrameType
 from typing import IO, Any
 
 from agent import changes, verify
+from agent.watch import Watched, watch
 
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
@@ -110,6 +111,8 @@ class Job:
     verify: tuple[str, ...] | None = None
     max_iterations: int = 1
     push_branch: str | None = None
+    json_schema: dict[str, Any] | None = None
+    stall_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,7 @@ def parse_job(text: str | None) -> Job:
     branch = _optional(data, "push_branch", str)
     if branch is not None and (not branch or branch.startswith("-") or ".." in branch):
         raise JobError(f"push_branch {branch!r} is not a valid branch name")
+    stall = _optional(data, "stall_timeout_s", (int, float))
     if restore is not None and ".." in PurePosixPath(restore).parts:
         raise JobError(f"restore_file {restore!r} must not contain '..'")
     return Job(
@@ -259,6 +263,8 @@ def parse_job(text: str | None) -> Job:
         verify=tuple(check) if check is not None else None,
         max_iterations=iterations,
         push_branch=branch,
+        json_schema=_optional(data, "json_schema", dict),
+        stall_timeout_s=None if stall is None else float(stall),
     )
 
 
@@ -355,6 +361,7 @@ class Machine:
         error: str | None,
         session_archive: bool = False,
         work: Mapping[str, Any] | None = None,
+        watched: Watched | None = None,
     ) -> int:
         """Upload the report (secrets scrubbed) and hand back the exit code, whatever happened:
         a report that did not land fails the job on the worker."""
@@ -366,6 +373,8 @@ class Machine:
             "session_archive": session_archive,
             **(work or {}),
         }
+        if watched is not None and watched.stalled:
+            body.update(stalled=True, session_id=watched.session_id)
         if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
             self.note("report uploaded")
         return exit_code
@@ -538,9 +547,10 @@ class Machine:
 
     # Claude --------------------------------------------------------------------------------
 
-    def run_claude(self, claude: str, job: Job, cwd: Path) -> tuple[int, bytes]:
-        """Run the CLI headless; stdout captured, stderr passed through scrubbed."""
-        argv = [claude, "-p", job.prompt, "--output-format", "json"]
+    def run_claude(self, claude: str, job: Job, cwd: Path) -> Watched:
+        """Run the CLI headless, its events watched (agent/watch.py): one log line each, the
+        result kept, the CLI stopped once it stalls; stderr passed through scrubbed."""
+        argv = [claude, "-p", job.prompt, "--output-format", "stream-json", "--verbose"]
         if job.model:
             argv += ["--model", job.model]
         if job.max_turns is not None:
@@ -551,6 +561,8 @@ class Machine:
             argv += ["--max-budget-usd", f"{job.max_cost_usd:g}"]
         if job.resume_session_id:
             argv += ["--resume", job.resume_session_id]
+        if job.json_schema is not None:
+            argv += ["--json-schema", json.dumps(job.json_schema)]
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -563,10 +575,9 @@ class Machine:
         pump = threading.Thread(target=self._pump, args=(proc.stderr,), daemon=True)
         pump.start()
         with _forward_signals(proc):
-            stdout = proc.stdout.read()
-            code = proc.wait()
+            watched = watch(proc, job.stall_timeout_s, self.say)
         pump.join()
-        return (128 - code if code < 0 else code), stdout
+        return watched
 
     def _pump(self, stream: IO[bytes]) -> None:
         """Copy claude's stderr to ours line by line, secrets scrubbed."""
@@ -612,22 +623,26 @@ class Machine:
             return self.fail(EXIT_SETUP, f"workspace setup failed: {error}")
         cwd = self.checkouts[0].dir if len(self.checkouts) == 1 else self.workspace
         self.note(f"job {job.id}: running claude in {cwd}")
-        code, output, problem, work = self.do_work(claude, job, cwd)
+        turn, code, problem, work = self.do_work(claude, job, cwd)
         archived = self.send_archive()
-        self.say(summary(code, output))
-        return self.result(code, output, problem, archived, work)
+        self.say(summary(code, turn.output))
+        return self.result(code, turn.output, problem, archived, work, turn.watched)
 
     def claude_turn(self, claude: str, job: Job, cwd: Path) -> verify.Turn:
-        """One run of the CLI, its output parsed."""
-        code, stdout = self.run_claude(claude, job, cwd)
-        output, problem = parse_claude_output(stdout)
-        return verify.Turn(code, output, problem)
+        """One run of the CLI, watched: its exit code, its result and why there is none."""
+        watched = self.run_claude(claude, job, cwd)
+        problem = None
+        if watched.stalled:
+            problem = f"no event from claude for {job.stall_timeout_s:g}s (stall_timeout): stopped"
+        elif watched.result is None:
+            problem = "\n".join(watched.other)[:ERROR_LIMIT] or "claude printed no result"
+        return verify.Turn(watched.exit_code, watched.result, problem, watched)
 
     def do_work(
         self, claude: str, job: Job, cwd: Path
-    ) -> tuple[int, dict[str, Any] | None, str | None, dict[str, Any]]:
-        """Claude (and the verify loop), then the changes stored and the branch pushed: the exit
-        code, Claude's last result, the failure and what the report adds about the work."""
+    ) -> tuple[verify.Turn, int, str | None, dict[str, Any]]:
+        """Claude (and the verify loop), then the changes stored and the branch pushed: Claude's
+        last turn, the exit code, the failure and what the report adds about the work."""
         work: dict[str, Any] = {}
         failure: str | None = None
         if job.verify is None:
@@ -650,7 +665,7 @@ class Machine:
             failed = [entry["error"] for entry in work["push"] if entry.get("error")]
             if failed:
                 code, problem = changes.EXIT_PUSH_FAILED, "; ".join(failed)
-        return code, turn.output, problem, work
+        return turn, code, problem, work
 
     def child_env(self) -> dict[str, str]:
         """The environment of what the job runs (claude, verify): no presigned URL in it."""
@@ -666,22 +681,6 @@ class Machine:
                 self.note(f"no session archive: {error}")
                 return False
             return self.upload(ARCHIVE_URL, "session archive", path)
-
-
-def parse_claude_output(stdout: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """The CLI's JSON result object, or None and why not."""
-    text = stdout.decode("utf-8", errors="replace").strip()
-    if not text:
-        return None, "claude printed no JSON"
-    candidates = [text, *reversed(text.splitlines())]
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and (candidate is text or value.get("type") == "result"):
-            return value, None
-    return None, text[:ERROR_LIMIT]
 
 
 @contextmanager

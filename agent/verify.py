@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agent.entrypoint import Job, Machine
+    from agent.watch import Watched
 
 TAIL_LINES = 40
 TAIL_CHARS = 2000
@@ -37,6 +38,8 @@ class Turn:
     code: int
     output: dict[str, Any] | None
     problem: str | None
+    watched: Watched | None = None
+    """How the CLI ran (a stall among it), when it ran."""
 
     @property
     def ok(self) -> bool:

@@ -2,14 +2,18 @@
 
 The machine's entrypoint (`agent/`) uploads its report to the object store; the worker reads
 it there and turns the Claude CLI's JSON result into a `JobAnswer`:
-the answer, the session to continue, what it cost, and whether it failed for a reason a retry
-with another credential can help (rate limit, authentication).
+the answer (and its structured object), the session to continue, what it cost, and why it
+failed, by one table from what the CLI reports to an error kind (ERRORS).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
@@ -21,12 +25,16 @@ PREVIEW_CHARS = 2000
 
 
 class ErrorKind(StrEnum):
-    """Why a Claude run failed, as far as its report tells."""
+    """Why a Claude run failed, as far as its report tells (ERRORS has the rule)."""
 
     RATE_LIMIT = "rate_limit"
+    OVERLOADED = "overloaded"
     AUTH = "auth"
+    INVALID_REQUEST = "invalid_request"
     MAX_TURNS = "max_turns"
     BUDGET = "budget"
+    STALLED = "stalled"
+    INVALID_OUTPUT = "invalid_output"
     NO_REPORT = "no_report"
     VERIFY_FAILED = "verify_failed"
     """Claude finished, but the job's `verify` check still failed after its last iteration."""
@@ -42,6 +50,83 @@ class ErrorKind(StrEnum):
         return self in (ErrorKind.RATE_LIMIT, ErrorKind.AUTH)
 
 
+@dataclass(frozen=True)
+class ErrorRule:
+    """One row of the error table: a kind, and what of the CLI's result object says it."""
+
+    kind: ErrorKind
+    subtypes: tuple[str, ...] = ()
+    """The result's `subtype` (the CLI's own stops)."""
+    statuses: tuple[int, ...] = ()
+    """The result's `api_error_status`: the HTTP status of the API call that failed for good."""
+    markers: tuple[str, ...] = ()
+    """Lower-case text of the result, for CLIs or failures that give no status."""
+
+
+ERRORS = (
+    ErrorRule(ErrorKind.MAX_TURNS, subtypes=("error_max_turns",)),
+    ErrorRule(ErrorKind.BUDGET, subtypes=("error_max_budget_usd",)),
+    ErrorRule(
+        ErrorKind.RATE_LIMIT,
+        statuses=(429,),
+        markers=("rate_limit", "rate limit", "request rejected (429)", "api error: 429"),
+    ),
+    ErrorRule(
+        ErrorKind.OVERLOADED,
+        statuses=(529, 503),
+        markers=("overloaded", "api error: 529", "api error: 503"),
+    ),
+    ErrorRule(
+        ErrorKind.AUTH,
+        statuses=(401, 403),
+        markers=(
+            "invalid api key",
+            "/login",
+            "authentication_error",
+            "oauth token",
+            "credit balance is too low",
+            "api error: 401",
+            "api error: 403",
+        ),
+    ),
+    ErrorRule(
+        ErrorKind.INVALID_REQUEST,
+        statuses=(400,),
+        markers=("invalid_request_error", "api error: 400"),
+    ),
+    ErrorRule(ErrorKind.BUDGET, markers=("budget",)),
+)
+"""From what the CLI reports to an error kind, first match wins: its stop (subtype), then the
+HTTP status of the failed API call, then its words. From CLI 2.1.110 an API error ends with
+`is_error: true` and `subtype: "success"`, so the subtype alone never says an API call failed."""
+
+
+def classify(subtype: str | None, status: int | None, text: str) -> ErrorKind:
+    """The error kind of a failed run, by ERRORS."""
+    lowered = text.lower()
+    for rule in ERRORS:
+        if subtype in rule.subtypes or status in rule.statuses:
+            return rule.kind
+    for rule in ERRORS:
+        if any(marker in lowered for marker in rule.markers):
+            return rule.kind
+    return ErrorKind.OTHER
+
+
+CLI_ENV = {
+    "CLAUDE_CODE_MAX_RETRIES": "3",
+    "API_TIMEOUT_MS": "600000",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_AUTOUPDATER": "1",
+}
+"""What a prompt job's machine gets by default for the CLI's own retries and traffic (a job's or
+the batch's `env` overrides each): 3 retries ride out a short burst of 429 or 529, yet a refused
+credential comes back within seconds rather than after the CLI's default ~10 retries (about
+3 minutes), so the pool can rest it and the next attempt take another. A request that hangs is
+the stall watchdog's (`stall_timeout`); API_TIMEOUT_MS stays the CLI's own 10 minutes so a long
+streamed answer is never cut."""
+
+
 class CliResult(BaseModel):
     """The Claude CLI's `--output-format json` result message (unknown fields tolerated)."""
 
@@ -55,6 +140,8 @@ class CliResult(BaseModel):
     result: str | None = None
     session_id: str | None = None
     total_cost_usd: float | None = None
+    api_error_status: int | None = None
+    structured_output: Any = None
 
 
 class RepoCheckout(BaseModel):
@@ -111,6 +198,11 @@ class AgentReport(BaseModel):
     changes_uploaded: bool = False
     push: list[RepoPush] = Field(default_factory=list)
 
+    stalled: bool = False
+    """The stall watchdog stopped the CLI: no event for the job's `stall_timeout`."""
+    session_id: str | None = None
+    """A stalled run's session (from the CLI's first event): it has no result to name it."""
+
     @classmethod
     def parse(cls, payload: bytes) -> AgentReport:
         """The report from a frame's payload; a garbled one becomes an error report."""
@@ -121,6 +213,8 @@ class AgentReport(BaseModel):
 
     def error_kind(self) -> ErrorKind | None:
         """None when Claude answered; else why it did not."""
+        if self.stalled:
+            return ErrorKind.STALLED
         cli = self.claude
         if cli is None:
             return ErrorKind.NO_REPORT
@@ -130,19 +224,18 @@ class AgentReport(BaseModel):
             return ErrorKind.PUSH_FAILED
         if not cli.is_error and self.exit_code in (0, None):
             return None
-        text = (cli.result or "").lower()
-        if cli.subtype == "error_max_turns":
-            return ErrorKind.MAX_TURNS
-        if "rate_limit" in text or "429" in text or "rate limit" in text:
-            return ErrorKind.RATE_LIMIT
-        if any(
-            marker in text
-            for marker in ("invalid api key", "/login", "authentication", "oauth token", "401")
-        ):
-            return ErrorKind.AUTH
-        if "budget" in text or cli.subtype == "error_max_budget_usd":
-            return ErrorKind.BUDGET
-        return ErrorKind.OTHER
+        return classify(cli.subtype, cli.api_error_status, cli.result or "")
+
+    def structured_problem(self, schema: dict[str, Any]) -> str | None:
+        """Why the answer is not an object matching the job's `json_schema`, or None."""
+        value = self.claude.structured_output if self.claude else None
+        if value is None:
+            return "Claude gave no structured output for the job's json_schema"
+        error = best_match(Draft202012Validator(schema).iter_errors(value))
+        if error is not None:
+            where = "/".join(map(str, error.absolute_path)) or "the answer"
+            return f"the structured output does not match json_schema at {where}: {error.message}"
+        return None
 
     def cost(self) -> tuple[float, int]:
         """What every Claude turn of the job cost, and its turns: the verify loop's all of them."""
@@ -202,4 +295,6 @@ def job_document(
         "verify": job.verify,
         "max_iterations": job.max_iterations,
         "push_branch": branch_name(job.push_branch, batch_id, job.id) if job.push_branch else None,
+        "json_schema": None if resume_session_id else job.json_schema,
+        "stall_timeout_s": job.stall_timeout_s or None,
     }

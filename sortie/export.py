@@ -47,6 +47,7 @@ CSV_COLUMNS = [
     "cost_usd",
     "num_turns",
     "session_id",
+    "structured",
     "error_kind",
     "error",
     "workflow_id",
@@ -97,11 +98,17 @@ async def _csv(rows: Rows, out: TextIO) -> int:
             writer.writerow(
                 {
                     **turn.model_dump(mode="json", include=set(CSV_COLUMNS)),
+                    "structured": _json_cell(turn.structured),
                     "workflow_id": workflow_id,
                 }
             )
         count += 1
     return count
+
+
+def _json_cell(value: object) -> str:
+    """A structured answer as one cell: its compact JSON, or nothing."""
+    return "" if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _cell(text: object) -> str:
@@ -163,7 +170,7 @@ async def _markdown(head: BatchReport, rows: Rows, out: TextIO, link: Link) -> i
         latest = row.followups[-1] if row.followups else row
         took = "" if latest.duration_s is None else f"{latest.duration_s:.1f}s"
         cost = "" if latest.cost_usd is None else f"${latest.cost_usd:.4f}"
-        answer = _cell(latest.result)[:120]
+        answer = _cell(_json_cell(latest.structured) or latest.result)[:120]
         out.write(
             f"| {_cell(row.job_id)} | {latest.state.value} | {took} | {cost} "
             f"| {_changed(latest)} | {answer} |\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -172,6 +173,9 @@ class JobResult(StrictModel):
     duration_ms: int | None = None
     is_error: bool | None = None
     error_kind: str | None = None
+    structured: Any = None
+    """The object Claude answered a job's `json_schema` with, when its JSON fits the answer's
+    preview; the stored answer (`result_ref`) is that JSON whole either way."""
     archive_ref: str | None = None
     commits: dict[str, str] = {}
     iterations: list[Iteration] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
+    STALLED,
     CollectResultOutput,
     JobAnswer,
     WaitMachineOutput,
@@ -29,6 +30,9 @@ def machine_failure(
     answer = collected.answer if collected else None
     if answer is not None and answer.error_kind in CREDENTIAL_FAULTS:
         return f"Claude refused credential {credential} ({answer.error_kind})"
+    if answer is not None and answer.error_kind == STALLED:
+        # Hung API calls and tools are the platform's; the next machine may well finish.
+        return f"the agent stalled: {answer.result or 'no progress within its stall_timeout'}"
     match waited.outcome:
         case WaitOutcome.BOOT_TIMEOUT:
             return f"machine did not start within {seconds(boot_timeout_s)}"
@@ -42,7 +46,8 @@ def machine_failure(
 
 
 def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) -> bool:
-    """Whether the job succeeded: it exited 0 on its own in time, with its report if it had one.
+    """Whether the job succeeded: it exited 0 on its own in time, with its report if it had one
+    and that report names no error (an answer that misses its json_schema is one).
 
     `record_outcome` gives a job this verdict, and `finish_job` reads it to hand a slot on only
     after a success when the batch must judge every failure (a failure limit).
@@ -53,8 +58,24 @@ def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) 
         and waited.outcome is not WaitOutcome.TIMED_OUT
         and collected is not None
         and collected.exit_code == 0
-        and not (answer is not None and answer.error_kind == "no_report")
+        and not (answer is not None and answer.error_kind is not None)
     )
+
+
+def hands_on(
+    waited: WaitMachineOutput, collected: CollectResultOutput | None, *, only_after_success: bool
+) -> bool:
+    """Whether `finish_job` gives the freed slot straight to the chunk's next job: not after a
+    storm error (the batch must hear of it first, or a storm runs on through hand-overs), and
+    under a failure limit only after a success; otherwise once the job ended for good."""
+    from workflows.guards import is_storm  # the storm rule is the workflows'; it imports us
+
+    answer = collected.answer if collected else None
+    if answer is not None and is_storm(answer.error_kind):
+        return False
+    if only_after_success:  # the batch judges each failure before the slot goes on
+        return succeeded(waited, collected)
+    return machine_failure(waited, collected) is None
 
 
 def record_outcome(
@@ -112,6 +133,7 @@ def _record_answer(result: JobResult, answer: JobAnswer) -> None:
     result.duration_ms = answer.duration_ms
     result.is_error = answer.is_error
     result.error_kind = answer.error_kind
+    result.structured = answer.structured
     result.archive_ref = answer.archive_ref
     result.commits = answer.commits
     result.iterations = answer.iterations

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -108,6 +111,25 @@ def branch_name(template: str, batch_id: str, job_id: str) -> str:
     return name
 
 
+def parse_stall_timeout(value: object) -> float:
+    """A stall timeout: a duration, or `off` (YAML's false too), which is 0."""
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return 0.0
+    return parse_duration(value)
+
+
+def check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) the CLI can answer to: an object schema, itself valid."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        where = "/".join(map(str, error.absolute_path)) or "the schema"
+        raise ValueError(f"not a valid JSON Schema at {where}: {error.message}") from None
+    if schema.get("type") != "object":
+        raise ValueError("must describe an object (`type: object`): Claude answers with one")
+    return schema
+
+
 def _command(value: object) -> object:
     """Accept a command as an argv list or as one shell string."""
     if isinstance(value, str):
@@ -141,6 +163,8 @@ def _off(value: object) -> object:
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
+StallSeconds = Annotated[float, BeforeValidator(parse_stall_timeout)]
+JsonSchema = Annotated[dict[str, Any], AfterValidator(check_json_schema)]
 Percent = Annotated[float, BeforeValidator(parse_percent)]
 MemoryMB = Annotated[int, BeforeValidator(parse_memory_mb)]
 Command = Annotated[list[str], BeforeValidator(_command), Field(min_length=1)]
@@ -224,6 +248,8 @@ class JobFields(_Strict):
     verify: Command | None = None
     max_iterations: int | None = Field(default=None, ge=1, le=MAX_ITERATIONS)
     push_branch: str | None = None
+    json_schema: JsonSchema | None = None
+    stall_timeout: StallSeconds | None = None
 
     @field_validator("push_branch")
     @classmethod
@@ -260,6 +286,8 @@ PROMPT_ONLY = (
     "verify",
     "max_iterations",
     "push_branch",
+    "json_schema",
+    "stall_timeout",
 )
 """Job fields that only a Claude Code (prompt) job uses."""
 
@@ -305,6 +333,7 @@ DEFAULT_IMAGE = "registry.fly.io/sortie-agent:latest"
 DEFAULT_TIMEOUT_S = 30 * 60.0
 DEFAULT_BOOT_TIMEOUT_S = 5 * 60.0
 DEFAULT_RETRIES = 2
+DEFAULT_STALL_TIMEOUT_S = 10 * 60.0
 
 
 class Job(_Strict):
@@ -331,6 +360,9 @@ class Job(_Strict):
     verify: list[str] | None = None
     max_iterations: int = DEFAULT_ITERATIONS
     push_branch: str | None = None
+    json_schema: dict[str, Any] | None = None
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    """0 is off: the CLI may go quiet as long as the job's timeout allows."""
 
 
 MAX_APPS = 20
@@ -353,9 +385,9 @@ class OnTooManyFailures(StrEnum):
 class StormGuard(_Strict):
     """Pause the batch when `errors` errors that blame the platform, not the job, come `within`.
 
-    Those errors are Claude rate-limit and authentication errors, and Fly 429s and 5xx that
-    outlasted their retries (workflows/guards.py has the rule); `auto_resume_after` resumes a
-    batch paused by a storm by itself, on a durable timer.
+    Those errors are Claude rate-limit, overloaded and authentication errors, and Fly 429s and
+    5xx that outlasted their retries (workflows/guards.py has the rule); `auto_resume_after`
+    resumes a batch paused by a storm by itself, on a durable timer.
     """
 
     errors: int = Field(default=10, ge=1, le=1000)
@@ -471,7 +503,11 @@ def resolve_job(defaults: Defaults, job: JobSpec, index: int) -> Job:
     return Job.model_validate(merged)
 
 
-_JOB_NAMES = {"timeout": "timeout_s", "boot_timeout": "boot_timeout_s"}
+_JOB_NAMES = {
+    "timeout": "timeout_s",
+    "boot_timeout": "boot_timeout_s",
+    "stall_timeout": "stall_timeout_s",
+}
 
 
 def _describe(spec_data: object, loc: tuple[int | str, ...]) -> str:

@@ -26,8 +26,10 @@ from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.stack import MATCHING_CONFIG, LocalS3
 from sortie.store import close_shared
+from tests.helpers.anthropic_api import AnthropicApi
 from tests.helpers.stack import (
     AGENT_IMAGES,
+    CLAUDE_CODE_BIN,
     STANDIN_BIN,
     SUGGEST_CONTINUE_AS_NEW_AT,
     TEMPORAL_CLI,
@@ -107,6 +109,66 @@ def localfly() -> Iterator[LocalFlyProcess]:
 
     with LocalFlyProcess(images=AGENT_IMAGES, path=[STANDIN_BIN]) as process:
         yield process
+
+
+@pytest.fixture(scope="session")
+def anthropic_api() -> Iterator[AnthropicApi]:
+    """The fake Anthropic Messages API on loopback, for the session."""
+    with AnthropicApi() as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def claude_localfly(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFlyProcess]:
+    """A localfly whose machines run the real Claude Code CLI (`make claude-code` installs it)."""
+    from localfly.process import LocalFlyProcess
+
+    if not (CLAUDE_CODE_BIN / "claude").exists():
+        pytest.fail(f"the real Claude Code CLI is not in {CLAUDE_CODE_BIN}: run `make claude-code`")
+    log = tmp_path_factory.mktemp("claude-localfly") / "localfly.log"
+    with LocalFlyProcess(images=AGENT_IMAGES, path=[CLAUDE_CODE_BIN], log=log) as process:
+        yield process
+
+
+@pytest.fixture
+def claude_credentials(request: pytest.FixtureRequest) -> dict[str, int | None]:
+    """The worker's API keys for the real CLI, each with the HTTP status the fake API refuses
+    it with (None: it answers); one that answers unless the test says otherwise (indirect)."""
+    given: dict[str, int | None] | None = getattr(request, "param", None)
+    return given or {"ANTHROPIC_API_KEY": None}
+
+
+@pytest.fixture
+async def claude_code(
+    temporal: WorkflowEnvironment,
+    claude_localfly: LocalFlyProcess,
+    anthropic_api: AnthropicApi,
+    claude_credentials: dict[str, int | None],
+    tmp_path: Path,
+) -> AsyncIterator[Sortie]:
+    """A worker whose prompt jobs run the real CLI on localfly machines, against the fake API:
+    each credential's ANTHROPIC_BASE_URL_n points at it."""
+    env: dict[str, str] = {}
+    for name, status in claude_credentials.items():
+        env[name] = f"sk-ant-api03-test-{uuid.uuid4().hex}"
+        env[f"ANTHROPIC_BASE_URL{name.removeprefix('ANTHROPIC_API_KEY')}"] = anthropic_api.base_url(
+            status
+        )
+    host, port = temporal.client.service_client.config.target_host.rsplit(":", 1)
+    settings = Settings(
+        temporal_address=f"{host}:{port}",
+        task_queue=f"claude-{uuid.uuid4().hex}",
+        shutdown_grace_s=1.0,
+        state_dir=tmp_path / "state",
+    )
+    fly_settings = FlySettings(
+        api_base_url=claude_localfly.url, logs_base_url=claude_localfly.url, rate_limit=False
+    )
+    async with (
+        FlyClient.open(fly_settings, FlyToken("localfly-test")) as fly,
+        running_worker(temporal.client, settings, fly, SecretStore(env)),
+    ):
+        yield Sortie(temporal.client, settings, claude_localfly, fly, anthropic_api)
 
 
 @pytest.fixture

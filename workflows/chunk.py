@@ -342,6 +342,7 @@ class ChunkWorkflow:
             attempt=attempt,
             credential=result.credential,
             log_tail=job.log_tail,
+            json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
         )
         create_s = tuning.create_timeout_s if claim else 0.0
         return await workflow.execute_activity_method(

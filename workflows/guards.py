@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
 
 STORM_KINDS = {
     "rate_limit": "Claude rate limit",
+    "overloaded": "Claude API overloaded",
     "auth": "Claude authentication",
     "credentials_resting": "every Claude credential resting",
     "fly_rate_limit": "Fly 429",

@@ -21,6 +21,7 @@ from temporalio.client import Client
 from sortie import batches
 from sortie.analysis.files import AnalysisError, Checkout, changed_files
 from sortie.analysis.findings import (
+    FINDINGS_SCHEMA,
     AnalysisSummary,
     Finding,
     ParsedAnswer,
@@ -28,10 +29,12 @@ from sortie.analysis.findings import (
     findings_document,
     merge,
     parse_answer,
+    parse_structured,
     render_report,
     severity_counts,
 )
 from sortie.analysis.partition import Part
+from sortie.claude import ErrorKind
 from sortie.models import JobResult, JobState
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
@@ -104,6 +107,7 @@ def analysis_spec(
         "retries": 1,
         "repos": [{"url": repo_url, "ref": checkout.commit}],
         "allowed_tools": ["Read", "Grep", "Glob"],
+        "json_schema": FINDINGS_SCHEMA,
     }
     if model:
         defaults["model"] = model
@@ -231,11 +235,18 @@ async def aggregate(client: Client, settings: Settings, batch_id: str) -> Aggreg
         *((r.job_id, r, None) for r in report.results),
         *await _carried_results(client, settings, memo),
     ]:
-        if result.state is not JobState.SUCCEEDED:
+        off_schema = result.error_kind == ErrorKind.INVALID_OUTPUT
+        if result.state is not JobState.SUCCEEDED and not off_schema:
             continue
         part = memo.parts.get(job, job)
         names[job] = part
-        answer = parse_answer(await batches.full_answer(settings, result), part)
+        if off_schema:
+            text = await batches.full_answer(settings, result)
+            answer = ParsedAnswer(error="the answer did not fit the findings schema", raw=text)
+        elif result.structured is not None:
+            answer = parse_structured(result.structured, part)
+        else:
+            answer = parse_answer(await batches.full_answer(settings, result), part)
         if carried_from is not None:
             answer.findings = [
                 f.model_copy(update={"carried_from": carried_from}) for f in answer.findings

@@ -1,8 +1,10 @@
 """What the analysis jobs report: the prompt, the lenient parsing of answers, the merged report.
 
-The model is asked for a JSON array of findings. Its answers are read leniently (fenced, wrapped
-in prose, wrapped in an object, severity synonyms) but the `Finding` model itself is strict. An
-answer without any usable JSON is kept raw so the report can show it.
+The jobs ask Claude for their findings through a JSON Schema (FINDINGS_SCHEMA, the prompt job's
+`json_schema`): the CLI hands back a validated object, and an answer that does not fit fails its
+job, its text kept raw so the report can show it. Answers of analyses made before (carried over
+by `--since`) are text, read leniently (fenced, wrapped in prose, wrapped in an object, severity
+synonyms); the `Finding` model itself is strict either way.
 """
 
 from __future__ import annotations
@@ -45,9 +47,32 @@ _DETAIL_LIMIT = 4000
 _MAX_DECODES = 1000
 """How many JSON decodes a scan of one answer may try before giving up."""
 
+FINDINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "findings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "string", "minLength": 1},
+                    "line": {"type": ["integer", "null"], "minimum": 1},
+                    "severity": {"enum": list(SEVERITIES)},
+                    "category": {"type": "string", "minLength": 1},
+                    "title": {"type": "string", "minLength": 1},
+                    "detail": {"type": "string"},
+                },
+                "required": ["file", "severity", "category", "title"],
+            },
+        }
+    },
+    "required": ["findings"],
+}
+"""What an analysis job answers with: its findings, checked by the CLI (`--json-schema`)."""
+
 FINDINGS_SCHEMA_DOC = """\
-Answer ONLY with a JSON array, no prose around it. Each element is an object with exactly these
-keys:
+Answer with the findings object your output schema asks for: "findings" is a list of objects with
+these keys:
   "file": the file's path relative to the repository root, as listed above
   "line": the line number (an integer >= 1), or null for a finding about the whole file
   "severity": one of "critical", "high", "medium", "low", "info"
@@ -56,7 +81,7 @@ keys:
   "detail": why it matters and how to fix it, in a few sentences
 Example: [{"file": "src/db.py", "line": 42, "severity": "high", "category": "security",
 "title": "SQL query built by string formatting", "detail": "User input reaches ..."}]
-Answer [] if you find nothing worth reporting."""
+Give an empty "findings" list if you find nothing worth reporting."""
 """The answer format, as the prompt states it."""
 
 
@@ -263,6 +288,14 @@ def _locate(text: str) -> list[Any] | None:
     return _scan(text)
 
 
+def parse_structured(value: object, chunk: str) -> ParsedAnswer:
+    """One job's structured answer (FINDINGS_SCHEMA): its findings; invalid items skipped."""
+    items = _container(value)
+    if items is None:
+        return ParsedAnswer(error="no findings in the structured answer", raw=json.dumps(value))
+    return _read(items, chunk, json.dumps(value))
+
+
 def parse_answer(text: str | None, chunk: str) -> ParsedAnswer:
     """One job's answer read leniently: invalid items are skipped, no JSON at all is an error."""
     if text is None or not text.strip():
@@ -270,6 +303,11 @@ def parse_answer(text: str | None, chunk: str) -> ParsedAnswer:
     items = _locate(text)
     if items is None:
         return ParsedAnswer(error="no JSON findings in the answer", raw=text)
+    return _read(items, chunk, text)
+
+
+def _read(items: list[Any], chunk: str, text: str) -> ParsedAnswer:
+    """The findings among decoded items."""
     findings = [f for f in (_finding(item, chunk) for item in items) if f is not None]
     skipped = len(items) - len(findings)
     if items and not findings:

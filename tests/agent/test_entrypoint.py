@@ -179,6 +179,7 @@ def test_command_line(tmp_path: Path) -> None:
         "allowed_tools": ["Read", "Bash(git:*)"],
         "max_cost_usd": 1.25,
         "resume_session_id": "abc",
+        "json_schema": {"type": "object"},
         "unknown_key": True,
     }
     run = run_agent(tmp_path, job("Do it", [], **extra), path=f"{fake}{os.pathsep}{SYSTEM_PATH}")
@@ -187,7 +188,8 @@ def test_command_line(tmp_path: Path) -> None:
         "-p",
         "Do it",
         "--output-format",
-        "json",
+        "stream-json",
+        "--verbose",
         "--model",
         "opus",
         "--max-turns",
@@ -198,6 +200,8 @@ def test_command_line(tmp_path: Path) -> None:
         "1.25",
         "--resume",
         "abc",
+        "--json-schema",
+        '{"type": "object"}',
     ]
     assert "sortie: claude exited 0 after 2 turns, $0.5000" in run.stdout
     assert run.result["repos"] == [] and run.result["claude"]["total_cost_usd"] == 0.5

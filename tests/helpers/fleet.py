@@ -48,7 +48,7 @@ from activities.machine_models import (
 )
 from sortie import batches
 from sortie.models import MachineRef, Tuning
-from sortie.outcomes import machine_failure, succeeded
+from sortie.outcomes import hands_on
 from sortie.pacing import CreateQueues
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
@@ -141,10 +141,7 @@ class Fleet:
             collected = await self._collect(input.collect)
         self._destroy(input.wait.machine)
         finished = FinishJobOutput(waited=waited, collected=collected, destroyed=True)
-        if input.only_after_success:
-            hand_on = succeeded(waited, collected)
-        else:
-            hand_on = machine_failure(waited, collected) is None
+        hand_on = hands_on(waited, collected, only_after_success=input.only_after_success)
         if input.next is not None and hand_on:
             chunk = await activity.client().get_workflow_handle(input.next.owner).describe()
             if await chunk.memo_value(MAY_START_MEMO, True):

@@ -19,6 +19,7 @@ from worker import SortieWorker, build_worker
 
 if TYPE_CHECKING:
     from localfly.process import LocalFlyProcess
+    from tests.helpers.anthropic_api import AnthropicApi
 
 BIN = Path(sys.executable).parent
 TEMPORAL_CLI = BIN / "temporal"
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SUGGEST_CONTINUE_AS_NEW_AT = 100
 """The dev server suggests continue-as-new this early, so every larger test exercises it."""
 STANDIN_BIN = ROOT / "tests" / "bin"
+CLAUDE_CODE_BIN = ROOT / ".state" / "claude-code" / "node_modules" / ".bin"
+"""The real Claude Code CLI, as `make claude-code` installs it (the version agent/Dockerfile
+pins)."""
 AGENT_IMAGES = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
 """Under localfly the agent image runs our entrypoint, and `claude` is the stand-in."""
 
@@ -39,6 +43,8 @@ class Sortie:
     settings: Settings
     localfly: LocalFlyProcess
     fly: FlyClient
+    api: AnthropicApi | None = None
+    """The fake Messages API the worker's credentials point at (real-CLI tests only)."""
 
 
 @asynccontextmanager

@@ -351,7 +351,8 @@ def test_a_job_too_large_for_any_chunk_is_refused_before_anything_starts() -> No
     )
     with pytest.raises(BatchFileError) as caught:
         batch_input(spec, "batch-huge")
-    assert "job 'big' is 1,100,3" in str(caught.value)
+    size = len(resolve_job(spec.defaults, spec.jobs[1], 1).model_dump_json())
+    assert f"job 'big' is {size:,} bytes" in str(caught.value)
     assert f"at most {CHUNK_INPUT_BYTES:,}" in str(caught.value)
 
 
@@ -498,4 +499,44 @@ def test_verify_and_push_branch_resolve_and_are_refused_on_command_jobs() -> Non
         "job 'bad' (jobs[5]): push_branch: 's/../x' does not make a valid git branch name",
         "job 'cmd' (jobs[0]): verify is only for prompt jobs",
         "job 'cmd' (jobs[0]): push_branch is only for prompt jobs",
+    ]
+
+
+def test_json_schema_must_be_a_valid_object_schema() -> None:
+    found = problems(
+        base(
+            jobs=[
+                {"id": "typo", "prompt": "p", "json_schema": {"type": "object", "required": 3}},
+                {"id": "list", "prompt": "p", "json_schema": {"type": "array"}},
+                {"id": "text", "prompt": "p", "json_schema": "an object please"},
+                {"id": "cmd", "command": "true", "json_schema": {"type": "object"}},
+            ]
+        )
+    )
+    assert found == [
+        "job 'typo' (jobs[0]): json_schema: not a valid JSON Schema at required: "
+        "3 is not of type 'array'",
+        "job 'list' (jobs[1]): json_schema: must describe an object (`type: object`): "
+        "Claude answers with one",
+        "job 'text' (jobs[2]): json_schema: Input should be a valid dictionary",
+        "job 'cmd' (jobs[3]): json_schema is only for prompt jobs",
+    ]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    spec = parse_batch(base(jobs=[{"id": "ok", "prompt": "p", "json_schema": schema}]))
+    assert resolve_job(spec.defaults, spec.jobs[0], 0).json_schema == schema
+
+
+def test_stall_timeout_defaults_to_ten_minutes_and_may_be_off() -> None:
+    jobs = [
+        {"id": "default", "prompt": "p"},
+        {"id": "short", "prompt": "p", "stall_timeout": "40s"},
+        {"id": "off", "prompt": "p", "stall_timeout": "off"},
+        {"id": "yaml-off", "prompt": "p", "stall_timeout": False},
+    ]
+    spec = parse_batch(base(jobs=jobs))
+    stalls = [resolve_job(spec.defaults, job, i).stall_timeout_s for i, job in enumerate(spec.jobs)]
+    assert stalls == [600.0, 40.0, 0.0, 0.0]
+    found = problems(base(jobs=[{"id": "bad", "prompt": "p", "stall_timeout": "soon"}]))
+    assert found == [
+        "job 'bad' (jobs[0]): stall_timeout: invalid duration 'soon' (use e.g. 90s, 30m, 1h30m)"
     ]

@@ -221,6 +221,25 @@ async def test_infrastructure_retries_that_succeeded_do_not_count_as_failures(
     assert await signals_to_chunks(temporal, output.batch_id) == [], "never paused"
 
 
+async def test_a_stalled_attempt_runs_again_on_a_new_machine_and_a_bad_request_does_not(
+    temporal: WorkflowEnvironment,
+) -> None:
+    fleet = Fleet()
+    jobs = [
+        {"id": "stalls", "env": {"ERROR_KIND": "stalled", "ERROR_ATTEMPTS": "1"}},
+        {"id": "bad", "env": {"ERROR_KIND": "invalid_request"}},
+    ]
+    defaults = {"prompt": "review", "retries": 1}
+    storm = {"errors": 1, "within": "1m"}
+    async with batch(temporal, fleet, jobs, storm=storm, defaults=defaults) as handle:
+        output = await asyncio.wait_for(handle.result(), timeout=30)
+    # A stall is the platform's (retried on a new machine); a bad request is the job's own,
+    # and neither is a storm error.
+    assert (output.status, output.succeeded, output.failed) == ("completed", 1, 1)
+    assert sorted(fleet.runs) == ["bad", "stalls", "stalls"]
+    assert await signals_to_chunks(temporal, output.batch_id) == [], "never paused"
+
+
 async def test_a_failure_rate_waits_for_enough_finished_jobs_then_cancels_when_told(
     temporal: WorkflowEnvironment,
 ) -> None:
@@ -274,6 +293,7 @@ async def test_a_limit_lowered_on_a_running_batch_pauses_it_at_once(
     ("env", "defaults", "reason"),
     [
         ({"ERROR_KIND": "auth"}, {"prompt": "review"}, "3 Claude authentication"),
+        ({"ERROR_KIND": "overloaded"}, {"prompt": "review"}, "3 Claude API overloaded"),
         ({"CREATE_ERROR": "FlyServerError"}, {"command": "true"}, "3 Fly 5xx or unreachable"),
         (
             {"CREATE_ERROR": "CredentialsResting"},
@@ -281,7 +301,7 @@ async def test_a_limit_lowered_on_a_running_batch_pauses_it_at_once(
             "every Claude credential is resting",
         ),
     ],
-    ids=["claude-auth", "fly-5xx", "credentials-resting"],
+    ids=["claude-auth", "claude-overloaded", "fly-5xx", "credentials-resting"],
 )
 async def test_a_storm_of_platform_errors_pauses_the_batch(
     temporal: WorkflowEnvironment, env: dict[str, str], defaults: dict[str, str], reason: str

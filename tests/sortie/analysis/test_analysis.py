@@ -19,6 +19,7 @@ from sortie.analysis.files import (
     read_checkout,
 )
 from sortie.analysis.findings import (
+    FINDINGS_SCHEMA,
     FINDINGS_SCHEMA_DOC,
     PROMPT_LIMIT,
     AnalysisSummary,
@@ -28,6 +29,7 @@ from sortie.analysis.findings import (
     findings_document,
     merge,
     parse_answer,
+    parse_structured,
     render_report,
     severity_counts,
 )
@@ -39,6 +41,7 @@ from sortie.analysis.partition import (
     plan_markdown,
     plan_table,
 )
+from sortie.spec import check_json_schema
 
 STRATEGIES: tuple[Strategy, ...] = ("directory", "size", "type", "equal")
 
@@ -518,7 +521,7 @@ def test_analysis_prompt_lists_the_files_and_the_answer_format() -> None:
     assert "ONLY" in prompt
     assert "security and error handling" in prompt
     assert FINDINGS_SCHEMA_DOC in prompt
-    assert "[]" in prompt
+    assert 'empty "findings" list' in prompt
     assert "code quality" in analysis_prompt(part, "")
 
     long_paths = [f"{'d' * 200}/" * 19 + f"file{i}.py" for i in range(20)]
@@ -587,3 +590,17 @@ def test_findings_document_round_trips() -> None:
     document = json.loads(findings_document(summary(), findings))
     assert AnalysisSummary.model_validate(document["summary"]) == summary()
     assert [Finding.model_validate(f) for f in document["findings"]] == findings
+
+
+def test_findings_come_as_the_schema_s_object_and_the_schema_is_one() -> None:
+    check_json_schema(FINDINGS_SCHEMA)
+    value = {
+        "findings": [
+            {"file": "a.py", "line": 3, "severity": "high", "category": "bugs", "title": "Off"},
+            {"file": "", "severity": "low", "category": "x", "title": "no file"},
+        ]
+    }
+    answer = parse_structured(value, "part")
+    assert [(f.file, f.line, f.chunk) for f in answer.findings] == [("a.py", 3, "part")]
+    assert answer.skipped == 1 and answer.error is None
+    assert parse_structured({"other": 1}, "part").error == "no findings in the structured answer"

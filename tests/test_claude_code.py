@@ -1,0 +1,260 @@
+"""Prompt jobs with the real Claude Code CLI (npm, the version agent/Dockerfile pins) on localfly
+machines, against the fake Messages API of tests/helpers/anthropic_api.py on loopback.
+
+Markers in a prompt script the fake API (`[[tool]]`, `[[status:529]]`, `[[structured:{…}]]`,
+`[[hang]]`, `[[burst:2]]`, `[[cut]]`); a credential whose ANTHROPIC_BASE_URL_n ends in
+`/status/429` is refused with that status. What the CLI does with it (its retries, its
+messages, its result object) is its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sortie import batches
+from sortie.claude import CLI_ENV
+from sortie.spec import BatchSpec, parse_batch
+from tests.helpers.anthropic_api import ANSWER
+from tests.helpers.batches import git_repo
+from tests.helpers.cli import cli, cli_env
+from tests.helpers.stack import Sortie
+from tests.helpers.waiting import eventually
+from workflows.batch import BatchWorkflow
+
+CLI_RETRIES = "CLAUDE_CODE_MAX_RETRIES"
+RETRIES = int(CLI_ENV[CLI_RETRIES])
+"""The CLI's own retries a job gets by default: a refused call is made 1 + RETRIES times."""
+
+
+def claude_spec(app: str, jobs: list[dict[str, Any]], **fields: Any) -> BatchSpec:
+    defaults = {"timeout": "3m", "retries": 0, "log_tail": "always", **fields.pop("defaults", {})}
+    return parse_batch(
+        {
+            "name": f"cc{uuid.uuid4().hex[:8]}",
+            "app": app,
+            "max_machines": 8,
+            "chunk_size": 8,
+            "defaults": defaults,
+            "jobs": jobs,
+            **fields,
+        }
+    )
+
+
+async def run_batch(s: Sortie, spec: BatchSpec) -> batches.BatchReport:
+    submitted = await batches.submit(s.client, s.settings, spec)
+    await batches.batch_handle(s.client, submitted.batch_id).result()
+    return await batches.results(s.client, submitted.batch_id, store=s.settings.blob_store())
+
+
+def live(s: Sortie, app: str) -> list[dict[str, Any]]:
+    return [m for m in s.localfly.machines(app) if m["state"] != "destroyed"]
+
+
+def api(s: Sortie) -> Any:
+    assert s.api is not None
+    return s.api
+
+
+async def test_an_answer_its_session_cost_and_turns_and_a_followup_on_a_new_machine(
+    claude_code: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    repo = git_repo(tmp_path / "repo")
+    marker = uuid.uuid4().hex
+    cut = uuid.uuid4().hex
+    jobs: list[dict[str, Any]] = [
+        {"id": "look", "prompt": f"Look around {marker} [[tool]]", "repos": [str(repo)]},
+        {"id": "cut", "prompt": f"A stream that breaks {cut} [[cut]]"},
+    ]
+    report = await run_batch(claude_code, claude_spec(app_name, jobs, keep_sessions="1h"))
+    first, unstreamed = report.results
+    assert first.state == "succeeded", first.error
+    assert first.result == ANSWER and first.session_id and first.archive_ref
+    assert first.num_turns == 2, "a tool use, then the answer"
+    assert first.cost_usd and first.cost_usd > 0, "the CLI priced the usage the API reported"
+    calls = api(claude_code).calls_to(marker=marker)
+    assert len(calls) == 2 and all(c.stream for c in calls), "the CLI streams its requests"
+    # Streams that break make the CLI ask without streaming: that answer counts the same.
+    assert (unstreamed.state, unstreamed.result) == ("succeeded", ANSWER), unstreamed.error
+    assert [c.stream for c in api(claude_code).calls_to(marker=cut)][-1] is False
+    # The live log: one human line per event, never the CLI's JSON.
+    assert any("uses Bash" in line for line in first.log_tail), first.log_tail
+    assert not any(line.lstrip().startswith("{") for line in first.log_tail), first.log_tail
+
+    followup = uuid.uuid4().hex
+    workflow_id = await batches.followup(
+        claude_code.client, claude_code.settings, report.batch_id, "look", f"And now? {followup}"
+    )
+    [row] = (await batches.chunk_handle(claude_code.client, workflow_id).result()).results
+    turn = await batches.expand(row, claude_code.settings.blob_store())
+    assert (turn.state, turn.turn) == ("succeeded", 2), turn.error
+    assert turn.session_id == first.session_id, "the follow-up resumed the session"
+    [resumed] = api(claude_code).calls_to(marker=followup)
+    assert marker in resumed.text, "the first turn's conversation came along"
+    assert all(c.path.endswith("/v1/messages") for c in api(claude_code).calls), (
+        "with the agent's environment the CLI calls nothing but the Messages API"
+    )
+    machines = claude_code.localfly.machines(app_name)
+    assert len(machines) == 3 and live(claude_code, app_name) == []
+
+
+ERROR_KINDS = {
+    429: "rate_limit",
+    529: "overloaded",
+    503: "overloaded",
+    401: "auth",
+    403: "auth",
+    400: "invalid_request",
+}
+
+
+async def test_each_api_error_becomes_its_error_kind(claude_code: Sortie, app_name: str) -> None:
+    tag = uuid.uuid4().hex
+    jobs: list[dict[str, Any]] = [
+        {"id": f"s{status}", "prompt": f"{tag} [[status:{status}]]"} for status in ERROR_KINDS
+    ]
+    jobs += [
+        # The batch file's env overrides the CLI's bounds a job gets by default.
+        {"id": "once", "prompt": f"{tag}-once [[status:429]]", "env": {CLI_RETRIES: "1"}},
+        {"id": "turns", "prompt": f"{tag} [[tool]]", "max_turns": 1},
+        {"id": "budget", "prompt": f"{tag} [[tool]]", "max_cost_usd": 0.001},
+    ]
+    report = await run_batch(claude_code, claude_spec(app_name, jobs, storm=False, max_machines=10))
+    kinds = {r.job_id: r.error_kind for r in report.results}
+    assert kinds == {
+        **{f"s{status}": kind for status, kind in ERROR_KINDS.items()},
+        "once": "rate_limit",
+        "turns": "max_turns",
+        "budget": "budget",
+    }
+    assert len(api(claude_code).calls_to(marker=f"{tag}-once [[status:429]]")) == 2
+    assert all(r.state == "failed" for r in report.results)
+    for status, calls in ((429, 1 + RETRIES), (401, 1 + RETRIES), (529, 3), (503, 3)):
+        # The CLI's own retries are the job's bound (CLAUDE_CODE_MAX_RETRIES), not its ~10;
+        # it stops sooner by itself after 3 overloaded answers in a row.
+        made = api(claude_code).calls_to(marker=f"{tag} [[status:{status}]]")
+        assert len(made) == calls, (status, len(made))
+    assert live(claude_code, app_name) == []
+
+
+async def test_an_overloaded_api_is_a_storm_and_a_bad_request_is_not(
+    claude_code: Sortie, app_name: str
+) -> None:
+    tag = uuid.uuid4().hex
+    jobs = [
+        {"id": "bad", "prompt": f"{tag} [[status:400]]"},
+        {"id": "o529", "prompt": f"{tag} [[status:529]]"},
+        {"id": "o503", "prompt": f"{tag} [[status:503]]"},
+        *({"id": f"later{i}", "prompt": f"{tag} waits for a slot"} for i in range(2)),
+    ]
+    spec = claude_spec(app_name, jobs, max_machines=3, storm={"errors": 2, "within": "5m"})
+    submitted = await batches.submit(claude_code.client, claude_code.settings, spec)
+    handle = batches.batch_handle(claude_code.client, submitted.batch_id)
+
+    async def paused() -> Any:
+        progress = await batches.progress(claude_code.client, submitted.batch_id)
+        return progress if progress.paused else None
+
+    progress = await eventually(paused, timeout=120, what="the storm to pause the batch")
+    assert (progress.pause_reason or "").startswith(
+        "storm: 2 errors within 5m (2 Claude API overloaded)"
+    )
+    assert progress.counts.failed == 3, "the 400 failed too, and was no storm error"
+    await handle.signal(BatchWorkflow.cancel)
+    await handle.result()
+    await eventually(lambda: not live(claude_code, app_name), what="machines destroyed")
+
+
+@pytest.mark.parametrize(
+    "claude_credentials",
+    [
+        {"ANTHROPIC_API_KEY": 429, "ANTHROPIC_API_KEY_2": None},
+        {"ANTHROPIC_API_KEY": 401, "ANTHROPIC_API_KEY_2": None},
+    ],
+    ids=["429", "401"],
+    indirect=True,
+)
+async def test_a_refused_credential_comes_back_rested_and_a_short_burst_is_ridden_out(
+    claude_code: Sortie, app_name: str, claude_credentials: dict[str, int | None]
+) -> None:
+    [status] = [s for s in claude_credentials.values() if s]
+    tag = uuid.uuid4().hex
+    jobs = [
+        {"id": "first", "prompt": f"{tag} first"},
+        {"id": "burst", "prompt": f"{tag} [[burst:2]]"},
+    ]
+    spec = claude_spec(app_name, jobs, max_machines=1, defaults={"retries": 1})
+    report = await run_batch(claude_code, spec)
+
+    first, burst = report.results
+    assert (first.state, first.attempts) == ("succeeded", 2), first.error
+    assert first.credential == "ANTHROPIC_API_KEY_2", "the next attempt took another credential"
+    refused = api(claude_code).calls_to(prefix=f"/status/{status}", marker=f"{tag} first")
+    assert len(refused) == 1 + RETRIES, "the CLI gave up after the job's bounded retries"
+    # The refused credential rests: the next job never gets it, and rides out its 429s.
+    assert (burst.state, burst.attempts, burst.credential) == (
+        "succeeded",
+        1,
+        "ANTHROPIC_API_KEY_2",
+    )
+    assert [c.status for c in api(claude_code).calls_to(marker=f"{tag} [[burst:2]]")] == [
+        429,
+        429,
+        200,
+    ]
+
+
+async def test_json_schema_gives_the_object_and_a_mismatch_fails_the_job(
+    claude_code: Sortie, app_name: str
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}},
+        "required": ["answer"],
+    }
+    jobs = [
+        {"id": "fits", "prompt": '[[structured:{"answer": 42, "why": "asked"}]]'},
+        {"id": "wrong", "prompt": '[[structured:{"answer": "forty-two"}]]'},
+    ]
+    report = await run_batch(
+        claude_code, claude_spec(app_name, jobs, defaults={"json_schema": schema})
+    )
+    fits, wrong = report.results
+    assert fits.state == "succeeded", fits.error
+    assert fits.structured == {"answer": 42, "why": "asked"}
+    calls = api(claude_code).calls_to(marker='"why": "asked"')
+    assert calls and "StructuredOutput" in calls[0].tools, "the CLI got --json-schema"
+    assert (wrong.state, wrong.error_kind, wrong.structured) == ("failed", "invalid_output", None)
+    assert "does not match json_schema" in (wrong.error or "") or "no structured" in (
+        wrong.error or ""
+    )
+
+    env = cli_env(claude_code)
+    shown = await cli(["results", report.batch_id, "--job", "fits"], env)
+    assert shown.returncode == 0, shown.stderr
+    assert "structured (json_schema):" in shown.stdout and '"answer": 42' in shown.stdout
+    as_csv = await cli(["results", report.batch_id, "--format", "csv"], env)
+    [row] = [r for r in csv.DictReader(io.StringIO(as_csv.stdout)) if r["job_id"] == "fits"]
+    assert json.loads(row["structured"]) == {"answer": 42, "why": "asked"}
+    as_json = await cli(["results", report.batch_id, "--format", "jsonl"], env)
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["structured"] for r in rows] == [{"answer": 42, "why": "asked"}, None]
+
+
+async def test_a_hung_api_call_is_stopped_as_stalled(claude_code: Sortie, app_name: str) -> None:
+    jobs = [{"id": "hangs", "prompt": f"{uuid.uuid4().hex} [[hang]]"}]
+    spec = claude_spec(app_name, jobs, defaults={"stall_timeout": "40s", "timeout": "10m"})
+    report = await run_batch(claude_code, spec)
+    [job] = report.results
+    assert (job.state, job.error_kind) == ("failed", "stalled"), job.error
+    assert job.error and "stalled" in job.error
+    assert job.session_id and job.archive_ref, "what it had, its session too, was uploaded"
+    assert any("stalled, stopping it" in line for line in job.log_tail), job.log_tail
+    assert live(claude_code, app_name) == []

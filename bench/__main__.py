@@ -104,6 +104,18 @@ class Row(BaseModel):
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
+    creates_s: tuple[float, float] | None = None
+    """When the first and the last machine were created, in seconds after the batches were
+    submitted: the makespan is submit-to-first + creating + last job's run + its end."""
+
+    @property
+    def paced_ideal_s(self) -> float | None:
+        """With Fly's limits: the makespan Fly's create rate allows, (N - 3A)/A + T for A apps
+        (a burst of 3 each, then 1 a second), when creates are what limits it."""
+        if not self.enforced:
+            return None
+        bursts = CREATE_BURST * self.apps
+        return max(self.jobs - bursts, 0) / (CREATE_RATE * self.apps) + self.duration_s
 
     @property
     def ratio(self) -> float | None:
@@ -364,13 +376,16 @@ async def measure(
     apps: int = 1,
     max_failures: int | None = None,
     job_bytes: int = 0,
+    matching: list[str] | None = None,
 ) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
         faults = {"rate_limits": {"enforce": True, "retry_after": True}} if enforce else {}
         with (
-            DevServer(Path(tmp) / "temporal.db", Path(tmp) / "temporal.log") as server,
+            DevServer(
+                Path(tmp) / "temporal.db", Path(tmp) / "temporal.log", matching=matching
+            ) as server,
             LocalFlyProcess(faults=faults) as localfly,
             LocalS3(Path(tmp) / "s3.log") as s3,
         ):
@@ -391,6 +406,7 @@ async def measure(
                 else []
             )
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
+                began = time.time()
                 try:
                     makespan, batch_ids, succeeded = await run_sortie(
                         client,
@@ -424,6 +440,7 @@ async def measure(
                 }
                 made = [m for a in names for m in localfly.machines(a)]
                 created = sorted(_when(m["created_at"]) for m in made)
+                most = most_at_once(made)
                 runs = await histories(client, batch_ids)
                 base = await run_baseline(fly, n, c, t) if baseline else None
     calls: Counter[str] = Counter(stats["calls"])
@@ -442,7 +459,7 @@ async def measure(
         succeeded=succeeded,
         baseline_succeeded=base[1] if base else None,
         calls_per_job={e: calls.get(e, 0) / n for e in ENDPOINTS},
-        max_live=int(stats["max_live_machines"]),
+        max_live=most if most is not None else int(stats["max_live_machines"]),
         rss_mb=rss_mb,
         parent_events=max(events for events, _ in runs.batch_runs),
         parent_bytes=max(size for _, size in runs.batch_runs),
@@ -456,7 +473,23 @@ async def measure(
         workers=workers,
         one_machine_each=len(made) == succeeded,
         creates_per_s=creates_per_s,
+        creates_s=(created[0] - began, created[-1] - began) if created else None,
     )
+
+
+def most_at_once(machines: list[dict[str, Any]]) -> int | None:
+    """The most machines that existed at once, all apps together (None: one never destroyed)."""
+    if any(m.get("destroyed_at") is None for m in machines):
+        return None
+    changes = sorted(
+        [(_when(m["created_at"]), 1) for m in machines]
+        + [(_when(m["destroyed_at"]), -1) for m in machines]
+    )
+    live = most = 0
+    for _, change in changes:
+        live += change
+        most = max(most, live)
+    return most
 
 
 async def _progress(localfly: LocalFlyProcess, app: str, n: int, every: float = 60) -> None:
@@ -506,7 +539,8 @@ def table(rows: list[Row]) -> str:
         "| succeeded (Sortie/baseline) "
         "| Fly calls per job: create/wait/get/list/logs/destroy = total | max live "
         "| worker peak RSS | largest parent history | largest child history "
-        "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job |"
+        "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job "
+        "| first, last create | makespan/paced ideal |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -526,7 +560,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.succeeded}/{base_ok} | {calls} = {r.calls_total:.2f} "
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
             f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} "
-            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} |"
+            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} "
+            f"| {_creates(r)} | {_paced(r)} |"
         )
     lines.append("")
     for r in rows:
@@ -538,6 +573,15 @@ def table(rows: list[Row]) -> str:
             f"{r.chunk_runs:,} chunk runs"
         )
     return "\n".join(lines)
+
+
+def _creates(r: Row) -> str:
+    return "-" if r.creates_s is None else f"{r.creates_s[0]:.1f}s, {r.creates_s[1]:.1f}s"
+
+
+def _paced(r: Row) -> str:
+    ideal = r.paced_ideal_s
+    return "-" if ideal is None else f"{r.makespan_s / ideal:.3f} of {ideal:.1f}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,6 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-bytes", type=int, default=0, help="pad each job to this many bytes")
     p.add_argument(
         "--submit-only", action="store_true", help="with --jobs: time the submit, run nothing"
+    )
+    p.add_argument(
+        "--plain-server",
+        action="store_true",
+        help="a plain `temporal server start-dev`: no dynamic config (as Temporal Cloud)",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -601,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                 apps=args.apps,
                 max_failures=args.max_failures,
                 job_bytes=args.job_bytes,
+                matching=[] if args.plain_server else None,
             )
         )
         rows.append(row)

@@ -68,12 +68,16 @@ class DevServer:
         port: int | None = None,
         ui_port: int | None = None,
         extra: list[str] | None = None,
+        matching: list[str] | None = None,
     ) -> None:
+        """`matching`: the matching settings it runs with (default MATCHING_CONFIG; [] for a
+        plain `temporal server start-dev`, as Temporal Cloud gives none)."""
         self.db = db
         self.log = log
         self.port = port or free_port()
         self.ui_port = ui_port
         self.extra = extra or []
+        self.matching = MATCHING_CONFIG if matching is None else matching
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,7 +109,7 @@ class DevServer:
                     "--log-level",
                     "error",
                     *SQLITE_PRAGMAS,
-                    *MATCHING_CONFIG,
+                    *self.matching,
                     *self.extra,
                 ],
                 stdout=out,

@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import (
@@ -405,6 +408,7 @@ async def measure(
                 if workers > 1
                 else []
             )
+            await _polling(client, queue, len(processes))
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
                 began = time.time()
                 try:
@@ -490,6 +494,25 @@ def most_at_once(machines: list[dict[str, Any]]) -> int | None:
         live += change
         most = max(most, live)
     return most
+
+
+async def _polling(client: Client, queue: str, count: int, timeout: float = 120) -> None:
+    """Wait until `count` worker processes poll the task queue: the batch is submitted to
+    running workers, as a user's would be, and their start is not counted in its makespan."""
+    deadline = time.monotonic() + timeout
+    while count:
+        described = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+        if len({poller.identity for poller in described.pollers}) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} workers did not poll {queue} within {timeout:g}s")
+        await asyncio.sleep(0.2)
 
 
 async def _progress(localfly: LocalFlyProcess, app: str, n: int, every: float = 60) -> None:

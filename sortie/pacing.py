@@ -50,7 +50,7 @@ took 400 s instead of 279 s (docs/benchmarks.md)."""
 CREATE_BURST = 2
 """Creates a pacer lets go at once: Fly allows bursts of 3, and the token left unused absorbs
 the jitter between when a worker sends and when Fly sees a request arrive."""
-TURNS_AHEAD_S = 5.0
+TURNS_AHEAD_S = 2.0
 """How far ahead one worker takes an app's turns: it runs rate x this + burst of the app's
 creates at once, and leaves the rest in Temporal's queue, ordered by priority and fairness."""
 

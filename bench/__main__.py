@@ -2,8 +2,10 @@
 
     python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
         [--no-baseline] [--batches K] [--workers W] [--apps A] [--max-failures F] [--job-bytes B]
+        [--plain-server]
     python -m bench --submit-only --jobs N [--job-bytes B] [--json]
     python -m bench --standard [--large] [--json]
+    python -m bench --pacing [--json]
 
 Each run starts its own Temporal dev server, S3 server (moto) and localfly, runs N `sleep T`
 jobs (each padded to B bytes with --job-bytes, a command that long) through Sortie
@@ -15,7 +17,12 @@ then gives the sustained create rate localfly saw (creates after the first burst
 time from the first create to the last) against Fly's allowed 1/s, and the 429s Sortie drew.
 With --apps A the batch spreads its jobs over A Fly apps (allowed A creates a second); with
 --workers W (more than one) the batch runs on W `worker.py` processes instead of one in this
-process, all pacing creates as on real Fly.
+process, all pacing creates as on real Fly; the batch is submitted once all of them poll.
+With --plain-server the dev server runs as `temporal server start-dev` starts it (no dynamic
+config, as on Temporal Cloud) instead of with the stack's settings (sortie/stack.py).
+--pacing runs the rows that show each app's create rate held for all workers: 150 jobs of 10 s
+over 3 apps, cap 60, 2 worker processes, Fly's limits enforced, on a plain start-dev and on the
+stack's; the last column compares the makespan with what Fly's create rate allows.
 Fly API calls are counted at localfly, 429s included; peak RSS is this process's (the worker's)
 during the Sortie run, reset per configuration on Linux.
 
@@ -70,6 +77,8 @@ from worker import build_worker
 
 STANDARD = [(100, 10, 2.0), (1000, 100, 5.0)]
 LARGE = [(10000, 200, 1.0)]
+PACING = (150, 60, 10.0)
+"""--pacing: N, C, T of the batch that shows each app's create rate held by two workers."""
 ENDPOINTS = ["create", "wait", "get", "list", "logs", "destroy"]
 CREATE_RATE, CREATE_BURST = 1.0, 3
 """Fly's published limit on machine creates per app: 1 request/s sustained, bursts of 3."""
@@ -107,6 +116,8 @@ class Row(BaseModel):
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
+    server: str = "the stack's dev server"
+    """Which Temporal server: the stack's (sortie/stack.py) or a plain `start-dev`."""
     creates_s: tuple[float, float] | None = None
     """When the first and the last machine were created, in seconds after the batches were
     submitted: the makespan is submit-to-first + creating + last job's run + its end."""
@@ -478,6 +489,7 @@ async def measure(
         one_machine_each=len(made) == succeeded,
         creates_per_s=creates_per_s,
         creates_s=(created[0] - began, created[-1] - began) if created else None,
+        server="a plain start-dev" if matching == [] else "the stack's dev server",
     )
 
 
@@ -593,9 +605,34 @@ def table(rows: list[Row]) -> str:
             f"- N={r.jobs} C={r.concurrency} T={r.duration_s:g}s: "
             f"{runs} batch run{'s' * (runs > 1)}"
             f" of {', '.join(f'{e:,}' for e in r.batch_run_events)} events; "
-            f"{r.chunk_runs:,} chunk runs"
+            f"{r.chunk_runs:,} chunk runs; on {r.server}"
         )
     return "\n".join(lines)
+
+
+def pacing_rows(as_json: bool) -> int:
+    """The rows that show Fly's create rate held for all workers: the same batch on a plain
+    `temporal server start-dev` (as Temporal Cloud: no dynamic config) and on the stack's."""
+    n, c, t = PACING
+    rows = []
+    for plain in (True, False):
+        row = asyncio.run(
+            measure(
+                n,
+                c,
+                t,
+                enforce=True,
+                baseline=False,
+                workers=2,
+                apps=3,
+                matching=[] if plain else None,
+            )
+        )
+        rows.append(row)
+        _note(f"done: pacing on {row.server}, Sortie {row.makespan_s:.1f}s")
+    print(json.dumps([r.model_dump() for r in rows], indent=2) if as_json else table(rows))
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _creates(r: Row) -> str:
@@ -639,6 +676,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a plain `temporal server start-dev`: no dynamic config (as Temporal Cloud)",
     )
+    p.add_argument(
+        "--pacing",
+        action="store_true",
+        help="the pacing rows: 150 jobs of 10 s over 3 apps, cap 60, 2 workers, Fly's limits, "
+        "on a plain start-dev and on the project's stack",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.submit_only:
@@ -651,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             print(submit_table([submitted]))
         sys.stdout.flush()
         os._exit(0)
+    if args.pacing:
+        return pacing_rows(args.json)
     if args.standard:
         configs = STANDARD + (LARGE if args.large else [])
     elif args.jobs and args.concurrency and args.duration is not None:

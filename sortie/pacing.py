@@ -52,7 +52,8 @@ CREATE_BURST = 2
 the jitter between when a worker sends and when Fly sees a request arrive."""
 TURNS_AHEAD_S = 2.0
 """How far ahead one worker takes an app's turns: it runs rate x this + burst of the app's
-creates at once, and leaves the rest in Temporal's queue, ordered by priority and fairness."""
+creates at once (4 at 1/s), and leaves the rest in Temporal's queue, ordered by priority and
+fairness. One worker alone keeps the pace while a Fly create call takes under 4 s."""
 
 
 def batch_priority(priority: int, batch_id: str) -> Priority:
@@ -95,9 +96,14 @@ class AppPacer:
         loop = asyncio.get_running_loop()
         ticket: asyncio.Future[float] = loop.create_future()
         self._waiting.append(ticket)
-        async with self._asking:  # one ask in flight; the creates that came meanwhile share it
-            if not ticket.done():
-                await self._ask(ticket)
+        try:
+            async with self._asking:  # one ask in flight; creates that come meanwhile share it
+                if not ticket.done():
+                    await self._ask(ticket)
+        except asyncio.CancelledError:  # cancelled before its turn was asked for: ask none
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            raise
         await asyncio.sleep(max(0.0, ticket.result() - loop.time()))
 
     async def _ask(self, mine: asyncio.Future[float]) -> None:

@@ -158,7 +158,7 @@ async def test_two_workers_keep_to_one_apps_create_rate(
     assert stats["rate_limited"] == 0, stats
 
 
-async def test_three_apps_share_a_batch_each_at_fly_s_full_rate(
+async def test_three_apps_share_a_batch_each_at_its_own_rate(
     plain: WorkflowEnvironment, localfly: Any, two_workers: Fleet2, enforced: None
 ) -> None:
     # Two workers, 60 jobs over three apps, at most 12 machines: creates are what limits the

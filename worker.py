@@ -1,9 +1,9 @@
 """The Sortie worker: runs batch and chunk workflows and the Fly machine activities.
 
 Each worker polls its task queue (workflows, waits, destroys) and one create queue per Fly app
-in use, paced by Temporal for all workers together (sortie/pacing.py). Configured by
-environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully: waits in
-progress are handed over to the next worker, never lost. An object store it cannot use
+in use, paced for all workers together by the app's pacer workflow (sortie/pacing.py).
+Configured by environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully:
+waits in progress are handed over to the next worker, never lost. An object store it cannot use
 (unreachable, no such bucket, refused keys) stops it at start with exit 2, before any batch runs.
 """
 
@@ -41,6 +41,7 @@ from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
 from workflows.credentials import CredentialPoolWorkflow
 from workflows.logs import MachineLogsWorkflow
+from workflows.pacer import CreatePacerWorkflow
 from workflows.reaper import ReaperWorkflow
 
 log = logging.getLogger("sortie.worker")
@@ -102,6 +103,7 @@ def build_worker(
             ChunkWorkflow,
             ReaperWorkflow,
             CredentialPoolWorkflow,
+            CreatePacerWorkflow,
             MachineLogsWorkflow,
         ],
         activities=[

@@ -2,8 +2,10 @@
 
     python -m bench --jobs N --concurrency C --duration T [--json] [--enforce-limits]
         [--no-baseline] [--batches K] [--workers W] [--apps A] [--max-failures F] [--job-bytes B]
+        [--plain-server]
     python -m bench --submit-only --jobs N [--job-bytes B] [--json]
     python -m bench --standard [--large] [--json]
+    python -m bench --pacing [--json]
 
 Each run starts its own Temporal dev server, S3 server (moto) and localfly, runs N `sleep T`
 jobs (each padded to B bytes with --job-bytes, a command that long) through Sortie
@@ -15,7 +17,12 @@ then gives the sustained create rate localfly saw (creates after the first burst
 time from the first create to the last) against Fly's allowed 1/s, and the 429s Sortie drew.
 With --apps A the batch spreads its jobs over A Fly apps (allowed A creates a second); with
 --workers W (more than one) the batch runs on W `worker.py` processes instead of one in this
-process, all pacing creates as on real Fly.
+process, all pacing creates as on real Fly; the batch is submitted once all of them poll.
+With --plain-server the dev server runs as `temporal server start-dev` starts it (no dynamic
+config, as on Temporal Cloud) instead of with the stack's settings (sortie/stack.py).
+--pacing runs the rows that show each app's create rate held for all workers: 150 jobs of 10 s
+over 3 apps, cap 60, 2 worker processes, Fly's limits enforced, on a plain start-dev and on the
+stack's; the last column compares the makespan with what Fly's create rate allows.
 Fly API calls are counted at localfly, 429s included; peak RSS is this process's (the worker's)
 during the Sortie run, reset per configuration on Linux.
 
@@ -46,6 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import (
@@ -67,6 +77,8 @@ from worker import build_worker
 
 STANDARD = [(100, 10, 2.0), (1000, 100, 5.0)]
 LARGE = [(10000, 200, 1.0)]
+PACING = (150, 60, 10.0)
+"""--pacing: N, C, T of the batch that shows each app's create rate held by two workers."""
 ENDPOINTS = ["create", "wait", "get", "list", "logs", "destroy"]
 CREATE_RATE, CREATE_BURST = 1.0, 3
 """Fly's published limit on machine creates per app: 1 request/s sustained, bursts of 3."""
@@ -104,6 +116,20 @@ class Row(BaseModel):
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
+    server: str = "the stack's dev server"
+    """Which Temporal server: the stack's (sortie/stack.py) or a plain `start-dev`."""
+    creates_s: tuple[float, float] | None = None
+    """When the first and the last machine were created, in seconds after the batches were
+    submitted: the makespan is submit-to-first + creating + last job's run + its end."""
+
+    @property
+    def paced_ideal_s(self) -> float | None:
+        """With Fly's limits: the makespan Fly's create rate allows, (N - 3A)/A + T for A apps
+        (a burst of 3 each, then 1 a second), when creates are what limits it."""
+        if not self.enforced:
+            return None
+        bursts = CREATE_BURST * self.apps
+        return max(self.jobs - bursts, 0) / (CREATE_RATE * self.apps) + self.duration_s
 
     @property
     def ratio(self) -> float | None:
@@ -364,13 +390,16 @@ async def measure(
     apps: int = 1,
     max_failures: int | None = None,
     job_bytes: int = 0,
+    matching: list[str] | None = None,
 ) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
         faults = {"rate_limits": {"enforce": True, "retry_after": True}} if enforce else {}
         with (
-            DevServer(Path(tmp) / "temporal.db", Path(tmp) / "temporal.log") as server,
+            DevServer(
+                Path(tmp) / "temporal.db", Path(tmp) / "temporal.log", matching=matching
+            ) as server,
             LocalFlyProcess(faults=faults) as localfly,
             LocalS3(Path(tmp) / "s3.log") as s3,
         ):
@@ -390,7 +419,9 @@ async def measure(
                 if workers > 1
                 else []
             )
+            await _polling(client, queue, len(processes))
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
+                began = time.time()
                 try:
                     makespan, batch_ids, succeeded = await run_sortie(
                         client,
@@ -424,6 +455,7 @@ async def measure(
                 }
                 made = [m for a in names for m in localfly.machines(a)]
                 created = sorted(_when(m["created_at"]) for m in made)
+                most = most_at_once(made)
                 runs = await histories(client, batch_ids)
                 base = await run_baseline(fly, n, c, t) if baseline else None
     calls: Counter[str] = Counter(stats["calls"])
@@ -442,7 +474,7 @@ async def measure(
         succeeded=succeeded,
         baseline_succeeded=base[1] if base else None,
         calls_per_job={e: calls.get(e, 0) / n for e in ENDPOINTS},
-        max_live=int(stats["max_live_machines"]),
+        max_live=most if most is not None else int(stats["max_live_machines"]),
         rss_mb=rss_mb,
         parent_events=max(events for events, _ in runs.batch_runs),
         parent_bytes=max(size for _, size in runs.batch_runs),
@@ -456,7 +488,43 @@ async def measure(
         workers=workers,
         one_machine_each=len(made) == succeeded,
         creates_per_s=creates_per_s,
+        creates_s=(created[0] - began, created[-1] - began) if created else None,
+        server="a plain start-dev" if matching == [] else "the stack's dev server",
     )
+
+
+def most_at_once(machines: list[dict[str, Any]]) -> int | None:
+    """The most machines that existed at once, all apps together (None: one never destroyed)."""
+    if any(m.get("destroyed_at") is None for m in machines):
+        return None
+    changes = sorted(
+        [(_when(m["created_at"]), 1) for m in machines]
+        + [(_when(m["destroyed_at"]), -1) for m in machines]
+    )
+    live = most = 0
+    for _, change in changes:
+        live += change
+        most = max(most, live)
+    return most
+
+
+async def _polling(client: Client, queue: str, count: int, timeout: float = 120) -> None:
+    """Wait until `count` worker processes poll the task queue: the batch is submitted to
+    running workers, as a user's would be, and their start is not counted in its makespan."""
+    deadline = time.monotonic() + timeout
+    while count:
+        described = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+        if len({poller.identity for poller in described.pollers}) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} workers did not poll {queue} within {timeout:g}s")
+        await asyncio.sleep(0.2)
 
 
 async def _progress(localfly: LocalFlyProcess, app: str, n: int, every: float = 60) -> None:
@@ -506,7 +574,8 @@ def table(rows: list[Row]) -> str:
         "| succeeded (Sortie/baseline) "
         "| Fly calls per job: create/wait/get/list/logs/destroy = total | max live "
         "| worker peak RSS | largest parent history | largest child history "
-        "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job |"
+        "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job "
+        "| first, last create | makespan/paced ideal |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -526,7 +595,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.succeeded}/{base_ok} | {calls} = {r.calls_total:.2f} "
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
             f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} "
-            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} |"
+            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} "
+            f"| {_creates(r)} | {_paced(r)} |"
         )
     lines.append("")
     for r in rows:
@@ -535,9 +605,43 @@ def table(rows: list[Row]) -> str:
             f"- N={r.jobs} C={r.concurrency} T={r.duration_s:g}s: "
             f"{runs} batch run{'s' * (runs > 1)}"
             f" of {', '.join(f'{e:,}' for e in r.batch_run_events)} events; "
-            f"{r.chunk_runs:,} chunk runs"
+            f"{r.chunk_runs:,} chunk runs; on {r.server}"
         )
     return "\n".join(lines)
+
+
+def pacing_rows(as_json: bool) -> int:
+    """The rows that show Fly's create rate held for all workers: the same batch on a plain
+    `temporal server start-dev` (as Temporal Cloud: no dynamic config) and on the stack's."""
+    n, c, t = PACING
+    rows = []
+    for plain in (True, False):
+        row = asyncio.run(
+            measure(
+                n,
+                c,
+                t,
+                enforce=True,
+                baseline=False,
+                workers=2,
+                apps=3,
+                matching=[] if plain else None,
+            )
+        )
+        rows.append(row)
+        _note(f"done: pacing on {row.server}, Sortie {row.makespan_s:.1f}s")
+    print(json.dumps([r.model_dump() for r in rows], indent=2) if as_json else table(rows))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _creates(r: Row) -> str:
+    return "-" if r.creates_s is None else f"{r.creates_s[0]:.1f}s, {r.creates_s[1]:.1f}s"
+
+
+def _paced(r: Row) -> str:
+    ideal = r.paced_ideal_s
+    return "-" if ideal is None else f"{r.makespan_s / ideal:.3f} of {ideal:.1f}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,6 +671,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--submit-only", action="store_true", help="with --jobs: time the submit, run nothing"
     )
+    p.add_argument(
+        "--plain-server",
+        action="store_true",
+        help="a plain `temporal server start-dev`: no dynamic config (as Temporal Cloud)",
+    )
+    p.add_argument(
+        "--pacing",
+        action="store_true",
+        help="the pacing rows: 150 jobs of 10 s over 3 apps, cap 60, 2 workers, Fly's limits, "
+        "on a plain start-dev and on the project's stack",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.submit_only:
@@ -579,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             print(submit_table([submitted]))
         sys.stdout.flush()
         os._exit(0)
+    if args.pacing:
+        return pacing_rows(args.json)
     if args.standard:
         configs = STANDARD + (LARGE if args.large else [])
     elif args.jobs and args.concurrency and args.duration is not None:
@@ -601,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                 apps=args.apps,
                 max_failures=args.max_failures,
                 job_bytes=args.job_bytes,
+                matching=[] if args.plain_server else None,
             )
         )
         rows.append(row)

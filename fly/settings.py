@@ -30,14 +30,14 @@ class FlySettings(BaseModel):
     app: str | None = None
     rate_limit: bool = True
     create_rate: float = Field(default=1.0, gt=0)
-    """Creates a second per app, for all workers together (Fly: 1/s with bursts of 3); the
-    workers' create queues are paced to it by Temporal while `rate_limit` is on."""
+    """Creates a second per app, for all workers together (Fly: 1/s with bursts of 3); each
+    app's pacer workflow holds the workers' creates to it while `rate_limit` is on."""
     max_connections: int = Field(default=1000, ge=1)
     """Connections kept open to Fly: each running wait holds one for up to 60 s."""
 
     @property
     def paced_create_rate(self) -> float | None:
-        """The create rate Temporal holds each app's create queue to; None: unpaced."""
+        """The create rate each app's pacer holds all workers' creates to; None: unpaced."""
         return self.create_rate if self.rate_limit else None
 
     @classmethod

@@ -25,7 +25,6 @@ from temporalio.api.workflowservice.v1 import (
     DescribeNamespaceRequest,
     DescribeTaskQueueRequest,
     GetSystemInfoRequest,
-    ListTaskQueuePartitionsRequest,
 )
 from temporalio.client import Client
 from temporalio.service import RPCError
@@ -40,6 +39,8 @@ from sortie.store import ObjectStore, StoreError
 from sortie.temporal import connect
 
 CONNECT_TIMEOUT_S = 10.0
+PACER_SINCE = (1, 28)
+"""Update-with-start, which a create's turn from its app's pacer needs."""
 FAIRNESS_SINCE = (1, 29)
 """The first Temporal server release with task-queue fairness (a batch's id as fairness key)."""
 
@@ -144,38 +145,29 @@ async def _search_attribute(client: Client, settings: Settings) -> Check:
 
 
 async def server_pacing(client: Client, settings: Settings, apps: list[str]) -> Check:
-    """What the create pacing needs from the server: today the dev server's matching settings,
-    one partition on each app's create queue (its rate is one token bucket) and a server with
-    fairness (1.29 or later). The one place to change when the pacing needs change."""
+    """What the create pacing needs from the server: update-with-start for each app's
+    `CreatePacerWorkflow` (1.28 or later); fairness between batches (1.29 or later) is a plus.
+    The one place to change when the pacing needs change."""
     info = await client.workflow_service.get_system_info(GetSystemInfoRequest(), timeout=_timeout())
     version = info.server_version
+    if version and _release(version) < PACER_SINCE:
+        return Check(
+            "create pacing",
+            False,
+            f"Temporal {version} has no update-with-start, which each app's pacer needs",
+            "run Temporal 1.28 or later (1.29 or later for fairness between batches)",
+        )
     if version and _release(version) < FAIRNESS_SINCE:
         return Check(
             "create pacing",
-            False,
-            f"Temporal {version} has no task-queue fairness",
-            "run Temporal 1.29 or later",
+            True,
+            f"Temporal {version}: paced by each app's pacer; no fairness, batches first come "
+            "first served (1.29 or later has it)",
         )
     queue = create_queue(settings.task_queue, apps[0] if apps else "app")
-    try:
-        partitions = await client.workflow_service.list_task_queue_partitions(
-            ListTaskQueuePartitionsRequest(
-                namespace=settings.temporal_namespace,
-                task_queue=TaskQueue(name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
-            ),
-            timeout=_timeout(),
-        )
-    except RPCError as error:  # e.g. a hosted service that does not list partitions
-        return Check("create pacing", None, f"the server does not say: {_first_line(error)}")
-    count = len(partitions.activity_task_queue_partitions)
-    if count > 1:
-        return Check(
-            "create pacing",
-            False,
-            f"create queue {queue} has {count} partitions: each holds a share of the create rate",
-            "give the *.fly.* queues one partition (config/temporal/dynamicconfig.yaml)",
-        )
-    return Check("create pacing", True, f"Temporal {version or '?'}, {queue} in one partition")
+    return Check(
+        "create pacing", True, f"Temporal {version or '?'}: {queue} paced by its pacer workflow"
+    )
 
 
 async def pollers(client: Client, settings: Settings) -> list[str]:

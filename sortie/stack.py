@@ -40,21 +40,11 @@ def free_port() -> int:
         return port
 
 
-MATCHING_CONFIG = [
-    "--dynamic-config-value",
-    "matching.numTaskqueueReadPartitions=1",
-    "--dynamic-config-value",
-    "matching.numTaskqueueWritePartitions=1",
-    "--dynamic-config-value",
-    "matching.enableFairness=true",
-]
-"""One partition per task queue: an app's create queue is then held to its rate by one token
-bucket (measured on this dev server at 1/s: a burst of 2, then one task a second). With the
-default four partitions each holds a quarter of the rate, and their tasks came in clumps of
-three or four every few seconds (0.76/s achieved for 1/s, three in one second).
-
-And fairness on: tasks of a queue's backlog go out in turns by fairness key (a batch's id),
-not first come first served; without it the dev server keeps priority keys but not fairness."""
+MATCHING_CONFIG = ["--dynamic-config-value", "matching.enableFairness=true"]
+"""Fairness on: tasks of a queue's backlog go out in turns by fairness key (a batch's id), not
+first come first served; without it the dev server keeps priority keys but not fairness.
+Nothing else: each Fly app's create rate is held by its pacer workflow (sortie/pacing.py), on a
+server with default partitions as on this one, and the bench measures both (--plain-server)."""
 
 
 class DevServer:
@@ -68,12 +58,16 @@ class DevServer:
         port: int | None = None,
         ui_port: int | None = None,
         extra: list[str] | None = None,
+        matching: list[str] | None = None,
     ) -> None:
+        """`matching`: the matching settings it runs with (default MATCHING_CONFIG; [] for a
+        plain `temporal server start-dev`, as Temporal Cloud gives none)."""
         self.db = db
         self.log = log
         self.port = port or free_port()
         self.ui_port = ui_port
         self.extra = extra or []
+        self.matching = MATCHING_CONFIG if matching is None else matching
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,7 +99,7 @@ class DevServer:
                     "--log-level",
                     "error",
                     *SQLITE_PRAGMAS,
-                    *MATCHING_CONFIG,
+                    *self.matching,
                     *self.extra,
                 ],
                 stdout=out,

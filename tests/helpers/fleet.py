@@ -55,6 +55,7 @@ from sortie.spec import BatchSpec, parse_batch
 from worker import SortieWorker
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
+from workflows.pacer import CreatePacerWorkflow
 
 
 @dataclass
@@ -224,7 +225,7 @@ def fleet_worker(
     main = Worker(
         temporal.client,
         task_queue=settings.task_queue,
-        workflows=[BatchWorkflow, ChunkWorkflow, *workflows],
+        workflows=[BatchWorkflow, ChunkWorkflow, CreatePacerWorkflow, *workflows],
         activities=[*(a for a in activities if a is not create), loads],
         max_concurrent_activities=1000,
     )

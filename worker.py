@@ -109,7 +109,6 @@ def build_worker(
             machines.finish_job,
             machines.read_logs,
             machines.destroy_machine,
-            machines.destroy_named_machine,
             machines.release_sessions,
             jobs.load_jobs,
             reaper.reap_orphans,

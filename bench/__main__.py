@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-failures",
         type=int,
-        help="run under this failure limit (its chunks hand no slot on inside finish_job)",
+        help="run under this failure limit",
     )
     p.add_argument("--job-bytes", type=int, default=0, help="pad each job to this many bytes")
     p.add_argument(

@@ -206,7 +206,7 @@ class BatchWorkflow:
         names = input.secrets
         apps = input.apps or [input.app]
         try:
-            checked = await workflow.execute_activity_method(
+            await workflow.execute_activity_method(
                 MachineActivities.check_batch,
                 CheckBatchInput(apps=apps, names=names, needs_claude=self._state.prompt_jobs),
                 start_to_close_timeout=timedelta(seconds=30),
@@ -217,7 +217,6 @@ class BatchWorkflow:
         except ActivityError as error:
             cause = error.cause if error.cause is not None else error
             raise ApplicationError(f"batch rejected: {cause}", non_retryable=True) from None
-        self._state.paced_creates = checked.create_rate is not None
 
     async def _drive(self) -> None:
         """Apply every change (reports, signals) until done, continuing-as-new when long."""
@@ -366,7 +365,6 @@ class BatchWorkflow:
             claim=self._input.jobs.slice(plan.index),
             slots=window,
             budgeted=self._state.max_cost_usd is not None,
-            paced=self._state.paced_creates,
             guarded=self._state.failure_limit.is_set,
             report_every_s=report_every(self._state.max_machines, len(self._state.chunks)),
             tuning=self._input.tuning,

@@ -94,8 +94,6 @@ class BatchState(StrictModel):
 
     max_machines: int
     max_cost_usd: float | None = None
-    paced_creates: bool = False
-    """The workers' creates are paced by Temporal: no create may bypass the app's queue."""
     over_budget: bool = False
     prompt_jobs: bool = False
     paused: bool = False

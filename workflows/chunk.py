@@ -26,7 +26,6 @@ with workflow.unsafe.imports_passed_through():
         CreateMachineInput,
         CreateMachineOutput,
         DestroyMachineInput,
-        DestroyNamedMachineInput,
         FinishJobInput,
         FinishJobOutput,
         WaitMachineInput,
@@ -40,7 +39,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport, SlotGrant
-    from workflows.hand_over import HandOver
     from workflows.messaging import Delivery, deliver
     from workflows.shielded import complete, settle
 
@@ -74,11 +72,6 @@ class ChunkWorkflow:
         self._last_report = workflow.now()
         self._unreported = False
         self._report_due: asyncio.Task[None] | None = None
-        # A spent slot goes back to the batch under a budget, so no slot is handed over there;
-        # under a failure limit a failed job's slot goes back, so only a success hands over;
-        # nor where creates are paced by their app's queue, which a hand-over would bypass.
-        handing_over = not (input.budgeted or input.paced)
-        self._hand_over = HandOver(self._queue) if handing_over else None
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
         self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
@@ -114,20 +107,17 @@ class ChunkWorkflow:
         self._owed += grant.give_back
         self._heard = max(self._heard, grant.heard)
         self._give_back_idle()
-        self._publish_gate()
 
     @workflow.signal
     def pause(self, request: PauseRequest) -> None:
         """Create no new machines; running jobs finish."""
         self._paused = True
-        self._publish_gate()
         self._update_details()
 
     @workflow.signal
     def resume(self) -> None:
         """Start creating machines again."""
         self._paused = False
-        self._publish_gate()
         self._update_details()
 
     @workflow.signal
@@ -183,12 +173,12 @@ class ChunkWorkflow:
             self._queue.extend(jobs)
         self._loaded = True
 
-    def _start(self, job: Job, handed: CreateMachineOutput | None = None) -> None:
-        """Run the job in a slot of its own, on the machine handed to it if there is one."""
+    def _start(self, job: Job) -> None:
+        """Run the job in a slot of its own."""
         self._running += 1
-        self._jobs.append(asyncio.create_task(self._run_job(job, handed)))
+        self._jobs.append(asyncio.create_task(self._run_job(job)))
 
-    async def _run_job(self, job: Job, handed: CreateMachineOutput | None) -> None:
+    async def _run_job(self, job: Job) -> None:
         """Run a job to a final state, on a new machine after each infrastructure failure.
 
         No `finally` here or below: a workflow evicted from the worker's cache is torn down
@@ -199,13 +189,12 @@ class ChunkWorkflow:
         self._jobs_started.add(1, {"batch": self._input.batch_id})
         try:
             for attempt in range(1, job.retries + 2):
-                if handed is None:
-                    await workflow.wait_condition(lambda: self._cancelled or not self._paused)
-                    if self._cancelled:
-                        raise asyncio.CancelledError
+                await workflow.wait_condition(lambda: self._cancelled or not self._paused)
+                if self._cancelled:
+                    raise asyncio.CancelledError
                 result.attempts = attempt
                 try:
-                    await self._attempt(job, attempt, result, handed)
+                    await self._attempt(job, attempt, result)
                     await self._judged(result)
                     break
                 except InfrastructureFailure as failure:
@@ -213,7 +202,6 @@ class ChunkWorkflow:
                     result.state = JobState.FAILED if attempt > job.retries else JobState.PENDING
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
                     await self._judged(result)
-                handed = None
         except asyncio.CancelledError:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
@@ -225,14 +213,12 @@ class ChunkWorkflow:
         failed = result.state in (JobState.FAILED, JobState.TIMED_OUT)
         self._slot_freed(spent=bool(result.cost_usd), failed=failed)
 
-    async def _attempt(
-        self, job: Job, attempt: int, result: JobResult, handed: CreateMachineOutput | None
-    ) -> None:
-        """Create a machine (unless handed one); finish the job on it; make sure it is gone."""
+    async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
+        """Create a machine; finish the job on it; make sure it is gone."""
         result.state, result.error_kind = JobState.STARTING, None
         self._update_details()
         try:
-            created = handed or await self._create(job, attempt)
+            created = await self._create(job, attempt)
         except ActivityError as error:
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {_why(error)}"
@@ -244,12 +230,11 @@ class ChunkWorkflow:
         result.credential = created.credential
         result.state = JobState.RUNNING
         self._update_details()
-        destroyed, cancelled, failure = False, self._cancelled, None
+        destroyed, cancelled, failure = False, False, None
         try:
-            if not cancelled:  # else a machine handed over just as the chunk was cancelled
-                finished = await self._run_on_machine(job, machine, attempt, result)
-                destroyed = finished.destroyed
-                failure = record_outcome(job, result, finished.waited, finished.collected)
+            finished = await self._finish_job(job, machine, attempt, result)
+            destroyed = finished.destroyed
+            failure = record_outcome(job, result, finished.waited, finished.collected)
         except ActivityError as error:
             cancelled = _is_cancellation(error)
             if not cancelled:
@@ -285,40 +270,12 @@ class ChunkWorkflow:
             raise asyncio.CancelledError
         return settled.result()
 
-    async def _run_on_machine(
-        self, job: Job, machine: MachineRef, attempt: int, result: JobResult
-    ) -> FinishJobOutput:
-        """Run `finish_job`, handing the slot to the claimed next job when there is one."""
-        claimed = self._hand_over.claim(self._may_start()) if self._hand_over else None
-        if self._hand_over is None or claimed is None:
-            return await self._finish_job(job, machine, attempt, result, None)
-        claim = self._create_input(claimed, 1)
-        finishing = asyncio.ensure_future(self._finish_job(job, machine, attempt, result, claim))
-        try:
-            finished = await asyncio.shield(finishing)
-        except asyncio.CancelledError:
-            await complete(
-                self._hand_over.drop(
-                    claim, finishing, self._destroy, self._destroy_named, destroy_now=machine
-                )
-            )
-            raise
-        except ActivityError:
-            drop = self._hand_over.drop(claim, finishing, self._destroy, self._destroy_named)
-            await complete(drop)
-            raise
-        self._hand_over.settle(claimed, started=finished.next is not None)
-        if finished.next is not None:
-            self._start(claimed, finished.next)
-        return finished
-
     async def _finish_job(
         self,
         job: Job,
         machine: MachineRef,
         attempt: int,
         result: JobResult,
-        claim: CreateMachineInput | None,
     ) -> FinishJobOutput:
         """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
         tuning = self._input.tuning
@@ -343,13 +300,10 @@ class ChunkWorkflow:
             credential=result.credential,
             log_tail=job.log_tail,
         )
-        create_s = tuning.create_timeout_s if claim else 0.0
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            FinishJobInput(
-                wait=wait, collect=collect, next=claim, only_after_success=self._input.guarded
-            ),
-            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s + create_s)
+            FinishJobInput(wait=wait, collect=collect),
+            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=tuning.heartbeat_timeout_s),
             retry_policy=policies.FLY_RETRY,
@@ -387,24 +341,8 @@ class ChunkWorkflow:
             summary=f"destroy machine {machine.machine_id}",
         )
 
-    async def _destroy_named(self, claim: CreateMachineInput) -> None:
-        """Destroy the machine a hand-over may have created; retried until it is gone."""
-        await workflow.execute_activity_method(
-            MachineActivities.destroy_named_machine,
-            DestroyNamedMachineInput(
-                app=claim.app,
-                batch_id=claim.batch_id,
-                job_id=claim.job.id,
-                attempt=claim.attempt,
-                turn=claim.followup.turn if claim.followup else 1,
-            ),
-            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-            retry_policy=policies.DESTROY_RETRY,
-            summary=f"destroy any machine made for job {claim.job.id}",
-        )
-
     async def _join_jobs(self) -> None:
-        """Wait for every job's task, those started by a hand-over meanwhile too."""
+        """Wait for every job's task."""
         joined = 0
         while joined < len(self._jobs):
             jobs = self._jobs[joined:]
@@ -422,19 +360,8 @@ class ChunkWorkflow:
         return bool(self._queue) and not self._paused and self._running < self._slots
 
     def _done_starting(self) -> bool:
-        """Cancelled, or every job started for good (none queued, none claimed)."""
-        return self._cancelled or not (self._queue or self._claimed())
-
-    def _claimed(self) -> int:
-        return self._hand_over.claims if self._hand_over else 0
-
-    def _may_start(self) -> bool:
-        """Whether a freed slot may go to the next job now."""
-        return not (self._cancelled or self._paused) and self._owed == 0
-
-    def _publish_gate(self) -> None:
-        if self._hand_over is not None:
-            self._hand_over.publish_gate(self._may_start())
+        """Cancelled, or every job started."""
+        return self._cancelled or not self._queue
 
     def _slot_freed(self, spent: bool, failed: bool) -> None:
         """A machine is gone: keep its slot for the next job, or give it back.
@@ -480,11 +407,10 @@ class ChunkWorkflow:
         give = min(idle, self._owed) if more_to_start else idle
         if give <= 0:
             return False
-        if not (more_to_start or self._running or self._claimed()):
+        if not (more_to_start or self._running):
             return True  # the chunk is done: its last report gives back every slot
         self._owed = max(0, self._owed - give)
         self._slots -= give
-        self._publish_gate()
         self._report(released=give)
         return True
 
@@ -553,7 +479,6 @@ class ChunkWorkflow:
         if self._cancelled:
             return
         self._cancel_reason = reason
-        self._publish_gate()
         for job in self._jobs:
             if not job.done() and not job.cancelling():
                 job.cancel()

@@ -26,8 +26,6 @@ class ChunkInput(StrictModel):
     slots: int
     paused: bool = False
     budgeted: bool = False
-    paced: bool = False
-    """Creates are paced by Temporal on each app's queue: no hand-over creates beside it."""
     guarded: bool = False
     """The batch has a failure limit: a failed job's slot goes back to it to be judged."""
     report_every_s: float = Field(default=5.0, gt=0)

@@ -111,6 +111,7 @@ def build_worker(
             machines.destroy_machine,
             machines.release_sessions,
             jobs.load_jobs,
+            jobs.store_rows,
             reaper.reap_orphans,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,

@@ -10,8 +10,9 @@ sessions and return the counts.
 Chunks are children with ParentClosePolicy.ABANDON. Continue-as-new closes the batch's run, and
 any other policy would terminate or cancel every running chunk each time the batch continues.
 So the batch never waits on its children's handles: each chunk reports to the batch's workflow
-id by signal, which reaches whichever run is current, and a chunk's result (a compact row per
-job) lands in the history of the run that started it. A batch that is terminated cannot be
+id by signal, which reaches whichever run is current, and a chunk's result (its counts, and
+where its rows are in the object store) lands in the history of the run that started it. A
+batch that is terminated cannot be
 told anything: its chunks stop themselves at their next report, and the reaper destroys what
 they leave.
 """
@@ -56,10 +57,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.messaging import Delivery, deliver
     from workflows.shielded import complete
 
-RESULT_BYTES_PER_JOB = 1_000
-"""What a job's row adds to the history of the batch run that started its chunk, at most
-(about 630 bytes measured): a chunk's result lands there when it completes, if that run is
-still open."""
 EVENTS_PER_CHUNK = 4
 """A chunk's events in the run that starts it: start initiated, started, completed, last report."""
 PASS_BYTES = 1_000_000
@@ -87,9 +84,6 @@ class BatchWorkflow:
         self._state = input.state or _plan(input)
         self._changed = False
         self._grants: list[asyncio.Future[Delivery]] = []
-        self._results_to_come: list[tuple[int, workflow.ChildWorkflowHandle[Any, Any]]] = []
-        """Jobs of each chunk this run started, with its handle: done once its result landed."""
-        self._full = False
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
@@ -266,9 +260,7 @@ class BatchWorkflow:
         if state.cancelled or state.paused:
             return
         while state.pending and not self._run_is_long() and self._may_open():
-            starts = self._next_pass()
-            self._full = not starts  # no room for the next chunk's results: continue-as-new
-            await self._start_chunks(starts)
+            await self._start_chunks(self._next_pass())
         running = self._running()
         for index, give in slots.lend(
             slots.free_slots(state.max_machines, running), running
@@ -303,15 +295,11 @@ class BatchWorkflow:
         """Chunks to start in one workflow task: while one may open, within PASS_BYTES."""
         state = self._state
         starts: list[tuple[ChunkPlan, ChunkInput]] = []
-        size = jobs = 0
+        size = 0
         while (
             state.pending
             and size < PASS_BYTES
             and len(starts) < self._starts_fitting()
-            and (
-                self._room_for(jobs + state.pending[0].size)
-                or not (starts or self._results_to_come)  # a run starts one chunk at least
-            )
             and self._may_open()
         ):
             chunk = state.chunks[state.pending[0].index]
@@ -327,7 +315,6 @@ class BatchWorkflow:
             chunk_input = self._chunk_input(plan, chunk.slots)
             starts.append((plan, chunk_input))
             size += len(chunk_input.model_dump_json())
-            jobs += plan.size
         return starts
 
     async def _start_chunks(self, starts: list[tuple[ChunkPlan, ChunkInput]]) -> None:
@@ -337,7 +324,7 @@ class BatchWorkflow:
     async def _start_chunk(self, plan: ChunkPlan, chunk: ChunkInput) -> None:
         last = plan.first_job + plan.size - 1
         try:
-            handle = await workflow.start_child_workflow(
+            await workflow.start_child_workflow(
                 ChunkWorkflow.run,
                 chunk,
                 id=self._state.chunks[plan.index].workflow_id,
@@ -352,8 +339,6 @@ class BatchWorkflow:
             )
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
-            return
-        self._results_to_come.append((plan.size, handle))
 
     def _chunk_input(self, plan: ChunkPlan, window: int) -> ChunkInput:
         """What a chunk starts with: where its jobs are in the store, and its window."""
@@ -376,25 +361,12 @@ class BatchWorkflow:
         return max(1, min(STARTS_AT_ONCE, room // EVENTS_PER_CHUNK))
 
     def _run_is_long(self) -> bool:
-        """Time to continue-as-new: Temporal suggests it, or this run passed our own bounds
-        (its size counting the results its chunks still running will bring)."""
+        """Time to continue-as-new: Temporal suggests it, or this run passed its own bound."""
         info = workflow.info()
         return (
             info.is_continue_as_new_suggested()
             or info.get_current_history_length() > self._input.tuning.run_events
-            or self._bytes_to_come() > self._input.tuning.run_bytes
-            or self._full
         )
-
-    def _room_for(self, jobs: int) -> bool:
-        """Whether this run can still take the results of chunks of `jobs` more jobs."""
-        return self._bytes_to_come(jobs) <= self._input.tuning.run_bytes
-
-    def _bytes_to_come(self, more_jobs: int = 0) -> int:
-        """This run's size, with the results still to land of the chunks it started: chunks
-        finish together, and their results would land in a burst too late to continue-as-new."""
-        jobs = more_jobs + sum(n for n, handle in self._results_to_come if not handle.done())
-        return workflow.info().get_current_history_size() + jobs * RESULT_BYTES_PER_JOB
 
     def _check_budget(self) -> None:
         """Pause the batch once what its jobs spent reaches its budget."""

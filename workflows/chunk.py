@@ -20,6 +20,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.job_models import StoreRowsInput, rows_key
     from activities.jobs import JobActivities
     from activities.machine_models import (
         CollectResultInput,
@@ -92,11 +93,11 @@ class ChunkWorkflow:
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
+        rows = await complete(self._store_rows())
         await complete(self._report_done())  # the batch closes only once it heard this
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
-        results = [result.compact() for result in self._results]
-        return ChunkOutput(index=input.index, counts=self._counts(), results=results)
+        return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
 
     # ------------------------------------------------------------ signals and queries
 
@@ -172,6 +173,19 @@ class ChunkWorkflow:
             ]
             self._queue.extend(jobs)
         self._loaded = True
+
+    async def _store_rows(self) -> str:
+        """Leave every job's row in the object store, where readers find it once closed."""
+        return await workflow.execute_local_activity_method(
+            JobActivities.store_rows,
+            StoreRowsInput(
+                key=rows_key(self._input.batch_id, workflow.info().workflow_id),
+                rows=[result.compact() for result in self._results],
+            ),
+            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+            retry_policy=policies.STORE_RETRY,
+            summary="store the chunk's rows",
+        )
 
     def _start(self, job: Job) -> None:
         """Run the job in a slot of its own."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from activities.job_models import JobSlice
-from sortie.models import Counts, Followup, JobResult, StrictModel, Tuning
+from sortie.models import Counts, Followup, StrictModel, Tuning
 from sortie.spec import Job, app_for
 
 
@@ -40,11 +40,12 @@ class ChunkInput(StrictModel):
 
 
 class ChunkOutput(StrictModel):
-    """A finished chunk: every job's result in input order."""
+    """A finished chunk: its counts, and where its rows (every job's, in input order) are kept
+    in the object store: they stay off its batch's history."""
 
     index: int
     counts: Counts
-    results: list[JobResult]
+    rows: str
 
 
 class ChunkReport(StrictModel):

@@ -199,12 +199,12 @@ def fleet_worker(
     the real reading of a chunk's jobs from the object store); its creates on the apps' create
     queues, as a real worker polls them."""
     [create] = [a for a in activities if getattr(a, "__name__", "") == "create_machine"]
-    loads = JobActivities(settings.blob_store()).load_jobs
+    jobs = JobActivities(settings.blob_store())
     main = Worker(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow, *workflows],
-        activities=[*(a for a in activities if a is not create), loads],
+        activities=[*(a for a in activities if a is not create), jobs.load_jobs, jobs.store_rows],
         max_concurrent_activities=1000,
     )
     creates = CreateQueues(temporal.client, settings.task_queue, create, rate=rate, apps=apps)

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from activities.job_models import JobsClaim
+from sortie.labels import chunk_workflow_id
 from sortie.models import Counts, StrictModel, Tuning
 from sortie.spec import OnTooManyFailures, StormGuard
 
@@ -41,9 +42,19 @@ class ChunkProgress(StrictModel):
     counts: Counts = Counts()
 
 
+class Steering(StrEnum):
+    """What a batch tells its chunks: run, pause, or cancel."""
+
+    RUN = "run"
+    PAUSE = "pause"
+    CANCEL = "cancel"
+
+
 class ChunkState(ChunkProgress):
     """What the batch keeps of one chunk: its progress and the slots it lent it."""
 
+    told: Steering = Steering.RUN
+    """What the batch last told the chunk (it starts running)."""
     owed: int = 0
     """Slots asked back from the chunk (after the cap was lowered) and not given back yet."""
     wants_more: bool = True
@@ -103,12 +114,41 @@ class BatchState(StrictModel):
     storm_marks: list[StormMark] = []
     """Storm errors heard within the storm window, oldest first."""
     auto_resume_at: datetime | None = None
-    told_paused: bool = False
     cancelled: bool = False
     cancel_reason: str | None = None
-    told_cancelled: bool = False
     chunks: list[ChunkState] = []
     pending: list[ChunkPlan] = []
+
+    @property
+    def steering(self) -> Steering:
+        """What every running chunk should have been told."""
+        if self.cancelled:
+            return Steering.CANCEL
+        return Steering.PAUSE if self.paused else Steering.RUN
+
+    def counts(self) -> Counts:
+        """The batch's job counts: its chunks' together."""
+        return Counts.total_of([chunk.counts for chunk in self.chunks])
+
+    def running(self) -> list[ChunkState]:
+        """The chunks started and not done."""
+        return [c for c in self.chunks if c.status is ChunkStatus.RUNNING]
+
+    def unfinished(self) -> int:
+        """Chunks not started or not done."""
+        return len(self.pending) + len(self.running())
+
+    def all_done(self) -> bool:
+        """Every chunk done or skipped."""
+        return not self.pending and not self.running()
+
+    def status(self) -> str:
+        """completed, cancelled, cancelling, paused or running."""
+        if self.all_done():
+            return "cancelled" if self.cancelled else "completed"
+        if self.cancelled:
+            return "cancelling"
+        return "paused" if self.paused else "running"
 
 
 class BatchInput(StrictModel):
@@ -203,3 +243,31 @@ class FailureLimitRequest(StrictModel):
     max_failures: int | None = Field(default=None, ge=0)
     max_failure_rate: float | None = Field(default=None, ge=0, le=100)
     on_too_many_failures: OnTooManyFailures | None = None
+
+
+def plan(input: BatchInput) -> BatchState:
+    """A new batch's state: its jobs split into chunks of `chunk_size`, as the starter stored
+    them, none started."""
+    claim = input.jobs
+    firsts = range(0, claim.total, claim.chunk_size)
+    sizes = [min(claim.chunk_size, claim.total - first) for first in firsts]
+    return BatchState(
+        max_machines=input.max_machines,
+        max_cost_usd=input.max_cost_usd,
+        failure_limit=input.failure_limit,
+        prompt_jobs=input.prompt_jobs,
+        chunks=[
+            ChunkState(
+                index=index,
+                workflow_id=chunk_workflow_id(input.batch_id, index),
+                first_job=first,
+                size=size,
+                counts=Counts(total=size, pending=size),
+            )
+            for index, (first, size) in enumerate(zip(firsts, sizes, strict=True))
+        ],
+        pending=[
+            ChunkPlan(index=index, first_job=first, size=size)
+            for index, (first, size) in enumerate(zip(firsts, sizes, strict=True))
+        ],
+    )

@@ -1,20 +1,21 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
-A chunk is a child workflow of its batch. It starts a job whenever fewer jobs run than its
-window of machine slots holds. Its jobs wait in the object store, where the starter put them:
-the chunk reads its own slice first (`load_jobs`, a local activity, digest checked). The batch
-widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives slots
-back as soon as it has nothing left to start, so another chunk can use them. It reports to its
-batch by signal, by workflow id, so whichever run of the batch is current hears it. A job is:
-create its machine, then `finish_job` (wait, collect, destroy), then the shielded destroy
-whenever `finish_job` did not destroy it.
+A chunk is a child workflow of its batch. It reads its own jobs from the object store first
+(`load_jobs`, a local activity, digest checked), then starts a job whenever fewer jobs run than
+its window of machine slots holds. A job is: create its machine through the app's create queue,
+then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
+not destroy it; a new machine after each infrastructure failure, up to the job's retries. The
+batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
+slots back as soon as it has nothing left to start, so another chunk can use them, and reports
+how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
+object store and returns its counts and where the rows are.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -39,9 +40,9 @@ with workflow.unsafe.imports_passed_through():
     from sortie.spec import Job
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
-    from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport, SlotGrant
-    from workflows.messaging import Delivery, deliver
-    from workflows.shielded import complete, settle
+    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant
+    from workflows.reports import Reporter
+    from workflows.shielded import complete, evicting, settle
 
 
 class InfrastructureFailure(Exception):
@@ -59,27 +60,19 @@ class ChunkWorkflow:
         self._queue: deque[Job] = deque()
         self._loaded = False
         self._continues: dict[str, Followup] = {}
-        self._slots = input.slots
-        self._owed = 0
-        self._running = 0
-        self._live = 0
+        self._slots, self._owed, self._running, self._live = input.slots, 0, 0, 0
         self._paused = input.paused
         self._cancel_reason: str | None = None
         self._jobs: list[asyncio.Task[None]] = []
-        self._reports: list[asyncio.Future[None]] = []
-        self._report_seq = 0
-        self._errors: dict[str, int] = {}
         self._heard = 0
-        self._last_report = workflow.now()
-        self._unreported = False
-        self._report_due: asyncio.Task[None] | None = None
+        self._reports = Reporter(input.index, input.report_every_s, self._now, self._cancel)
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
         self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
 
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
-        """Start each job as a slot frees up, then wait for all of them."""
+        """Start each job as a slot frees up, wait for all of them, leave the rows in the store."""
         try:
             await complete(self._load_jobs())
             self._update_details()
@@ -88,13 +81,16 @@ class ChunkWorkflow:
             self._give_back_idle()
             await self._join_jobs()
         except asyncio.CancelledError:
+            if evicting():
+                raise
             self._cancel(workflow.cancellation_reason() or "chunk cancelled through Temporal")
             await self._join_jobs()
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         rows = await complete(self._store_rows())
-        await complete(self._report_done())  # the batch closes only once it heard this
+        await complete(self._reports.close(released=self._slots))  # then the batch may close
+        self._slots = 0
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
@@ -136,12 +132,12 @@ class ChunkWorkflow:
         """Every job's result so far, in input order."""
         return self._results
 
-    # ------------------------------------------------------------ one job
+    # ------------------------------------------------------------ the jobs
 
     async def _load_jobs(self) -> None:
         """Read this chunk's jobs from the store (a follow-up carries its one job itself)."""
         jobs, claim = self._input.jobs, self._input.claim
-        failed: str | None = None
+        turn = self._input.followup.turn if self._input.followup else 1
         if claim is not None:
             try:
                 # A local activity: one short read, one marker in history, no extra task.
@@ -155,37 +151,24 @@ class ChunkWorkflow:
                 jobs, self._continues = loaded.jobs, loaded.continues
             except ActivityError as error:
                 failed = f"the chunk's jobs could not be read: {_why(error)}"
-        turn = self._input.followup.turn if self._input.followup else 1
-        if failed is not None and claim is not None:
-            self._results = [
-                JobResult(
-                    job_id=f"#{claim.first_job + i}",
-                    index=claim.first_job + i,
-                    turn=turn,
-                    state=JobState.FAILED,
-                    error=failed,
-                )
-                for i in range(claim.size)
-            ]
-        else:
-            self._results = [
-                JobResult(job_id=j.id, index=j.index, turn=self._turn(j)) for j in jobs
-            ]
-            self._queue.extend(jobs)
+                self._results = [
+                    JobResult(
+                        job_id=f"#{i}", index=i, turn=turn, state=JobState.FAILED, error=failed
+                    )
+                    for i in range(claim.first_job, claim.first_job + claim.size)
+                ]
+                self._loaded = True
+                return
+        self._results = [JobResult(job_id=j.id, index=j.index, turn=self._turn(j)) for j in jobs]
+        self._queue.extend(jobs)
         self._loaded = True
 
-    async def _store_rows(self) -> str:
-        """Leave every job's row in the object store, where readers find it once closed."""
-        return await workflow.execute_local_activity_method(
-            JobActivities.store_rows,
-            StoreRowsInput(
-                key=rows_key(self._input.batch_id, workflow.info().workflow_id),
-                rows=[result.compact() for result in self._results],
-            ),
-            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-            retry_policy=policies.STORE_RETRY,
-            summary="store the chunk's rows",
+    async def _next_start(self) -> bool:
+        """Wait until a queued job may start (True) or nothing is left to start (False)."""
+        await workflow.wait_condition(
+            lambda: self._done_starting() or (not self._paused and self._running < self._slots)
         )
+        return not self._done_starting()
 
     def _start(self, job: Job) -> None:
         """Run the job in a slot of its own."""
@@ -195,8 +178,8 @@ class ChunkWorkflow:
     async def _run_job(self, job: Job) -> None:
         """Run a job to a final state, on a new machine after each infrastructure failure.
 
-        No `finally` here or below: a workflow evicted from the worker's cache is torn down
-        with GeneratorExit, and its replay redoes the bookkeeping; a cancel is caught instead.
+        No `finally` here or below: a workflow evicted from the worker's cache has its tasks
+        cancelled, and its replay redoes the bookkeeping; only the chunk's cancel is caught.
         """
         result = self._results[job.index - self._results[0].index]
         result.started_at = workflow.now()
@@ -217,6 +200,8 @@ class ChunkWorkflow:
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
                     await self._judged(result)
         except asyncio.CancelledError:
+            if not self._cancelled:  # evicted: only `_cancel` cancels a job
+                raise
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         result.finished_at = workflow.now()
@@ -254,6 +239,8 @@ class ChunkWorkflow:
             if not cancelled:
                 result.state, result.error = JobState.FAILED, _why(error)
         except asyncio.CancelledError:
+            if not self._cancelled:  # evicted: only `_cancel` cancels a job
+                raise
             cancelled = True
         if not destroyed:
             await complete(self._destroy(machine))
@@ -269,7 +256,15 @@ class ChunkWorkflow:
         app = self._input.app_of(job)
         create = workflow.execute_activity_method(
             MachineActivities.create_machine,
-            self._create_input(job, attempt),
+            CreateMachineInput(
+                batch_id=self._input.batch_id,
+                chunk_index=self._input.index,
+                app=app,
+                job=job,
+                attempt=attempt,
+                owner=workflow.info().workflow_id,
+                followup=self._followup(job),
+            ),
             # The app's create queue: Temporal paces it for every worker together.
             task_queue=create_queue(workflow.info().task_queue, app),
             start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
@@ -285,15 +280,10 @@ class ChunkWorkflow:
         return settled.result()
 
     async def _finish_job(
-        self,
-        job: Job,
-        machine: MachineRef,
-        attempt: int,
-        result: JobResult,
+        self, job: Job, machine: MachineRef, attempt: int, result: JobResult
     ) -> FinishJobOutput:
         """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
-        tuning = self._input.tuning
-        now = workflow.now()
+        tuning, now = self._input.tuning, workflow.now()
         wait = WaitMachineInput(
             machine=machine,
             job_id=job.id,
@@ -325,26 +315,6 @@ class ChunkWorkflow:
             "collect, destroy",
         )
 
-    def _create_input(self, job: Job, attempt: int) -> CreateMachineInput:
-        return CreateMachineInput(
-            batch_id=self._input.batch_id,
-            chunk_index=self._input.index,
-            app=self._input.app_of(job),
-            job=job,
-            attempt=attempt,
-            owner=workflow.info().workflow_id,
-            followup=self._followup(job),
-        )
-
-    def _followup(self, job: Job) -> Followup | None:
-        """The session the job continues: a follow-up turn's, or a retry's, or none."""
-        return self._input.followup or self._continues.get(job.id)
-
-    def _turn(self, job: Job) -> int:
-        """The turn of the job this chunk runs: the one its session continues with, else 1."""
-        followup = self._followup(job)
-        return followup.turn if followup else 1
-
     async def _destroy(self, machine: MachineRef) -> None:
         """Destroy the machine; retried until it is gone."""
         await workflow.execute_activity_method(
@@ -357,21 +327,31 @@ class ChunkWorkflow:
 
     async def _join_jobs(self) -> None:
         """Wait for every job's task."""
-        joined = 0
-        while joined < len(self._jobs):
-            jobs = self._jobs[joined:]
-            await asyncio.gather(*jobs)
-            joined += len(jobs)
+        await asyncio.gather(*self._jobs)
+
+    async def _store_rows(self) -> str:
+        """Leave every job's row in the object store, where readers find it once closed."""
+        return await workflow.execute_local_activity_method(
+            JobActivities.store_rows,
+            StoreRowsInput(
+                key=rows_key(self._input.batch_id, workflow.info().workflow_id),
+                rows=[result.compact() for result in self._results],
+            ),
+            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+            retry_policy=policies.STORE_RETRY,
+            summary="store the chunk's rows",
+        )
+
+    def _followup(self, job: Job) -> Followup | None:
+        """The session the job continues: a follow-up turn's, or a retry's, or none."""
+        return self._input.followup or self._continues.get(job.id)
+
+    def _turn(self, job: Job) -> int:
+        """The turn of the job this chunk runs: the one its session continues with, else 1."""
+        followup = self._followup(job)
+        return followup.turn if followup else 1
 
     # ------------------------------------------------------------ the window
-
-    async def _next_start(self) -> bool:
-        """Wait until a queued job may start (True) or nothing is left to start (False)."""
-        await workflow.wait_condition(lambda: self._done_starting() or self._can_start())
-        return not self._done_starting()
-
-    def _can_start(self) -> bool:
-        return bool(self._queue) and not self._paused and self._running < self._slots
 
     def _done_starting(self) -> bool:
         """Cancelled, or every job started."""
@@ -392,12 +372,10 @@ class ChunkWorkflow:
             self._owed += 1
         if self._give_back_idle():
             return
-        if judged or workflow.now() >= self._next_report_at():
-            self._report()
-            return
-        self._unreported = True
-        if self._report_due is None or self._report_due.done():
-            self._report_due = asyncio.create_task(self._report_when_due())
+        if judged or self._reports.due():
+            self._reports.send()
+        else:
+            self._reports.soon()
 
     async def _judged(self, result: JobResult) -> None:
         """After an attempt that met a storm error, keep its slot until the batch judged it.
@@ -409,8 +387,8 @@ class ChunkWorkflow:
         kind = result.error_kind
         if kind is None or not guards.is_storm(kind):
             return
-        self._errors[kind] = self._errors.get(kind, 0) + 1
-        seq = self._report()
+        self._reports.errors[kind] = self._reports.errors.get(kind, 0) + 1
+        seq = self._reports.send()
         if seq is not None:
             await workflow.wait_condition(lambda: self._heard >= seq or self._cancelled)
 
@@ -425,69 +403,14 @@ class ChunkWorkflow:
             return True  # the chunk is done: its last report gives back every slot
         self._owed = max(0, self._owed - give)
         self._slots -= give
-        self._report(released=give)
+        self._reports.send(released=give)
         return True
 
-    # ------------------------------------------------------------ reports
-
-    def _next_report_at(self) -> datetime:
-        return self._last_report + timedelta(seconds=self._input.report_every_s)
-
-    async def _report_when_due(self) -> None:
-        """Report what is still unreported once `report_every_s` has passed since the last
-        report, so progress reaches the batch that late at most even when no slot frees."""
-        while self._unreported:
-            wait = self._next_report_at() - workflow.now()
-            if wait > timedelta(0):
-                await workflow.sleep(wait, summary="report progress to the batch")
-            else:
-                self._report()
-
-    def _report(self, released: int = 0, done: bool = False) -> int | None:
-        """Tell the batch about given-back slots and progress, without waiting for delivery;
-        the report's number, or None when there is no batch to tell."""
+    def _now(self) -> tuple[Counts, bool]:
+        """What a report tells: the counts, and whether more jobs wait than free slots."""
         self._update_details()
-        self._unreported = False
-        parent = workflow.info().parent
-        if parent is None:  # a follow-up turn runs on its own
-            return None
-        self._last_report = workflow.now()
-        self._report_seq += 1
-        report = ChunkReport(
-            index=self._input.index,
-            seq=self._report_seq,
-            released=released,
-            wants_more=len(self._queue) > max(self._slots - self._running, 0)
-            and not self._cancelled,
-            counts=self._counts(),
-            errors=self._errors,
-            done=done,
-        )
-        self._errors = {}
-        self._reports.append(asyncio.ensure_future(self._deliver(parent.workflow_id, report)))
-        return report.seq
-
-    async def _deliver(self, batch_id: str, report: ChunkReport) -> None:
-        """Signal the batch until it hears the report; a batch that is gone (terminated) stops
-        the chunk. A batch run that took all the signals the server allows it is told again
-        later, and its next run hears the report: `seq` keeps the newest counts, and what the
-        report gave back adds up in any order."""
-        batch = workflow.get_external_workflow_handle(batch_id)
-        while (delivery := await deliver(batch.signal("chunk_report", report))) is Delivery.REFUSED:
-            await workflow.sleep(
-                self._input.report_every_s, summary="the batch took no more signals: tell it again"
-            )
-        if delivery is Delivery.GONE and not report.done:
-            self._cancel("the batch is no longer running")
-
-    async def _report_done(self) -> None:
-        """The last report, sent once every earlier one has arrived: the batch may then close."""
-        if self._report_due is not None:
-            self._report_due.cancel()
-        await asyncio.gather(*self._reports)
-        self._report(released=self._slots, done=True)
-        self._slots = 0
-        await asyncio.gather(*self._reports)
+        free = max(self._slots - self._running, 0)
+        return self._counts(), len(self._queue) > free and not self._cancelled
 
     def _cancel(self, reason: str) -> None:
         if self._cancelled:
@@ -502,8 +425,6 @@ class ChunkWorkflow:
     def _cancelled(self) -> bool:
         return self._cancel_reason is not None
 
-    # ------------------------------------------------------------ progress
-
     def _counts(self) -> Counts:
         claim = self._input.claim
         if not self._loaded and claim is not None:  # its jobs not read yet: all pending
@@ -511,14 +432,21 @@ class ChunkWorkflow:
         return Counts.of(self._results, live_machines=self._live)
 
     def _update_details(self) -> None:
-        """Keep the Web UI's current details in step with the chunk."""
+        """Keep the Web UI's current details in step with the chunk; once its jobs are all
+        final, name those that did not succeed (its rows are in the object store)."""
         c = self._counts()
         state = "cancelling" if self._cancelled else "paused" if self._paused else "running"
+        done = (JobState.SUCCEEDED, JobState.PENDING, JobState.STARTING, JobState.RUNNING)
+        unsuccessful = [r for r in self._results if r.state not in done]
         workflow.set_current_details(
             f"**{c.done}/{c.total} jobs done** ({state})\n\n"
             f"- running: {c.running}, live machines: {c.live_machines}, slots: {self._slots}\n"
             f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
-            f"cancelled: {c.cancelled}"
+            f"cancelled: {c.cancelled}\n"
+            + "".join(
+                f"- {r.job_id}: {r.state.value}, {(r.error or '')[:200]}\n"
+                for r in unsuccessful[:20]
+            )
         )
 
 

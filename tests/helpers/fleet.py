@@ -194,10 +194,11 @@ def fleet_worker(
     apps: tuple[str, ...] = ("fleet",),
     rate: float | None = None,
     workflows: tuple[type, ...] = (),
+    cached: int = 1000,
 ) -> SortieWorker:
     """The real batch and chunk workflows (and `workflows`), with the fleet's activities (and
     the real reading of a chunk's jobs from the object store); its creates on the apps' create
-    queues, as a real worker polls them."""
+    queues, as a real worker polls them; `cached`: workflows kept in its cache, the rest evicted."""
     [create] = [a for a in activities if getattr(a, "__name__", "") == "create_machine"]
     jobs = JobActivities(settings.blob_store())
     main = Worker(
@@ -206,6 +207,7 @@ def fleet_worker(
         workflows=[BatchWorkflow, ChunkWorkflow, *workflows],
         activities=[*(a for a in activities if a is not create), jobs.load_jobs, jobs.store_rows],
         max_concurrent_activities=1000,
+        max_cached_workflows=cached,
     )
     creates = CreateQueues(temporal.client, settings.task_queue, create, rate=rate, apps=apps)
     return SortieWorker(main, creates)

@@ -29,7 +29,7 @@ from tests.helpers.history import assert_no_create_while_paused, every_run
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.helpers.waiting import eventually
-from workflows.batch import REPORTS_PER_S, BatchWorkflow, report_every
+from workflows.batch import BatchWorkflow
 from workflows.batch_models import (
     BatchOutput,
     CancelRequest,
@@ -38,6 +38,7 @@ from workflows.batch_models import (
     PauseRequest,
 )
 from workflows.chunk_models import ChunkInput
+from workflows.reports import REPORTS_PER_S, report_every
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
 

@@ -122,3 +122,21 @@ def seconds(value: float) -> str:
     if whole == value and whole and whole % 60 == 0:
         return f"{whole // 60}m"
     return f"{value:g}s"
+
+
+def why(error: BaseException) -> str:
+    """The innermost failure message of an activity's error: what actually went wrong."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return str(cause) or type(cause).__name__
+
+
+def is_cancellation(error: BaseException) -> bool:
+    """Whether an activity's error is its cancellation."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if type(cause).__name__ == "CancelledError":
+            return True
+        cause = cause.__cause__
+    return False

@@ -1,20 +1,15 @@
 """BatchWorkflow: split a batch into chunk child workflows and keep at most `max_machines` busy.
 
-The story: check the worker has the batch's secrets; start chunks as children, each with a
-window of machine slots (workflows/slots.py has every rule); as chunks report back, lend freed
-slots, start waiting chunks, pass on pause, resume and cancel, and pause (or cancel) the batch
-when its failures or a storm of platform errors say so (workflows/guards.py has those rules);
-continue-as-new whenever the run grows long; when every chunk is done, release the batch's
-sessions and return the counts.
-
-Chunks are children with ParentClosePolicy.ABANDON, since continue-as-new closes the batch's
-run and any other policy would end every running chunk. So the batch never waits on a child's
-handle: each chunk reports to the batch's workflow id by signal, which reaches whichever run is
-current, and leaves its rows in the object store; its result (counts, and where the rows are)
-is all that lands in the batch's history. Chunk starts run beside the story, one pass at a
-time, so pause and cancel act while starts are in flight. A terminated batch cannot be told
-anything: its chunks stop themselves at their next report, and the reaper destroys what they
-leave.
+The story: check the batch's apps and secrets; start chunks as children, each with a window of
+machine slots (workflows/slots.py has every rule), one pass of starts at a time beside the
+story, so pause and cancel never wait for starts; as chunks report back by signal (to the
+batch's workflow id: whichever run is current hears it), lend freed slots, start waiting
+chunks, pass on pause, resume and cancel, and pause or cancel the batch when its budget,
+failures or a storm of platform errors say so (workflows/guards.py); continue-as-new whenever
+the run grows long; when every chunk is done, release the batch's sessions and return counts.
+Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
+object store: only their counts reach the batch's history. A terminated batch's chunks stop
+themselves at their next report, and the reaper destroys what they leave.
 """
 
 from __future__ import annotations
@@ -47,7 +42,9 @@ with workflow.unsafe.imports_passed_through():
         PauseRequest,
         Progress,
         Steering,
+        output,
         plan,
+        progress,
     )
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
@@ -95,8 +92,8 @@ class BatchWorkflow:
             await complete(self._release_sessions())
         await asyncio.gather(*self._grants)
         await workflow.wait_condition(workflow.all_handlers_finished)
-        self._update_details()
-        return self._output()
+        workflow.set_current_details(guards.details(self._state, self._apps()))
+        return output(self._input, self._state)
 
     # ------------------------------------------------------------ signals and queries
 
@@ -175,21 +172,7 @@ class BatchWorkflow:
     @workflow.query
     def progress(self) -> Progress:
         """Counts by state, per chunk, and live machines."""
-        state = self._state
-        return Progress(
-            batch_id=self._input.batch_id,
-            status=state.status(),
-            paused=state.paused,
-            pause_reason=state.pause_reason,
-            cancelled=state.cancelled,
-            max_machines=state.max_machines,
-            max_cost_usd=state.max_cost_usd,
-            failure_limit=state.failure_limit,
-            cancel_reason=state.cancel_reason,
-            counts=state.counts(),
-            chunks=[chunk.progress() for chunk in state.chunks],
-            apps=self._apps(),
-        )
+        return progress(self._input, self._state)
 
     # ------------------------------------------------------------ the story
 
@@ -221,7 +204,7 @@ class BatchWorkflow:
                 await asyncio.gather(*self._grants)
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
-            self._update_details()
+            workflow.set_current_details(guards.details(self._state, self._apps()))
             await self._wait_for_change()
 
     async def _wait_for_change(self) -> None:
@@ -404,42 +387,3 @@ class BatchWorkflow:
 
     def _apps(self) -> list[str]:
         return self._input.apps or [self._input.app]
-
-    def _output(self) -> BatchOutput:
-        counts = self._state.counts()
-        return BatchOutput(
-            batch_id=self._input.batch_id,
-            name=self._input.name,
-            status=self._state.status(),
-            total=counts.total,
-            succeeded=counts.succeeded,
-            failed=counts.failed + counts.timed_out,
-            timed_out=counts.timed_out,
-            cancelled=counts.cancelled,
-            cost_usd=round(counts.cost_usd, 6),
-            num_turns=counts.num_turns,
-            chunks=[chunk.progress() for chunk in self._state.chunks],
-            cancel_reason=self._state.cancel_reason,
-        )
-
-    def _update_details(self) -> None:
-        """Keep the Web UI's current details in step with the batch."""
-        state, c = self._state, self._state.counts()
-        status = state.status()
-        if state.paused and state.pause_reason:
-            status += f" ({state.pause_reason})"
-        elif state.cancelled and state.cancel_reason:
-            status += f" ({state.cancel_reason})"
-        budget = f" of ${state.max_cost_usd:.2f}" if state.max_cost_usd else ""
-        limit = guards.limit_text(state.failure_limit)
-        workflow.set_current_details(
-            f"**{c.done}/{c.total} jobs done**, {status}\n\n"
-            f"- machines: {c.live_machines} live, cap {state.max_machines}, "
-            f"Fly {', '.join(self._apps())}\n"
-            f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
-            f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
-            f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled"
-            + (f" (limit: {limit})" if limit else "")
-            + f"\n- chunks: {len(state.running())} running, {len(state.pending)} not started, "
-            f"{len(state.chunks)} in all"
-        )

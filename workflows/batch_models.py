@@ -271,3 +271,40 @@ def plan(input: BatchInput) -> BatchState:
             for index, (first, size) in enumerate(zip(firsts, sizes, strict=True))
         ],
     )
+
+
+def output(input: BatchInput, state: BatchState) -> BatchOutput:
+    """A closed batch's result: its totals and chunks."""
+    counts = state.counts()
+    return BatchOutput(
+        batch_id=input.batch_id,
+        name=input.name,
+        status=state.status(),
+        total=counts.total,
+        succeeded=counts.succeeded,
+        failed=counts.failed + counts.timed_out,
+        timed_out=counts.timed_out,
+        cancelled=counts.cancelled,
+        cost_usd=round(counts.cost_usd, 6),
+        num_turns=counts.num_turns,
+        chunks=[chunk.progress() for chunk in state.chunks],
+        cancel_reason=state.cancel_reason,
+    )
+
+
+def progress(input: BatchInput, state: BatchState) -> Progress:
+    """What the batch's `progress` query answers."""
+    return Progress(
+        batch_id=input.batch_id,
+        status=state.status(),
+        paused=state.paused,
+        pause_reason=state.pause_reason,
+        cancelled=state.cancelled,
+        max_machines=state.max_machines,
+        max_cost_usd=state.max_cost_usd,
+        failure_limit=state.failure_limit,
+        cancel_reason=state.cancel_reason,
+        counts=state.counts(),
+        chunks=[chunk.progress() for chunk in state.chunks],
+        apps=input.apps or [input.app],
+    )

@@ -24,23 +24,20 @@ with workflow.unsafe.imports_passed_through():
     from activities.job_models import StoreRowsInput, rows_key
     from activities.jobs import JobActivities
     from activities.machine_models import (
-        CollectResultInput,
         CreateMachineInput,
         CreateMachineOutput,
         DestroyMachineInput,
-        FinishJobInput,
         FinishJobOutput,
-        WaitMachineInput,
     )
     from activities.machines import MachineActivities
     from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
     from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
-    from sortie.outcomes import record_outcome
+    from sortie.outcomes import is_cancellation, record_outcome, why
     from sortie.pacing import create_queue
     from sortie.spec import Job
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
-    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant
+    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant, details, finish_input
     from workflows.reports import Reporter
     from workflows.shielded import complete, evicting, settle
 
@@ -79,12 +76,12 @@ class ChunkWorkflow:
             while await self._next_start():
                 self._start(self._queue.popleft())
             self._give_back_idle()
-            await self._join_jobs()
+            await asyncio.gather(*self._jobs)
         except asyncio.CancelledError:
             if evicting():
                 raise
             self._cancel(workflow.cancellation_reason() or "chunk cancelled through Temporal")
-            await self._join_jobs()
+            await asyncio.gather(*self._jobs)
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
@@ -150,7 +147,7 @@ class ChunkWorkflow:
                 )
                 jobs, self._continues = loaded.jobs, loaded.continues
             except ActivityError as error:
-                failed = f"the chunk's jobs could not be read: {_why(error)}"
+                failed = f"the chunk's jobs could not be read: {why(error)}"
                 self._results = [
                     JobResult(
                         job_id=f"#{i}", index=i, turn=turn, state=JobState.FAILED, error=failed
@@ -220,7 +217,7 @@ class ChunkWorkflow:
             created = await self._create(job, attempt)
         except ActivityError as error:
             result.state = JobState.FAILED
-            result.error = f"could not create a machine: {_why(error)}"
+            result.error = f"could not create a machine: {why(error)}"
             result.error_kind = guards.create_failure_kind(error)
             return
         machine = created.machine
@@ -235,9 +232,9 @@ class ChunkWorkflow:
             destroyed = finished.destroyed
             failure = record_outcome(job, result, finished.waited, finished.collected)
         except ActivityError as error:
-            cancelled = _is_cancellation(error)
+            cancelled = is_cancellation(error)
             if not cancelled:
-                result.state, result.error = JobState.FAILED, _why(error)
+                result.state, result.error = JobState.FAILED, why(error)
         except asyncio.CancelledError:
             if not self._cancelled:  # evicted: only `_cancel` cancels a job
                 raise
@@ -283,33 +280,12 @@ class ChunkWorkflow:
         self, job: Job, machine: MachineRef, attempt: int, result: JobResult
     ) -> FinishJobOutput:
         """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
-        tuning, now = self._input.tuning, workflow.now()
-        wait = WaitMachineInput(
-            machine=machine,
-            job_id=job.id,
-            deadline=now + timedelta(seconds=job.timeout_s),
-            boot_deadline=now + timedelta(seconds=job.boot_timeout_s),
-            heartbeat_every_s=tuning.heartbeat_every_s,
-        )
-        collect = CollectResultInput(
-            machine=machine,
-            job_id=job.id,
-            secrets=job.secrets,
-            tail_lines=tuning.log_tail_lines,
-            tail_bytes=tuning.log_tail_bytes,
-            batch_id=self._input.batch_id,
-            prompt_job=job.prompt is not None,
-            turn=result.turn,
-            attempt=attempt,
-            credential=result.credential,
-            log_tail=job.log_tail,
-        )
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            FinishJobInput(wait=wait, collect=collect),
+            finish_input(self._input, job, machine, attempt, result, workflow.now()),
             start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
             + policies.WAIT_MARGIN,
-            heartbeat_timeout=timedelta(seconds=tuning.heartbeat_timeout_s),
+            heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
             retry_policy=policies.FLY_RETRY,
             summary=f"run job {job.id} on machine {machine.machine_id} in {machine.app}, "
             "collect, destroy",
@@ -324,10 +300,6 @@ class ChunkWorkflow:
             retry_policy=policies.DESTROY_RETRY,
             summary=f"destroy machine {machine.machine_id}",
         )
-
-    async def _join_jobs(self) -> None:
-        """Wait for every job's task."""
-        await asyncio.gather(*self._jobs)
 
     async def _store_rows(self) -> str:
         """Leave every job's row in the object store, where readers find it once closed."""
@@ -432,36 +404,6 @@ class ChunkWorkflow:
         return Counts.of(self._results, live_machines=self._live)
 
     def _update_details(self) -> None:
-        """Keep the Web UI's current details in step with the chunk; once its jobs are all
-        final, name those that did not succeed (its rows are in the object store)."""
-        c = self._counts()
+        """Keep the Web UI's current details in step with the chunk."""
         state = "cancelling" if self._cancelled else "paused" if self._paused else "running"
-        done = (JobState.SUCCEEDED, JobState.PENDING, JobState.STARTING, JobState.RUNNING)
-        unsuccessful = [r for r in self._results if r.state not in done]
-        workflow.set_current_details(
-            f"**{c.done}/{c.total} jobs done** ({state})\n\n"
-            f"- running: {c.running}, live machines: {c.live_machines}, slots: {self._slots}\n"
-            f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
-            f"cancelled: {c.cancelled}\n"
-            + "".join(
-                f"- {r.job_id}: {r.state.value}, {(r.error or '')[:200]}\n"
-                for r in unsuccessful[:20]
-            )
-        )
-
-
-def _is_cancellation(error: BaseException) -> bool:
-    cause: BaseException | None = error
-    while cause is not None:
-        if type(cause).__name__ == "CancelledError":
-            return True
-        cause = cause.__cause__
-    return False
-
-
-def _why(error: BaseException) -> str:
-    """The innermost failure message: what actually went wrong."""
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    return str(cause) or type(cause).__name__
+        workflow.set_current_details(details(self._counts(), state, self._slots, self._results))

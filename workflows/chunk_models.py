@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from pydantic import Field
 
 from activities.job_models import JobSlice
-from sortie.models import Counts, Followup, StrictModel, Tuning
+from activities.machine_models import CollectResultInput, FinishJobInput, WaitMachineInput
+from sortie.models import Counts, Followup, JobResult, JobState, MachineRef, StrictModel, Tuning
 from sortie.spec import Job, app_for
 
 
@@ -72,3 +75,49 @@ class SlotGrant(StrictModel):
     give_back: int = Field(default=0, ge=0)
     heard: int = Field(default=0, ge=0)
     """The newest report with storm errors the batch has judged (and paused for, if it must)."""
+
+
+def finish_input(
+    chunk: ChunkInput, job: Job, machine: MachineRef, attempt: int, result: JobResult, now: datetime
+) -> FinishJobInput:
+    """What `finish_job` needs: the job's deadlines from `now`, and what to collect."""
+    tuning = chunk.tuning
+    return FinishJobInput(
+        wait=WaitMachineInput(
+            machine=machine,
+            job_id=job.id,
+            deadline=now + timedelta(seconds=job.timeout_s),
+            boot_deadline=now + timedelta(seconds=job.boot_timeout_s),
+            heartbeat_every_s=tuning.heartbeat_every_s,
+        ),
+        collect=CollectResultInput(
+            machine=machine,
+            job_id=job.id,
+            secrets=job.secrets,
+            tail_lines=tuning.log_tail_lines,
+            tail_bytes=tuning.log_tail_bytes,
+            batch_id=chunk.batch_id,
+            prompt_job=job.prompt is not None,
+            turn=result.turn,
+            attempt=attempt,
+            credential=result.credential,
+            log_tail=job.log_tail,
+        ),
+    )
+
+
+UNDER_WAY = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
+
+
+def details(counts: Counts, state: str, slots: int, results: list[JobResult]) -> str:
+    """A chunk's current details in the Web UI: its counts, and the jobs that did not succeed
+    (its rows themselves are in the object store once it closed)."""
+    c = counts
+    missed = [r for r in results if r.state not in (*UNDER_WAY, JobState.SUCCEEDED)]
+    return (
+        f"**{c.done}/{c.total} jobs done** ({state})\n\n"
+        f"- running: {c.running}, live machines: {c.live_machines}, slots: {slots}\n"
+        f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
+        f"cancelled: {c.cancelled}\n"
+        + "".join(f"- {r.job_id}: {r.state.value}, {(r.error or '')[:200]}\n" for r in missed[:20])
+    )

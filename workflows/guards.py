@@ -157,6 +157,27 @@ def changed_limit(limit: FailureLimit, request: FailureLimitRequest) -> FailureL
     return limit.model_copy(update=update)
 
 
+def details(state: BatchState, apps: list[str]) -> str:
+    """The batch's current details in the Web UI: counts, machines, money, guards, chunks."""
+    c, status = state.counts(), state.status()
+    if state.paused and state.pause_reason:
+        status += f" ({state.pause_reason})"
+    elif state.cancelled and state.cancel_reason:
+        status += f" ({state.cancel_reason})"
+    budget = f" of ${state.max_cost_usd:.2f}" if state.max_cost_usd else ""
+    limit = limit_text(state.failure_limit)
+    return (
+        f"**{c.done}/{c.total} jobs done**, {status}\n\n"
+        f"- machines: {c.live_machines} live, cap {state.max_machines}, Fly {', '.join(apps)}\n"
+        f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
+        f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
+        f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled"
+        + (f" (limit: {limit})" if limit else "")
+        + f"\n- chunks: {len(state.running())} running, {len(state.pending)} not started, "
+        f"{len(state.chunks)} in all"
+    )
+
+
 def limit_text(limit: FailureLimit) -> str | None:
     """The limit as the batch file writes it, or None when there is none."""
     parts: list[str] = []

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import (
@@ -68,6 +69,8 @@ from worker import build_worker
 STANDARD = [(100, 10, 2.0), (1000, 100, 5.0)]
 LARGE = [(10000, 200, 1.0)]
 ENDPOINTS = ["create", "wait", "get", "list", "logs", "destroy"]
+SIGNAL_WINDOW_S = 10.0
+"""The window the batch's busiest stretch of signals is measured over."""
 CREATE_RATE, CREATE_BURST = 1.0, 3
 """Fly's published limit on machine creates per app: 1 request/s sustained, bursts of 3."""
 
@@ -101,6 +104,8 @@ class Row(BaseModel):
     batch_run_events: list[int] = []
     """Events of every batch run (every batch's, with --batches), in the order they started."""
     chunk_runs: int = 0
+    signals_per_s: float = 0.0
+    """The most signals the batch took in any SIGNAL_WINDOW_S of its history, per second."""
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
@@ -214,12 +219,16 @@ class Histories(BaseModel):
     """Events and bytes of every batch run, in the order the runs started."""
     chunk_runs: int
     largest_chunk: tuple[int, int]
+    signals_per_s: float
+    """The most signals the batch runs took in any SIGNAL_WINDOW_S, per second."""
 
 
 async def histories(client: Client, batch_ids: list[str]) -> Histories:
     """Events and bytes of every batch run, and of the largest chunk run."""
     runs: list[tuple[datetime, int, int]] = []
     chunks: list[tuple[int, int]] = []
+    signals: list[float] = []
+    signaled = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
     query = " OR ".join(f'BatchId="{batch_id}"' for batch_id in batch_ids)
     async for execution in client.list_workflows(query):
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
@@ -227,13 +236,29 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
         size = (len(history.events), sum(e.ByteSize() for e in history.events))
         if execution.workflow_type == "BatchWorkflow":
             runs.append((execution.start_time, *size))
+            signals += [
+                e.event_time.ToDatetime().timestamp()
+                for e in history.events
+                if e.event_type == signaled
+            ]
         else:
             chunks.append(size)
     return Histories(
         batch_runs=[(events, size) for _, events, size in sorted(runs)],
         chunk_runs=len(chunks),
         largest_chunk=max(chunks, default=(0, 0)),
+        signals_per_s=_busiest(sorted(signals), SIGNAL_WINDOW_S) / SIGNAL_WINDOW_S,
     )
+
+
+def _busiest(times: list[float], window: float) -> int:
+    """The most of the sorted `times` within any `window` seconds."""
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 def start_workers(
@@ -450,6 +475,7 @@ async def measure(
         child_bytes=runs.largest_chunk[1],
         batch_run_events=[events for events, _ in runs.batch_runs],
         chunk_runs=runs.chunk_runs,
+        signals_per_s=runs.signals_per_s,
         rate_limited=int(stats.get("rate_limited", 0)),
         enforced=enforce,
         apps=apps,
@@ -506,7 +532,8 @@ def table(rows: list[Row]) -> str:
         "| succeeded (Sortie/baseline) "
         "| Fly calls per job: create/wait/get/list/logs/destroy = total | max live "
         "| worker peak RSS | largest parent history | largest child history "
-        "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job |"
+        "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job "
+        f"| batch signals/s, busiest {SIGNAL_WINDOW_S:g} s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -526,7 +553,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.succeeded}/{base_ok} | {calls} = {r.calls_total:.2f} "
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
             f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} "
-            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} |"
+            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} "
+            f"| {r.signals_per_s:.1f} |"
         )
     lines.append("")
     for r in rows:

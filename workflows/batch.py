@@ -52,8 +52,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.reports import report_every
     from workflows.shielded import complete, evicting
 
-EVENTS_PER_CHUNK = 4
-"""A chunk's events in the run that starts it: start initiated, started, completed, last report."""
+EVENTS_PER_CHUNK = 8
+"""A chunk's events in the run that starts it at most: start initiated, started (in a workflow
+task of its own when starts land one by one), completed, its last report (in another)."""
 PASS_BYTES = 1_000_000
 """Chunk input started in one workflow task at most: the task's commands stay far below the
 server's 4 MB message limit (one chunk's input is at most 1 MB, see sortie/batches.py)."""
@@ -88,11 +89,20 @@ class BatchWorkflow:
                 if evicting():
                     raise
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
-        if self._state.prompt_jobs:
-            await complete(self._release_sessions())
+        if self._state.prompt_jobs:  # session archives live as long as the batch, or longer
+            release = ReleaseSessionsInput(batch_id=input.batch_id, keep_s=input.keep_sessions_s)
+            await complete(
+                workflow.execute_activity_method(
+                    MachineActivities.release_sessions,
+                    release,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=policies.FLY_RETRY,
+                    summary="release the batch's session archives",
+                )
+            )
         await asyncio.gather(*self._grants)
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.set_current_details(guards.details(self._state, self._apps()))
+        workflow.set_current_details(guards.details(self._state, self._input.every_app()))
         return output(self._input, self._state)
 
     # ------------------------------------------------------------ signals and queries
@@ -178,7 +188,7 @@ class BatchWorkflow:
 
     async def _check_batch(self, input: BatchInput) -> None:
         """Refuse the batch before any machine exists: no such Fly app, or a missing secret."""
-        apps = self._apps()
+        apps = self._input.every_app()
         try:
             await workflow.execute_activity_method(
                 MachineActivities.check_batch,
@@ -204,7 +214,7 @@ class BatchWorkflow:
                 await asyncio.gather(*self._grants)
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
-            workflow.set_current_details(guards.details(self._state, self._apps()))
+            workflow.set_current_details(guards.details(self._state, self._input.every_app()))
             await self._wait_for_change()
 
     async def _wait_for_change(self) -> None:
@@ -354,16 +364,6 @@ class BatchWorkflow:
         if (why := guards.check_failures(self._state)) is not None:
             self._cancel(why)
 
-    async def _release_sessions(self) -> None:
-        """Session archives live as long as the batch, or `keep_sessions` longer."""
-        await workflow.execute_activity_method(
-            MachineActivities.release_sessions,
-            ReleaseSessionsInput(batch_id=self._input.batch_id, keep_s=self._input.keep_sessions_s),
-            start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=policies.FLY_RETRY,
-            summary="release the batch's session archives",
-        )
-
     def _cancel(self, reason: str) -> None:
         """Mark the batch cancelled; chunks not started yet are skipped."""
         state = self._state
@@ -384,6 +384,3 @@ class BatchWorkflow:
         handle = workflow.get_external_workflow_handle(chunk.workflow_id)
         self._grants = [g for g in self._grants if not g.done()]
         self._grants.append(asyncio.create_task(deliver(handle.signal(ChunkWorkflow.grant, grant))))
-
-    def _apps(self) -> list[str]:
-        return self._input.apps or [self._input.app]

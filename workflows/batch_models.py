@@ -177,6 +177,10 @@ class BatchInput(StrictModel):
     """A retry's jobs that continue their Claude session (ran out of turns or budget), by id."""
     state: BatchState | None = None
 
+    def every_app(self) -> list[str]:
+        """The Fly apps the batch's machines are created in."""
+        return self.apps or [self.app]
+
 
 class BatchOutput(StrictModel):
     """A closed batch: totals, and per chunk where to find the per-job results."""
@@ -306,5 +310,5 @@ def progress(input: BatchInput, state: BatchState) -> Progress:
         cancel_reason=state.cancel_reason,
         counts=state.counts(),
         chunks=[chunk.progress() for chunk in state.chunks],
-        apps=input.apps or [input.app],
+        apps=input.every_app(),
     )

@@ -1,7 +1,7 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
 A chunk is a child workflow of its batch. It reads its own jobs from the object store first
-(`load_jobs`, a local activity, digest checked), then starts a job whenever fewer jobs run than
+(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
 its window of machine slots holds. A job is: create its machine through the app's create queue,
 then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
 not destroy it; a new machine after each infrastructure failure, up to the job's retries. The
@@ -61,7 +61,7 @@ class ChunkWorkflow:
         self._paused = input.paused
         self._cancel_reason: str | None = None
         self._jobs: list[asyncio.Task[None]] = []
-        self._heard = 0
+        self._heard, self._released = 0, 0
         self._reports = Reporter(input.index, input.report_every_s, self._now, self._cancel)
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
@@ -86,8 +86,8 @@ class ChunkWorkflow:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         rows = await complete(self._store_rows())
-        await complete(self._reports.close(released=self._slots))  # then the batch may close
-        self._slots = 0
+        self._released, self._slots = self._released + self._slots, 0
+        await complete(self._reports.close())  # the batch may close once it heard this
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
@@ -137,8 +137,8 @@ class ChunkWorkflow:
         turn = self._input.followup.turn if self._input.followup else 1
         if claim is not None:
             try:
-                # A local activity: one short read, one marker in history, no extra task.
-                loaded = await workflow.execute_local_activity_method(
+                # An activity, not a local one: a slow store never holds the chunk's task open.
+                loaded = await workflow.execute_activity_method(
                     JobActivities.load_jobs,
                     claim,
                     start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
@@ -156,7 +156,10 @@ class ChunkWorkflow:
                 ]
                 self._loaded = True
                 return
-        self._results = [JobResult(job_id=j.id, index=j.index, turn=self._turn(j)) for j in jobs]
+        self._results = [  # a job's turn: the one its session continues with, else 1
+            JobResult(job_id=j.id, index=j.index, turn=f.turn if (f := self._followup(j)) else 1)
+            for j in jobs
+        ]
         self._queue.extend(jobs)
         self._loaded = True
 
@@ -303,7 +306,7 @@ class ChunkWorkflow:
 
     async def _store_rows(self) -> str:
         """Leave every job's row in the object store, where readers find it once closed."""
-        return await workflow.execute_local_activity_method(
+        return await workflow.execute_activity_method(
             JobActivities.store_rows,
             StoreRowsInput(
                 key=rows_key(self._input.batch_id, workflow.info().workflow_id),
@@ -317,11 +320,6 @@ class ChunkWorkflow:
     def _followup(self, job: Job) -> Followup | None:
         """The session the job continues: a follow-up turn's, or a retry's, or none."""
         return self._input.followup or self._continues.get(job.id)
-
-    def _turn(self, job: Job) -> int:
-        """The turn of the job this chunk runs: the one its session continues with, else 1."""
-        followup = self._followup(job)
-        return followup.turn if followup else 1
 
     # ------------------------------------------------------------ the window
 
@@ -373,16 +371,22 @@ class ChunkWorkflow:
             return False
         if not (more_to_start or self._running):
             return True  # the chunk is done: its last report gives back every slot
-        self._owed = max(0, self._owed - give)
-        self._slots -= give
-        self._reports.send(released=give)
+        owed = min(give, self._owed)
+        self._owed, self._slots = self._owed - owed, self._slots - give
+        self._released += give
+        if owed:
+            self._reports.send()  # the batch asked for them back: it hears at once
+        else:
+            self._reports.soon()  # with the next report: chunks ending together send fewer
         return True
 
-    def _now(self) -> tuple[Counts, bool]:
-        """What a report tells: the counts, and whether more jobs wait than free slots."""
+    def _now(self) -> tuple[Counts, bool, int]:
+        """What a report tells: the counts, whether more jobs wait than free slots, and the
+        slots given back since the last report."""
         self._update_details()
         free = max(self._slots - self._running, 0)
-        return self._counts(), len(self._queue) > free and not self._cancelled
+        released, self._released = self._released, 0
+        return self._counts(), len(self._queue) > free and not self._cancelled, released
 
     def _cancel(self, reason: str) -> None:
         if self._cancelled:

@@ -1,11 +1,12 @@
 """How a chunk reports to its batch: numbered reports by signal, never waited for on the way.
 
-A chunk reports when it gives slots back, when the batch must judge a job at once, and
-otherwise at most every `report_every_s`, which the batch sets so that all its chunks together
-send it REPORTS_PER_S reports a second at most. A report the batch's run refused (it took all
-the signals the server allows one run) is sent again later, and the next run hears it: `seq`
-keeps the newest counts, and what a report gives back adds up in any order. A batch that is
-gone (terminated) cannot be told anything: the chunk stops.
+A chunk reports at once when the batch must act on it (slots it asked back, a job to judge),
+and otherwise at most every `report_every_s`, with the slots it has no more use for: the batch
+sets that so all its chunks together send it REPORTS_PER_S reports a second at most. A report
+the batch's run refused (it took all the signals the server allows one run) is sent again
+later, and the next run hears it: `seq` keeps the newest counts, and what a report gives back
+adds up in any order. A batch that is gone (terminated) cannot be told anything: the chunk
+stops.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ def report_every(max_machines: int, chunks: int) -> float:
 
 
 class Reporter:
-    """A chunk's reports to its batch: `now` asks the chunk for its counts and whether it
-    wants more slots; `gone` stops the chunk when the batch no longer runs."""
+    """A chunk's reports to its batch: `now` asks the chunk for its counts, whether it wants
+    more slots, and the slots it gives back; `gone` stops the chunk when the batch is gone."""
 
     def __init__(
         self,
         index: int,
         every_s: float,
-        now: Callable[[], tuple[Counts, bool]],
+        now: Callable[[], tuple[Counts, bool, int]],
         gone: Callable[[str], None],
     ) -> None:
         self._index, self._every = index, timedelta(seconds=every_s)
@@ -57,7 +58,7 @@ class Reporter:
         self.errors: dict[str, int] = {}
         """Attempts that ended with a storm error since the last report, by kind."""
 
-    def send(self, released: int = 0, done: bool = False) -> int | None:
+    def send(self, done: bool = False) -> int | None:
         """Tell the batch how far the chunk is, without waiting for delivery; the report's
         number, or None when there is no batch to tell (a follow-up turn runs alone)."""
         self._unreported = False
@@ -66,7 +67,7 @@ class Reporter:
             return None
         self._last = workflow.now()
         self._seq += 1
-        counts, wants_more = self._now()
+        counts, wants_more, released = self._now()
         report = ChunkReport(
             index=self._index,
             seq=self._seq,
@@ -91,12 +92,12 @@ class Reporter:
         if self._due is None or self._due.done():
             self._due = asyncio.create_task(self._send_when_due())
 
-    async def close(self, released: int) -> None:
+    async def close(self) -> None:
         """The last report, sent once every earlier one has arrived: the batch may then close."""
         if self._due is not None:
             self._due.cancel()
         await asyncio.gather(*self._sends)
-        self.send(released=released, done=True)
+        self.send(done=True)
         await asyncio.gather(*self._sends)
 
     async def _send_when_due(self) -> None:

@@ -326,7 +326,7 @@ async def test_lowering_max_machines_takes_effect_as_jobs_finish(
     await eventually(lambda: len(live(sortie, app_name)) == 6, what="six live machines")
 
     await handle.signal(BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=2))
-    # Live machines dip between a destroy and the create of a slot handed over, so "at most two
+    # Live machines dip between a destroy and the create of a slot's next job, so "at most two
     # alive" alone does not show the cap took effect: the chunks must also hold two slots.
     await eventually(
         lambda: _holding_at_most(sortie, batch_id, app_name, 2),

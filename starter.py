@@ -371,10 +371,10 @@ async def cmd_followup(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Web UI: {settings.workflow_url(workflow_id)}")
     if args.no_wait:
         return 0
-    output = await batches.chunk_handle(client, workflow_id).result()
-    for turn in output.results:
+    turns = await batches.turn_rows(client, workflow_id, settings.blob_store())
+    for turn in turns:
         await _print_turn(settings, turn)
-    return 0 if all(t.state.value == "succeeded" for t in output.results) else 1
+    return 0 if all(t.state.value == "succeeded" for t in turns) else 1
 
 
 async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:

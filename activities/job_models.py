@@ -6,7 +6,7 @@ inputs carry only these references, so a batch of any size starts with a small i
 
 from __future__ import annotations
 
-from sortie.models import Followup, StrictModel
+from sortie.models import Followup, JobResult, StrictModel
 from sortie.spec import Job
 
 
@@ -54,3 +54,24 @@ def jobs_key(batch_id: str, index: int) -> str:
 
 
 JOBS = "jobs"
+
+
+class StoredRows(StrictModel):
+    """A closed chunk's per-job rows, in input order, as it left them in the store."""
+
+    rows: list[JobResult]
+
+
+class StoreRowsInput(StrictModel):
+    """Write a closed chunk's rows to the store, under `key`."""
+
+    key: str
+    rows: list[JobResult]
+
+
+def rows_key(batch_id: str, workflow_id: str) -> str:
+    """Where a chunk (or a follow-up turn) leaves its rows when it closes."""
+    return f"{ROWS}/{batch_id}/{workflow_id}.json"
+
+
+ROWS = "rows"

@@ -1,4 +1,5 @@
-"""Reading a chunk's jobs from the object store, where the starter put them (the claim check)."""
+"""A chunk's jobs and rows in the object store: it reads the jobs the starter put there (the
+claim check), and leaves its rows there when it closes, off its batch's history."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import hashlib
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.job_models import JobSlice, LoadedJobs
+from activities.job_models import JobSlice, LoadedJobs, StoredRows, StoreRowsInput
 from sortie.store import ObjectStore
 
 
 class JobActivities:
-    """Owns the object store the batch's jobs were stored in."""
+    """Owns the object store the batch's jobs and rows are kept in."""
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
@@ -43,3 +44,10 @@ class JobActivities:
                 non_retryable=True,
             )
         return loaded
+
+    @activity.defn(name="store_rows")
+    async def store_rows(self, input: StoreRowsInput) -> str:
+        """Write a closed chunk's rows; a retry rewrites the same object. Returns its key."""
+        return await self._store.put(
+            input.key, StoredRows(rows=input.rows).model_dump_json().encode()
+        )

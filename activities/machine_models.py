@@ -25,11 +25,9 @@ class CheckBatchInput(StrictModel):
 
 
 class CheckBatchOutput(StrictModel):
-    """The names the worker can resolve, and the create rate per app the workers keep to."""
+    """The names the worker can resolve."""
 
     available: list[str]
-    create_rate: float | None = None
-    """Creates a second per app, paced by Temporal; None: unpaced (localfly without limits)."""
 
 
 class CreateMachineInput(StrictModel):
@@ -132,33 +130,19 @@ class CollectResultOutput(StrictModel):
     answer: JobAnswer | None = None
 
 
-MAY_START_MEMO = "may_start"
-"""The chunk's memo: whether a finishing job may hand its slot to the next job now."""
-
-
 class FinishJobInput(StrictModel):
-    """Wait for a job's machine, collect its result and destroy it, in one activity.
-
-    With `next`, the activity hands the slot straight to the chunk's next job: once this job
-    ended for good and its machine is gone, it reads the chunk's MAY_START_MEMO (closed while
-    paused, cancelled or owing slots to a lowered cap) and creates that job's machine.
-    """
+    """Wait for a job's machine, collect its result and destroy it, in one activity."""
 
     wait: WaitMachineInput
     collect: CollectResultInput
-    next: CreateMachineInput | None = None
-    only_after_success: bool = False
-    """Hand the slot on only if this job succeeded: under a failure limit the batch judges
-    every failure before the slot is used again."""
 
 
 class FinishJobOutput(StrictModel):
-    """How the machine ended, what it left, whether it is destroyed yet, and the next machine."""
+    """How the machine ended, what it left, and whether it is destroyed yet."""
 
     waited: WaitMachineOutput
     collected: CollectResultOutput | None = None
     destroyed: bool = False
-    next: CreateMachineOutput | None = None
 
 
 CREDENTIALS_RESTING_ERROR = "CredentialsResting"
@@ -169,16 +153,6 @@ CREDENTIAL_FAULTS = {"rate_limit", "auth"}
 """Claude errors that blame the credential, not the job: the job runs again on another."""
 STALLED = "stalled"
 """The stall watchdog stopped the agent: the machine failed, not the job (it runs again)."""
-
-
-class DestroyNamedMachineInput(StrictModel):
-    """Destroy the machine of a job attempt, known by name only: its create's answer was lost."""
-
-    app: str
-    batch_id: str
-    job_id: str
-    attempt: int
-    turn: int = 1
 
 
 class DestroyMachineInput(StrictModel):

@@ -22,14 +22,11 @@ from functools import partial
 from typing import Any, TypeVar
 
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError
 
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
     CREDENTIALS_RESTING_ERROR,
-    MAY_START_MEMO,
     CheckBatchInput,
     CheckBatchOutput,
     CollectResultInput,
@@ -38,7 +35,6 @@ from activities.machine_models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
-    DestroyNamedMachineInput,
     FinishJobInput,
     FinishJobOutput,
     JobAnswer,
@@ -77,7 +73,6 @@ from sortie.labels import (
     machine_name,
 )
 from sortie.models import Iteration, MachineRef
-from sortie.outcomes import hands_on
 from sortie.secrets import SecretStore, redact_presigned
 from sortie.spec import LogTail
 from sortie.store import (
@@ -107,7 +102,6 @@ URL_SLACK_S = 3600
 Fly's rate limits, a slow upload at the very end."""
 URL_MOST_S = 7 * 24 * 3600
 """SigV4 presigned URLs expire after seven days at most."""
-MAY_START_TIMEOUT = timedelta(seconds=5)
 CALL_TRIES = 4
 """Tries of one Fly call within `finish_job` before a transient error fails the activity."""
 ERROR_CHARS = 800
@@ -179,9 +173,7 @@ class MachineActivities:
         for app in input.apps:  # this worker polls their create queues from now on
             for observer in self.on_batch_apps:
                 await observer(app)
-        return CheckBatchOutput(
-            available=available, create_rate=self._fly.settings.paced_create_rate
-        )
+        return CheckBatchOutput(available=available)
 
     async def _check_app(self, app: str) -> None:
         """The app exists and the token may reach it."""
@@ -251,31 +243,12 @@ class MachineActivities:
         ref = input.wait.machine
         seen: dict[str, Any] = {"machine_id": ref.machine_id, "state": None}
         async with _beating(input.wait.heartbeat_every_s, seen):
-            waited = await self._wait_or_hand_over(input.wait, seen)
+            waited = await self._wait_unless_shutting_down(input.wait, seen)
             collected = None
             if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
                 collected = await self._collect(input.collect)
             destroyed = await self._destroy_now(ref)
-            finished = FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
-            hand_on = hands_on(waited, collected, only_after_success=input.only_after_success)
-            if input.next is not None and destroyed and hand_on:
-                finished.next = await self._hand_over(input.next)
-        return finished
-
-    async def _hand_over(self, input: CreateMachineInput) -> CreateMachineOutput | None:
-        """Start the chunk's next job on the slot just freed, if the chunk still wants it.
-
-        Anything short of a machine (the chunk paused or said no, a Fly error) leaves the job
-        to the chunk's own create, which retries by Temporal's policy and finds a machine this
-        made before its answer was lost.
-        """
-        if not await _may_start(input.owner, input.job.id):
-            return None
-        try:
-            return await self._create(input, look_first=activity.info().attempt > 1)
-        except (FlyError, ApplicationError) as error:
-            activity.logger.info("job %s left to the chunk to start: %s", input.job.id, error)
-            return None
+        return FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
 
     async def _destroy_now(self, ref: MachineRef) -> bool:
         """Force-destroy the machine; on a Fly error report it still there, not fail."""
@@ -286,7 +259,7 @@ class MachineActivities:
             return False
         return True
 
-    async def _wait_or_hand_over(
+    async def _wait_unless_shutting_down(
         self, input: WaitMachineInput, seen: dict[str, Any]
     ) -> WaitMachineOutput:
         """Wait for the machine; when the worker shuts down, fail so another worker takes over."""
@@ -511,19 +484,6 @@ class MachineActivities:
         )
         return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
 
-    @activity.defn(name="destroy_named_machine")
-    async def destroy_named_machine(self, input: DestroyNamedMachineInput) -> DestroyMachineOutput:
-        """Destroy a job attempt's machine by name: a hand-over whose answer never came back."""
-        name = machine_name(input.batch_id, input.job_id, input.attempt, input.turn)
-        lookup = _lookup(input.batch_id, input.job_id, input.attempt, input.turn)
-        with fly_errors(f"destroy machine {name}", always_retry=True):
-            found = await self._fly.find_machine(input.app, name=name, metadata=lookup)
-            if found is None or found.state in GONE_STATES:
-                return DestroyMachineOutput(destroyed=False, already_gone=True)
-            destroyed = await self._fly.destroy_machine(input.app, found.id, force=True)
-        activity.logger.info("destroyed machine %s (%s) by name", found.id, name)
-        return DestroyMachineOutput(destroyed=destroyed, already_gone=not destroyed)
-
     @activity.defn(name="read_logs")
     async def read_logs(self, input: ReadLogsInput) -> ReadLogsOutput:
         """The machine's log lines after `next_token`, up to `max_lines`: for `starter.py logs`.
@@ -612,22 +572,6 @@ class MachineActivities:
             ),
         )
         return config
-
-
-async def _may_start(owner: str, job_id: str) -> bool:
-    """Read the owning chunk's gate: running, and not closed by a pause, cancel or lower cap."""
-    try:
-        chunk = (
-            await activity.client()
-            .get_workflow_handle(owner)
-            .describe(rpc_timeout=MAY_START_TIMEOUT)
-        )
-        if chunk.status is not WorkflowExecutionStatus.RUNNING:
-            return False
-        return await chunk.memo_value(MAY_START_MEMO, True, type_hint=bool) is True
-    except (RuntimeError, RPCError) as error:
-        activity.logger.info("chunk %s not read, job %s left to it: %s", owner, job_id, error)
-        return False
 
 
 async def patiently(call: Callable[[], Awaitable[T]]) -> T:

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.enums.v1 import EventType, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
@@ -80,6 +80,8 @@ LARGE = [(10000, 200, 1.0)]
 PACING = (150, 60, 10.0)
 """--pacing: N, C, T of the batch that shows each app's create rate held by two workers."""
 ENDPOINTS = ["create", "wait", "get", "list", "logs", "destroy"]
+SIGNAL_WINDOW_S = 10.0
+"""The window the batch's busiest stretch of signals is measured over."""
 CREATE_RATE, CREATE_BURST = 1.0, 3
 """Fly's published limit on machine creates per app: 1 request/s sustained, bursts of 3."""
 
@@ -113,6 +115,8 @@ class Row(BaseModel):
     batch_run_events: list[int] = []
     """Events of every batch run (every batch's, with --batches), in the order they started."""
     chunk_runs: int = 0
+    signals_per_s: float = 0.0
+    """The most signals the batch took in any SIGNAL_WINDOW_S of its history, per second."""
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
@@ -240,12 +244,16 @@ class Histories(BaseModel):
     """Events and bytes of every batch run, in the order the runs started."""
     chunk_runs: int
     largest_chunk: tuple[int, int]
+    signals_per_s: float
+    """The most signals the batch runs took in any SIGNAL_WINDOW_S, per second."""
 
 
 async def histories(client: Client, batch_ids: list[str]) -> Histories:
     """Events and bytes of every batch run, and of the largest chunk run."""
     runs: list[tuple[datetime, int, int]] = []
     chunks: list[tuple[int, int]] = []
+    signals: list[float] = []
+    signaled = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
     query = " OR ".join(f'BatchId="{batch_id}"' for batch_id in batch_ids)
     async for execution in client.list_workflows(query):
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
@@ -253,13 +261,29 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
         size = (len(history.events), sum(e.ByteSize() for e in history.events))
         if execution.workflow_type == "BatchWorkflow":
             runs.append((execution.start_time, *size))
+            signals += [
+                e.event_time.ToDatetime().timestamp()
+                for e in history.events
+                if e.event_type == signaled
+            ]
         else:
             chunks.append(size)
     return Histories(
         batch_runs=[(events, size) for _, events, size in sorted(runs)],
         chunk_runs=len(chunks),
         largest_chunk=max(chunks, default=(0, 0)),
+        signals_per_s=_busiest(sorted(signals), SIGNAL_WINDOW_S) / SIGNAL_WINDOW_S,
     )
+
+
+def _busiest(times: list[float], window: float) -> int:
+    """The most of the sorted `times` within any `window` seconds."""
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 def start_workers(
@@ -482,6 +506,7 @@ async def measure(
         child_bytes=runs.largest_chunk[1],
         batch_run_events=[events for events, _ in runs.batch_runs],
         chunk_runs=runs.chunk_runs,
+        signals_per_s=runs.signals_per_s,
         rate_limited=int(stats.get("rate_limited", 0)),
         enforced=enforce,
         apps=apps,
@@ -575,7 +600,8 @@ def table(rows: list[Row]) -> str:
         "| Fly calls per job: create/wait/get/list/logs/destroy = total | max live "
         "| worker peak RSS | largest parent history | largest child history "
         "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job "
-        "| first, last create | makespan/paced ideal |"
+        "| first, last create | makespan/paced ideal "
+        f"| batch signals/s, busiest {SIGNAL_WINDOW_S:g} s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -596,7 +622,7 @@ def table(rows: list[Row]) -> str:
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
             f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} "
             f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} "
-            f"| {_creates(r)} | {_paced(r)} |"
+            f"| {_creates(r)} | {_paced(r)} | {r.signals_per_s:.1f} |"
         )
     lines.append("")
     for r in rows:
@@ -665,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-failures",
         type=int,
-        help="run under this failure limit (its chunks hand no slot on inside finish_job)",
+        help="run under this failure limit",
     )
     p.add_argument("--job-bytes", type=int, default=0, help="pad each job to this many bytes")
     p.add_argument(

@@ -1,8 +1,8 @@
 """Client-side operations on batches: submit, steer, and read results of any size.
 
-A batch's per-job results live in its chunk workflows (the batch itself only keeps counts), so
-reading results means reading each chunk: its result once closed, its `results` query while it
-runs. Nothing here needs a database: workflow history is the record.
+A batch's per-job results live with its chunks (the batch itself only keeps counts), so
+reading results means reading each chunk: the rows it left in the object store once closed
+(no worker needed), its `results` query while it runs. Nothing here needs a database.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.job_models import JobsClaim, LoadedJobs, jobs_key
+from activities.job_models import JobsClaim, LoadedJobs, StoredRows, jobs_key, rows_key
 from sortie.claude import PREVIEW_CHARS, ErrorKind
 from sortie.labels import BATCH_ID, followup_workflow_id
 from sortie.models import Counts, Followup, JobResult, JobState, Tuning
@@ -40,7 +40,7 @@ from sortie.spec import (
     Job,
     resolve_job,
 )
-from sortie.store import ObjectStore
+from sortie.store import ObjectStore, StoreSettings, shared_store
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import (
     BatchInput,
@@ -488,8 +488,7 @@ async def results(
 ) -> BatchReport:
     """Every job's result in input order, for a running or closed batch of any size.
 
-    A closed chunk's rows are compact (its result is in its batch's history too): with `store`,
-    their log tails and answers are read back from it.
+    Rows are compact: with `store`, their log tails and answers are read back from it.
     """
     head, chunks, followups = await _head(client, batch_id)
     limit = asyncio.Semaphore(parallel)
@@ -575,11 +574,26 @@ async def _chunk_results(
         ]
     if chunk.status is ChunkStatus.PENDING:
         return []
-    handle = client.get_workflow_handle_for(ChunkWorkflow.run, chunk.workflow_id)
     if chunk.status is ChunkStatus.DONE:
-        output: ChunkOutput = await handle.result()
-        return output.results
-    return await handle.query(ChunkWorkflow.results)
+        return await stored_rows(rows_key(batch_id, chunk.workflow_id), store)
+    return await chunk_handle(client, chunk.workflow_id).query(ChunkWorkflow.results)
+
+
+async def stored_rows(key: str, store: ObjectStore | None = None) -> list[JobResult]:
+    """The rows a closed chunk (or follow-up turn) left in the object store under `key`."""
+    store = store if store is not None else shared_store(StoreSettings.from_env())
+    data = await store.get(key)
+    if data is None:
+        raise BatchNotReadable(f"a closed chunk's rows are not in the object store ({key})")
+    return StoredRows.model_validate_json(data).rows
+
+
+async def turn_rows(
+    client: Client, workflow_id: str, store: ObjectStore | None = None
+) -> list[JobResult]:
+    """A follow-up turn's rows once it has closed (waits for it)."""
+    output = await chunk_handle(client, workflow_id).result()
+    return await stored_rows(output.rows, store)
 
 
 def _attach_followups(result: JobResult, by_job: dict[str, list[JobResult]]) -> None:
@@ -635,7 +649,7 @@ async def _followup_turns(client: Client, batch_id: str, job_id: str) -> list[Jo
         if status is WorkflowExecutionStatus.RUNNING:
             turns += await handle.query(ChunkWorkflow.results)
         elif status is WorkflowExecutionStatus.COMPLETED:
-            turns += (await handle.result()).results
+            turns += await stored_rows(rows_key(batch_id, handle.id))
         turn += 1
 
 
@@ -1059,11 +1073,10 @@ async def _followups_by_job(client: Client, batch_id: str) -> dict[str, list[Job
     async for execution in client.list_workflows(query):
         if not execution.id.startswith(f"{batch_id}-followup-"):
             continue
-        handle = client.get_workflow_handle_for(ChunkWorkflow.run, execution.id)
         if execution.status is WorkflowExecutionStatus.RUNNING:
-            turns = await handle.query(ChunkWorkflow.results)
+            turns = await chunk_handle(client, execution.id).query(ChunkWorkflow.results)
         elif execution.status is WorkflowExecutionStatus.COMPLETED:
-            turns = (await handle.result()).results
+            turns = await stored_rows(rows_key(batch_id, execution.id))
         else:
             continue
         for turn in turns:

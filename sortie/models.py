@@ -55,8 +55,6 @@ class Tuning(StrictModel):
     run_events: int = Field(default=2_000, ge=100)
     """A batch run continues-as-new past this many events, well below Temporal's suggestion
     (4,096 events or 4 MB), so a worker that lost its cache replays a short history quickly."""
-    run_bytes: int = Field(default=1_500_000, ge=20_000)
-    """...and past this many bytes, counting the results its running chunks will bring."""
 
 
 class Counts(StrictModel):

@@ -62,22 +62,6 @@ def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) 
     )
 
 
-def hands_on(
-    waited: WaitMachineOutput, collected: CollectResultOutput | None, *, only_after_success: bool
-) -> bool:
-    """Whether `finish_job` gives the freed slot straight to the chunk's next job: not after a
-    storm error (the batch must hear of it first, or a storm runs on through hand-overs), and
-    under a failure limit only after a success; otherwise once the job ended for good."""
-    from workflows.guards import is_storm  # the storm rule is the workflows'; it imports us
-
-    answer = collected.answer if collected else None
-    if answer is not None and is_storm(answer.error_kind):
-        return False
-    if only_after_success:  # the batch judges each failure before the slot goes on
-        return succeeded(waited, collected)
-    return machine_failure(waited, collected) is None
-
-
 def record_outcome(
     job: Job, result: JobResult, waited: WaitMachineOutput, collected: CollectResultOutput | None
 ) -> str | None:
@@ -149,3 +133,21 @@ def seconds(value: float) -> str:
     if whole == value and whole and whole % 60 == 0:
         return f"{whole // 60}m"
     return f"{value:g}s"
+
+
+def why(error: BaseException) -> str:
+    """The innermost failure message of an activity's error: what actually went wrong."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return str(cause) or type(cause).__name__
+
+
+def is_cancellation(error: BaseException) -> bool:
+    """Whether an activity's error is its cancellation."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if type(cause).__name__ == "CancelledError":
+            return True
+        cause = cause.__cause__
+    return False

@@ -126,7 +126,7 @@ async def test_analyze_a_package_checkout_plan_progress_and_merged_report(
     workflow_id = await batches.followup(
         sortie.client, sortie.settings, summary["batch_id"], job, "Which finding matters most?"
     )
-    turn = (await batches.chunk_handle(sortie.client, workflow_id).result()).results[0]
+    turn = (await batches.turn_rows(sortie.client, workflow_id))[0]
     assert turn.state == "succeeded" and turn.session_id == session
 
 

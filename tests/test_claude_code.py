@@ -92,7 +92,7 @@ async def test_an_answer_its_session_cost_and_turns_and_a_followup_on_a_new_mach
     workflow_id = await batches.followup(
         claude_code.client, claude_code.settings, report.batch_id, "look", f"And now? {followup}"
     )
-    [row] = (await batches.chunk_handle(claude_code.client, workflow_id).result()).results
+    [row] = await batches.turn_rows(claude_code.client, workflow_id)
     turn = await batches.expand(row, claude_code.settings.blob_store())
     assert (turn.state, turn.turn) == ("succeeded", 2), turn.error
     assert turn.session_id == first.session_id, "the follow-up resumed the session"

@@ -163,8 +163,8 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
         sortie.client, sortie.settings, ReapInput(app=app_name, dry_run=True)
     )
     assert sweep.checked == 1 and sweep.orphans == []
-    [row] = (await batches.chunk_handle(sortie.client, workflow_id).result()).results
-    assert row.result is None and row.result_ref, "the chunk's result carries a key, not text"
+    [row] = await batches.turn_rows(sortie.client, workflow_id)
+    assert row.result is None and row.result_ref, "the stored row carries a key, not text"
     turn = await batches.expand(row, sortie.settings.blob_store())
     assert turn.state == "succeeded" and turn.turn == 2
     assert turn.session_id == first.session_id
@@ -181,7 +181,7 @@ async def test_followup_continues_the_session_in_the_workspace_it_left(
     third_id = await batches.followup(
         sortie.client, sortie.settings, report.batch_id, "fix", "And then?"
     )
-    third = (await batches.chunk_handle(sortie.client, third_id).result()).results[0]
+    third = (await batches.turn_rows(sortie.client, third_id))[0]
     assert (third.state, third.turn) == ("succeeded", 3)
     _, found = await batches.find_job(
         sortie.client, report.batch_id, "fix", store=sortie.settings.blob_store()
@@ -295,7 +295,7 @@ async def test_a_followup_runs_on_another_worker_with_its_own_state_dir(
         workflow_id = await batches.followup(
             temporal.client, settings, submitted.batch_id, "fix", "What did you write?"
         )
-        [turn] = (await batches.chunk_handle(temporal.client, workflow_id).result()).results
+        [turn] = await batches.turn_rows(temporal.client, workflow_id)
     finally:
         second.stop()
     turn = await batches.expand(turn, settings.blob_store())

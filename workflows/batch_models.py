@@ -8,6 +8,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from activities.job_models import JobsClaim
+from sortie.labels import chunk_workflow_id
 from sortie.models import Counts, StrictModel, Tuning
 from sortie.spec import OnTooManyFailures, StormGuard
 
@@ -41,9 +42,19 @@ class ChunkProgress(StrictModel):
     counts: Counts = Counts()
 
 
+class Steering(StrEnum):
+    """What a batch tells its chunks: run, pause, or cancel."""
+
+    RUN = "run"
+    PAUSE = "pause"
+    CANCEL = "cancel"
+
+
 class ChunkState(ChunkProgress):
     """What the batch keeps of one chunk: its progress and the slots it lent it."""
 
+    told: Steering = Steering.RUN
+    """What the batch last told the chunk (it starts running)."""
     owed: int = 0
     """Slots asked back from the chunk (after the cap was lowered) and not given back yet."""
     wants_more: bool = True
@@ -94,8 +105,6 @@ class BatchState(StrictModel):
 
     max_machines: int
     max_cost_usd: float | None = None
-    paced_creates: bool = False
-    """The workers' creates are paced by Temporal: no create may bypass the app's queue."""
     over_budget: bool = False
     prompt_jobs: bool = False
     paused: bool = False
@@ -105,12 +114,41 @@ class BatchState(StrictModel):
     storm_marks: list[StormMark] = []
     """Storm errors heard within the storm window, oldest first."""
     auto_resume_at: datetime | None = None
-    told_paused: bool = False
     cancelled: bool = False
     cancel_reason: str | None = None
-    told_cancelled: bool = False
     chunks: list[ChunkState] = []
     pending: list[ChunkPlan] = []
+
+    @property
+    def steering(self) -> Steering:
+        """What every running chunk should have been told."""
+        if self.cancelled:
+            return Steering.CANCEL
+        return Steering.PAUSE if self.paused else Steering.RUN
+
+    def counts(self) -> Counts:
+        """The batch's job counts: its chunks' together."""
+        return Counts.total_of([chunk.counts for chunk in self.chunks])
+
+    def running(self) -> list[ChunkState]:
+        """The chunks started and not done."""
+        return [c for c in self.chunks if c.status is ChunkStatus.RUNNING]
+
+    def unfinished(self) -> int:
+        """Chunks not started or not done."""
+        return len(self.pending) + len(self.running())
+
+    def all_done(self) -> bool:
+        """Every chunk done or skipped."""
+        return not self.pending and not self.running()
+
+    def status(self) -> str:
+        """completed, cancelled, cancelling, paused or running."""
+        if self.all_done():
+            return "cancelled" if self.cancelled else "completed"
+        if self.cancelled:
+            return "cancelling"
+        return "paused" if self.paused else "running"
 
 
 class BatchInput(StrictModel):
@@ -138,6 +176,10 @@ class BatchInput(StrictModel):
     tuning: Tuning = Tuning()
     """A retry's jobs that continue their Claude session (ran out of turns or budget), by id."""
     state: BatchState | None = None
+
+    def every_app(self) -> list[str]:
+        """The Fly apps the batch's machines are created in."""
+        return self.apps or [self.app]
 
 
 class BatchOutput(StrictModel):
@@ -205,3 +247,68 @@ class FailureLimitRequest(StrictModel):
     max_failures: int | None = Field(default=None, ge=0)
     max_failure_rate: float | None = Field(default=None, ge=0, le=100)
     on_too_many_failures: OnTooManyFailures | None = None
+
+
+def plan(input: BatchInput) -> BatchState:
+    """A new batch's state: its jobs split into chunks of `chunk_size`, as the starter stored
+    them, none started."""
+    claim = input.jobs
+    firsts = range(0, claim.total, claim.chunk_size)
+    sizes = [min(claim.chunk_size, claim.total - first) for first in firsts]
+    return BatchState(
+        max_machines=input.max_machines,
+        max_cost_usd=input.max_cost_usd,
+        failure_limit=input.failure_limit,
+        prompt_jobs=input.prompt_jobs,
+        chunks=[
+            ChunkState(
+                index=index,
+                workflow_id=chunk_workflow_id(input.batch_id, index),
+                first_job=first,
+                size=size,
+                counts=Counts(total=size, pending=size),
+            )
+            for index, (first, size) in enumerate(zip(firsts, sizes, strict=True))
+        ],
+        pending=[
+            ChunkPlan(index=index, first_job=first, size=size)
+            for index, (first, size) in enumerate(zip(firsts, sizes, strict=True))
+        ],
+    )
+
+
+def output(input: BatchInput, state: BatchState) -> BatchOutput:
+    """A closed batch's result: its totals and chunks."""
+    counts = state.counts()
+    return BatchOutput(
+        batch_id=input.batch_id,
+        name=input.name,
+        status=state.status(),
+        total=counts.total,
+        succeeded=counts.succeeded,
+        failed=counts.failed + counts.timed_out,
+        timed_out=counts.timed_out,
+        cancelled=counts.cancelled,
+        cost_usd=round(counts.cost_usd, 6),
+        num_turns=counts.num_turns,
+        chunks=[chunk.progress() for chunk in state.chunks],
+        cancel_reason=state.cancel_reason,
+    )
+
+
+def progress(input: BatchInput, state: BatchState) -> Progress:
+    """What the batch's `progress` query answers."""
+    return Progress(
+        batch_id=input.batch_id,
+        status=state.status(),
+        paused=state.paused,
+        pause_reason=state.pause_reason,
+        cancelled=state.cancelled,
+        max_machines=state.max_machines,
+        max_cost_usd=state.max_cost_usd,
+        failure_limit=state.failure_limit,
+        cancel_reason=state.cancel_reason,
+        counts=state.counts(),
+        chunks=[chunk.progress() for chunk in state.chunks],
+        apps=input.every_app(),
+    )

@@ -1,48 +1,45 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
-A chunk is a child workflow of its batch. It starts a job whenever fewer jobs run than its
-window of machine slots holds. Its jobs wait in the object store, where the starter put them:
-the chunk reads its own slice first (`load_jobs`, a local activity, digest checked). The batch
-widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives slots
-back as soon as it has nothing left to start, so another chunk can use them. It reports to its
-batch by signal, by workflow id, so whichever run of the batch is current hears it. A job is:
-create its machine, then `finish_job` (wait, collect, destroy), then the shielded destroy
-whenever `finish_job` did not destroy it.
+A chunk is a child workflow of its batch. It reads its own jobs from the object store first
+(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
+its window of machine slots holds. A job is: create its machine through the app's create queue,
+then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
+not destroy it; a new machine after each infrastructure failure, up to the job's retries. The
+batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
+slots back as soon as it has nothing left to start, so another chunk can use them, and reports
+how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
+object store and returns its counts and where the rows are.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.job_models import StoreRowsInput, rows_key
     from activities.jobs import JobActivities
     from activities.machine_models import (
-        CollectResultInput,
         CreateMachineInput,
         CreateMachineOutput,
         DestroyMachineInput,
-        DestroyNamedMachineInput,
-        FinishJobInput,
         FinishJobOutput,
-        WaitMachineInput,
     )
     from activities.machines import MachineActivities
     from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
     from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
-    from sortie.outcomes import record_outcome
+    from sortie.outcomes import is_cancellation, record_outcome, why
     from sortie.pacing import create_queue
     from sortie.spec import Job
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
-    from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport, SlotGrant
-    from workflows.hand_over import HandOver
-    from workflows.messaging import Delivery, deliver
-    from workflows.shielded import complete, settle
+    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant, details, finish_input
+    from workflows.reports import Reporter
+    from workflows.shielded import complete, evicting, settle
 
 
 class InfrastructureFailure(Exception):
@@ -60,50 +57,40 @@ class ChunkWorkflow:
         self._queue: deque[Job] = deque()
         self._loaded = False
         self._continues: dict[str, Followup] = {}
-        self._slots = input.slots
-        self._owed = 0
-        self._running = 0
-        self._live = 0
+        self._slots, self._owed, self._running, self._live = input.slots, 0, 0, 0
         self._paused = input.paused
         self._cancel_reason: str | None = None
         self._jobs: list[asyncio.Task[None]] = []
-        self._reports: list[asyncio.Future[None]] = []
-        self._report_seq = 0
-        self._errors: dict[str, int] = {}
-        self._heard = 0
-        self._last_report = workflow.now()
-        self._unreported = False
-        self._report_due: asyncio.Task[None] | None = None
-        # A spent slot goes back to the batch under a budget, so no slot is handed over there;
-        # under a failure limit a failed job's slot goes back, so only a success hands over;
-        # nor where creates are paced by their app's queue, which a hand-over would bypass.
-        handing_over = not (input.budgeted or input.paced)
-        self._hand_over = HandOver(self._queue) if handing_over else None
+        self._heard, self._released = 0, 0
+        self._reports = Reporter(input.index, input.report_every_s, self._now, self._cancel)
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
         self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
 
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
-        """Start each job as a slot frees up, then wait for all of them."""
+        """Start each job as a slot frees up, wait for all of them, leave the rows in the store."""
         try:
             await complete(self._load_jobs())
             self._update_details()
             while await self._next_start():
                 self._start(self._queue.popleft())
             self._give_back_idle()
-            await self._join_jobs()
+            await asyncio.gather(*self._jobs)
         except asyncio.CancelledError:
+            if evicting():
+                raise
             self._cancel(workflow.cancellation_reason() or "chunk cancelled through Temporal")
-            await self._join_jobs()
+            await asyncio.gather(*self._jobs)
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
-        await complete(self._report_done())  # the batch closes only once it heard this
+        rows = await complete(self._store_rows())
+        self._released, self._slots = self._released + self._slots, 0
+        await complete(self._reports.close())  # the batch may close once it heard this
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
-        results = [result.compact() for result in self._results]
-        return ChunkOutput(index=input.index, counts=self._counts(), results=results)
+        return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
 
     # ------------------------------------------------------------ signals and queries
 
@@ -114,20 +101,17 @@ class ChunkWorkflow:
         self._owed += grant.give_back
         self._heard = max(self._heard, grant.heard)
         self._give_back_idle()
-        self._publish_gate()
 
     @workflow.signal
     def pause(self, request: PauseRequest) -> None:
         """Create no new machines; running jobs finish."""
         self._paused = True
-        self._publish_gate()
         self._update_details()
 
     @workflow.signal
     def resume(self) -> None:
         """Start creating machines again."""
         self._paused = False
-        self._publish_gate()
         self._update_details()
 
     @workflow.signal
@@ -145,16 +129,16 @@ class ChunkWorkflow:
         """Every job's result so far, in input order."""
         return self._results
 
-    # ------------------------------------------------------------ one job
+    # ------------------------------------------------------------ the jobs
 
     async def _load_jobs(self) -> None:
         """Read this chunk's jobs from the store (a follow-up carries its one job itself)."""
         jobs, claim = self._input.jobs, self._input.claim
-        failed: str | None = None
+        turn = self._input.followup.turn if self._input.followup else 1
         if claim is not None:
             try:
-                # A local activity: one short read, one marker in history, no extra task.
-                loaded = await workflow.execute_local_activity_method(
+                # An activity, not a local one: a slow store never holds the chunk's task open.
+                loaded = await workflow.execute_activity_method(
                     JobActivities.load_jobs,
                     claim,
                     start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
@@ -163,49 +147,51 @@ class ChunkWorkflow:
                 )
                 jobs, self._continues = loaded.jobs, loaded.continues
             except ActivityError as error:
-                failed = f"the chunk's jobs could not be read: {_why(error)}"
-        turn = self._input.followup.turn if self._input.followup else 1
-        if failed is not None and claim is not None:
-            self._results = [
-                JobResult(
-                    job_id=f"#{claim.first_job + i}",
-                    index=claim.first_job + i,
-                    turn=turn,
-                    state=JobState.FAILED,
-                    error=failed,
-                )
-                for i in range(claim.size)
-            ]
-        else:
-            self._results = [
-                JobResult(job_id=j.id, index=j.index, turn=self._turn(j)) for j in jobs
-            ]
-            self._queue.extend(jobs)
+                failed = f"the chunk's jobs could not be read: {why(error)}"
+                self._results = [
+                    JobResult(
+                        job_id=f"#{i}", index=i, turn=turn, state=JobState.FAILED, error=failed
+                    )
+                    for i in range(claim.first_job, claim.first_job + claim.size)
+                ]
+                self._loaded = True
+                return
+        self._results = [  # a job's turn: the one its session continues with, else 1
+            JobResult(job_id=j.id, index=j.index, turn=f.turn if (f := self._followup(j)) else 1)
+            for j in jobs
+        ]
+        self._queue.extend(jobs)
         self._loaded = True
 
-    def _start(self, job: Job, handed: CreateMachineOutput | None = None) -> None:
-        """Run the job in a slot of its own, on the machine handed to it if there is one."""
-        self._running += 1
-        self._jobs.append(asyncio.create_task(self._run_job(job, handed)))
+    async def _next_start(self) -> bool:
+        """Wait until a queued job may start (True) or nothing is left to start (False)."""
+        await workflow.wait_condition(
+            lambda: self._done_starting() or (not self._paused and self._running < self._slots)
+        )
+        return not self._done_starting()
 
-    async def _run_job(self, job: Job, handed: CreateMachineOutput | None) -> None:
+    def _start(self, job: Job) -> None:
+        """Run the job in a slot of its own."""
+        self._running += 1
+        self._jobs.append(asyncio.create_task(self._run_job(job)))
+
+    async def _run_job(self, job: Job) -> None:
         """Run a job to a final state, on a new machine after each infrastructure failure.
 
-        No `finally` here or below: a workflow evicted from the worker's cache is torn down
-        with GeneratorExit, and its replay redoes the bookkeeping; a cancel is caught instead.
+        No `finally` here or below: a workflow evicted from the worker's cache has its tasks
+        cancelled, and its replay redoes the bookkeeping; only the chunk's cancel is caught.
         """
         result = self._results[job.index - self._results[0].index]
         result.started_at = workflow.now()
         self._jobs_started.add(1, {"batch": self._input.batch_id})
         try:
             for attempt in range(1, job.retries + 2):
-                if handed is None:
-                    await workflow.wait_condition(lambda: self._cancelled or not self._paused)
-                    if self._cancelled:
-                        raise asyncio.CancelledError
+                await workflow.wait_condition(lambda: self._cancelled or not self._paused)
+                if self._cancelled:
+                    raise asyncio.CancelledError
                 result.attempts = attempt
                 try:
-                    await self._attempt(job, attempt, result, handed)
+                    await self._attempt(job, attempt, result)
                     await self._judged(result)
                     break
                 except InfrastructureFailure as failure:
@@ -213,8 +199,9 @@ class ChunkWorkflow:
                     result.state = JobState.FAILED if attempt > job.retries else JobState.PENDING
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
                     await self._judged(result)
-                handed = None
         except asyncio.CancelledError:
+            if not self._cancelled:  # evicted: only `_cancel` cancels a job
+                raise
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         result.finished_at = workflow.now()
@@ -225,17 +212,15 @@ class ChunkWorkflow:
         failed = result.state in (JobState.FAILED, JobState.TIMED_OUT)
         self._slot_freed(spent=bool(result.cost_usd), failed=failed)
 
-    async def _attempt(
-        self, job: Job, attempt: int, result: JobResult, handed: CreateMachineOutput | None
-    ) -> None:
-        """Create a machine (unless handed one); finish the job on it; make sure it is gone."""
+    async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
+        """Create a machine; finish the job on it; make sure it is gone."""
         result.state, result.error_kind = JobState.STARTING, None
         self._update_details()
         try:
-            created = handed or await self._create(job, attempt)
+            created = await self._create(job, attempt)
         except ActivityError as error:
             result.state = JobState.FAILED
-            result.error = f"could not create a machine: {_why(error)}"
+            result.error = f"could not create a machine: {why(error)}"
             result.error_kind = guards.create_failure_kind(error)
             return
         machine = created.machine
@@ -244,17 +229,18 @@ class ChunkWorkflow:
         result.credential = created.credential
         result.state = JobState.RUNNING
         self._update_details()
-        destroyed, cancelled, failure = False, self._cancelled, None
+        destroyed, cancelled, failure = False, False, None
         try:
-            if not cancelled:  # else a machine handed over just as the chunk was cancelled
-                finished = await self._run_on_machine(job, machine, attempt, result)
-                destroyed = finished.destroyed
-                failure = record_outcome(job, result, finished.waited, finished.collected)
+            finished = await self._finish_job(job, machine, attempt, result)
+            destroyed = finished.destroyed
+            failure = record_outcome(job, result, finished.waited, finished.collected)
         except ActivityError as error:
-            cancelled = _is_cancellation(error)
+            cancelled = is_cancellation(error)
             if not cancelled:
-                result.state, result.error = JobState.FAILED, _why(error)
+                result.state, result.error = JobState.FAILED, why(error)
         except asyncio.CancelledError:
+            if not self._cancelled:  # evicted: only `_cancel` cancels a job
+                raise
             cancelled = True
         if not destroyed:
             await complete(self._destroy(machine))
@@ -270,7 +256,15 @@ class ChunkWorkflow:
         app = self._input.app_of(job)
         create = workflow.execute_activity_method(
             MachineActivities.create_machine,
-            self._create_input(job, attempt),
+            CreateMachineInput(
+                batch_id=self._input.batch_id,
+                chunk_index=self._input.index,
+                app=app,
+                job=job,
+                attempt=attempt,
+                owner=workflow.info().workflow_id,
+                followup=self._followup(job),
+            ),
             # The app's create queue: Temporal paces it for every worker together.
             task_queue=create_queue(workflow.info().task_queue, app),
             start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
@@ -285,98 +279,20 @@ class ChunkWorkflow:
             raise asyncio.CancelledError
         return settled.result()
 
-    async def _run_on_machine(
+    async def _finish_job(
         self, job: Job, machine: MachineRef, attempt: int, result: JobResult
     ) -> FinishJobOutput:
-        """Run `finish_job`, handing the slot to the claimed next job when there is one."""
-        claimed = self._hand_over.claim(self._may_start()) if self._hand_over else None
-        if self._hand_over is None or claimed is None:
-            return await self._finish_job(job, machine, attempt, result, None)
-        claim = self._create_input(claimed, 1)
-        finishing = asyncio.ensure_future(self._finish_job(job, machine, attempt, result, claim))
-        try:
-            finished = await asyncio.shield(finishing)
-        except asyncio.CancelledError:
-            await complete(
-                self._hand_over.drop(
-                    claim, finishing, self._destroy, self._destroy_named, destroy_now=machine
-                )
-            )
-            raise
-        except ActivityError:
-            drop = self._hand_over.drop(claim, finishing, self._destroy, self._destroy_named)
-            await complete(drop)
-            raise
-        self._hand_over.settle(claimed, started=finished.next is not None)
-        if finished.next is not None:
-            self._start(claimed, finished.next)
-        return finished
-
-    async def _finish_job(
-        self,
-        job: Job,
-        machine: MachineRef,
-        attempt: int,
-        result: JobResult,
-        claim: CreateMachineInput | None,
-    ) -> FinishJobOutput:
         """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
-        tuning = self._input.tuning
-        now = workflow.now()
-        wait = WaitMachineInput(
-            machine=machine,
-            job_id=job.id,
-            deadline=now + timedelta(seconds=job.timeout_s),
-            boot_deadline=now + timedelta(seconds=job.boot_timeout_s),
-            heartbeat_every_s=tuning.heartbeat_every_s,
-        )
-        collect = CollectResultInput(
-            machine=machine,
-            job_id=job.id,
-            secrets=job.secrets,
-            tail_lines=tuning.log_tail_lines,
-            tail_bytes=tuning.log_tail_bytes,
-            batch_id=self._input.batch_id,
-            prompt_job=job.prompt is not None,
-            turn=result.turn,
-            attempt=attempt,
-            credential=result.credential,
-            log_tail=job.log_tail,
-            json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
-        )
-        create_s = tuning.create_timeout_s if claim else 0.0
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            FinishJobInput(
-                wait=wait, collect=collect, next=claim, only_after_success=self._input.guarded
-            ),
-            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s + create_s)
+            finish_input(self._input, job, machine, attempt, result, workflow.now()),
+            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
             + policies.WAIT_MARGIN,
-            heartbeat_timeout=timedelta(seconds=tuning.heartbeat_timeout_s),
+            heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
             retry_policy=policies.FLY_RETRY,
             summary=f"run job {job.id} on machine {machine.machine_id} in {machine.app}, "
             "collect, destroy",
         )
-
-    def _create_input(self, job: Job, attempt: int) -> CreateMachineInput:
-        return CreateMachineInput(
-            batch_id=self._input.batch_id,
-            chunk_index=self._input.index,
-            app=self._input.app_of(job),
-            job=job,
-            attempt=attempt,
-            owner=workflow.info().workflow_id,
-            followup=self._followup(job),
-        )
-
-    def _followup(self, job: Job) -> Followup | None:
-        """The session the job continues: a follow-up turn's, or a retry's, or none."""
-        return self._input.followup or self._continues.get(job.id)
-
-    def _turn(self, job: Job) -> int:
-        """The turn of the job this chunk runs: the one its session continues with, else 1."""
-        followup = self._followup(job)
-        return followup.turn if followup else 1
 
     async def _destroy(self, machine: MachineRef) -> None:
         """Destroy the machine; retried until it is gone."""
@@ -388,54 +304,28 @@ class ChunkWorkflow:
             summary=f"destroy machine {machine.machine_id}",
         )
 
-    async def _destroy_named(self, claim: CreateMachineInput) -> None:
-        """Destroy the machine a hand-over may have created; retried until it is gone."""
-        await workflow.execute_activity_method(
-            MachineActivities.destroy_named_machine,
-            DestroyNamedMachineInput(
-                app=claim.app,
-                batch_id=claim.batch_id,
-                job_id=claim.job.id,
-                attempt=claim.attempt,
-                turn=claim.followup.turn if claim.followup else 1,
+    async def _store_rows(self) -> str:
+        """Leave every job's row in the object store, where readers find it once closed."""
+        return await workflow.execute_activity_method(
+            JobActivities.store_rows,
+            StoreRowsInput(
+                key=rows_key(self._input.batch_id, workflow.info().workflow_id),
+                rows=[result.compact() for result in self._results],
             ),
             start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-            retry_policy=policies.DESTROY_RETRY,
-            summary=f"destroy any machine made for job {claim.job.id}",
+            retry_policy=policies.STORE_RETRY,
+            summary="store the chunk's rows",
         )
 
-    async def _join_jobs(self) -> None:
-        """Wait for every job's task, those started by a hand-over meanwhile too."""
-        joined = 0
-        while joined < len(self._jobs):
-            jobs = self._jobs[joined:]
-            await asyncio.gather(*jobs)
-            joined += len(jobs)
+    def _followup(self, job: Job) -> Followup | None:
+        """The session the job continues: a follow-up turn's, or a retry's, or none."""
+        return self._input.followup or self._continues.get(job.id)
 
     # ------------------------------------------------------------ the window
 
-    async def _next_start(self) -> bool:
-        """Wait until a queued job may start (True) or nothing is left to start (False)."""
-        await workflow.wait_condition(lambda: self._done_starting() or self._can_start())
-        return not self._done_starting()
-
-    def _can_start(self) -> bool:
-        return bool(self._queue) and not self._paused and self._running < self._slots
-
     def _done_starting(self) -> bool:
-        """Cancelled, or every job started for good (none queued, none claimed)."""
-        return self._cancelled or not (self._queue or self._claimed())
-
-    def _claimed(self) -> int:
-        return self._hand_over.claims if self._hand_over else 0
-
-    def _may_start(self) -> bool:
-        """Whether a freed slot may go to the next job now."""
-        return not (self._cancelled or self._paused) and self._owed == 0
-
-    def _publish_gate(self) -> None:
-        if self._hand_over is not None:
-            self._hand_over.publish_gate(self._may_start())
+        """Cancelled, or every job started."""
+        return self._cancelled or not self._queue
 
     def _slot_freed(self, spent: bool, failed: bool) -> None:
         """A machine is gone: keep its slot for the next job, or give it back.
@@ -452,12 +342,10 @@ class ChunkWorkflow:
             self._owed += 1
         if self._give_back_idle():
             return
-        if judged or workflow.now() >= self._next_report_at():
-            self._report()
-            return
-        self._unreported = True
-        if self._report_due is None or self._report_due.done():
-            self._report_due = asyncio.create_task(self._report_when_due())
+        if judged or self._reports.due():
+            self._reports.send()
+        else:
+            self._reports.soon()
 
     async def _judged(self, result: JobResult) -> None:
         """After an attempt that met a storm error, keep its slot until the batch judged it.
@@ -469,8 +357,8 @@ class ChunkWorkflow:
         kind = result.error_kind
         if kind is None or not guards.is_storm(kind):
             return
-        self._errors[kind] = self._errors.get(kind, 0) + 1
-        seq = self._report()
+        self._reports.errors[kind] = self._reports.errors.get(kind, 0) + 1
+        seq = self._reports.send()
         if seq is not None:
             await workflow.wait_condition(lambda: self._heard >= seq or self._cancelled)
 
@@ -481,80 +369,29 @@ class ChunkWorkflow:
         give = min(idle, self._owed) if more_to_start else idle
         if give <= 0:
             return False
-        if not (more_to_start or self._running or self._claimed()):
+        if not (more_to_start or self._running):
             return True  # the chunk is done: its last report gives back every slot
-        self._owed = max(0, self._owed - give)
-        self._slots -= give
-        self._publish_gate()
-        self._report(released=give)
+        owed = min(give, self._owed)
+        self._owed, self._slots = self._owed - owed, self._slots - give
+        self._released += give
+        if owed:
+            self._reports.send()  # the batch asked for them back: it hears at once
+        else:
+            self._reports.soon()  # with the next report: chunks ending together send fewer
         return True
 
-    # ------------------------------------------------------------ reports
-
-    def _next_report_at(self) -> datetime:
-        return self._last_report + timedelta(seconds=self._input.report_every_s)
-
-    async def _report_when_due(self) -> None:
-        """Report what is still unreported once `report_every_s` has passed since the last
-        report, so progress reaches the batch that late at most even when no slot frees."""
-        while self._unreported:
-            wait = self._next_report_at() - workflow.now()
-            if wait > timedelta(0):
-                await workflow.sleep(wait, summary="report progress to the batch")
-            else:
-                self._report()
-
-    def _report(self, released: int = 0, done: bool = False) -> int | None:
-        """Tell the batch about given-back slots and progress, without waiting for delivery;
-        the report's number, or None when there is no batch to tell."""
+    def _now(self) -> tuple[Counts, bool, int]:
+        """What a report tells: the counts, whether more jobs wait than free slots, and the
+        slots given back since the last report."""
         self._update_details()
-        self._unreported = False
-        parent = workflow.info().parent
-        if parent is None:  # a follow-up turn runs on its own
-            return None
-        self._last_report = workflow.now()
-        self._report_seq += 1
-        report = ChunkReport(
-            index=self._input.index,
-            seq=self._report_seq,
-            released=released,
-            wants_more=len(self._queue) > max(self._slots - self._running, 0)
-            and not self._cancelled,
-            counts=self._counts(),
-            errors=self._errors,
-            done=done,
-        )
-        self._errors = {}
-        self._reports.append(asyncio.ensure_future(self._deliver(parent.workflow_id, report)))
-        return report.seq
-
-    async def _deliver(self, batch_id: str, report: ChunkReport) -> None:
-        """Signal the batch until it hears the report; a batch that is gone (terminated) stops
-        the chunk. A batch run that took all the signals the server allows it is told again
-        later, and its next run hears the report: `seq` keeps the newest counts, and what the
-        report gave back adds up in any order."""
-        batch = workflow.get_external_workflow_handle(batch_id)
-        while (delivery := await deliver(batch.signal("chunk_report", report))) is Delivery.REFUSED:
-            await workflow.sleep(
-                self._input.report_every_s, summary="the batch took no more signals: tell it again"
-            )
-        if delivery is Delivery.GONE and not report.done:
-            self._cancel("the batch is no longer running")
-
-    async def _report_done(self) -> None:
-        """The last report, sent once every earlier one has arrived: the batch may then close."""
-        if self._report_due is not None:
-            self._report_due.cancel()
-        await asyncio.gather(*self._reports)
-        self._report(released=self._slots, done=True)
-        self._slots = 0
-        await asyncio.gather(*self._reports)
+        free = max(self._slots - self._running, 0)
+        released, self._released = self._released, 0
+        return self._counts(), len(self._queue) > free and not self._cancelled, released
 
     def _cancel(self, reason: str) -> None:
         if self._cancelled:
             return
         self._cancel_reason = reason
-        self._publish_gate()
         for job in self._jobs:
             if not job.done() and not job.cancelling():
                 job.cancel()
@@ -564,8 +401,6 @@ class ChunkWorkflow:
     def _cancelled(self) -> bool:
         return self._cancel_reason is not None
 
-    # ------------------------------------------------------------ progress
-
     def _counts(self) -> Counts:
         claim = self._input.claim
         if not self._loaded and claim is not None:  # its jobs not read yet: all pending
@@ -574,28 +409,5 @@ class ChunkWorkflow:
 
     def _update_details(self) -> None:
         """Keep the Web UI's current details in step with the chunk."""
-        c = self._counts()
         state = "cancelling" if self._cancelled else "paused" if self._paused else "running"
-        workflow.set_current_details(
-            f"**{c.done}/{c.total} jobs done** ({state})\n\n"
-            f"- running: {c.running}, live machines: {c.live_machines}, slots: {self._slots}\n"
-            f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
-            f"cancelled: {c.cancelled}"
-        )
-
-
-def _is_cancellation(error: BaseException) -> bool:
-    cause: BaseException | None = error
-    while cause is not None:
-        if type(cause).__name__ == "CancelledError":
-            return True
-        cause = cause.__cause__
-    return False
-
-
-def _why(error: BaseException) -> str:
-    """The innermost failure message: what actually went wrong."""
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    return str(cause) or type(cause).__name__
+        workflow.set_current_details(details(self._counts(), state, self._slots, self._results))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from pydantic import Field
 
 from activities.job_models import JobSlice
-from sortie.models import Counts, Followup, JobResult, StrictModel, Tuning
+from activities.machine_models import CollectResultInput, FinishJobInput, WaitMachineInput
+from sortie.models import Counts, Followup, JobResult, JobState, MachineRef, StrictModel, Tuning
 from sortie.spec import Job, app_for
 
 
@@ -26,8 +29,6 @@ class ChunkInput(StrictModel):
     slots: int
     paused: bool = False
     budgeted: bool = False
-    paced: bool = False
-    """Creates are paced by Temporal on each app's queue: no hand-over creates beside it."""
     guarded: bool = False
     """The batch has a failure limit: a failed job's slot goes back to it to be judged."""
     report_every_s: float = Field(default=5.0, gt=0)
@@ -42,11 +43,12 @@ class ChunkInput(StrictModel):
 
 
 class ChunkOutput(StrictModel):
-    """A finished chunk: every job's result in input order."""
+    """A finished chunk: its counts, and where its rows (every job's, in input order) are kept
+    in the object store: they stay off its batch's history."""
 
     index: int
     counts: Counts
-    results: list[JobResult]
+    rows: str
 
 
 class ChunkReport(StrictModel):
@@ -73,3 +75,50 @@ class SlotGrant(StrictModel):
     give_back: int = Field(default=0, ge=0)
     heard: int = Field(default=0, ge=0)
     """The newest report with storm errors the batch has judged (and paused for, if it must)."""
+
+
+def finish_input(
+    chunk: ChunkInput, job: Job, machine: MachineRef, attempt: int, result: JobResult, now: datetime
+) -> FinishJobInput:
+    """What `finish_job` needs: the job's deadlines from `now`, and what to collect."""
+    tuning = chunk.tuning
+    return FinishJobInput(
+        wait=WaitMachineInput(
+            machine=machine,
+            job_id=job.id,
+            deadline=now + timedelta(seconds=job.timeout_s),
+            boot_deadline=now + timedelta(seconds=job.boot_timeout_s),
+            heartbeat_every_s=tuning.heartbeat_every_s,
+        ),
+        collect=CollectResultInput(
+            machine=machine,
+            job_id=job.id,
+            secrets=job.secrets,
+            tail_lines=tuning.log_tail_lines,
+            tail_bytes=tuning.log_tail_bytes,
+            batch_id=chunk.batch_id,
+            prompt_job=job.prompt is not None,
+            turn=result.turn,
+            attempt=attempt,
+            credential=result.credential,
+            log_tail=job.log_tail,
+            json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
+        ),
+    )
+
+
+UNDER_WAY = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
+
+
+def details(counts: Counts, state: str, slots: int, results: list[JobResult]) -> str:
+    """A chunk's current details in the Web UI: its counts, and the jobs that did not succeed
+    (its rows themselves are in the object store once it closed)."""
+    c = counts
+    missed = [r for r in results if r.state not in (*UNDER_WAY, JobState.SUCCEEDED)]
+    return (
+        f"**{c.done}/{c.total} jobs done** ({state})\n\n"
+        f"- running: {c.running}, live machines: {c.live_machines}, slots: {slots}\n"
+        f"- succeeded: {c.succeeded}, failed: {c.failed}, timed out: {c.timed_out}, "
+        f"cancelled: {c.cancelled}\n"
+        + "".join(f"- {r.job_id}: {r.state.value}, {(r.error or '')[:200]}\n" for r in missed[:20])
+    )

@@ -21,8 +21,14 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from sortie.models import Counts
     from sortie.outcomes import seconds
-    from sortie.spec import FAILURE_RATE_AFTER, StormGuard
-    from workflows.batch_models import FailureLimit, FailureLimitRequest, StormMark
+    from sortie.spec import FAILURE_RATE_AFTER, OnTooManyFailures, StormGuard
+    from workflows.batch_models import (
+        BatchState,
+        FailureLimit,
+        FailureLimitRequest,
+        PausedBy,
+        StormMark,
+    )
 
 STORM_KINDS = {
     "rate_limit": "Claude rate limit",
@@ -43,6 +49,69 @@ _CREATE_KINDS = {
 }
 """A create's failure by its ApplicationError type: activities/machines.py names Fly's errors
 after their class; a pool that has no credential left to hand out refuses as CredentialsResting."""
+
+
+def check_budget(state: BatchState) -> None:
+    """Pause the batch once what its jobs spent reaches its budget."""
+    spent = state.counts().cost_usd
+    if state.max_cost_usd is None or state.over_budget or spent < state.max_cost_usd:
+        return
+    state.over_budget = True
+    pause(state, f"budget reached: spent ${spent:.4f} of ${state.max_cost_usd:.2f}")
+
+
+def check_failures(state: BatchState) -> str | None:
+    """Pause the batch once its failed jobs reach its limit; why to cancel it, if the limit
+    says to cancel instead."""
+    limit = state.failure_limit
+    if not limit.is_set or state.cancelled or state.paused_by is PausedBy.FAILURES:
+        return None
+    why = too_many_failures(limit, state.counts())
+    if why is None:
+        return None
+    if limit.on_too_many is OnTooManyFailures.CANCEL:
+        return f"too many failures: {why}"
+    if not state.paused:
+        pause(state, failed(why), PausedBy.FAILURES)
+    return None
+
+
+def check_storm(state: BatchState, guard: StormGuard | None, errors: dict[str, int]) -> None:
+    """Pause the batch when storm errors pass their threshold within the window."""
+    if guard is None or not errors or state.paused or state.cancelled:
+        return
+    now = workflow.now()
+    marks = [StormMark(at=now, kind=kind, count=n) for kind, n in sorted(errors.items())]
+    state.storm_marks = recent([*state.storm_marks, *marks], now, guard)
+    why = storm(state.storm_marks, guard)
+    if why is None:
+        return
+    if guard.auto_resume_after is not None:
+        state.auto_resume_at = now + timedelta(seconds=guard.auto_resume_after)
+        why += f"; resumes by itself at {state.auto_resume_at:%H:%M:%S} UTC, or send resume"
+    else:
+        why += "; send resume to continue"
+    pause(state, why, PausedBy.STORM)
+
+
+def pause(state: BatchState, reason: str, by: PausedBy | None = None) -> None:
+    """The batch pauses on its own: the budget is spent, or a guard tripped."""
+    state.paused, state.pause_reason, state.paused_by = True, reason, by
+    if by is not PausedBy.STORM:
+        state.auto_resume_at = None
+
+
+def resume(state: BatchState) -> None:
+    """Resume: the storm window starts afresh; the budget and the failure limit still hold
+    (the batch checks them again)."""
+    state.paused, state.pause_reason, state.paused_by = False, None, None
+    state.over_budget = False
+    state.storm_marks, state.auto_resume_at = [], None
+
+
+def failed(why: str) -> str:
+    """The pause reason of a batch whose failures reached their limit."""
+    return f"too many failures: {why}; raise it with set-failure-limit, then resume"
 
 
 def create_failure_kind(error: BaseException) -> str | None:
@@ -87,6 +156,27 @@ def changed_limit(limit: FailureLimit, request: FailureLimitRequest) -> FailureL
     if request.on_too_many_failures is not None:
         update["on_too_many"] = request.on_too_many_failures
     return limit.model_copy(update=update)
+
+
+def details(state: BatchState, apps: list[str]) -> str:
+    """The batch's current details in the Web UI: counts, machines, money, guards, chunks."""
+    c, status = state.counts(), state.status()
+    if state.paused and state.pause_reason:
+        status += f" ({state.pause_reason})"
+    elif state.cancelled and state.cancel_reason:
+        status += f" ({state.cancel_reason})"
+    budget = f" of ${state.max_cost_usd:.2f}" if state.max_cost_usd else ""
+    limit = limit_text(state.failure_limit)
+    return (
+        f"**{c.done}/{c.total} jobs done**, {status}\n\n"
+        f"- machines: {c.live_machines} live, cap {state.max_machines}, Fly {', '.join(apps)}\n"
+        f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
+        f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
+        f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled"
+        + (f" (limit: {limit})" if limit else "")
+        + f"\n- chunks: {len(state.running())} running, {len(state.pending)} not started, "
+        f"{len(state.chunks)} in all"
+    )
 
 
 def limit_text(limit: FailureLimit) -> str | None:

@@ -27,3 +27,6 @@ DESTROY_RETRY = RetryPolicy(
 CREATE_DEADLINE = timedelta(minutes=30)
 COLLECT_DEADLINE = timedelta(minutes=10)
 WAIT_MARGIN = timedelta(minutes=5)
+
+# A closed chunk's rows are its only record: writing them to the store never gives up either.
+STORE_RETRY = DESTROY_RETRY

@@ -11,7 +11,16 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from temporalio import workflow
+
 T = TypeVar("T")
+
+
+def evicting() -> bool:
+    """Whether the workflow's main task was cancelled because the worker drops the workflow
+    from its cache, not because anyone cancelled the workflow: then nothing more may be started
+    (a new command ends the teardown, leaving other tasks never run), and replay redoes it all."""
+    return workflow.cancellation_reason() is None
 
 
 async def settle(step: Awaitable[T]) -> tuple[asyncio.Future[T], bool]:

@@ -7,9 +7,8 @@ end in the `failed` state), ERROR_KIND (the Claude error a prompt job's first ER
 attempts end with, every one when unset), CREATE_ERROR (the ApplicationError type its creates
 fail with for good, e.g. FlyRateLimited).
 With `fill_to`, no job finishes before that many machines exist at once: a test of the cap then
-proves it is reached without depending on timing. Like the real activities, `finish_job` hands
-the slot to the chunk's next job when the chunk's `may_start` memo allows it (counted in
-`handed_over`), and a wait ends as soon as its machine is destroyed.
+proves it is reached without depending on timing. Like the real activities, a wait ends as
+soon as its machine is destroyed.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from temporalio.worker import Worker
 
 from activities.jobs import JobActivities
 from activities.machine_models import (
-    MAY_START_MEMO,
     CheckBatchInput,
     CheckBatchOutput,
     CollectResultInput,
@@ -36,7 +34,6 @@ from activities.machine_models import (
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
-    DestroyNamedMachineInput,
     FinishJobInput,
     FinishJobOutput,
     JobAnswer,
@@ -48,7 +45,6 @@ from activities.machine_models import (
 )
 from sortie import batches
 from sortie.models import MachineRef, Tuning
-from sortie.outcomes import hands_on
 from sortie.pacing import CreateQueues
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
@@ -79,7 +75,6 @@ class Fleet:
     destroyed: set[str] = field(default_factory=set)
     machines: set[str] = field(default_factory=set)
     gone: dict[str, asyncio.Event] = field(default_factory=dict)
-    handed_over: int = 0
 
     @activity.defn(name="check_batch")
     async def check_batch(self, input: CheckBatchInput) -> CheckBatchOutput:
@@ -141,22 +136,7 @@ class Fleet:
         if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
             collected = await self._collect(input.collect)
         self._destroy(input.wait.machine)
-        finished = FinishJobOutput(waited=waited, collected=collected, destroyed=True)
-        hand_on = hands_on(waited, collected, only_after_success=input.only_after_success)
-        if input.next is not None and hand_on:
-            chunk = await activity.client().get_workflow_handle(input.next.owner).describe()
-            if await chunk.memo_value(MAY_START_MEMO, True):
-                self.handed_over += 1
-                finished.next = await self.create_machine(input.next)
-        return finished
-
-    @activity.defn(name="destroy_named_machine")
-    async def destroy_named_machine(self, input: DestroyNamedMachineInput) -> DestroyMachineOutput:
-        machine_id = f"m-{input.job_id}-a{input.attempt}"
-        if machine_id not in self.machines:
-            return DestroyMachineOutput(destroyed=False, already_gone=True)
-        gone = self._destroy(MachineRef(app=input.app, machine_id=machine_id, name=machine_id))
-        return DestroyMachineOutput(destroyed=not gone, already_gone=gone)
+        return FinishJobOutput(waited=waited, collected=collected, destroyed=True)
 
     @activity.defn(name="release_sessions")
     async def release_sessions(self, input: ReleaseSessionsInput) -> ReleaseSessionsOutput:
@@ -188,7 +168,6 @@ class Fleet:
             self.create_machine,
             self.finish_job,
             self.destroy_machine,
-            self.destroy_named_machine,
             self.release_sessions,
         ]
 
@@ -216,18 +195,20 @@ def fleet_worker(
     apps: tuple[str, ...] = ("fleet",),
     rate: float | None = None,
     workflows: tuple[type, ...] = (),
+    cached: int = 1000,
 ) -> SortieWorker:
     """The real batch and chunk workflows (and `workflows`), with the fleet's activities (and
     the real reading of a chunk's jobs from the object store); its creates on the apps' create
-    queues, as a real worker polls them."""
+    queues, as a real worker polls them; `cached`: workflows kept in its cache, the rest evicted."""
     [create] = [a for a in activities if getattr(a, "__name__", "") == "create_machine"]
-    loads = JobActivities(settings.blob_store()).load_jobs
+    jobs = JobActivities(settings.blob_store())
     main = Worker(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow, CreatePacerWorkflow, *workflows],
-        activities=[*(a for a in activities if a is not create), loads],
+        activities=[*(a for a in activities if a is not create), jobs.load_jobs, jobs.store_rows],
         max_concurrent_activities=1000,
+        max_cached_workflows=cached,
     )
     creates = CreateQueues(temporal.client, settings.task_queue, create, rate=rate, apps=apps)
     return SortieWorker(main, creates)

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 from temporalio.testing import WorkflowEnvironment
 
-from activities.machine_models import DestroyMachineInput, DestroyNamedMachineInput
+from activities.machine_models import DestroyMachineInput, WaitMachineInput
 from sortie import batches
 from sortie.logs import (
     JsonFormatter,
@@ -101,8 +102,10 @@ class _Outer(BaseModel):
 def test_ids_come_from_the_activity_input_at_any_depth() -> None:
     ref = MachineRef(app="a", machine_id="m-9", name="n")
     assert ids_of(DestroyMachineInput(machine=ref)) == {"machine_id": "m-9"}
-    named = DestroyNamedMachineInput(app="a", batch_id="b-1", job_id="j", attempt=2)
-    assert ids_of(named) == {"batch_id": "b-1", "job_id": "j", "attempt": 2}
+    wait = WaitMachineInput(
+        machine=ref, job_id="j", deadline=datetime.now(UTC), boot_deadline=datetime.now(UTC)
+    )
+    assert ids_of(wait) == {"job_id": "j", "machine_id": "m-9"}
     outer = _Outer(job_id="j2", inner=_Inner(machine_id="m-2"))
     assert ids_of(outer) == {"job_id": "j2", "attempt": 4, "machine_id": "m-2"}
 

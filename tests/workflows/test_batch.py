@@ -29,7 +29,7 @@ from tests.helpers.history import assert_no_create_while_paused, every_run
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
 from tests.helpers.waiting import eventually
-from workflows.batch import REPORTS_PER_S, BatchWorkflow, report_every
+from workflows.batch import BatchWorkflow
 from workflows.batch_models import (
     BatchOutput,
     CancelRequest,
@@ -38,6 +38,7 @@ from workflows.batch_models import (
     PauseRequest,
 )
 from workflows.chunk_models import ChunkInput
+from workflows.reports import REPORTS_PER_S, report_every
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
 
@@ -325,7 +326,7 @@ async def test_lowering_max_machines_takes_effect_as_jobs_finish(
     await eventually(lambda: len(live(sortie, app_name)) == 6, what="six live machines")
 
     await handle.signal(BatchWorkflow.set_max_machines, MaxMachinesRequest(max_machines=2))
-    # Live machines dip between a destroy and the create of a slot handed over, so "at most two
+    # Live machines dip between a destroy and the create of a slot's next job, so "at most two
     # alive" alone does not show the cap took effect: the chunks must also hold two slots.
     await eventually(
         lambda: _holding_at_most(sortie, batch_id, app_name, 2),

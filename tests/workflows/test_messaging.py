@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+from sortie import batches
 from sortie.codec import data_converter
 from sortie.models import JobState, Tuning
 from sortie.settings import Settings
@@ -28,7 +29,7 @@ from tests.helpers.fleet import Fleet, fleet_worker
 from tests.helpers.stack import TEMPORAL_CLI
 from tests.helpers.waiting import eventually
 from workflows.chunk import ChunkWorkflow
-from workflows.chunk_models import ChunkInput, ChunkOutput, ChunkReport
+from workflows.chunk_models import ChunkInput, ChunkReport
 
 SIGNALS_PER_RUN = 3
 
@@ -139,11 +140,9 @@ async def test_a_report_the_batch_run_refused_reaches_its_next_run(
         await eventually(lambda: refused_reports(limited.client, chunk_id), what="a report refused")
         await handle.execute_update(ReportListener.continue_as_new)
         heard = await handle.result()
-        output: ChunkOutput = await limited.client.get_workflow_handle(
-            chunk_id, result_type=ChunkOutput
-        ).result()
+        rows = await batches.turn_rows(limited.client, chunk_id, settings.blob_store())
 
     # The chunk went on with every job after the refusal, and the next run heard its end.
-    assert [r.state for r in output.results] == [JobState.SUCCEEDED] * len(jobs)
+    assert [r.state for r in rows] == [JobState.SUCCEEDED] * len(jobs)
     assert heard and heard[-1].done and heard[-1].counts.succeeded == len(jobs)
     assert fleet.live == 0

@@ -7,16 +7,20 @@ jobs run in seconds and the cap, slot reuse and continue-as-new can be checked e
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections import Counter
+from typing import Any
 
+import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
 from sortie.models import Tuning
 from sortie.settings import Settings
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker, run_fleet_batch
-from tests.helpers.history import every_run
+from tests.helpers.history import every_run, payload_sizes
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import MaxMachinesRequest
@@ -104,21 +108,100 @@ async def test_no_batch_run_outgrows_its_bytes_when_its_chunks_finish_together(
     temporal: WorkflowEnvironment,
 ) -> None:
     # Ten chunks of sixty jobs with a slot per job all finish at once; each chunk's result
-    # lands in the batch run that started it, if that run is still open. A run starts no more
-    # chunks than it can take the results of, so none passes its bound of bytes (here 60 KB).
+    # lands in the batch run that started it. A chunk leaves its rows in the object store and
+    # returns its counts and their key, so no result brings rows into the batch's history: the
+    # 600 rows (some 380 KB) once had to be held off by a bound of bytes.
     fleet = Fleet()
     settings = Settings(task_queue=f"bytes-{uuid.uuid4().hex}")
     spec = fleet_spec([{"id": f"j{i:04d}"} for i in range(600)], max_machines=600, chunk_size=60)
-    bound = 60_000
     async with fleet_worker(temporal, settings, fleet.activities):
-        submitted = await batches.submit(
-            temporal.client, settings, spec, tuning=Tuning(run_bytes=bound)
-        )
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
         handle = batches.batch_handle(temporal.client, submitted.batch_id)
         output = await handle.result()
     assert output.succeeded == 600 and fleet.live == 0
     runs = await every_run(temporal.client, submitted.batch_id)
+    completed = EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED
+    results = [
+        size
+        for run in runs
+        for event in run.events
+        if event.event_type == completed
+        for size in payload_sizes(event)
+    ]
+    assert results and max(results) < 1_000, results
     sizes = [sum(event.ByteSize() for event in run.events) for run in runs]
-    # A run takes one chunk at least, and what arrives while it continues-as-new (reports,
-    # their tasks) may pass its bound by a little.
-    assert len(sizes) > 1 and max(sizes) <= bound + 15_000, sorted(sizes)
+    assert max(sizes) < 200_000, sorted(sizes)
+    # The batch is closed and no worker runs: its rows are read from the store alone.
+    report = await batches.results(temporal.client, submitted.batch_id)
+    assert [r.job_id for r in report.results] == [f"j{i:04d}" for i in range(600)]
+
+
+async def test_workflows_evicted_at_every_turn_leave_no_warning(
+    temporal: WorkflowEnvironment, recwarn: pytest.WarningsRecorder
+) -> None:
+    # A worker that caches two workflows evicts the batch and its chunks over and over, mid-run:
+    # each is torn down with its tasks cancelled, and none may leave a coroutine never awaited.
+    fleet = Fleet()
+    settings = Settings(task_queue=f"evict-{uuid.uuid4().hex}")
+    spec = fleet_spec([{"id": f"j{i:03d}"} for i in range(60)], max_machines=12, chunk_size=6)
+    async with fleet_worker(temporal, settings, fleet.activities, cached=2):
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
+        output = await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    gc.collect()
+    assert output.succeeded == 60 and fleet.live == 0
+    assert [f"{w.message} {w.filename}:{w.lineno}" for w in recwarn] == []
+
+
+@pytest.mark.parametrize("steer", ["pause", "cancel"])
+async def test_pause_and_cancel_reach_started_chunks_while_other_starts_are_in_flight(
+    temporal: WorkflowEnvironment, steer: str
+) -> None:
+    # 150 chunks of one long job each start in passes of 50. Steered as soon as the first
+    # start has landed, the batch tells the chunks already started at once, before the rest
+    # of the pass has landed: it never waits for a pass of starts to tell anyone anything.
+    fleet = Fleet()
+    settings = Settings(task_queue=f"steer-{uuid.uuid4().hex}")
+    spec = fleet_spec(
+        [{"id": f"j{i:03d}"} for i in range(150)], max_machines=150, chunk_size=1, seconds="600"
+    )
+    started = EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED
+    told = EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+    async with fleet_worker(temporal, settings, fleet.activities):
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+
+        async def first_start() -> bool:
+            history = await handle.fetch_history()
+            return any(event.event_type == started for event in history.events)
+
+        await eventually(first_start, every=0.01, what="a chunk started")
+
+        async def told_to(name: str) -> bool:
+            history = await handle.fetch_history()
+            return any(
+                e.signal_external_workflow_execution_initiated_event_attributes.signal_name == name
+                for e in history.events
+                if e.event_type == told
+            )
+
+        await handle.signal(getattr(BatchWorkflow, steer))
+        await eventually(lambda: told_to(steer), what=f"chunks told to {steer}")
+        if steer == "pause":
+            await handle.signal(BatchWorkflow.cancel)
+        output = await handle.result()
+    assert output.cancelled == 150 and fleet.live == 0
+    runs = await every_run(temporal.client, submitted.batch_id)
+
+    def told_before_a_start(events: list[Any]) -> bool:
+        telling = [
+            i
+            for i, e in enumerate(events)
+            if e.event_type == told
+            and e.signal_external_workflow_execution_initiated_event_attributes.signal_name == steer
+        ]
+        starts = [i for i, e in enumerate(events) if e.event_type == started]
+        return bool(telling and starts) and min(telling) < max(starts)
+
+    assert any(told_before_a_start(list(run.events)) for run in runs), (
+        "the chunks were told only once every start had landed"
+    )

@@ -1,0 +1,119 @@
+"""How a chunk reports to its batch: numbered reports by signal, never waited for on the way.
+
+A chunk reports at once when the batch must act on it (slots it asked back, a job to judge),
+and otherwise at most every `report_every_s`, with the slots it has no more use for: the batch
+sets that so all its chunks together send it REPORTS_PER_S reports a second at most. A report
+the batch's run refused (it took all the signals the server allows one run) is sent again
+later, and the next run hears it: `seq` keeps the newest counts, and what a report gives back
+adds up in any order. A batch that is gone (terminated) cannot be told anything: the chunk
+stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from sortie.models import Counts
+    from workflows.chunk_models import ChunkReport
+    from workflows.messaging import Delivery, deliver
+
+REPORTS_PER_S = 4.0
+"""Progress reports a batch takes from all its chunks together, per second at most. Every
+report takes the batch's lock on the server; at about 20 a second a dev server throttled the
+batch as a busy workflow (BusyWorkflow), its chunk starts waited 10 s each in the server's
+queue and the batch never got to continue-as-new (docs/benchmarks.md, 20,000 jobs)."""
+REPORT_EVERY_S = 5.0
+"""A chunk's progress reaches its batch at most this late when few chunks run."""
+
+
+def report_every(max_machines: int, chunks: int) -> float:
+    """Seconds between a chunk's progress reports: the chunks that may run at once share
+    REPORTS_PER_S between them."""
+    return max(REPORT_EVERY_S, min(max_machines, chunks) / REPORTS_PER_S)
+
+
+class Reporter:
+    """A chunk's reports to its batch: `now` asks the chunk for its counts, whether it wants
+    more slots, and the slots it gives back; `gone` stops the chunk when the batch is gone."""
+
+    def __init__(
+        self,
+        index: int,
+        every_s: float,
+        now: Callable[[], tuple[Counts, bool, int]],
+        gone: Callable[[str], None],
+    ) -> None:
+        self._index, self._every = index, timedelta(seconds=every_s)
+        self._now, self._gone = now, gone
+        self._seq = 0
+        self._last = workflow.now()
+        self._sends: list[asyncio.Task[None]] = []
+        self._due: asyncio.Task[None] | None = None
+        self._unreported = False
+        self.errors: dict[str, int] = {}
+        """Attempts that ended with a storm error since the last report, by kind."""
+
+    def send(self, done: bool = False) -> int | None:
+        """Tell the batch how far the chunk is, without waiting for delivery; the report's
+        number, or None when there is no batch to tell (a follow-up turn runs alone)."""
+        self._unreported = False
+        parent = workflow.info().parent
+        if parent is None:
+            return None
+        self._last = workflow.now()
+        self._seq += 1
+        counts, wants_more, released = self._now()
+        report = ChunkReport(
+            index=self._index,
+            seq=self._seq,
+            released=released,
+            wants_more=wants_more,
+            counts=counts,
+            errors=self.errors,
+            done=done,
+        )
+        self.errors = {}
+        self._sends.append(asyncio.create_task(self._deliver(parent.workflow_id, report)))
+        return report.seq
+
+    def due(self) -> bool:
+        """Whether `report_every_s` has passed since the last report."""
+        return workflow.now() >= self._last + self._every
+
+    def soon(self) -> None:
+        """Report once `report_every_s` has passed since the last report, so progress reaches
+        the batch that late at most even when no slot frees."""
+        self._unreported = True
+        if self._due is None or self._due.done():
+            self._due = asyncio.create_task(self._send_when_due())
+
+    async def close(self) -> None:
+        """The last report, sent once every earlier one has arrived: the batch may then close."""
+        if self._due is not None:
+            self._due.cancel()
+        await asyncio.gather(*self._sends)
+        self.send(done=True)
+        await asyncio.gather(*self._sends)
+
+    async def _send_when_due(self) -> None:
+        while self._unreported:
+            wait = self._last + self._every - workflow.now()
+            if wait > timedelta(0):
+                await workflow.sleep(wait, summary="report progress to the batch")
+            else:
+                self.send()
+
+    async def _deliver(self, batch_id: str, report: ChunkReport) -> None:
+        """Signal the batch until it hears the report, or stop the chunk if it is gone."""
+        batch = workflow.get_external_workflow_handle(batch_id)
+        while (delivery := await deliver(batch.signal("chunk_report", report))) is Delivery.REFUSED:
+            await workflow.sleep(
+                self._every, summary="the batch took no more signals: tell it again"
+            )
+        if delivery is Delivery.GONE and not report.done:
+            self._gone("the batch is no longer running")

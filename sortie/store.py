@@ -313,6 +313,11 @@ def report_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.json"
 
 
+def finished_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
+    """What `finish_job` learned of an attempt's machine before destroying it; swept as reports."""
+    return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.finished.json"
+
+
 SESSIONS = "sessions"
 
 

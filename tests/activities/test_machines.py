@@ -20,7 +20,7 @@ from activities.machine_models import (
     WaitOutcome,
 )
 from activities.machines import MachineActivities
-from fly import FlyClient, InitConfig, MachineConfig, RestartConfig
+from fly import FlyClient, FlyNotFound, InitConfig, MachineConfig, RestartConfig
 from sortie.models import MachineRef
 from sortie.secrets import SecretStore
 from sortie.settings import Settings
@@ -79,7 +79,7 @@ async def test_a_finish_retried_after_its_own_destroy_knows_the_job_ended(
     activities = MachineActivities(fly_client, SecretStore({}), Settings().blob_store())
     first = await ActivityEnvironment().run(activities.finish_job, _finish_input(ref, later))
     assert first.destroyed
-    with pytest.raises(Exception, match="404|not found"):
+    with pytest.raises(FlyNotFound):
         await fly_client.get_machine(app_name, machine.id)
 
     retry = ActivityEnvironment()

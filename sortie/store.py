@@ -256,7 +256,7 @@ class ObjectStore:
             task = self._clients[key] = key[0].create_task(self._open(public=key[1]))
         try:
             _, client = await asyncio.shield(task)
-        except BaseException:
+        except BaseException:  # raised as it came; a failed open is tried afresh next time
             if task.done():
                 self._clients.pop(key, None)
             raise

@@ -77,6 +77,7 @@ def run_agent(
     (base / "root").mkdir(exist_ok=True)
     full_env = {
         "PATH": path if path is not None else f"{STANDIN_BIN}{os.pathsep}{SYSTEM_PATH}",
+        "PYTHONPATH": str(ROOT),  # this tree's agent, wherever the package was installed from
         "HOME": str(base / "home"),
         "LOCALFLY_ROOT": str(base / "root"),
         "LANG": "C.UTF-8",

@@ -137,14 +137,18 @@ def _last_line(out: str) -> str:
 def main() -> int:
     """Run every mutation (or those whose row or name contains --only) and print the table."""
     parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__)
-    parser.add_argument("--only", help="run the mutations whose row or name contains this")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run the mutations whose row or name contains this (may be repeated)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="mutations at once (default 2)")
     parser.add_argument("--check", action="store_true", help="only check every old text is found")
     args = parser.parse_args()
     console = Console(highlight=False, width=200)
     mutations = load(MUTATIONS)
     if args.only:
-        mutations = [m for m in mutations if args.only in m.row or args.only in m.name]
+        mutations = [m for m in mutations if any(o in m.row or o in m.name for o in args.only)]
     if args.check:
         problems = [(m, why) for m in mutations if (why := stale(m, ROOT))]
         for m, why in problems:

@@ -453,6 +453,7 @@ def _run_raw(
     (base / "root").mkdir()
     full_env = {
         "PATH": f"{STANDIN_BIN}{os.pathsep}{SYSTEM_PATH}",
+        "PYTHONPATH": str(ROOT),
         "HOME": str(base / "home"),
         "LOCALFLY_ROOT": str(base / "root"),
         "LANG": "C.UTF-8",

@@ -163,6 +163,7 @@ def main() -> int:
             for done in pool.map(lambda m: run(m, base, Path(scratch)), mutations):
                 mark = "[green]caught[/]" if done.caught else f"[red]{done.verdict}[/]"
                 console.print(f"{mark} {done.seconds:6.1f}s  {done.row} / {done.name}")
+                console.print(f"         {done.detail}", style="dim", overflow="ellipsis")
     table = Table(title="Every guarantee removed on purpose, and its tests seen red")
     for column in ("row", "mutation", "tests", "caught", "seconds"):
         table.add_column(column, overflow="fold")

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install system-deps lint test test-fast demo bench clean ui histories prove
+.PHONY: install system-deps lint test test-fast demo up down bench clean ui histories prove
 
 install: $(STAMP)
 
@@ -44,6 +44,15 @@ prove: install system-deps
 
 demo: install
 	$(PY) -m sortie.demo
+
+# The local stack in the background for batches of your own: the dev server with its Web UI,
+# localfly, the S3 store and a worker, under .state/ (idempotent). `make down` stops what it
+# started and keeps the history for `make ui`.
+up: install
+	$(PY) -m sortie.local_stack up
+
+down: install
+	$(PY) -m sortie.local_stack down
 
 bench: install
 	$(PY) -m bench --standard

@@ -2,6 +2,7 @@
 
     python starter.py submit FILE [--wait] [--json] [--new]
     python starter.py validate FILE
+    python starter.py doctor [FILE] [--json]
     python starter.py watch ID
     python starter.py status ID [--json]
     python starter.py pause|resume|cancel ID [--reason TEXT]
@@ -12,6 +13,7 @@
     python starter.py retry ID [--failed] [--timed-out] [--cancelled] [--jobs a,b,...]
         [--continue-sessions [PROMPT]] [--wait] [--json]
     python starter.py logs ID JOB [--follow]
+    python starter.py diff ID JOB [--repo PATH] [--out FILE]
     python starter.py set-failure-limit ID [--max-failures N] [--max-failure-rate P%]
         [--on-too-many-failures pause|cancel]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
@@ -46,7 +48,7 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reaper_models import ReapInput
-from sortie import batches, export, machine_logs, reaping, render
+from sortie import batches, changes, doctor, export, failures, machine_logs, reaping, render
 from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
@@ -174,6 +176,10 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     return await _print_results(client, settings, args.id, as_json=False)
 
 
+TOP_CAUSES = 3
+"""Causes of failure `status` shows; `results ID --format md` lists them all."""
+
+
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     _ui(settings, args.id, args.json)
@@ -191,10 +197,16 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         for batch, state, parent in await batches.retries_of(client, args.id)
         if parent == args.id
     ]
+    counts = progress.counts
+    causes: list[failures.Cause] = []
+    if counts.failed or counts.timed_out or counts.cancelled:
+        rows = batches.iter_results(client, args.id, store=settings.blob_store())
+        causes = (await failures.Summary.read(rows)).causes()
     if args.json:
         document = progress.model_dump(mode="json")
         document["retry_of"] = retry_of
         document["retried_by"] = [{"batch_id": b, "status": st} for b, st in retried_by]
+        document["causes"] = [cause.model_dump() for cause in causes[:TOP_CAUSES]]
         print(json.dumps(document, indent=2))
         return 0
     if sys.stdout.isatty():
@@ -202,6 +214,9 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             bars.update(batches.view(progress))
     else:
         print("\n".join(render.progress_lines(batches.view(progress))))
+    if causes:
+        print("top causes of failure:")
+        print("\n".join(f"  {line}" for line in failures.cause_lines(causes, TOP_CAUSES)))
     if retry_of:
         print(f"retry of {retry_of}: {settings.workflow_url(retry_of)}")
     for batch, state in retried_by:
@@ -320,6 +335,17 @@ async def _print_turn(settings: Settings, turn: JobResult) -> None:
         print(f"session: {turn.session_id}")
     if turn.error:
         print(f"error: {turn.error}")
+    for number, step in enumerate(turn.iterations, 1):
+        print(
+            f"iteration {number}: claude exited {step.claude_exit}, verify exited "
+            f"{'-' if step.verify_exit is None else step.verify_exit}, {step.seconds:.1f}s, "
+            f"${step.cost_usd:.4f}"
+        )
+    if turn.changes is not None:
+        print(f"changes: {turn.changes.describe()} (python starter.py diff ID {turn.job_id})")
+    if turn.pushed is not None:
+        commits = ", ".join(f"{path} {sha[:12]}" for path, sha in turn.pushed.commits.items())
+        print(f"pushed: {turn.pushed.branch} ({commits})")
     answer = await batches.full_answer(settings, turn)
     if answer is None and turn.result_ref:
         answer = f"{turn.result}\n[… {turn.result_chars} characters in all; the rest was at "
@@ -419,6 +445,37 @@ async def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
+    """A prompt job's change to one repository as a patch `git apply` takes: printed, or
+    written to --out."""
+    client = await connect(settings)
+    store = settings.blob_store()
+    try:
+        _, result = await batches.find_job(client, args.id, args.job, store=store)
+        found = await changes.job_patch(store, result, args.repo)
+        patch = found.data()
+    except (batches.UnknownJob, changes.ChangesUnavailable) as error:
+        print(error, file=sys.stderr)
+        return 2
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    if args.out is None:
+        sys.stdout.buffer.write(patch)
+        sys.stdout.flush()
+        return 0
+    try:
+        await asyncio.to_thread(Path(args.out).write_bytes, patch)
+    except OSError as error:
+        print(f"cannot write {args.out}: {error.strerror}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote the change of {args.job} to {found.path} (from {found.commit}, {found.files} "
+        f"files +{found.insertions} -{found.deletions}) to {args.out}"
+    )
+    return 0
+
+
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     rows = [
@@ -436,6 +493,14 @@ async def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     """Check a batch file and print its plan or every problem; needs no server."""
     print("\n".join(render.plan_lines(plan(load_batch_file(args.file)))))
     return 0
+
+
+async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    """Check the setup a batch needs, one line a check; exit 2 when something is missing."""
+    spec = load_batch_file(args.file) if args.file else None
+    text, code = doctor.report(await doctor.diagnose(spec), as_json=args.json)
+    print(text)
+    return code
 
 
 async def cmd_analyze(args: argparse.Namespace, settings: Settings) -> int:
@@ -633,6 +698,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a batch file and print its plan (no server)")
     s.add_argument("file")
     s.set_defaults(run=cmd_validate)
+    s = sub.add_parser("doctor", help="check Temporal, workers, the store, Fly and credentials")
+    s.add_argument("file", nargs="?", help="a batch file: also check its apps, images, secrets")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_doctor)
     for name, run in (("watch", cmd_watch), ("status", cmd_status), ("results", cmd_results)):
         s = sub.add_parser(name, help=f"{name} a batch")
         s.add_argument("id")
@@ -720,6 +789,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("job")
     s.add_argument("--follow", "-f", action="store_true", help="until the job ends")
     s.set_defaults(run=cmd_logs)
+    s = sub.add_parser("diff", help="a prompt job's change to a repository, as a patch")
+    s.add_argument("id")
+    s.add_argument("job")
+    s.add_argument("--repo", metavar="PATH", help="the repository's path (when it has several)")
+    s.add_argument("--out", metavar="FILE", help="write the patch to FILE")
+    s.set_defaults(run=cmd_diff)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from sortie.models import Followup, MachineRef, StrictModel
+from sortie.models import Changes, Followup, Iteration, MachineRef, Pushed, StrictModel
 from sortie.spec import Job, LogTail
 
 
@@ -108,6 +108,11 @@ class JobAnswer(StrictModel):
     error_kind: str | None = None
     archive_ref: str | None = None
     commits: dict[str, str] = {}
+    iterations: list[Iteration] = []
+    changes: Changes | None = None
+    pushed: Pushed | None = None
+    failure: str | None = None
+    """The agent's own reason the job failed after Claude answered: verify, push (scrubbed)."""
 
 
 class CollectResultOutput(StrictModel):

@@ -66,7 +66,7 @@ from fly import (
     RestartConfig,
     WaitResult,
 )
-from sortie.claude import PREVIEW_CHARS, AgentReport, job_document
+from sortie.claude import PREVIEW_CHARS, AgentReport, ErrorKind, job_document
 from sortie.credentials import Credential, CredentialsResting, NoCredential
 from sortie.labels import (
     META_ATTEMPT,
@@ -76,7 +76,7 @@ from sortie.labels import (
     machine_metadata,
     machine_name,
 )
-from sortie.models import MachineRef
+from sortie.models import Iteration, MachineRef
 from sortie.outcomes import machine_failure, succeeded
 from sortie.secrets import SecretStore, redact_presigned
 from sortie.spec import LogTail
@@ -84,6 +84,7 @@ from sortie.store import (
     KEEP_UNTIL,
     ObjectStore,
     answer_key,
+    changes_key,
     finished_key,
     log_key,
     report_key,
@@ -99,8 +100,9 @@ RESTORE_PATH = "/sortie/restore.tar.gz"
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-"""The machine's env: presigned URLs for this attempt's report and archive (PUT) and the turn
-before's archive (GET). Secrets: they go to Fly in the create request and nowhere else."""
+CHANGES_URL = "SORTIE_CHANGES_URL"
+"""The machine's env: presigned URLs for this attempt's report, archive and changes (PUT) and
+the turn before's archive (GET). Secrets: they go to Fly in the create request and nowhere else."""
 URL_SLACK_S = 3600
 """How long a presigned URL outlives the job's own boot and run time: creates queued behind
 Fly's rate limits, a slow upload at the very end."""
@@ -109,6 +111,9 @@ URL_MOST_S = 7 * 24 * 3600
 MAY_START_TIMEOUT = timedelta(seconds=5)
 CALL_TRIES = 4
 """Tries of one Fly call within `finish_job` before a transient error fails the activity."""
+ERROR_CHARS = 800
+"""How much of the agent's own failure (a failing check's output tail) a result keeps: it rides
+in the chunk's history with the row (the agent's whole report stays in the store)."""
 T = TypeVar("T")
 _OUTCOMES = {
     "stopped": WaitOutcome.EXITED,
@@ -475,16 +480,25 @@ class MachineActivities:
         text = self._secrets.scrub(
             (cli.result if cli else None) or report.error or "", input.secrets
         )
+        cost, turns = report.cost()
+        changed = None
+        if report.changes_uploaded and await self._store.metadata(changes_key(*key)) is not None:
+            changed = changes_key(*key)
+        failure = report.error if kind in (ErrorKind.VERIFY_FAILED, ErrorKind.PUSH_FAILED) else None
         answer = JobAnswer(
             session_id=cli.session_id if cli else None,
             result=text[:PREVIEW_CHARS],
             result_chars=len(text),
-            cost_usd=(cli.total_cost_usd or 0.0) if cli else 0.0,
-            num_turns=(cli.num_turns or 0) if cli else 0,
+            cost_usd=cost,
+            num_turns=turns,
             duration_ms=cli.duration_ms if cli else None,
             is_error=kind is not None,
             error_kind=kind.value if kind else None,
             commits={r.url: r.commit for r in report.repos if r.commit},
+            iterations=[Iteration.model_validate(i.model_dump()) for i in report.iterations],
+            changes=report.total_changes(changed),
+            pushed=report.pushed(),
+            failure=self._secrets.scrub(failure, input.secrets)[:ERROR_CHARS] if failure else None,
         )
         if text:  # kept whole off history; the chunk's result carries only the key
             answer.result_ref = await self._store.put(
@@ -600,8 +614,10 @@ class MachineActivities:
             key = (input.batch_id, job.id, turn, input.attempt)
             env[REPORT_URL] = await self._store.presign_put(report_key(*key), valid_s)
             env[ARCHIVE_URL] = await self._store.presign_put(session_key(*key), valid_s)
+            env[CHANGES_URL] = await self._store.presign_put(changes_key(*key), valid_s)
             document = job_document(
                 job,
+                batch_id=input.batch_id,
                 prompt=followup.prompt if followup else None,
                 resume_session_id=followup.session_id if followup else None,
                 restore_file=restore,

@@ -5,9 +5,13 @@ What the orchestrator needs leaves through the object store, never through the l
 session archive (sessions and workspace changes, so a later run can resume) is PUT to
 SORTIE_ARCHIVE_URL, then the report to SORTIE_REPORT_URL, presigned URLs the worker minted for
 this attempt (no credential of the store reaches the machine); a follow-up's archive comes from
-SORTIE_RESTORE_URL. Uploads are retried on network errors, 5xx, 408 and 429; a report that never
-lands fails the job on the worker. A `file://` URL writes a local file (running by hand, tests).
-Exit codes: claude's own, 2 for a bad job, 3 when the workspace cannot be prepared, 127 when
+SORTIE_RESTORE_URL. With `verify` the job checks its own work (agent/verify.py); its changes
+per repository go to SORTIE_CHANGES_URL and, with `push_branch`, to a branch of each
+repository's origin (agent/changes.py). Uploads are retried on network errors, 5xx, 408 and
+429; a report that never lands fails the job on the worker. A `file://` URL writes a local
+file (running by hand, tests).
+Exit codes: claude's own, 2 for a bad job, 3 when the workspace cannot be prepared, 4 when
+`verify` still failed after the last iteration, 5 when a branch could not be pushed, 127 when
 `claude` is not on PATH.
 """
 
@@ -36,10 +40,12 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import IO, Any
 
+from agent import changes, verify
+
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL)
+STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
 SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", *STORE_URLS)
 RESTORE_LIMIT = 256 << 20
@@ -55,6 +61,7 @@ ERROR_LIMIT = 4000
 EXIT_BAD_JOB = 2
 EXIT_SETUP = 3
 EXIT_NO_CLAUDE = 127
+MAX_ITERATIONS = 10
 REDACTED = "[redacted]"
 
 _DIFF = (
@@ -100,6 +107,9 @@ class Job:
     max_cost_usd: float | None
     resume_session_id: str | None
     restore_file: str | None
+    verify: tuple[str, ...] | None = None
+    max_iterations: int = 1
+    push_branch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,10 @@ class Scrubber:
         for value in self._values:
             text = text.replace(value, REDACTED)
         return _USERINFO.sub(rf"\1{REDACTED}@", text)
+
+    def holds(self, data: bytes) -> bool:
+        """Whether `data` holds a secret value as it is (a file Claude wrote one into)."""
+        return any(value.encode() in data for value in self._values)
 
     def value(self, value: Any) -> Any:
         """A JSON-like value with every string scrubbed, so no secret reaches the logs."""
@@ -221,6 +235,15 @@ def parse_job(text: str | None) -> Job:
     max_turns = _optional(data, "max_turns", int)
     max_cost = _optional(data, "max_cost_usd", (int, float))
     restore = _optional(data, "restore_file", str)
+    check = _optional(data, "verify", list)
+    if check is not None and (not check or not all(isinstance(a, str) for a in check)):
+        raise JobError("'verify' must be a non-empty list of strings")
+    iterations = _optional(data, "max_iterations", int) or 1
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise JobError(f"'max_iterations' must be 1 to {MAX_ITERATIONS}, not {iterations}")
+    branch = _optional(data, "push_branch", str)
+    if branch is not None and (not branch or branch.startswith("-") or ".." in branch):
+        raise JobError(f"push_branch {branch!r} is not a valid branch name")
     if restore is not None and ".." in PurePosixPath(restore).parts:
         raise JobError(f"restore_file {restore!r} must not contain '..'")
     return Job(
@@ -233,6 +256,9 @@ def parse_job(text: str | None) -> Job:
         max_cost_usd=None if max_cost is None else float(max_cost),
         resume_session_id=_optional(data, "resume_session_id", str),
         restore_file=restore,
+        verify=tuple(check) if check is not None else None,
+        max_iterations=iterations,
+        push_branch=branch,
     )
 
 
@@ -328,6 +354,7 @@ class Machine:
         claude: dict[str, Any] | None,
         error: str | None,
         session_archive: bool = False,
+        work: Mapping[str, Any] | None = None,
     ) -> int:
         """Upload the report (secrets scrubbed) and hand back the exit code, whatever happened:
         a report that did not land fails the job on the worker."""
@@ -337,6 +364,7 @@ class Machine:
             "error": error,
             "repos": [checkout.describe() for checkout in self.checkouts],
             "session_archive": session_archive,
+            **(work or {}),
         }
         if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
             self.note("report uploaded")
@@ -584,11 +612,49 @@ class Machine:
             return self.fail(EXIT_SETUP, f"workspace setup failed: {error}")
         cwd = self.checkouts[0].dir if len(self.checkouts) == 1 else self.workspace
         self.note(f"job {job.id}: running claude in {cwd}")
-        code, stdout = self.run_claude(claude, job, cwd)
-        output, problem = parse_claude_output(stdout)
+        code, output, problem, work = self.do_work(claude, job, cwd)
         archived = self.send_archive()
         self.say(summary(code, output))
-        return self.result(code, output, problem, archived)
+        return self.result(code, output, problem, archived, work)
+
+    def claude_turn(self, claude: str, job: Job, cwd: Path) -> verify.Turn:
+        """One run of the CLI, its output parsed."""
+        code, stdout = self.run_claude(claude, job, cwd)
+        output, problem = parse_claude_output(stdout)
+        return verify.Turn(code, output, problem)
+
+    def do_work(
+        self, claude: str, job: Job, cwd: Path
+    ) -> tuple[int, dict[str, Any] | None, str | None, dict[str, Any]]:
+        """Claude (and the verify loop), then the changes stored and the branch pushed: the exit
+        code, Claude's last result, the failure and what the report adds about the work."""
+        work: dict[str, Any] = {}
+        failure: str | None = None
+        if job.verify is None:
+            turn = self.claude_turn(claude, job, cwd)
+            finished = turn.ok
+        else:
+            loop = verify.run(self, job, cwd, lambda asked: self.claude_turn(claude, asked, cwd))
+            turn, finished = loop.turn, loop.passed
+            work["iterations"] = loop.iterations
+            work["verify_failed"] = loop.failed
+            if loop.failed:
+                failure = loop.failure
+        code, problem = turn.code, turn.problem
+        if failure is not None:
+            code, problem = verify.EXIT_VERIFY_FAILED, failure
+        work["changes"], work["changes_uploaded"] = changes.capture(self)
+        if job.push_branch and finished:
+            withheld = {repo["path"] for repo in work["changes"] if repo.get("withheld")}
+            work["push"] = changes.push(self, job.push_branch, job.id, withheld)
+            failed = [entry["error"] for entry in work["push"] if entry.get("error")]
+            if failed:
+                code, problem = changes.EXIT_PUSH_FAILED, "; ".join(failed)
+        return code, turn.output, problem, work
+
+    def child_env(self) -> dict[str, str]:
+        """The environment of what the job runs (claude, verify): no presigned URL in it."""
+        return {k: v for k, v in self.env.items() if k not in STORE_URLS}
 
     def send_archive(self) -> bool:
         """Build the session archive on disk and upload it, unless too big or it cannot be."""

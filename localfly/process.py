@@ -76,6 +76,12 @@ class LocalFlyProcess:
         self._admin = httpx.Client(base_url=self.url, timeout=30)
         return self
 
+    @property
+    def pid(self) -> int:
+        """Its process id (the id of its process group too)."""
+        assert self._process is not None, "localfly is not started"
+        return self._process.pid
+
     def _get(self, path: str, **params: str) -> Any:
         assert self._admin is not None, "localfly is not started"
         response = self._admin.get(path, params=params)

@@ -13,7 +13,8 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
-from sortie.spec import Job
+from sortie.models import Changes, Iteration, Pushed
+from sortie.spec import Job, branch_name
 
 PREVIEW_CHARS = 2000
 """How much of an answer history keeps; the whole answer goes to the object store."""
@@ -27,6 +28,10 @@ class ErrorKind(StrEnum):
     MAX_TURNS = "max_turns"
     BUDGET = "budget"
     NO_REPORT = "no_report"
+    VERIFY_FAILED = "verify_failed"
+    """Claude finished, but the job's `verify` check still failed after its last iteration."""
+    PUSH_FAILED = "push_failed"
+    """Claude finished (and the check passed), but the branch could not be pushed."""
     CREDENTIALS_RESTING = RESTING_KIND
     """Not Claude's answer: every credential was resting, so no machine was created."""
     OTHER = "other"
@@ -62,6 +67,34 @@ class RepoCheckout(BaseModel):
     commit: str | None = None
 
 
+class IterationReport(Iteration):
+    """An iteration as the agent reported it (fields it may add later ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class RepoChanges(BaseModel):
+    """A repository's change as the agent counted it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: str | None = None
+    files: int = 0
+    insertions: int = 0
+    deletions: int = 0
+
+
+class RepoPush(BaseModel):
+    """What the agent pushed from one repository, or why not."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: str
+    branch: str | None = None
+    commit: str | None = None
+    error: str | None = None
+
+
 class AgentReport(BaseModel):
     """The entrypoint's report, as it uploaded it."""
 
@@ -72,6 +105,11 @@ class AgentReport(BaseModel):
     error: str | None = None
     repos: list[RepoCheckout] = Field(default_factory=list)
     session_archive: bool = False
+    iterations: list[IterationReport] = Field(default_factory=list)
+    verify_failed: bool = False
+    changes: list[RepoChanges] = Field(default_factory=list)
+    changes_uploaded: bool = False
+    push: list[RepoPush] = Field(default_factory=list)
 
     @classmethod
     def parse(cls, payload: bytes) -> AgentReport:
@@ -86,6 +124,10 @@ class AgentReport(BaseModel):
         cli = self.claude
         if cli is None:
             return ErrorKind.NO_REPORT
+        if not cli.is_error and self.verify_failed:
+            return ErrorKind.VERIFY_FAILED
+        if not cli.is_error and any(push.error for push in self.push):
+            return ErrorKind.PUSH_FAILED
         if not cli.is_error and self.exit_code in (0, None):
             return None
         text = (cli.result or "").lower()
@@ -102,10 +144,37 @@ class AgentReport(BaseModel):
             return ErrorKind.BUDGET
         return ErrorKind.OTHER
 
+    def cost(self) -> tuple[float, int]:
+        """What every Claude turn of the job cost, and its turns: the verify loop's all of them."""
+        if self.iterations:
+            cost = sum(i.cost_usd for i in self.iterations)
+            return round(cost, 6), sum(i.num_turns for i in self.iterations)
+        cli = self.claude
+        return ((cli.total_cost_usd or 0.0), (cli.num_turns or 0)) if cli else (0.0, 0)
+
+    def total_changes(self, ref: str | None) -> Changes | None:
+        """The changes of every repository together, kept at `ref`; None without repositories."""
+        if not self.changes:
+            return None
+        return Changes(
+            ref=ref,
+            files=sum(c.files for c in self.changes),
+            insertions=sum(c.insertions for c in self.changes),
+            deletions=sum(c.deletions for c in self.changes),
+        )
+
+    def pushed(self) -> Pushed | None:
+        """The branch pushed and its commit per repository, when one was."""
+        done = [p for p in self.push if p.branch and p.commit]
+        if not done:
+            return None
+        return Pushed(branch=done[0].branch or "", commits={p.path: p.commit or "" for p in done})
+
 
 def job_document(
     job: Job,
     *,
+    batch_id: str = "",
     prompt: str | None = None,
     resume_session_id: str | None = None,
     restore_file: str | None = None,
@@ -130,4 +199,7 @@ def job_document(
         "max_cost_usd": job.max_cost_usd,
         "resume_session_id": resume_session_id,
         "restore_file": restore_file,
+        "verify": job.verify,
+        "max_iterations": job.max_iterations,
+        "push_branch": branch_name(job.push_branch, batch_id, job.id) if job.push_branch else None,
     }

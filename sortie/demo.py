@@ -1,7 +1,8 @@
 """`make demo`: the whole stack on one machine, an example batch, its results, then cleanup.
 
 Starts what is not already running (a Temporal dev server with its SQLite file under .state/,
-localfly, the loopback S3 store with its bucket, a worker), submits examples/demo.yaml, shows
+localfly, the loopback S3 store with its bucket, a worker; `make up`'s stack is used as it is),
+submits examples/demo.yaml, shows
 progress to the end, prints the results and where to look in the Web UI, checks localfly has no
 machine left, and stops what it started.
 """
@@ -17,10 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from localfly.process import LocalFlyProcess
-from sortie.credentials import ClaudePool
+from sortie.local_stack import localfly_process, running_worker, worker_environment
 from sortie.settings import Settings
-from sortie.spec import DEFAULT_IMAGE
 from sortie.stack import DevServer, LocalS3, listening
 from sortie.store import OFFLINE_URL, StoreSettings
 
@@ -58,10 +57,7 @@ def start_localfly(stack: ExitStack) -> str:
         print("using the localfly already on 127.0.0.1:4280")
         return "http://127.0.0.1:4280"
     # Offline, the agent image runs our entrypoint and `claude` is the stand-in from tests/bin.
-    agent = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
-    process = stack.enter_context(
-        LocalFlyProcess(port=4280, images=agent, path=[ROOT / "tests" / "bin"])
-    )
+    process = stack.enter_context(localfly_process(4280, STATE / "localfly.log"))
     print(f"started localfly at {process.url}")
     return process.url
 
@@ -81,12 +77,11 @@ def start_store(stack: ExitStack) -> None:
 
 
 def start_worker(stack: ExitStack, localfly_url: str) -> None:
-    """A Sortie worker, offline against localfly."""
-    env = {k: v for k, v in os.environ.items() if k != "FLY_API_TOKEN"}
-    env["SORTIE_LOCALFLY_URL"] = localfly_url
-    # The stand-in `claude` needs a credential to be present, not a real one.
-    if not ClaudePool.from_env(env):
-        env["CLAUDE_CODE_OAUTH_TOKEN"] = "demo-offline-token"
+    """A Sortie worker, offline against localfly, unless `make up`'s worker runs."""
+    if running_worker(STATE):
+        print("using the worker `make up` started (log in .state/worker.log)")
+        return
+    env = worker_environment(os.environ, localfly_url)
     log = (STATE / "worker.log").open("ab")
     worker = subprocess.Popen(
         [sys.executable, str(ROOT / "worker.py")], env=env, stdout=log, stderr=log, cwd=ROOT

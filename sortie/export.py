@@ -2,7 +2,8 @@
 
 Rows are written as `sortie.batches.iter_results` reads them, a few chunks at a time, so a batch
 of 100,000 jobs is exported in the memory of a few chunks. The markdown report lists failures
-first: it reads the rows twice (failures, then the rest) rather than keep them.
+first, grouped by cause, then one by one: it reads the rows three times (causes, failures, the
+rest) rather than keep them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from enum import StrEnum
 from typing import TextIO
 
 from sortie.batches import BatchReport
-from sortie.models import JobResult, JobState
+from sortie.failures import Summary, failed
+from sortie.models import JobResult
 
 Rows = Callable[[], AsyncIterator[tuple[str, JobResult]]]
 """Each call reads the rows afresh, in input order, each with the workflow it ran in."""
@@ -107,9 +109,9 @@ def _cell(text: object) -> str:
     return " ".join(str(text if text is not None else "").split()).replace("|", "\\|")
 
 
-def _failed(row: JobResult) -> bool:
-    latest = row.followups[-1] if row.followups else row
-    return latest.state.final and latest.state is not JobState.SUCCEEDED
+def _changed(row: JobResult) -> str:
+    """The job's change in files and lines, for a table cell."""
+    return row.changes.describe() if row.changes is not None else ""
 
 
 async def _markdown(head: BatchReport, rows: Rows, out: TextIO, link: Link) -> int:
@@ -128,31 +130,57 @@ async def _markdown(head: BatchReport, rows: Rows, out: TextIO, link: Link) -> i
     if head.latest_from:
         retries = ", ".join(f"[{r}]({link(r)})" for r in head.retries)
         out.write(f"Latest outcomes: {len(head.latest_from)} jobs from the retries {retries}\n\n")
+    if failures:
+        await _causes(rows, out)
     out.write(f"## Failures ({failures})\n\n")
     count = 0
     if failures:
-        out.write("| job | state | exit | tries | error | ran in |\n|---|---|---|---|---|---|\n")
+        out.write(
+            "| job | state | exit | tries | changes | error | ran in |\n"
+            "|---|---|---|---|---|---|---|\n"
+        )
         async for workflow_id, row in rows():
-            if not _failed(row):
+            if not failed(row):
                 continue
             latest = row.followups[-1] if row.followups else row
             exit_code = "" if latest.exit_code is None else latest.exit_code
             out.write(
                 f"| {_cell(row.job_id)} | {latest.state.value} | {exit_code} | {latest.attempts} "
-                f"| {_cell(latest.error)} | [{workflow_id}]({link(workflow_id)}) |\n"
+                f"| {_changed(latest)} | {_cell(latest.error)} "
+                f"| [{workflow_id}]({link(workflow_id)}) |\n"
             )
             count += 1
         out.write("\n")
     else:
         out.write("None.\n\n")
-    out.write("## Other jobs\n\n| job | state | time | cost | answer |\n|---|---|---|---|---|\n")
+    out.write(
+        "## Other jobs\n\n| job | state | time | cost | changes | answer |\n"
+        "|---|---|---|---|---|---|\n"
+    )
     async for _, row in rows():
-        if _failed(row):
+        if failed(row):
             continue
         latest = row.followups[-1] if row.followups else row
         took = "" if latest.duration_s is None else f"{latest.duration_s:.1f}s"
         cost = "" if latest.cost_usd is None else f"${latest.cost_usd:.4f}"
         answer = _cell(latest.result)[:120]
-        out.write(f"| {_cell(row.job_id)} | {latest.state.value} | {took} | {cost} | {answer} |\n")
+        out.write(
+            f"| {_cell(row.job_id)} | {latest.state.value} | {took} | {cost} "
+            f"| {_changed(latest)} | {answer} |\n"
+        )
         count += 1
     return count
+
+
+async def _causes(rows: Rows, out: TextIO) -> None:
+    """The failures grouped by error kind and first error line: count, jobs, one example."""
+    causes = (await Summary.read(rows())).causes()
+    out.write(f"## Causes of failure ({len(causes)})\n\n")
+    out.write("| jobs | kind | first error line | which | example |\n|---|---|---|---|---|\n")
+    for cause in causes:
+        which = ", ".join(cause.jobs) + (" …" if cause.count > len(cause.jobs) else "")
+        out.write(
+            f"| {cause.count} | {cause.kind} | {_cell(cause.line)} | {_cell(which)} "
+            f"| {_cell(cause.example)[:300]} |\n"
+        )
+    out.write("\n")

@@ -110,6 +110,39 @@ class Counts(StrictModel):
         return counts
 
 
+class Iteration(StrictModel):
+    """One turn of a prompt job's verify loop: Claude's run, then the check's."""
+
+    claude_exit: int | None = None
+    verify_exit: int | None = None
+    """None when Claude failed and the check did not run."""
+    seconds: float = 0.0
+    cost_usd: float = 0.0
+    num_turns: int = 0
+
+
+class Changes(StrictModel):
+    """What a prompt job changed in its repositories, all together; the patches are in the
+    object store at `ref` (per repository, as `git apply` takes them)."""
+
+    ref: str | None = None
+    files: int = 0
+    insertions: int = 0
+    deletions: int = 0
+
+    def describe(self) -> str:
+        """`3 files +10 -2`, as the results table shows it."""
+        files = f"{self.files} file{'' if self.files == 1 else 's'}"
+        return f"{files} +{self.insertions} -{self.deletions}"
+
+
+class Pushed(StrictModel):
+    """The branch a prompt job's change was pushed to, and the commit per repository path."""
+
+    branch: str
+    commits: dict[str, str] = {}
+
+
 class JobResult(StrictModel):
     """The outcome of one job: small enough to keep a chunk's results in its history."""
 
@@ -141,6 +174,9 @@ class JobResult(StrictModel):
     error_kind: str | None = None
     archive_ref: str | None = None
     commits: dict[str, str] = {}
+    iterations: list[Iteration] = []
+    changes: Changes | None = None
+    pushed: Pushed | None = None
     followups: list[JobResult] = []
 
     def compact(self) -> JobResult:

@@ -91,6 +91,8 @@ def record_outcome(
     elif answer is not None and answer.error_kind == "no_report":
         # Whatever the exit code, an answer that never arrived is no success (claude-code#85040).
         result.state, result.error = JobState.FAILED, f"no report from the agent: {answer.result}"
+    elif answer is not None and answer.failure:
+        result.state, result.error = JobState.FAILED, answer.failure
     elif answer is not None and answer.error_kind:
         result.state = JobState.FAILED
         result.error = f"Claude failed ({answer.error_kind}): {(answer.result or '')[:200]}"
@@ -112,6 +114,9 @@ def _record_answer(result: JobResult, answer: JobAnswer) -> None:
     result.error_kind = answer.error_kind
     result.archive_ref = answer.archive_ref
     result.commits = answer.commits
+    result.iterations = answer.iterations
+    result.changes = answer.changes
+    result.pushed = answer.pushed
 
 
 def seconds(value: float) -> str:

@@ -204,7 +204,8 @@ class LiveProgress:
 
 
 def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
-    """A row per job and turn: state, exit, tries, machine, time, cost, session, error/answer."""
+    """A row per job and turn: state, exit, tries, machine, time, cost, session, changes (files
+    and lines), error/answer."""
     rows: list[tuple[JobState, list[str]]] = []
     for result in report.results:
         for r in [result, *result.followups]:
@@ -221,6 +222,7 @@ def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
                         "" if r.duration_s is None else f"{r.duration_s:.1f}s",
                         "" if r.cost_usd is None else f"${r.cost_usd:.4f}",
                         r.session_id or "",
+                        r.changes.describe() if r.changes is not None else "",
                         " ".join((what or "").split())[:60],
                     ],
                 )
@@ -228,12 +230,19 @@ def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
     return rows
 
 
-RESULT_HEADERS = ["JOB", "STATE", "EXIT", "TRIES", "MACHINE", "TIME", "COST", "SESSION"]
+RESULT_HEADERS = ["JOB", "STATE", "EXIT", "TRIES", "MACHINE", "TIME", "COST", "SESSION", "CHANGES"]
+CHANGES = RESULT_HEADERS.index("CHANGES")
 
 
 def results_table(report: BatchReport) -> list[str]:
-    """The results as plain aligned columns, then the totals: for output that is not a terminal."""
-    rows = [[*RESULT_HEADERS, "ERROR/ANSWER"], *(cells for _, cells in result_rows(report))]
+    """The results as plain aligned columns, then the totals: for output that is not a terminal.
+
+    The changes column shows only when some job changed a repository.
+    """
+    cells = [cells for _, cells in result_rows(report)]
+    rows = [[*RESULT_HEADERS, "ERROR/ANSWER"], *cells]
+    if not any(row[CHANGES] for row in cells):
+        rows = [row[:CHANGES] + row[CHANGES + 1 :] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]

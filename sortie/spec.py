@@ -90,6 +90,24 @@ def parse_memory_mb(value: object) -> int:
     return mb
 
 
+MAX_ITERATIONS = 10
+"""Most Claude turns a prompt job with `verify` may take to make its check pass."""
+DEFAULT_ITERATIONS = 2
+_BRANCH_FIELDS = re.compile(r"\{([^{}]*)\}")
+_BRANCH = re.compile(r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*/\.)(?!\.)[A-Za-z0-9._/-]+(?<![/.])$")
+
+
+def branch_name(template: str, batch_id: str, job_id: str) -> str:
+    """The git branch a `push_branch` template names for one job: {batch} and {job} filled in."""
+    unknown = sorted({f for f in _BRANCH_FIELDS.findall(template) if f not in ("batch", "job")})
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{unknown[0]}}} (use {{batch}} and {{job}})")
+    name = template.replace("{batch}", batch_id).replace("{job}", job_id)
+    if not _BRANCH.fullmatch(name) or name.endswith(".lock") or name.startswith("-"):
+        raise ValueError(f"{template!r} does not make a valid git branch name")
+    return name
+
+
 def _command(value: object) -> object:
     """Accept a command as an argv list or as one shell string."""
     if isinstance(value, str):
@@ -203,6 +221,16 @@ class JobFields(_Strict):
     allowed_tools: list[str] | None = None
     max_cost_usd: float | None = Field(default=None, gt=0)
     log_tail: LogTail | None = None
+    verify: Command | None = None
+    max_iterations: int | None = Field(default=None, ge=1, le=MAX_ITERATIONS)
+    push_branch: str | None = None
+
+    @field_validator("push_branch")
+    @classmethod
+    def _branch_template(cls, template: str | None) -> str | None:
+        if template is not None:
+            branch_name(template, "b", "j")
+        return template
 
     @field_validator("env")
     @classmethod
@@ -223,7 +251,16 @@ class Defaults(JobFields):
     """Defaults applied to every job; a job's own value wins (env is merged key by key)."""
 
 
-PROMPT_ONLY = ("repos", "model", "max_turns", "allowed_tools", "max_cost_usd")
+PROMPT_ONLY = (
+    "repos",
+    "model",
+    "max_turns",
+    "allowed_tools",
+    "max_cost_usd",
+    "verify",
+    "max_iterations",
+    "push_branch",
+)
 """Job fields that only a Claude Code (prompt) job uses."""
 
 
@@ -291,6 +328,9 @@ class Job(_Strict):
     allowed_tools: list[str] = []
     max_cost_usd: float | None = None
     log_tail: LogTail = LogTail.ON_FAILURE
+    verify: list[str] | None = None
+    max_iterations: int = DEFAULT_ITERATIONS
+    push_branch: str | None = None
 
 
 MAX_APPS = 20

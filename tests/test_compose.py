@@ -76,6 +76,22 @@ def test_the_compose_server_paces_and_shares_as_the_offline_one(stack: Path) -> 
     assert {key: str(values[0]["value"]).lower() for key, values in mounted.items()} == told
 
 
+def test_the_compose_server_has_task_queue_fairness(stack: Path) -> None:
+    # Fairness between batches (a batch's id as fairness key) needs Temporal 1.29 or later; the
+    # schema and setup tools are of the same release as the server.
+    ran = compose_config(stack)
+    assert ran.returncode == 0, ran.stderr
+    services = yaml.safe_load(ran.stdout)["services"]
+    repository, _, tag = services["temporal"]["image"].partition(":")
+    assert repository == "temporalio/server"
+    assert tuple(int(part) for part in tag.split(".")[:2]) >= (1, 29)
+    for tool in ("temporal-schema", "temporal-setup"):
+        assert services[tool]["image"] == f"temporalio/admin-tools:{tag}"
+    assert services["worker"]["depends_on"]["temporal-setup"] == {
+        "condition": "service_completed_successfully"
+    }
+
+
 def test_compose_refuses_a_missing_database_password(stack: Path) -> None:
     env = stack / ".env"
     env.write_text(

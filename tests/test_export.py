@@ -52,8 +52,8 @@ async def test_results_export_in_every_format_streams_rows_failures_first_in_mar
     assert f"**completed**: {JOBS} jobs, {JOBS - 2} succeeded, 2 failed" in text
     assert "Cost: **$0.0000**" in text
     failures, others = text.split("## Failures (2)")[1].split("## Other jobs")
-    assert "| j03 | failed | 3 | 1 | exited with code 3 | [" in failures
-    assert "| j08 | failed | 4 | 1 | exited with code 4 | [" in failures
+    assert "| j03 | failed | 3 | 1 |  | exited with code 3 | [" in failures
+    assert "| j08 | failed | 4 | 1 |  | exited with code 4 | [" in failures
     assert f"]({ui}-chunk-0001)" in failures, "each failure links to the chunk it ran in"
     assert others.count("| succeeded |") == JOBS - 2 and "j03" not in others
 

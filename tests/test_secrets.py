@@ -55,6 +55,8 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     env = {name: value for value, name in SECRETS.items()}
     worker = WorkerProcess(settings, localfly.url, tmp_path / "worker.log", env=env).start()
     repo = git_repo(tmp_path / "repo")
+    origin = tmp_path / "origin.git"  # a pushed branch's origin: a bare repository on disk
+    _git("clone", "-q", "--bare", str(repo), str(origin))
     spec = parse_batch(
         {
             "name": f"s{uuid.uuid4().hex[:8]}",
@@ -64,6 +66,14 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
             "jobs": [
                 {"id": "review", "prompt": "Review it [[write:out.txt]]", "repos": [str(repo)]},
                 {"id": "second", "prompt": "And again [[long:5000]]"},
+                # Checks its work with the token in its env, and pushes with it.
+                {
+                    "id": "pushed",
+                    "prompt": "Write it [[write:notes.txt]]",
+                    "repos": [str(origin)],
+                    "verify": "echo token=$GITHUB_TOKEN; test -f notes.txt",
+                    "push_branch": "sortie/{batch}/{job}",
+                },
                 {"id": "refused", "prompt": "Try [[auth]]", "retries": 1},
                 # A job that prints its secrets: the log tail must come back scrubbed. It runs
                 # long enough to be read while it runs (heartbeats, pending activities).
@@ -86,10 +96,15 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     finally:
         worker.stop()
 
-    leaky = report.results[3]
+    leaky = report.results[4]
     assert leaky.state == "succeeded" and "token=[redacted]" in leaky.log_tail
     assert any(line.startswith("GITHUB_TOKEN=[redacted]") for line in leaky.log_tail)
     assert report.results[0].state == "succeeded" and report.results[0].session_id
+    pushed = report.results[2]
+    assert pushed.state == "succeeded" and pushed.pushed is not None, pushed.error
+    assert pushed.changes is not None and pushed.changes.ref
+    pushed_history = _git("--git-dir", str(origin), "log", "-p", "--all", "--format=fuller")
+    assert "notes.txt" in pushed_history
 
     progress = await batches.progress(temporal.client, submitted.batch_id)
     ids = [submitted.batch_id, *(chunk.workflow_id for chunk in progress.chunks)]
@@ -100,18 +115,21 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     )
     store = settings.blob_store()
     stored: list[str] = []
-    for prefix in ("answers", "logs", "reports", "sessions", "jobs"):
+    for prefix in ("answers", "logs", "reports", "sessions", "jobs", "changes"):
         async for item in store.objects(f"{prefix}/{submitted.batch_id}"):
             stored.append(f"{item.key} {await store.metadata(item.key)}")
             if not item.key.endswith(".tar.gz"):
                 stored.append((await store.get(item.key) or b"").decode())
     assert any(key.startswith("reports/") for key in stored), "the reports came by the store"
+    assert any(key.startswith("changes/") for key in stored), "the changes came by the store"
     texts = [
         *running,
         *exported,
         (tmp_path / "worker.log").read_text(),
         report.model_dump_json(),
         *stored,
+        pushed_history,
+        (origin / "config").read_text(),
     ]
     for value, name in SECRETS.items():
         leaks = [i for i, text in enumerate(texts) if value in text or value[8:40] in text]
@@ -119,6 +137,11 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     for mark in PRESIGNED:
         leaks = [i for i, text in enumerate(texts) if mark in text]
         assert not leaks, f"a presigned URL leaked into {leaks}"
+
+
+def _git(*args: str) -> str:
+    """Run git; its output."""
+    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
 
 
 def _export(address: str, workflow_id: str) -> str:

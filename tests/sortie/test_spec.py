@@ -15,6 +15,7 @@ from sortie.spec import (
     LogTail,
     StormGuard,
     app_for,
+    branch_name,
     load_batch_file,
     parse_batch,
     parse_duration,
@@ -459,3 +460,42 @@ def test_bad_failure_thresholds_are_refused_and_the_rate_says_when_it_counts() -
                 }
             )
     assert parse_percent("10%") == parse_percent(10) == parse_percent(" 10 % ") == 10.0
+
+
+def test_verify_and_push_branch_resolve_and_are_refused_on_command_jobs() -> None:
+    spec = parse_batch(
+        base(
+            defaults={"max_iterations": 3},
+            jobs=[
+                {"id": "a", "prompt": "p", "verify": "make test", "push_branch": "s/{batch}/{job}"},
+                {"id": "b", "prompt": "p", "verify": ["pytest", "-q"], "max_iterations": 1},
+                {"id": "c", "prompt": "p"},
+            ],
+        )
+    )
+    a, b, c = (resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs))
+    assert a.verify == ["sh", "-c", "make test"] and a.max_iterations == 3
+    assert b.verify == ["pytest", "-q"] and b.max_iterations == 1
+    assert c.verify is None and c.push_branch is None
+    assert branch_name(a.push_branch or "", "batch-x-1", "a") == "s/batch-x-1/a"
+    found = problems(
+        base(
+            jobs=[
+                {"id": "cmd", "command": "true", "verify": "make test", "push_branch": "x"},
+                {"id": "many", "prompt": "p", "verify": "true", "max_iterations": 11},
+                {"id": "none", "prompt": "p", "verify": "true", "max_iterations": 0},
+                {"id": "empty", "prompt": "p", "verify": []},
+                {"id": "odd", "prompt": "p", "push_branch": "s/{user}"},
+                {"id": "bad", "prompt": "p", "push_branch": "s/../x"},
+            ]
+        )
+    )
+    assert found == [
+        "job 'many' (jobs[1]): max_iterations: Input should be less than or equal to 10",
+        "job 'none' (jobs[2]): max_iterations: Input should be greater than or equal to 1",
+        "job 'empty' (jobs[3]): verify: Value should have at least 1 item after validation, not 0",
+        "job 'odd' (jobs[4]): push_branch: unknown placeholder {user} (use {batch} and {job})",
+        "job 'bad' (jobs[5]): push_branch: 's/../x' does not make a valid git branch name",
+        "job 'cmd' (jobs[0]): verify is only for prompt jobs",
+        "job 'cmd' (jobs[0]): push_branch is only for prompt jobs",
+    ]

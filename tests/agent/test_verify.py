@@ -1,0 +1,114 @@
+"""The machine side of jobs that check their work: the verify loop and the change it stores.
+
+The entrypoint runs against the stand-in CLI; its uploads land in local files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.agent.test_entrypoint import Run, git, job, run_agent
+
+TOKEN = "ghp_verifytesttoken0123456789abcdefABCDEF"
+
+
+def run_with_changes(tmp_path: Path, description: dict[str, Any], **env: str) -> Run:
+    """Run the agent with a changes URL; the changes document is read back into the run."""
+    changes = tmp_path / "run" / "changes.json"
+    changes.parent.mkdir(parents=True, exist_ok=True)
+    changes.unlink(missing_ok=True)
+    run = run_agent(tmp_path, description, env={"SORTIE_CHANGES_URL": f"file://{changes}", **env})
+    run.result["_changes"] = json.loads(changes.read_text()) if changes.exists() else None
+    return run
+
+
+def sessions(tmp_path: Path) -> list[list[dict[str, Any]]]:
+    """Every stand-in session of the run: one JSON line per Claude run in it."""
+    projects = tmp_path / "run" / "home" / ".claude" / "projects"
+    return [
+        [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(projects.glob("*/*.jsonl"))
+    ]
+
+
+def test_a_passing_check_takes_one_iteration_and_the_patch_applies(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, sha = bare
+    description = job(
+        "Take notes [[write:notes.txt]]",
+        [{"url": str(origin)}],
+        verify=["sh", "-c", "test -f notes.txt"],
+        max_iterations=2,
+    )
+    run = run_with_changes(tmp_path, description)
+    assert run.code == 0, run.stderr
+    report = run.result
+    assert report["verify_failed"] is False and report["error"] is None
+    [iteration] = report["iterations"]
+    assert iteration["claude_exit"] == 0 and iteration["verify_exit"] == 0
+    assert iteration["cost_usd"] == report["claude"]["total_cost_usd"] > 0
+    assert iteration["seconds"] > 0
+    assert report["changes"] == [
+        {
+            "url": str(origin),
+            "path": "origin",
+            "commit": sha,
+            "files": 1,
+            "insertions": 1,
+            "deletions": 0,
+        }
+    ]
+    assert report["changes_uploaded"] is True
+    [stored] = report["_changes"]["repos"]
+    patch = base64.b64decode(stored["patch"])
+    assert b"notes.txt" in patch
+    fresh = tmp_path / "fresh"
+    git("clone", "-q", str(origin), str(fresh), cwd=tmp_path)
+    subprocess.run(["git", "apply"], input=patch, cwd=fresh, check=True)
+    assert (fresh / "notes.txt").read_text().startswith("Take notes")
+
+
+def test_a_failing_check_resumes_the_session_then_fails_with_its_scrubbed_tail(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    check = "echo checking; echo token=$GITHUB_TOKEN; echo 'tests: 3 failed'; exit 1"
+    description = job("Fix it", [{"url": str(origin)}], verify=["sh", "-c", check])
+    description["max_iterations"] = 2
+    run = run_with_changes(tmp_path, description, GITHUB_TOKEN=TOKEN)
+    assert run.code == 4
+    report = run.result
+    assert report["verify_failed"] is True
+    assert [i["verify_exit"] for i in report["iterations"]] == [1, 1]
+    assert report["error"].startswith("verify failed: `" + check + "` exited 1 after 2 iterations")
+    assert "tests: 3 failed" in report["error"] and "token=[redacted]" in report["error"]
+    [session] = sessions(tmp_path)  # Claude ran twice, in one session
+    assert len(session) == 2
+    assert session[1]["prompt"].startswith(f"The check `{check}` failed with exit code 1")
+    assert "token=[redacted]" in session[1]["prompt"]
+    assert TOKEN not in run.stdout + run.stderr + json.dumps(report)
+
+
+def test_the_jobs_max_cost_bounds_all_its_iterations(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    # The check's output carries the stand-in's cost marker into the next prompt: $0.30 a turn.
+    check = "echo '[[cost:0.3]]'; exit 1"
+    description = job(
+        "Work [[cost:0.3]]",
+        [{"url": str(origin)}],
+        verify=["sh", "-c", check],
+        max_iterations=5,
+        max_cost_usd=0.5,
+    )
+    run = run_with_changes(tmp_path, description)
+    assert run.code == 4
+    report = run.result
+    assert [i["cost_usd"] for i in report["iterations"]] == [0.3, 0.3]
+    assert "max_cost_usd of $0.5 is spent" in report["error"]

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install system-deps claude-code lint test test-fast demo up down bench clean ui histories
+.PHONY: install system-deps claude-code lint test test-fast demo up down bench clean ui histories prove
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ test: install system-deps claude-code lint
 
 test-fast: install claude-code
 	$(PY) -m pytest -q -x -m "not slow"
+
+# Every guarantee in docs/guarantees.md taken out of the code on purpose (tests/mutations/), each
+# in a scratch copy where its tests must go red; not part of `make test` (about 15 minutes).
+prove: install system-deps
+	$(PY) -m tests.mutations
 
 demo: install
 	$(PY) -m sortie.demo

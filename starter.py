@@ -102,7 +102,7 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 async def _watch(client: Client, batch_id: str, quiet: bool = False) -> None:
     """Follow the batch until it closes: live bars on a terminal, a line per change on a pipe."""
     if quiet:
-        with contextlib.suppress(WorkflowFailureError):
+        with contextlib.suppress(WorkflowFailureError):  # its outcome is read and shown next
             await batches.batch_handle(client, batch_id).result()
         return
     if not sys.stdout.isatty():

@@ -58,7 +58,7 @@ class SortieWorker:
         await self.creates.__aenter__()
         try:
             await self.main.__aenter__()
-        except BaseException:
+        except BaseException:  # raised as it came, the create queues closed first
             await self.creates.__aexit__(None, None, None)
             raise
         return self
@@ -159,12 +159,18 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         )
         # Every app the worker creates machines in gets swept: FLY_APP's schedule is the
         # queue's own, each other app's is named after it; all outlive the worker.
-        worker.creates.on_new_app.append(
-            lambda app: keep_reaper_scheduled(client, settings, app, fly_settings.app)
+        schedules = reaping.ReaperSchedules(
+            lambda app: reaping.ensure_reaper_schedule(
+                client, settings, app, home=app == fly_settings.app
+            )
         )
-        async with worker:
-            await stop.wait()
-            log.info("shutting down: handing running waits over to the next worker")
+        worker.creates.on_new_app.append(schedules.ensure)
+        try:
+            async with worker:
+                await stop.wait()
+                log.info("shutting down: handing running waits over to the next worker")
+        finally:
+            await schedules.close()
 
 
 def connection_summary(client: Client) -> str:
@@ -186,17 +192,6 @@ def observe(fly: FlyClient, secrets: SecretStore, runtime: Runtime | None) -> li
     secrets.claude.on_rest.append(metrics.credential_rested)
     log.info("metrics at http://%s/metrics", os.environ[ADDRESS_VARIABLE])
     return [MetricsInterceptor(metrics)]
-
-
-async def keep_reaper_scheduled(
-    client: Client, settings: Settings, app: str, home_app: str | None
-) -> None:
-    """Ensure an app's reaper schedule (FLY_APP's at start, each app as it comes into use); a
-    failure is logged, the worker serves on."""
-    try:
-        await reaping.ensure_reaper_schedule(client, settings, app, home=app == home_app)
-    except Exception:
-        log.exception("could not ensure the reaper schedule: orphaned machines are not swept")
 
 
 async def main() -> int:

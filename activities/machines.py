@@ -80,6 +80,7 @@ from sortie.store import (
     ObjectStore,
     answer_key,
     changes_key,
+    finished_key,
     log_key,
     report_key,
     session_key,
@@ -236,19 +237,48 @@ class MachineActivities:
     async def finish_job(self, input: FinishJobInput) -> FinishJobOutput:
         """Wait for the job's machine, collect its result and destroy it: one task per job.
 
-        A retry after this activity destroyed the machine still reads its result: Fly lists a
-        destroyed machine, with its exit event, for a while. A destroy that fails is left to
-        the workflow's own destroy activity, which retries until the machine is gone.
+        What it learned (how the machine ended, what it left) is written to the store before it
+        destroys, so a retry after the destroy reads that, never Fly, which forgets a destroyed
+        machine after a while nobody documents. A destroy that fails is left to the workflow's
+        own destroy activity, which retries until the machine is gone.
         """
         ref = input.wait.machine
         seen: dict[str, Any] = {"machine_id": ref.machine_id, "state": None}
         async with _beating(input.wait.heartbeat_every_s, seen):
-            waited = await self._wait_unless_shutting_down(input.wait, seen)
-            collected = None
-            if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
-                collected = await self._collect(input.collect)
-            destroyed = await self._destroy_now(ref)
-        return FinishJobOutput(waited=waited, collected=collected, destroyed=destroyed)
+            finished = await self._learned(input.collect)
+            if finished is None:
+                finished = await self._learn(input, seen)
+                await self._store.put(
+                    finished_key(*_attempt_key(input.collect)),
+                    finished.model_dump_json().encode(),
+                    _about(input.collect),
+                )
+            finished.destroyed = await self._destroy_now(ref)
+        return finished
+
+    async def _learned(self, input: CollectResultInput) -> FinishJobOutput | None:
+        """What an earlier attempt of this activity learned before it destroyed the machine."""
+        if activity.info().attempt == 1:
+            return None
+        payload = await self._store.get(finished_key(*_attempt_key(input)))
+        return None if payload is None else FinishJobOutput.model_validate_json(payload)
+
+    async def _learn(self, input: FinishJobInput, seen: dict[str, Any]) -> FinishJobOutput:
+        """Wait for the machine to settle and collect what it left.
+
+        A machine Fly no longer knows (404) may still have settled a prompt job: the report its
+        agent uploaded says how the job ended.
+        """
+        waited = await self._wait_unless_shutting_down(input.wait, seen)
+        collected = None
+        if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
+            collected = await self._collect(input.collect)
+        elif waited.outcome is WaitOutcome.GONE and input.collect.prompt_job:
+            reported = await self._collect(input.collect)
+            if reported.answer is not None:
+                waited = WaitMachineOutput(outcome=WaitOutcome.EXITED, state=None)
+                collected = reported
+        return FinishJobOutput(waited=waited, collected=collected)
 
     async def _destroy_now(self, ref: MachineRef) -> bool:
         """Force-destroy the machine; on a Fly error report it still there, not fail."""
@@ -358,14 +388,21 @@ class MachineActivities:
     async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
         """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
         ref = input.machine
+        key = _attempt_key(input)
+        exit_code: int | None = None
         with fly_errors(f"collect result of machine {ref.machine_id}"):
             try:
-                machine = await self._get(ref)
-            except FlyNotFound:
-                return CollectResultOutput(state=None, exit_code=None)
-            exit_event = machine.latest_exit_event()
+                machine: Machine | None = await self._get(ref)
+            except FlyNotFound:  # forgotten by Fly: a prompt job's report may still settle it
+                machine = None
+            exit_event = machine.latest_exit_event() if machine else None
             messages: list[str] = []
-            if input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
+            if machine is None:
+                report = await self._store.get(report_key(*key)) if input.prompt_job else None
+                if report is None:
+                    return CollectResultOutput(state=None, exit_code=None)
+                exit_code = AgentReport.parse(report).exit_code
+            elif input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
                 page = await patiently(lambda: self._fly.get_logs(ref.app, ref.machine_id))
                 messages = [e.message for e in page.entries]
         answer = await self._answer(input, exit_event) if input.prompt_job else None
@@ -373,13 +410,12 @@ class MachineActivities:
             await self._rest_if_refused(input, answer)
         lines = [self._secrets.scrub(m, input.secrets) for m in messages]
         tail = _tail(lines, input.tail_lines, input.tail_bytes)
-        key = (input.batch_id, input.job_id, input.turn, input.attempt)
         log_ref = None
         if tail:
             log_ref = await self._store.put(log_key(*key), "\n".join(tail).encode(), _about(input))
         return CollectResultOutput(
-            state=machine.state,
-            exit_code=exit_event.exit_code if exit_event else None,
+            state=machine.state if machine else None,
+            exit_code=exit_event.exit_code if exit_event else exit_code,
             signal=exit_event.signal if exit_event and (exit_event.signal or 0) > 0 else None,
             oom_killed=bool(exit_event and exit_event.oom_killed),
             exited_at=exit_event.exited_at if exit_event else None,
@@ -603,6 +639,11 @@ def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, st
         META_ATTEMPT: str(attempt),
         META_TURN: str(turn),
     }
+
+
+def _attempt_key(input: CollectResultInput) -> tuple[str, str, int, int]:
+    """The job attempt whose objects these are: one machine's."""
+    return (input.batch_id, input.job_id, input.turn, input.attempt)
 
 
 def _about(input: CollectResultInput) -> dict[str, str]:

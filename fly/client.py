@@ -446,7 +446,7 @@ class FlyClient:
         for observer in self.observers:
             try:
                 observer(event)
-            except Exception:
+            except Exception:  # logged; observers only count and log, the call's outcome stands
                 logger.exception("Fly observer %r failed", observer)
 
     def _error(self, action: str, method: str, path: str, response: httpx.Response) -> FlyError:

@@ -100,7 +100,7 @@ class RateLimiter:
             return
         try:
             await self._sleep(-bucket.level / rate.per_second)
-        except BaseException:
+        except BaseException:  # raised as it came
             # Cancelled before our slot came: give it back to the callers behind us.
             bucket.level += 1.0
             raise

@@ -82,7 +82,10 @@ class FaultConfig(_Config):
     missing_apps: list[str] = []
     """Apps that answer 404 as if they did not exist (every other valid name is an app)."""
     boot_delay_s: float = 0.05
-    destroyed_visible_s: float = 300.0
+    destroyed_visible_s: float = 2.0
+    """How long a destroyed machine still answers GET and lists (then 404). Fly documents no
+    such time; kept short so that no outcome can lean on it: a retry after a crash or a
+    heartbeat timeout always comes later than this. Tests set 0 to forget at once."""
     seed: int | None = None
 
 

@@ -98,6 +98,11 @@ class LocalFlyProcess:
         result: dict[str, Any] = self._get("/_localfly/stats", **({"app": app} if app else {}))
         return result
 
+    def requests(self, app: str) -> list[dict[str, Any]]:
+        """The app's calls in the order they arrived: when, what, the status and Retry-After."""
+        result: list[dict[str, Any]] = self._get("/_localfly/requests", app=app)
+        return result
+
     def reset_stats(self) -> None:
         """Zero the counters; the most-ever-live becomes the current live count."""
         assert self._admin is not None

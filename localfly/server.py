@@ -3,7 +3,8 @@
 Paths, JSON keys and status codes follow Fly's Machines API (create 200, wait 200/408/400/404,
 destroy 200, 401 without a token, errors as `{"error": "<code>: <text>"}`). Paths under
 `/_localfly/` are localfly's own: health, stats (calls per endpoint, statuses, live machines, the
-most ever live), the ground-truth list of every machine ever made, and the fault config.
+most ever live), the request log (when each call arrived and was answered), the ground-truth list
+of every machine ever made, and the fault config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ from localfly.machines import TRANSIENT, Fleet, Machine, parse_duration, rfc3339
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WAITABLE = {"started", "stopped", "suspended", "destroyed", "failed", "settled"}
 LOG_PAGE = 100
+REQUESTS_KEPT = 100_000
+"""The request log's length: the newest calls, enough for any test's batch."""
 
 
 def error(status: int, text: str, code: str | None = None) -> web.Response:
@@ -82,6 +85,7 @@ class LocalFly:
         self.calls: dict[str, Counter[str]] = {}
         self.statuses: dict[str, Counter[str]] = {}
         self.rate_limited: Counter[str] = Counter()
+        self.requests: deque[dict[str, Any]] = deque(maxlen=REQUESTS_KEPT)
 
     def application(self) -> web.Application:
         """The routes, behind the auth, stats and fault middleware."""
@@ -91,6 +95,7 @@ class LocalFly:
         r.add_get("/_localfly/stats", self.stats)
         r.add_post("/_localfly/stats/reset", self.reset_stats)
         r.add_get("/_localfly/machines", self.all_machines)
+        r.add_get("/_localfly/requests", self.request_log)
         r.add_get("/_localfly/faults", self.get_faults)
         r.add_put("/_localfly/faults", self.put_faults)
         r.add_get("/v1/apps/{app}", self.get_app)
@@ -122,8 +127,21 @@ class LocalFly:
             return await handler(request)
         endpoint, app = endpoint_of(request), app_of(request)
         self.calls.setdefault(app, Counter())[endpoint] += 1
+        arrived = time.time()
         response = await self._guarded(request, handler, endpoint, app)
         self.statuses.setdefault(app, Counter())[str(response.status)] += 1
+        self.requests.append(
+            {
+                "app": app,
+                "endpoint": endpoint,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "retry_after": response.headers.get("Retry-After"),
+                "arrived": arrived,
+                "answered": time.time(),
+            }
+        )
         response.headers["fly-request-id"] = secrets.token_hex(10)
         return response
 
@@ -211,7 +229,12 @@ class LocalFly:
             }
         )
 
+    async def request_log(self, request: web.Request) -> web.Response:
+        app = request.query.get("app")
+        return web.json_response([r for r in self.requests if app is None or r["app"] == app])
+
     async def reset_stats(self, _: web.Request) -> web.Response:
+        self.requests.clear()
         self.calls.clear()
         self.statuses.clear()
         self.rate_limited.clear()

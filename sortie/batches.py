@@ -352,7 +352,7 @@ async def _live(client: Client, progress: Progress) -> Progress:
     async def ask(chunk: ChunkProgress) -> None:
         if chunk.status is not ChunkStatus.RUNNING:
             return
-        with contextlib.suppress(RPCError):
+        with contextlib.suppress(RPCError):  # unanswered: the counts it last reported stand
             chunk.counts = await chunk_handle(client, chunk.workflow_id).query(
                 ChunkWorkflow.progress
             )

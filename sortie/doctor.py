@@ -27,12 +27,13 @@ from temporalio.api.workflowservice.v1 import (
     GetSystemInfoRequest,
 )
 from temporalio.client import Client
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from fly import FlyClient
 from fly.exceptions import FlyError, FlyForbidden, FlyNotFound, FlyUnauthorized
 from sortie.credentials import ClaudePool
 from sortie.pacing import create_queue
+from sortie.reaping import queue_schedule_id
 from sortie.settings import Settings, TemporalConfigError, fly_connection, temporal_profile
 from sortie.spec import BatchSpec, resolve_job
 from sortie.store import ObjectStore, StoreError
@@ -71,13 +72,14 @@ async def diagnose(
     client, temporal = await _temporal(settings, env)
     checks.append(temporal)
     if client is None:
-        for name in ("search attribute", "create pacing", "workers"):
+        for name in ("search attribute", "create pacing", "workers", "reaper schedule"):
             checks.append(Check(name, None, "skipped: needs Temporal"))
     else:
         apps = _apps(settings, env, spec)
         checks.append(await _answered("search attribute", _search_attribute(client, settings)))
         checks.append(await _answered("create pacing", server_pacing(client, settings, apps)))
         checks.append(await _answered("workers", _workers(client, settings)))
+        checks.append(await _answered("reaper schedule", reaper_schedule(client, settings)))
     checks.append(await _store(env))
     checks.append(await _fly(settings, env, spec))
     checks.append(_claude(env, spec))
@@ -203,6 +205,27 @@ async def _workers(client: Client, settings: Settings) -> Check:
         True,
         f"{len(identities)} polling task queue {settings.task_queue} ({', '.join(identities)})",
     )
+
+
+async def reaper_schedule(client: Client, settings: Settings) -> Check:
+    """The schedule that sweeps FLY_APP's orphaned machines: workers make it, and keep trying
+    until it exists; said (not failed) when it does not exist yet."""
+    if not settings.reaper:
+        return Check("reaper schedule", None, "off (SORTIE_REAPER=off): orphans are not swept")
+    sid = queue_schedule_id(settings.task_queue)
+    try:
+        described = await client.get_schedule_handle(sid).describe()
+    except RPCError as error:
+        if error.status is not RPCStatusCode.NOT_FOUND:
+            raise
+        return Check(
+            "reaper schedule",
+            None,
+            f"no schedule {sid} yet: orphaned machines are not swept",
+            "start a worker with FLY_APP set (it makes the schedule; its log says if it cannot)",
+        )
+    every = [i.every for i in described.schedule.spec.intervals]
+    return Check("reaper schedule", True, f"{sid} every {every[0] if every else '?'}")
 
 
 async def _store(env: Mapping[str, str]) -> Check:

@@ -142,7 +142,7 @@ class _MetricsActivity(ActivityInboundInterceptor):
         batch = next((str(b) for a in input.args if (b := ids_of(a).get("batch_id"))), "")
         try:
             result = await self.next.execute_activity(input)
-        except BaseException:
+        except BaseException:  # counted, then raised as it came
             self._metrics.activity_done(info.activity_type, info.attempt, None)
             raise
         self._metrics.activity_done(info.activity_type, info.attempt, result, batch)

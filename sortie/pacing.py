@@ -19,7 +19,6 @@ the apps of the batches and follow-ups running on its queue (their `fly_apps` me
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -229,14 +228,14 @@ class CreateQueues:
         for observer in self.on_new_app:
             try:
                 await observer(app)
-            except Exception:
+            except Exception:  # logged; an observer that must not fail retries itself
                 log.exception("observer of new app %s failed", app)
 
     async def _run(self, app: str, worker: Worker) -> None:
         """Poll until shut down; a poller that fails is forgotten, so discovery starts it again."""
         try:
             await worker.run()
-        except Exception:
+        except Exception:  # logged, and the next discovery polls the queue again
             log.exception("the create queue of %s stopped; polling it again on discovery", app)
             if self._workers.get(app) is worker:
                 del self._workers[app]
@@ -245,9 +244,12 @@ class CreateQueues:
         """Serve every app a running batch or follow-up on this task queue names."""
         seen: set[str] = set()
         async for execution in self._client.list_workflows(apps_query(self._task_queue)):
-            with contextlib.suppress(Exception):  # a memo of another shape: not ours
+            try:  # any other error fails the discovery, which is said and tried again
                 apps: list[str] = await execution.memo_value(APPS_MEMO, [], type_hint=list[str])
-                seen.update(app for app in apps if isinstance(app, str))
+            except (TypeError, ValueError) as error:  # a memo of another shape: not ours
+                log.warning("workflow %s: memo %s unreadable: %s", execution.id, APPS_MEMO, error)
+                continue
+            seen.update(app for app in apps if isinstance(app, str))
         for app in sorted(seen):
             await self.serve(app)
 

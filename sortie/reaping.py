@@ -6,9 +6,11 @@ machines are destroyed within one interval without anyone typing `starter.py rea
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from temporalio.client import (
@@ -129,3 +131,48 @@ async def ensure_reaper_schedule(
     )
     log.info("reaper schedule %s sweeps %s every %ss", sid, app, settings.reaper_interval_s)
     return sid
+
+
+class ReaperSchedules:
+    """Each app's reaper schedule, tried again until it exists: an app whose schedule could
+    not be made would have its orphaned machines never swept, so no failure is final."""
+
+    def __init__(
+        self, ensure: Callable[[str], Awaitable[object]], *, first_delay_s: float = 1.0
+    ) -> None:
+        """`ensure`: make one app's schedule (or bring it up to date), raising when it cannot."""
+        self._ensure = ensure
+        self._first_delay_s = first_delay_s
+        self._tries: dict[str, asyncio.Task[None]] = {}
+
+    async def ensure(self, app: str) -> None:
+        """Start making the app's schedule (once per app), in the background."""
+        if app not in self._tries:
+            self._tries[app] = asyncio.create_task(self._keep_trying(app))
+
+    def missing(self) -> list[str]:
+        """The apps whose schedule does not exist yet."""
+        return sorted(app for app, task in self._tries.items() if not task.done())
+
+    async def _keep_trying(self, app: str) -> None:
+        delay = self._first_delay_s
+        while True:
+            try:
+                await self._ensure(app)
+                return
+            except Exception as error:  # any failure: said, and tried again until it exists
+                log.warning(
+                    "no reaper schedule for Fly app %s yet (%s): its orphaned machines are not "
+                    "swept until there is; trying again in %gs",
+                    app,
+                    error,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    async def close(self) -> None:
+        """Stop trying (the worker stops); the next worker tries again."""
+        for task in self._tries.values():
+            task.cancel()
+        await asyncio.gather(*self._tries.values(), return_exceptions=True)

@@ -256,7 +256,7 @@ class ObjectStore:
             task = self._clients[key] = key[0].create_task(self._open(public=key[1]))
         try:
             _, client = await asyncio.shield(task)
-        except BaseException:
+        except BaseException:  # raised as it came; a failed open is tried afresh next time
             if task.done():
                 self._clients.pop(key, None)
             raise
@@ -316,6 +316,11 @@ REPORTS = "reports"
 def report_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     """Where the agent uploads a prompt job attempt's report (through a presigned URL)."""
     return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.json"
+
+
+def finished_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
+    """What `finish_job` learned of an attempt's machine before destroying it; swept as reports."""
+    return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.finished.json"
 
 
 SESSIONS = "sessions"

@@ -63,7 +63,7 @@ def run_main(main: Coroutine[Any, Any, int | None]) -> NoReturn:
         code = 130
     except SystemExit as done:
         code = _exit_code(done)
-    except BaseException:
+    except BaseException:  # printed whole, and the exit code says it failed
         traceback.print_exc()
         code = 1
     sys.stdout.flush()

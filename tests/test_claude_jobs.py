@@ -23,7 +23,7 @@ from sortie.claude import PREVIEW_CHARS
 from sortie.spec import BatchSpec, parse_batch
 from sortie.store import REPORTS, session_prefix
 from tests.helpers.batches import git_repo, settings_for
-from tests.helpers.history import largest_payload
+from tests.helpers.history import largest_payload, signal_handled
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
@@ -131,6 +131,10 @@ async def test_budget_pauses_the_batch_and_a_raised_budget_continues(
     assert len(sortie.localfly.machines(app_name)) == 3, "no machine was created past the budget"
 
     await handle.signal(BatchWorkflow.resume)  # still over budget: stays paused
+    await eventually(lambda: signal_handled(handle, "resume"), what="the resume handled")
+    still = await batches.progress(sortie.client, submitted.batch_id)
+    assert still.paused and "budget reached" in (still.pause_reason or ""), still
+    assert len(sortie.localfly.machines(app_name)) == 3, "a machine was created past the budget"
     await handle.signal(BatchWorkflow.set_max_cost, MaxCostRequest(max_cost_usd=5.0))
     await handle.signal(BatchWorkflow.resume)
     await handle.result()

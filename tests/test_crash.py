@@ -28,10 +28,14 @@ from tests.helpers.waiting import eventually
 pytestmark = pytest.mark.slow
 
 
+FORGETFUL: dict[str, Any] = {"destroyed_visible_s": 0}
+"""localfly forgets a destroyed machine at once (404): no outcome may lean on Fly remembering."""
+
+
 # Fast failure detection, so a killed worker's activities are retried within seconds.
 @pytest.fixture(autouse=True)
 def no_faults(localfly: Any) -> Iterator[None]:
-    localfly.set_faults({})
+    localfly.set_faults(FORGETFUL)
     yield
     localfly.set_faults({})
 
@@ -65,7 +69,8 @@ async def test_worker_killed_mid_batch_resumes_exactly_once(
             # Creates and destroys are answered late: done at Fly, unheard when the worker dies.
             kind = "slow" if fault_endpoint == "logs" else "slow_response"
             localfly.set_faults(
-                {"http": [{"kind": kind, "delay_ms": 1500, "endpoints": [fault_endpoint]}]}
+                FORGETFUL
+                | {"http": [{"kind": kind, "delay_ms": 1500, "endpoints": [fault_endpoint]}]}
             )
         spec = spec_for(app_name)
         submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
@@ -80,7 +85,7 @@ async def test_worker_killed_mid_batch_resumes_exactly_once(
                 what="four running machines",
             )
         first.kill()
-        localfly.set_faults({})
+        localfly.set_faults(FORGETFUL)
         second.start()
         await batches.batch_handle(temporal.client, submitted.batch_id).result()
         report = await batches.results(

@@ -101,6 +101,31 @@ async def test_transient_fly_faults_change_no_outcome(
         assert f"out-{i}" in "\n".join(result.log_tail)
     made = one_machine_per_attempt_and_none_alive(sortie, app_name)
     assert len(made) == JOBS, "a job ran twice"
+    if any(rule.get("retry_after") for rule in faults.get("http", [])):
+        retried_no_sooner_than_asked(sortie, app_name)
+
+
+MACHINE_CALLS = {"get", "wait", "destroy", "stop", "start", "metadata", "events"}
+"""Calls whose path names one machine: the next call on that path is the same call tried again."""
+
+
+def retried_no_sooner_than_asked(sortie: Sortie, app: str) -> None:
+    """Every call answered 429 with Retry-After came again no sooner than it said: measured at
+    localfly from its own request log (when the 429 left, when the next call arrived)."""
+    log = sorted(sortie.localfly.requests(app), key=lambda r: r["arrived"])
+    gaps: list[tuple[float, float]] = []
+    for i, call in enumerate(log):
+        if call["status"] != 429 or not call["retry_after"]:
+            continue
+        if call["endpoint"] not in MACHINE_CALLS:
+            continue
+        same = (call["method"], call["path"])
+        again = next((r for r in log[i + 1 :] if (r["method"], r["path"]) == same), None)
+        if again is not None:
+            gaps.append((again["arrived"] - call["answered"], float(call["retry_after"])))
+    assert len(gaps) >= 3, f"too few 429s tried again to tell: {gaps}"
+    early = [(round(gap, 3), asked) for gap, asked in gaps if gap < asked - 0.02]
+    assert early == [], f"tried again sooner than Retry-After asked (gap, asked): {early}"
 
 
 async def test_a_missing_exit_event_fails_the_job_without_running_it_again(

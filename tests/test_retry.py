@@ -11,6 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.service import RPCError
@@ -98,11 +99,20 @@ async def test_retry_failed_runs_exactly_the_failed_jobs_and_latest_shows_every_
     assert (memo[batches.RETRY_OF], memo[batches.RETRY_ROOT]) == (batch_id, batch_id)
 
 
+@pytest.mark.parametrize(
+    ("limit", "error_kind"),
+    [
+        ({"prompt": "Refactor it all [[max-turns]]", "max_turns": 3}, "max_turns"),
+        ({"prompt": "Refactor it all [[cost:0.2]]", "max_cost_usd": 0.05}, "budget"),
+    ],
+    ids=["max-turns", "budget"],
+)
 async def test_retry_continue_sessions_goes_on_with_the_session_that_ran_out_of_turns(
-    sortie: Sortie, app_name: str, tmp_path: Path
+    sortie: Sortie, app_name: str, tmp_path: Path, limit: dict[str, Any], error_kind: str
 ) -> None:
+    # Out of turns, or stopped by its own --max-budget-usd: the session continues on retry.
     env = cli_env(sortie)
-    jobs = [{"id": "long", "prompt": "Refactor it all [[max-turns]]", "max_turns": 3}]
+    jobs = [{"id": "long", **limit}]
     path = batch_file(
         tmp_path / "prompts.json",
         app_name,
@@ -115,7 +125,7 @@ async def test_retry_continue_sessions_goes_on_with_the_session_that_ran_out_of_
     ).batch_id
     await batches.batch_handle(sortie.client, batch_id).result()
     [first] = (await batches.results(sortie.client, batch_id)).results
-    assert (first.state, first.error_kind) == ("failed", "max_turns") and first.session_id
+    assert (first.state, first.error_kind) == ("failed", error_kind) and first.session_id
 
     retried = await cli(["retry", batch_id, "--continue-sessions", "--wait", "--json"], env)
     assert retried.returncode == 0, retried.stderr

@@ -1,7 +1,9 @@
 """No secret value reaches workflow history, the Web UI's metadata, the store or the logs.
 
 A batch runs on a worker process whose environment holds known token values (and the object
-store's keys); then the full exported history of the batch and every child (`temporal workflow
+store's keys); while it runs, the batch's and its chunks' descriptions (pending activities and
+their heartbeat details included) are taken; then the history of every run of the batch and every
+child, the exported latest history (`temporal workflow
 show -o json`, payloads decoded), their descriptions (UI summaries, details, search attributes),
 the worker's log, and every object the batch left in the store with its metadata are searched
 for those values, and for any presigned URL the worker minted for the machines.
@@ -16,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf.json_format import MessageToJson
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
 from sortie.spec import parse_batch
 from tests.helpers.batches import git_repo, settings_for
-from tests.helpers.history import decoded_payloads
+from tests.helpers.history import decoded_payloads, every_run
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import TEMPORAL_CLI
+from tests.helpers.waiting import eventually
+from workflows.batch_models import ChunkStatus
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +75,20 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
                     "push_branch": "sortie/{batch}/{job}",
                 },
                 {"id": "refused", "prompt": "Try [[auth]]", "retries": 1},
-                # A job that prints its secrets: the log tail must come back scrubbed.
-                {"id": "leaky", "command": "echo token=$GITHUB_TOKEN; env | sort"},
+                # A job that prints its secrets: the log tail must come back scrubbed. It runs
+                # long enough to be read while it runs (heartbeats, pending activities).
+                {"id": "leaky", "command": "echo token=$GITHUB_TOKEN; env | sort; sleep 4"},
             ],
         }
     )
+    running: list[str] = []
     try:
         submitted = await batches.submit(temporal.client, settings, spec)
+        await eventually(
+            lambda: described_with_heartbeats(temporal.client, submitted.batch_id, running),
+            timeout=60,
+            what="the running batch's chunks heartbeating",
+        )
         await batches.batch_handle(temporal.client, submitted.batch_id).result()
         report = await batches.results(
             temporal.client, submitted.batch_id, store=settings.blob_store()
@@ -96,6 +109,7 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     progress = await batches.progress(temporal.client, submitted.batch_id)
     ids = [submitted.batch_id, *(chunk.workflow_id for chunk in progress.chunks)]
     exported = [_export(address, workflow_id) for workflow_id in ids]
+    exported += [await _every_run(temporal.client, workflow_id) for workflow_id in ids]
     assert all(
         '"WorkflowExecutionStarted"' in e or "WORKFLOW_EXECUTION_STARTED" in e for e in exported
     )
@@ -109,6 +123,7 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     assert any(key.startswith("reports/") for key in stored), "the reports came by the store"
     assert any(key.startswith("changes/") for key in stored), "the changes came by the store"
     texts = [
+        *running,
         *exported,
         (tmp_path / "worker.log").read_text(),
         report.model_dump_json(),
@@ -151,4 +166,32 @@ def _export(address: str, workflow_id: str) -> str:
         ).stdout
         parts.append(out)
         parts.extend(decoded_payloads(json.loads(out)))
+    return "\n".join(parts)
+
+
+async def described_with_heartbeats(client: Client, batch_id: str, into: list[str]) -> bool:
+    """Describe the running batch and its chunks (pending activities, their heartbeats, the Web
+    UI's details) into `into`; whether a pending `finish_job` had heartbeat details yet."""
+    progress = await batches.progress(client, batch_id)
+    beating = False
+    chunks = [c.workflow_id for c in progress.chunks if c.status is ChunkStatus.RUNNING]
+    for workflow_id in [batch_id, *chunks]:
+        described = await client.get_workflow_handle(workflow_id).describe()
+        text = MessageToJson(described.raw_description)
+        into.append(text)
+        into.extend(decoded_payloads(json.loads(text)))
+        beating |= any(
+            a.activity_type.name == "finish_job" and a.heartbeat_details.payloads
+            for a in described.raw_description.pending_activities
+        )
+    return beating
+
+
+async def _every_run(client: Client, workflow_id: str) -> str:
+    """Every run's history (a batch continues-as-new), payloads decoded alongside."""
+    parts = []
+    for history in await every_run(client, workflow_id):
+        text = history.to_json()
+        parts.append(text)
+        parts.extend(decoded_payloads(json.loads(text)))
     return "\n".join(parts)

@@ -16,8 +16,9 @@ class Delivery(Enum):
     GONE = "gone"
     """The workflow is closed, or was never there: it cannot be told, and need not be."""
     REFUSED = "refused"
-    """The workflow runs but its run took all the signals the server allows one run
-    (`history.maximumSignalsPerExecution`): its next run can be told."""
+    """Not delivered for any other reason: typically the workflow's run took all the signals
+    the server allows one run (`history.maximumSignalsPerExecution`); its next run can be told,
+    so the sender tells it again later."""
 
 
 async def deliver(send: Awaitable[None]) -> Delivery:
@@ -26,12 +27,13 @@ async def deliver(send: Awaitable[None]) -> Delivery:
         await send
     except FailureError as error:
         workflow.logger.info("signal not delivered: %s", error)
-        return Delivery.REFUSED if _signal_limit(error) else Delivery.GONE
+        return Delivery.GONE if _not_found(error) else Delivery.REFUSED
     return Delivery.DELIVERED
 
 
-def _signal_limit(error: FailureError) -> bool:
-    """Whether the server refused the signal for its run's signal limit (the SDK names the
-    cause SignalCountLimitExceeded and says "the per-workflow signal limit was exceeded")."""
+def _not_found(error: FailureError) -> bool:
+    """Whether Temporal said the workflow is not there (the SDK names the cause
+    ExternalWorkflowExecutionNotFound and says "because it was not found"): the only failure
+    taken for a workflow that is gone."""
     kind = error.type if isinstance(error, ApplicationError) else None
-    return "limit" in f"{kind} {error.message}".lower()
+    return "notfound" in f"{kind}".lower() or "not found" in error.message.lower()

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from sortie.claude import AgentReport, ErrorKind
+
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN_BIN = ROOT / "tests" / "bin"
 SYSTEM_PATH = os.environ.get("PATH", "/usr/bin:/bin")
@@ -75,6 +77,7 @@ def run_agent(
     (base / "root").mkdir(exist_ok=True)
     full_env = {
         "PATH": path if path is not None else f"{STANDIN_BIN}{os.pathsep}{SYSTEM_PATH}",
+        "PYTHONPATH": str(ROOT),  # this tree's agent, wherever the package was installed from
         "HOME": str(base / "home"),
         "LOCALFLY_ROOT": str(base / "root"),
         "LANG": "C.UTF-8",
@@ -205,6 +208,24 @@ def test_command_line(tmp_path: Path) -> None:
     ]
     assert "sortie: claude exited 0 after 2 turns, $0.5000" in run.stdout
     assert run.result["repos"] == [] and run.result["claude"]["total_cost_usd"] == 0.5
+
+
+def test_the_standin_claude_refuses_unknown_flags_and_takes_every_flag_the_agent_passes(
+    tmp_path: Path,
+) -> None:
+    # As the real CLI does: an unknown option stops it before anything runs.
+    standin = [sys.executable, str(STANDIN_BIN / "claude")]
+    env = {"PATH": SYSTEM_PATH, "HOME": str(tmp_path), "CLAUDE_CODE_OAUTH_TOKEN": "t"}
+    refused = subprocess.run(
+        [*standin, "-p", "hi", "--no-such-flag"], env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "unknown option '--no-such-flag'" in refused.stderr
+    # Every flag the agent passes is known, and a run past its budget stops as Claude's does.
+    extra = {"model": "opus", "max_turns": 7, "allowed_tools": ["Read"], "max_cost_usd": 0.05}
+    run = run_agent(tmp_path, job("Do it [[cost:0.2]]", [], **extra))
+    claude = run.result["claude"]
+    assert (claude["subtype"], claude["is_error"]) == ("error_max_budget_usd", True), run.stderr
+    assert AgentReport.model_validate(run.result).error_kind() is ErrorKind.BUDGET
 
 
 def test_missing_claude(tmp_path: Path, origin: tuple[Path, str]) -> None:
@@ -436,6 +457,7 @@ def _run_raw(
     (base / "root").mkdir()
     full_env = {
         "PATH": f"{STANDIN_BIN}{os.pathsep}{SYSTEM_PATH}",
+        "PYTHONPATH": str(ROOT),
         "HOME": str(base / "home"),
         "LOCALFLY_ROOT": str(base / "root"),
         "LANG": "C.UTF-8",

@@ -99,16 +99,18 @@ def test_the_jobs_max_cost_bounds_all_its_iterations(
 ) -> None:
     origin, _ = bare
     # The check's output carries the stand-in's cost marker into the next prompt: $0.30 a turn.
+    # Each iteration's Claude gets what is left as --max-budget-usd ($0.30 the second time, which
+    # the turn fits; past it the CLI would stop itself), then nothing is left for a third.
     check = "echo '[[cost:0.3]]'; exit 1"
     description = job(
         "Work [[cost:0.3]]",
         [{"url": str(origin)}],
         verify=["sh", "-c", check],
         max_iterations=5,
-        max_cost_usd=0.5,
+        max_cost_usd=0.6,
     )
     run = run_with_changes(tmp_path, description)
     assert run.code == 4
     report = run.result
     assert [i["cost_usd"] for i in report["iterations"]] == [0.3, 0.3]
-    assert "max_cost_usd of $0.5 is spent" in report["error"]
+    assert "max_cost_usd of $0.6 is spent" in report["error"]

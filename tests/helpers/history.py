@@ -70,3 +70,22 @@ async def every_run(client: Client, workflow_id: str) -> list[WorkflowHistory]:
         await client.get_workflow_handle(workflow_id, run_id=e.run_id).fetch_history()
         async for e in client.list_workflows(f'WorkflowId="{workflow_id}"')
     ]
+
+
+async def signal_handled(handle: Any, name: str) -> bool:
+    """Whether the run's newest `name` signal was handled: a workflow task completed after it,
+    so a query now reads the state that signal left."""
+    signaled = None
+    async for event in handle.fetch_history_events():
+        if (
+            event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+            and event.workflow_execution_signaled_event_attributes.signal_name == name
+        ):
+            signaled = event.event_id
+        elif (
+            event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+            and signaled is not None
+            and event.event_id > signaled
+        ):
+            return True
+    return False

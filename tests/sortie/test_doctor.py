@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
 from localfly.process import LocalFlyProcess
-from sortie.doctor import Check, diagnose, report
+from sortie import reaping
+from sortie.doctor import Check, diagnose, reaper_schedule, report
+from sortie.settings import Settings
 from sortie.spec import parse_batch
 from sortie.stack import free_port
 
@@ -98,6 +102,7 @@ async def test_doctor_checks_a_files_secrets_and_claude_by_name_only(
         "search attribute",
         "create pacing",
         "workers",
+        "reaper schedule",
         "object store",
         "Fly",
         "Claude",
@@ -106,3 +111,18 @@ async def test_doctor_checks_a_files_secrets_and_claude_by_name_only(
     plain, _ = report(checks, as_json=False)
     for value in [TOKEN, "value-of-doctor-set"]:
         assert value not in text and value not in plain
+
+
+async def test_doctor_says_when_the_reaper_schedule_does_not_exist_yet(
+    temporal: WorkflowEnvironment,
+) -> None:
+    settings = Settings(task_queue=f"doctor-{uuid.uuid4().hex}")
+    missing = await reaper_schedule(temporal.client, settings)
+    assert missing.ok is None and "orphaned machines are not swept" in missing.detail
+    sid = await reaping.ensure_reaper_schedule(temporal.client, settings, "some-app")
+    assert sid is not None
+    try:
+        made = await reaper_schedule(temporal.client, settings)
+    finally:
+        await temporal.client.get_schedule_handle(sid).delete()
+    assert made.ok is True and sid in made.detail

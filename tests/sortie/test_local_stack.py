@@ -79,7 +79,8 @@ def test_make_up_runs_an_own_batch_and_make_down_leaves_nothing_listening(tmp_pa
 
         doctor = starter(["doctor", str(FIRST_BATCH)], env)
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-        assert doctor.stdout.count("✓") == 8, doctor.stdout
+        # Eight checks pass; the reaper schedule's passes too once the worker has made it.
+        assert "✗" not in doctor.stdout and doctor.stdout.count("✓") >= 8, doctor.stdout
 
         ran = starter(["submit", str(FIRST_BATCH), "--wait", "--json"], env)
         assert ran.returncode == 0, ran.stdout + ran.stderr

@@ -22,7 +22,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
-from sortie.models import Counts
+from sortie.models import Counts, Tuning
 from sortie.settings import Settings
 from sortie.spec import FAILURE_RATE_AFTER, OnTooManyFailures, StormGuard, parse_batch
 from tests.helpers.fleet import Fleet, fleet_worker
@@ -34,6 +34,7 @@ from workflows.batch_models import (
     CancelRequest,
     FailureLimit,
     FailureLimitRequest,
+    MaxCostRequest,
     MaxMachinesRequest,
     Progress,
     StormMark,
@@ -149,6 +150,14 @@ async def paused_and_idle(
     """The batch paused, no job of it running (the chunks asked): all it ran, it will run."""
     progress = await batches.progress(temporal.client, handle.id)
     return progress if progress.paused and progress.counts.running == 0 else None
+
+
+async def event_in(handle: WorkflowHandle[Any, Any], kind: EventType.ValueType) -> bool:
+    """Whether the history of the handle's run (the latest, without a run id) holds `kind`."""
+    async for event in handle.fetch_history_events():
+        if event.event_type == kind:
+            return True
+    return False
 
 
 async def signals_to_chunks(temporal: WorkflowEnvironment, batch_id: str) -> list[str]:
@@ -327,17 +336,45 @@ async def test_a_storm_of_platform_errors_pauses_the_batch(
 async def test_a_storm_pause_resumes_itself_on_a_durable_timer(
     temporal: WorkflowEnvironment,
 ) -> None:
+    # The pause outlives its run and its worker: the paused batch continues-as-new, the worker
+    # stops, the timer fires with no worker at all, and a new worker resumes the batch.
     fleet = Fleet()
     env = {"ERROR_KIND": "rate_limit", "ERROR_ATTEMPTS": "1"}
-    jobs = [{"id": f"j{i}", "env": env} for i in range(4)]
-    storm = {"errors": 2, "within": "1m", "auto_resume_after": "1s"}
-    async with batch(
-        temporal, fleet, jobs, storm=storm, defaults={"prompt": "review"}, chunk_size=4
-    ) as handle:
-        output = await asyncio.wait_for(handle.result(), timeout=30)
-        history = await handle.fetch_history()
+    settings = Settings(task_queue=f"guards-{uuid.uuid4().hex}")
+    spec = parse_batch(
+        {
+            "name": f"g{uuid.uuid4().hex[:8]}",
+            "app": "fleet",
+            "max_machines": 2,
+            "chunk_size": 4,
+            "storm": {"errors": 2, "within": "1m", "auto_resume_after": "6s"},
+            "defaults": {"retries": 2, "prompt": "review"},
+            "jobs": [{"id": f"j{i}", "env": env} for i in range(4)],
+        }
+    )
+    async with fleet_worker(temporal, settings, fleet.activities):
+        submitted = await batches.submit(
+            temporal.client, settings, spec, tuning=Tuning(run_events=100)
+        )
+        latest = temporal.client.get_workflow_handle(submitted.batch_id)
+        await eventually(lambda: paused_and_idle(temporal, latest), what="the storm pause")
+        first_run = (await latest.describe()).run_id
+
+        async def continued() -> bool:  # signals that change nothing grow the run past 100 events
+            if (await latest.describe()).run_id != first_run:
+                return True
+            await latest.signal(BatchWorkflow.set_max_cost, MaxCostRequest(max_cost_usd=1000.0))
+            return False
+
+        await eventually(continued, what="the paused batch continued-as-new")
+        await eventually(
+            lambda: event_in(latest, EventType.EVENT_TYPE_TIMER_STARTED), what="the new run's timer"
+        )
+    await eventually(
+        lambda: event_in(latest, EventType.EVENT_TYPE_TIMER_FIRED), what="the timer, no worker up"
+    )
+    async with fleet_worker(temporal, settings, fleet.activities):
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        output = await asyncio.wait_for(handle.result(), timeout=60)
     assert (output.status, output.succeeded) == ("completed", 4)
-    kinds = [event.event_type for event in history.events]
-    assert EventType.EVENT_TYPE_TIMER_STARTED in kinds
-    assert EventType.EVENT_TYPE_TIMER_FIRED in kinds, "the timer, not a signal, resumed it"
     assert (await signals_to_chunks(temporal, output.batch_id))[:2] == ["pause", "resume"]

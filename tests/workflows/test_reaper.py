@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -151,12 +150,9 @@ async def test_a_scheduled_sweep_nobody_typed_destroys_a_terminated_batchs_machi
         doomed.kill()
         await batches.batch_handle(temporal.client, submitted.batch_id).terminate("gave up")
         reaper.start()  # a worker started as in production: nothing else is asked of it
-        started = time.monotonic()
         await eventually(
             lambda: live(localfly, app_name) == [], timeout=60, what="the orphans destroyed"
         )
-        # One interval, plus the worker's own start (imports, connect) on a loaded machine.
-        assert time.monotonic() - started < 2 + 20
         description = await handle.describe()
         assert description.schedule.spec.intervals[0].every == timedelta(seconds=2)
         runs = [a.action for a in description.info.recent_actions]

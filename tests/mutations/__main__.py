@@ -96,7 +96,18 @@ def run(mutation: Mutation, base: Path, scratch: Path) -> Mutation:
     shutil.copytree(base, copy, dirs_exist_ok=True)
     apply(mutation, copy)
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-n",
+        "0",
+        "--tb=native",
+    ]
     try:
         ran = subprocess.run(
             [*command, *mutation.tests],

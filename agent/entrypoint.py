@@ -566,7 +566,7 @@ class Machine:
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
-            env={k: v for k, v in self.env.items() if k not in STORE_URLS},
+            env=self.child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -49,8 +49,7 @@ def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) 
     """Whether the job succeeded: it exited 0 on its own in time, with its report if it had one
     and that report names no error (an answer that misses its json_schema is one).
 
-    `record_outcome` gives a job this verdict, and `finish_job` reads it to hand a slot on only
-    after a success when the batch must judge every failure (a failure limit).
+    `record_outcome` gives a job this verdict.
     """
     answer = collected.answer if collected else None
     return (

@@ -105,6 +105,8 @@ URL_MOST_S = 7 * 24 * 3600
 """SigV4 presigned URLs expire after seven days at most."""
 CALL_TRIES = 4
 """Tries of one Fly call within `finish_job` before a transient error fails the activity."""
+RETRY_AFTER_MOST_S = 5.0
+"""The longest pause between tries of one Fly call inside an activity (Retry-After or backoff)."""
 ERROR_CHARS = 800
 """How much of the agent's own failure (a failing check's output tail) a result keeps: it rides
 in the chunk's history with the row (the agent's whole report stays in the store)."""
@@ -286,6 +288,8 @@ class MachineActivities:
             await patiently(lambda: self._fly.destroy_machine(ref.app, ref.machine_id, force=True))
         except FlyError as error:
             activity.logger.warning("machine %s not destroyed yet: %s", ref.machine_id, error)
+            if error.retry_after:  # the workflow's destroy comes next: no sooner than Fly asked
+                await asyncio.sleep(min(error.retry_after, RETRY_AFTER_MOST_S))
             return False
         return True
 
@@ -627,7 +631,7 @@ async def patiently(call: Callable[[], Awaitable[T]]) -> T:
             if not error.retryable:
                 raise
             delay = error.retry_after if error.retry_after is not None else 0.25 * 2**attempt
-            await asyncio.sleep(min(delay, 5.0))
+            await asyncio.sleep(min(delay, RETRY_AFTER_MOST_S))
     return await call()
 
 

@@ -84,6 +84,15 @@ class Counts(StrictModel):
         Web UI details after every report, over every chunk."""
         return cls(**{name: sum(getattr(c, name) for c in many) for name in cls.model_fields})
 
+    def cut_short(self) -> Counts:
+        """The counts of a chunk that ended with no result (failed, terminated): every job
+        not final counted as cancelled, no machine alive."""
+        unfinished = self.pending + self.running
+        cancelled = self.cancelled + unfinished
+        return self.model_copy(
+            update={"pending": 0, "running": 0, "cancelled": cancelled, "live_machines": 0}
+        )
+
     @classmethod
     def of(cls, results: list[JobResult], live_machines: int = 0) -> Counts:
         """Count job results by state, with what they spent."""

@@ -8,7 +8,8 @@ not destroy it; a new machine after each infrastructure failure, up to the job's
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
 slots back as soon as it has nothing left to start, so another chunk can use them, and reports
 how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
-object store and returns its counts and where the rows are.
+object store and returns its counts and where the rows are: its end reaches the batch as its
+result, not as a signal.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.job_models import StoreRowsInput, rows_key
-    from activities.jobs import JobActivities
     from activities.machine_models import (
         CreateMachineInput,
         CreateMachineOutput,
@@ -35,9 +34,11 @@ with workflow.unsafe.imports_passed_through():
     from sortie.outcomes import is_cancellation, record_outcome, why
     from sortie.pacing import create_queue
     from sortie.spec import Job
+    from workflows import chunk_models as models
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
-    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant, details, finish_input
+    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant
+    from workflows.chunk_store import load_jobs, store_rows
     from workflows.reports import Reporter
     from workflows.shielded import complete, evicting, settle
 
@@ -62,7 +63,9 @@ class ChunkWorkflow:
         self._cancel_reason: str | None = None
         self._jobs: list[asyncio.Task[None]] = []
         self._heard, self._released = 0, 0
-        self._reports = Reporter(input.index, input.report_every_s, self._now, self._cancel)
+        self._reports = Reporter(
+            input.index, input.report_every_s, input.report_phase_s, self._now, self._cancel
+        )
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
         self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
@@ -85,9 +88,9 @@ class ChunkWorkflow:
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
-        rows = await complete(self._store_rows())
+        rows = await complete(store_rows(input.batch_id, self._results, input.tuning))
         self._released, self._slots = self._released + self._slots, 0
-        await complete(self._reports.close())  # the batch may close once it heard this
+        await complete(self._reports.close())  # every report arrives before the result
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
@@ -137,24 +140,10 @@ class ChunkWorkflow:
         turn = self._input.followup.turn if self._input.followup else 1
         if claim is not None:
             try:
-                # An activity, not a local one: a slow store never holds the chunk's task open.
-                loaded = await workflow.execute_activity_method(
-                    JobActivities.load_jobs,
-                    claim,
-                    start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-                    retry_policy=policies.FLY_RETRY,
-                    summary=f"read jobs {claim.first_job}-{claim.first_job + claim.size - 1}",
-                )
+                loaded = await load_jobs(claim, self._input.tuning)
                 jobs, self._continues = loaded.jobs, loaded.continues
             except ActivityError as error:
-                failed = f"the chunk's jobs could not be read: {why(error)}"
-                self._results = [
-                    JobResult(
-                        job_id=f"#{i}", index=i, turn=turn, state=JobState.FAILED, error=failed
-                    )
-                    for i in range(claim.first_job, claim.first_job + claim.size)
-                ]
-                self._loaded = True
+                self._results, self._loaded = models.unread(claim, turn, why(error)), True
                 return
         self._results = [  # a job's turn: the one its session continues with, else 1
             JobResult(job_id=j.id, index=j.index, turn=f.turn if (f := self._followup(j)) else 1)
@@ -285,7 +274,7 @@ class ChunkWorkflow:
         """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            finish_input(self._input, job, machine, attempt, result, workflow.now()),
+            models.finish_input(self._input, job, machine, attempt, result, workflow.now()),
             start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
@@ -304,19 +293,6 @@ class ChunkWorkflow:
             summary=f"destroy machine {machine.machine_id}",
         )
 
-    async def _store_rows(self) -> str:
-        """Leave every job's row in the object store, where readers find it once closed."""
-        return await workflow.execute_activity_method(
-            JobActivities.store_rows,
-            StoreRowsInput(
-                key=rows_key(self._input.batch_id, workflow.info().workflow_id),
-                rows=[result.compact() for result in self._results],
-            ),
-            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-            retry_policy=policies.STORE_RETRY,
-            summary="store the chunk's rows",
-        )
-
     def _followup(self, job: Job) -> Followup | None:
         """The session the job continues: a follow-up turn's, or a retry's, or none."""
         return self._input.followup or self._continues.get(job.id)
@@ -330,19 +306,19 @@ class ChunkWorkflow:
     def _slot_freed(self, spent: bool, failed: bool) -> None:
         """A machine is gone: keep its slot for the next job, or give it back.
 
-        Progress is reported every `report_every_s`; a job the batch must judge at once (one that
-        spent money under a budget, or failed under a failure limit) and a storm error are
-        reported as they happen. Under a budget a job that spent money gives its slot back with
-        its report, and the batch lends it again only while money is left, so no job starts on
-        money already spent; under a failure limit a failed job's slot goes back the same way,
-        so no job starts past the limit.
+        Progress is reported at the chunk's times (workflows/reports.py); a job the batch must
+        judge at once (one that spent money under a budget, or failed under a failure limit)
+        and a storm error are reported as they happen. Under a budget a job that spent money
+        gives its slot back with its report, and the batch lends it again only while money is
+        left, so no job starts on money already spent; under a failure limit a failed job's
+        slot goes back the same way, so no job starts past the limit.
         """
         judged = (spent and self._input.budgeted) or (failed and self._input.guarded)
         if judged and self._queue and not self._cancelled:
             self._owed += 1
         if self._give_back_idle():
             return
-        if judged or self._reports.due():
+        if judged:
             self._reports.send()
         else:
             self._reports.soon()
@@ -370,7 +346,7 @@ class ChunkWorkflow:
         if give <= 0:
             return False
         if not (more_to_start or self._running):
-            return True  # the chunk is done: its last report gives back every slot
+            return True  # the chunk is done: its result gives back every slot
         owed = min(give, self._owed)
         self._owed, self._slots = self._owed - owed, self._slots - give
         self._released += give
@@ -410,4 +386,6 @@ class ChunkWorkflow:
     def _update_details(self) -> None:
         """Keep the Web UI's current details in step with the chunk."""
         state = "cancelling" if self._cancelled else "paused" if self._paused else "running"
-        workflow.set_current_details(details(self._counts(), state, self._slots, self._results))
+        workflow.set_current_details(
+            models.details(self._counts(), state, self._slots, self._results)
+        )

@@ -94,6 +94,28 @@ def check_storm(state: BatchState, guard: StormGuard | None, errors: dict[str, i
     pause(state, why, PausedBy.STORM)
 
 
+def set_max_cost(state: BatchState, max_cost_usd: float) -> None:
+    """A new budget: a batch paused at its budget says to resume; one lowered below what was
+    spent pauses at once."""
+    state.max_cost_usd = max_cost_usd
+    if state.over_budget and state.counts().cost_usd < max_cost_usd:
+        state.pause_reason = f"budget raised to ${max_cost_usd:.2f}: send resume to continue"
+    check_budget(state)
+
+
+def set_failure_limit(state: BatchState, request: FailureLimitRequest) -> bool:
+    """New failure thresholds; whether the batch was paused by them (then the reason says
+    whether to resume, else the batch checks the new limit at once)."""
+    state.failure_limit = changed_limit(state.failure_limit, request)
+    if state.paused_by is not PausedBy.FAILURES:
+        return False
+    why = too_many_failures(state.failure_limit, state.counts())
+    state.pause_reason = (
+        "failure limit raised: send resume to continue" if why is None else failed(why)
+    )
+    return True
+
+
 def pause(state: BatchState, reason: str, by: PausedBy | None = None) -> None:
     """The batch pauses on its own: the budget is spent, or a guard tripped."""
     state.paused, state.pause_reason, state.paused_by = True, reason, by

@@ -88,9 +88,9 @@ class ChunkWorkflow:
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
+        await complete(self._reports.close())  # no more reports: the end is the result
         rows = await complete(store_rows(input.batch_id, self._results, input.tuning))
         self._released, self._slots = self._released + self._slots, 0
-        await complete(self._reports.close())  # every report arrives before the result
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)

@@ -123,9 +123,6 @@ def build_worker(
         # A batch starts hundreds of creates at once; polling more while the queue has a
         # backlog gets them to this worker sooner than five fixed pollers.
         activity_task_poller_behavior=PollerBehaviorAutoscaling(),
-        # A hundred chunks each wake for every job: with five fixed pollers their workflow
-        # tasks waited seconds to start (docs/benchmarks.md, issue 26's attribution).
-        workflow_task_poller_behavior=PollerBehaviorAutoscaling(),
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
         # SORTIE_DEPLOYMENT and SORTIE_BUILD_ID set: Worker Versioning, workflows pinned to
         # the build they started on, their chunks (children) too; unset: unversioned.

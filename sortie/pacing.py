@@ -30,7 +30,6 @@ from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
     Interceptor,
-    PollerBehaviorAutoscaling,
     Worker,
     WorkerDeploymentConfig,
 )
@@ -209,8 +208,6 @@ class CreateQueues:
             task_queue=create_queue(self._task_queue, app),
             activities=[self._create],
             max_concurrent_activities=creates_at_once(self._rate),
-            # A backlog of creates (unpaced, or several apps' at once) is polled sooner.
-            activity_task_poller_behavior=PollerBehaviorAutoscaling(),
             deployment_config=self._deployment,
             interceptors=interceptors,
         )

@@ -47,14 +47,15 @@ from rich.console import Console
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.reaper_models import ReapInput
-from sortie import batches, changes, doctor, export, failures, machine_logs, reaping, render
-from sortie.analysis import batch as analysis
-from sortie.analysis.files import AnalysisError, read_checkout
-from sortie.analysis.findings import DEFAULT_FOCUS
-from sortie.analysis.partition import partition, plan_markdown, plan_table
+from client import batches, changes, doctor, export, failures, machine_logs, render
+from client.analysis import batch as analysis
+from client.analysis.files import AnalysisError, read_checkout
+from client.analysis.findings import DEFAULT_FOCUS
+from client.analysis.partition import partition, plan_markdown, plan_table
+from client.plan import plan
+from sortie import reaping
 from sortie.models import JobResult, JobState
-from sortie.plan import plan
+from sortie.reaper_models import ReapInput
 from sortie.settings import Settings
 from sortie.spec import (
     BatchFileError,

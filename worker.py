@@ -26,14 +26,14 @@ from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 
 import workflows
 from activities.jobs import JobActivities
+from activities.logs import LogContextInterceptor, configure_logging, note_machine
 from activities.machines import MachineActivities
+from activities.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
 from activities.reaper import ReaperActivities
+from activities.secrets import SecretStore
 from fly import FlyClient
 from sortie import reaping
-from sortie.logs import LogContextInterceptor, configure_logging, note_machine
-from sortie.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
 from sortie.pacing import CreateQueues
-from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.store import StoreError
 from sortie.temporal import connect, run_main

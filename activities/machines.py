@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.credentials import Credential, CredentialsResting, NoCredential
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
     CREDENTIALS_RESTING_ERROR,
@@ -46,6 +47,7 @@ from activities.machine_models import (
     WaitMachineOutput,
     WaitOutcome,
 )
+from activities.secrets import SecretStore, redact_presigned
 from fly import (
     ExitEvent,
     FlyClient,
@@ -63,7 +65,6 @@ from fly import (
     WaitResult,
 )
 from sortie.claude import CLI_ENV, PREVIEW_CHARS, AgentReport, ErrorKind, job_document
-from sortie.credentials import Credential, CredentialsResting, NoCredential
 from sortie.labels import (
     META_ATTEMPT,
     META_BATCH,
@@ -73,7 +74,6 @@ from sortie.labels import (
     machine_name,
 )
 from sortie.models import Iteration, MachineRef
-from sortie.secrets import SecretStore, redact_presigned
 from sortie.spec import LogTail
 from sortie.store import (
     KEEP_UNTIL,

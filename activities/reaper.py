@@ -15,7 +15,6 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.machines import GONE_STATES, fly_errors
-from activities.reaper_models import Orphan, ReapInput, ReapOutput
 from fly import FlyClient, Machine
 from sortie.labels import (
     META_BATCH,
@@ -25,6 +24,7 @@ from sortie.labels import (
     META_OWNER,
     chunk_workflow_id,
 )
+from sortie.reaper_models import Orphan, ReapInput, ReapOutput
 from sortie.store import KEEP_UNTIL, REPORTS, SESSIONS, ObjectStore
 
 REPORTS_KEPT = timedelta(hours=1)

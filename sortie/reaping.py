@@ -26,7 +26,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from activities.reaper_models import ReapInput, ReapOutput
+from sortie.reaper_models import ReapInput, ReapOutput
 from sortie.settings import Settings
 from workflows.reaper import ReaperWorkflow
 

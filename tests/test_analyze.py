@@ -26,10 +26,10 @@ import pytest
 import yaml
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
-from sortie.analysis import batch as analysis
-from sortie.analysis.files import read_checkout
-from sortie.analysis.partition import partition
+from client import batches
+from client.analysis import batch as analysis
+from client.analysis.files import read_checkout
+from client.analysis.partition import partition
 from sortie.labels import META_ATTEMPT, META_JOB
 from tests.helpers.batches import settings_for
 from tests.helpers.processes import WorkerProcess

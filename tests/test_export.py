@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from sortie import batches, export
+from client import batches, export
 from sortie.models import JobResult
 from sortie.spec import load_batch_file
 from sortie.store import ObjectStore

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from activities.machines import CALL_TRIES
-from sortie import batches
+from client import batches
 from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch

@@ -20,7 +20,6 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from sortie.models import Counts
-    from sortie.outcomes import seconds
     from sortie.spec import FAILURE_RATE_AFTER, OnTooManyFailures, StormGuard
     from workflows.batch_models import (
         BatchState,
@@ -29,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         PausedBy,
         StormMark,
     )
+    from workflows.outcomes import seconds
 
 STORM_KINDS = {
     "rate_limit": "Claude rate limit",

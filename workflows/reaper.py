@@ -8,7 +8,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.reaper import ReaperActivities
-    from activities.reaper_models import ReapInput, ReapOutput
+    from sortie.reaper_models import ReapInput, ReapOutput
     from workflows import policies
 
 

@@ -43,7 +43,7 @@ from activities.machine_models import (
     WaitMachineOutput,
     WaitOutcome,
 )
-from sortie import batches
+from client import batches
 from sortie.models import MachineRef, Tuning
 from sortie.pacing import CreateQueues
 from sortie.settings import Settings

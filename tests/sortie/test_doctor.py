@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from client.doctor import Check, diagnose, reaper_schedule, report
+from client.stack import free_port
 from localfly.process import LocalFlyProcess
 from sortie import reaping
-from sortie.doctor import Check, diagnose, reaper_schedule, report
 from sortie.settings import Settings
 from sortie.spec import parse_batch
-from sortie.stack import free_port
 
 TOKEN = "fm2_doctor-right-token"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client.local_stack import StackPlan
+from client.stack import LocalS3, free_port, listening
 from localfly.process import LocalFlyProcess
-from sortie.local_stack import StackPlan
-from sortie.stack import LocalS3, free_port, listening
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRST_BATCH = ROOT / "examples" / "first-batch.yaml"

@@ -14,9 +14,7 @@ import pytest
 from pydantic import BaseModel
 from temporalio.testing import WorkflowEnvironment
 
-from activities.machine_models import DestroyMachineInput, WaitMachineInput
-from sortie import batches
-from sortie.logs import (
+from activities.logs import (
     JsonFormatter,
     ScrubFilter,
     configure_logging,
@@ -25,6 +23,8 @@ from sortie.logs import (
     scrubber,
     secret_values,
 )
+from activities.machine_models import DestroyMachineInput, WaitMachineInput
+from client import batches
 from sortie.models import MachineRef
 from sortie.spec import parse_batch
 from tests.helpers.batches import settings_for

@@ -14,12 +14,12 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from activities.machine_models import CollectResultOutput, JobAnswer
-from activities.reaper_models import ReapOutput
+from activities.metrics import SortieMetrics, metrics_runtime
+from client import batches
+from client.stack import free_port
 from fly import FlyEvent
-from sortie import batches
-from sortie.metrics import SortieMetrics, metrics_runtime
+from sortie.reaper_models import ReapOutput
 from sortie.spec import DEFAULT_IMAGE, parse_batch
-from sortie.stack import free_port
 from tests.helpers.batches import settings_for
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.waiting import eventually

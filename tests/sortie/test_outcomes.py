@@ -6,8 +6,8 @@ import pytest
 
 from activities.machine_models import CollectResultOutput, JobAnswer, WaitMachineOutput, WaitOutcome
 from sortie.models import JobResult, JobState
-from sortie.outcomes import machine_failure, record_outcome
 from sortie.spec import Job
+from workflows.outcomes import machine_failure, record_outcome
 
 
 def _ended(

@@ -21,13 +21,13 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
+from client.stack import MATCHING_CONFIG
 from sortie.codec import data_converter
 from sortie.labels import BATCH_ID, META_JOB
 from sortie.pacing import create_queue
 from sortie.settings import Settings
 from sortie.spec import parse_batch
-from sortie.stack import MATCHING_CONFIG
 from tests.helpers.batches import TUNING, settings_for
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker
 from tests.helpers.processes import WorkerProcess

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sortie.batches import CHUNK_INPUT_BYTES, PAYLOAD_BYTES, batch_input, chunk_size
+from client.batches import CHUNK_INPUT_BYTES, PAYLOAD_BYTES, batch_input, chunk_size
 from sortie.spec import (
     FAILURE_RATE_AFTER,
     BatchFileError,

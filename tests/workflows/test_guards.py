@@ -21,7 +21,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.models import Counts, Tuning
 from sortie.settings import Settings
 from sortie.spec import FAILURE_RATE_AFTER, OnTooManyFailures, StormGuard, parse_batch

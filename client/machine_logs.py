@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from temporalio.client import Client
 
 from activities.machine_models import ReadLogsInput
+from client import batches
 from fly.client import LOGS_FROM_START
-from sortie import batches
 from sortie.models import JobResult, JobState
 from sortie.settings import Settings
 from sortie.store import ObjectStore

@@ -27,7 +27,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-from sortie.analysis.files import AnalysisError, SourceFile
+from client.analysis.files import AnalysisError, SourceFile
 
 Strategy = Literal["directory", "size", "type", "equal"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)

@@ -29,9 +29,9 @@ from temporalio.api.workflowservice.v1 import (
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.credentials import ClaudePool
 from fly import FlyClient
 from fly.exceptions import FlyError, FlyForbidden, FlyNotFound, FlyUnauthorized
-from sortie.credentials import ClaudePool
 from sortie.pacing import create_queue
 from sortie.reaping import queue_schedule_id
 from sortie.settings import Settings, TemporalConfigError, fly_connection, temporal_profile

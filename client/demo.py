@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 
-from sortie.local_stack import localfly_process, running_worker, worker_environment
+from client.local_stack import localfly_process, running_worker, worker_environment
+from client.stack import DevServer, LocalS3, listening
 from sortie.settings import Settings
-from sortie.stack import DevServer, LocalS3, listening
 from sortie.store import OFFLINE_URL, StoreSettings
 
 ROOT = Path(__file__).resolve().parent.parent

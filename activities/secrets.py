@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
-from sortie.credentials import ClaudePool
+from activities.credentials import ClaudePool
 
 REDACTED = "[redacted]"
 STORE_SECRET = "AWS_SECRET_ACCESS_KEY"

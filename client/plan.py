@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sortie.batches import batch_input, chunk_size
-from sortie.outcomes import seconds
+from client.batches import batch_input, chunk_size
 from sortie.spec import FAILURE_RATE_AFTER, BatchSpec, resolve_job
 from workflows.guards import limit_text
+from workflows.outcomes import seconds
 
 
 @dataclass(frozen=True)

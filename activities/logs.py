@@ -27,9 +27,9 @@ from temporalio.worker import (
     Interceptor,
 )
 
+from activities.secrets import REDACTED, redact_presigned
 from fly import FlyEvent
 from sortie.labels import META_ATTEMPT, META_BATCH, META_CHUNK, META_JOB
-from sortie.secrets import REDACTED, redact_presigned
 
 FORMAT_VARIABLE = "SORTIE_LOG_FORMAT"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

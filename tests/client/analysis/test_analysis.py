@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sortie.analysis.files import (
+from client.analysis.files import (
     AnalysisError,
     SourceFile,
     changed_files,
     language_of,
     read_checkout,
 )
-from sortie.analysis.findings import (
+from client.analysis.findings import (
     FINDINGS_SCHEMA,
     FINDINGS_SCHEMA_DOC,
     PROMPT_LIMIT,
@@ -33,7 +33,7 @@ from sortie.analysis.findings import (
     render_report,
     severity_counts,
 )
-from sortie.analysis.partition import (
+from client.analysis.partition import (
     MARKDOWN_LIMIT,
     Part,
     Strategy,

@@ -35,9 +35,9 @@ from temporalio.worker import (
     Interceptor,
 )
 
+from activities.logs import ids_of, models_within
 from fly import FlyEvent
 from sortie.labels import META_BATCH
-from sortie.logs import ids_of, models_within
 
 ADDRESS_VARIABLE = "SORTIE_METRICS_ADDRESS"
 JOBS_STARTED = "sortie_jobs_started"

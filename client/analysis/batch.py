@@ -18,9 +18,9 @@ from pathlib import Path
 from pydantic import BaseModel
 from temporalio.client import Client
 
-from sortie import batches
-from sortie.analysis.files import AnalysisError, Checkout, changed_files
-from sortie.analysis.findings import (
+from client import batches
+from client.analysis.files import AnalysisError, Checkout, changed_files
+from client.analysis.findings import (
     FINDINGS_SCHEMA,
     AnalysisSummary,
     Finding,
@@ -33,7 +33,7 @@ from sortie.analysis.findings import (
     render_report,
     severity_counts,
 )
-from sortie.analysis.partition import Part
+from client.analysis.partition import Part
 from sortie.claude import ErrorKind
 from sortie.models import JobResult, JobState
 from sortie.settings import Settings

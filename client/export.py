@@ -1,6 +1,6 @@
 """A batch's results written out as JSON, JSON lines, CSV or a markdown report, streaming.
 
-Rows are written as `sortie.batches.iter_results` reads them, a few chunks at a time, so a batch
+Rows are written as `client.batches.iter_results` reads them, a few chunks at a time, so a batch
 of 100,000 jobs is exported in the memory of a few chunks. The markdown report lists failures
 first, grouped by cause, then one by one: it reads the rows three times (causes, failures, the
 rest) rather than keep them.
@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from enum import StrEnum
 from typing import TextIO
 
-from sortie.batches import BatchReport
-from sortie.failures import Summary, failed
+from client.batches import BatchReport
+from client.failures import Summary, failed
 from sortie.models import JobResult
 
 Rows = Callable[[], AsyncIterator[tuple[str, JobResult]]]

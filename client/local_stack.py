@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from activities.credentials import ClaudePool
+from client.stack import DevServer, LocalS3, listening
 from localfly.process import LocalFlyProcess
-from sortie.credentials import ClaudePool
 from sortie.settings import LOCALFLY_URL, Settings
 from sortie.spec import DEFAULT_IMAGE
-from sortie.stack import DevServer, LocalS3, listening
 from sortie.store import OFFLINE_URL, StoreSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,7 +236,7 @@ def _start_worker(plan: StackPlan, environ: Mapping[str, str]) -> int:
 
 def _wait_for_worker(plan: StackPlan) -> None:
     """Until the worker polls the task queue; a worker that exited is an error naming its log."""
-    from sortie.doctor import pollers
+    from client.doctor import pollers
     from sortie.temporal import connect
 
     async def polled() -> None:
@@ -306,8 +306,8 @@ def _wait_closed(port: int, timeout: float = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sortie.local_stack up|down`."""
-    parser = argparse.ArgumentParser(prog="python -m sortie.local_stack", description=__doc__)
+    """`python -m client.local_stack up|down`."""
+    parser = argparse.ArgumentParser(prog="python -m client.local_stack", description=__doc__)
     parser.add_argument("action", choices=["up", "down"])
     args = parser.parse_args(argv)
     try:

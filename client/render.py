@@ -24,9 +24,9 @@ from rich.progress import Progress as Bars
 from rich.table import Table
 from rich.text import Text
 
-from sortie.batches import BatchReport, ChunkView, ProgressView
+from client.batches import BatchReport, ChunkView, ProgressView
+from client.plan import Plan
 from sortie.models import JobState
-from sortie.plan import Plan
 
 BAR_WIDTH = 30
 NARROW = 80

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sortie.analysis.files import AnalysisError
-from sortie.analysis.partition import Part
+from client.analysis.files import AnalysisError
+from client.analysis.partition import Part
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 Severity = Literal["critical", "high", "medium", "low", "info"]

@@ -29,11 +29,11 @@ from activities.jobs import JobActivities
 from activities.logs import LogContextInterceptor, configure_logging, note_machine
 from activities.machines import MachineActivities
 from activities.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
+from activities.pacing import CreateQueues
 from activities.reaper import ReaperActivities
 from activities.secrets import SecretStore
 from fly import FlyClient
 from sortie import reaping
-from sortie.pacing import CreateQueues
 from sortie.settings import Settings, fly_connection
 from sortie.store import StoreError
 from sortie.temporal import connect, run_main

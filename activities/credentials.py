@@ -17,12 +17,16 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
-from workflows.credentials import (
-    CredentialPoolWorkflow,
+from activities.credential_models import (
+    POOL_WORKFLOW,
+    REST,
+    TAKE,
+    CredentialChoice,
     PoolState,
     RestCredential,
     TakeCredential,
@@ -131,9 +135,10 @@ class ClaudePool:
                 "ANTHROPIC_API_KEY (or numbered ones, e.g. CLAUDE_CODE_OAUTH_TOKEN_2)"
             )
         choice = await client.execute_update_with_start_workflow(
-            CredentialPoolWorkflow.take,
+            TAKE,
             TakeCredential(names=self.names()),
             start_workflow_operation=_pool_start(task_queue),
+            result_type=CredentialChoice,
         )
         if choice.name is None or choice.name not in self._credentials:
             raise CredentialsResting(self.names(), choice.resting_until)
@@ -142,7 +147,7 @@ class ClaudePool:
     async def rest(self, client: Client, task_queue: str, name: str, reason: str) -> None:
         """Set a credential aside for every worker after an auth or rate-limit failure."""
         await client.execute_update_with_start_workflow(
-            CredentialPoolWorkflow.rest,
+            REST,
             RestCredential(name=name, seconds=self.rest_s, reason=reason),
             start_workflow_operation=_pool_start(task_queue),
         )
@@ -155,10 +160,10 @@ class ClaudePool:
         return next((c.name for c in self._credentials.values() if c.value in values), None)
 
 
-def _pool_start(task_queue: str) -> WithStartWorkflowOperation[CredentialPoolWorkflow, None]:
+def _pool_start(task_queue: str) -> WithStartWorkflowOperation[Any, Any]:
     """Start the task queue's pool if it is not running (an update then reaches it at once)."""
     return WithStartWorkflowOperation(
-        CredentialPoolWorkflow.run,
+        POOL_WORKFLOW,
         PoolState(),
         id=pool_workflow_id(task_queue),
         task_queue=task_queue,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from sortie.models import StrictModel
 
+REAPER_WORKFLOW = "ReaperWorkflow"
+"""The reaper workflow's type: the starter and the worker's schedules start it by name."""
+
 
 class ReapInput(StrictModel):
     """Find, and unless dry_run destroy, Sortie machines no running workflow owns."""

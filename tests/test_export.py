@@ -12,6 +12,7 @@ import pytest
 from temporalio.client import Client
 
 from client import batches, export
+from client.batches import report as batch_report
 from sortie.models import JobResult
 from sortie.spec import load_batch_file
 from sortie.store import ObjectStore
@@ -70,7 +71,7 @@ async def test_results_export_in_every_format_streams_rows_failures_first_in_mar
     # In process: JSON is the `results --json` document; JSON lines a row per job; and rows
     # stream: the first is written before the last window of chunks has been read.
     read: list[str] = []
-    real = batches._chunk_results
+    real = batch_report._chunk_results
 
     async def counted(
         client: Client, batch_id: str, chunk: ChunkProgress, store: ObjectStore | None
@@ -78,7 +79,7 @@ async def test_results_export_in_every_format_streams_rows_failures_first_in_mar
         read.append(chunk.workflow_id)
         return await real(client, batch_id, chunk, store)
 
-    monkeypatch.setattr(batches, "_chunk_results", counted)
+    monkeypatch.setattr(batch_report, "_chunk_results", counted)
     head = await batches.report_head(sortie.client, batch_id)
     seen: list[int] = []
 

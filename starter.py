@@ -48,12 +48,9 @@ from client.commands.reap import cmd_reap
 from client.commands.rerun import cmd_followup, cmd_retry
 from client.commands.run import cmd_submit, cmd_watch
 from client.commands.steer import cmd_signal
+from sortie.fields import BatchFileError, parse_percent
 from sortie.settings import Settings
-from sortie.spec import (
-    BatchFileError,
-    OnTooManyFailures,
-    parse_percent,
-)
+from sortie.spec import OnTooManyFailures
 from sortie.store import StoreError
 from sortie.temporal import run_main
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from client.batches import batch_input, chunk_size
-from sortie.spec import FAILURE_RATE_AFTER, BatchSpec, resolve_job
+from sortie.fields import FAILURE_RATE_AFTER
+from sortie.spec import BatchSpec, resolve_job
 from workflows.guards import limit_text
 from workflows.outcomes import seconds
 

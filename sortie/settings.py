@@ -23,7 +23,7 @@ from temporalio.envconfig import ClientConfigProfile
 from temporalio.worker import WorkerDeploymentConfig
 
 from fly import FlySettings, FlyToken
-from sortie.spec import parse_duration
+from sortie.fields import parse_duration
 from sortie.store import ObjectStore, StoreSettings, shared_store
 
 LOCALFLY_URL = "http://127.0.0.1:4280"

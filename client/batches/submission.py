@@ -20,16 +20,12 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.job_models import JobsClaim, LoadedJobs, jobs_key
 from client.batches.status import _status
+from sortie.fields import BatchFileError
 from sortie.labels import BATCH_ID
 from sortie.models import Followup, JobResult, Tuning
 from sortie.pacing import APPS_MEMO, batch_priority
 from sortie.settings import Settings
-from sortie.spec import (
-    BatchFileError,
-    BatchSpec,
-    Job,
-    resolve_job,
-)
+from sortie.spec import BatchSpec, Job, resolve_job
 from sortie.store import ObjectStore
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import (

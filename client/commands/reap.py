@@ -8,11 +8,9 @@ import sys
 from datetime import timedelta
 
 from sortie import reaping
+from sortie.fields import parse_duration
 from sortie.reaper_models import ReapInput
 from sortie.settings import Settings
-from sortie.spec import (
-    parse_duration,
-)
 from sortie.temporal import connect
 
 

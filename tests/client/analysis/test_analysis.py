@@ -41,7 +41,7 @@ from client.analysis.partition import (
     plan_markdown,
     plan_table,
 )
-from sortie.spec import check_json_schema
+from sortie.fields import check_json_schema
 
 STRATEGIES: tuple[Strategy, ...] = ("directory", "size", "type", "equal")
 

@@ -1,7 +1,7 @@
 """The Sortie worker: runs batch and chunk workflows and the Fly machine activities.
 
 Each worker polls its task queue (workflows, waits, destroys) and one create queue per Fly app
-in use, paced for all workers together by the app's pacer workflow (sortie/pacing.py).
+in use, paced for all workers together by the app's pacer workflow (activities/pacing.py).
 Configured by environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully:
 waits in progress are handed over to the next worker, never lost. An object store it cannot use
 (unreachable, no such bucket, refused keys) stops it at start with exit 2, before any batch runs.

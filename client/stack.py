@@ -43,7 +43,7 @@ def free_port() -> int:
 MATCHING_CONFIG = ["--dynamic-config-value", "matching.enableFairness=true"]
 """Fairness on: tasks of a queue's backlog go out in turns by fairness key (a batch's id), not
 first come first served; without it the dev server keeps priority keys but not fairness.
-Nothing else: each Fly app's create rate is held by its pacer workflow (sortie/pacing.py), on a
+Nothing else: each Fly app's create rate is held by its pacer workflow (activities/pacing.py), on a
 server with default partitions as on this one, and the bench measures both (--plain-server)."""
 
 

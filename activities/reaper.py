@@ -14,7 +14,8 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.machines import GONE_STATES, fly_errors
+from activities.fly_calls import fly_errors
+from activities.machines import GONE_STATES
 from fly import FlyClient, Machine
 from sortie.labels import (
     META_BATCH,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from activities.machines import CALL_TRIES
+from activities.fly_calls import CALL_TRIES
 from client import batches
 from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning

@@ -29,9 +29,8 @@ with workflow.unsafe.imports_passed_through():
         FinishJobOutput,
     )
     from activities.machines import MachineActivities
-    from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
+    from activities.metrics import JOBS_FINISHED, JOBS_STARTED
     from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
-    from sortie.outcomes import is_cancellation, record_outcome, why
     from sortie.pacing import create_queue
     from sortie.spec import Job
     from workflows import chunk_models as models
@@ -39,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant
     from workflows.chunk_store import load_jobs, store_rows
+    from workflows.outcomes import is_cancellation, record_outcome, why
     from workflows.reports import Reporter
     from workflows.shielded import complete, evicting, settle
 

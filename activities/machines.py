@@ -482,6 +482,7 @@ class MachineActivities:
             pushed=report.pushed(),
             failure=self._secrets.scrub(failure, input.secrets)[:ERROR_CHARS] if failure else None,
             structured=structured,
+            resets_at=report.resets_at if kind and kind.credential_fault else None,
         )
         if text:  # kept whole off history; the chunk's result carries only the key
             answer.result_ref = await self._store.put(
@@ -492,12 +493,13 @@ class MachineActivities:
         return answer
 
     async def _rest_if_refused(self, input: CollectResultInput, answer: JobAnswer) -> None:
-        """Claude refused the job's credential: rest it for every worker, by name."""
+        """Claude refused the job's credential: rest it for every worker, by name, until its
+        usage limit resets when Claude said when."""
         if not (answer.error_kind in CREDENTIAL_FAULTS and input.credential):
             return
         reason = f"{answer.error_kind} error in job {input.job_id}"
         await self._secrets.claude.rest(
-            activity.client(), self._task_queue, input.credential, reason
+            activity.client(), self._task_queue, input.credential, reason, answer.resets_at
         )
         activity.logger.warning(
             "set credential %s aside after a %s error", input.credential, answer.error_kind
@@ -550,8 +552,9 @@ class MachineActivities:
         except NoCredential as error:
             raise ApplicationError(str(error), type="UnknownSecrets", non_retryable=True) from None
         except CredentialsResting as error:
-            raise ApplicationError(
-                str(error), type=CREDENTIALS_RESTING_ERROR, non_retryable=True
+            until = error.until.isoformat() if error.until else None
+            raise ApplicationError(  # the details: until when, a time for the workflow's timer
+                str(error), until, type=CREDENTIALS_RESTING_ERROR, non_retryable=True
             ) from None
 
     async def _config(

@@ -36,11 +36,12 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import IO, Any
 
-from agent import changes, verify
+from agent import changes, limits, verify
 from agent.watch import Watched, watch
 
 REPORT_URL = "SORTIE_REPORT_URL"
@@ -375,6 +376,9 @@ class Machine:
         }
         if watched is not None and watched.stalled:
             body.update(stalled=True, session_id=watched.session_id)
+        resets = limits.reset_time(watched.resets_at if watched else None, claude, _now())
+        if resets is not None:
+            body["resets_at"] = resets
         if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
             self.note("report uploaded")
         return exit_code
@@ -681,6 +685,11 @@ class Machine:
                 self.note(f"no session archive: {error}")
                 return False
             return self.upload(ARCHIVE_URL, "session archive", path)
+
+
+def _now() -> datetime:
+    """The machine's clock, in UTC."""
+    return datetime.now(UTC)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 
@@ -57,6 +57,13 @@ class Reporter:
         self._unreported = False
         self.errors: dict[str, int] = {}
         """Attempts that ended with a storm error since the last report, by kind."""
+        self.resting_until: datetime | None = None
+        """The earliest end of a credential rest a job met since the last report."""
+
+    def rested(self, until: datetime | None) -> None:
+        """A job found every credential resting until `until`: the next report says so."""
+        if until is not None and (self.resting_until is None or until < self.resting_until):
+            self.resting_until = until
 
     def send(self, done: bool = False) -> int | None:
         """Tell the batch how far the chunk is, without waiting for delivery; the report's
@@ -75,9 +82,10 @@ class Reporter:
             wants_more=wants_more,
             counts=counts,
             errors=self.errors,
+            resting_until=self.resting_until,
             done=done,
         )
-        self.errors = {}
+        self.errors, self.resting_until = {}, None
         self._sends.append(asyncio.create_task(self._deliver(parent.workflow_id, report)))
         return report.seq
 

@@ -246,6 +246,31 @@ async def test_an_infrastructure_failure_is_retried_on_a_new_machine(
     assert not live(sortie, app_name)
 
 
+HOG = "python3 -c \"import time; held = b'x' * (300 << 20); time.sleep(4)\""
+"""A job that needs about 310 MB: localfly's OOM killer stops it on a 256 MB machine."""
+
+
+@pytest.mark.parametrize("on_oom", ["grow", "same"])
+async def test_the_retry_of_an_oom_killed_job_runs_with_twice_the_memory(
+    sortie: Sortie, app_name: str, on_oom: str
+) -> None:
+    jobs = [{"id": "hog", "command": HOG, "on_oom": on_oom}]
+    spec = make_spec(app_name, jobs, defaults={"retries": 1, "guest": {"memory_mb": 256}})
+    report = await finish(sortie, await start(sortie, spec))
+
+    (hog,) = report.results
+    sizes = sorted(
+        (m["metadata"]["sortie_attempt"], m["memory_mb"]) for m in machines(sortie, app_name)
+    )
+    if on_oom == "grow":
+        assert (hog.state, hog.attempts, hog.memory_mb) == ("succeeded", 2, 512), hog.error
+        assert sizes == [("1", 256), ("2", 512)], "killed at 256 MB, then run at 512 MB"
+    else:
+        assert (hog.state, hog.attempts, hog.memory_mb) == ("failed", 2, 256)
+        assert "OOM killed" in (hog.error or "") and sizes == [("1", 256), ("2", 256)]
+    assert not live(sortie, app_name)
+
+
 async def test_infrastructure_retries_are_bounded(sortie: Sortie, app_name: str) -> None:
     spec = make_spec(app_name, [{"id": "doomed", "command": "true"}], defaults={"retries": 1})
     sortie.localfly.set_faults({"machines": [{"kind": "fail_boot", "count": None}]})

@@ -77,7 +77,14 @@ ERRORS = (
     ErrorRule(
         ErrorKind.RATE_LIMIT,
         statuses=(429,),
-        markers=("rate_limit", "rate limit", "request rejected (429)", "api error: 429"),
+        markers=(
+            "rate_limit",
+            "rate limit",
+            "request rejected (429)",
+            "api error: 429",
+            "usage limit reached",
+            "you've hit your",
+        ),
     ),
     ErrorRule(
         ErrorKind.OVERLOADED,

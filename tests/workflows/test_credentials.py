@@ -6,6 +6,7 @@ the rests and the turn live in the task queue's CredentialPoolWorkflow on the re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -110,7 +111,7 @@ async def test_a_job_that_finds_every_credential_resting_waits_for_the_rest_to_e
     progress = await eventually(waiting, what="the job waiting, the batch paused")
     assert f"resting until {until:%H:%M:%S} UTC" in (progress.pause_reason or "")
     assert progress.counts.pending == 1 and sortie.localfly.machines(app_name) == []
-    output = await handle.result()
+    output = await asyncio.wait_for(handle.result(), timeout=60)
     [result] = (await batches.results(sortie.client, submitted.batch_id)).results
     assert (output.status, result.state, result.attempts) == ("completed", "succeeded", 1)
     [machine] = sortie.localfly.machines(app_name)

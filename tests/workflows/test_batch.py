@@ -7,6 +7,8 @@ Sortie's own records.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
 import subprocess
@@ -25,6 +27,7 @@ from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.batches import JOBS, settings_for, spec_for
+from tests.helpers.cli import cli, cli_env
 from tests.helpers.history import assert_no_create_while_paused, every_run
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
@@ -264,6 +267,10 @@ async def test_the_retry_of_an_oom_killed_job_runs_with_twice_the_memory(
     )
     if on_oom == "grow":
         assert (hog.state, hog.attempts, hog.memory_mb) == ("succeeded", 2, 512), hog.error
+        env = cli_env(sortie)
+        shown = await cli(["results", report.batch_id, "--format", "csv"], env)
+        [row] = csv.DictReader(io.StringIO(shown.stdout))
+        assert row["memory_mb"] == "512", "the result says the size that ran"
         assert sizes == [("1", 256), ("2", 512)], "killed at 256 MB, then run at 512 MB"
     else:
         assert (hog.state, hog.attempts, hog.memory_mb) == ("failed", 2, 256)

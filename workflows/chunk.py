@@ -4,7 +4,9 @@ A chunk is a child workflow of its batch. It reads its own jobs from the object 
 (`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
 its window of machine slots holds. A job is: create its machine through the app's create queue,
 then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
-not destroy it; a new machine after each infrastructure failure, up to the job's retries. The
+not destroy it; a new machine after each infrastructure failure, up to the job's retries (with
+twice the memory after an OOM kill, by the job's `on_oom`); a job that finds every Claude
+credential resting waits, with no machine, until the earliest rest is over. The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
 slots back as soon as it has nothing left to start, so another chunk can use them, and reports
 how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the

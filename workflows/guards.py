@@ -7,7 +7,8 @@ Every rule is here, as workflows/slots.py holds the window rules:
   jobs once FAILURE_RATE_AFTER jobs have finished.
 - A storm error is an attempt that ended with one of STORM_KINDS, whatever became of its job
   afterwards: the platform, not the job, is to blame, and another machine would meet it again.
-  `errors` of them within `within` pause the batch; one of AT_ONCE pauses it at once.
+  `errors` of them within `within` pause the batch; one of AT_ONCE pauses it at once, until
+  the earliest credential rest is over when the chunk's report says when.
 """
 
 from __future__ import annotations

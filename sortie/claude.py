@@ -24,9 +24,10 @@ from pydantic import (
     WrapValidator,
 )
 
+from sortie.fields import branch_name
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
 from sortie.models import Changes, Iteration, Pushed
-from sortie.spec import Job, branch_name
+from sortie.spec import Job
 
 PREVIEW_CHARS = 2000
 """How much of an answer history keeps; the whole answer goes to the object store."""

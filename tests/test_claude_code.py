@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from sortie import batches, render
+from client import batches, render
 from sortie.claude import CLI_ENV
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.anthropic_api import ANSWER

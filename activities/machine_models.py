@@ -115,6 +115,8 @@ class JobAnswer(StrictModel):
     pushed: Pushed | None = None
     failure: str | None = None
     """The agent's own reason the job failed after Claude answered: verify, push (scrubbed)."""
+    resets_at: datetime | None = None
+    """When Claude said the refused credential's usage limit resets: it rests until then."""
 
 
 class CollectResultOutput(StrictModel):

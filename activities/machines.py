@@ -305,8 +305,9 @@ class MachineActivities(MachineCollect):
         except NoCredential as error:
             raise ApplicationError(str(error), type="UnknownSecrets", non_retryable=True) from None
         except CredentialsResting as error:
-            raise ApplicationError(
-                str(error), type=CREDENTIALS_RESTING_ERROR, non_retryable=True
+            until = error.until.isoformat() if error.until else None
+            raise ApplicationError(  # the details: until when, a time for the workflow's timer
+                str(error), until, type=CREDENTIALS_RESTING_ERROR, non_retryable=True
             ) from None
 
     async def _config(

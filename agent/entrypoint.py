@@ -33,11 +33,12 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from agent import changes, verify
+from agent import changes, limits, verify
 from agent.job import (
     Checkout,
     Job,
@@ -145,6 +146,9 @@ class Machine(Transfers):
         }
         if watched is not None and watched.stalled:
             body.update(stalled=True, session_id=watched.session_id)
+        resets = limits.reset_time(watched.resets_at if watched else None, claude, _now())
+        if resets is not None:
+            body["resets_at"] = resets
         if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
             self.note("report uploaded")
         return exit_code
@@ -417,6 +421,11 @@ class Machine(Transfers):
                 self.note(f"no session archive: {error}")
                 return False
             return self.upload(ARCHIVE_URL, "session archive", path)
+
+
+def _now() -> datetime:
+    """The machine's clock, in UTC."""
+    return datetime.now(UTC)
 
 
 def summary(code: int, output: Mapping[str, Any] | None) -> str:

@@ -41,6 +41,7 @@ CSV_COLUMNS = [
     "exit_code",
     "attempts",
     "machine_id",
+    "memory_mb",
     "started_at",
     "finished_at",
     "duration_s",

@@ -9,12 +9,20 @@ failed, by one table from what the CLI reports to an error kind (ERRORS).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 from sortie.fields import branch_name
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
@@ -70,7 +78,14 @@ ERRORS = (
     ErrorRule(
         ErrorKind.RATE_LIMIT,
         statuses=(429,),
-        markers=("rate_limit", "rate limit", "request rejected (429)", "api error: 429"),
+        markers=(
+            "rate_limit",
+            "rate limit",
+            "request rejected (429)",
+            "api error: 429",
+            "usage limit reached",
+            "you've hit your",
+        ),
     ),
     ErrorRule(
         ErrorKind.OVERLOADED,
@@ -183,6 +198,17 @@ class RepoPush(BaseModel):
     error: str | None = None
 
 
+def _a_time_or_none(value: object, handler: ValidatorFunctionWrapHandler) -> datetime | None:
+    """A time the report names (epoch seconds or ISO 8601, in UTC), or None for anything else."""
+    try:
+        moment = handler(value)
+    except ValidationError:
+        return None
+    if not isinstance(moment, datetime):
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class AgentReport(BaseModel):
     """The entrypoint's report, as it uploaded it."""
 
@@ -199,6 +225,9 @@ class AgentReport(BaseModel):
     changes_uploaded: bool = False
     push: list[RepoPush] = Field(default_factory=list)
 
+    resets_at: Annotated[datetime | None, WrapValidator(_a_time_or_none)] = None
+    """When the refused credential's usage limit resets, as the agent read it from the CLI:
+    a time or nothing (anything else is dropped, never kept as text)."""
     stalled: bool = False
     """The stall watchdog stopped the CLI: no event for the job's `stall_timeout`."""
     session_id: str | None = None

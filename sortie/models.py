@@ -71,7 +71,7 @@ class Counts(StrictModel):
     cost_usd: float = 0.0
     num_turns: int = 0
     credentials_resting: int = 0
-    """Failed jobs (among `failed`) that found every Claude credential resting: no machine."""
+    """Jobs waiting (among `pending`) for a Claude credential's rest to end: no machine yet."""
 
     @property
     def done(self) -> int:
@@ -103,14 +103,14 @@ class Counts(StrictModel):
             match result.state:
                 case JobState.PENDING:
                     counts.pending += 1
+                    if result.error_kind == CREDENTIALS_RESTING:
+                        counts.credentials_resting += 1
                 case JobState.STARTING | JobState.RUNNING:
                     counts.running += 1
                 case JobState.SUCCEEDED:
                     counts.succeeded += 1
                 case JobState.FAILED:
                     counts.failed += 1
-                    if result.error_kind == CREDENTIALS_RESTING:
-                        counts.credentials_resting += 1
                 case JobState.TIMED_OUT:
                     counts.timed_out += 1
                 case JobState.CANCELLED:
@@ -162,6 +162,8 @@ class JobResult(StrictModel):
     """The Fly app of the job's (last) machine."""
     machine_id: str | None = None
     machine_state: str | None = None
+    memory_mb: int | None = None
+    """The memory of the job's (last) machine: more than it asked after an OOM kill."""
     attempts: int = 0
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -43,6 +43,7 @@ from sortie.fields import (
     StallSeconds,
     _off,
     branch_name,
+    parse_memory_mb,
 )
 
 
@@ -59,6 +60,17 @@ class LogTail(StrEnum):
 
     ON_FAILURE = "on_failure"
     ALWAYS = "always"
+
+
+FLY_MEMORY_PER_CPU = {"shared": 2048, "performance": 8192}
+"""The most memory Fly gives a machine per CPU of each kind, in MB (fly-go's presets)."""
+
+
+class OnOom(StrEnum):
+    """What the retry of an OOM-killed job runs on: twice the memory, or the same size."""
+
+    GROW = "grow"
+    SAME = "same"
 
 
 class Guest(_Strict):
@@ -126,6 +138,8 @@ class JobFields(_Strict):
     push_branch: str | None = None
     json_schema: JsonSchema | None = None
     stall_timeout: StallSeconds | None = None
+    max_memory: MemoryMB | None = None
+    on_oom: OnOom | None = None
 
     @field_validator("push_branch")
     @classmethod
@@ -202,7 +216,30 @@ def cross_field_problems(jobs: object, defaults: object) -> list[str]:
             for field in PROMPT_ONLY:
                 if job.get(field) is not None:
                     problems.append(f"{where}: {field} is only for prompt jobs")
+        if (problem := _max_memory_problem(job, fallback)) is not None:
+            problems.append(f"{where}: max_memory: {problem}")
     return problems
+
+
+def _max_memory_problem(job: dict[str, Any], defaults: dict[str, Any]) -> str | None:
+    """`max_memory` below the job's memory, or above what Fly allows for its CPUs (values that
+    do not parse are the field validation's to report)."""
+    given = (
+        job.get("max_memory") if job.get("max_memory") is not None else defaults.get("max_memory")
+    )
+    guest = job.get("guest") if job.get("guest") is not None else defaults.get("guest")
+    try:
+        guest = Guest.model_validate(guest if guest is not None else {})
+        most = parse_memory_mb(given) if given is not None else None
+    except (ValidationError, ValueError):
+        return None
+    fly_most = FLY_MEMORY_PER_CPU[guest.cpu_kind] * guest.cpus
+    if most is not None and most < guest.memory_mb:
+        return f"{most} MB is below the job's memory_mb ({guest.memory_mb} MB)"
+    if most is not None and most > fly_most:
+        cpus = f"{guest.cpus} {guest.cpu_kind} CPU{'s' * (guest.cpus > 1)}"
+        return f"{most} MB is more than Fly gives {cpus} ({fly_most} MB)"
+    return None
 
 
 DEFAULT_IMAGE = "registry.fly.io/sortie-agent:latest"
@@ -239,6 +276,26 @@ class Job(_Strict):
     json_schema: dict[str, Any] | None = None
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     """0 is off: the CLI may go quiet as long as the job's timeout allows."""
+    max_memory_mb: int | None = None
+    on_oom: OnOom = OnOom.GROW
+
+    def memory_after_oom(self, memory_mb: int) -> int:
+        """The memory of the retry of an attempt OOM-killed at `memory_mb`: twice it, up to
+        `max_memory` (by default four times the job's, within what Fly gives its CPUs)."""
+        if self.on_oom is OnOom.SAME:
+            return memory_mb
+        guest = self.guest
+        most = self.max_memory_mb or min(
+            4 * guest.memory_mb, FLY_MEMORY_PER_CPU[guest.cpu_kind] * guest.cpus
+        )
+        return max(memory_mb, min(2 * memory_mb, most))
+
+    def sized(self, memory_mb: int) -> Job:
+        """The job on a machine of `memory_mb`."""
+        if memory_mb == self.guest.memory_mb:
+            return self
+        guest = self.guest.model_copy(update={"memory_mb": memory_mb})
+        return self.model_copy(update={"guest": guest})
 
 
 MAX_APPS = 20
@@ -383,6 +440,7 @@ _JOB_NAMES = {
     "timeout": "timeout_s",
     "boot_timeout": "boot_timeout_s",
     "stall_timeout": "stall_timeout_s",
+    "max_memory": "max_memory_mb",
 }
 
 

@@ -188,6 +188,21 @@ def test_validate_reports_field_and_cross_field_problems_at_once(tmp_path: Path)
     ]
 
 
+def test_validate_refuses_a_max_memory_fly_does_not_give(tmp_path: Path) -> None:
+    batch = tmp_path / "oom.yaml"
+    batch.write_text(
+        "name: oom\napp: ok\njobs:\n"
+        "  - {id: a, command: 'true', max_memory: 8gb}\n"
+        "  - {id: b, command: 'true', on_oom: twice}\n"
+    )
+    ran = piped(["validate", str(batch)], base_env())
+    assert ran.returncode == 2 and ran.stdout == ""
+    assert ran.stderr.splitlines()[1:] == [
+        "  - job 'b' (jobs[1]): on_oom: Input should be 'grow' or 'same'",
+        "  - job 'a' (jobs[0]): max_memory: 8192 MB is more than Fly gives 1 shared CPU (2048 MB)",
+    ]
+
+
 @pytest.mark.parametrize("command", ["validate", "submit"])
 def test_unreadable_and_non_utf8_files_exit_2(tmp_path: Path, command: str) -> None:
     (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff")

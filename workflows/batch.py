@@ -129,7 +129,7 @@ class BatchWorkflow:
         if report.errors:
             chunk.errors_seq = max(chunk.errors_seq, report.seq)
         self._check_guards()
-        guards.check_storm(self._state, self._input.storm, report.errors)
+        guards.check_storm(self._state, self._input.storm, report.errors, report.resting_until)
         self._changed = True
 
     @workflow.signal
@@ -209,7 +209,8 @@ class BatchWorkflow:
             await self._wait_for_change()
 
     async def _wait_for_change(self) -> None:
-        """Wait for a report or a signal; a storm pause with `auto_resume_after` ends on a timer."""
+        """Wait for a report or a signal; a storm pause ends on a timer: at the earliest end of a
+        credential rest when every credential rests, else after `auto_resume_after`."""
         at = self._state.auto_resume_at
         try:
             if at is not None and at <= workflow.now():

@@ -4,7 +4,9 @@ A chunk is a child workflow of its batch. It reads its own jobs from the object 
 (`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
 its window of machine slots holds. A job is: create its machine through the app's create queue,
 then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
-not destroy it; a new machine after each infrastructure failure, up to the job's retries. The
+not destroy it; a new machine after each infrastructure failure, up to the job's retries (with
+twice the memory after an OOM kill, by the job's `on_oom`); a job that finds every Claude
+credential resting waits, with no machine, until the earliest rest is over. The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
 slots back as soon as it has nothing left to start, so another chunk can use them, and reports
 how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
@@ -15,8 +17,9 @@ result, not as a signal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -30,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.machines import MachineActivities
     from activities.metrics import JOBS_FINISHED, JOBS_STARTED
-    from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
+    from sortie.models import CREDENTIALS_RESTING, Counts, Followup, JobResult, JobState, MachineRef
     from sortie.pacing import create_queue
     from sortie.spec import Job
     from workflows import chunk_models as models
@@ -43,8 +46,25 @@ with workflow.unsafe.imports_passed_through():
     from workflows.shielded import complete, evicting, settle
 
 
+REST_UNKNOWN_S = 60.0
+"""How long a job waits for a credential when the pool named no end to its rest."""
+
+
 class InfrastructureFailure(Exception):
     """The machine, not the job, failed: worth another attempt on a new machine."""
+
+    def __init__(self, why: str, *, oom: bool = False) -> None:
+        super().__init__(why)
+        self.oom = oom
+        """The kernel killed it for memory: the next attempt may get more (`on_oom`)."""
+
+
+class CredentialsRest(Exception):
+    """Every Claude credential rests: no machine was made, the attempt waits for `until`."""
+
+    def __init__(self, until: datetime | None) -> None:
+        super().__init__(f"every Claude credential rests until {until}")
+        self.until = until
 
 
 @workflow.defn
@@ -173,21 +193,31 @@ class ChunkWorkflow:
         result = self._results[job.index - self._results[0].index]
         result.started_at = workflow.now()
         self._jobs_started.add(1, {"batch": self._input.batch_id})
+        memory, attempt = job.guest.memory_mb, 1
         try:
-            for attempt in range(1, job.retries + 2):
+            while True:
                 await workflow.wait_condition(lambda: self._cancelled or not self._paused)
                 if self._cancelled:
                     raise asyncio.CancelledError
-                result.attempts = attempt
+                result.attempts, result.memory_mb = attempt, memory
                 try:
-                    await self._attempt(job, attempt, result)
+                    await self._attempt(job.sized(memory), attempt, result)
                     await self._judged(result)
                     break
+                except CredentialsRest as rest:  # the same attempt, once a credential is back
+                    await self._judged(result, rest.until)
+                    await self._wait_for_credential(rest.until)
                 except InfrastructureFailure as failure:
                     # Pending its next attempt, not failed: the batch's failure limit counts jobs.
-                    result.state = JobState.FAILED if attempt > job.retries else JobState.PENDING
+                    last = attempt > job.retries
+                    result.state = JobState.FAILED if last else JobState.PENDING
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
                     await self._judged(result)
+                    if last:
+                        break
+                    attempt += 1
+                    if failure.oom:
+                        memory = job.memory_after_oom(memory)
         except asyncio.CancelledError:
             if not self._cancelled:  # evicted: only `_cancel` cancels a job
                 raise
@@ -208,9 +238,12 @@ class ChunkWorkflow:
         try:
             created = await self._create(job, attempt)
         except ActivityError as error:
+            result.error_kind = guards.create_failure_kind(error)
+            if result.error_kind == CREDENTIALS_RESTING:
+                result.state, result.error = JobState.PENDING, f"waiting: {why(error)}"
+                raise CredentialsRest(guards.rest_end(error)) from None
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {why(error)}"
-            result.error_kind = guards.create_failure_kind(error)
             return
         machine = created.machine
         self._live += 1
@@ -218,11 +251,12 @@ class ChunkWorkflow:
         result.credential = created.credential
         result.state = JobState.RUNNING
         self._update_details()
-        destroyed, cancelled, failure = False, False, None
+        destroyed, cancelled, failure, oom = False, False, None, False
         try:
             finished = await self._finish_job(job, machine, attempt, result)
             destroyed = finished.destroyed
             failure = record_outcome(job, result, finished.waited, finished.collected)
+            oom = bool(finished.collected and finished.collected.oom_killed)
         except ActivityError as error:
             cancelled = is_cancellation(error)
             if not cancelled:
@@ -238,7 +272,20 @@ class ChunkWorkflow:
         if cancelled:
             raise asyncio.CancelledError
         if failure is not None:
-            raise InfrastructureFailure(failure)
+            raise InfrastructureFailure(failure, oom=oom)
+
+    async def _wait_for_credential(self, until: datetime | None) -> None:
+        """Wait, with no machine, until the earliest credential rest is over: a durable timer."""
+        now = workflow.now()
+        if until is None:
+            until = now + timedelta(seconds=REST_UNKNOWN_S)
+        until = max(until, now + timedelta(seconds=1))
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(
+                lambda: self._cancelled,
+                timeout=until - now,
+                timeout_summary="wait until a Claude credential's rest is over",
+            )
 
     async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
         """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
@@ -323,7 +370,7 @@ class ChunkWorkflow:
         else:
             self._reports.soon()
 
-    async def _judged(self, result: JobResult) -> None:
+    async def _judged(self, result: JobResult, resting_until: datetime | None = None) -> None:
         """After an attempt that met a storm error, keep its slot until the batch judged it.
 
         The batch hears of the error at once, and says so only after it paused if the error
@@ -334,6 +381,7 @@ class ChunkWorkflow:
         if kind is None or not guards.is_storm(kind):
             return
         self._reports.errors[kind] = self._reports.errors.get(kind, 0) + 1
+        self._reports.rested(resting_until)
         seq = self._reports.send()
         if seq is not None:
             await workflow.wait_condition(lambda: self._heard >= seq or self._cancelled)

@@ -67,6 +67,8 @@ class ChunkReport(StrictModel):
     counts: Counts
     errors: dict[str, int] = {}
     """Attempts that ended with a storm error since the last report, by kind (a delta)."""
+    resting_until: datetime | None = None
+    """Every Claude credential rests until then, as a job of the chunk found (the earliest)."""
 
 
 class SlotGrant(StrictModel):

@@ -29,7 +29,8 @@ def machine_failure(
     """Why the machine, not the job, failed (the job deserves a new machine), or None."""
     answer = collected.answer if collected else None
     if answer is not None and answer.error_kind in CREDENTIAL_FAULTS:
-        return f"Claude refused credential {credential} ({answer.error_kind})"
+        until = f" until {answer.resets_at:%Y-%m-%d %H:%M:%S} UTC" if answer.resets_at else ""
+        return f"Claude refused credential {credential} ({answer.error_kind}){until}"
     if answer is not None and answer.error_kind == STALLED:
         # Hung API calls and tools are the platform's; the next machine may well finish.
         return f"the agent stalled: {answer.result or 'no progress within its stall_timeout'}"

@@ -68,6 +68,13 @@ class Reporter:
         self._unreported = False
         self.errors: dict[str, int] = {}
         """Attempts that ended with a storm error since the last report, by kind."""
+        self.resting_until: datetime | None = None
+        """The earliest end of a credential rest a job met since the last report."""
+
+    def rested(self, until: datetime | None) -> None:
+        """A job found every credential resting until `until`: the next report says so."""
+        if until is not None and (self.resting_until is None or until < self.resting_until):
+            self.resting_until = until
 
     def send(self) -> int | None:
         """Tell the batch how far the chunk is, without waiting for delivery; the report's
@@ -86,8 +93,9 @@ class Reporter:
             wants_more=wants_more,
             counts=counts,
             errors=self.errors,
+            resting_until=self.resting_until,
         )
-        self.errors = {}
+        self.errors, self.resting_until = {}, None
         self._sends.append(asyncio.create_task(self._deliver(parent.workflow_id, report)))
         return report.seq
 

@@ -13,7 +13,12 @@ picked by markers in the request (the prompt travels in it):
 A path prefix before `/v1/` makes every request under it fail the same way, so one credential
 of a pool (its `ANTHROPIC_BASE_URL_n`) can be refused while another works:
 `/status/429/v1/messages` answers 429 with Anthropic's error body, likewise 401, 403, 400, 503,
-529. Other endpoints the CLI may call answer an empty success. Every request is recorded.
+529. Under `/limited/KEY` (`limited_url`) every request is refused as a subscription's usage
+limit is, until the reset set with `limit(KEY, epoch)`: 429 with
+`anthropic-ratelimit-unified-status: rejected` and `anthropic-ratelimit-unified-reset: <epoch>`
+(the CLI then prints "You've hit your 5-hour limit · resets …" and a `rate_limit_event`); after
+the reset it answers. Other endpoints the CLI may call answer an empty success. Every request is
+recorded, with when it arrived.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +68,8 @@ class Call:
     model: str | None
     text: str
     tools: list[str]
+    at: float = 0.0
+    """When it arrived (epoch seconds)."""
 
 
 @dataclass
@@ -73,6 +81,7 @@ class AnthropicApi:
     url: str = ""
     calls: list[Call] = field(default_factory=list)
     _bursts: Counter[str] = field(default_factory=Counter)
+    _limits: dict[str, int] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -82,6 +91,15 @@ class AnthropicApi:
     def base_url(self, status: int | None = None) -> str:
         """What `ANTHROPIC_BASE_URL` is set to: answering, or refusing every call with `status`."""
         return self.url if status is None else f"{self.url}/status/{status}"
+
+    def limited_url(self, key: str) -> str:
+        """An `ANTHROPIC_BASE_URL` refused for its usage limit until `limit(key, …)`'s reset."""
+        return f"{self.url}/limited/{key}"
+
+    def limit(self, key: str, reset: int) -> None:
+        """Refuse every request under `limited_url(key)` for its usage limit until `reset`."""
+        with self._lock:
+            self._limits[key] = reset
 
     def calls_to(self, prefix: str = "", marker: str | None = None) -> list[Call]:
         """The Messages calls under a prefix (e.g. `/status/429`), or whose text has `marker`."""
@@ -158,8 +176,12 @@ class AnthropicApi:
             self._record(path, prefix, 200, body)
             return web.json_response({"input_tokens": len(json.dumps(body)) // 4})
         text = _text_of(body)
-        status = 200
-        if match := re.fullmatch(r"/status/(\d{3})", prefix) or re.search(
+        status, reset = 200, None
+        if limited := re.fullmatch(r"/limited/([\w-]+)", prefix):
+            with self._lock:
+                reset = self._limits.get(limited.group(1), 0)
+            status = 429 if time.time() < reset else 200
+        elif match := re.fullmatch(r"/status/(\d{3})", prefix) or re.search(
             r"\[\[status:(\d{3})\]\]", text
         ):
             status = int(match.group(1))
@@ -170,7 +192,7 @@ class AnthropicApi:
                 status = 429 if self._bursts[key] <= int(burst.group(1)) else 200
         self._record(path, prefix, status, body, text)
         if status != 200:
-            return _error(status)
+            return _error(status, reset)
         if "[[hang]]" in text:
             await self._released.wait()
             return web.Response(status=499)
@@ -183,7 +205,8 @@ class AnthropicApi:
         self, path: str, prefix: str, status: int, body: dict[str, Any], text: str = ""
     ) -> None:
         tools = [str(t.get("name")) for t in body.get("tools") or [] if isinstance(t, dict)]
-        call = Call(path, prefix, status, bool(body.get("stream")), body.get("model"), text, tools)
+        stream, model = bool(body.get("stream")), body.get("model")
+        call = Call(path, prefix, status, stream, model, text, tools, time.time())
         with self._lock:
             self.calls.append(call)
 
@@ -202,8 +225,8 @@ def _text_of(body: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _error(status: int) -> web.Response:
-    """Anthropic's error body for a status."""
+def _error(status: int, reset: int | None = None) -> web.Response:
+    """Anthropic's error body for a status; with `reset`, a subscription's usage limit."""
     request_id = f"req_{uuid.uuid4().hex[:24]}"
     body = {
         "type": "error",
@@ -213,6 +236,10 @@ def _error(status: int) -> web.Response:
     headers = {"request-id": request_id}
     if status == 429:
         headers["retry-after"] = "1"
+    if reset is not None:
+        headers["anthropic-ratelimit-unified-status"] = "rejected"
+        headers["anthropic-ratelimit-unified-reset"] = str(reset)
+        headers["anthropic-ratelimit-unified-representative-claim"] = "five_hour"
     if status in (503, 529):
         headers["x-should-retry"] = "true"
     return web.json_response(body, status=status, headers=headers)

@@ -24,11 +24,14 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
+
+from sortie import table
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
 APP_PATTERN = r"^[a-z0-9][a-z0-9-]{0,61}$"
@@ -337,24 +340,28 @@ DEFAULT_STALL_TIMEOUT_S = 10 * 60.0
 
 
 class Job(_Strict):
-    """A job with the batch defaults applied: what a chunk runs."""
+    """A job with the batch defaults applied: what a chunk runs.
+
+    Mutable defaults are factories: pydantic deep-copies a literal `[]` or `Guest()` for every
+    job, which was most of the time `validate` took on 10,000 jobs.
+    """
 
     id: str
     index: int
     command: list[str] | None = None
     prompt: str | None = None
-    repos: list[Repo] = []
+    repos: list[Repo] = Field(default_factory=list)
     image: str = DEFAULT_IMAGE
     region: str | None = None
-    guest: Guest = Guest()
+    guest: Guest = Field(default_factory=Guest)
     timeout_s: float = DEFAULT_TIMEOUT_S
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
     retries: int = DEFAULT_RETRIES
-    env: dict[str, str] = {}
-    secrets: list[str] = []
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list)
     model: str | None = None
     max_turns: int | None = None
-    allowed_tools: list[str] = []
+    allowed_tools: list[str] = Field(default_factory=list)
     max_cost_usd: float | None = None
     log_tail: LogTail = LogTail.ON_FAILURE
     verify: list[str] | None = None
@@ -555,6 +562,68 @@ def parse_batch(data: object, source: str = "batch") -> BatchSpec:
         raise BatchFileError(source, problems) from None
 
 
+Cell = str | int | float | bool
+
+
+class JobsFrom(_Strict):
+    """`jobs_from`: a template job filled from each row of a CSV or JSONL file, or from each
+    combination of a matrix's values (sortie/table.py expands it)."""
+
+    file: str | None = Field(default=None, min_length=1)
+    """A .csv (first line: the column names) or .jsonl file, relative to the batch file."""
+    matrix: dict[str, Annotated[list[Cell], Field(min_length=1)]] | None = Field(
+        default=None, min_length=1
+    )
+    template: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _file_or_matrix(self) -> Self:
+        if (self.file is None) == (self.matrix is None):
+            raise ValueError("give `file` (a table) or `matrix`, not both nor neither")
+        return self
+
+
+_JOBS_FROM = TypeAdapter(list[JobsFrom])
+
+
+def expand_tables(data: dict[str, Any], base: Path, source: str) -> BatchSpec:
+    """Validate a batch whose `jobs_from` makes jobs: every problem of the tables and of the
+    jobs they made reported at once, a made job's by its file and line."""
+    raw = data["jobs_from"]
+    written = data.get("jobs") or []
+    rest = {key: value for key, value in data.items() if key != "jobs_from"}
+    try:
+        sources = _JOBS_FROM.validate_python(raw if isinstance(raw, list) else [raw])
+    except ValidationError as error:
+        problems = [f"jobs_from{_at(item['loc'])}: {_text(item)}" for item in error.errors()]
+        raise BatchFileError(source, problems) from None
+    made = table.expand(sources, base, written if isinstance(written, list) else [])
+    offset = len(written) if isinstance(written, list) else 0
+    problems = made.report()
+    try:
+        spec = parse_batch({**rest, "jobs": [*written, *made.jobs]}, source)
+    except BatchFileError as error:
+        shown = error.problems
+        if problems and shown == ["jobs: the batch has no jobs"]:
+            shown = []
+        problems += table.locate(shown, made.origins, offset)
+    if problems:
+        raise BatchFileError(source, problems)
+    return spec
+
+
+def _at(loc: tuple[int | str, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def _text(item: Any) -> str:
+    if item["type"] == "extra_forbidden":
+        return "unknown key"
+    if item["type"] == "missing":
+        return "required"
+    return str(item["msg"]).removeprefix("Value error, ")
+
+
 def load_batch_file(path: str | Path) -> BatchSpec:
     """Read and validate a YAML or JSON batch file, which must be UTF-8 text."""
     path = Path(path)
@@ -575,4 +644,6 @@ def load_batch_file(path: str | Path) -> BatchSpec:
         data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise BatchFileError(str(path), [f"not valid {kind}: {error}"]) from None
+    if isinstance(data, dict) and data.get("jobs_from") is not None:
+        return expand_tables(data, path.parent, str(path))
     return parse_batch(data, str(path))

@@ -14,6 +14,7 @@
         [--continue-sessions [PROMPT]] [--wait] [--json]
     python starter.py logs ID JOB [--follow]
     python starter.py diff ID JOB [--repo PATH] [--out FILE]
+    python starter.py artifacts ID [JOB] --out DIR
     python starter.py set-failure-limit ID [--max-failures N] [--max-failure-rate P%]
         [--on-too-many-failures pause|cancel]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
@@ -48,7 +49,17 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reaper_models import ReapInput
-from sortie import batches, changes, doctor, export, failures, machine_logs, reaping, render
+from sortie import (
+    artifacts,
+    batches,
+    changes,
+    doctor,
+    export,
+    failures,
+    machine_logs,
+    reaping,
+    render,
+)
 from sortie.analysis import batch as analysis
 from sortie.analysis.files import AnalysisError, read_checkout
 from sortie.analysis.findings import DEFAULT_FOCUS
@@ -346,6 +357,11 @@ async def _print_turn(settings: Settings, turn: JobResult) -> None:
     if turn.pushed is not None:
         commits = ", ".join(f"{path} {sha[:12]}" for path, sha in turn.pushed.commits.items())
         print(f"pushed: {turn.pushed.branch} ({commits})")
+    if turn.artifacts is not None:
+        print(
+            f"artifacts: {turn.artifacts.describe()} (python starter.py artifacts ID JOB --out DIR)"
+        )
+        print("\n".join(artifacts.listing(turn.artifacts)))
     if turn.structured is not None:
         print("structured (json_schema):")
         print(json.dumps(turn.structured, indent=2, ensure_ascii=False))
@@ -477,6 +493,33 @@ async def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
         f"wrote the change of {args.job} to {found.path} (from {found.commit}, {found.files} "
         f"files +{found.insertions} -{found.deletions}) to {args.out}"
     )
+    return 0
+
+
+async def cmd_artifacts(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the artifacts of one job (into DIR) or of every job (into DIR/JOB), paths kept."""
+    client = await connect(settings)
+    store = settings.blob_store()
+    try:
+        if args.job is not None:
+            _, result = await batches.find_job(client, args.id, args.job, store=store)
+            found = [(result, Path(args.out))]
+        else:
+            found = [
+                (row, Path(args.out) / row.job_id)
+                async for _, row in batches.iter_results(client, args.id, store=store)
+            ]
+        written = await artifacts.write_out(store, found, single=args.job is not None)
+    except (batches.UnknownJob, artifacts.ArtifactsUnavailable) as error:
+        print(error, file=sys.stderr)
+        return 2
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"cannot write into {args.out}: {error.strerror}", file=sys.stderr)
+        return 2
+    print("\n".join(written))
     return 0
 
 
@@ -799,6 +842,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--repo", metavar="PATH", help="the repository's path (when it has several)")
     s.add_argument("--out", metavar="FILE", help="write the patch to FILE")
     s.set_defaults(run=cmd_diff)
+    s = sub.add_parser("artifacts", help="write the files jobs kept (their `artifacts`)")
+    s.add_argument("id")
+    s.add_argument("job", nargs="?", help="one job (default: every job, each in DIR/JOB)")
+    s.add_argument("--out", metavar="DIR", required=True, help="where the files go")
+    s.set_defaults(run=cmd_artifacts)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")

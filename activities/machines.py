@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import artifacts
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
     CREDENTIALS_RESTING_ERROR,
@@ -74,7 +75,7 @@ from sortie.labels import (
 )
 from sortie.models import Iteration, MachineRef
 from sortie.secrets import SecretStore, redact_presigned
-from sortie.spec import LogTail
+from sortie.spec import Job, LogTail
 from sortie.store import (
     KEEP_UNTIL,
     ObjectStore,
@@ -250,6 +251,10 @@ class MachineActivities:
             finished = await self._learned(input.collect)
             if finished is None:
                 finished = await self._learn(input, seen)
+                if input.collect.artifacts:  # whatever the outcome: a timed-out job's too
+                    finished.artifacts = await artifacts.left(
+                        self._store, _attempt_key(input.collect)
+                    )
                 await self._store.put(
                     finished_key(*_attempt_key(input.collect)),
                     finished.model_dump_json().encode(),
@@ -569,10 +574,15 @@ class MachineActivities:
         if job.prompt is not None:
             env = {**CLI_ENV, **env}
         turn = input.followup.turn if input.followup else 1
+        valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
+        env.update(
+            await artifacts.machine_env(
+                self._store, job, (input.batch_id, job.id, turn, input.attempt), valid_s
+            )
+        )
         if credential is not None:
             followup = input.followup
             restore = None
-            valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
             if followup is not None and followup.archive_ref:
                 if await self._store.metadata(followup.archive_ref) is None:
                     raise ApplicationError(
@@ -601,7 +611,7 @@ class MachineActivities:
         config = MachineConfig(
             image=job.image,
             env=env,
-            init=InitConfig(exec=job.command) if job.command else None,
+            init=_init(job),
             guest=GuestConfig(
                 cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb
             ),
@@ -612,6 +622,14 @@ class MachineActivities:
             ),
         )
         return config
+
+
+def _init(job: Job) -> InitConfig | None:
+    """A command job's command line: run as it is, or with artifacts given to the agent image's
+    entrypoint, which runs it and then uploads them (agent/artifacts.py)."""
+    if not job.command:
+        return None
+    return InitConfig(cmd=job.command) if job.artifacts else InitConfig(exec=job.command)
 
 
 async def patiently(call: Callable[[], Awaitable[T]]) -> T:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Self
 
 import yaml
@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from sortie import table
+from sortie.artifacts import DEFAULT_MAX_BYTES
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
 APP_PATTERN = r"^[a-z0-9][a-z0-9-]{0,61}$"
@@ -114,6 +115,32 @@ def branch_name(template: str, batch_id: str, job_id: str) -> str:
     return name
 
 
+_BYTES = re.compile(r"^(\d+(?:\.\d+)?)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
+_BYTE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+def parse_bytes(value: object) -> int:
+    """Parse 1048576, '500kb', '100mb' or '1gb' into bytes (a bare number is bytes)."""
+    match = _BYTES.match(value.strip()) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif match:
+        count = int(float(match.group(1)) * _BYTE_UNITS[(match.group(2) or "b").lower()])
+    else:
+        raise ValueError(f"invalid size {value!r} (use e.g. 100mb, 500kb, 1gb)")
+    if count <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return count
+
+
+def check_glob(pattern: str) -> str:
+    """An artifacts glob: relative to the job's working directory, never out of it."""
+    pure = PurePosixPath(pattern)
+    if not pattern.strip() or pure.is_absolute() or ".." in pure.parts:
+        raise ValueError(f"{pattern!r} must be a relative path inside the job's directory")
+    return pattern
+
+
 def parse_stall_timeout(value: object) -> float:
     """A stall timeout: a duration, or `off` (YAML's false too), which is 0."""
     if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
@@ -171,6 +198,8 @@ JsonSchema = Annotated[dict[str, Any], AfterValidator(check_json_schema)]
 Percent = Annotated[float, BeforeValidator(parse_percent)]
 MemoryMB = Annotated[int, BeforeValidator(parse_memory_mb)]
 Command = Annotated[list[str], BeforeValidator(_command), Field(min_length=1)]
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+Glob = Annotated[str, AfterValidator(check_glob)]
 
 
 class _Strict(BaseModel):
@@ -253,6 +282,9 @@ class JobFields(_Strict):
     push_branch: str | None = None
     json_schema: JsonSchema | None = None
     stall_timeout: StallSeconds | None = None
+    artifacts: list[Glob] | None = None
+    """Files to keep from the job's machine, globs relative to its working directory."""
+    artifacts_max: Bytes | None = None
 
     @field_validator("push_branch")
     @classmethod
@@ -370,6 +402,8 @@ class Job(_Strict):
     json_schema: dict[str, Any] | None = None
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     """0 is off: the CLI may go quiet as long as the job's timeout allows."""
+    artifacts: list[str] = Field(default_factory=list)
+    artifacts_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 MAX_APPS = 20
@@ -514,6 +548,7 @@ _JOB_NAMES = {
     "timeout": "timeout_s",
     "boot_timeout": "boot_timeout_s",
     "stall_timeout": "stall_timeout_s",
+    "artifacts_max": "artifacts_max_bytes",
 }
 
 

@@ -234,6 +234,8 @@ class ChunkWorkflow:
             finished = await self._finish_job(job, machine, attempt, result)
             destroyed = finished.destroyed
             failure = record_outcome(job, result, finished.waited, finished.collected)
+            if finished.artifacts is not None:
+                result.artifacts = finished.artifacts
         except ActivityError as error:
             cancelled = is_cancellation(error)
             if not cancelled:

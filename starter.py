@@ -15,6 +15,7 @@
     python starter.py logs ID JOB [--follow]
     python starter.py diff ID JOB [--repo PATH] [--out FILE]
     python starter.py artifacts ID [JOB] --out DIR
+    python starter.py handoff ID JOB [--dir DIR]
     python starter.py set-failure-limit ID [--max-failures N] [--max-failure-rate P%]
         [--on-too-many-failures pause|cancel]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
@@ -56,6 +57,7 @@ from sortie import (
     doctor,
     export,
     failures,
+    handoff,
     machine_logs,
     reaping,
     render,
@@ -523,6 +525,35 @@ async def cmd_artifacts(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_handoff(args: argparse.Namespace, settings: Settings) -> int:
+    """A prompt job's repositories with its change, and its Claude session, on this machine."""
+    client = await connect(settings)
+    store = settings.blob_store()
+    try:
+        _, result = await batches.find_job(client, args.id, args.job, store=store)
+        done = await handoff.handoff(
+            store, args.id, result, Path(args.dir or f"handoff-{args.job}")
+        )
+    except (batches.UnknownJob, handoff.HandoffError, changes.ChangesUnavailable) as error:
+        print(error, file=sys.stderr)
+        return 2
+    except batches.BatchNotReadable as error:
+        print(error, file=sys.stderr)
+        return 1
+    for repo in done.repos:
+        print(f"{done.workspace / repo.path}: {repo.url} at {repo.commit[:12]}, its change applied")
+    if done.command is None:
+        print(
+            f"job {args.job}'s Claude session is not kept (the batch's keep_sessions keeps it "
+            "after the batch closes): the repositories are ready, but there is nothing to resume",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"session {done.session_id} restored to {done.session_file}")
+    print(done.command)
+    return 0
+
+
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     rows = [
@@ -847,6 +878,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("job", nargs="?", help="one job (default: every job, each in DIR/JOB)")
     s.add_argument("--out", metavar="DIR", required=True, help="where the files go")
     s.set_defaults(run=cmd_artifacts)
+    s = sub.add_parser("handoff", help="a prompt job's repositories and session, to go on here")
+    s.add_argument("id")
+    s.add_argument("job")
+    s.add_argument("--dir", metavar="DIR", help="a new directory (default ./handoff-JOB)")
+    s.set_defaults(run=cmd_handoff)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")

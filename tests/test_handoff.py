@@ -66,8 +66,13 @@ async def test_handoff_of_a_prompt_job_that_wrote_a_file_resumes_with_the_real_c
     checkout = where / "repo"
     assert (checkout / "notes.txt").read_text() == "handed-off\n"
     assert (checkout / "app.py").exists()
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True
+    head = await asyncio.to_thread(
+        subprocess.run,
+        ["git", "rev-parse", "HEAD"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert head.stdout.strip() == row.commits[str(repo)]
     session = project_dir(checkout.resolve(), {"HOME": str(home)}) / f"{row.session_id}.jsonl"

@@ -505,10 +505,10 @@ async def cmd_artifacts(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.job is not None:
             _, result = await batches.find_job(client, args.id, args.job, store=store)
-            found = [(result, Path(args.out))]
+            found = [(changes.latest_turn(result), Path(args.out))]
         else:
             found = [
-                (row, Path(args.out) / row.job_id)
+                (changes.latest_turn(row), Path(args.out) / row.job_id)
                 async for _, row in batches.iter_results(client, args.id, store=store)
             ]
         written = await artifacts.write_out(store, found, single=args.job is not None)

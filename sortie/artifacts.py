@@ -25,6 +25,8 @@ DEFAULT_MAX_BYTES = 100 << 20
 """`artifacts_max` unless the job says otherwise: 100 MB a job."""
 LISTED = 10
 """Files a result names one by one (it rides in the chunk's history); the index lists all."""
+PATH_CHARS = 200
+"""How much of a listed file's path a result keeps (the index keeps it whole)."""
 GRACE_MOST_S = 60.0
 GRACE_LEAST_S = 3.0
 
@@ -129,7 +131,7 @@ def from_index(payload: bytes, ref: str, index_ref: str) -> Artifacts | None:
         index_ref=index_ref,
         count=len(index.files),
         bytes=index.bytes,
-        files=index.files[:LISTED],
+        files=[f.model_copy(update={"path": f.path[:PATH_CHARS]}) for f in index.files[:LISTED]],
         left_out_count=index.left_out_count,
         left_out_bytes=index.left_out_bytes,
         collected_at_timeout=index.timed_out,

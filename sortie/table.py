@@ -283,6 +283,7 @@ def expand(sources: Iterable[JobsFrom], base: Path, written: Sequence[object] = 
             out.problem(problem)
         if "id" not in source.template:
             out.problem(f'{where}.template.id: required (e.g. "fix-{{repo}}")')
+            continue  # every row's job would lack it too: said once is enough
         try:
             if source.file is not None:
                 shown = source.file

@@ -162,3 +162,9 @@ def test_a_thousand_bad_rows_are_reported_fifty_times_and_counted(tmp_path: Path
         batch(tmp_path, {"file": "t.csv", "template": {"id": "j{n}", "command": "true"}})
     )
     assert len(found) == 51 and found[-1] == "... and 949 more problems like these"
+
+
+def test_a_template_without_an_id_is_said_once(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("n\n1\n2\n")
+    found = problems(batch(tmp_path, {"file": "t.csv", "template": {"command": "echo {n}"}}))
+    assert found == ['jobs_from[0].template.id: required (e.g. "fix-{repo}")']

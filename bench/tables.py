@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sortie.plan import plan
+from client.plan import plan
 from sortie.spec import load_batch_file
 
 BATCH = """\

@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sortie import batches
+from client import batches
+from client.handoff import project_dir
 from sortie.claude import CLI_ENV
-from sortie.handoff import project_dir
 from sortie.spec import parse_batch
 from tests.helpers.batches import git_repo
 from tests.helpers.cli import cli_env, run_cli

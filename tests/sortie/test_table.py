@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sortie.spec import BatchFileError, load_batch_file, resolve_job
+from sortie.fields import BatchFileError
+from sortie.spec import load_batch_file, resolve_job
 from tests.helpers.cli import run_cli
 
 

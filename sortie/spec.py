@@ -221,11 +221,8 @@ DEFAULT_STALL_TIMEOUT_S = 10 * 60.0
 
 
 class Job(_Strict):
-    """A job with the batch defaults applied: what a chunk runs.
-
-    Mutable defaults are factories: pydantic deep-copies a literal `[]` or `Guest()` for every
-    job, which was most of the time `validate` took on 10,000 jobs.
-    """
+    """A job with the batch defaults applied: what a chunk runs (mutable defaults are factories:
+    pydantic deep-copies a literal `[]` or `Guest()` per job, slow on 10,000 jobs)."""
 
     id: str
     index: int
@@ -446,28 +443,7 @@ def parse_batch(data: object, source: str = "batch") -> BatchSpec:
         raise BatchFileError(source, problems) from None
 
 
-Cell = str | int | float | bool
-
-
-class JobsFrom(_Strict):
-    """`jobs_from`: a template job filled from each row of a CSV or JSONL file, or from each
-    combination of a matrix's values (sortie/table.py expands it)."""
-
-    file: str | None = Field(default=None, min_length=1)
-    """A .csv (first line: the column names) or .jsonl file, relative to the batch file."""
-    matrix: dict[str, Annotated[list[Cell], Field(min_length=1)]] | None = Field(
-        default=None, min_length=1
-    )
-    template: dict[str, Any]
-
-    @model_validator(mode="after")
-    def _file_or_matrix(self) -> Self:
-        if (self.file is None) == (self.matrix is None):
-            raise ValueError("give `file` (a table) or `matrix`, not both nor neither")
-        return self
-
-
-_JOBS_FROM = TypeAdapter(list[JobsFrom])
+_JOBS_FROM = TypeAdapter(list[table.JobsFrom])
 
 
 def expand_tables(data: dict[str, Any], base: Path, source: str) -> BatchSpec:
@@ -479,7 +455,9 @@ def expand_tables(data: dict[str, Any], base: Path, source: str) -> BatchSpec:
     try:
         sources = _JOBS_FROM.validate_python(raw if isinstance(raw, list) else [raw])
     except ValidationError as error:
-        problems = [f"jobs_from{_at(item['loc'])}: {_text(item)}" for item in error.errors()]
+        problems = [
+            f"jobs_from{table.at(item['loc'])}: {table.message(item)}" for item in error.errors()
+        ]
         raise BatchFileError(source, problems) from None
     made = table.expand(sources, base, written if isinstance(written, list) else [])
     offset = len(written) if isinstance(written, list) else 0
@@ -494,18 +472,6 @@ def expand_tables(data: dict[str, Any], base: Path, source: str) -> BatchSpec:
     if problems:
         raise BatchFileError(source, problems)
     return spec
-
-
-def _at(loc: tuple[int | str, ...]) -> str:
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-
-
-def _text(item: Any) -> str:
-    if item["type"] == "extra_forbidden":
-        return "unknown key"
-    if item["type"] == "missing":
-        return "required"
-    return str(item["msg"]).removeprefix("Value error, ")
 
 
 def load_batch_file(path: str | Path) -> BatchSpec:

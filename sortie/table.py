@@ -15,16 +15,52 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any, Self
 
-if TYPE_CHECKING:
-    from sortie.spec import JobsFrom
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_PROBLEMS = 50
 """Most problems a table reports one by one: 10,000 rows with the same fault say it 50 times."""
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]*$")
 Row = Mapping[str, Any]
+
+
+Cell = str | int | float | bool
+
+
+class JobsFrom(BaseModel):
+    """`jobs_from`: a template job filled from each row of a CSV or JSONL file, or from each
+    combination of a matrix's values (sortie/table.py expands it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str | None = Field(default=None, min_length=1)
+    """A .csv (first line: the column names) or .jsonl file, relative to the batch file."""
+    matrix: dict[str, Annotated[list[Cell], Field(min_length=1)]] | None = Field(
+        default=None, min_length=1
+    )
+    template: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _file_or_matrix(self) -> Self:
+        if (self.file is None) == (self.matrix is None):
+            raise ValueError("give `file` (a table) or `matrix`, not both nor neither")
+        return self
+
+
+def at(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a path: `[0].matrix.n`."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def message(item: Any) -> str:
+    """A pydantic error's message as the batch file's problems say it."""
+    if item["type"] == "extra_forbidden":
+        return "unknown key"
+    if item["type"] == "missing":
+        return "required"
+    return str(item["msg"]).removeprefix("Value error, ")
 
 
 class TableError(ValueError):

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
+from sortie.artifacts import Artifacts
 from sortie.models import Changes, Followup, Iteration, MachineRef, Pushed, StrictModel
 from sortie.spec import Job, LogTail
 
@@ -93,6 +94,8 @@ class CollectResultInput(StrictModel):
     log_tail: LogTail = LogTail.ALWAYS
     json_schema: dict[str, Any] | None = None
     """The prompt job's schema: an answer that does not match it fails the job."""
+    artifacts: bool = False
+    """The job names artifacts: read the index its machine uploaded."""
 
 
 class JobAnswer(StrictModel):
@@ -145,6 +148,8 @@ class FinishJobOutput(StrictModel):
     waited: WaitMachineOutput
     collected: CollectResultOutput | None = None
     destroyed: bool = False
+    artifacts: Artifacts | None = None
+    """What the job's `artifacts` collected, whatever the outcome (a timed-out job's too)."""
 
 
 CREDENTIALS_RESTING_ERROR = "CredentialsResting"

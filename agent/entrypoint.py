@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from agent import changes, limits, verify
+from agent import artifacts, changes, limits, verify
 from agent.job import (
     Checkout,
     Job,
@@ -55,7 +55,7 @@ from agent.watch import Watched, watch
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL)
+STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL, *artifacts.URLS)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
 SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", *STORE_URLS)
 ARCHIVE_LIMIT = RESTORE_LIMIT
@@ -363,7 +363,10 @@ class Machine(Transfers):
             return self.fail(EXIT_SETUP, f"workspace setup failed: {error}")
         cwd = self.checkouts[0].dir if len(self.checkouts) == 1 else self.workspace
         self.note(f"job {job.id}: running claude in {cwd}")
+        collector = artifacts.start(self, cwd)
         turn, code, problem, work = self.do_work(claude, job, cwd)
+        if collector is not None:
+            collector.send()
         archived = self.send_archive()
         self.say(summary(code, turn.output))
         return self.result(code, turn.output, problem, archived, work, turn.watched)
@@ -466,6 +469,9 @@ def _forward_signals(proc: subprocess.Popen[bytes]) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def main() -> int:
-    """Run the job described by the environment; the return code is the process's exit code."""
+def main(argv: Sequence[str] = ()) -> int:
+    """Run the job described by the environment, or the command job `argv` (one with
+    artifacts, agent/artifacts.py); the return code is the process's exit code."""
+    if argv:
+        return artifacts.run_command(Machine(os.environ), argv)
     return Machine(os.environ).run()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from client.batches import batch_input, chunk_size
+from client.batches import batch_input
 from sortie.fields import FAILURE_RATE_AFTER
-from sortie.spec import BatchSpec, resolve_job
+from sortie.spec import BatchSpec
 from workflows.guards import limit_text
 from workflows.outcomes import seconds
 
@@ -46,16 +46,16 @@ class Plan:
 
 def plan(spec: BatchSpec) -> Plan:
     """Resolve every job and bound the batch's time and cost; raises BatchFileError if too big."""
-    size = chunk_size(spec)
-    data = batch_input(spec, spec.batch_id())
-    jobs = [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs)]
+    batch_id = spec.batch_id()
+    data = batch_input(spec, batch_id)  # resolves every job once: 10,000 take a while
+    jobs, size = data.jobs, data.input.jobs.chunk_size
     worst = [(job.retries + 1) * (job.boot_timeout_s + job.timeout_s) for job in jobs]
     machines = min(spec.max_machines, len(jobs))
     prompts = [job for job in jobs if job.prompt is not None]
     caps = [job.max_cost_usd for job in prompts]
     return Plan(
         name=spec.name,
-        batch_id=spec.batch_id(),
+        batch_id=batch_id,
         app=spec.app,
         apps=spec.fly_apps,
         jobs=len(jobs),

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sortie.artifacts import Artifacts
+
 
 class StrictModel(BaseModel):
     """A model that refuses unknown fields: a typo in a payload is an error, not a default."""
@@ -190,6 +192,9 @@ class JobResult(StrictModel):
     iterations: list[Iteration] = []
     changes: Changes | None = None
     pushed: Pushed | None = None
+    artifacts: Artifacts | None = None
+    """The files the job's `artifacts` globs named, kept in the object store (`starter.py
+    artifacts`), collected whatever its outcome."""
     followups: list[JobResult] = []
 
     def compact(self) -> JobResult:

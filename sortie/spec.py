@@ -21,12 +21,15 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from sortie import table
+from sortie.artifacts import DEFAULT_MAX_BYTES
 from sortie.fields import (
     APP_PATTERN,
     DEFAULT_ITERATIONS,
@@ -35,7 +38,9 @@ from sortie.fields import (
     NAME_PATTERN,
     SECRET_PATTERN,
     BatchFileError,
+    Bytes,
     Command,
+    Glob,
     JsonSchema,
     MemoryMB,
     Percent,
@@ -140,6 +145,9 @@ class JobFields(_Strict):
     stall_timeout: StallSeconds | None = None
     max_memory: MemoryMB | None = None
     on_oom: OnOom | None = None
+    artifacts: list[Glob] | None = None
+    """Files to keep from the job's machine, globs relative to its working directory."""
+    artifacts_max: Bytes | None = None
 
     @field_validator("push_branch")
     @classmethod
@@ -250,24 +258,25 @@ DEFAULT_STALL_TIMEOUT_S = 10 * 60.0
 
 
 class Job(_Strict):
-    """A job with the batch defaults applied: what a chunk runs."""
+    """A job with the batch defaults applied: what a chunk runs (mutable defaults are factories:
+    pydantic deep-copies a literal `[]` or `Guest()` per job, slow on 10,000 jobs)."""
 
     id: str
     index: int
     command: list[str] | None = None
     prompt: str | None = None
-    repos: list[Repo] = []
+    repos: list[Repo] = Field(default_factory=list)
     image: str = DEFAULT_IMAGE
     region: str | None = None
-    guest: Guest = Guest()
+    guest: Guest = Field(default_factory=Guest)
     timeout_s: float = DEFAULT_TIMEOUT_S
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
     retries: int = DEFAULT_RETRIES
-    env: dict[str, str] = {}
-    secrets: list[str] = []
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list)
     model: str | None = None
     max_turns: int | None = None
-    allowed_tools: list[str] = []
+    allowed_tools: list[str] = Field(default_factory=list)
     max_cost_usd: float | None = None
     log_tail: LogTail = LogTail.ON_FAILURE
     verify: list[str] | None = None
@@ -278,6 +287,8 @@ class Job(_Strict):
     """0 is off: the CLI may go quiet as long as the job's timeout allows."""
     max_memory_mb: int | None = None
     on_oom: OnOom = OnOom.GROW
+    artifacts: list[str] = Field(default_factory=list)
+    artifacts_max_bytes: int = DEFAULT_MAX_BYTES
 
     def memory_after_oom(self, memory_mb: int) -> int:
         """The memory of the retry of an attempt OOM-killed at `memory_mb`: twice it, up to
@@ -441,6 +452,7 @@ _JOB_NAMES = {
     "boot_timeout": "boot_timeout_s",
     "stall_timeout": "stall_timeout_s",
     "max_memory": "max_memory_mb",
+    "artifacts_max": "artifacts_max_bytes",
 }
 
 
@@ -489,6 +501,37 @@ def parse_batch(data: object, source: str = "batch") -> BatchSpec:
         raise BatchFileError(source, problems) from None
 
 
+_JOBS_FROM = TypeAdapter(list[table.JobsFrom])
+
+
+def expand_tables(data: dict[str, Any], base: Path, source: str) -> BatchSpec:
+    """Validate a batch whose `jobs_from` makes jobs: every problem of the tables and of the
+    jobs they made reported at once, a made job's by its file and line."""
+    raw = data["jobs_from"]
+    written = data.get("jobs") or []
+    rest = {key: value for key, value in data.items() if key != "jobs_from"}
+    try:
+        sources = _JOBS_FROM.validate_python(raw if isinstance(raw, list) else [raw])
+    except ValidationError as error:
+        problems = [
+            f"jobs_from{table.at(item['loc'])}: {table.message(item)}" for item in error.errors()
+        ]
+        raise BatchFileError(source, problems) from None
+    made = table.expand(sources, base, written if isinstance(written, list) else [])
+    offset = len(written) if isinstance(written, list) else 0
+    problems = made.report()
+    try:
+        spec = parse_batch({**rest, "jobs": [*written, *made.jobs]}, source)
+    except BatchFileError as error:
+        shown = error.problems
+        if problems and shown == ["jobs: the batch has no jobs"]:
+            shown = []
+        problems += table.locate(shown, made.origins, offset)
+    if problems:
+        raise BatchFileError(source, problems)
+    return spec
+
+
 def load_batch_file(path: str | Path) -> BatchSpec:
     """Read and validate a YAML or JSON batch file, which must be UTF-8 text."""
     path = Path(path)
@@ -509,4 +552,6 @@ def load_batch_file(path: str | Path) -> BatchSpec:
         data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise BatchFileError(str(path), [f"not valid {kind}: {error}"]) from None
+    if isinstance(data, dict) and data.get("jobs_from") is not None:
+        return expand_tables(data, path.parent, str(path))
     return parse_batch(data, str(path))

@@ -292,7 +292,7 @@ async def test_steering_reading_and_listing_through_the_cli(
 ) -> None:
     env = sortie_env(sortie)
     # Long enough that none ends while the test steers it, however loaded the machine: cancelled.
-    jobs = [{"id": f"s{i}", "command": "sleep 600"} for i in range(4)]
+    jobs = [{"id": f"s{i}", "command": "sleep 600", "timeout": "30m"} for i in range(4)]
     batch = write_batch(tmp_path / "batch.json", app_name, jobs, max_machines=2, chunk_size=2)
     submitted = await apiped(["submit", str(batch), "--json"], env)
     assert submitted.returncode == 0, submitted.stderr

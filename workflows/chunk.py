@@ -257,6 +257,8 @@ class ChunkWorkflow:
             destroyed = finished.destroyed
             failure = record_outcome(job, result, finished.waited, finished.collected)
             oom = bool(finished.collected and finished.collected.oom_killed)
+            if finished.artifacts is not None:
+                result.artifacts = finished.artifacts
         except ActivityError as error:
             cancelled = is_cancellation(error)
             if not cancelled:

@@ -106,6 +106,7 @@ def finish_input(
             credential=result.credential,
             log_tail=job.log_tail,
             json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
+            artifacts=bool(job.artifacts),
         ),
     )
 

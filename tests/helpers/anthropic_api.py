@@ -3,6 +3,7 @@
 It answers `POST …/v1/messages` streaming (SSE) or not, as the request asks, with scripted turns
 picked by markers in the request (the prompt travels in it):
 - `[[tool]]`: the first turn asks for a tool (Bash `echo`), the next answers in text;
+- `[[bash:COMMAND]]`: the same, the Bash tool running COMMAND (e.g. one that writes a file);
 - `[[structured:JSON]]`: answers by calling the StructuredOutput tool the CLI offers for
   `--json-schema`, with JSON as its input;
 - `[[hang]]`: accepts the request and never answers (a stall);
@@ -256,8 +257,10 @@ def _reply(body: dict[str, Any], text: str) -> dict[str, Any]:
     stop = "end_turn"
     tools = {str(t.get("name")) for t in body.get("tools") or [] if isinstance(t, dict)}
     structured = re.search(r"\[\[structured:(.*?)\]\]", text, re.S)
-    if "[[tool]]" in text and _turns(body) == 0 and "Bash" in tools:
-        content = [_tool_use("Bash", {"command": "echo tool-ran", "description": "Echo"})]
+    bash = re.search(r"\[\[bash:(.*?)\]\]", text, re.S)
+    if ("[[tool]]" in text or bash) and _turns(body) == 0 and "Bash" in tools:
+        command = bash.group(1) if bash else "echo tool-ran"
+        content = [_tool_use("Bash", {"command": command, "description": "Run it"})]
         stop = "tool_use"
     elif structured and STRUCTURED_TOOL in tools and _turns(body) == _tool_turns(text):
         content = [_tool_use(STRUCTURED_TOOL, json.loads(structured.group(1)))]

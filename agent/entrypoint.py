@@ -10,9 +10,11 @@ per repository go to SORTIE_CHANGES_URL and, with `push_branch`, to a branch of 
 repository's origin (agent/changes.py). Uploads are retried on network errors, 5xx, 408 and
 429; a report that never lands fails the job on the worker. A `file://` URL writes a local
 file (running by hand, tests).
+The CLI and `verify` run in Claude Code's sandbox (agent/sandbox.py), without the secrets the
+entrypoint keeps for itself (the store's URLs, GITHUB_TOKEN, the job's named secrets).
 Exit codes: claude's own, 2 for a bad job, 3 when the workspace cannot be prepared, 4 when
-`verify` still failed after the last iteration, 5 when a branch could not be pushed, 127 when
-`claude` is not on PATH.
+`verify` still failed after the last iteration, 5 when a branch could not be pushed, 6 when the
+sandbox cannot start, 127 when `claude` is not on PATH.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import IO, Any
 
-from agent import changes, verify
+from agent import changes, sandbox, verify
 from agent.watch import Watched, watch
 
 REPORT_URL = "SORTIE_REPORT_URL"
@@ -48,7 +50,8 @@ ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
 STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
-SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", *STORE_URLS)
+CLAUDE_CREDENTIALS = ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY")
+SECRET_ENV = ("GITHUB_TOKEN", *CLAUDE_CREDENTIALS, *STORE_URLS)
 RESTORE_LIMIT = 256 << 20
 ARCHIVE_LIMIT = RESTORE_LIMIT
 """Most bytes a session archive may hold unpacked: what a restore accepts, so any archive made
@@ -113,6 +116,10 @@ class Job:
     push_branch: str | None = None
     json_schema: dict[str, Any] | None = None
     stall_timeout_s: float | None = None
+    network: tuple[str, ...] | None = ()
+    """The domains the agent may reach besides its repositories' hosts; None: any."""
+    secrets: tuple[str, ...] = ()
+    """The names of the job's secrets: the entrypoint's, never the agent's."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,12 @@ def parse_job(text: str | None) -> Job:
     if branch is not None and (not branch or branch.startswith("-") or ".." in branch):
         raise JobError(f"push_branch {branch!r} is not a valid branch name")
     stall = _optional(data, "stall_timeout_s", (int, float))
+    network = data.get("network", [])
+    if network is not None and not _strings(network):
+        raise JobError("'network' must be a list of domains or null (open)")
+    secrets = data.get("secrets") or []
+    if not _strings(secrets):
+        raise JobError("'secrets' must be a list of names")
     if restore is not None and ".." in PurePosixPath(restore).parts:
         raise JobError(f"restore_file {restore!r} must not contain '..'")
     return Job(
@@ -265,7 +278,14 @@ def parse_job(text: str | None) -> Job:
         push_branch=branch,
         json_schema=_optional(data, "json_schema", dict),
         stall_timeout_s=None if stall is None else float(stall),
+        network=None if network is None else tuple(network),
+        secrets=tuple(secrets),
     )
+
+
+def _strings(value: Any) -> bool:
+    """Whether `value` is a list of strings."""
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 class Machine:
@@ -279,6 +299,7 @@ class Machine:
         self.home = Path(env.get("HOME") or Path.home())
         self.git_env = {**self.env, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never"}
         self.checkouts: list[Checkout] = []
+        self.sandbox: sandbox.Sandbox | None = None
 
     # Output -------------------------------------------------------------------------------
 
@@ -563,10 +584,11 @@ class Machine:
             argv += ["--resume", job.resume_session_id]
         if job.json_schema is not None:
             argv += ["--json-schema", json.dumps(job.json_schema)]
-        proc = subprocess.Popen(
+        assert self.sandbox is not None, "the sandbox is made before claude runs"
+        proc = self.sandbox.start_claude(
             argv,
             cwd=cwd,
-            env=self.child_env(),
+            env=self.child_env(keep=CLAUDE_CREDENTIALS),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -618,6 +640,14 @@ class Machine:
         if claude is None:
             return self.fail(EXIT_NO_CLAUDE, "the claude CLI is not on PATH")
         try:
+            self.sandbox = sandbox.Sandbox.make(self.env, job, self.workspace, SECRET_ENV)
+        except sandbox.SandboxUnavailable as error:
+            self.note(f"error: the sandbox cannot start: {error}")
+            body = {"sandbox_unavailable": True}
+            return self.result(
+                sandbox.EXIT_SANDBOX_UNAVAILABLE, None, f"sandbox: {error}", work=body
+            )
+        try:
             self.prepare(job)
         except (SetupError, OSError) as error:
             return self.fail(EXIT_SETUP, f"workspace setup failed: {error}")
@@ -667,9 +697,12 @@ class Machine:
                 code, problem = changes.EXIT_PUSH_FAILED, "; ".join(failed)
         return turn, code, problem, work
 
-    def child_env(self) -> dict[str, str]:
-        """The environment of what the job runs (claude, verify): no presigned URL in it."""
-        return {k: v for k, v in self.env.items() if k not in STORE_URLS}
+    def child_env(self, keep: Sequence[str] = ()) -> dict[str, str]:
+        """The environment of what the job runs (claude, verify): no secret of the entrypoint's
+        (presigned URLs, GITHUB_TOKEN, the job's named secrets), nor a Claude credential unless
+        kept (the CLI's own, hidden from its commands by the sandbox)."""
+        hidden = set(SECRET_ENV) | set(self.sandbox.secrets if self.sandbox else ())
+        return {k: v for k, v in self.env.items() if k not in hidden - set(keep)}
 
     def send_archive(self) -> bool:
         """Build the session archive on disk and upload it, unless too big or it cannot be."""

@@ -83,13 +83,13 @@ def tail(text: str, machine: Machine) -> str:
 
 
 def check(machine: Machine, command: Sequence[str], cwd: Path) -> tuple[int, str]:
-    """Run the check in the checkout: its exit code and the tail of its output (both streams).
-
-    Its whole output goes to the machine's log, scrubbed.
+    """Run the check in the checkout, in the job's sandbox: its exit code and the tail of its
+    output (both streams). Its whole output goes to the machine's log, scrubbed.
     """
+    argv = machine.sandbox.check_argv(command, cwd) if machine.sandbox else list(command)
     try:
         proc = subprocess.run(
-            list(command),
+            argv,
             cwd=cwd,
             env=machine.child_env(),
             stdin=subprocess.DEVNULL,

@@ -216,6 +216,21 @@ class Repo(_Strict):
 
 RepoField = Annotated[Repo, BeforeValidator(Repo.coerce)]
 
+DOMAIN_PATTERN = r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62}\.)*[A-Za-z0-9-]{1,63}$"
+"""A host name or IP address the agent may reach, `*.` for every subdomain of one."""
+
+
+class Network(_Strict):
+    """Where a prompt job's agent may connect: its commands (through the sandbox's proxy) and
+    WebFetch reach only `allow`, and the hosts of the job's repositories."""
+
+    allow: list[Annotated[str, Field(pattern=DOMAIN_PATTERN)]] = []
+
+
+OPEN = "open"
+"""`network: open`: the allowlist off for a job (the sandbox still confines its writes)."""
+NetworkField = Network | Literal["open"]
+
 
 class JobFields(_Strict):
     """Fields a job may set, and the batch's `defaults` may set for every job.
@@ -250,6 +265,7 @@ class JobFields(_Strict):
     push_branch: str | None = None
     json_schema: JsonSchema | None = None
     stall_timeout: StallSeconds | None = None
+    network: NetworkField | None = None
 
     @field_validator("push_branch")
     @classmethod
@@ -288,6 +304,7 @@ PROMPT_ONLY = (
     "push_branch",
     "json_schema",
     "stall_timeout",
+    "network",
 )
 """Job fields that only a Claude Code (prompt) job uses."""
 
@@ -363,6 +380,8 @@ class Job(_Strict):
     json_schema: dict[str, Any] | None = None
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     """0 is off: the CLI may go quiet as long as the job's timeout allows."""
+    network: NetworkField = Network()
+    """Nothing beyond the repositories' hosts unless the batch file allows it."""
 
 
 MAX_APPS = 20
@@ -476,6 +495,15 @@ class BatchSpec(_Strict):
         for job in self.jobs:
             names.update(job.secrets or [])
         return sorted(names)
+
+    def open_network(self) -> list[str]:
+        """The prompt jobs whose agent may connect anywhere (`network: open`): a warning."""
+        return [
+            job.id
+            for job in self.jobs
+            if (job.prompt or self.defaults.prompt)
+            and (job.network if job.network is not None else self.defaults.network) == OPEN
+        ]
 
     def fingerprint(self) -> str:
         """A short stable hash of the batch's content: the same file gives the same batch id."""

@@ -249,10 +249,8 @@ class Sandbox:
         return cls(bwrap, directory, job.network is None, job.secrets)
 
     def start_claude(self, argv: list[str], **kwargs: Any) -> Confined:
-        """The CLI under its managed settings (--strict-mcp-config: no repository's servers)."""
-        return start_confined(
-            [*argv, "--strict-mcp-config"], self.settings_dir, self.bwrap, **kwargs
-        )
+        """The CLI under its managed settings."""
+        return start_confined(argv, self.settings_dir, self.bwrap, **kwargs)
 
     def check_argv(self, command: Sequence[str], cwd: Path) -> list[str]:
         """The job's `verify` command, confined."""

@@ -248,9 +248,17 @@ class Sandbox:
         bwrap = shutil.which("bwrap", path=path) or "bwrap"
         return cls(bwrap, directory, job.network is None, job.secrets)
 
-    def start_claude(self, argv: list[str], **kwargs: Any) -> Confined:
-        """The CLI under its managed settings."""
-        return start_confined(argv, self.settings_dir, self.bwrap, **kwargs)
+    def start_claude(
+        self, argv: list[str], cwd: Path, env: dict[str, str], **kwargs: Any
+    ) -> Confined:
+        """The CLI under its managed settings, without the repository's own settings files:
+        their `env` could point the CLI's API traffic, credential and all, anywhere (no managed
+        setting stops that). The repository's CLAUDE.md still loads, as an added directory's."""
+        own = ["--setting-sources", "user", "--add-dir", str(cwd)]
+        env = {**env, "CLAUDE_CODE_ADDITIONAL_DIRECTORIES_CLAUDE_MD": "1"}
+        return start_confined(
+            [*argv, *own], self.settings_dir, self.bwrap, cwd=cwd, env=env, **kwargs
+        )
 
     def check_argv(self, command: Sequence[str], cwd: Path) -> list[str]:
         """The job's `verify` command, confined."""

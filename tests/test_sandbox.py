@@ -7,6 +7,7 @@ HTTP server of the test on loopback, which records every connection it is offere
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import uuid
@@ -138,7 +139,8 @@ async def test_an_agent_told_to_leak_its_credential_reaches_nobody(
     report = await run_batch(claude_code, claude_spec(app_name, jobs))
 
     assert attacker.connections == 0, attacker.requests
-    assert not list(tmp_path.glob("outside-*")), "nothing was written outside the workspace"
+    written = [name for name in os.listdir(tmp_path) if name.startswith("outside-")]
+    assert written == [], "nothing was written outside the workspace"
     for result in report.results:
         assert (result.state, result.result) == ("succeeded", ANSWER), result.error
     # Every tool ran and failed, or was refused: what came back holds no secret.

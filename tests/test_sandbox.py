@@ -147,9 +147,10 @@ async def test_an_agent_told_to_leak_its_credential_reaches_nobody(
     [key] = [v for n, v in claude_code.credentials.items() if n.startswith("ANTHROPIC_API_KEY")]
     marker = script.removeprefix("[[script:").removesuffix("]]")
     calls = [c for c in api(claude_code).calls if marker in c.text]
+    turns = len(attacks(attacker.url, outside)) + 1
+    assert len(calls) >= 2 * turns, "each job played every scripted turn, then answered"
     results = [r for c in calls for r in c.results]
-    assert len(results) >= 2 * len(attacks(attacker.url, outside)), results
-    assert not any(key in r for r in results)
+    assert results and not any(key in r for r in results), results
     assert all(key not in line for r in report.results for line in r.log_tail)
     assert live(claude_code, app_name) == []
 

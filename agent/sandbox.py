@@ -58,9 +58,10 @@ def check(path: str) -> None:
 def permission_rules(
     allowed_tools: Iterable[str], workspace: Path, domains: Sequence[str] | None
 ) -> list[str]:
-    """The job's allowed tools as managed allow rules: bare edit tools confined to the
-    workspace, WebFetch to the allowed domains (any domain when the network is open)."""
-    rules: list[str] = []
+    """The job's allowed tools as managed allow rules: Bash always (it runs in the sandbox),
+    bare edit tools confined to the workspace, WebFetch to the allowed domains (any domain
+    when the network is open)."""
+    rules: list[str] = ["Bash"]
     for tool in allowed_tools:
         if tool in EDIT_TOOLS:
             rules.append(f"Edit(/{workspace.as_posix()}/**)")

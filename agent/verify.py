@@ -100,6 +100,8 @@ def check(machine: Machine, command: Sequence[str], cwd: Path) -> tuple[int, str
     except OSError as error:
         return EXIT_NOT_RUN, f"the check could not be started: {error}"
     output = proc.stdout.decode("utf-8", errors="replace")
+    if machine.sandbox and proc.returncode == 1 and output.startswith("bwrap: execvp "):
+        return EXIT_NOT_RUN, f"the check could not be started: {output.strip()}"
     for line in output.splitlines()[-TAIL_LINES:]:
         sys.stderr.write(machine.scrub.text(f"verify: {line}") + "\n")
     sys.stderr.flush()

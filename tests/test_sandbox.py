@@ -6,6 +6,7 @@ HTTP server of the test on loopback, which records every connection it is offere
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -140,7 +141,8 @@ async def test_an_agent_told_to_leak_its_credential_reaches_nobody(
             "repos": [str(repo)],
         },
     ]
-    report = await run_batch(claude_code, claude_spec(app_name, jobs))
+    spec = claude_spec(app_name, jobs, keep_sessions="1h")
+    report = await run_batch(claude_code, spec)
 
     assert attacker.connections == 0, attacker.requests
     written = [name for name in os.listdir(tmp_path) if name.startswith("outside-")]
@@ -156,6 +158,15 @@ async def test_an_agent_told_to_leak_its_credential_reaches_nobody(
     results = [r for c in calls for r in c.results]
     assert results and not any(key in r for r in results), results
     assert all(key not in line for r in report.results for line in r.log_tail)
+    # Nor in anything stored: answers, logs, reports, changes, the sessions unpacked.
+    store = claude_code.settings.blob_store()
+    stored: list[bytes] = []
+    for prefix in ("answers", "logs", "reports", "sessions", "changes"):
+        async for item in store.objects(f"{prefix}/{report.batch_id}"):
+            data = await store.get(item.key) or b""
+            stored.append(gzip.decompress(data) if item.key.endswith(".gz") else data)
+    assert any(b"claude-home" in data for data in stored), "the sessions were searched"
+    assert not any(key.encode() in data for data in stored)
     assert live(claude_code, app_name) == []
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.entrypoint import Job
+    from agent.job import Job
 
 MANAGED_DIR = "/etc/claude-code"
 """Where the CLI reads managed settings on Linux (its `managed-settings.json`)."""

@@ -160,6 +160,8 @@ CREDENTIAL_FAULTS = {"rate_limit", "auth"}
 """Claude errors that blame the credential, not the job: the job runs again on another."""
 STALLED = "stalled"
 """The stall watchdog stopped the agent: the machine failed, not the job (it runs again)."""
+SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+"""The machine could not start the agent's sandbox: the machine failed, not the job."""
 
 
 class DestroyMachineInput(StrictModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from client.batches import batch_input
 from sortie.fields import FAILURE_RATE_AFTER
@@ -36,6 +36,8 @@ class Plan:
     failure_limit: str | None = None
     """When failed jobs stop the batch, as the batch file says it; None: they never do."""
     storm: str | None = None
+    open_network: list[str] = field(default_factory=list)
+    """Prompt jobs with `network: open`: their agents may connect anywhere."""
     """When a storm of platform errors pauses the batch; None: the guard is off."""
 
     @property
@@ -65,6 +67,7 @@ def plan(spec: BatchSpec) -> Plan:
         chunks=-(-len(jobs) // size),
         max_machines=spec.max_machines,
         secrets=spec.secret_names(),
+        open_network=spec.open_network(),
         longest_job_s=max(worst),
         time_bound_s=sum(worst) / machines + max(worst) * (machines - 1) / machines,
         job_costs_usd=None if None in caps else round(sum(c or 0.0 for c in caps), 6),

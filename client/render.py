@@ -369,6 +369,13 @@ def plan_lines(p: Plan) -> list[str]:
         cost = "unbounded by the jobs (a prompt job sets no max_cost_usd)"
     if p.prompt_jobs and p.budget_usd is not None:
         cost += f"; budget ${p.budget_usd:.2f}: the batch pauses once it is spent"
+    warnings = []
+    if p.open_network:
+        shown = ", ".join(p.open_network[:5]) + (" …" if len(p.open_network) > 5 else "")
+        warnings.append(
+            f"  warning:  network: open for {len(p.open_network)} prompt job(s) ({shown}): "
+            "their agent's commands and WebFetch may connect anywhere (docs/security.md)"
+        )
     return [
         f"{p.batch_id} is valid: {p.name} on Fly {_apps(p.apps)}",
         f"  jobs:     {p.jobs} ({p.command_jobs} command, {p.prompt_jobs} prompt)",
@@ -383,4 +390,5 @@ def plan_lines(p: Plan) -> list[str]:
         f"  cost:     {cost}",
         f"  failures: {p.failure_limit or 'no limit (max_failures, max_failure_rate)'}",
         f"  storms:   {p.storm or 'not watched (storm: off)'}",
+        *warnings,
     ]

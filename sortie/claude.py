@@ -27,7 +27,7 @@ from pydantic import (
 from sortie.fields import branch_name
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
 from sortie.models import Changes, Iteration, Pushed
-from sortie.spec import Job
+from sortie.spec import Job, Network
 
 PREVIEW_CHARS = 2000
 """How much of an answer history keeps; the whole answer goes to the object store."""
@@ -49,6 +49,9 @@ class ErrorKind(StrEnum):
     """Claude finished, but the job's `verify` check still failed after its last iteration."""
     PUSH_FAILED = "push_failed"
     """Claude finished (and the check passed), but the branch could not be pushed."""
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    """The machine could not start Claude Code's sandbox: the agent never ran (a machine
+    failure: the job runs again on a new machine)."""
     CREDENTIALS_RESTING = RESTING_KIND
     """Not Claude's answer: every credential was resting, so no machine was created."""
     OTHER = "other"
@@ -232,6 +235,8 @@ class AgentReport(BaseModel):
     """The stall watchdog stopped the CLI: no event for the job's `stall_timeout`."""
     session_id: str | None = None
     """A stalled run's session (from the CLI's first event): it has no result to name it."""
+    sandbox_unavailable: bool = False
+    """The sandbox could not start on the machine: the agent never ran."""
 
     @classmethod
     def parse(cls, payload: bytes) -> AgentReport:
@@ -245,6 +250,8 @@ class AgentReport(BaseModel):
         """None when Claude answered; else why it did not."""
         if self.stalled:
             return ErrorKind.STALLED
+        if self.sandbox_unavailable:
+            return ErrorKind.SANDBOX_UNAVAILABLE
         cli = self.claude
         if cli is None:
             return ErrorKind.NO_REPORT
@@ -327,4 +334,6 @@ def job_document(
         "push_branch": branch_name(job.push_branch, batch_id, job.id) if job.push_branch else None,
         "json_schema": None if resume_session_id else job.json_schema,
         "stall_timeout_s": job.stall_timeout_s or None,
+        "network": job.network.allow if isinstance(job.network, Network) else None,
+        "secrets": job.secrets,
     }

@@ -109,6 +109,21 @@ class Repo(_Strict):
 
 RepoField = Annotated[Repo, BeforeValidator(Repo.coerce)]
 
+DOMAIN_PATTERN = r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62}\.)*[A-Za-z0-9-]{1,63}$"
+"""A host name or IP address the agent may reach, `*.` for every subdomain of one."""
+
+
+class Network(_Strict):
+    """Where a prompt job's agent may connect: its commands (through the sandbox's proxy) and
+    WebFetch reach only `allow`, and the hosts of the job's repositories."""
+
+    allow: list[Annotated[str, Field(pattern=DOMAIN_PATTERN)]] = []
+
+
+OPEN = "open"
+"""`network: open`: the allowlist off for a job (the sandbox still confines its writes)."""
+NetworkField = Network | Literal["open"]
+
 
 class JobFields(_Strict):
     """Fields a job may set, and the batch's `defaults` may set for every job.
@@ -148,6 +163,7 @@ class JobFields(_Strict):
     artifacts: list[Glob] | None = None
     """Files to keep from the job's machine, globs relative to its working directory."""
     artifacts_max: Bytes | None = None
+    network: NetworkField | None = None
 
     @field_validator("push_branch")
     @classmethod
@@ -186,6 +202,7 @@ PROMPT_ONLY = (
     "push_branch",
     "json_schema",
     "stall_timeout",
+    "network",
 )
 """Job fields that only a Claude Code (prompt) job uses."""
 
@@ -308,6 +325,9 @@ class Job(_Strict):
         guest = self.guest.model_copy(update={"memory_mb": memory_mb})
         return self.model_copy(update={"guest": guest})
 
+    network: NetworkField = Network()
+    """Nothing beyond the repositories' hosts unless the batch file allows it."""
+
 
 MAX_APPS = 20
 DEFAULT_PRIORITY = 3
@@ -420,6 +440,15 @@ class BatchSpec(_Strict):
         for job in self.jobs:
             names.update(job.secrets or [])
         return sorted(names)
+
+    def open_network(self) -> list[str]:
+        """The prompt jobs whose agent may connect anywhere (`network: open`): a warning."""
+        return [
+            job.id
+            for job in self.jobs
+            if (job.prompt or self.defaults.prompt)
+            and (job.network if job.network is not None else self.defaults.network) == OPEN
+        ]
 
     def fingerprint(self) -> str:
         """A short stable hash of the batch's content: the same file gives the same batch id."""

@@ -173,7 +173,7 @@ async def claude_code(
         FlyClient.open(fly_settings, FlyToken("localfly-test")) as fly,
         running_worker(temporal.client, settings, fly, SecretStore(env)),
     ):
-        yield Sortie(temporal.client, settings, claude_localfly, fly, anthropic_api)
+        yield Sortie(temporal.client, settings, claude_localfly, fly, anthropic_api, env)
 
 
 @pytest.fixture

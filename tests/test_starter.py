@@ -479,3 +479,17 @@ async def test_a_prompt_job_whose_report_never_arrives_makes_submit_wait_exit_1(
     assert done.returncode == 1, done.stdout + done.stderr
     assert "0 succeeded, 1 failed" in done.stdout, done.stdout
     assert "report never reached" in done.stdout, "the row says why"
+
+
+def test_validate_warns_of_jobs_whose_network_is_open(tmp_path: Path) -> None:
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(
+        "name: net\napp: my-app\n"
+        "jobs:\n"
+        "  - {id: a, prompt: 'review', network: {allow: [pypi.org]}}\n"
+        "  - {id: b, prompt: 'research', network: open}\n"
+    )
+    ran = piped(["validate", str(batch)], base_env())
+    assert ran.returncode == 0, ran.stderr
+    [warning] = [line for line in ran.stdout.splitlines() if "warning:" in line]
+    assert "network: open for 1 prompt job(s) (b)" in warning

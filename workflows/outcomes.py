@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
+    SANDBOX_UNAVAILABLE,
     STALLED,
     CollectResultOutput,
     JobAnswer,
@@ -34,6 +35,8 @@ def machine_failure(
     if answer is not None and answer.error_kind == STALLED:
         # Hung API calls and tools are the platform's; the next machine may well finish.
         return f"the agent stalled: {answer.result or 'no progress within its stall_timeout'}"
+    if answer is not None and answer.error_kind == SANDBOX_UNAVAILABLE:
+        return f"the machine could not start the agent's sandbox: {answer.result or ''}".rstrip()
     match waited.outcome:
         case WaitOutcome.BOOT_TIMEOUT:
             return f"machine did not start within {seconds(boot_timeout_s)}"

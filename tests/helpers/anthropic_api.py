@@ -10,7 +10,9 @@ picked by markers in the request (the prompt travels in it):
 - `[[burst:N]]`: the first N requests of that prompt answer 429, the rest succeed;
 - `[[status:NNN]]`: every request answers that status with Anthropic's error body;
 - `[[cut]]`: a streamed answer breaks after its first event (the CLI then asks without
-  streaming, which answers whole).
+  streaming, which answers whole);
+- `[[script:KEY]]`: the tool calls `script()` registered under KEY, one per turn, then the
+  answer in text (what the tools gave back is recorded with each call).
 A path prefix before `/v1/` makes every request under it fail the same way, so one credential
 of a pool (its `ANTHROPIC_BASE_URL_n`) can be refused while another works:
 `/status/429/v1/messages` answers 429 with Anthropic's error body, likewise 401, 403, 400, 503,
@@ -58,6 +60,14 @@ ANSWER = "The answer is 42."
 STRUCTURED_TOOL = "StructuredOutput"
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool use a scripted turn asks for: the tool's name and its input."""
+
+    name: str
+    input: dict[str, Any]
+
+
 @dataclass
 class Call:
     """One request the fake received."""
@@ -71,6 +81,8 @@ class Call:
     tools: list[str]
     at: float = 0.0
     """When it arrived (epoch seconds)."""
+    results: list[str] = field(default_factory=list)
+    """What the tools the last turn asked for gave back (tool_result blocks), in order."""
 
 
 @dataclass
@@ -83,6 +95,7 @@ class AnthropicApi:
     calls: list[Call] = field(default_factory=list)
     _bursts: Counter[str] = field(default_factory=Counter)
     _limits: dict[str, int] = field(default_factory=dict)
+    _scripts: dict[str, list[ToolCall]] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -101,6 +114,13 @@ class AnthropicApi:
         """Refuse every request under `limited_url(key)` for its usage limit until `reset`."""
         with self._lock:
             self._limits[key] = reset
+
+    def script(self, *calls: ToolCall) -> str:
+        """Register tool calls for one conversation; the marker that plays them in a prompt."""
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._scripts[key] = list(calls)
+        return f"[[script:{key}]]"
 
     def calls_to(self, prefix: str = "", marker: str | None = None) -> list[Call]:
         """The Messages calls under a prefix (e.g. `/status/429`), or whose text has `marker`."""
@@ -197,7 +217,10 @@ class AnthropicApi:
         if "[[hang]]" in text:
             await self._released.wait()
             return web.Response(status=499)
-        message = _reply(body, text)
+        script = re.search(r"\[\[script:([0-9a-f]{32})\]\]", text)
+        with self._lock:
+            scripted = self._scripts.get(script.group(1), []) if script else []
+        message = _reply(body, text, scripted)
         if body.get("stream"):
             return await _stream(request, message, cut="[[cut]]" in text)
         return web.json_response(message)
@@ -207,7 +230,9 @@ class AnthropicApi:
     ) -> None:
         tools = [str(t.get("name")) for t in body.get("tools") or [] if isinstance(t, dict)]
         stream, model = bool(body.get("stream")), body.get("model")
-        call = Call(path, prefix, status, stream, model, text, tools, time.time())
+        call = Call(
+            path, prefix, status, stream, model, text, tools, time.time(), _results_of(body)
+        )
         with self._lock:
             self.calls.append(call)
 
@@ -224,6 +249,20 @@ def _text_of(body: dict[str, Any]) -> str:
                 if isinstance(block, dict) and isinstance(block.get("text"), str):
                     parts.append(block["text"])
     return "\n".join(parts)
+
+
+def _results_of(body: dict[str, Any]) -> list[str]:
+    """What the tools gave back, from the last message's tool_result blocks."""
+    messages = body.get("messages") or []
+    content = messages[-1].get("content") if messages else None
+    results: list[str] = []
+    for block in content if isinstance(content, list) else []:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            inner = block.get("content")
+            if isinstance(inner, list):
+                inner = "\n".join(str(b.get("text", "")) for b in inner if isinstance(b, dict))
+            results.append(str(inner))
+    return results
 
 
 def _error(status: int, reset: int | None = None) -> web.Response:
@@ -251,14 +290,18 @@ def _turns(body: dict[str, Any]) -> int:
     return sum(1 for m in body.get("messages") or [] if m.get("role") == "assistant")
 
 
-def _reply(body: dict[str, Any], text: str) -> dict[str, Any]:
+def _reply(body: dict[str, Any], text: str, script: list[ToolCall]) -> dict[str, Any]:
     """The assistant message for this request, by the script its markers pick."""
     content: list[dict[str, Any]]
     stop = "end_turn"
     tools = {str(t.get("name")) for t in body.get("tools") or [] if isinstance(t, dict)}
     structured = re.search(r"\[\[structured:(.*?)\]\]", text, re.S)
     bash = re.search(r"\[\[bash:(.*?)\]\]", text, re.S)
-    if ("[[tool]]" in text or bash) and _turns(body) == 0 and "Bash" in tools:
+    if _turns(body) < len(script):
+        call = script[_turns(body)]
+        content = [_tool_use(call.name, call.input)]
+        stop = "tool_use"
+    elif ("[[tool]]" in text or bash) and _turns(body) == 0 and "Bash" in tools:
         command = bash.group(1) if bash else "echo tool-ran"
         content = [_tool_use("Bash", {"command": command, "description": "Run it"})]
         stop = "tool_use"

@@ -578,3 +578,41 @@ def test_max_memory_and_on_oom_grow_the_retry_of_an_oom_killed_job() -> None:
         "job 'low' (jobs[0]): max_memory: 512 MB is below the job's memory_mb (1024 MB)",
         "job 'fly' (jobs[1]): max_memory: 4096 MB is more than Fly gives 1 shared CPU (2048 MB)",
     ]
+
+
+def test_network_is_an_allowlist_or_open_and_only_for_prompt_jobs() -> None:
+    from sortie.claude import job_document
+    from sortie.spec import Network, parse_batch, resolve_job
+
+    spec = parse_batch(
+        {
+            "name": "net",
+            "app": "a",
+            "defaults": {"network": {"allow": ["pypi.org", "*.example.com"]}},
+            "jobs": [
+                {"id": "a", "prompt": "p"},
+                {"id": "b", "prompt": "p", "network": "open", "secrets": ["NPM_TOKEN"]},
+            ],
+        }
+    )
+    a, b = (resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs))
+    assert a.network == Network(allow=["pypi.org", "*.example.com"]) and b.network == "open"
+    assert job_document(a)["network"] == ["pypi.org", "*.example.com"]
+    assert job_document(b)["network"] is None and job_document(b)["secrets"] == ["NPM_TOKEN"]
+    assert spec.open_network() == ["b"]
+    with pytest.raises(BatchFileError) as bad:
+        parse_batch(
+            {
+                "name": "net",
+                "app": "a",
+                "jobs": [
+                    {"id": "c", "command": "true", "network": "open"},
+                    {"id": "d", "prompt": "p", "network": {"allow": ["http://x.org/"]}},
+                    {"id": "e", "prompt": "p", "network": "closed"},
+                ],
+            }
+        )
+    problems = "\n".join(bad.value.problems)
+    assert "job 'c' (jobs[0]): network is only for prompt jobs" in problems
+    assert "job 'd' (jobs[1]): network.Network.allow.0" in problems
+    assert "job 'e' (jobs[2]): network" in problems

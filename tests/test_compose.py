@@ -149,7 +149,7 @@ def test_the_dashboard_graphs_only_series_that_exist() -> None:
     dashboard = json.loads((ROOT / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {re.sub(r"_(sum|count|bucket)$", "", n) for e in exprs for n in SERIES.findall(e)}
-    ours = set(re.findall(r'"(sortie_\w+)"', (ROOT / "sortie" / "metrics.py").read_text()))
+    ours = set(re.findall(r'"(sortie_\w+)"', (ROOT / "activities" / "metrics.py").read_text()))
     assert {n for n in used if n.startswith("sortie_")} <= ours
     assert {"sortie_machines_alive", "sortie_machines_created", "sortie_fly_calls"} <= used
     assert {n for n in used if n.startswith("temporal_")} <= SDK_SERIES

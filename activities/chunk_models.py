@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sortie.models import StrictModel
-from workflows.chunk_models import ChunkOutput
 
 
 class WatchChunksInput(StrictModel):
@@ -14,9 +15,10 @@ class WatchChunksInput(StrictModel):
     heartbeat_every_s: float
 
 
-class ChunkEnd(StrictModel):
-    """A chunk that closed: its output, or the reason it has none (failed, terminated)."""
+class ClosedChunk(StrictModel):
+    """A chunk that closed: its output as it was stored (the workflow reads it as its own
+    model), or the reason it has none (failed, terminated)."""
 
     workflow_id: str
-    output: ChunkOutput | None = None
+    output: dict[str, Any] | None = None
     error: str | None = None

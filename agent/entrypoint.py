@@ -430,6 +430,11 @@ class Machine(Transfers):
         hidden = set(SECRET_ENV) | set(self.sandbox.secrets if self.sandbox else ())
         return {k: v for k, v in self.env.items() if k not in hidden - set(keep)}
 
+    def command_env(self) -> dict[str, str]:
+        """The environment of a command job's own command: its secrets are its to use (as
+        without the entrypoint), the store's presigned URLs are not."""
+        return {k: v for k, v in self.env.items() if k not in STORE_URLS}
+
     def send_archive(self) -> bool:
         """Build the session archive on disk and upload it, unless too big or it cannot be."""
         with tempfile.TemporaryDirectory(prefix="sortie-archive-") as tmp:

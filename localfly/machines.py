@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from localfly.faults import Faults
+from localfly.groups import kill_group, resident_by_group
 
 DEFAULT_MEMORY_MB = 256
 """A machine's memory when its config names no `guest.memory_mb`, as on Fly."""
-PAGE = os.sysconf("SC_PAGE_SIZE")
 WITHHELD = ("SORTIE_REPORT_URL", "SORTIE_ARCHIVE_URL")
 """What the `withhold_report` fault keeps from a machine: where its agent would upload."""
 
@@ -489,26 +489,3 @@ class Fleet:
                     kill_group(machine.process.pid, signal.SIGKILL)
                 if machine.workspace is not None:
                     shutil.rmtree(machine.workspace, ignore_errors=True)
-
-
-def resident_by_group(groups: set[int]) -> dict[int, int]:
-    """Resident bytes of every process in `groups`, summed by process group (from /proc)."""
-    sizes: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        group, pages = int(fields[2]), int(fields[21])
-        if group in groups:
-            sizes[group] = sizes.get(group, 0) + pages * PAGE
-    return sizes
-
-
-def kill_group(pid: int, signum: int) -> None:
-    """Signal a machine's whole process group (its children too)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signum)

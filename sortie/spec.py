@@ -85,6 +85,15 @@ class Guest(_Strict):
     cpus: int = Field(default=1, ge=1, le=16)
     memory_mb: MemoryMB = 256
 
+    @classmethod
+    def default(cls, prompt: bool) -> Guest:
+        """A job's size when its file gives none: Claude Code's CLI alone holds about 220 MB,
+        so a prompt job starts at PROMPT_MEMORY_MB, where 256 MB would be OOM-killed."""
+        return cls(memory_mb=PROMPT_MEMORY_MB) if prompt else cls()
+
+
+PROMPT_MEMORY_MB = 1024
+
 
 class Repo(_Strict):
     """A repository a prompt job clones before it runs."""
@@ -253,8 +262,9 @@ def _max_memory_problem(job: dict[str, Any], defaults: dict[str, Any]) -> str | 
         job.get("max_memory") if job.get("max_memory") is not None else defaults.get("max_memory")
     )
     guest = job.get("guest") if job.get("guest") is not None else defaults.get("guest")
+    prompt = (job.get("prompt") or defaults.get("prompt")) is not None
     try:
-        guest = Guest.model_validate(guest if guest is not None else {})
+        guest = Guest.model_validate(guest) if guest is not None else Guest.default(prompt)
         most = parse_memory_mb(given) if given is not None else None
     except (ValidationError, ValueError):
         return None
@@ -473,6 +483,7 @@ def resolve_job(defaults: Defaults, job: JobSpec, index: int) -> Job:
         elif own is not None or default is not None:
             value = own if own is not None else default
             merged[_JOB_NAMES.get(field, field)] = value
+    merged.setdefault("guest", Guest.default(merged.get("prompt") is not None))
     return Job.model_validate(merged)
 
 

@@ -24,7 +24,6 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.chunk_models import ChunkEnd
     from activities.machine_models import CheckBatchInput, ReleaseSessionsInput
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID
@@ -49,7 +48,7 @@ with workflow.unsafe.imports_passed_through():
         progress,
     )
     from workflows.chunk import ChunkWorkflow
-    from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
+    from workflows.chunk_models import ChunkEnd, ChunkInput, ChunkReport, SlotGrant
     from workflows.messaging import Delivery, deliver
     from workflows.reports import report_every, report_phase
     from workflows.shielded import complete, evicting

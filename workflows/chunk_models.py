@@ -53,6 +53,14 @@ class ChunkOutput(StrictModel):
     rows: str
 
 
+class ChunkEnd(StrictModel):
+    """A chunk that closed: its output, or the reason it has none (failed, terminated)."""
+
+    workflow_id: str
+    output: ChunkOutput | None = None
+    error: str | None = None
+
+
 class ChunkReport(StrictModel):
     """A chunk tells the batch what it has released, how far it is, and what errors it met.
 

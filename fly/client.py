@@ -45,6 +45,7 @@ from fly.models import (
     Machine,
     MachineConfig,
     StopRequest,
+    UpdateMachineRequest,
     WaitResult,
     go_duration,
 )
@@ -205,6 +206,29 @@ class FlyClient:
         metadata = dict(config.metadata or {})
         self._tell(FlyEvent("created", "create", app, response.status_code, machine.id, metadata))
         return machine
+
+    async def update_machine(
+        self,
+        app: str,
+        machine_id: str,
+        config: MachineConfig,
+        *,
+        current_version: str | None = None,
+        skip_launch: bool = False,
+    ) -> Machine:
+        """Replace the machine's whole config; Fly starts it unless ``skip_launch``. Refused
+        (FlyConflict) when ``current_version`` is no longer the machine's; never retried."""
+        body = UpdateMachineRequest(
+            config=config, current_version=current_version, skip_launch=skip_launch or None
+        )
+        response = await self._send(
+            "update", machine_id, "POST", _machine_path(app, machine_id), json=body.to_api()
+        )
+        return _parse(Machine, response)
+
+    async def start_machine(self, app: str, machine_id: str) -> None:
+        """Start a stopped machine: it boots from a clean root filesystem."""
+        await self._send("start", machine_id, "POST", _machine_path(app, machine_id) + "/start")
 
     async def get_app(self, app: str) -> App:
         """The app, or FlyAppNotFound when Fly has no such app (or the token may not see it)."""

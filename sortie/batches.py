@@ -87,6 +87,8 @@ class BatchReport(BaseModel):
     pending: int
     running: int
     live_machines: int
+    machines_created: int = 0
+    """Machines the batch created: one per job attempt, fewer with `reuse_machines`."""
     cost_usd: float = 0.0
     num_turns: int = 0
     paused: bool = False
@@ -122,6 +124,7 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
         max_machines=spec.max_machines,
         max_cost_usd=spec.max_cost_usd,
         keep_sessions_s=spec.keep_sessions,
+        reuse_idle_s=spec.reuse_idle if spec.reuse_machines else None,
         failure_limit=FailureLimit(
             max_failures=spec.max_failures,
             max_failure_rate=spec.max_failure_rate,
@@ -541,6 +544,7 @@ async def _head(
         pending=counts.pending,
         running=counts.running,
         live_machines=counts.live_machines,
+        machines_created=counts.machines_created,
         cost_usd=round(counts.cost_usd + sum(t.cost_usd or 0 for t in turns), 6),
         num_turns=counts.num_turns + sum(t.num_turns or 0 for t in turns),
         paused=paused,
@@ -911,6 +915,7 @@ RETRY_KEEPS = {
     "max_machines",
     "max_cost_usd",
     "keep_sessions_s",
+    "reuse_idle_s",
     "failure_limit",
     "storm",
     "tuning",

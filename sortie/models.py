@@ -68,6 +68,8 @@ class Counts(StrictModel):
     timed_out: int = 0
     cancelled: int = 0
     live_machines: int = 0
+    machines_created: int = 0
+    """Machines created for these jobs: one per attempt, fewer when machines are reused."""
     cost_usd: float = 0.0
     num_turns: int = 0
     credentials_resting: int = 0
@@ -85,9 +87,13 @@ class Counts(StrictModel):
         return cls(**{name: sum(getattr(c, name) for c in many) for name in cls.model_fields})
 
     @classmethod
-    def of(cls, results: list[JobResult], live_machines: int = 0) -> Counts:
+    def of(
+        cls, results: list[JobResult], live_machines: int = 0, machines_created: int = 0
+    ) -> Counts:
         """Count job results by state, with what they spent."""
-        counts = cls(total=len(results), live_machines=live_machines)
+        counts = cls(
+            total=len(results), live_machines=live_machines, machines_created=machines_created
+        )
         for result in results:
             counts.cost_usd += result.cost_usd or 0.0
             counts.num_turns += result.num_turns or 0
@@ -152,6 +158,8 @@ class JobResult(StrictModel):
     app: str | None = None
     """The Fly app of the job's (last) machine."""
     machine_id: str | None = None
+    machine_reused: bool = False
+    """The job's (last) machine had served an earlier job of the batch (`reuse_machines`)."""
     machine_state: str | None = None
     attempts: int = 0
     started_at: datetime | None = None

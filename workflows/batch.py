@@ -7,6 +7,9 @@ batch's workflow id: whichever run is current hears it), lend freed slots, start
 chunks, pass on pause, resume and cancel, and pause or cancel the batch when its budget,
 failures or a storm of platform errors say so (workflows/guards.py); continue-as-new whenever
 the run grows long; when every chunk is done, release the batch's sessions and return counts.
+With `reuse_machines` the batch holds the stopped machines chunks give back with their slots,
+lends them on with slots, and destroys those the cap or the jobs left no longer need, those
+idle for `reuse_idle`, and all at its end (workflows/pool.py).
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
 object store: only their counts reach the batch's history. A terminated batch's chunks stop
 themselves at their next report, and the reaper destroys what they leave.
@@ -15,17 +18,22 @@ themselves at their next report, and the reaper destroys what they leave.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from collections.abc import Awaitable
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.machine_models import CheckBatchInput, ReleaseSessionsInput
+    from activities.machine_models import (
+        CheckBatchInput,
+        DestroyMachineInput,
+        ReleaseSessionsInput,
+    )
     from activities.machines import MachineActivities
     from sortie.labels import BATCH_ID
-    from sortie.models import Counts
+    from sortie.models import Counts, MachineRef
     from sortie.pacing import batch_priority
     from workflows import guards, policies, slots
     from workflows.batch_models import (
@@ -76,6 +84,8 @@ class BatchWorkflow:
         self._starting: set[int] = set()
         """Chunks whose start is in flight: they cannot be told anything yet."""
         self._pass: asyncio.Task[None] | None = None
+        self._retiring: list[asyncio.Task[None]] = []
+        """Destroys of waiting machines no job will take."""
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
@@ -89,6 +99,8 @@ class BatchWorkflow:
                 if evicting():
                     raise
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
+        self._retire(self._state.pool.drain())
+        await complete(asyncio.gather(*self._retiring))
         if self._state.prompt_jobs:  # session archives live as long as the batch, or longer
             release = ReleaseSessionsInput(batch_id=input.batch_id, keep_s=input.keep_sessions_s)
             await complete(
@@ -111,6 +123,7 @@ class BatchWorkflow:
     def chunk_report(self, report: ChunkReport) -> None:
         """A chunk gave back slots, or told how far it is, or that it is done."""
         chunk = self._state.chunks[report.index]
+        self._state.pool.put(report.machines, workflow.now())
         chunk.slots -= report.released
         chunk.owed = max(0, chunk.owed - report.released)
         if report.seq >= chunk.report_seq:
@@ -211,26 +224,31 @@ class BatchWorkflow:
             if self._state.all_done():
                 return
             if self._run_is_long() and not self._starting:
-                await asyncio.gather(*self._grants)
+                await asyncio.gather(*self._grants, *self._retiring)
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
             workflow.set_current_details(guards.details(self._state, self._input.every_app()))
             await self._wait_for_change()
 
     async def _wait_for_change(self) -> None:
-        """Wait for a report or a signal; a storm pause with `auto_resume_after` ends on a timer."""
-        at = self._state.auto_resume_at
+        """Wait for a report or a signal; a storm pause with `auto_resume_after` ends on a timer,
+        and a waiting machine is destroyed once it waited `reuse_idle`."""
+        resume_at, expiry = self._state.auto_resume_at, self._idle_expiry()
+        at = min((t for t in (resume_at, expiry) if t is not None), default=None)
         try:
             if at is not None and at <= workflow.now():
                 raise TimeoutError
             await workflow.wait_condition(
                 lambda: self._changed,
                 timeout=None if at is None else at - workflow.now(),
-                timeout_summary="resume after the storm pause",
+                timeout_summary="resume after the storm pause, or destroy idle machines",
             )
         except TimeoutError:
-            workflow.logger.info("the storm pause is over: resuming")
-            self.resume()
+            if expiry is not None and expiry <= workflow.now():
+                self._retire(self._state.pool.expired(workflow.now(), self._reuse_idle_s))
+            if resume_at is not None and resume_at <= workflow.now():
+                workflow.logger.info("the storm pause is over: resuming")
+                self.resume()
 
     async def _steer(self) -> None:
         """Pass on pause, resume and cancel; move slots where they are needed; start chunks."""
@@ -241,6 +259,7 @@ class BatchWorkflow:
             if chunk.errors_seq > chunk.heard_seq:
                 chunk.heard_seq = chunk.errors_seq
                 self._grant(chunk, SlotGrant(heard=chunk.heard_seq))
+        self._retire_unneeded()
         asks = slots.take_back(state.max_machines, state.running())
         if any(asks.get(chunk.index) for chunk in told):
             await asyncio.gather(*self._grants)  # no grant may arrive after its take-back
@@ -257,7 +276,9 @@ class BatchWorkflow:
         free = slots.free_slots(state.max_machines, state.running())
         for index, give in slots.lend(free, told).items():
             state.chunks[index].slots += give
-            self._grant(state.chunks[index], SlotGrant(grant=give))
+            self._grant(
+                state.chunks[index], SlotGrant(grant=give, machines=state.pool.take_many(give))
+            )
 
     async def _tell_chunks(self) -> None:
         """Tell each started chunk to run, pause or cancel when it has not heard it yet, in the
@@ -331,6 +352,7 @@ class BatchWorkflow:
             )
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
+            self._retire(chunk.machines)
         self._starting.discard(plan.index)
         self._changed = True
 
@@ -348,6 +370,8 @@ class BatchWorkflow:
             guarded=state.failure_limit.is_set,
             report_every_s=report_every(state.max_machines, len(state.chunks)),
             tuning=self._input.tuning,
+            reuse_idle_s=self._input.reuse_idle_s,
+            machines=state.pool.take_many(chunk.slots),
         )
 
     def _run_is_long(self) -> bool:
@@ -381,6 +405,51 @@ class BatchWorkflow:
 
     def _grant(self, chunk: ChunkState, grant: SlotGrant) -> None:
         """Send a grant or a take-back without waiting: they add up in any order."""
-        handle = workflow.get_external_workflow_handle(chunk.workflow_id)
         self._grants = [g for g in self._grants if not g.done()]
-        self._grants.append(asyncio.create_task(deliver(handle.signal(ChunkWorkflow.grant, grant))))
+        self._grants.append(asyncio.create_task(self._send_grant(chunk.workflow_id, grant)))
+
+    async def _send_grant(self, workflow_id: str, grant: SlotGrant) -> Delivery:
+        """Signal the grant; machines it carried to a chunk that never heard it are destroyed."""
+        handle = workflow.get_external_workflow_handle(workflow_id)
+        delivery = await deliver(handle.signal(ChunkWorkflow.grant, grant))
+        if delivery is not Delivery.DELIVERED:
+            self._retire(grant.machines)
+        return delivery
+
+    # ------------------------------------------------------------ waiting machines
+
+    @property
+    def _reuse_idle_s(self) -> float:
+        return self._input.reuse_idle_s or 0.0
+
+    def _idle_expiry(self) -> datetime | None:
+        """When the longest-waiting machine has waited `reuse_idle`."""
+        return self._state.pool.next_expiry(self._reuse_idle_s)
+
+    def _retire_unneeded(self) -> None:
+        """Destroy waiting machines the batch no longer needs: all once it is cancelled or
+        no chunk waits for slots; past the cap (lowered) the longest-waiting ones."""
+        state = self._state
+        running = state.running()
+        if state.cancelled or not (state.pending or any(c.wants_more for c in running)):
+            self._retire(state.pool.drain())
+            return
+        held = sum(chunk.slots for chunk in running) + len(state.pool)
+        self._retire(state.pool.oldest(held - state.max_machines))
+
+    def _retire(self, machines: list[MachineRef]) -> None:
+        """Destroy these machines beside the story; the run waits for them before it ends."""
+        self._retiring = [t for t in self._retiring if not t.done()]
+        for machine in machines:
+            destroy = workflow.execute_activity_method(
+                MachineActivities.destroy_machine,
+                DestroyMachineInput(machine=machine),
+                start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+                retry_policy=policies.DESTROY_RETRY,
+                summary=f"destroy idle machine {machine.machine_id}",
+            )
+            self._retiring.append(asyncio.create_task(self._settle(destroy)))
+
+    @staticmethod
+    async def _settle(destroy: Awaitable[object]) -> None:
+        await complete(destroy)

@@ -11,6 +11,7 @@ from activities.job_models import JobsClaim
 from sortie.labels import chunk_workflow_id
 from sortie.models import Counts, StrictModel, Tuning
 from sortie.spec import OnTooManyFailures, StormGuard
+from workflows.pool import Pool
 
 
 class ChunkPlan(StrictModel):
@@ -118,6 +119,8 @@ class BatchState(StrictModel):
     cancel_reason: str | None = None
     chunks: list[ChunkState] = []
     pending: list[ChunkPlan] = []
+    pool: Pool = Pool()
+    """Stopped machines no chunk holds, waiting for a job (`reuse_machines`)."""
 
     @property
     def steering(self) -> Steering:
@@ -168,6 +171,9 @@ class BatchInput(StrictModel):
     max_machines: int
     max_cost_usd: float | None = None
     keep_sessions_s: float | None = None
+    reuse_idle_s: float | None = None
+    """`reuse_machines`: a machine that ended its job cleanly takes another, and waits this
+    long at most (None: one machine per job)."""
     failure_limit: FailureLimit = FailureLimit()
     storm: StormGuard | None = StormGuard()
     jobs: JobsClaim

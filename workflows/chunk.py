@@ -4,7 +4,11 @@ A chunk is a child workflow of its batch. It reads its own jobs from the object 
 (`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
 its window of machine slots holds. A job is: create its machine through the app's create queue,
 then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
-not destroy it; a new machine after each infrastructure failure, up to the job's retries. The
+not destroy it; a new machine after each infrastructure failure, up to the job's retries. With
+`reuse_machines` a machine whose job ended cleanly stays, stopped, with its slot, and the next
+job of its app takes it (`reuse_machine`: the job's config, then a start on a fresh root
+filesystem); waiting machines go back to the batch with the slots they hold
+(workflows/pool.py). The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
 slots back as soon as it has nothing left to start, so another chunk can use them, and reports
 how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
@@ -28,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         CreateMachineOutput,
         DestroyMachineInput,
         FinishJobOutput,
+        ReuseMachineInput,
     )
     from activities.machines import MachineActivities
     from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
@@ -38,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant, details, finish_input
+    from workflows.pool import Pool
     from workflows.reports import Reporter
     from workflows.shielded import complete, evicting, settle
 
@@ -58,6 +64,9 @@ class ChunkWorkflow:
         self._loaded = False
         self._continues: dict[str, Followup] = {}
         self._slots, self._owed, self._running, self._live = input.slots, 0, 0, 0
+        self._pool, self._handing, self._created = Pool(), list[MachineRef](), 0
+        self._pool.put(input.machines, workflow.now())
+        self._closing = False
         self._paused = input.paused
         self._cancel_reason: str | None = None
         self._jobs: list[asyncio.Task[None]] = []
@@ -70,6 +79,7 @@ class ChunkWorkflow:
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
         """Start each job as a slot frees up, wait for all of them, leave the rows in the store."""
+        idle = asyncio.create_task(self._retire_idle()) if input.reuse else None
         try:
             await complete(self._load_jobs())
             self._update_details()
@@ -82,12 +92,18 @@ class ChunkWorkflow:
                 raise
             self._cancel(workflow.cancellation_reason() or "chunk cancelled through Temporal")
             await asyncio.gather(*self._jobs)
+        self._closing = True
+        if idle is not None:
+            await complete(idle)
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         rows = await complete(self._store_rows())
         self._released, self._slots = self._released + self._slots, 0
+        await complete(self._let_go())
         await complete(self._reports.close())  # the batch may close once it heard this
+        while self._pool:  # lent after the batch heard the last report: nobody takes them
+            await complete(self._destroy_all(self._pool.drain()))
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
@@ -98,6 +114,7 @@ class ChunkWorkflow:
     def grant(self, grant: SlotGrant) -> None:
         """The batch adds slots, or asks for some back as jobs finish."""
         self._slots += grant.grant
+        self._pool.put(grant.machines, workflow.now())
         self._owed += grant.give_back
         self._heard = max(self._heard, grant.heard)
         self._give_back_idle()
@@ -213,11 +230,12 @@ class ChunkWorkflow:
         self._slot_freed(spent=bool(result.cost_usd), failed=failed)
 
     async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
-        """Create a machine; finish the job on it; make sure it is gone."""
+        """Get a machine; finish the job on it; keep it for the next job if its job ended
+        cleanly and the batch reuses machines, else make sure it is gone."""
         result.state, result.error_kind = JobState.STARTING, None
         self._update_details()
         try:
-            created = await self._create(job, attempt)
+            created, reused = await self._machine_for(job, attempt)
         except ActivityError as error:
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {why(error)}"
@@ -226,13 +244,14 @@ class ChunkWorkflow:
         machine = created.machine
         self._live += 1
         result.app, result.machine_id = machine.app, machine.machine_id
+        result.machine_reused = reused
         result.credential = created.credential
         result.state = JobState.RUNNING
         self._update_details()
-        destroyed, cancelled, failure = False, False, None
+        destroyed, kept, cancelled, failure = False, False, False, None
         try:
             finished = await self._finish_job(job, machine, attempt, result)
-            destroyed = finished.destroyed
+            destroyed, kept = finished.destroyed, finished.kept
             failure = record_outcome(job, result, finished.waited, finished.collected)
         except ActivityError as error:
             cancelled = is_cancellation(error)
@@ -242,7 +261,9 @@ class ChunkWorkflow:
             if not self._cancelled:  # evicted: only `_cancel` cancels a job
                 raise
             cancelled = True
-        if not destroyed:
+        if kept and not self._cancelled:
+            self._pool.put([machine], workflow.now())
+        elif not destroyed:
             await complete(self._destroy(machine))
         self._live -= 1
         self._update_details()
@@ -251,20 +272,57 @@ class ChunkWorkflow:
         if failure is not None:
             raise InfrastructureFailure(failure)
 
+    async def _machine_for(self, job: Job, attempt: int) -> tuple[CreateMachineOutput, bool]:
+        """A waiting machine of the job's app given the job, else a new one (a waiting machine
+        of another app goes first when it holds the slot); and whether it was reused."""
+        app = self._input.app_of(job)
+        waiting = self._pool.take(app)
+        if waiting is None and self._running + len(self._pool) > self._slots:
+            await complete(self._destroy_all(self._pool.oldest(1)))
+        if waiting is not None:
+            try:
+                return await self._reuse(job, attempt, waiting), True
+            except ActivityError as error:  # gone, or taken: a new machine instead
+                workflow.logger.info("machine %s not reused: %s", waiting.machine_id, why(error))
+                await complete(self._destroy(waiting))
+        return await self._create(job, attempt), False
+
+    def _launch(self, job: Job, attempt: int) -> CreateMachineInput:
+        """What a machine for this job attempt is given, created or reused."""
+        return CreateMachineInput(
+            batch_id=self._input.batch_id,
+            chunk_index=self._input.index,
+            app=self._input.app_of(job),
+            job=job,
+            attempt=attempt,
+            owner=workflow.info().workflow_id,
+            followup=self._followup(job),
+            reuse=self._input.reuse,
+        )
+
+    async def _reuse(self, job: Job, attempt: int, machine: MachineRef) -> CreateMachineOutput:
+        """Give the waiting machine the job and start it; if cancelled meanwhile, destroy it."""
+        reuse = workflow.execute_activity_method(
+            MachineActivities.reuse_machine,
+            ReuseMachineInput(**self._launch(job, attempt).model_dump(), machine=machine),
+            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+            schedule_to_close_timeout=policies.CREATE_DEADLINE,
+            retry_policy=policies.FLY_RETRY,
+            summary=f"reuse machine {machine.machine_id} for job {job.id} (attempt {attempt})",
+        )
+        settled, interrupted = await settle(reuse)
+        if interrupted:
+            await complete(self._destroy(machine))
+            raise asyncio.CancelledError
+        return settled.result()
+
     async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
         """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
         app = self._input.app_of(job)
+        self._created += 1
         create = workflow.execute_activity_method(
             MachineActivities.create_machine,
-            CreateMachineInput(
-                batch_id=self._input.batch_id,
-                chunk_index=self._input.index,
-                app=app,
-                job=job,
-                attempt=attempt,
-                owner=workflow.info().workflow_id,
-                followup=self._followup(job),
-            ),
+            self._launch(job, attempt),
             # The app's create queue: Temporal paces it for every worker together.
             task_queue=create_queue(workflow.info().task_queue, app),
             start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
@@ -303,6 +361,35 @@ class ChunkWorkflow:
             retry_policy=policies.DESTROY_RETRY,
             summary=f"destroy machine {machine.machine_id}",
         )
+
+    async def _destroy_all(self, machines: list[MachineRef]) -> None:
+        await asyncio.gather(*(self._destroy(machine) for machine in machines))
+
+    async def _retire_idle(self) -> None:
+        """While the chunk is paused, a machine that waited `reuse_idle` is destroyed."""
+        idle_s = self._input.reuse_idle_s or 0.0
+        while True:
+            await workflow.wait_condition(
+                lambda: self._closing or (self._paused and bool(self._pool))
+            )
+            if self._closing:
+                return
+            expiry = self._pool.next_expiry(idle_s) or workflow.now()
+            try:
+                await workflow.wait_condition(
+                    lambda: self._closing or not self._paused or not self._pool,
+                    timeout=max(expiry - workflow.now(), timedelta(0)),
+                    timeout_summary="destroy machines idle while paused",
+                )
+            except TimeoutError:
+                await complete(self._destroy_all(self._pool.expired(workflow.now(), idle_s)))
+
+    async def _let_go(self) -> None:
+        """The chunk is done: its waiting machines go back to the batch with its slots, or are
+        destroyed when the chunk was cancelled or has no batch to take them."""
+        if self._cancelled or workflow.info().parent is None:
+            await self._destroy_all(self._pool.drain())
+        self._handing += self._pool.drain()
 
     async def _store_rows(self) -> str:
         """Leave every job's row in the object store, where readers find it once closed."""
@@ -374,19 +461,23 @@ class ChunkWorkflow:
         owed = min(give, self._owed)
         self._owed, self._slots = self._owed - owed, self._slots - give
         self._released += give
+        surplus = len(self._pool) - max(self._slots - self._running, 0)
+        self._handing += self._pool.oldest(surplus)  # each goes back with the slot it held
         if owed:
             self._reports.send()  # the batch asked for them back: it hears at once
         else:
             self._reports.soon()  # with the next report: chunks ending together send fewer
         return True
 
-    def _now(self) -> tuple[Counts, bool, int]:
+    def _now(self) -> tuple[Counts, bool, int, list[MachineRef]]:
         """What a report tells: the counts, whether more jobs wait than free slots, and the
-        slots given back since the last report."""
+        slots (and the stopped machines they held) given back since the last report."""
         self._update_details()
         free = max(self._slots - self._running, 0)
         released, self._released = self._released, 0
-        return self._counts(), len(self._queue) > free and not self._cancelled, released
+        handing, self._handing = self._handing, []
+        wants_more = len(self._queue) > free and not self._cancelled
+        return self._counts(), wants_more, released, handing
 
     def _cancel(self, reason: str) -> None:
         if self._cancelled:
@@ -405,7 +496,8 @@ class ChunkWorkflow:
         claim = self._input.claim
         if not self._loaded and claim is not None:  # its jobs not read yet: all pending
             return Counts(total=claim.size, pending=claim.size)
-        return Counts.of(self._results, live_machines=self._live)
+        live = self._live + len(self._pool)
+        return Counts.of(self._results, live_machines=live, machines_created=self._created)
 
     def _update_details(self) -> None:
         """Keep the Web UI's current details in step with the chunk."""

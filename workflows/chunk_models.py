@@ -36,6 +36,15 @@ class ChunkInput(StrictModel):
     tuning: Tuning = Tuning()
     followup: Followup | None = None
     """Jobs of a retry batch that continue their session instead of starting over, by id."""
+    reuse_idle_s: float | None = None
+    """The batch reuses machines (workflows/pool.py): a machine waits this long at most."""
+    machines: list[MachineRef] = []
+    """Stopped machines the batch hands the chunk with its window, for its first jobs."""
+
+    @property
+    def reuse(self) -> bool:
+        """Whether a machine that ended its job cleanly takes another."""
+        return self.reuse_idle_s is not None
 
     def app_of(self, job: Job) -> str:
         """The Fly app the job's machines are created in."""
@@ -65,6 +74,8 @@ class ChunkReport(StrictModel):
     counts: Counts
     errors: dict[str, int] = {}
     """Attempts that ended with a storm error since the last report, by kind (a delta)."""
+    machines: list[MachineRef] = []
+    """Stopped machines given back with the slots they held (`reuse_machines`)."""
     done: bool = False
 
 
@@ -75,6 +86,8 @@ class SlotGrant(StrictModel):
     give_back: int = Field(default=0, ge=0)
     heard: int = Field(default=0, ge=0)
     """The newest report with storm errors the batch has judged (and paused for, if it must)."""
+    machines: list[MachineRef] = []
+    """Stopped machines that come with the granted slots (`reuse_machines`)."""
 
 
 def finish_input(
@@ -104,6 +117,7 @@ def finish_input(
             log_tail=job.log_tail,
             json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
         ),
+        keep=chunk.reuse,
     )
 
 

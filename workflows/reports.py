@@ -18,7 +18,7 @@ from datetime import timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from sortie.models import Counts
+    from sortie.models import Counts, MachineRef
     from workflows.chunk_models import ChunkReport
     from workflows.messaging import Delivery, deliver
 
@@ -39,13 +39,14 @@ def report_every(max_machines: int, chunks: int) -> float:
 
 class Reporter:
     """A chunk's reports to its batch: `now` asks the chunk for its counts, whether it wants
-    more slots, and the slots it gives back; `gone` stops the chunk when the batch is gone."""
+    more slots, and the slots (and stopped machines) it gives back; `gone` stops the chunk
+    when the batch is gone."""
 
     def __init__(
         self,
         index: int,
         every_s: float,
-        now: Callable[[], tuple[Counts, bool, int]],
+        now: Callable[[], tuple[Counts, bool, int, list[MachineRef]]],
         gone: Callable[[str], None],
     ) -> None:
         self._index, self._every = index, timedelta(seconds=every_s)
@@ -67,11 +68,12 @@ class Reporter:
             return None
         self._last = workflow.now()
         self._seq += 1
-        counts, wants_more, released = self._now()
+        counts, wants_more, released, machines = self._now()
         report = ChunkReport(
             index=self._index,
             seq=self._seq,
             released=released,
+            machines=machines,
             wants_more=wants_more,
             counts=counts,
             errors=self.errors,

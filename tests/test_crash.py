@@ -179,7 +179,10 @@ async def test_worker_killed_mid_batch_with_reuse_runs_each_job_once_and_leaves_
             "reuse_machines": True,
             "defaults": plain.defaults.model_dump(mode="json", exclude_none=True),
             "jobs": [  # each run leaves a line outside every machine
-                {"id": job.id, "command": f"echo ran >> {marks}/{job.id}; {job.command[-1]}"}
+                {
+                    "id": job.id,
+                    "command": f"echo ran >> {marks}/{job.id}; {(job.command or [])[-1]}",
+                }
                 for job in plain.jobs
             ],
         }

@@ -18,7 +18,6 @@ themselves at their next report, and the reaper destroys what they leave.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -86,6 +85,8 @@ class BatchWorkflow:
         self._pass: asyncio.Task[None] | None = None
         self._retiring: list[asyncio.Task[None]] = []
         """Destroys of waiting machines no job will take."""
+        self._destroying = 0
+        """Machines the batch is destroying: each holds its slot until it is gone."""
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
@@ -100,7 +101,7 @@ class BatchWorkflow:
                     raise
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
         self._retire(self._state.pool.drain())
-        await complete(asyncio.gather(*self._retiring))
+        await complete(self._quiet())
         if self._state.prompt_jobs:  # session archives live as long as the batch, or longer
             release = ReleaseSessionsInput(batch_id=input.batch_id, keep_s=input.keep_sessions_s)
             await complete(
@@ -112,7 +113,6 @@ class BatchWorkflow:
                     summary="release the batch's session archives",
                 )
             )
-        await asyncio.gather(*self._grants)
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.set_current_details(guards.details(self._state, self._input.every_app()))
         return output(self._input, self._state)
@@ -224,7 +224,7 @@ class BatchWorkflow:
             if self._state.all_done():
                 return
             if self._run_is_long() and not self._starting:
-                await asyncio.gather(*self._grants, *self._retiring)
+                await self._quiet()
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
             workflow.set_current_details(guards.details(self._state, self._input.every_app()))
@@ -273,7 +273,7 @@ class BatchWorkflow:
             self._pass = asyncio.create_task(self._start_pass(self._next_pass()))
         if self._may_open():
             return  # the next pass takes the free slots
-        free = slots.free_slots(state.max_machines, state.running())
+        free = self._free()
         for index, give in slots.lend(free, told).items():
             state.chunks[index].slots += give
             self._grant(
@@ -305,7 +305,7 @@ class BatchWorkflow:
         return (
             bool(state.pending)
             and not self._run_is_long()
-            and slots.free_slots(state.max_machines, state.running()) > 0
+            and self._free() > 0
             and slots.may_open(state.max_machines, len(state.running()), state.unfinished())
         )
 
@@ -318,7 +318,7 @@ class BatchWorkflow:
         size = 0
         while size < PASS_BYTES and len(starts) < most and self._may_open():
             chunk = state.chunks[state.pending[0].index]
-            free = slots.free_slots(state.max_machines, state.running())
+            free = self._free()
             chunk.slots = slots.opening_window(
                 state.max_machines, state.unfinished(), free, chunk.size
             )
@@ -406,15 +406,24 @@ class BatchWorkflow:
     def _grant(self, chunk: ChunkState, grant: SlotGrant) -> None:
         """Send a grant or a take-back without waiting: they add up in any order."""
         self._grants = [g for g in self._grants if not g.done()]
-        self._grants.append(asyncio.create_task(self._send_grant(chunk.workflow_id, grant)))
+        self._grants.append(asyncio.create_task(self._send_grant(chunk, grant)))
 
-    async def _send_grant(self, workflow_id: str, grant: SlotGrant) -> Delivery:
-        """Signal the grant; machines it carried to a chunk that never heard it are destroyed."""
-        handle = workflow.get_external_workflow_handle(workflow_id)
+    async def _send_grant(self, chunk: ChunkState, grant: SlotGrant) -> Delivery:
+        """Signal the grant; one the chunk never heard is taken back, and the machines it
+        carried destroyed (a chunk gives back what it heard, even once done)."""
+        handle = workflow.get_external_workflow_handle(chunk.workflow_id)
         delivery = await deliver(handle.signal(ChunkWorkflow.grant, grant))
         if delivery is not Delivery.DELIVERED:
+            chunk.slots -= grant.grant
             self._retire(grant.machines)
+            self._changed = True
         return delivery
+
+    async def _quiet(self) -> None:
+        """Wait until every grant has landed and every destroy is done (a grant that no chunk
+        heard starts the destroys of the machines it carried)."""
+        while pending := [t for t in (*self._grants, *self._retiring) if not t.done()]:
+            await asyncio.gather(*pending)
 
     # ------------------------------------------------------------ waiting machines
 
@@ -437,19 +446,27 @@ class BatchWorkflow:
         held = sum(chunk.slots for chunk in running) + len(state.pool)
         self._retire(state.pool.oldest(held - state.max_machines))
 
+    def _free(self) -> int:
+        """Slots no chunk holds and no machine being destroyed holds."""
+        return slots.free_slots(self._state.max_machines, self._state.holding()) - self._destroying
+
     def _retire(self, machines: list[MachineRef]) -> None:
         """Destroy these machines beside the story; the run waits for them before it ends."""
         self._retiring = [t for t in self._retiring if not t.done()]
         for machine in machines:
-            destroy = workflow.execute_activity_method(
+            self._destroying += 1
+            self._retiring.append(asyncio.create_task(self._destroy(machine)))
+
+    async def _destroy(self, machine: MachineRef) -> None:
+        """Destroy the machine; its slot is free once it is gone."""
+        await complete(
+            workflow.execute_activity_method(
                 MachineActivities.destroy_machine,
                 DestroyMachineInput(machine=machine),
                 start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
                 retry_policy=policies.DESTROY_RETRY,
                 summary=f"destroy idle machine {machine.machine_id}",
             )
-            self._retiring.append(asyncio.create_task(self._settle(destroy)))
-
-    @staticmethod
-    async def _settle(destroy: Awaitable[object]) -> None:
-        await complete(destroy)
+        )
+        self._destroying -= 1
+        self._changed = True

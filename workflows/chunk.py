@@ -102,8 +102,10 @@ class ChunkWorkflow:
         self._released, self._slots = self._released + self._slots, 0
         await complete(self._let_go())
         await complete(self._reports.close())  # the batch may close once it heard this
-        while self._pool:  # lent after the batch heard the last report: nobody takes them
+        while self._slots or self._pool:  # lent after that report: destroyed, given back
             await complete(self._destroy_all(self._pool.drain()))
+            self._released, self._slots = self._released + self._slots, 0
+            await complete(self._reports.close())
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)

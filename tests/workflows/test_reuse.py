@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
 from sortie import batches
 from sortie.labels import META_REUSE
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
+from tests.helpers.fleet import run_fleet_batch
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
@@ -179,3 +181,18 @@ async def test_a_lowered_cap_destroys_idle_machines(sortie: Sortie, app_name: st
     assert report.succeeded == 30, [(r.job_id, r.error) for r in report.results]
     assert sortie.localfly.stats(app_name)["max_live_machines"] <= 2
     assert not live(sortie, app_name)
+
+
+async def test_machines_are_handed_on_from_chunk_to_chunk_within_the_cap(
+    temporal: WorkflowEnvironment,
+) -> None:
+    """Chunks start as others finish: their machines reach the next ones through the batch,
+    across its continue-as-new, and the cap counts stopped machines too."""
+    fleet, report, _, _ = await run_fleet_batch(
+        temporal, jobs=300, max_machines=7, chunk_size=20, fill_to=7, reuse_machines=True
+    )
+
+    assert report.succeeded == 300 and fleet.continued_as_new
+    assert fleet.most == 7 and fleet.live == 0
+    assert fleet.created + fleet.reused == 300
+    assert fleet.created <= 7 * 2, fleet.created

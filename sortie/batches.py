@@ -690,6 +690,8 @@ async def followup(
                 "claim": None,
                 "slots": 1,
                 "paused": False,
+                "machines": [],  # a turn of its own runs on a machine of its own
+                "reuse_idle_s": None,
                 "followup": Followup(
                     turn=turn,
                     prompt=prompt,

@@ -443,7 +443,7 @@ class BatchWorkflow:
         if state.cancelled or not (state.pending or any(c.wants_more for c in running)):
             self._retire(state.pool.drain())
             return
-        held = sum(chunk.slots for chunk in running) + len(state.pool)
+        held = sum(chunk.slots for chunk in state.holding()) + len(state.pool)
         self._retire(state.pool.oldest(held - state.max_machines))
 
     def _free(self) -> int:

@@ -58,16 +58,16 @@ prove: install system-deps
 	$(PY) -m tests.mutations
 
 demo: install
-	$(PY) -m sortie.demo
+	$(PY) -m client.demo
 
 # The local stack in the background for batches of your own: the dev server with its Web UI,
 # localfly, the S3 store and a worker, under .state/ (idempotent). `make down` stops what it
 # started and keeps the history for `make ui`.
 up: install
-	$(PY) -m sortie.local_stack up
+	$(PY) -m client.local_stack up
 
 down: install
-	$(PY) -m sortie.local_stack down
+	$(PY) -m client.local_stack down
 
 bench: install
 	$(PY) -m bench --standard

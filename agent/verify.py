@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.entrypoint import Job, Machine
+    from agent.entrypoint import Machine
+    from agent.job import Job
     from agent.watch import Watched
 
 TAIL_LINES = 40

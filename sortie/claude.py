@@ -16,9 +16,10 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sortie.fields import branch_name
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
 from sortie.models import Changes, Iteration, Pushed
-from sortie.spec import Job, branch_name
+from sortie.spec import Job
 
 PREVIEW_CHARS = 2000
 """How much of an answer history keeps; the whole answer goes to the object store."""

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from activities.secrets import SecretStore
+from client.stack import MATCHING_CONFIG, LocalS3
 from fly import FlyClient, FlySettings, FlyToken
 from sortie.codec import data_converter
 from sortie.labels import BATCH_ID
-from sortie.secrets import SecretStore
 from sortie.settings import Settings
-from sortie.stack import MATCHING_CONFIG, LocalS3
 from sortie.store import close_shared
 from tests.helpers.anthropic_api import AnthropicApi
 from tests.helpers.stack import (

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sortie import batches
+from client import batches
 from sortie.claude import CLI_ENV
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.anthropic_api import ANSWER

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
-from sortie import batches
+from client import batches
 from sortie.models import Tuning
 from sortie.spec import parse_batch
 from tests.helpers.history import assert_no_create_while_paused

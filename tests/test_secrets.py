@@ -22,7 +22,7 @@ from google.protobuf.json_format import MessageToJson
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.spec import parse_batch
 from tests.helpers.batches import git_repo, settings_for
 from tests.helpers.history import decoded_payloads, every_run

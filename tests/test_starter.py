@@ -21,7 +21,8 @@ from typing import Any
 import pexpect
 import pytest
 
-from sortie import batches, reaping
+from client import batches
+from sortie import reaping
 from tests.helpers.cli import run_cli as piped
 from tests.helpers.stack import ROOT, Sortie
 from tests.helpers.waiting import eventually

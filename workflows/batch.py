@@ -64,7 +64,8 @@ EVENTS_PER_CHUNK = 8
 task of its own when starts land one by one), completed, its last report (in another)."""
 PASS_BYTES = 1_000_000
 """Chunk input started in one workflow task at most: the task's commands stay far below the
-server's 4 MB message limit (one chunk's input is at most 1 MB, see sortie/batches.py)."""
+server's 4 MB message limit (one chunk's input is at most 1 MB, see
+client/batches/submission.py)."""
 STARTS_AT_ONCE = 50
 """Chunks started in one pass at most, so a run checks its length between passes."""
 

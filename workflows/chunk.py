@@ -35,14 +35,14 @@ with workflow.unsafe.imports_passed_through():
         ReuseMachineInput,
     )
     from activities.machines import MachineActivities
-    from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
+    from activities.metrics import JOBS_FINISHED, JOBS_STARTED
     from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
-    from sortie.outcomes import is_cancellation, record_outcome, why
     from sortie.pacing import create_queue
     from sortie.spec import Job
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant, details, finish_input
+    from workflows.outcomes import is_cancellation, record_outcome, why
     from workflows.pool import Pool
     from workflows.reports import Reporter
     from workflows.shielded import complete, evicting, settle

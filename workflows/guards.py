@@ -19,9 +19,9 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from sortie.fields import FAILURE_RATE_AFTER
     from sortie.models import Counts
-    from sortie.outcomes import seconds
-    from sortie.spec import FAILURE_RATE_AFTER, OnTooManyFailures, StormGuard
+    from sortie.spec import OnTooManyFailures, StormGuard
     from workflows.batch_models import (
         BatchState,
         FailureLimit,
@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         PausedBy,
         StormMark,
     )
+    from workflows.outcomes import seconds
 
 STORM_KINDS = {
     "rate_limit": "Claude rate limit",

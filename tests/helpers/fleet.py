@@ -45,15 +45,15 @@ from activities.machine_models import (
     WaitMachineOutput,
     WaitOutcome,
 )
-from sortie import batches
+from activities.pacing import CreateQueues
+from client import batches
 from sortie.models import MachineRef, Tuning
-from sortie.outcomes import reusable
-from sortie.pacing import CreateQueues
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
 from worker import SortieWorker
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
+from workflows.outcomes import reusable
 from workflows.pacer import CreatePacerWorkflow
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from temporalio.client import Client
 
+from activities.secrets import SecretStore
 from fly import FlyClient
-from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import DEFAULT_IMAGE
 from worker import SortieWorker, build_worker

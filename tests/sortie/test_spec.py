@@ -7,20 +7,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sortie.batches import CHUNK_INPUT_BYTES, PAYLOAD_BYTES, batch_input, chunk_size
-from sortie.spec import (
+from client.batches import CHUNK_INPUT_BYTES, PAYLOAD_BYTES, batch_input, chunk_size
+from sortie.fields import (
     FAILURE_RATE_AFTER,
     BatchFileError,
+    branch_name,
+    parse_duration,
+    parse_memory_mb,
+    parse_percent,
+)
+from sortie.spec import (
     BatchSpec,
     LogTail,
     StormGuard,
     app_for,
-    branch_name,
     load_batch_file,
     parse_batch,
-    parse_duration,
-    parse_memory_mb,
-    parse_percent,
     resolve_job,
 )
 

@@ -20,7 +20,7 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch

@@ -13,8 +13,8 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
-from sortie import batches
-from sortie.credentials import ClaudePool, CredentialsResting, pool_workflow_id
+from activities.credentials import ClaudePool, CredentialsResting, pool_workflow_id
+from client import batches
 from sortie.spec import parse_batch
 from tests.helpers.history import decoded_payloads
 from tests.helpers.stack import Sortie

@@ -19,12 +19,12 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
+from client.stack import MATCHING_CONFIG
 from sortie.codec import data_converter
 from sortie.models import JobState, Tuning
 from sortie.settings import Settings
 from sortie.spec import Job
-from sortie.stack import MATCHING_CONFIG
 from tests.helpers.fleet import Fleet, fleet_worker
 from tests.helpers.stack import TEMPORAL_CLI
 from tests.helpers.waiting import eventually

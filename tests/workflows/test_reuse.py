@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.labels import META_REUSE
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch

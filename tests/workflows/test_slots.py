@@ -16,7 +16,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.models import Tuning
 from sortie.settings import Settings
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker, run_fleet_batch

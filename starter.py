@@ -14,6 +14,8 @@
         [--continue-sessions [PROMPT]] [--wait] [--json]
     python starter.py logs ID JOB [--follow]
     python starter.py diff ID JOB [--repo PATH] [--out FILE]
+    python starter.py artifacts ID [JOB] --out DIR
+    python starter.py handoff ID JOB [--dir DIR]
     python starter.py set-failure-limit ID [--max-failures N] [--max-failure-rate P%]
         [--on-too-many-failures pause|cancel]
     python starter.py followup ID JOB "PROMPT" [--no-wait]
@@ -43,6 +45,7 @@ from client.analysis.files import AnalysisError
 from client.analysis.findings import DEFAULT_FOCUS
 from client.commands.analyze import cmd_analyze, cmd_findings
 from client.commands.check import cmd_doctor, cmd_validate
+from client.commands.handover import cmd_artifacts, cmd_handoff
 from client.commands.read import cmd_diff, cmd_list, cmd_logs, cmd_results, cmd_status
 from client.commands.reap import cmd_reap
 from client.commands.rerun import cmd_followup, cmd_retry
@@ -194,6 +197,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--repo", metavar="PATH", help="the repository's path (when it has several)")
     s.add_argument("--out", metavar="FILE", help="write the patch to FILE")
     s.set_defaults(run=cmd_diff)
+    s = sub.add_parser("artifacts", help="write the files jobs kept (their `artifacts`)")
+    s.add_argument("id")
+    s.add_argument("job", nargs="?", help="one job (default: every job, each in DIR/JOB)")
+    s.add_argument("--out", metavar="DIR", required=True, help="where the files go")
+    s.set_defaults(run=cmd_artifacts)
+    s = sub.add_parser("handoff", help="a prompt job's repositories and session, to go on here")
+    s.add_argument("id")
+    s.add_argument("job")
+    s.add_argument("--dir", metavar="DIR", help="a new directory (default ./handoff-JOB)")
+    s.set_defaults(run=cmd_handoff)
     s = sub.add_parser("followup", help="continue a finished prompt job's Claude session")
     s.add_argument("id")
     s.add_argument("job")

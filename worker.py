@@ -25,6 +25,7 @@ from temporalio.runtime import Runtime
 from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 
 import workflows
+from activities.chunks import ChunkActivities
 from activities.jobs import JobActivities
 from activities.logs import LogContextInterceptor, configure_logging, note_machine
 from activities.machines import MachineActivities
@@ -83,6 +84,7 @@ def build_worker(
     machines = MachineActivities(fly, secrets, store, task_queue=settings.task_queue)
     reaper = ReaperActivities(fly, store)
     jobs = JobActivities(store)
+    chunks = ChunkActivities(client)
     deployment = settings.deployment_config()
     everywhere = [LogContextInterceptor(), *interceptors]
     creates = CreateQueues(
@@ -115,6 +117,7 @@ def build_worker(
             machines.release_sessions,
             jobs.load_jobs,
             jobs.store_rows,
+            chunks.watch_chunks,
             reaper.reap_orphans,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,

@@ -38,11 +38,13 @@ class CredentialChoice(StrictModel):
 
 
 class RestCredential(StrictModel):
-    """Set a credential aside for a while after Claude refused it."""
+    """Set a credential aside after Claude refused it: until its usage limit resets, when
+    Claude said when, else for `seconds`."""
 
     name: str
     seconds: float = Field(gt=0)
     reason: str = Field(default="", max_length=200)
+    until: datetime | None = None
 
 
 class PoolView(StrictModel):

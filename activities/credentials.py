@@ -144,11 +144,19 @@ class ClaudePool:
             raise CredentialsResting(self.names(), choice.resting_until)
         return self._credentials[choice.name]
 
-    async def rest(self, client: Client, task_queue: str, name: str, reason: str) -> None:
-        """Set a credential aside for every worker after an auth or rate-limit failure."""
+    async def rest(
+        self,
+        client: Client,
+        task_queue: str,
+        name: str,
+        reason: str,
+        until: datetime | None = None,
+    ) -> None:
+        """Set a credential aside for every worker after an auth or rate-limit failure: until
+        `until` (when Claude said its usage limit resets), else for `rest_s`."""
         await client.execute_update_with_start_workflow(
             REST,
-            RestCredential(name=name, seconds=self.rest_s, reason=reason),
+            RestCredential(name=name, seconds=self.rest_s, reason=reason, until=until),
             start_workflow_operation=_pool_start(task_queue),
         )
         for observer in self.on_rest:

@@ -137,6 +137,7 @@ class MachineCollect(MachineWait):
             pushed=report.pushed(),
             failure=self._secrets.scrub(failure, input.secrets)[:ERROR_CHARS] if failure else None,
             structured=structured,
+            resets_at=report.resets_at if kind and kind.credential_fault else None,
         )
         if text:  # kept whole off history; the chunk's result carries only the key
             answer.result_ref = await self._store.put(
@@ -147,12 +148,13 @@ class MachineCollect(MachineWait):
         return answer
 
     async def _rest_if_refused(self, input: CollectResultInput, answer: JobAnswer) -> None:
-        """Claude refused the job's credential: rest it for every worker, by name."""
+        """Claude refused the job's credential: rest it for every worker, by name, until its
+        usage limit resets when Claude said when."""
         if not (answer.error_kind in CREDENTIAL_FAULTS and input.credential):
             return
         reason = f"{answer.error_kind} error in job {input.job_id}"
         await self._secrets.claude.rest(
-            activity.client(), self._task_queue, input.credential, reason
+            activity.client(), self._task_queue, input.credential, reason, answer.resets_at
         )
         activity.logger.warning(
             "set credential %s aside after a %s error", input.credential, answer.error_kind

@@ -23,6 +23,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import artifacts
 from activities.credentials import Credential, CredentialsResting, NoCredential
 from activities.fly_calls import RETRY_AFTER_MOST_S, fly_errors, patiently
 from activities.machine_collect import (
@@ -73,6 +74,7 @@ from sortie.labels import (
     machine_name,
 )
 from sortie.models import MachineRef
+from sortie.spec import Job
 from sortie.store import (
     KEEP_UNTIL,
     ObjectStore,
@@ -259,6 +261,10 @@ class MachineActivities(MachineCollect):
             finished = await self._learned(input.collect)
             if finished is None:
                 finished = await self._learn(input, seen)
+                if input.collect.artifacts:  # whatever the outcome: a timed-out job's too
+                    finished.artifacts = await artifacts.left(
+                        self._store, _attempt_key(input.collect)
+                    )
                 await self._store.put(
                     finished_key(*_attempt_key(input.collect)),
                     finished.model_dump_json().encode(),
@@ -352,8 +358,9 @@ class MachineActivities(MachineCollect):
         except NoCredential as error:
             raise ApplicationError(str(error), type="UnknownSecrets", non_retryable=True) from None
         except CredentialsResting as error:
-            raise ApplicationError(
-                str(error), type=CREDENTIALS_RESTING_ERROR, non_retryable=True
+            until = error.until.isoformat() if error.until else None
+            raise ApplicationError(  # the details: until when, a time for the workflow's timer
+                str(error), until, type=CREDENTIALS_RESTING_ERROR, non_retryable=True
             ) from None
 
     async def _config(
@@ -371,10 +378,15 @@ class MachineActivities(MachineCollect):
         if job.prompt is not None:
             env = {**CLI_ENV, **env}
         turn = input.followup.turn if input.followup else 1
+        valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
+        env.update(
+            await artifacts.machine_env(
+                self._store, job, (input.batch_id, job.id, turn, input.attempt), valid_s
+            )
+        )
         if credential is not None:
             followup = input.followup
             restore = None
-            valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
             if followup is not None and followup.archive_ref:
                 if await self._store.metadata(followup.archive_ref) is None:
                     raise ApplicationError(
@@ -403,7 +415,7 @@ class MachineActivities(MachineCollect):
         config = MachineConfig(
             image=job.image,
             env=env,
-            init=InitConfig(exec=job.command) if job.command else None,
+            init=_init(job),
             guest=GuestConfig(
                 cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb
             ),
@@ -420,6 +432,14 @@ class MachineActivities(MachineCollect):
             ),
         )
         return config
+
+
+def _init(job: Job) -> InitConfig | None:
+    """A command job's command line: run as it is, or with artifacts given to the agent image's
+    entrypoint, which runs it and then uploads them (agent/artifacts.py)."""
+    if not job.command:
+        return None
+    return InitConfig(cmd=job.command) if job.artifacts else InitConfig(exec=job.command)
 
 
 def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, str]:

@@ -10,9 +10,11 @@ per repository go to SORTIE_CHANGES_URL and, with `push_branch`, to a branch of 
 repository's origin (agent/changes.py). Uploads are retried on network errors, 5xx, 408 and
 429; a report that never lands fails the job on the worker. A `file://` URL writes a local
 file (running by hand, tests).
+The CLI and `verify` run in Claude Code's sandbox (agent/sandbox.py), without the secrets the
+entrypoint keeps for itself (the store's URLs, GITHUB_TOKEN, the job's named secrets).
 Exit codes: claude's own, 2 for a bad job, 3 when the workspace cannot be prepared, 4 when
-`verify` still failed after the last iteration, 5 when a branch could not be pushed, 127 when
-`claude` is not on PATH.
+`verify` still failed after the last iteration, 5 when a branch could not be pushed, 6 when the
+sandbox cannot start, 127 when `claude` is not on PATH.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from agent import changes, verify
+from agent import artifacts, changes, limits, sandbox, verify
 from agent.job import (
     Checkout,
     Job,
@@ -54,9 +57,10 @@ from agent.watch import Watched, watch
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL)
+STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL, *artifacts.URLS)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
-SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", *STORE_URLS)
+CLAUDE_CREDENTIALS = ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY")
+SECRET_ENV = ("GITHUB_TOKEN", *CLAUDE_CREDENTIALS, *STORE_URLS)
 ARCHIVE_LIMIT = RESTORE_LIMIT
 """Most bytes a session archive may hold unpacked: what a restore accepts, so any archive made
 restores. ~/.claude keeps each session's whole JSONL transcript (every message and tool result)
@@ -121,6 +125,7 @@ class Machine(Transfers):
         self.home = Path(env.get("HOME") or Path.home())
         self.git_env = {**self.env, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never"}
         self.checkouts: list[Checkout] = []
+        self.sandbox: sandbox.Sandbox | None = None
 
     # Output -------------------------------------------------------------------------------
 
@@ -145,6 +150,9 @@ class Machine(Transfers):
         }
         if watched is not None and watched.stalled:
             body.update(stalled=True, session_id=watched.session_id)
+        resets = limits.reset_time(watched.resets_at if watched else None, claude, _now())
+        if resets is not None:
+            body["resets_at"] = resets
         if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
             self.note("report uploaded")
         return exit_code
@@ -299,10 +307,11 @@ class Machine(Transfers):
             argv += ["--resume", job.resume_session_id]
         if job.json_schema is not None:
             argv += ["--json-schema", json.dumps(job.json_schema)]
-        proc = subprocess.Popen(
+        assert self.sandbox is not None, "the sandbox is made before claude runs"
+        proc = self.sandbox.start_claude(
             argv,
             cwd=cwd,
-            env=self.child_env(),
+            env=self.child_env(keep=CLAUDE_CREDENTIALS),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -354,12 +363,23 @@ class Machine(Transfers):
         if claude is None:
             return self.fail(EXIT_NO_CLAUDE, "the claude CLI is not on PATH")
         try:
+            self.sandbox = sandbox.Sandbox.make(self.env, job, self.workspace, SECRET_ENV)
+        except sandbox.SandboxUnavailable as error:
+            self.note(f"error: the sandbox cannot start: {error}")
+            body = {"sandbox_unavailable": True}
+            return self.result(
+                sandbox.EXIT_SANDBOX_UNAVAILABLE, None, f"sandbox: {error}", work=body
+            )
+        try:
             self.prepare(job)
         except (SetupError, OSError) as error:
             return self.fail(EXIT_SETUP, f"workspace setup failed: {error}")
         cwd = self.checkouts[0].dir if len(self.checkouts) == 1 else self.workspace
         self.note(f"job {job.id}: running claude in {cwd}")
+        collector = artifacts.start(self, cwd)
         turn, code, problem, work = self.do_work(claude, job, cwd)
+        if collector is not None:
+            collector.send()
         archived = self.send_archive()
         self.say(summary(code, turn.output))
         return self.result(code, turn.output, problem, archived, work, turn.watched)
@@ -403,9 +423,12 @@ class Machine(Transfers):
                 code, problem = changes.EXIT_PUSH_FAILED, "; ".join(failed)
         return turn, code, problem, work
 
-    def child_env(self) -> dict[str, str]:
-        """The environment of what the job runs (claude, verify): no presigned URL in it."""
-        return {k: v for k, v in self.env.items() if k not in STORE_URLS}
+    def child_env(self, keep: Sequence[str] = ()) -> dict[str, str]:
+        """The environment of what the job runs (claude, verify): no secret of the entrypoint's
+        (presigned URLs, GITHUB_TOKEN, the job's named secrets), nor a Claude credential unless
+        kept (the CLI's own, hidden from its commands by the sandbox)."""
+        hidden = set(SECRET_ENV) | set(self.sandbox.secrets if self.sandbox else ())
+        return {k: v for k, v in self.env.items() if k not in hidden - set(keep)}
 
     def send_archive(self) -> bool:
         """Build the session archive on disk and upload it, unless too big or it cannot be."""
@@ -417,6 +440,11 @@ class Machine(Transfers):
                 self.note(f"no session archive: {error}")
                 return False
             return self.upload(ARCHIVE_URL, "session archive", path)
+
+
+def _now() -> datetime:
+    """The machine's clock, in UTC."""
+    return datetime.now(UTC)
 
 
 def summary(code: int, output: Mapping[str, Any] | None) -> str:
@@ -457,6 +485,9 @@ def _forward_signals(proc: subprocess.Popen[bytes]) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def main() -> int:
-    """Run the job described by the environment; the return code is the process's exit code."""
+def main(argv: Sequence[str] = ()) -> int:
+    """Run the job described by the environment, or the command job `argv` (one with
+    artifacts, agent/artifacts.py); the return code is the process's exit code."""
+    if argv:
+        return artifacts.run_command(Machine(os.environ), argv)
     return Machine(os.environ).run()

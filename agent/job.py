@@ -49,6 +49,10 @@ class Job:
     push_branch: str | None = None
     json_schema: dict[str, Any] | None = None
     stall_timeout_s: float | None = None
+    network: tuple[str, ...] | None = ()
+    """The domains the agent may reach besides its repositories' hosts; None: any."""
+    secrets: tuple[str, ...] = ()
+    """The names of the job's secrets: the entrypoint's, never the agent's."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,12 @@ def parse_job(text: str | None) -> Job:
     if branch is not None and (not branch or branch.startswith("-") or ".." in branch):
         raise JobError(f"push_branch {branch!r} is not a valid branch name")
     stall = _optional(data, "stall_timeout_s", (int, float))
+    network = data.get("network", [])
+    if network is not None and not _strings(network):
+        raise JobError("'network' must be a list of domains or null (open)")
+    secrets = data.get("secrets") or []
+    if not _strings(secrets):
+        raise JobError("'secrets' must be a list of names")
     if restore is not None and ".." in PurePosixPath(restore).parts:
         raise JobError(f"restore_file {restore!r} must not contain '..'")
     return Job(
@@ -171,4 +181,11 @@ def parse_job(text: str | None) -> Job:
         push_branch=branch,
         json_schema=_optional(data, "json_schema", dict),
         stall_timeout_s=None if stall is None else float(stall),
+        network=None if network is None else tuple(network),
+        secrets=tuple(secrets),
     )
+
+
+def _strings(value: Any) -> bool:
+    """Whether `value` is a list of strings."""
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)

@@ -41,6 +41,7 @@ CSV_COLUMNS = [
     "exit_code",
     "attempts",
     "machine_id",
+    "memory_mb",
     "started_at",
     "finished_at",
     "duration_s",
@@ -50,6 +51,8 @@ CSV_COLUMNS = [
     "structured",
     "error_kind",
     "error",
+    "artifacts",
+    "artifacts_bytes",
     "workflow_id",
 ]
 
@@ -99,6 +102,8 @@ async def _csv(rows: Rows, out: TextIO) -> int:
                 {
                     **turn.model_dump(mode="json", include=set(CSV_COLUMNS)),
                     "structured": _json_cell(turn.structured),
+                    "artifacts": turn.artifacts.count if turn.artifacts else "",
+                    "artifacts_bytes": turn.artifacts.bytes if turn.artifacts else "",
                     "workflow_id": workflow_id,
                 }
             )

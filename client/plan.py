@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from client.batches import batch_input, chunk_size
+from client.batches import batch_input
 from sortie.fields import FAILURE_RATE_AFTER
-from sortie.spec import BatchSpec, resolve_job
+from sortie.spec import BatchSpec
 from workflows.guards import limit_text
 from workflows.outcomes import seconds
 
@@ -36,6 +36,8 @@ class Plan:
     failure_limit: str | None = None
     """When failed jobs stop the batch, as the batch file says it; None: they never do."""
     storm: str | None = None
+    open_network: list[str] = field(default_factory=list)
+    """Prompt jobs with `network: open`: their agents may connect anywhere."""
     """When a storm of platform errors pauses the batch; None: the guard is off."""
 
     @property
@@ -46,16 +48,16 @@ class Plan:
 
 def plan(spec: BatchSpec) -> Plan:
     """Resolve every job and bound the batch's time and cost; raises BatchFileError if too big."""
-    size = chunk_size(spec)
-    data = batch_input(spec, spec.batch_id())
-    jobs = [resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs)]
+    batch_id = spec.batch_id()
+    data = batch_input(spec, batch_id)  # resolves every job once: 10,000 take a while
+    jobs, size = data.jobs, data.input.jobs.chunk_size
     worst = [(job.retries + 1) * (job.boot_timeout_s + job.timeout_s) for job in jobs]
     machines = min(spec.max_machines, len(jobs))
     prompts = [job for job in jobs if job.prompt is not None]
     caps = [job.max_cost_usd for job in prompts]
     return Plan(
         name=spec.name,
-        batch_id=spec.batch_id(),
+        batch_id=batch_id,
         app=spec.app,
         apps=spec.fly_apps,
         jobs=len(jobs),
@@ -65,6 +67,7 @@ def plan(spec: BatchSpec) -> Plan:
         chunks=-(-len(jobs) // size),
         max_machines=spec.max_machines,
         secrets=spec.secret_names(),
+        open_network=spec.open_network(),
         longest_job_s=max(worst),
         time_bound_s=sum(worst) / machines + max(worst) * (machines - 1) / machines,
         job_costs_usd=None if None in caps else round(sum(c or 0.0 for c in caps), 6),

@@ -208,7 +208,7 @@ class LiveProgress:
 
 def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
     """A row per job and turn: state, exit, tries, machine, time, cost, session, changes (files
-    and lines), error/answer."""
+    and lines), artifacts (files and bytes), error/answer."""
     rows: list[tuple[JobState, list[str]]] = []
     for result in report.results:
         for r in [result, *result.followups]:
@@ -226,6 +226,7 @@ def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
                         "" if r.cost_usd is None else f"${r.cost_usd:.4f}",
                         r.session_id or "",
                         r.changes.describe() if r.changes is not None else "",
+                        r.artifacts.describe() if r.artifacts is not None else "",
                         " ".join((what or "").split())[:60],
                     ],
                 )
@@ -233,19 +234,31 @@ def result_rows(report: BatchReport) -> list[tuple[JobState, list[str]]]:
     return rows
 
 
-RESULT_HEADERS = ["JOB", "STATE", "EXIT", "TRIES", "MACHINE", "TIME", "COST", "SESSION", "CHANGES"]
-CHANGES = RESULT_HEADERS.index("CHANGES")
+RESULT_HEADERS = [
+    "JOB",
+    "STATE",
+    "EXIT",
+    "TRIES",
+    "MACHINE",
+    "TIME",
+    "COST",
+    "SESSION",
+    "CHANGES",
+    "ARTIFACTS",
+]
+OPTIONAL = [RESULT_HEADERS.index("CHANGES"), RESULT_HEADERS.index("ARTIFACTS")]
 
 
 def results_table(report: BatchReport) -> list[str]:
     """The results as plain aligned columns, then the totals: for output that is not a terminal.
 
-    The changes column shows only when some job changed a repository.
+    The changes and artifacts columns show only when some job changed a repository or kept
+    artifacts.
     """
     cells = [cells for _, cells in result_rows(report)]
     rows = [[*RESULT_HEADERS, "ERROR/ANSWER"], *cells]
-    if not any(row[CHANGES] for row in cells):
-        rows = [row[:CHANGES] + row[CHANGES + 1 :] for row in rows]
+    empty = {i for i in OPTIONAL if not any(row[i] for row in cells)}
+    rows = [[cell for i, cell in enumerate(row) if i not in empty] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
@@ -359,6 +372,13 @@ def plan_lines(p: Plan) -> list[str]:
         cost = "unbounded by the jobs (a prompt job sets no max_cost_usd)"
     if p.prompt_jobs and p.budget_usd is not None:
         cost += f"; budget ${p.budget_usd:.2f}: the batch pauses once it is spent"
+    warnings = []
+    if p.open_network:
+        shown = ", ".join(p.open_network[:5]) + (" …" if len(p.open_network) > 5 else "")
+        warnings.append(
+            f"  warning:  network: open for {len(p.open_network)} prompt job(s) ({shown}): "
+            "their agent's commands and WebFetch may connect anywhere (docs/security.md)"
+        )
     return [
         f"{p.batch_id} is valid: {p.name} on Fly {_apps(p.apps)}",
         f"  jobs:     {p.jobs} ({p.command_jobs} command, {p.prompt_jobs} prompt)",
@@ -373,4 +393,5 @@ def plan_lines(p: Plan) -> list[str]:
         f"  cost:     {cost}",
         f"  failures: {p.failure_limit or 'no limit (max_failures, max_failure_rate)'}",
         f"  storms:   {p.storm or 'not watched (storm: off)'}",
+        *warnings,
     ]

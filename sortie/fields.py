@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator
@@ -94,6 +95,32 @@ def branch_name(template: str, batch_id: str, job_id: str) -> str:
     return name
 
 
+_BYTES = re.compile(r"^(\d+(?:\.\d+)?)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
+_BYTE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+def parse_bytes(value: object) -> int:
+    """Parse 1048576, '500kb', '100mb' or '1gb' into bytes (a bare number is bytes)."""
+    match = _BYTES.match(value.strip()) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif match:
+        count = int(float(match.group(1)) * _BYTE_UNITS[(match.group(2) or "b").lower()])
+    else:
+        raise ValueError(f"invalid size {value!r} (use e.g. 100mb, 500kb, 1gb)")
+    if count <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return count
+
+
+def check_glob(pattern: str) -> str:
+    """An artifacts glob: relative to the job's working directory, never out of it."""
+    pure = PurePosixPath(pattern)
+    if not pattern.strip() or pure.is_absolute() or ".." in pure.parts:
+        raise ValueError(f"{pattern!r} must be a relative path inside the job's directory")
+    return pattern
+
+
 def parse_stall_timeout(value: object) -> float:
     """A stall timeout: a duration, or `off` (YAML's false too), which is 0."""
     if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
@@ -151,3 +178,5 @@ JsonSchema = Annotated[dict[str, Any], AfterValidator(check_json_schema)]
 Percent = Annotated[float, BeforeValidator(parse_percent)]
 MemoryMB = Annotated[int, BeforeValidator(parse_memory_mb)]
 Command = Annotated[list[str], BeforeValidator(_command), Field(min_length=1)]
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+Glob = Annotated[str, AfterValidator(check_glob)]

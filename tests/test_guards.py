@@ -161,8 +161,7 @@ async def test_every_credential_answering_429_pauses_the_batch_and_no_machine_st
     assert progress.pause_reason is not None
     assert progress.pause_reason is not None
     reason = progress.pause_reason.split(";")[0]
-    assert reason in (
-        "storm: every Claude credential is resting",
+    assert reason.startswith("storm: every Claude credential is resting until ") or reason in (
         "storm: 3 errors within 5m (3 Claude rate limit)",
         "storm: 4 errors within 5m (4 Claude rate limit)",
     ), progress.pause_reason

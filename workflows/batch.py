@@ -11,7 +11,8 @@ With `reuse_machines` the batch holds the stopped machines chunks give back with
 lends them on with slots, and destroys those the cap or the jobs left no longer need, those
 idle for `reuse_idle`, and all at its end (workflows/pool.py).
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
-object store: only their counts reach the batch's history. A terminated batch's chunks stop
+object store: only their counts reach the batch's history, in their result, never a signal
+(workflows/chunk_ends.py). A terminated batch's chunks stop
 themselves at their next report, and the reaper destroys what they leave.
 """
 
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.chunk_models import ChunkEnd
     from activities.machine_models import (
         CheckBatchInput,
         DestroyMachineInput,
@@ -34,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from sortie.labels import BATCH_ID
     from sortie.models import Counts, MachineRef
     from sortie.pacing import batch_priority
-    from workflows import guards, policies, slots
+    from workflows import chunk_ends, guards, policies, slots
     from workflows.batch_models import (
         BatchInput,
         BatchOutput,
@@ -45,7 +48,6 @@ with workflow.unsafe.imports_passed_through():
         FailureLimitRequest,
         MaxCostRequest,
         MaxMachinesRequest,
-        PausedBy,
         PauseRequest,
         Progress,
         Steering,
@@ -56,7 +58,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
     from workflows.messaging import Delivery, deliver
-    from workflows.reports import report_every
+    from workflows.reports import report_every, report_phase
     from workflows.shielded import complete, evicting
 
 EVENTS_PER_CHUNK = 8
@@ -68,6 +70,8 @@ server's 4 MB message limit (one chunk's input is at most 1 MB, see
 client/batches/submission.py)."""
 STARTS_AT_ONCE = 50
 """Chunks started in one pass at most, so a run checks its length between passes."""
+END_ROOM = 20
+"""A run keeps 1/20 of `run_events` free for what lands as it gets ready to continue-as-new."""
 
 
 @workflow.defn
@@ -88,12 +92,16 @@ class BatchWorkflow:
         """Destroys of waiting machines no job will take."""
         self._destroying = 0
         """Machines the batch is destroying: each holds its slot until it is gone."""
+        self._ends: list[asyncio.Task[None]] = []
+        self._inherited = {c.index for c in self._state.running()}
+        """Chunks a run before this one started: this run cannot hear their results."""
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
         """Drive the chunks until every job is done or cancelled."""
         if input.state is None:
             await self._check_batch(input)
+        watching = asyncio.create_task(self._watch_inherited())
         while not self._state.all_done():
             try:
                 await self._drive()
@@ -103,6 +111,7 @@ class BatchWorkflow:
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
         self._retire(self._state.pool.drain())
         await complete(self._quiet())
+        await watching
         if self._state.prompt_jobs:  # session archives live as long as the batch, or longer
             release = ReleaseSessionsInput(batch_id=input.batch_id, keep_s=input.keep_sessions_s)
             await complete(
@@ -122,7 +131,7 @@ class BatchWorkflow:
 
     @workflow.signal
     def chunk_report(self, report: ChunkReport) -> None:
-        """A chunk gave back slots, or told how far it is, or that it is done."""
+        """A chunk gave back slots, or told how far it is."""
         chunk = self._state.chunks[report.index]
         self._state.pool.put(report.machines, workflow.now())
         chunk.slots -= report.released
@@ -133,11 +142,8 @@ class BatchWorkflow:
             chunk.wants_more = report.wants_more
         if report.errors:
             chunk.errors_seq = max(chunk.errors_seq, report.seq)
-        if report.done:
-            chunk.status = ChunkStatus.DONE
-            chunk.wants_more = False
         self._check_guards()
-        guards.check_storm(self._state, self._input.storm, report.errors)
+        guards.check_storm(self._state, self._input.storm, report.errors, report.resting_until)
         self._changed = True
 
     @workflow.signal
@@ -157,28 +163,13 @@ class BatchWorkflow:
     @workflow.signal
     def set_max_cost(self, request: MaxCostRequest) -> None:
         """Change the budget; a batch paused at its budget then continues on `resume`."""
-        state = self._state
-        state.max_cost_usd = request.max_cost_usd
-        if state.over_budget and state.counts().cost_usd < request.max_cost_usd:
-            state.pause_reason = (
-                f"budget raised to ${request.max_cost_usd:.2f}: send resume to continue"
-            )
-        guards.check_budget(state)  # a budget lowered below what was spent pauses at once
+        guards.set_max_cost(self._state, request.max_cost_usd)
         self._changed = True
 
     @workflow.signal
     def set_failure_limit(self, request: FailureLimitRequest) -> None:
         """Change the failure thresholds; a batch paused by them continues on `resume`."""
-        state = self._state
-        state.failure_limit = guards.changed_limit(state.failure_limit, request)
-        if state.paused_by is PausedBy.FAILURES:
-            why = guards.too_many_failures(state.failure_limit, state.counts())
-            state.pause_reason = (
-                "failure limit raised: send resume to continue"
-                if why is None
-                else guards.failed(why)
-            )
-        else:
+        if not guards.set_failure_limit(self._state, request):
             self._check_guards()  # a limit lowered below what failed acts at once
         self._changed = True
 
@@ -313,7 +304,7 @@ class BatchWorkflow:
     def _next_pass(self) -> list[tuple[ChunkPlan, ChunkInput]]:
         """Chunks to start in one workflow task: while one may open, within PASS_BYTES."""
         state = self._state
-        room = self._input.tuning.run_events - workflow.info().get_current_history_length()
+        room = self._run_bound() - workflow.info().get_current_history_length()
         most = max(1, min(STARTS_AT_ONCE, room // EVENTS_PER_CHUNK))
         starts: list[tuple[ChunkPlan, ChunkInput]] = []
         size = 0
@@ -338,7 +329,7 @@ class BatchWorkflow:
     async def _start_chunk(self, plan: ChunkPlan, chunk: ChunkInput) -> None:
         last = plan.first_job + plan.size - 1
         try:
-            await workflow.start_child_workflow(
+            started = await workflow.start_child_workflow(
                 ChunkWorkflow.run,
                 chunk,
                 id=self._state.chunks[plan.index].workflow_id,
@@ -353,8 +344,37 @@ class BatchWorkflow:
             )
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
-            self._retire(chunk.machines)
+            self._retire(chunk.machines)  # the chunk never had them
+            self._inherited.add(plan.index)  # not this run's child: watched
+        else:
+            self._ends.append(asyncio.create_task(self._hear_end(plan.index, started)))
         self._starting.discard(plan.index)
+        self._changed = True
+
+    async def _hear_end(self, index: int, chunk: workflow.ChildWorkflowHandle[Any, Any]) -> None:
+        self._ended(index, await chunk_ends.result_of(chunk))
+
+    async def _watch_inherited(self) -> None:
+        """Hear the end of the chunks a run before this one started, a few at a time."""
+        while watched := [c for c in self._state.running() if c.index in self._inherited]:
+            ids = {c.workflow_id: c.index for c in watched}
+            for end in await chunk_ends.watch(list(ids), self._input.tuning):
+                self._ended(ids[end.workflow_id], end)
+
+    def _ended(self, index: int, end: ChunkEnd) -> None:
+        """A chunk closed: its counts are final (with no result, its last report's, every job
+        not final counted as cancelled)."""
+        chunk = self._state.chunks[index]
+        if chunk.status is not ChunkStatus.RUNNING:
+            return
+        if end.output is None:
+            workflow.logger.warning("chunk %s ended without a result: %s", index, end.error)
+        chunk.counts = end.output.counts if end.output else chunk.counts.cut_short()
+        if end.output is not None:  # the waiting machines it held, with its slots
+            self._state.pool.put(end.output.machines, workflow.now())
+        chunk.slots = 0
+        chunk.status, chunk.wants_more = ChunkStatus.DONE, False
+        self._check_guards()
         self._changed = True
 
     def _chunk_input(self, chunk: ChunkState) -> ChunkInput:
@@ -370,6 +390,7 @@ class BatchWorkflow:
             budgeted=state.max_cost_usd is not None,
             guarded=state.failure_limit.is_set,
             report_every_s=report_every(state.max_machines, len(state.chunks)),
+            report_phase_s=report_phase(chunk.index, state.max_machines, len(state.chunks)),
             tuning=self._input.tuning,
             reuse_idle_s=self._input.reuse_idle_s,
             machines=state.pool.take_many(chunk.slots),
@@ -380,8 +401,12 @@ class BatchWorkflow:
         info = workflow.info()
         return (
             info.is_continue_as_new_suggested()
-            or info.get_current_history_length() > self._input.tuning.run_events
+            or info.get_current_history_length() > self._run_bound()
         )
+
+    def _run_bound(self) -> int:
+        """Events after which the run continues-as-new, the room for what comes meanwhile kept."""
+        return self._input.tuning.run_events - self._input.tuning.run_events // END_ROOM
 
     def _check_guards(self) -> None:
         """Pause at the budget or the failure limit; cancel if the limit says so."""
@@ -411,7 +436,7 @@ class BatchWorkflow:
 
     async def _send_grant(self, chunk: ChunkState, grant: SlotGrant) -> Delivery:
         """Signal the grant; one the chunk never heard is taken back, and the machines it
-        carried destroyed (a chunk gives back what it heard, even once done)."""
+        carried destroyed (one it heard comes back in a report or in its result)."""
         handle = workflow.get_external_workflow_handle(chunk.workflow_id)
         delivery = await deliver(handle.signal(ChunkWorkflow.grant, grant))
         if delivery is not Delivery.DELIVERED:
@@ -444,12 +469,12 @@ class BatchWorkflow:
         if state.cancelled or not (state.pending or any(c.wants_more for c in running)):
             self._retire(state.pool.drain())
             return
-        held = sum(chunk.slots for chunk in state.holding()) + len(state.pool)
+        held = sum(chunk.slots for chunk in state.running()) + len(state.pool)
         self._retire(state.pool.oldest(held - state.max_machines))
 
     def _free(self) -> int:
         """Slots no chunk holds and no machine being destroyed holds."""
-        return slots.free_slots(self._state.max_machines, self._state.holding()) - self._destroying
+        return slots.free_slots(self._state.max_machines, self._state.running()) - self._destroying
 
     def _retire(self, machines: list[MachineRef]) -> None:
         """Destroy these machines beside the story; the run waits for them before it ends."""

@@ -33,6 +33,8 @@ class ChunkInput(StrictModel):
     """The batch has a failure limit: a failed job's slot goes back to it to be judged."""
     report_every_s: float = Field(default=5.0, gt=0)
     """Progress reaches the batch at most this late (the batch sets it: see its REPORTS_PER_S)."""
+    report_phase_s: float = Field(default=0.0, ge=0)
+    """When in each `report_every_s` this chunk reports: the batch staggers its chunks."""
     tuning: Tuning = Tuning()
     followup: Followup | None = None
     """Jobs of a retry batch that continue their session instead of starting over, by id."""
@@ -58,6 +60,9 @@ class ChunkOutput(StrictModel):
     index: int
     counts: Counts
     rows: str
+    machines: list[MachineRef] = []
+    """Stopped machines the chunk held at its end, given back with its slots
+    (`reuse_machines`): they travel in its result, as its end does."""
 
 
 class ChunkReport(StrictModel):
@@ -76,7 +81,8 @@ class ChunkReport(StrictModel):
     """Attempts that ended with a storm error since the last report, by kind (a delta)."""
     machines: list[MachineRef] = []
     """Stopped machines given back with the slots they held (`reuse_machines`)."""
-    done: bool = False
+    resting_until: datetime | None = None
+    """Every Claude credential rests until then, as a job of the chunk found (the earliest)."""
 
 
 class SlotGrant(StrictModel):
@@ -116,9 +122,19 @@ def finish_input(
             credential=result.credential,
             log_tail=job.log_tail,
             json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
+            artifacts=bool(job.artifacts),
         ),
         keep=chunk.reuse,
     )
+
+
+def unread(claim: JobSlice, turn: int, why: str) -> list[JobResult]:
+    """The rows of a chunk whose jobs could not be read from the store: every job failed."""
+    failed = f"the chunk's jobs could not be read: {why}"
+    return [
+        JobResult(job_id=f"#{i}", index=i, turn=turn, state=JobState.FAILED, error=failed)
+        for i in range(claim.first_job, claim.first_job + claim.size)
+    ]
 
 
 UNDER_WAY = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)

@@ -1,7 +1,8 @@
 """CredentialPoolWorkflow: which Claude credential a prompt job gets, decided once for all workers.
 
 The story: one long-lived workflow per task queue keeps, by name only, the credential handed out
-last and the credentials resting after a rate-limit or authentication failure. A worker about to
+last and the credentials resting after a rate-limit or authentication failure: until the
+usage limit resets when Claude said when, else for a fixed span. A worker about to
 create a prompt job's machine asks `take` with the names it holds; the pool answers the next one
 after the last handed out (round robin across every worker) that is not resting, or none when
 all rest. A worker whose job met a refusal sends `rest`. The pool continues-as-new when its run
@@ -28,6 +29,8 @@ with workflow.unsafe.imports_passed_through():
 
 RUN_EVENTS = 2_000
 """The pool continues-as-new past this many events (each take is about five)."""
+MOST_REST = timedelta(days=8)
+"""The latest reset a refusal may name: Claude's longest usage window is seven days."""
 
 
 @workflow.defn(name=POOL_WORKFLOW)
@@ -65,8 +68,12 @@ class CredentialPoolWorkflow:
 
     @workflow.update(name=REST)
     def rest(self, request: RestCredential) -> None:
-        """Set the credential aside for every worker (a longer rest already set stays)."""
-        until = workflow.now() + timedelta(seconds=request.seconds)
+        """Set the credential aside for every worker (a longer rest already set stays): until
+        the reset Claude named when it lies ahead within MOST_REST, else for `seconds`."""
+        now = workflow.now()
+        until = now + timedelta(seconds=request.seconds)
+        if request.until is not None and now < request.until <= now + MOST_REST:
+            until = request.until
         current = self._state.rested_until.get(request.name)
         if current is None or current < until:
             self._state.rested_until[request.name] = until

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
+    SANDBOX_UNAVAILABLE,
     STALLED,
     CollectResultOutput,
     JobAnswer,
@@ -29,10 +30,13 @@ def machine_failure(
     """Why the machine, not the job, failed (the job deserves a new machine), or None."""
     answer = collected.answer if collected else None
     if answer is not None and answer.error_kind in CREDENTIAL_FAULTS:
-        return f"Claude refused credential {credential} ({answer.error_kind})"
+        until = f" until {answer.resets_at:%Y-%m-%d %H:%M:%S} UTC" if answer.resets_at else ""
+        return f"Claude refused credential {credential} ({answer.error_kind}){until}"
     if answer is not None and answer.error_kind == STALLED:
         # Hung API calls and tools are the platform's; the next machine may well finish.
         return f"the agent stalled: {answer.result or 'no progress within its stall_timeout'}"
+    if answer is not None and answer.error_kind == SANDBOX_UNAVAILABLE:
+        return f"the machine could not start the agent's sandbox: {answer.result or ''}".rstrip()
     match waited.outcome:
         case WaitOutcome.BOOT_TIMEOUT:
             return f"machine did not start within {seconds(boot_timeout_s)}"

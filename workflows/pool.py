@@ -12,12 +12,14 @@ will take, and everything at its end.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from sortie.models import MachineRef, StrictModel
+    from workflows.shielded import complete
 
 
 class IdleMachine(StrictModel):
@@ -72,3 +74,27 @@ class Pool(StrictModel):
     def drain(self) -> list[MachineRef]:
         """Take every machine."""
         return self.oldest(len(self.idle))
+
+
+async def retire_idle(
+    pool: Pool,
+    idle_s: float | None,
+    paused: Callable[[], bool | None],
+    destroy: Callable[[list[MachineRef]], Awaitable[None]],
+) -> None:
+    """While `paused()` (a chunk's pause), destroy the machines that waited `idle_s`; return
+    once it says None (the chunk closes)."""
+    wait_s = idle_s or 0.0
+    while True:
+        await workflow.wait_condition(lambda: paused() is None or bool(paused() and pool))
+        if paused() is None:
+            return
+        expiry = pool.next_expiry(wait_s) or workflow.now()
+        try:
+            await workflow.wait_condition(
+                lambda: not paused() or not pool,
+                timeout=max(expiry - workflow.now(), timedelta(0)),
+                timeout_summary="destroy machines idle while paused",
+            )
+        except TimeoutError:
+            await complete(destroy(pool.expired(workflow.now(), wait_s)))

@@ -14,6 +14,7 @@ from temporalio.client import Client
 
 from client import batches, changes, export, failures, machine_logs, render
 from client.commands.run import _print_results, _ui
+from sortie import artifacts
 from sortie.models import JobResult
 from sortie.settings import Settings
 from sortie.temporal import connect
@@ -158,6 +159,11 @@ async def _print_turn(settings: Settings, turn: JobResult) -> None:
     if turn.pushed is not None:
         commits = ", ".join(f"{path} {sha[:12]}" for path, sha in turn.pushed.commits.items())
         print(f"pushed: {turn.pushed.branch} ({commits})")
+    if turn.artifacts is not None:
+        print(
+            f"artifacts: {turn.artifacts.describe()} (python starter.py artifacts ID JOB --out DIR)"
+        )
+        print("\n".join(artifacts.listing(turn.artifacts)))
     if turn.structured is not None:
         print("structured (json_schema):")
         print(json.dumps(turn.structured, indent=2, ensure_ascii=False))

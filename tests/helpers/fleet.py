@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.chunks import ChunkActivities
 from activities.jobs import JobActivities
 from activities.machine_models import (
     CheckBatchInput,
@@ -231,7 +232,12 @@ def fleet_worker(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow, CreatePacerWorkflow, *workflows],
-        activities=[*(a for a in activities if a is not create), jobs.load_jobs, jobs.store_rows],
+        activities=[
+            *(a for a in activities if a is not create),
+            jobs.load_jobs,
+            jobs.store_rows,
+            ChunkActivities(temporal.client).watch_chunks,
+        ],
         max_concurrent_activities=1000,
         max_cached_workflows=cached,
     )

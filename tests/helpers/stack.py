@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,8 @@ class Sortie:
     fly: FlyClient
     api: AnthropicApi | None = None
     """The fake Messages API the worker's credentials point at (real-CLI tests only)."""
+    credentials: dict[str, str] = field(default_factory=dict)
+    """The worker's Claude credentials and their values (real-CLI tests only)."""
 
 
 @asynccontextmanager

@@ -1,21 +1,20 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
 A chunk is a child workflow of its batch. It reads its own jobs from the object store first
-(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
-its window of machine slots holds. A job is: create its machine through the app's create queue,
-then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
-not destroy it; a new machine after each infrastructure failure, up to the job's retries (with
-twice the memory after an OOM kill, by the job's `on_oom`); a job that finds every Claude
-credential resting waits, with no machine, until the earliest rest is over. With
-`reuse_machines` a machine whose job ended cleanly stays, stopped, with its slot, and the next
-job of its app takes it (`reuse_machine`: the job's config, then a start on a fresh root
-filesystem); waiting machines go back to the batch with the slots they hold, in a report or,
-at the chunk's end, in its result (workflows/pool.py). The
-batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
-slots back as soon as it has nothing left to start, so another chunk can use them, and reports
-how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
-object store and returns its counts and where the rows are: its end reaches the batch as its
-result, not as a signal.
+(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than its window of machine
+slots holds. A job is: create its machine through the app's create queue, then `finish_job` (wait,
+collect, destroy), then the shielded destroy whenever `finish_job` did not destroy it; a new
+machine after each infrastructure failure, up to the job's retries (with twice the memory after an
+OOM kill, by the job's `on_oom`); a job that finds every Claude credential resting waits, with no
+machine, until the earliest rest is over. With `reuse_machines` a machine whose job ended cleanly
+stays, stopped, with its slot, and the next job of its app takes it (`reuse_machine`: the job's
+config, then a start on a fresh root filesystem); waiting machines go back to the batch with their
+slots, in a report or, at the chunk's end, in its result (workflows/pool.py). The batch widens the
+window (a grant) or asks slots back (when its cap is lowered); the chunk gives slots back as soon
+as it has nothing left to start, so another chunk can use them, and reports how far it is
+(workflows/reports.py). Once every job is final, the chunk leaves its rows in the object store and
+returns its counts and where the rows are: its end reaches the batch as its result, not as a
+signal.
 """
 
 from __future__ import annotations
@@ -102,11 +101,8 @@ class ChunkWorkflow:
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
         """Start each job as a slot frees up, wait for all of them, leave the rows in the store."""
-        idle = None
-        if input.reuse:  # while paused, machines that waited reuse_idle are destroyed
-            idle = asyncio.create_task(
-                retire_idle(self._pool, input.reuse_idle_s, self._idle, self._destroy_all)
-            )
+        idle_s, destroy = input.reuse_idle_s, self._destroy_all
+        idle = asyncio.create_task(retire_idle(self._pool, idle_s, self._idling, destroy))
         try:
             await complete(self._load_jobs())
             self._update_details()
@@ -120,15 +116,15 @@ class ChunkWorkflow:
             self._cancel(workflow.cancellation_reason() or "chunk cancelled through Temporal")
             await asyncio.gather(*self._jobs)
         self._closing = True
-        if idle is not None:
-            await complete(idle)
+        await complete(idle)
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         await complete(self._reports.close())  # no more reports: the end is the result
         rows = await complete(store_rows(input.batch_id, self._results, input.tuning))
         self._released, self._slots = self._released + self._slots, 0
-        await complete(self._let_go())
+        if self._cancelled or workflow.info().parent is None:  # no batch takes them back
+            await complete(self._destroy_all(self._pool.drain()))
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         machines = [*self._handing, *self._pool.drain()]  # with any a late grant brought
@@ -316,8 +312,7 @@ class ChunkWorkflow:
     async def _machine_for(self, job: Job, attempt: int) -> tuple[CreateMachineOutput, bool]:
         """A waiting machine of the job's app given the job, else a new one (a waiting machine
         of another app goes first when it holds the slot); and whether it was reused."""
-        app = self._input.app_of(job)
-        waiting = self._pool.take(app)
+        waiting = self._pool.take(self._input.app_of(job))
         if waiting is None and self._running + len(self._pool) > self._slots:
             await complete(self._destroy_all(self._pool.oldest(1)))
         if waiting is not None:
@@ -329,17 +324,8 @@ class ChunkWorkflow:
         return await self._create(job, attempt), False
 
     def _launch(self, job: Job, attempt: int) -> CreateMachineInput:
-        """What a machine for this job attempt is given, created or reused."""
-        return CreateMachineInput(
-            batch_id=self._input.batch_id,
-            chunk_index=self._input.index,
-            app=self._input.app_of(job),
-            job=job,
-            attempt=attempt,
-            owner=workflow.info().workflow_id,
-            followup=self._followup(job),
-            reuse=self._input.reuse,
-        )
+        owner = workflow.info().workflow_id
+        return models.launch_input(self._input, job, attempt, owner, self._followup(job))
 
     async def _reuse(self, job: Job, attempt: int, machine: MachineRef) -> CreateMachineOutput:
         """Give the waiting machine the job and start it; if cancelled meanwhile, destroy it."""
@@ -406,16 +392,9 @@ class ChunkWorkflow:
     async def _destroy_all(self, machines: list[MachineRef]) -> None:
         await asyncio.gather(*(self._destroy(machine) for machine in machines))
 
-    def _idle(self) -> bool | None:
-        """Whether the chunk's waiting machines sit idle (paused), or None once it closes."""
+    def _idling(self) -> bool | None:
+        """Whether waiting machines sit idle (the chunk is paused); None once it closes."""
         return None if self._closing else self._paused
-
-    async def _let_go(self) -> None:
-        """The chunk is done: its waiting machines go back to the batch with its slots, or are
-        destroyed when the chunk was cancelled or has no batch to take them."""
-        if self._cancelled or workflow.info().parent is None:
-            await self._destroy_all(self._pool.drain())
-        self._handing += self._pool.drain()
 
     def _followup(self, job: Job) -> Followup | None:
         """The session the job continues: a follow-up turn's, or a retry's, or none."""

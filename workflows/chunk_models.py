@@ -7,7 +7,12 @@ from datetime import datetime, timedelta
 from pydantic import Field
 
 from activities.job_models import JobSlice
-from activities.machine_models import CollectResultInput, FinishJobInput, WaitMachineInput
+from activities.machine_models import (
+    CollectResultInput,
+    CreateMachineInput,
+    FinishJobInput,
+    WaitMachineInput,
+)
 from sortie.models import Counts, Followup, JobResult, JobState, MachineRef, StrictModel, Tuning
 from sortie.spec import Job, app_for
 
@@ -94,6 +99,22 @@ class SlotGrant(StrictModel):
     """The newest report with storm errors the batch has judged (and paused for, if it must)."""
     machines: list[MachineRef] = []
     """Stopped machines that come with the granted slots (`reuse_machines`)."""
+
+
+def launch_input(
+    chunk: ChunkInput, job: Job, attempt: int, owner: str, followup: Followup | None
+) -> CreateMachineInput:
+    """What a machine for this job attempt is given, created or reused; `owner` destroys it."""
+    return CreateMachineInput(
+        batch_id=chunk.batch_id,
+        chunk_index=chunk.index,
+        app=chunk.app_of(job),
+        job=job,
+        attempt=attempt,
+        owner=owner,
+        followup=followup,
+        reuse=chunk.reuse,
+    )
 
 
 def finish_input(

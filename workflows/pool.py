@@ -82,8 +82,8 @@ async def retire_idle(
     paused: Callable[[], bool | None],
     destroy: Callable[[list[MachineRef]], Awaitable[None]],
 ) -> None:
-    """While `paused()` (a chunk's pause), destroy the machines that waited `idle_s`; return
-    once it says None (the chunk closes)."""
+    """While `paused()` (a chunk's pause), destroy the machines that waited `idle_s` (a chunk
+    that reuses no machine has none); return once it says None (the chunk closes)."""
     wait_s = idle_s or 0.0
     while True:
         await workflow.wait_condition(lambda: paused() is None or bool(paused() and pool))

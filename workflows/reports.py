@@ -67,6 +67,7 @@ class Reporter:
         self._sends: list[asyncio.Task[None]] = []
         self._due: asyncio.Task[None] | None = None
         self._unreported = False
+        self._closed = False
         self.errors: dict[str, int] = {}
         """Attempts that ended with a storm error since the last report, by kind."""
         self.resting_until: datetime | None = None
@@ -79,10 +80,11 @@ class Reporter:
 
     def send(self) -> int | None:
         """Tell the batch how far the chunk is, without waiting for delivery; the report's
-        number, or None when there is no batch to tell (a follow-up turn runs alone)."""
+        number, or None when there is no batch to tell (a follow-up turn runs alone) or the
+        chunk's reports are closed (what it gives back then travels in its result)."""
         self._unreported = False
         parent = workflow.info().parent
-        if parent is None:
+        if parent is None or self._closed:
             return None
         self._last = workflow.now()
         self._seq += 1
@@ -109,11 +111,14 @@ class Reporter:
             self._due = asyncio.create_task(self._send_when_due())
 
     async def close(self) -> None:
-        """Wait until every report sent has arrived: the chunk's result, its end, comes after
-        them."""
+        """Wait until every report sent has arrived, and send no more: the chunk's result, its
+        end, comes after them, and gives back what a grant brings later (the slots, the
+        machines), so the batch never frees a slot whose machine is still on its way."""
         if self._due is not None:
             self._due.cancel()
         await asyncio.gather(*self._sends)
+        self._closed = True
+        await asyncio.gather(*self._sends)  # sent while the first ones travelled
 
     def _next_time(self) -> datetime:
         """This chunk's first time to report after the last report: its phase in a period."""

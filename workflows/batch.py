@@ -223,8 +223,9 @@ class BatchWorkflow:
             await self._wait_for_change()
 
     async def _wait_for_change(self) -> None:
-        """Wait for a report or a signal; a storm pause with `auto_resume_after` ends on a timer,
-        and a waiting machine is destroyed once it waited `reuse_idle`."""
+        """Wait for a report or a signal; a storm pause ends on a timer (at the earliest end of a
+        credential rest when every credential rests, else after `auto_resume_after`), and a
+        waiting machine is destroyed once it waited `reuse_idle`."""
         resume_at, expiry = self._state.auto_resume_at, self._idle_expiry()
         at = min((t for t in (resume_at, expiry) if t is not None), default=None)
         try:
@@ -464,13 +465,10 @@ class BatchWorkflow:
     def _retire_unneeded(self) -> None:
         """Destroy waiting machines the batch no longer needs: all once it is cancelled or
         no chunk waits for slots; past the cap (lowered) the longest-waiting ones."""
-        state = self._state
-        running = state.running()
-        if state.cancelled or not (state.pending or any(c.wants_more for c in running)):
-            self._retire(state.pool.drain())
-            return
-        held = sum(chunk.slots for chunk in state.running()) + len(state.pool)
-        self._retire(state.pool.oldest(held - state.max_machines))
+        state, running = self._state, self._state.running()
+        wanted = not state.cancelled and (bool(state.pending) or any(c.wants_more for c in running))
+        lent = sum(chunk.slots for chunk in running)
+        self._retire(state.pool.unneeded(state.max_machines, lent, wanted))
 
     def _free(self) -> int:
         """Slots no chunk holds and no machine being destroyed holds."""

@@ -71,6 +71,11 @@ class Pool(StrictModel):
         """When the longest-waiting machine has waited `idle_s`, or None when none waits."""
         return self.idle[0].since + timedelta(seconds=idle_s) if self.idle else None
 
+    def unneeded(self, cap: int, lent: int, wanted: bool) -> list[MachineRef]:
+        """Take the machines no job will take: all when no chunk wants slots (`wanted`), else
+        the longest-waiting ones past the cap, counting the `lent` slots chunks hold."""
+        return self.oldest(lent + len(self.idle) - cap) if wanted else self.drain()
+
     def drain(self) -> list[MachineRef]:
         """Take every machine."""
         return self.oldest(len(self.idle))

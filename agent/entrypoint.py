@@ -46,7 +46,7 @@ from agent.watch import Watched, watch
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL)
+STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL, verify.SPEND_URL)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
 SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", *STORE_URLS)
 RESTORE_LIMIT = 256 << 20
@@ -292,7 +292,9 @@ class Machine:
         sys.stdout.write(self.scrub.text(line) + "\n")
         sys.stdout.flush()
 
-    def upload(self, variable: str, what: str, body: Path | bytes) -> bool:
+    def upload(
+        self, variable: str, what: str, body: Path | bytes, tries: int = UPLOAD_TRIES
+    ) -> bool:
         """PUT `body` to the presigned URL in `variable`, retrying what a retry can help."""
         url = self.env.get(variable)
         if not url:
@@ -303,7 +305,7 @@ class Machine:
             target.write_bytes(body.read_bytes() if isinstance(body, Path) else body)
             return True
         size = body.stat().st_size if isinstance(body, Path) else len(body)
-        for attempt in range(1, UPLOAD_TRIES + 1):
+        for attempt in range(1, tries + 1):
             try:
                 with _body(body) as payload:
                     request = urllib.request.Request(
@@ -326,10 +328,10 @@ class Machine:
                     return False
             except (urllib.error.URLError, OSError) as error:
                 why = str(getattr(error, "reason", error))
-            self.note(f"{what} upload failed (try {attempt} of {UPLOAD_TRIES}): {why}")
-            if attempt < UPLOAD_TRIES:
+            self.note(f"{what} upload failed (try {attempt} of {tries}): {why}")
+            if attempt < tries:
                 time.sleep(min(UPLOAD_BACKOFF_S * 2 ** (attempt - 1), 10.0))
-        self.note(f"{what} upload gave up after {UPLOAD_TRIES} tries")
+        self.note(f"{what} upload gave up after {tries} tries")
         return False
 
     def download(self, variable: str, target: Path) -> None:

@@ -318,6 +318,12 @@ def report_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.json"
 
 
+def spend_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
+    """What a running attempt's verify loop has spent so far (the agent uploads it after every
+    turn, `finish_job` reads it); swept as reports."""
+    return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.spend.json"
+
+
 def finished_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     """What `finish_job` learned of an attempt's machine before destroying it; swept as reports."""
     return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.finished.json"

@@ -103,6 +103,7 @@ def finish_input(
             credential=result.credential,
             log_tail=job.log_tail,
             json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
+            spend_of=job.index if job.verify is not None and chunk.budgeted else None,
         ),
     )
 

@@ -9,7 +9,9 @@ picked by markers in the request (the prompt travels in it):
 - `[[burst:N]]`: the first N requests of that prompt answer 429, the rest succeed;
 - `[[status:NNN]]`: every request answers that status with Anthropic's error body;
 - `[[cut]]`: a streamed answer breaks after its first event (the CLI then asks without
-  streaming, which answers whole).
+  streaming, which answers whole);
+- `[[usage:N]]`: every answer reports N output tokens, so each turn costs what the CLI's
+  price table makes of them.
 A path prefix before `/v1/` makes every request under it fail the same way, so one credential
 of a pool (its `ANTHROPIC_BASE_URL_n`) can be refused while another works:
 `/status/429/v1/messages` answers 429 with Anthropic's error body, likewise 401, 403, 400, 503,
@@ -247,11 +249,17 @@ def _reply(body: dict[str, Any], text: str) -> dict[str, Any]:
         "stop_sequence": None,
         "usage": {
             "input_tokens": max(1, len(text) // 4),
-            "output_tokens": 12,
+            "output_tokens": _output_tokens(text),
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
         },
     }
+
+
+def _output_tokens(text: str) -> int:
+    """The tokens an answer reports: `[[usage:N]]`'s, else a dozen."""
+    usage = re.search(r"\[\[usage:(\d+)\]\]", text)
+    return int(usage.group(1)) if usage else 12
 
 
 def _tool_turns(text: str) -> int:

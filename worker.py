@@ -27,6 +27,7 @@ from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 import workflows
 from activities.jobs import JobActivities
 from activities.machines import MachineActivities
+from activities.notify import NotifyActivities
 from activities.reaper import ReaperActivities
 from fly import FlyClient
 from sortie import reaping
@@ -83,6 +84,7 @@ def build_worker(
     machines = MachineActivities(fly, secrets, store, task_queue=settings.task_queue)
     reaper = ReaperActivities(fly, store)
     jobs = JobActivities(store)
+    notices = NotifyActivities(secrets, store, settings.workflow_url)
     deployment = settings.deployment_config()
     everywhere = [LogContextInterceptor(), *interceptors]
     creates = CreateQueues(
@@ -115,6 +117,7 @@ def build_worker(
             jobs.load_jobs,
             jobs.store_rows,
             reaper.reap_orphans,
+            notices.notify,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         # A batch starts hundreds of creates at once; polling more while the queue has a

@@ -6,7 +6,8 @@ story, so pause and cancel never wait for starts; as chunks report back by signa
 batch's workflow id: whichever run is current hears it), lend freed slots, start waiting
 chunks, pass on pause, resume and cancel, and pause or cancel the batch when its budget,
 failures or a storm of platform errors say so (workflows/guards.py); continue-as-new whenever
-the run grows long; when every chunk is done, release the batch's sessions and return counts.
+the run grows long; when every chunk is done, release the batch's sessions, tell the batch's
+webhook (`notify`: its end, and each pause as it happens) and return counts.
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
 object store: only their counts reach the batch's history. A terminated batch's chunks stop
 themselves at their next report, and the reaper destroys what they leave.
@@ -24,9 +25,12 @@ from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlrea
 with workflow.unsafe.imports_passed_through():
     from activities.machine_models import CheckBatchInput, ReleaseSessionsInput
     from activities.machines import MachineActivities
+    from activities.notify import NotifyActivities
+    from activities.notify_models import NoticeInput
     from sortie.labels import BATCH_ID
     from sortie.models import Counts
     from sortie.pacing import batch_priority
+    from sortie.spec import NotifyEvent
     from workflows import guards, policies, slots
     from workflows.batch_models import (
         BatchInput,
@@ -76,6 +80,7 @@ class BatchWorkflow:
         self._starting: set[int] = set()
         """Chunks whose start is in flight: they cannot be told anything yet."""
         self._pass: asyncio.Task[None] | None = None
+        self._notices: list[asyncio.Task[None]] = []
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
@@ -100,9 +105,11 @@ class BatchWorkflow:
                     summary="release the batch's session archives",
                 )
             )
-        await asyncio.gather(*self._grants)
+        await asyncio.gather(*self._grants, *self._notices)
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.set_current_details(guards.details(self._state, self._input.every_app()))
+        ended = NotifyEvent.CANCELLED if self._state.cancelled else NotifyEvent.COMPLETED
+        await complete(self._notify(ended, self._state.cancel_reason))
         return output(self._input, self._state)
 
     # ------------------------------------------------------------ signals and queries
@@ -200,6 +207,7 @@ class BatchWorkflow:
             )
         except ActivityError as error:
             cause = error.cause if error.cause is not None else error
+            await self._notify(NotifyEvent.FAILED, f"batch rejected: {cause}")
             raise ApplicationError(f"batch rejected: {cause}", non_retryable=True) from None
 
     async def _drive(self) -> None:
@@ -210,8 +218,11 @@ class BatchWorkflow:
             await complete(self._steer())
             if self._state.all_done():
                 return
+            if self._state.pauses > self._state.pauses_told:
+                self._state.pauses_told = self._state.pauses
+                self._notices.append(asyncio.create_task(self._notify(NotifyEvent.PAUSED)))
             if self._run_is_long() and not self._starting:
-                await asyncio.gather(*self._grants)
+                await asyncio.gather(*self._grants, *self._notices)
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
             workflow.set_current_details(guards.details(self._state, self._input.every_app()))
@@ -333,6 +344,39 @@ class BatchWorkflow:
             workflow.logger.info("chunk %s was already started", plan.index)
         self._starting.discard(plan.index)
         self._changed = True
+
+    async def _notify(self, event: NotifyEvent, reason: str | None = None) -> None:
+        """Tell the batch's webhook of the event, if it asked for it; one that never answers
+        is logged, and the batch goes on."""
+        notify = self._input.notify
+        if notify is None or event not in notify.events:
+            return
+        state = self._state
+        delivery = f"{self._input.batch_id}/{event.value}"
+        if event is NotifyEvent.PAUSED:
+            delivery += f"-{state.pauses}"
+            reason = state.pause_reason
+        notice = NoticeInput(
+            batch_id=self._input.batch_id,
+            name=self._input.name,
+            event=event,
+            delivery=delivery,
+            notify=notify,
+            status=state.status() if event is not NotifyEvent.FAILED else "rejected",
+            counts=state.counts(),
+            reason=reason,
+        )
+        try:
+            await workflow.execute_activity_method(
+                NotifyActivities.notify,
+                notice,
+                start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+                schedule_to_close_timeout=policies.NOTIFY_DEADLINE,
+                retry_policy=policies.NOTIFY_RETRY,
+                summary=f"tell the webhook: batch {event.value}",
+            )
+        except ActivityError as error:
+            workflow.logger.warning("the webhook was not told of %s: %s", delivery, error.cause)
 
     def _chunk_input(self, chunk: ChunkState) -> ChunkInput:
         """What a chunk starts with: where its jobs are in the store, and its window."""

@@ -1,0 +1,27 @@
+"""What the notify activity is given and answers: names and counts, never a secret value."""
+
+from __future__ import annotations
+
+from sortie.models import Counts, StrictModel
+from sortie.spec import Notify, NotifyEvent
+
+
+class NoticeInput(StrictModel):
+    """Tell the batch's webhook of one event; `delivery` names it for the receiver, once."""
+
+    batch_id: str
+    name: str
+    event: NotifyEvent
+    delivery: str
+    """`<batch id>/<event>` (`/paused-<n>` for the n-th pause): the same on every retry."""
+    notify: Notify
+    status: str
+    counts: Counts
+    reason: str | None = None
+
+
+class NoticeOutput(StrictModel):
+    """What became of the POST: the receiver's status, or that an earlier try delivered it."""
+
+    status: int | None = None
+    delivered_before: bool = False

@@ -438,7 +438,7 @@ class Notify(_Strict):
         parts = urlsplit(_URL_SECRET.sub("x", url))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url must be http(s)://host/..., got {_URL_SECRET.sub('…', url)!r}")
-        if "@" in parts.netloc or _SECRET_QUERY.search(parts.query):
+        if "@" in parts.netloc or _SECRET_QUERY.search(urlsplit(url).query):
             raise ValueError(
                 "url holds a credential: put it in a worker secret and write ${NAME} in its place"
             )

@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY fly ./fly
 COPY localfly ./localfly
 COPY sortie ./sortie
+COPY client ./client
 COPY workflows ./workflows
 COPY activities ./activities
 COPY agent ./agent

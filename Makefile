@@ -31,10 +31,11 @@ $(STAMP): pyproject.toml
 
 # Debian packages the tests use: docker-compose validates docker-compose.yml (no Docker engine
 # needed), curl replays Fly's documented requests against localfly, git builds test checkouts,
-# node and npm install and run the real Claude Code CLI (package names: nodejs, npm).
-SYSTEM_TOOLS := docker-compose curl git node npm
+# node and npm install and run the real Claude Code CLI (package names: nodejs, npm), bwrap and
+# socat are its sandbox on Linux (package names: bubblewrap, socat).
+SYSTEM_TOOLS := docker-compose curl git node npm bwrap socat
 system-deps:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $${tool/#node/nodejs}"; done; \
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || { pkg=$${tool/#node/nodejs}; missing="$$missing $${pkg/#bwrap/bubblewrap}"; }; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -58,16 +59,16 @@ prove: install system-deps
 	$(PY) -m tests.mutations
 
 demo: install
-	$(PY) -m sortie.demo
+	$(PY) -m client.demo
 
 # The local stack in the background for batches of your own: the dev server with its Web UI,
 # localfly, the S3 store and a worker, under .state/ (idempotent). `make down` stops what it
 # started and keeps the history for `make ui`.
 up: install
-	$(PY) -m sortie.local_stack up
+	$(PY) -m client.local_stack up
 
 down: install
-	$(PY) -m sortie.local_stack down
+	$(PY) -m client.local_stack down
 
 bench: install
 	$(PY) -m bench --standard

@@ -1,7 +1,7 @@
 """The Sortie worker: runs batch and chunk workflows and the Fly machine activities.
 
 Each worker polls its task queue (workflows, waits, destroys) and one create queue per Fly app
-in use, paced for all workers together by the app's pacer workflow (sortie/pacing.py).
+in use, paced for all workers together by the app's pacer workflow (activities/pacing.py).
 Configured by environment (see sortie.settings). SIGTERM or SIGINT shuts it down gracefully:
 waits in progress are handed over to the next worker, never lost. An object store it cannot use
 (unreachable, no such bucket, refused keys) stops it at start with exit 2, before any batch runs.
@@ -25,16 +25,17 @@ from temporalio.runtime import Runtime
 from temporalio.worker import Interceptor, PollerBehaviorAutoscaling, Worker
 
 import workflows
+from activities.chunks import ChunkActivities
 from activities.jobs import JobActivities
+from activities.logs import LogContextInterceptor, configure_logging, note_machine
 from activities.machines import MachineActivities
+from activities.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
 from activities.notify import NotifyActivities
+from activities.pacing import CreateQueues
 from activities.reaper import ReaperActivities
+from activities.secrets import SecretStore
 from fly import FlyClient
 from sortie import reaping
-from sortie.logs import LogContextInterceptor, configure_logging, note_machine
-from sortie.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
-from sortie.pacing import CreateQueues
-from sortie.secrets import SecretStore
 from sortie.settings import Settings, fly_connection
 from sortie.store import StoreError
 from sortie.temporal import connect, run_main
@@ -85,6 +86,7 @@ def build_worker(
     reaper = ReaperActivities(fly, store)
     jobs = JobActivities(store)
     notices = NotifyActivities(secrets, store, settings.workflow_url)
+    chunks = ChunkActivities(client)
     deployment = settings.deployment_config()
     everywhere = [LogContextInterceptor(), *interceptors]
     creates = CreateQueues(
@@ -116,6 +118,7 @@ def build_worker(
             machines.release_sessions,
             jobs.load_jobs,
             jobs.store_rows,
+            chunks.watch_chunks,
             reaper.reap_orphans,
             notices.notify,
         ],

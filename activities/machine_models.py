@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
+from sortie.artifacts import Artifacts
 from sortie.models import Changes, Followup, Iteration, MachineRef, Pushed, StrictModel
 from sortie.spec import Job, LogTail
 
@@ -96,6 +97,8 @@ class CollectResultInput(StrictModel):
     spend_of: int | None = None
     """The job's index when its verify loop's spend is to reach the chunk as it happens (the
     batch has a budget): `finish_job` reads it from the store and signals the chunk."""
+    artifacts: bool = False
+    """The job names artifacts: read the index its machine uploaded."""
 
 
 class JobAnswer(StrictModel):
@@ -118,6 +121,8 @@ class JobAnswer(StrictModel):
     pushed: Pushed | None = None
     failure: str | None = None
     """The agent's own reason the job failed after Claude answered: verify, push (scrubbed)."""
+    resets_at: datetime | None = None
+    """When Claude said the refused credential's usage limit resets: it rests until then."""
 
 
 class CollectResultOutput(StrictModel):
@@ -155,6 +160,8 @@ class FinishJobOutput(StrictModel):
     waited: WaitMachineOutput
     collected: CollectResultOutput | None = None
     destroyed: bool = False
+    artifacts: Artifacts | None = None
+    """What the job's `artifacts` collected, whatever the outcome (a timed-out job's too)."""
 
 
 CREDENTIALS_RESTING_ERROR = "CredentialsResting"
@@ -165,6 +172,8 @@ CREDENTIAL_FAULTS = {"rate_limit", "auth"}
 """Claude errors that blame the credential, not the job: the job runs again on another."""
 STALLED = "stalled"
 """The stall watchdog stopped the agent: the machine failed, not the job (it runs again)."""
+SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+"""The machine could not start the agent's sandbox: the machine failed, not the job."""
 
 
 class DestroyMachineInput(StrictModel):

@@ -15,56 +15,56 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import artifacts
+from activities.credentials import Credential, CredentialsResting, NoCredential
+from activities.fly_calls import RETRY_AFTER_MOST_S, fly_errors, patiently
+from activities.machine_collect import (
+    MachineCollect,
+    _about,
+    _attempt_key,
+)
 from activities.machine_models import (
-    CREDENTIAL_FAULTS,
     CREDENTIALS_RESTING_ERROR,
     CheckBatchInput,
     CheckBatchOutput,
     CollectResultInput,
-    CollectResultOutput,
     CreateMachineInput,
     CreateMachineOutput,
     DestroyMachineInput,
     DestroyMachineOutput,
     FinishJobInput,
     FinishJobOutput,
-    JobAnswer,
     ReadLogsInput,
     ReadLogsOutput,
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
     Spend,
-    WaitMachineInput,
     WaitMachineOutput,
     WaitOutcome,
 )
+from activities.secrets import SecretStore
 from fly import (
-    ExitEvent,
     FlyClient,
     FlyConflict,
     FlyError,
     FlyForbidden,
     FlyNotFound,
     FlyUnauthorized,
-    FlyWaitTimeout,
     GuestConfig,
     InitConfig,
     Machine,
     MachineConfig,
     RestartConfig,
-    WaitResult,
 )
-from sortie.claude import CLI_ENV, PREVIEW_CHARS, AgentReport, ErrorKind, job_document
-from sortie.credentials import Credential, CredentialsResting, NoCredential
+from sortie.claude import CLI_ENV, job_document
 from sortie.labels import (
     META_ATTEMPT,
     META_BATCH,
@@ -73,25 +73,20 @@ from sortie.labels import (
     machine_metadata,
     machine_name,
 )
-from sortie.models import Iteration, MachineRef
-from sortie.secrets import SecretStore, redact_presigned
-from sortie.spec import LogTail
+from sortie.models import MachineRef
+from sortie.spec import Job
 from sortie.store import (
     KEEP_UNTIL,
     ObjectStore,
-    answer_key,
     changes_key,
     finished_key,
-    log_key,
     report_key,
     session_key,
     session_prefix,
     spend_key,
 )
 
-SETTLED_STATES = ["stopped", "failed", "destroyed"]
 GONE_STATES = {"destroyed", "destroying"}
-BOOTING_STATES = {"created", "creating", "starting"}
 RESTORE_PATH = "/sortie/restore.tar.gz"
 """Where a follow-up's machine puts the workspace and session archive of the turn before."""
 REPORT_URL = "SORTIE_REPORT_URL"
@@ -107,37 +102,9 @@ URL_SLACK_S = 3600
 Fly's rate limits, a slow upload at the very end."""
 URL_MOST_S = 7 * 24 * 3600
 """SigV4 presigned URLs expire after seven days at most."""
-CALL_TRIES = 4
-"""Tries of one Fly call within `finish_job` before a transient error fails the activity."""
-RETRY_AFTER_MOST_S = 5.0
-"""The longest pause between tries of one Fly call inside an activity (Retry-After or backoff)."""
-ERROR_CHARS = 800
-"""How much of the agent's own failure (a failing check's output tail) a result keeps: it rides
-in the chunk's history with the row (the agent's whole report stays in the store)."""
-T = TypeVar("T")
-_OUTCOMES = {
-    "stopped": WaitOutcome.EXITED,
-    "failed": WaitOutcome.FAILED,
-    "destroyed": WaitOutcome.GONE,
-}
 
 
-@contextmanager
-def fly_errors(action: str, *, always_retry: bool = False) -> Iterator[None]:
-    """Translate Fly errors into ApplicationErrors that carry their retry advice."""
-    try:
-        yield
-    except FlyError as error:
-        delay = timedelta(seconds=error.retry_after) if error.retry_after else None
-        raise ApplicationError(
-            redact_presigned(f"{action}: {error}"),  # a Fly error may echo the config back
-            type=type(error).__name__,
-            non_retryable=not (error.retryable or always_retry),
-            next_retry_delay=delay,
-        ) from None
-
-
-class MachineActivities:
+class MachineActivities(MachineCollect):
     """Fly machine steps; owns the shared Fly client, the worker's secrets and the object store."""
 
     def __init__(
@@ -257,6 +224,10 @@ class MachineActivities:
             finished = await self._learned(input.collect)
             if finished is None:
                 finished = await self._learn(input, seen)
+                if input.collect.artifacts:  # whatever the outcome: a timed-out job's too
+                    finished.artifacts = await artifacts.left(
+                        self._store, _attempt_key(input.collect)
+                    )
                 await self._store.put(
                     finished_key(*_attempt_key(input.collect)),
                     finished.model_dump_json().encode(),
@@ -345,216 +316,6 @@ class MachineActivities:
             return False
         return True
 
-    async def _wait_unless_shutting_down(
-        self, input: WaitMachineInput, seen: dict[str, Any]
-    ) -> WaitMachineOutput:
-        """Wait for the machine; when the worker shuts down, fail so another worker takes over."""
-        waiting = asyncio.create_task(self._wait(input, seen))
-        shutdown = asyncio.create_task(activity.wait_for_worker_shutdown())
-        try:
-            await asyncio.wait({waiting, shutdown}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done():
-                raise ApplicationError(
-                    "worker shutting down; the wait continues on another worker",
-                    type="WorkerShutdown",
-                    next_retry_delay=timedelta(milliseconds=200),
-                )
-            with fly_errors(f"wait for machine {input.machine.machine_id}"):
-                return waiting.result()
-        finally:
-            for task in (waiting, shutdown):
-                task.cancel()
-            await asyncio.gather(waiting, shutdown, return_exceptions=True)
-
-    async def _wait(self, input: WaitMachineInput, seen: dict[str, Any]) -> WaitMachineOutput:
-        """Loop Fly waits of at most 60 s until the machine settles or a deadline passes."""
-        ref = input.machine
-        booted = False
-        while True:
-            now = datetime.now(UTC)
-            if now >= input.deadline:
-                return await self._past_deadline(ref, seen)
-            budget = (input.deadline - now).total_seconds()
-            if not booted:
-                budget = min(budget, max((input.boot_deadline - now).total_seconds(), 1.0))
-            try:
-                result = await patiently(partial(self._fly_wait, ref, budget))
-            except FlyWaitTimeout:
-                try:
-                    machine = await patiently(
-                        lambda: self._fly.get_machine(ref.app, ref.machine_id)
-                    )
-                except FlyNotFound:
-                    return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
-                seen["state"] = machine.state
-                booted = machine.state not in BOOTING_STATES
-                if not booted and datetime.now(UTC) >= input.boot_deadline:
-                    return WaitMachineOutput(outcome=WaitOutcome.BOOT_TIMEOUT, state=machine.state)
-                continue
-            except FlyNotFound:
-                return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
-            state = result.state
-            if state is None:
-                state = (await self._get(ref)).state
-            seen["state"] = state
-            if state == "destroyed" and await self._exited_by_itself(ref):
-                # Destroyed after its process ended, by an earlier try of this activity.
-                return WaitMachineOutput(outcome=WaitOutcome.EXITED, state=state)
-            return WaitMachineOutput(outcome=_OUTCOMES.get(state, WaitOutcome.EXITED), state=state)
-
-    async def _past_deadline(self, ref: MachineRef, seen: dict[str, Any]) -> WaitMachineOutput:
-        """The job's time is up; but a retry may find the machine settled before the deadline.
-
-        A retry of this activity (after a worker crash, or Fly errors while collecting) can
-        start after the deadline: the job ran in time then, and must not be called timed out.
-        """
-        try:
-            machine = await self._get(ref)
-        except FlyNotFound:
-            return WaitMachineOutput(outcome=WaitOutcome.GONE, state=None)
-        seen["state"] = machine.state
-        exit_event = machine.latest_exit_event()
-        stopped_on_request = bool(exit_event and exit_event.requested_stop)
-        settled = machine.state in ("stopped", "failed") or (
-            machine.state == "destroyed" and _exited_by_itself(exit_event)
-        )
-        if settled and not stopped_on_request:
-            outcome = WaitOutcome.FAILED if machine.state == "failed" else WaitOutcome.EXITED
-            return WaitMachineOutput(outcome=outcome, state=machine.state)
-        return WaitMachineOutput(outcome=WaitOutcome.TIMED_OUT, state=machine.state)
-
-    async def _exited_by_itself(self, ref: MachineRef) -> bool:
-        """Whether the machine's process exited on its own, not stopped by a stop or destroy."""
-        try:
-            machine = await self._get(ref)
-        except FlyNotFound:
-            return False
-        return _exited_by_itself(machine.latest_exit_event())
-
-    async def _fly_wait(self, ref: MachineRef, timeout: float) -> WaitResult:
-        """One Fly wait (at most 60 s) for the machine to settle."""
-        return await self._fly.wait_machine(
-            ref.app, ref.machine_id, SETTLED_STATES, version=ref.version, timeout=timeout
-        )
-
-    async def _get(self, ref: MachineRef) -> Machine:
-        """The machine as Fly describes it now."""
-        return await patiently(lambda: self._fly.get_machine(ref.app, ref.machine_id))
-
-    async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
-        """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
-        ref = input.machine
-        key = _attempt_key(input)
-        exit_code: int | None = None
-        with fly_errors(f"collect result of machine {ref.machine_id}"):
-            try:
-                machine: Machine | None = await self._get(ref)
-            except FlyNotFound:  # forgotten by Fly: a prompt job's report may still settle it
-                machine = None
-            exit_event = machine.latest_exit_event() if machine else None
-            messages: list[str] = []
-            if machine is None:
-                report = await self._store.get(report_key(*key)) if input.prompt_job else None
-                if report is None:
-                    return CollectResultOutput(state=None, exit_code=None)
-                exit_code = AgentReport.parse(report).exit_code
-            elif input.log_tail is LogTail.ALWAYS or not _succeeded(machine.state, exit_event):
-                page = await patiently(lambda: self._fly.get_logs(ref.app, ref.machine_id))
-                messages = [e.message for e in page.entries]
-        answer = await self._answer(input, exit_event) if input.prompt_job else None
-        if answer is not None:
-            await self._rest_if_refused(input, answer)
-        lines = [self._secrets.scrub(m, input.secrets) for m in messages]
-        tail = _tail(lines, input.tail_lines, input.tail_bytes)
-        log_ref = None
-        if tail:
-            log_ref = await self._store.put(log_key(*key), "\n".join(tail).encode(), _about(input))
-        return CollectResultOutput(
-            state=machine.state if machine else None,
-            exit_code=exit_event.exit_code if exit_event else exit_code,
-            signal=exit_event.signal if exit_event and (exit_event.signal or 0) > 0 else None,
-            oom_killed=bool(exit_event and exit_event.oom_killed),
-            exited_at=exit_event.exited_at if exit_event else None,
-            log_tail=tail,
-            log_ref=log_ref,
-            answer=answer,
-        )
-
-    async def _answer(self, input: CollectResultInput, exit_event: ExitEvent | None) -> JobAnswer:
-        """Read the report the agent uploaded; keep the full answer and the session off history.
-
-        The agent uploads before it exits and the store reads its own writes, so a report that
-        is not there once the machine stopped never will be: the job failed, whatever its exit
-        code, and ran (it is not run again).
-        """
-        key = (input.batch_id, input.job_id, input.turn, input.attempt)
-        payload = await self._store.get(report_key(*key))
-        if payload is None:
-            code = exit_event.exit_code if exit_event else None
-            return JobAnswer(
-                is_error=True,
-                error_kind="no_report",
-                result=(
-                    f"the agent's report never reached the object store (exit code {code}): "
-                    "its upload failed or its URL expired, or the agent died before it"
-                ),
-            )
-        report = AgentReport.parse(payload)
-        kind = report.error_kind()
-        cli = report.claude
-        text = self._secrets.scrub(
-            (cli.result if cli else None) or report.error or "", input.secrets
-        )
-        cost, turns = report.cost()
-        changed = None
-        if report.changes_uploaded and await self._store.metadata(changes_key(*key)) is not None:
-            changed = changes_key(*key)
-        failure = report.error if kind in (ErrorKind.VERIFY_FAILED, ErrorKind.PUSH_FAILED) else None
-        problem, structured = None, None
-        if kind is None and input.json_schema is not None and cli is not None:
-            problem = report.structured_problem(input.json_schema)
-            if problem is not None:
-                kind = ErrorKind.INVALID_OUTPUT
-                text = f"{problem}\n\n{text}"
-            else:  # the answer is the object: whole in the store, in the row when small
-                text = json.dumps(cli.structured_output, ensure_ascii=False)
-                structured = cli.structured_output if len(text) <= PREVIEW_CHARS else None
-        answer = JobAnswer(
-            session_id=cli.session_id if cli else report.session_id,
-            result=text[:PREVIEW_CHARS],
-            result_chars=len(text),
-            cost_usd=cost,
-            num_turns=turns,
-            duration_ms=cli.duration_ms if cli else None,
-            is_error=kind is not None,
-            error_kind=kind.value if kind else None,
-            commits={r.url: r.commit for r in report.repos if r.commit},
-            iterations=[Iteration.model_validate(i.model_dump()) for i in report.iterations],
-            changes=report.total_changes(changed),
-            pushed=report.pushed(),
-            failure=self._secrets.scrub(failure, input.secrets)[:ERROR_CHARS] if failure else None,
-            structured=structured,
-        )
-        if text:  # kept whole off history; the chunk's result carries only the key
-            answer.result_ref = await self._store.put(
-                answer_key(*key), text.encode(), _about(input)
-            )
-        if report.session_archive and await self._store.metadata(session_key(*key)) is not None:
-            answer.archive_ref = session_key(*key)
-        return answer
-
-    async def _rest_if_refused(self, input: CollectResultInput, answer: JobAnswer) -> None:
-        """Claude refused the job's credential: rest it for every worker, by name."""
-        if not (answer.error_kind in CREDENTIAL_FAULTS and input.credential):
-            return
-        reason = f"{answer.error_kind} error in job {input.job_id}"
-        await self._secrets.claude.rest(
-            activity.client(), self._task_queue, input.credential, reason
-        )
-        activity.logger.warning(
-            "set credential %s aside after a %s error", input.credential, answer.error_kind
-        )
-
     @activity.defn(name="release_sessions")
     async def release_sessions(self, input: ReleaseSessionsInput) -> ReleaseSessionsOutput:
         """A closed batch's session archives: deleted now, or marked to expire later."""
@@ -602,8 +363,9 @@ class MachineActivities:
         except NoCredential as error:
             raise ApplicationError(str(error), type="UnknownSecrets", non_retryable=True) from None
         except CredentialsResting as error:
-            raise ApplicationError(
-                str(error), type=CREDENTIALS_RESTING_ERROR, non_retryable=True
+            until = error.until.isoformat() if error.until else None
+            raise ApplicationError(  # the details: until when, a time for the workflow's timer
+                str(error), until, type=CREDENTIALS_RESTING_ERROR, non_retryable=True
             ) from None
 
     async def _config(
@@ -621,10 +383,15 @@ class MachineActivities:
         if job.prompt is not None:
             env = {**CLI_ENV, **env}
         turn = input.followup.turn if input.followup else 1
+        valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
+        env.update(
+            await artifacts.machine_env(
+                self._store, job, (input.batch_id, job.id, turn, input.attempt), valid_s
+            )
+        )
         if credential is not None:
             followup = input.followup
             restore = None
-            valid_s = min(int(job.timeout_s + job.boot_timeout_s) + URL_SLACK_S, URL_MOST_S)
             if followup is not None and followup.archive_ref:
                 if await self._store.metadata(followup.archive_ref) is None:
                     raise ApplicationError(
@@ -655,7 +422,7 @@ class MachineActivities:
         config = MachineConfig(
             image=job.image,
             env=env,
-            init=InitConfig(exec=job.command) if job.command else None,
+            init=_init(job),
             guest=GuestConfig(
                 cpu_kind=job.guest.cpu_kind, cpus=job.guest.cpus, memory_mb=job.guest.memory_mb
             ),
@@ -668,25 +435,12 @@ class MachineActivities:
         return config
 
 
-async def patiently(call: Callable[[], Awaitable[T]]) -> T:
-    """One Fly call, tried again on a transient error before the activity gives up.
-
-    `finish_job` makes several calls; one 429 or dropped connection among them would fail it
-    and Temporal would repeat all of them after a backoff that grows to 30 s. A few quick tries
-    of the one call (Retry-After honoured) keep a storm from stretching a job by minutes; a
-    call that keeps failing still fails the activity, and Temporal's policy takes over.
-    """
-    for attempt in range(1, CALL_TRIES):
-        try:
-            return await call()
-        except FlyWaitTimeout:
-            raise  # "not yet": the caller's answer, not a fault
-        except FlyError as error:
-            if not error.retryable:
-                raise
-            delay = error.retry_after if error.retry_after is not None else 0.25 * 2**attempt
-            await asyncio.sleep(min(delay, RETRY_AFTER_MOST_S))
-    return await call()
+def _init(job: Job) -> InitConfig | None:
+    """A command job's command line: run as it is, or with artifacts given to the agent image's
+    entrypoint, which runs it and then uploads them (agent/artifacts.py)."""
+    if not job.command:
+        return None
+    return InitConfig(cmd=job.command) if job.artifacts else InitConfig(exec=job.command)
 
 
 def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, str]:
@@ -697,16 +451,6 @@ def _lookup(batch_id: str, job_id: str, attempt: int, turn: int) -> dict[str, st
         META_ATTEMPT: str(attempt),
         META_TURN: str(turn),
     }
-
-
-def _attempt_key(input: CollectResultInput) -> tuple[str, str, int, int]:
-    """The job attempt whose objects these are: one machine's."""
-    return (input.batch_id, input.job_id, input.turn, input.attempt)
-
-
-def _about(input: CollectResultInput) -> dict[str, str]:
-    """An object's metadata: whose it is, never anything secret."""
-    return {"batch": input.batch_id, "job": input.job_id, "attempt": str(input.attempt)}
 
 
 def _ref(app: str, machine: Machine) -> MachineRef:
@@ -734,31 +478,3 @@ async def _beating(every: float, seen: dict[str, Any]) -> AsyncIterator[None]:
     finally:
         beats.cancel()
         await asyncio.gather(beats, return_exceptions=True)
-
-
-def _exited_by_itself(exit_event: ExitEvent | None) -> bool:
-    """An exit with a code that no stop or destroy request caused: the job's own ending."""
-    return bool(exit_event and exit_event.exit_code is not None and not exit_event.requested_stop)
-
-
-def _succeeded(state: str | None, exit_event: ExitEvent | None) -> bool:
-    """A process that exited 0 on its own, on a machine that did not fail."""
-    return (
-        state != "failed"
-        and exit_event is not None
-        and exit_event.exit_code == 0
-        and not exit_event.oom_killed
-    )
-
-
-def _tail(lines: list[str], count: int, limit: int) -> list[str]:
-    """The last `count` lines, each and all together within `limit` bytes."""
-    kept: list[str] = []
-    size = 0
-    for line in reversed(lines[-count:]):
-        line = line[:limit]
-        size += len(line.encode()) + 1
-        if size > limit:
-            break
-        kept.append(line)
-    return kept[::-1]

@@ -22,10 +22,14 @@ from urllib.parse import urlsplit
 import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
+from activities.job_models import StoredRows, rows_key
 from activities.notify_models import NoticeInput, NoticeOutput
+from activities.secrets import SecretStore
 from sortie.failures import Cause, Summary, cause_lines
-from sortie.secrets import SecretStore
+from sortie.labels import chunk_workflow_id
+from sortie.models import JobResult
 from sortie.spec import NotifyFormat
 from sortie.store import ObjectStore, notice_key
 
@@ -114,15 +118,31 @@ class NotifyActivities:
         }
 
     async def _causes(self, input: NoticeInput) -> list[Cause]:
-        """The batch's top causes of failure, from its rows (best effort: none if unreadable)."""
-        from sortie import batches  # imported here: it reads workflows, which start this
-
+        """The batch's top causes of failure, from its chunks' rows: those a closed chunk left
+        in the store, else asked of the running chunk (best effort: none if unreadable)."""
+        summary = Summary()
         try:
-            rows = batches.iter_results(activity.client(), input.batch_id, store=self._store)
-            return (await Summary.read(rows)).causes()[:TOP_CAUSES]
+            for index in range(input.chunks):
+                workflow_id = chunk_workflow_id(input.batch_id, index)
+                data = await self._store.get(rows_key(input.batch_id, workflow_id))
+                for row in await self._rows(workflow_id, data):
+                    summary.add(row)
         except Exception as error:
             activity.logger.warning("causes of batch %s not read: %s", input.batch_id, error)
             return []
+        return summary.causes()[:TOP_CAUSES]
+
+    @staticmethod
+    async def _rows(workflow_id: str, stored: bytes | None) -> list[JobResult]:
+        """A chunk's rows: stored when it closed, else its `results` query; none if unstarted."""
+        if stored is not None:
+            return StoredRows.model_validate_json(stored).rows
+        chunk = activity.client().get_workflow_handle(workflow_id)
+        try:
+            rows: list[JobResult] = await chunk.query("results", result_type=list[JobResult])
+        except RPCError:
+            return []  # never started (pending, or skipped by a cancel)
+        return rows
 
 
 COUNTED = {"total", "pending", "running", "succeeded", "failed", "timed_out", "cancelled"}

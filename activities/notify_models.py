@@ -17,6 +17,8 @@ class NoticeInput(StrictModel):
     notify: Notify
     status: str
     counts: Counts
+    chunks: int = 0
+    """How many chunks the batch has: where its rows are, for the top causes of failure."""
     reason: str | None = None
 
 

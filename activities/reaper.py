@@ -14,8 +14,8 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.machines import GONE_STATES, fly_errors
-from activities.reaper_models import Orphan, ReapInput, ReapOutput
+from activities.fly_calls import fly_errors
+from activities.machines import GONE_STATES
 from fly import FlyClient, Machine
 from sortie.labels import (
     META_BATCH,
@@ -25,6 +25,7 @@ from sortie.labels import (
     META_OWNER,
     chunk_workflow_id,
 )
+from sortie.reaper_models import Orphan, ReapInput, ReapOutput
 from sortie.store import KEEP_UNTIL, REPORTS, SESSIONS, ObjectStore
 
 REPORTS_KEPT = timedelta(hours=1)

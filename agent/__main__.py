@@ -1,8 +1,8 @@
-"""Run the machine entrypoint as `python3 -m agent`, exiting with its return code."""
+"""Run the machine entrypoint as `python3 -m agent [COMMAND...]`, exiting with its return code."""
 
 import sys
 
 from agent.entrypoint import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -19,7 +19,8 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.entrypoint import Checkout, Machine
+    from agent.entrypoint import Machine
+    from agent.job import Checkout
 
 CHANGES_URL = "SORTIE_CHANGES_URL"
 """The presigned PUT URL for the job attempt's changes (a secret like the others)."""
@@ -102,7 +103,7 @@ def auth_env(env: Mapping[str, str], url: str) -> dict[str, str]:
     GIT_CONFIG_COUNT/KEY/VALUE set config for one git process: nothing is written to disk, and
     the value is in no argv a process listing shows.
     """
-    from agent.entrypoint import _basic_auth  # the one Basic form, which the scrubber knows
+    from agent.job import _basic_auth
 
     token = env.get("GITHUB_TOKEN")
     parts = urllib.parse.urlsplit(url)

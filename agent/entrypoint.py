@@ -10,15 +10,15 @@ per repository go to SORTIE_CHANGES_URL and, with `push_branch`, to a branch of 
 repository's origin (agent/changes.py). Uploads are retried on network errors, 5xx, 408 and
 429; a report that never lands fails the job on the worker. A `file://` URL writes a local
 file (running by hand, tests).
+The CLI and `verify` run in Claude Code's sandbox (agent/sandbox.py), without the secrets the
+entrypoint keeps for itself (the store's URLs, GITHUB_TOKEN, the job's named secrets).
 Exit codes: claude's own, 2 for a bad job, 3 when the workspace cannot be prepared, 4 when
-`verify` still failed after the last iteration, 5 when a branch could not be pushed, 127 when
-`claude` is not on PATH.
+`verify` still failed after the last iteration, 5 when a branch could not be pushed, 6 when the
+sandbox cannot start, 127 when `claude` is not on PATH.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
@@ -29,40 +29,54 @@ import sys
 import tarfile
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from agent import changes, verify
+from agent import artifacts, changes, limits, sandbox, verify
+from agent.job import (
+    Checkout,
+    Job,
+    JobError,
+    RepoSpec,
+    Restored,
+    SetupError,
+    _basic_auth,
+    parse_job,
+)
+from agent.transfer import RESTORE_LIMIT, Transfers, _add_bytes, _archivable
 from agent.watch import Watched, watch
 
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL, verify.SPEND_URL)
+STORE_URLS = (
+    REPORT_URL,
+    ARCHIVE_URL,
+    RESTORE_URL,
+    changes.CHANGES_URL,
+    verify.SPEND_URL,
+    *artifacts.URLS,
+)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
-SECRET_ENV = ("GITHUB_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", *STORE_URLS)
-RESTORE_LIMIT = 256 << 20
+CLAUDE_CREDENTIALS = ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY")
+SECRET_ENV = ("GITHUB_TOKEN", *CLAUDE_CREDENTIALS, *STORE_URLS)
 ARCHIVE_LIMIT = RESTORE_LIMIT
 """Most bytes a session archive may hold unpacked: what a restore accepts, so any archive made
 restores. ~/.claude keeps each session's whole JSONL transcript (every message and tool result)
 and a snapshot of every file Claude edited, which a long session takes to many MB; the archive
 is built on disk and streamed, so a machine's 256 MB of memory need not hold it."""
-UPLOAD_TRIES = 6
-UPLOAD_BACKOFF_S = 0.5
-UPLOAD_TIMEOUT_S = 120
 ERROR_LIMIT = 4000
 EXIT_BAD_JOB = 2
 EXIT_SETUP = 3
 EXIT_NO_CLAUDE = 127
-MAX_ITERATIONS = 10
 REDACTED = "[redacted]"
 
 _DIFF = (
@@ -75,66 +89,6 @@ _DIFF = (
     "--dst-prefix=b/",
 )
 _USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
-
-
-class JobError(ValueError):
-    """SORTIE_JOB is missing, is not JSON, or does not describe a job."""
-
-
-class SetupError(RuntimeError):
-    """The workspace could not be prepared: a clone, checkout or restore failed."""
-
-
-@dataclass(frozen=True)
-class RepoSpec:
-    """One repository the job asks for."""
-
-    url: str
-    branch: str | None
-    path: str
-    commit: str | None
-
-
-@dataclass(frozen=True)
-class Job:
-    """The job description read from SORTIE_JOB."""
-
-    id: str
-    prompt: str
-    repos: tuple[RepoSpec, ...]
-    model: str | None
-    max_turns: int | None
-    allowed_tools: tuple[str, ...]
-    max_cost_usd: float | None
-    resume_session_id: str | None
-    restore_file: str | None
-    verify: tuple[str, ...] | None = None
-    max_iterations: int = 1
-    push_branch: str | None = None
-    json_schema: dict[str, Any] | None = None
-    stall_timeout_s: float | None = None
-
-
-@dataclass(frozen=True)
-class Checkout:
-    """A cloned repository and the commit its HEAD resolved to."""
-
-    url: str
-    path: str
-    commit: str
-    dir: Path
-
-    def describe(self) -> dict[str, str]:
-        """The repo as reported in the result and the archive manifest."""
-        return {"url": self.url, "path": self.path, "commit": self.commit}
-
-
-@dataclass
-class Restored:
-    """What a session archive brought back besides the Claude home: repos and their patches."""
-
-    repos: list[RepoSpec] = field(default_factory=list)
-    patches: dict[str, bytes] = field(default_factory=dict)
 
 
 class Scrubber:
@@ -167,108 +121,7 @@ class Scrubber:
         return value
 
 
-def _basic_auth(token: str) -> str:
-    """The Basic credential GitHub accepts for a token over HTTPS."""
-    return base64.b64encode(f"x-access-token:{token}".encode()).decode("ascii")
-
-
-def _optional(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    """data[key] when present and of `kind`, None when absent or null; JobError otherwise."""
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise JobError(f"{key!r} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _check_path(path: str, what: str) -> str:
-    """A relative path that stays inside its parent directory."""
-    pure = PurePosixPath(path)
-    if not path or pure.is_absolute() or ".." in pure.parts or str(pure) == ".":
-        raise JobError(f"{what} {path!r} must be a relative path inside the workspace")
-    return str(pure)
-
-
-def _default_path(url: str) -> str:
-    """The directory a clone of `url` gets when the job names none: its basename minus .git."""
-    base = re.split(r"[/:\\]", url.rstrip("/"))[-1]
-    return base.removesuffix(".git") or "repo"
-
-
-def _parse_repo(index: int, item: Any) -> RepoSpec:
-    """One repos[] entry, validated."""
-    if isinstance(item, str):
-        item = {"url": item}
-    if not isinstance(item, dict) or not isinstance(item.get("url"), str) or not item["url"]:
-        raise JobError(f"repos[{index}] needs a non-empty string 'url'")
-    url: str = item["url"]
-    branch = _optional(item, "branch", str)
-    commit = _optional(item, "commit", str)
-    for name, ref in (("branch", branch), ("commit", commit)):
-        if ref is not None and (not ref or ref.startswith("-") or any(c.isspace() for c in ref)):
-            raise JobError(f"repos[{index}].{name} {ref!r} is not a valid git ref")
-    path = _check_path(_optional(item, "path", str) or _default_path(url), f"repos[{index}].path")
-    return RepoSpec(url=url, branch=branch, path=path, commit=commit)
-
-
-def parse_job(text: str | None) -> Job:
-    """The job from the SORTIE_JOB JSON; unknown keys are ignored."""
-    if not text:
-        raise JobError("SORTIE_JOB is not set")
-    try:
-        data = json.loads(text)
-    except ValueError as error:
-        raise JobError(f"SORTIE_JOB is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise JobError("SORTIE_JOB must be a JSON object")
-    for key in ("id", "prompt"):
-        if not isinstance(data.get(key), str):
-            raise JobError(f"{key!r} must be a string")
-    repos_raw = data.get("repos") or []
-    if not isinstance(repos_raw, list):
-        raise JobError("'repos' must be a list")
-    repos = tuple(_parse_repo(i, item) for i, item in enumerate(repos_raw))
-    paths = [repo.path for repo in repos]
-    if len(set(paths)) != len(paths):
-        raise JobError(f"two repos share a path: {paths}")
-    tools = data.get("allowed_tools") or []
-    if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
-        raise JobError("'allowed_tools' must be a list of strings")
-    max_turns = _optional(data, "max_turns", int)
-    max_cost = _optional(data, "max_cost_usd", (int, float))
-    restore = _optional(data, "restore_file", str)
-    check = _optional(data, "verify", list)
-    if check is not None and (not check or not all(isinstance(a, str) for a in check)):
-        raise JobError("'verify' must be a non-empty list of strings")
-    iterations = _optional(data, "max_iterations", int) or 1
-    if not 1 <= iterations <= MAX_ITERATIONS:
-        raise JobError(f"'max_iterations' must be 1 to {MAX_ITERATIONS}, not {iterations}")
-    branch = _optional(data, "push_branch", str)
-    if branch is not None and (not branch or branch.startswith("-") or ".." in branch):
-        raise JobError(f"push_branch {branch!r} is not a valid branch name")
-    stall = _optional(data, "stall_timeout_s", (int, float))
-    if restore is not None and ".." in PurePosixPath(restore).parts:
-        raise JobError(f"restore_file {restore!r} must not contain '..'")
-    return Job(
-        id=data["id"],
-        prompt=data["prompt"],
-        repos=repos,
-        model=_optional(data, "model", str),
-        max_turns=max_turns,
-        allowed_tools=tuple(tools),
-        max_cost_usd=None if max_cost is None else float(max_cost),
-        resume_session_id=_optional(data, "resume_session_id", str),
-        restore_file=restore,
-        verify=tuple(check) if check is not None else None,
-        max_iterations=iterations,
-        push_branch=branch,
-        json_schema=_optional(data, "json_schema", dict),
-        stall_timeout_s=None if stall is None else float(stall),
-    )
-
-
-class Machine:
+class Machine(Transfers):
     """One run of the entrypoint: its environment, output and workspace."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
@@ -279,82 +132,9 @@ class Machine:
         self.home = Path(env.get("HOME") or Path.home())
         self.git_env = {**self.env, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never"}
         self.checkouts: list[Checkout] = []
+        self.sandbox: sandbox.Sandbox | None = None
 
     # Output -------------------------------------------------------------------------------
-
-    def note(self, message: str) -> None:
-        """A scrubbed diagnostic line on stderr."""
-        sys.stderr.write(self.scrub.text(f"sortie: {message}").rstrip("\n") + "\n")
-        sys.stderr.flush()
-
-    def say(self, line: str) -> None:
-        """A scrubbed human line on stdout."""
-        sys.stdout.write(self.scrub.text(line) + "\n")
-        sys.stdout.flush()
-
-    def upload(
-        self, variable: str, what: str, body: Path | bytes, tries: int = UPLOAD_TRIES
-    ) -> bool:
-        """PUT `body` to the presigned URL in `variable`, retrying what a retry can help."""
-        url = self.env.get(variable)
-        if not url:
-            self.note(f"no {variable}: the {what} goes nowhere")
-            return False
-        if url.startswith("file://"):
-            target = Path(urllib.parse.urlsplit(url).path)
-            target.write_bytes(body.read_bytes() if isinstance(body, Path) else body)
-            return True
-        size = body.stat().st_size if isinstance(body, Path) else len(body)
-        for attempt in range(1, tries + 1):
-            try:
-                with _body(body) as payload:
-                    request = urllib.request.Request(
-                        url,
-                        data=payload,
-                        method="PUT",
-                        headers={
-                            "Content-Type": "application/octet-stream",
-                            "Content-Length": str(size),
-                        },
-                    )
-                    with urllib.request.urlopen(request, timeout=UPLOAD_TIMEOUT_S) as answer:
-                        answer.read()
-                return True
-            except urllib.error.HTTPError as error:
-                detail = error.read(300).decode("utf-8", errors="replace")
-                why = f"HTTP {error.code} {detail}"
-                if error.code < 500 and error.code not in (408, 429):
-                    self.note(f"{what} upload refused ({why}); not retried")
-                    return False
-            except (urllib.error.URLError, OSError) as error:
-                why = str(getattr(error, "reason", error))
-            self.note(f"{what} upload failed (try {attempt} of {tries}): {why}")
-            if attempt < tries:
-                time.sleep(min(UPLOAD_BACKOFF_S * 2 ** (attempt - 1), 10.0))
-        self.note(f"{what} upload gave up after {tries} tries")
-        return False
-
-    def download(self, variable: str, target: Path) -> None:
-        """GET the presigned URL in `variable` into `target` (a follow-up's archive)."""
-        url = self.env[variable]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1, UPLOAD_TRIES + 1):
-            try:
-                with (
-                    urllib.request.urlopen(url, timeout=UPLOAD_TIMEOUT_S) as answer,
-                    target.open("wb") as out,
-                ):
-                    shutil.copyfileobj(answer, out)
-                return
-            except urllib.error.HTTPError as error:
-                if error.code < 500 and error.code not in (408, 429):
-                    why = f"HTTP {error.code}"
-                    raise SetupError(f"the session archive was refused ({why})") from None
-            except (urllib.error.URLError, OSError) as error:
-                self.note(f"archive download failed (try {attempt}): {error}")
-            if attempt < UPLOAD_TRIES:
-                time.sleep(min(UPLOAD_BACKOFF_S * 2 ** (attempt - 1), 10.0))
-        raise SetupError(f"the session archive could not be downloaded in {UPLOAD_TRIES} tries")
 
     def result(
         self,
@@ -377,6 +157,9 @@ class Machine:
         }
         if watched is not None and watched.stalled:
             body.update(stalled=True, session_id=watched.session_id)
+        resets = limits.reset_time(watched.resets_at if watched else None, claude, _now())
+        if resets is not None:
+            body["resets_at"] = resets
         if self.upload(REPORT_URL, "report", json.dumps(self.scrub.value(body)).encode("utf-8")):
             self.note("report uploaded")
         return exit_code
@@ -504,40 +287,6 @@ class Machine:
             _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=2).encode())
         return total
 
-    def restore(self, restore_file: str) -> Restored:
-        """Unpack claude-home/ into $HOME/.claude; keep the manifest and patches for later."""
-        path = self.root / restore_file.lstrip("/")
-        restored = Restored()
-        claude_home = self.home / ".claude"
-        total = 0
-        try:
-            with tarfile.open(path, mode="r:gz") as tar:
-                for member in tar:
-                    name = _member_name(member.name)
-                    total += member.size
-                    if total > RESTORE_LIMIT:
-                        raise SetupError(f"{restore_file} unpacks to more than {RESTORE_LIMIT}")
-                    if name is None or not (member.isfile() or member.isdir()):
-                        self.note(f"restore: skipping {member.name!r}")
-                        continue
-                    if name.parts[0] == "claude-home":
-                        target = claude_home.joinpath(*name.parts[1:])
-                        if member.isdir():
-                            target.mkdir(parents=True, exist_ok=True)
-                        else:
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            target.write_bytes(_read_member(tar, member))
-                            target.chmod(member.mode & 0o700 | 0o600)
-                    elif member.isfile() and str(name) == "manifest.json":
-                        restored.repos = _manifest_repos(_read_member(tar, member))
-                    elif member.isfile() and name.parts[0] == "repos" and name.suffix == ".patch":
-                        repo_path = str(PurePosixPath(*name.parts[1:]))[: -len(".patch")]
-                        restored.patches[repo_path] = _read_member(tar, member)
-        except (OSError, tarfile.TarError, ValueError) as error:
-            raise SetupError(f"cannot restore {restore_file}: {error}") from None
-        self.note(f"restored {path} ({len(restored.repos)} repos)")
-        return restored
-
     def apply(self, checkout: Checkout, patch: bytes) -> None:
         """Replay a restored patch onto a fresh clone."""
         if not patch.strip():
@@ -565,10 +314,11 @@ class Machine:
             argv += ["--resume", job.resume_session_id]
         if job.json_schema is not None:
             argv += ["--json-schema", json.dumps(job.json_schema)]
-        proc = subprocess.Popen(
+        assert self.sandbox is not None, "the sandbox is made before claude runs"
+        proc = self.sandbox.start_claude(
             argv,
             cwd=cwd,
-            env=self.child_env(),
+            env=self.child_env(keep=CLAUDE_CREDENTIALS),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -620,12 +370,23 @@ class Machine:
         if claude is None:
             return self.fail(EXIT_NO_CLAUDE, "the claude CLI is not on PATH")
         try:
+            self.sandbox = sandbox.Sandbox.make(self.env, job, self.workspace, SECRET_ENV)
+        except sandbox.SandboxUnavailable as error:
+            self.note(f"error: the sandbox cannot start: {error}")
+            body = {"sandbox_unavailable": True}
+            return self.result(
+                sandbox.EXIT_SANDBOX_UNAVAILABLE, None, f"sandbox: {error}", work=body
+            )
+        try:
             self.prepare(job)
         except (SetupError, OSError) as error:
             return self.fail(EXIT_SETUP, f"workspace setup failed: {error}")
         cwd = self.checkouts[0].dir if len(self.checkouts) == 1 else self.workspace
         self.note(f"job {job.id}: running claude in {cwd}")
+        collector = artifacts.start(self, cwd)
         turn, code, problem, work = self.do_work(claude, job, cwd)
+        if collector is not None:
+            collector.send()
         archived = self.send_archive()
         self.say(summary(code, turn.output))
         return self.result(code, turn.output, problem, archived, work, turn.watched)
@@ -669,9 +430,12 @@ class Machine:
                 code, problem = changes.EXIT_PUSH_FAILED, "; ".join(failed)
         return turn, code, problem, work
 
-    def child_env(self) -> dict[str, str]:
-        """The environment of what the job runs (claude, verify): no presigned URL in it."""
-        return {k: v for k, v in self.env.items() if k not in STORE_URLS}
+    def child_env(self, keep: Sequence[str] = ()) -> dict[str, str]:
+        """The environment of what the job runs (claude, verify): no secret of the entrypoint's
+        (presigned URLs, GITHUB_TOKEN, the job's named secrets), nor a Claude credential unless
+        kept (the CLI's own, hidden from its commands by the sandbox)."""
+        hidden = set(SECRET_ENV) | set(self.sandbox.secrets if self.sandbox else ())
+        return {k: v for k, v in self.env.items() if k not in hidden - set(keep)}
 
     def send_archive(self) -> bool:
         """Build the session archive on disk and upload it, unless too big or it cannot be."""
@@ -685,14 +449,9 @@ class Machine:
             return self.upload(ARCHIVE_URL, "session archive", path)
 
 
-@contextmanager
-def _body(body: Path | bytes) -> Iterator[IO[bytes] | bytes]:
-    """An upload's body: the bytes, or the file opened afresh for each try."""
-    if isinstance(body, bytes):
-        yield body
-        return
-    with body.open("rb") as handle:
-        yield handle
+def _now() -> datetime:
+    """The machine's clock, in UTC."""
+    return datetime.now(UTC)
 
 
 def summary(code: int, output: Mapping[str, Any] | None) -> str:
@@ -710,49 +469,6 @@ def summary(code: int, output: Mapping[str, Any] | None) -> str:
         subtype = output.get("subtype")
         line += f" (error: {subtype})" if subtype and subtype != "success" else " (error)"
     return line
-
-
-def _archivable(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    """Keep plain files and directories, never stored credentials; owner details dropped."""
-    if not (info.isfile() or info.isdir()) or info.name.endswith(".credentials.json"):
-        return None
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add an in-memory file to a tar."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _member_name(name: str) -> PurePosixPath | None:
-    """A member's path when it is safely relative, else None."""
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or ".." in pure.parts or not pure.parts or "\\" in name:
-        return None
-    return pure
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    """A regular member's bytes."""
-    handle = tar.extractfile(member)
-    if handle is None:
-        raise tarfile.TarError(f"cannot read {member.name}")
-    with handle:
-        return handle.read()
-
-
-def _manifest_repos(data: bytes) -> list[RepoSpec]:
-    """The repos a session archive's manifest lists, validated like job repos."""
-    manifest = json.loads(data)
-    repos = manifest.get("repos") if isinstance(manifest, dict) else None
-    if not isinstance(repos, list):
-        raise JobError("manifest.json has no 'repos' list")
-    return [_parse_repo(i, item) for i, item in enumerate(repos)]
 
 
 @contextmanager
@@ -776,6 +492,9 @@ def _forward_signals(proc: subprocess.Popen[bytes]) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def main() -> int:
-    """Run the job described by the environment; the return code is the process's exit code."""
+def main(argv: Sequence[str] = ()) -> int:
+    """Run the job described by the environment, or the command job `argv` (one with
+    artifacts, agent/artifacts.py); the return code is the process's exit code."""
+    if argv:
+        return artifacts.run_command(Machine(os.environ), argv)
     return Machine(os.environ).run()

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.entrypoint import Job, Machine
+    from agent.entrypoint import Machine
+    from agent.job import Job
     from agent.watch import Watched
 
 TAIL_LINES = 40
@@ -88,13 +89,13 @@ def tail(text: str, machine: Machine) -> str:
 
 
 def check(machine: Machine, command: Sequence[str], cwd: Path) -> tuple[int, str]:
-    """Run the check in the checkout: its exit code and the tail of its output (both streams).
-
-    Its whole output goes to the machine's log, scrubbed.
+    """Run the check in the checkout, in the job's sandbox: its exit code and the tail of its
+    output (both streams). Its whole output goes to the machine's log, scrubbed.
     """
+    argv = machine.sandbox.check_argv(command, cwd) if machine.sandbox else list(command)
     try:
         proc = subprocess.run(
-            list(command),
+            argv,
             cwd=cwd,
             env=machine.child_env(),
             stdin=subprocess.DEVNULL,
@@ -105,6 +106,8 @@ def check(machine: Machine, command: Sequence[str], cwd: Path) -> tuple[int, str
     except OSError as error:
         return EXIT_NOT_RUN, f"the check could not be started: {error}"
     output = proc.stdout.decode("utf-8", errors="replace")
+    if machine.sandbox and proc.returncode == 1 and output.startswith("bwrap: execvp "):
+        return EXIT_NOT_RUN, f"the check could not be started: {output.strip()}"
     for line in output.splitlines()[-TAIL_LINES:]:
         sys.stderr.write(machine.scrub.text(f"verify: {line}") + "\n")
     sys.stderr.flush()

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from agent.limits import rejected_until
+
 STOP_GRACE_S = 10.0
 """How long a stopped CLI gets to leave after SIGTERM before SIGKILL."""
 TEXT_CHARS = 100
@@ -37,6 +39,8 @@ class Watched:
     """From the init event: known even when the run never reached its result."""
     other: list[str] = field(default_factory=list)
     """Lines that were not JSON events (the CLI's own complaints), for the report."""
+    resets_at: int | None = None
+    """When the API refused the credential for its usage limit: the reset, in epoch seconds."""
 
 
 @dataclass
@@ -100,6 +104,8 @@ def _read(
             progress.last_event = time.monotonic()
         if event.get("type") == "result":
             watched.result = event
+        if (until := rejected_until(event)) is not None:
+            watched.resets_at = until
         if event.get("type") == "system" and event.get("subtype") == "init":
             session = event.get("session_id")
             watched.session_id = session if isinstance(session, str) else None
@@ -122,6 +128,9 @@ def describe(event: dict[str, Any], turns: set[str]) -> list[str]:
         return [
             f"claude: API retry {event.get('attempt')} of {event.get('max_retries')} ({status})"
         ]
+    if (until := rejected_until(event)) is not None:
+        resets = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(until))
+        return [f"claude: usage limit reached, resets at {resets} UTC"]
     message = event.get("message")
     if kind == "assistant" and isinstance(message, dict):
         turns.add(str(message.get("id")))

@@ -19,7 +19,7 @@ With --apps A the batch spreads its jobs over A Fly apps (allowed A creates a se
 --workers W (more than one) the batch runs on W `worker.py` processes instead of one in this
 process, all pacing creates as on real Fly; the batch is submitted once all of them poll.
 With --plain-server the dev server runs as `temporal server start-dev` starts it (no dynamic
-config, as on Temporal Cloud) instead of with the stack's settings (sortie/stack.py).
+config, as on Temporal Cloud) instead of with the stack's settings (client/stack.py).
 --pacing runs the rows that show each app's create rate held for all workers: 150 jobs of 10 s
 over 3 apps, cap 60, 2 worker processes, Fly's limits enforced, on a plain start-dev and on the
 stack's; the last column compares the makespan with what Fly's create rate allows.
@@ -66,13 +66,13 @@ from temporalio.runtime import (
     TelemetryFilter,
 )
 
+from activities.secrets import SecretStore
+from client import batches
+from client.stack import DevServer, LocalS3
 from fly import FlyClient, FlySettings, FlyToken, InitConfig, MachineConfig, RestartConfig
 from localfly.process import LocalFlyProcess
-from sortie import batches
-from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import parse_batch
-from sortie.stack import DevServer, LocalS3
 from worker import build_worker
 
 STANDARD = [(100, 10, 2.0), (1000, 100, 5.0)]
@@ -121,7 +121,7 @@ class Row(BaseModel):
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
     server: str = "the stack's dev server"
-    """Which Temporal server: the stack's (sortie/stack.py) or a plain `start-dev`."""
+    """Which Temporal server: the stack's (client/stack.py) or a plain `start-dev`."""
     creates_s: tuple[float, float] | None = None
     """When the first and the last machine were created, in seconds after the batches were
     submitted: the makespan is submit-to-first + creating + last job's run + its end."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import itertools
 import logging
 import math
@@ -21,14 +20,13 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import quote, unquote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from fly.exceptions import (
-    FlyAPIError,
     FlyConfigError,
     FlyError,
     FlyNotFound,
@@ -49,13 +47,13 @@ from fly.models import (
     go_duration,
 )
 from fly.ratelimit import RateLimiter
+from fly.responses import parse_body, retry_after, unexpected_body
 from fly.settings import FlySettings, FlyToken
 
 __all__ = ["FlyClient"]
 
 logger = logging.getLogger("fly")
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 WAIT_MAX_S = 60
 """Fly rejects wait timeouts above 60 s (and below 1 s)."""
@@ -201,7 +199,7 @@ class FlyClient:
         response = await self._send(
             "create", app, "POST", f"/v1/apps/{_seg(app)}/machines", json=body.to_api()
         )
-        machine = _parse(Machine, response)
+        machine = parse_body(Machine, response)
         metadata = dict(config.metadata or {})
         self._tell(FlyEvent("created", "create", app, response.status_code, machine.id, metadata))
         return machine
@@ -209,12 +207,12 @@ class FlyClient:
     async def get_app(self, app: str) -> App:
         """The app, or FlyAppNotFound when Fly has no such app (or the token may not see it)."""
         response = await self._send("app", app, "GET", f"/v1/apps/{_seg(app)}")
-        return _parse(App, response)
+        return parse_body(App, response)
 
     async def get_machine(self, app: str, machine_id: str) -> Machine:
         """The machine's current state, config and events (destroyed ones linger a while)."""
         response = await self._send("get", machine_id, "GET", _machine_path(app, machine_id))
-        return _parse(Machine, response)
+        return parse_body(Machine, response)
 
     async def list_machines(
         self,
@@ -241,7 +239,7 @@ class FlyClient:
         try:
             return _MACHINES.validate_json(response.content)
         except ValidationError as error:
-            raise _unexpected_body(response, error) from None
+            raise unexpected_body(response, error) from None
 
     async def find_machine(
         self,
@@ -293,7 +291,7 @@ class FlyClient:
         )
         if not response.content.strip():
             return WaitResult()
-        return _parse(WaitResult, response)
+        return parse_body(WaitResult, response)
 
     async def wait_for_state(
         self,
@@ -390,7 +388,7 @@ class FlyClient:
             params=params,
             base=self._logs,
         )
-        return _parse(LogsResponse, response).page()
+        return parse_body(LogsResponse, response).page()
 
     async def iter_logs(
         self, app: str, machine_id: str, *, next_token: str = LOGS_FROM_START
@@ -466,7 +464,7 @@ class FlyClient:
             path=path,
             request_id=response.headers.get("fly-request-id"),
             retryable=True if status == 408 else None,
-            retry_after=_retry_after(response.headers.get("retry-after")),
+            retry_after=retry_after(response.headers.get("retry-after")),
         )
 
 
@@ -490,40 +488,3 @@ def _seg(value: str) -> str:
 
 def _machine_path(app: str, machine_id: str) -> str:
     return f"/v1/apps/{_seg(app)}/machines/{_seg(machine_id)}"
-
-
-def _parse(model: type[ModelT], response: httpx.Response) -> ModelT:
-    """Validate a success body against its model, or fail as a (retryable) API oddity."""
-    try:
-        return model.model_validate_json(response.content)
-    except ValidationError as error:
-        raise _unexpected_body(response, error) from None
-
-
-def _unexpected_body(response: httpx.Response, error: ValidationError) -> FlyAPIError:
-    """A 2xx whose body does not parse: likely a proxy or a partial response; retry may help."""
-    return FlyAPIError(
-        status_code=response.status_code,
-        error_text=f"unexpected response body ({error.error_count()} validation errors)",
-        method=response.request.method,
-        path=response.request.url.path,
-        request_id=response.headers.get("fly-request-id"),
-        retryable=True,
-    )
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -82,6 +82,8 @@ class FaultConfig(_Config):
     missing_apps: list[str] = []
     """Apps that answer 404 as if they did not exist (every other valid name is an app)."""
     boot_delay_s: float = 0.05
+    memory_poll_s: float = Field(default=0.2, ge=0)
+    """How often the OOM killer looks at each machine's resident memory; 0 turns it off."""
     destroyed_visible_s: float = 2.0
     """How long a destroyed machine still answers GET and lists (then 404). Fly documents no
     such time; kept short so that no outcome can lean on it: a retry after a crash or a

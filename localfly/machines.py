@@ -5,7 +5,9 @@ the FLY_* variables a real machine sees) as its whole environment: nothing of lo
 environment leaks in. The command is `config.init.exec`, or the image's mapped command (or
 `init.entrypoint`) followed by `init.cmd`. An image with no mapping and no `init.exec` cannot
 run, as an unpullable image cannot: the machine goes to `failed` with a `launch`/`failed` event
-and no exit event. Destroying a machine kills its whole process group.
+and no exit event. Destroying a machine kills its whole process group. A machine whose processes
+hold more resident memory than its `guest.memory_mb` is OOM-killed as Fly's kernel would: SIGKILL,
+an "Out of memory" log line, an exit event with `oom_killed: true` (`Fleet.watch_memory`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from typing import Any
 
 from localfly.faults import Faults
 
+DEFAULT_MEMORY_MB = 256
+"""A machine's memory when its config names no `guest.memory_mb`, as on Fly."""
+PAGE = os.sysconf("SC_PAGE_SIZE")
 WITHHELD = ("SORTIE_REPORT_URL", "SORTIE_ARCHIVE_URL")
 """What the `withhold_report` fault keeps from a machine: where its agent would upload."""
 
@@ -109,8 +114,16 @@ class Machine:
     restart_count: int = 0
     stop_requested: bool = False
     killed_for_oom: bool = False
+    peak_rss_mb: int = 0
+    """The most resident memory its processes held together at one look."""
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     task: asyncio.Task[None] | None = None
+
+    @property
+    def memory_mb(self) -> int:
+        """The memory its config gives it."""
+        guest = self.config.get("guest") or {}
+        return int(guest.get("memory_mb") or DEFAULT_MEMORY_MB)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -176,6 +189,8 @@ class Fleet:
         self.logs: dict[str, list[LogLine]] = {}
         self.max_live: dict[str, int] = {}
         self.created_count: dict[str, int] = {}
+        self.running: dict[int, Machine] = {}
+        """Machines whose process runs, by its process group id: what the OOM killer watches."""
 
     # -------------------------------------------------------------- queries
 
@@ -328,7 +343,12 @@ class Fleet:
             await self.set_state(machine, "started")
             if machine.fault == "oom":
                 self._oom_kill(machine)
-            code = await self._wait_process(machine)
+            group = machine.process.pid
+            self.running[group] = machine
+            try:
+                code = await self._wait_process(machine)
+            finally:
+                self.running.pop(group, None)
             if machine.killed_for_oom:
                 code = -signal.SIGKILL
             if machine.state in ("destroying", "destroyed"):
@@ -357,6 +377,29 @@ class Fleet:
         lines = self.logs.setdefault(machine.app, [])
         nanos = max(time.time_ns(), lines[-1].nanos + 1) if lines else time.time_ns()
         lines.append(LogLine(nanos, message, level, machine.id, machine.region))
+
+    async def watch_memory(self) -> None:
+        """The kernel's OOM killer: every `memory_poll_s`, a machine whose processes together
+        hold more resident memory than its `memory_mb` is killed for it."""
+        while True:
+            every = self.faults.config.memory_poll_s
+            await asyncio.sleep(every or 1.0)
+            if not every or not self.running:
+                continue
+            resident = await asyncio.to_thread(resident_by_group, set(self.running))
+            for group, size in resident.items():
+                machine = self.running.get(group)
+                if machine is None or machine.killed_for_oom:
+                    continue
+                machine.peak_rss_mb = max(machine.peak_rss_mb, size >> 20)
+                if size > machine.memory_mb << 20:
+                    self._log(
+                        machine,
+                        f"Out of memory: Killed process {group} (anon-rss:{size >> 10}kB, "
+                        f"memory_mb {machine.memory_mb})",
+                        "error",
+                    )
+                    self._oom_kill(machine)
 
     def _oom_kill(self, machine: Machine) -> None:
         """The kernel's OOM killer: SIGKILL, recorded as oom_killed even for a quick process."""
@@ -446,6 +489,23 @@ class Fleet:
                     kill_group(machine.process.pid, signal.SIGKILL)
                 if machine.workspace is not None:
                     shutil.rmtree(machine.workspace, ignore_errors=True)
+
+
+def resident_by_group(groups: set[int]) -> dict[int, int]:
+    """Resident bytes of every process in `groups`, summed by process group (from /proc)."""
+    sizes: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        group, pages = int(fields[2]), int(fields[21])
+        if group in groups:
+            sizes[group] = sizes.get(group, 0) + pages * PAGE
+    return sizes
 
 
 def kill_group(pid: int, signum: int) -> None:

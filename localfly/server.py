@@ -82,6 +82,7 @@ class LocalFly:
         self.fleet = Fleet(self.faults, images or {})
         self.token = token
         self.apps = apps
+        self._oom_killer: asyncio.Task[None] | None = None
         self.calls: dict[str, Counter[str]] = {}
         self.statuses: dict[str, Counter[str]] = {}
         self.rate_limited: Counter[str] = Counter()
@@ -113,10 +114,16 @@ class LocalFly:
         r.add_post(base + "/{id}/metadata/{key}", self.set_metadata_key)
         r.add_delete(base + "/{id}/metadata/{key}", self.delete_metadata_key)
         r.add_get("/api/v1/apps/{app}/logs", self.logs)
+        app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
         return app
 
+    async def _startup(self, _: web.Application) -> None:
+        self._oom_killer = asyncio.create_task(self.fleet.watch_memory())
+
     async def _shutdown(self, _: web.Application) -> None:
+        if self._oom_killer is not None:
+            self._oom_killer.cancel()
         self.fleet.kill_everything()
 
     # -------------------------------------------------------------- middleware
@@ -255,6 +262,8 @@ class LocalFly:
                     "created_at": rfc3339(m.created, precise=True),
                     "destroyed_at": rfc3339(m.destroyed, precise=True) if m.destroyed else None,
                     "pid": m.process.pid if m.process else None,
+                    "memory_mb": m.memory_mb,
+                    "peak_rss_mb": m.peak_rss_mb,
                 }
                 for m in machines
             ]

@@ -9,16 +9,25 @@ failed, by one table from what the CLI reports to an error kind (ERRORS).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
+from sortie.fields import branch_name
 from sortie.models import CREDENTIALS_RESTING as RESTING_KIND
 from sortie.models import Changes, Iteration, Pushed
-from sortie.spec import Job, branch_name
+from sortie.spec import Job, Network
 
 PREVIEW_CHARS = 2000
 """How much of an answer history keeps; the whole answer goes to the object store."""
@@ -40,6 +49,9 @@ class ErrorKind(StrEnum):
     """Claude finished, but the job's `verify` check still failed after its last iteration."""
     PUSH_FAILED = "push_failed"
     """Claude finished (and the check passed), but the branch could not be pushed."""
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    """The machine could not start Claude Code's sandbox: the agent never ran (a machine
+    failure: the job runs again on a new machine)."""
     CREDENTIALS_RESTING = RESTING_KIND
     """Not Claude's answer: every credential was resting, so no machine was created."""
     OTHER = "other"
@@ -69,7 +81,14 @@ ERRORS = (
     ErrorRule(
         ErrorKind.RATE_LIMIT,
         statuses=(429,),
-        markers=("rate_limit", "rate limit", "request rejected (429)", "api error: 429"),
+        markers=(
+            "rate_limit",
+            "rate limit",
+            "request rejected (429)",
+            "api error: 429",
+            "usage limit reached",
+            "you've hit your",
+        ),
     ),
     ErrorRule(
         ErrorKind.OVERLOADED,
@@ -182,6 +201,17 @@ class RepoPush(BaseModel):
     error: str | None = None
 
 
+def _a_time_or_none(value: object, handler: ValidatorFunctionWrapHandler) -> datetime | None:
+    """A time the report names (epoch seconds or ISO 8601, in UTC), or None for anything else."""
+    try:
+        moment = handler(value)
+    except ValidationError:
+        return None
+    if not isinstance(moment, datetime):
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class AgentReport(BaseModel):
     """The entrypoint's report, as it uploaded it."""
 
@@ -198,10 +228,15 @@ class AgentReport(BaseModel):
     changes_uploaded: bool = False
     push: list[RepoPush] = Field(default_factory=list)
 
+    resets_at: Annotated[datetime | None, WrapValidator(_a_time_or_none)] = None
+    """When the refused credential's usage limit resets, as the agent read it from the CLI:
+    a time or nothing (anything else is dropped, never kept as text)."""
     stalled: bool = False
     """The stall watchdog stopped the CLI: no event for the job's `stall_timeout`."""
     session_id: str | None = None
     """A stalled run's session (from the CLI's first event): it has no result to name it."""
+    sandbox_unavailable: bool = False
+    """The sandbox could not start on the machine: the agent never ran."""
 
     @classmethod
     def parse(cls, payload: bytes) -> AgentReport:
@@ -215,6 +250,8 @@ class AgentReport(BaseModel):
         """None when Claude answered; else why it did not."""
         if self.stalled:
             return ErrorKind.STALLED
+        if self.sandbox_unavailable:
+            return ErrorKind.SANDBOX_UNAVAILABLE
         cli = self.claude
         if cli is None:
             return ErrorKind.NO_REPORT
@@ -297,4 +334,6 @@ def job_document(
         "push_branch": branch_name(job.push_branch, batch_id, job.id) if job.push_branch else None,
         "json_schema": None if resume_session_id else job.json_schema,
         "stall_timeout_s": job.stall_timeout_s or None,
+        "network": job.network.allow if isinstance(job.network, Network) else None,
+        "secrets": job.secrets,
     }

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sortie.artifacts import Artifacts
+
 
 class StrictModel(BaseModel):
     """A model that refuses unknown fields: a typo in a payload is an error, not a default."""
@@ -71,7 +73,7 @@ class Counts(StrictModel):
     cost_usd: float = 0.0
     num_turns: int = 0
     credentials_resting: int = 0
-    """Failed jobs (among `failed`) that found every Claude credential resting: no machine."""
+    """Jobs waiting (among `pending`) for a Claude credential's rest to end: no machine yet."""
 
     @property
     def done(self) -> int:
@@ -84,6 +86,15 @@ class Counts(StrictModel):
         Web UI details after every report, over every chunk."""
         return cls(**{name: sum(getattr(c, name) for c in many) for name in cls.model_fields})
 
+    def cut_short(self) -> Counts:
+        """The counts of a chunk that ended with no result (failed, terminated): every job
+        not final counted as cancelled, no machine alive."""
+        unfinished = self.pending + self.running
+        cancelled = self.cancelled + unfinished
+        return self.model_copy(
+            update={"pending": 0, "running": 0, "cancelled": cancelled, "live_machines": 0}
+        )
+
     @classmethod
     def of(cls, results: list[JobResult], live_machines: int = 0) -> Counts:
         """Count job results by state, with what they spent."""
@@ -94,14 +105,14 @@ class Counts(StrictModel):
             match result.state:
                 case JobState.PENDING:
                     counts.pending += 1
+                    if result.error_kind == CREDENTIALS_RESTING:
+                        counts.credentials_resting += 1
                 case JobState.STARTING | JobState.RUNNING:
                     counts.running += 1
                 case JobState.SUCCEEDED:
                     counts.succeeded += 1
                 case JobState.FAILED:
                     counts.failed += 1
-                    if result.error_kind == CREDENTIALS_RESTING:
-                        counts.credentials_resting += 1
                 case JobState.TIMED_OUT:
                     counts.timed_out += 1
                 case JobState.CANCELLED:
@@ -153,6 +164,8 @@ class JobResult(StrictModel):
     """The Fly app of the job's (last) machine."""
     machine_id: str | None = None
     machine_state: str | None = None
+    memory_mb: int | None = None
+    """The memory of the job's (last) machine: more than it asked after an OOM kill."""
     attempts: int = 0
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -179,6 +192,9 @@ class JobResult(StrictModel):
     iterations: list[Iteration] = []
     changes: Changes | None = None
     pushed: Pushed | None = None
+    artifacts: Artifacts | None = None
+    """The files the job's `artifacts` globs named, kept in the object store (`starter.py
+    artifacts`), collected whatever its outcome."""
     followups: list[JobResult] = []
 
     def compact(self) -> JobResult:

@@ -26,23 +26,24 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from activities.reaper_models import ReapInput, ReapOutput
+from sortie.reaper_models import REAPER_WORKFLOW, ReapInput, ReapOutput
 from sortie.settings import Settings
-from workflows.reaper import ReaperWorkflow
 
 log = logging.getLogger("sortie.reaper")
 
 
 async def reap_once(client: Client, settings: Settings, request: ReapInput) -> ReapOutput:
     """Run one sweep on a worker (which holds the Fly token) and return what it found."""
-    return await client.execute_workflow(
-        ReaperWorkflow.run,
+    output: ReapOutput = await client.execute_workflow(
+        REAPER_WORKFLOW,
         request,
+        result_type=ReapOutput,
         id=f"sortie-reap-{request.app}-{secrets.token_hex(4)}",
         task_queue=settings.task_queue,
         static_summary=f"reap orphaned machines in {request.app}"
         + (" (dry run)" if request.dry_run else ""),
     )
+    return output
 
 
 def schedule_id(app: str) -> str:
@@ -68,7 +69,7 @@ async def schedule_reaper(
     sid = sid or schedule_id(request.app)
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
-            ReaperWorkflow.run,
+            REAPER_WORKFLOW,
             request,
             id=sid,
             task_queue=settings.task_queue,
@@ -101,7 +102,7 @@ async def _same(
         return False
     if [i.every for i in current.spec.intervals] != [every] or action.task_queue != task_queue:
         return False
-    if action.workflow != ReaperWorkflow.__name__:
+    if action.workflow != REAPER_WORKFLOW:
         return False
     try:
         args = await client.data_converter.decode(list(action.args), [ReapInput])

@@ -7,7 +7,7 @@ Fly: FLY_API_TOKEN, FLY_API_BASE_URL, FLY_LOGS_BASE_URL, FLY_APP. Sortie's own: 
 SORTIE_UI_URL, SORTIE_LOCALFLY_URL, SORTIE_MAX_CONCURRENT_ACTIVITIES, SORTIE_SHUTDOWN_GRACE,
 SORTIE_STATE_DIR, SORTIE_REAPER (on/off), SORTIE_REAPER_INTERVAL, SORTIE_DEPLOYMENT and
 SORTIE_BUILD_ID (Worker Versioning), SORTIE_FLY_APPS (more apps to poll creates for at start, comma
-separated; sortie/pacing.py). Without FLY_API_TOKEN, Sortie runs offline against localfly.
+separated; activities/pacing.py). Without FLY_API_TOKEN, Sortie runs offline against localfly.
 The object store: AWS's names (sortie.store); without BUCKET_NAME, the stack's loopback S3.
 """
 
@@ -23,7 +23,7 @@ from temporalio.envconfig import ClientConfigProfile
 from temporalio.worker import WorkerDeploymentConfig
 
 from fly import FlySettings, FlyToken
-from sortie.spec import parse_duration
+from sortie.fields import parse_duration
 from sortie.store import ObjectStore, StoreSettings, shared_store
 
 LOCALFLY_URL = "http://127.0.0.1:4280"

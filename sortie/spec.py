@@ -16,159 +16,41 @@ from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import yaml
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
-APP_PATTERN = r"^[a-z0-9][a-z0-9-]{0,61}$"
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
-SECRET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^(\d+)\s*(mb|m|mib|gb|g|gib)?$", re.IGNORECASE)
-
-
-class BatchFileError(ValueError):
-    """A batch file that cannot be run; `problems` lists one line per error."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
-
-    def render(self) -> str:
-        """Return a human-readable, multi-line report."""
-        lines = [f"{self.source} is not a valid batch file:"]
-        lines += [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
-
-
-def parse_duration(value: object) -> float:
-    """Parse '30m', '1h30m', '90s', '500ms' or a number of seconds into seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)
-        else:
-            parts = _DURATION_PART.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                raise ValueError(f"invalid duration {value!r} (use e.g. 90s, 30m, 1h30m)")
-            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    else:
-        raise ValueError(f"invalid duration {value!r}")
-    if seconds <= 0:
-        raise ValueError(f"duration must be positive, got {value!r}")
-    return seconds
-
-
-def parse_memory_mb(value: object) -> int:
-    """Parse 4096, '4096mb' or '4gb' into megabytes, a multiple of 256 as Fly requires."""
-    if isinstance(value, bool):
-        raise ValueError(f"invalid memory size {value!r}")
-    if isinstance(value, int):
-        mb = value
-    elif isinstance(value, str) and (m := _SIZE.match(value.strip())):
-        unit = (m.group(2) or "mb").lower()
-        mb = int(m.group(1)) * (1024 if unit.startswith("g") else 1)
-    else:
-        raise ValueError(f"invalid memory size {value!r} (use e.g. 4096, 512mb, 4gb)")
-    if mb < 256 or mb % 256:
-        raise ValueError(f"memory must be a positive multiple of 256 MB, got {value!r}")
-    return mb
-
-
-MAX_ITERATIONS = 10
-"""Most Claude turns a prompt job with `verify` may take to make its check pass."""
-DEFAULT_ITERATIONS = 2
-_BRANCH_FIELDS = re.compile(r"\{([^{}]*)\}")
-_BRANCH = re.compile(r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*/\.)(?!\.)[A-Za-z0-9._/-]+(?<![/.])$")
-
-
-def branch_name(template: str, batch_id: str, job_id: str) -> str:
-    """The git branch a `push_branch` template names for one job: {batch} and {job} filled in."""
-    unknown = sorted({f for f in _BRANCH_FIELDS.findall(template) if f not in ("batch", "job")})
-    if unknown:
-        raise ValueError(f"unknown placeholder {{{unknown[0]}}} (use {{batch}} and {{job}})")
-    name = template.replace("{batch}", batch_id).replace("{job}", job_id)
-    if not _BRANCH.fullmatch(name) or name.endswith(".lock") or name.startswith("-"):
-        raise ValueError(f"{template!r} does not make a valid git branch name")
-    return name
-
-
-def parse_stall_timeout(value: object) -> float:
-    """A stall timeout: a duration, or `off` (YAML's false too), which is 0."""
-    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
-        return 0.0
-    return parse_duration(value)
-
-
-def check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """A JSON Schema (draft 2020-12) the CLI can answer to: an object schema, itself valid."""
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as error:
-        where = "/".join(map(str, error.absolute_path)) or "the schema"
-        raise ValueError(f"not a valid JSON Schema at {where}: {error.message}") from None
-    if schema.get("type") != "object":
-        raise ValueError("must describe an object (`type: object`): Claude answers with one")
-    return schema
-
-
-def _command(value: object) -> object:
-    """Accept a command as an argv list or as one shell string."""
-    if isinstance(value, str):
-        return ["sh", "-c", value]
-    return value
-
-
-FAILURE_RATE_AFTER = 20
-"""`max_failure_rate` counts once this many jobs have finished (succeeded, failed or timed out):
-before that one early failure would already be a rate of 100%."""
-
-
-def parse_percent(value: object) -> float:
-    """Parse '10%', '12.5%' or a number of percent into a percentage in (0, 100]."""
-    text = value.strip().removesuffix("%").strip() if isinstance(value, str) else value
-    try:
-        percent = float(text) if isinstance(text, str | int | float) else None
-    except ValueError:
-        percent = None
-    if isinstance(value, bool) or percent is None or not 0 < percent <= 100:
-        raise ValueError(
-            f"invalid failure rate {value!r}: use a percentage above 0% and at most 100%, "
-            f"e.g. 10% (it counts once {FAILURE_RATE_AFTER} jobs have finished)"
-        )
-    return percent
-
-
-def _off(value: object) -> object:
-    """`storm: off` (YAML's false) or null turns the storm guard off."""
-    return None if value is False else value
-
-
-Seconds = Annotated[float, BeforeValidator(parse_duration)]
-StallSeconds = Annotated[float, BeforeValidator(parse_stall_timeout)]
-JsonSchema = Annotated[dict[str, Any], AfterValidator(check_json_schema)]
-Percent = Annotated[float, BeforeValidator(parse_percent)]
-MemoryMB = Annotated[int, BeforeValidator(parse_memory_mb)]
-Command = Annotated[list[str], BeforeValidator(_command), Field(min_length=1)]
+from sortie import table
+from sortie.artifacts import DEFAULT_MAX_BYTES
+from sortie.fields import (
+    APP_PATTERN,
+    DEFAULT_ITERATIONS,
+    JOB_ID_PATTERN,
+    MAX_ITERATIONS,
+    NAME_PATTERN,
+    SECRET_PATTERN,
+    BatchFileError,
+    Bytes,
+    Command,
+    Glob,
+    JsonSchema,
+    MemoryMB,
+    Percent,
+    Seconds,
+    StallSeconds,
+    _off,
+    branch_name,
+    parse_memory_mb,
+)
 
 
 class _Strict(BaseModel):
@@ -184,6 +66,17 @@ class LogTail(StrEnum):
 
     ON_FAILURE = "on_failure"
     ALWAYS = "always"
+
+
+FLY_MEMORY_PER_CPU = {"shared": 2048, "performance": 8192}
+"""The most memory Fly gives a machine per CPU of each kind, in MB (fly-go's presets)."""
+
+
+class OnOom(StrEnum):
+    """What the retry of an OOM-killed job runs on: twice the memory, or the same size."""
+
+    GROW = "grow"
+    SAME = "same"
 
 
 class Guest(_Strict):
@@ -216,6 +109,21 @@ class Repo(_Strict):
 
 
 RepoField = Annotated[Repo, BeforeValidator(Repo.coerce)]
+
+DOMAIN_PATTERN = r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62}\.)*[A-Za-z0-9-]{1,63}$"
+"""A host name or IP address the agent may reach, `*.` for every subdomain of one."""
+
+
+class Network(_Strict):
+    """Where a prompt job's agent may connect: its commands (through the sandbox's proxy) and
+    WebFetch reach only `allow`, and the hosts of the job's repositories."""
+
+    allow: list[Annotated[str, Field(pattern=DOMAIN_PATTERN)]] = []
+
+
+OPEN = "open"
+"""`network: open`: the allowlist off for a job (the sandbox still confines its writes)."""
+NetworkField = Network | Literal["open"]
 
 
 class JobFields(_Strict):
@@ -251,6 +159,12 @@ class JobFields(_Strict):
     push_branch: str | None = None
     json_schema: JsonSchema | None = None
     stall_timeout: StallSeconds | None = None
+    max_memory: MemoryMB | None = None
+    on_oom: OnOom | None = None
+    artifacts: list[Glob] | None = None
+    """Files to keep from the job's machine, globs relative to its working directory."""
+    artifacts_max: Bytes | None = None
+    network: NetworkField | None = None
 
     @field_validator("push_branch")
     @classmethod
@@ -289,6 +203,7 @@ PROMPT_ONLY = (
     "push_branch",
     "json_schema",
     "stall_timeout",
+    "network",
 )
 """Job fields that only a Claude Code (prompt) job uses."""
 
@@ -327,7 +242,30 @@ def cross_field_problems(jobs: object, defaults: object) -> list[str]:
             for field in PROMPT_ONLY:
                 if job.get(field) is not None:
                     problems.append(f"{where}: {field} is only for prompt jobs")
+        if (problem := _max_memory_problem(job, fallback)) is not None:
+            problems.append(f"{where}: max_memory: {problem}")
     return problems
+
+
+def _max_memory_problem(job: dict[str, Any], defaults: dict[str, Any]) -> str | None:
+    """`max_memory` below the job's memory, or above what Fly allows for its CPUs (values that
+    do not parse are the field validation's to report)."""
+    given = (
+        job.get("max_memory") if job.get("max_memory") is not None else defaults.get("max_memory")
+    )
+    guest = job.get("guest") if job.get("guest") is not None else defaults.get("guest")
+    try:
+        guest = Guest.model_validate(guest if guest is not None else {})
+        most = parse_memory_mb(given) if given is not None else None
+    except (ValidationError, ValueError):
+        return None
+    fly_most = FLY_MEMORY_PER_CPU[guest.cpu_kind] * guest.cpus
+    if most is not None and most < guest.memory_mb:
+        return f"{most} MB is below the job's memory_mb ({guest.memory_mb} MB)"
+    if most is not None and most > fly_most:
+        cpus = f"{guest.cpus} {guest.cpu_kind} CPU{'s' * (guest.cpus > 1)}"
+        return f"{most} MB is more than Fly gives {cpus} ({fly_most} MB)"
+    return None
 
 
 DEFAULT_IMAGE = "registry.fly.io/sortie-agent:latest"
@@ -338,24 +276,25 @@ DEFAULT_STALL_TIMEOUT_S = 10 * 60.0
 
 
 class Job(_Strict):
-    """A job with the batch defaults applied: what a chunk runs."""
+    """A job with the batch defaults applied: what a chunk runs (mutable defaults are factories:
+    pydantic deep-copies a literal `[]` or `Guest()` per job, slow on 10,000 jobs)."""
 
     id: str
     index: int
     command: list[str] | None = None
     prompt: str | None = None
-    repos: list[Repo] = []
+    repos: list[Repo] = Field(default_factory=list)
     image: str = DEFAULT_IMAGE
     region: str | None = None
-    guest: Guest = Guest()
+    guest: Guest = Field(default_factory=Guest)
     timeout_s: float = DEFAULT_TIMEOUT_S
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
     retries: int = DEFAULT_RETRIES
-    env: dict[str, str] = {}
-    secrets: list[str] = []
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list)
     model: str | None = None
     max_turns: int | None = None
-    allowed_tools: list[str] = []
+    allowed_tools: list[str] = Field(default_factory=list)
     max_cost_usd: float | None = None
     log_tail: LogTail = LogTail.ON_FAILURE
     verify: list[str] | None = None
@@ -364,6 +303,31 @@ class Job(_Strict):
     json_schema: dict[str, Any] | None = None
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     """0 is off: the CLI may go quiet as long as the job's timeout allows."""
+    max_memory_mb: int | None = None
+    on_oom: OnOom = OnOom.GROW
+    artifacts: list[str] = Field(default_factory=list)
+    artifacts_max_bytes: int = DEFAULT_MAX_BYTES
+
+    def memory_after_oom(self, memory_mb: int) -> int:
+        """The memory of the retry of an attempt OOM-killed at `memory_mb`: twice it, up to
+        `max_memory` (by default four times the job's, within what Fly gives its CPUs)."""
+        if self.on_oom is OnOom.SAME:
+            return memory_mb
+        guest = self.guest
+        most = self.max_memory_mb or min(
+            4 * guest.memory_mb, FLY_MEMORY_PER_CPU[guest.cpu_kind] * guest.cpus
+        )
+        return max(memory_mb, min(2 * memory_mb, most))
+
+    def sized(self, memory_mb: int) -> Job:
+        """The job on a machine of `memory_mb`."""
+        if memory_mb == self.guest.memory_mb:
+            return self
+        guest = self.guest.model_copy(update={"memory_mb": memory_mb})
+        return self.model_copy(update={"guest": guest})
+
+    network: NetworkField = Network()
+    """Nothing beyond the repositories' hosts unless the batch file allows it."""
 
 
 MAX_APPS = 20
@@ -538,6 +502,15 @@ class BatchSpec(_Strict):
             names.update(job.secrets or [])
         return sorted(names | set(self.notify.secret_names() if self.notify else []))
 
+    def open_network(self) -> list[str]:
+        """The prompt jobs whose agent may connect anywhere (`network: open`): a warning."""
+        return [
+            job.id
+            for job in self.jobs
+            if (job.prompt or self.defaults.prompt)
+            and (job.network if job.network is not None else self.defaults.network) == OPEN
+        ]
+
     def fingerprint(self) -> str:
         """A short stable hash of the batch's content: the same file gives the same batch id."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -568,6 +541,8 @@ _JOB_NAMES = {
     "timeout": "timeout_s",
     "boot_timeout": "boot_timeout_s",
     "stall_timeout": "stall_timeout_s",
+    "max_memory": "max_memory_mb",
+    "artifacts_max": "artifacts_max_bytes",
 }
 
 
@@ -616,6 +591,37 @@ def parse_batch(data: object, source: str = "batch") -> BatchSpec:
         raise BatchFileError(source, problems) from None
 
 
+_JOBS_FROM = TypeAdapter(list[table.JobsFrom])
+
+
+def expand_tables(data: dict[str, Any], base: Path, source: str) -> BatchSpec:
+    """Validate a batch whose `jobs_from` makes jobs: every problem of the tables and of the
+    jobs they made reported at once, a made job's by its file and line."""
+    raw = data["jobs_from"]
+    written = data.get("jobs") or []
+    rest = {key: value for key, value in data.items() if key != "jobs_from"}
+    try:
+        sources = _JOBS_FROM.validate_python(raw if isinstance(raw, list) else [raw])
+    except ValidationError as error:
+        problems = [
+            f"jobs_from{table.at(item['loc'])}: {table.message(item)}" for item in error.errors()
+        ]
+        raise BatchFileError(source, problems) from None
+    made = table.expand(sources, base, written if isinstance(written, list) else [])
+    offset = len(written) if isinstance(written, list) else 0
+    problems = made.report()
+    try:
+        spec = parse_batch({**rest, "jobs": [*written, *made.jobs]}, source)
+    except BatchFileError as error:
+        shown = error.problems
+        if problems and shown == ["jobs: the batch has no jobs"]:
+            shown = []
+        problems += table.locate(shown, made.origins, offset)
+    if problems:
+        raise BatchFileError(source, problems)
+    return spec
+
+
 def load_batch_file(path: str | Path) -> BatchSpec:
     """Read and validate a YAML or JSON batch file, which must be UTF-8 text."""
     path = Path(path)
@@ -636,4 +642,6 @@ def load_batch_file(path: str | Path) -> BatchSpec:
         data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise BatchFileError(str(path), [f"not valid {kind}: {error}"]) from None
+    if isinstance(data, dict) and data.get("jobs_from") is not None:
+        return expand_tables(data, path.parent, str(path))
     return parse_batch(data, str(path))

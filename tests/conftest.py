@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from activities.secrets import SecretStore
+from client.stack import MATCHING_CONFIG, LocalS3
 from fly import FlyClient, FlySettings, FlyToken
 from sortie.codec import data_converter
 from sortie.labels import BATCH_ID
-from sortie.secrets import SecretStore
 from sortie.settings import Settings
-from sortie.stack import MATCHING_CONFIG, LocalS3
 from sortie.store import close_shared
 from tests.helpers.anthropic_api import AnthropicApi
 from tests.helpers.stack import (
@@ -131,10 +131,11 @@ def claude_localfly(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalF
 
 
 @pytest.fixture
-def claude_credentials(request: pytest.FixtureRequest) -> dict[str, int | None]:
-    """The worker's API keys for the real CLI, each with the HTTP status the fake API refuses
-    it with (None: it answers); one that answers unless the test says otherwise (indirect)."""
-    given: dict[str, int | None] | None = getattr(request, "param", None)
+def claude_credentials(request: pytest.FixtureRequest) -> dict[str, int | str | None]:
+    """The worker's credentials for the real CLI (API keys or OAuth tokens), each with the HTTP
+    status the fake API refuses it with (None: it answers; a string: the key of a usage limit,
+    see AnthropicApi.limited_url); one that answers unless the test says otherwise (indirect)."""
+    given: dict[str, int | str | None] | None = getattr(request, "param", None)
     return given or {"ANTHROPIC_API_KEY": None}
 
 
@@ -143,16 +144,20 @@ async def claude_code(
     temporal: WorkflowEnvironment,
     claude_localfly: LocalFlyProcess,
     anthropic_api: AnthropicApi,
-    claude_credentials: dict[str, int | None],
+    claude_credentials: dict[str, int | str | None],
     tmp_path: Path,
 ) -> AsyncIterator[Sortie]:
     """A worker whose prompt jobs run the real CLI on localfly machines, against the fake API:
     each credential's ANTHROPIC_BASE_URL_n points at it."""
     env: dict[str, str] = {}
     for name, status in claude_credentials.items():
-        env[name] = f"sk-ant-api03-test-{uuid.uuid4().hex}"
-        env[f"ANTHROPIC_BASE_URL{name.removeprefix('ANTHROPIC_API_KEY')}"] = anthropic_api.base_url(
-            status
+        oauth = name.startswith("CLAUDE_CODE_OAUTH_TOKEN")
+        env[name] = f"sk-ant-{'oat01' if oauth else 'api03'}-test-{uuid.uuid4().hex}"
+        number = name.removeprefix("CLAUDE_CODE_OAUTH_TOKEN").removeprefix("ANTHROPIC_API_KEY")
+        env[f"ANTHROPIC_BASE_URL{number}"] = (
+            anthropic_api.limited_url(status)
+            if isinstance(status, str)
+            else anthropic_api.base_url(status)
         )
     host, port = temporal.client.service_client.config.target_host.rsplit(":", 1)
     settings = Settings(
@@ -168,7 +173,7 @@ async def claude_code(
         FlyClient.open(fly_settings, FlyToken("localfly-test")) as fly,
         running_worker(temporal.client, settings, fly, SecretStore(env)),
     ):
-        yield Sortie(temporal.client, settings, claude_localfly, fly, anthropic_api)
+        yield Sortie(temporal.client, settings, claude_localfly, fly, anthropic_api, env)
 
 
 @pytest.fixture

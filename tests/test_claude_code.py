@@ -9,16 +9,19 @@ messages, its result object) is its own.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sortie import batches
+from client import batches, render
 from sortie.claude import CLI_ENV
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.anthropic_api import ANSWER
@@ -309,3 +312,56 @@ async def test_a_verify_loop_spends_the_batch_budget_as_it_happens(
     assert loop.cost_usd == pytest.approx(sum(i.cost_usd for i in loop.iterations))
     assert report.cost_usd == pytest.approx(sum(r.cost_usd or 0 for r in report.results))
     assert loop.iterations[0].cost_usd <= paused.counts.cost_usd < report.cost_usd
+
+
+@pytest.mark.parametrize(
+    "claude_credentials",
+    [{"CLAUDE_CODE_OAUTH_TOKEN": "limit-one", "CLAUDE_CODE_OAUTH_TOKEN_2": "limit-two"}],
+    indirect=True,
+)
+async def test_every_credential_refused_until_a_reset_pauses_the_batch_until_then(
+    claude_code: Sortie, app_name: str
+) -> None:
+    # Both subscriptions hit their usage limit, which resets 30 s from now: the real CLI says so
+    # (a `rate_limit_event` and "resets …"), each credential rests until then, the batch pauses
+    # by itself and resumes by itself at the reset, with no `auto_resume_after`.
+    fake, tag = api(claude_code), uuid.uuid4().hex
+    reset = int(time.time()) + 30
+    fake.limit("limit-one", reset)
+    fake.limit("limit-two", reset)
+    jobs = [{"id": f"ask{i}", "prompt": f"{tag} question {i}"} for i in range(3)]
+    spec = claude_spec(app_name, jobs, max_machines=2, defaults={"retries": 2})
+    assert spec.storm is not None and spec.storm.auto_resume_after is None
+    submitted = await batches.submit(claude_code.client, claude_code.settings, spec)
+    handle = batches.batch_handle(claude_code.client, submitted.batch_id)
+
+    async def paused() -> str | None:
+        progress = await handle.query(BatchWorkflow.progress)
+        return progress.pause_reason if progress.paused else None
+
+    reason = await eventually(paused, timeout=60, what="the pause for the resting credentials")
+    paused_at = time.time()
+    until = datetime.fromtimestamp(reset, UTC)
+    assert f"every Claude credential is resting until {until:%H:%M:%S} UTC" in reason, reason
+    assert "resumes by itself" in reason
+    # What `status` prints (in-process: a command line started now might see the batch resumed).
+    shown = render.progress_lines(
+        batches.view(await batches.progress(claude_code.client, submitted.batch_id))
+    )
+    assert f"until {until:%H:%M:%S} UTC" in shown[0], shown
+    await asyncio.wait_for(handle.result(), timeout=180)
+
+    report = await batches.results(claude_code.client, submitted.batch_id)
+    assert [r.state for r in report.results] == ["succeeded"] * 3, [r.error for r in report.results]
+    refused = [c for c in fake.calls if tag in c.text and c.status == 429]
+    answered = [c for c in fake.calls if tag in c.text and c.status == 200]
+    assert refused and all(c.at < reset for c in refused), "refused only before the reset"
+    assert answered and all(c.at >= reset for c in answered)
+    made = [
+        datetime.fromisoformat(m["created_at"]).timestamp()
+        for m in claude_code.localfly.machines(app_name)
+    ]
+    assert not [t for t in made if paused_at < t < reset], "no machine while every one rests"
+    resumed = min(t for t in made if t >= reset)
+    assert resumed - reset < 10, f"the batch resumed {resumed - reset:.1f}s after the reset"
+    print(f"resumed {resumed - reset:.2f}s after the reset; {len(made)} machines")

@@ -17,9 +17,10 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from activities import reaper as reaper_activities
-from activities.reaper_models import ReapInput
-from sortie import batches, reaping
+from client import batches
+from sortie import reaping
 from sortie.claude import PREVIEW_CHARS
+from sortie.reaper_models import ReapInput
 from sortie.spec import BatchSpec, parse_batch
 from sortie.store import REPORTS, session_prefix
 from tests.helpers.batches import git_repo, settings_for

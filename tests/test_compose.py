@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sortie.stack import MATCHING_CONFIG
+from client.stack import MATCHING_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = re.compile(r"\b((?:sortie|temporal)_[a-z_]+)")

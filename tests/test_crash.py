@@ -19,8 +19,8 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
-from sortie.stack import DevServer
+from client import batches
+from client.stack import DevServer
 from tests.helpers.batches import TUNING, check_exactly_once, settings_for, spec_for
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.waiting import eventually

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from activities.machines import CALL_TRIES
-from sortie import batches
+from activities.fly_calls import CALL_TRIES
+from client import batches
 from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
-from sortie import batches
+from client import batches
 from sortie.models import Tuning
 from sortie.spec import parse_batch
 from tests.helpers.history import assert_no_create_while_paused
@@ -161,8 +161,7 @@ async def test_every_credential_answering_429_pauses_the_batch_and_no_machine_st
     assert progress.pause_reason is not None
     assert progress.pause_reason is not None
     reason = progress.pause_reason.split(";")[0]
-    assert reason in (
-        "storm: every Claude credential is resting",
+    assert reason.startswith("storm: every Claude credential is resting until ") or reason in (
         "storm: 3 errors within 5m (3 Claude rate limit)",
         "storm: 4 errors within 5m (4 Claude rate limit)",
     ), progress.pause_reason

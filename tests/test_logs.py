@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sortie import batches
+from client import batches
 from sortie.spec import load_batch_file
 from tests.helpers.cli import batch_file, cli, cli_env
 from tests.helpers.history import decoded_payloads

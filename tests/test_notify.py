@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.spec import parse_batch
 from tests.helpers.batches import TUNING, settings_for, spec_for
 from tests.helpers.history import decoded_payloads

@@ -1,7 +1,7 @@
 """`starter.py retry` and `results --latest`: run again only what did not succeed, end to end.
 
 Each command line run costs a second or more of interpreter start on a loaded machine, so the
-commands whose output is the point run as processes, and the rest through `sortie.batches`.
+commands whose output is the point run as processes, and the rest through `client.batches`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from temporalio.service import RPCError
 
-from sortie import batches
+from client import batches
 from sortie.labels import META_BATCH, META_JOB
 from sortie.models import JobState
 from sortie.spec import load_batch_file

@@ -22,7 +22,7 @@ from google.protobuf.json_format import MessageToJson
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.spec import parse_batch
 from tests.helpers.batches import git_repo, settings_for
 from tests.helpers.history import decoded_payloads, every_run
@@ -64,7 +64,12 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
             "max_machines": 4,
             "defaults": {"timeout": "2m", "secrets": ["GITHUB_TOKEN"], "log_tail": "always"},
             "jobs": [
-                {"id": "review", "prompt": "Review it [[write:out.txt]]", "repos": [str(repo)]},
+                {
+                    "id": "review",
+                    "prompt": "Review it [[write:out.txt]]",
+                    "repos": [str(repo)],
+                    "artifacts": ["out.txt"],
+                },
                 {"id": "second", "prompt": "And again [[long:5000]]"},
                 # Checks its work with the token in its env, and pushes with it.
                 {
@@ -77,7 +82,12 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
                 {"id": "refused", "prompt": "Try [[auth]]", "retries": 1},
                 # A job that prints its secrets: the log tail must come back scrubbed. It runs
                 # long enough to be read while it runs (heartbeats, pending activities).
-                {"id": "leaky", "command": "echo token=$GITHUB_TOKEN; env | sort; sleep 4"},
+                # Keeps artifacts: their presigned URLs never reach what it runs, nor history.
+                {
+                    "id": "leaky",
+                    "command": "echo token=$GITHUB_TOKEN | tee t.txt; env | sort; sleep 4",
+                    "artifacts": ["*.txt"],
+                },
             ],
         }
     )
@@ -99,6 +109,9 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     leaky = report.results[4]
     assert leaky.state == "succeeded" and "token=[redacted]" in leaky.log_tail
     assert any(line.startswith("GITHUB_TOKEN=[redacted]") for line in leaky.log_tail)
+    assert leaky.artifacts is not None and not leaky.artifacts.count, "t.txt holds the token"
+    assert leaky.artifacts.left_out_count == 1
+    assert report.results[0].artifacts and report.results[0].artifacts.count == 1
     assert report.results[0].state == "succeeded" and report.results[0].session_id
     pushed = report.results[2]
     assert pushed.state == "succeeded" and pushed.pushed is not None, pushed.error
@@ -115,7 +128,7 @@ async def test_no_secret_value_in_history_ui_or_worker_log(
     )
     store = settings.blob_store()
     stored: list[str] = []
-    for prefix in ("answers", "logs", "reports", "sessions", "jobs", "changes"):
+    for prefix in ("answers", "logs", "reports", "sessions", "jobs", "changes", "artifacts"):
         async for item in store.objects(f"{prefix}/{submitted.batch_id}"):
             stored.append(f"{item.key} {await store.metadata(item.key)}")
             if not item.key.endswith(".tar.gz"):

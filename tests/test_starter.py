@@ -21,7 +21,8 @@ from typing import Any
 import pexpect
 import pytest
 
-from sortie import batches, reaping
+from client import batches
+from sortie import reaping
 from tests.helpers.cli import run_cli as piped
 from tests.helpers.stack import ROOT, Sortie
 from tests.helpers.waiting import eventually
@@ -187,6 +188,21 @@ def test_validate_reports_field_and_cross_field_problems_at_once(tmp_path: Path)
     ]
 
 
+def test_validate_refuses_a_max_memory_fly_does_not_give(tmp_path: Path) -> None:
+    batch = tmp_path / "oom.yaml"
+    batch.write_text(
+        "name: oom\napp: ok\njobs:\n"
+        "  - {id: a, command: 'true', max_memory: 8gb}\n"
+        "  - {id: b, command: 'true', on_oom: twice}\n"
+    )
+    ran = piped(["validate", str(batch)], base_env())
+    assert ran.returncode == 2 and ran.stdout == ""
+    assert ran.stderr.splitlines()[1:] == [
+        "  - job 'b' (jobs[1]): on_oom: Input should be 'grow' or 'same'",
+        "  - job 'a' (jobs[0]): max_memory: 8192 MB is more than Fly gives 1 shared CPU (2048 MB)",
+    ]
+
+
 @pytest.mark.parametrize("command", ["validate", "submit"])
 def test_unreadable_and_non_utf8_files_exit_2(tmp_path: Path, command: str) -> None:
     (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff")
@@ -276,7 +292,7 @@ async def test_steering_reading_and_listing_through_the_cli(
 ) -> None:
     env = sortie_env(sortie)
     # Long enough that none ends while the test steers it, however loaded the machine: cancelled.
-    jobs = [{"id": f"s{i}", "command": "sleep 600"} for i in range(4)]
+    jobs = [{"id": f"s{i}", "command": "sleep 600", "timeout": "30m"} for i in range(4)]
     batch = write_batch(tmp_path / "batch.json", app_name, jobs, max_machines=2, chunk_size=2)
     submitted = await apiped(["submit", str(batch), "--json"], env)
     assert submitted.returncode == 0, submitted.stderr
@@ -463,3 +479,17 @@ async def test_a_prompt_job_whose_report_never_arrives_makes_submit_wait_exit_1(
     assert done.returncode == 1, done.stdout + done.stderr
     assert "0 succeeded, 1 failed" in done.stdout, done.stdout
     assert "report never reached" in done.stdout, "the row says why"
+
+
+def test_validate_warns_of_jobs_whose_network_is_open(tmp_path: Path) -> None:
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(
+        "name: net\napp: my-app\n"
+        "jobs:\n"
+        "  - {id: a, prompt: 'review', network: {allow: [pypi.org]}}\n"
+        "  - {id: b, prompt: 'research', network: open}\n"
+    )
+    ran = piped(["validate", str(batch)], base_env())
+    assert ran.returncode == 0, ran.stderr
+    [warning] = [line for line in ran.stdout.splitlines() if "warning:" in line]
+    assert "network: open for 1 prompt job(s) (b)" in warning

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sortie import batches
+from client import batches
 from tests.helpers.batches import git_repo
 from tests.helpers.cli import cli, cli_env
 from tests.helpers.stack import Sortie

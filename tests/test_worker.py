@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sortie.stack import LocalS3
+from client.stack import LocalS3
 from tests.helpers.stack import ROOT
 from worker import cache_workflow_bytecode
 

@@ -9,7 +9,8 @@ failures or a storm of platform errors say so (workflows/guards.py); continue-as
 the run grows long; when every chunk is done, release the batch's sessions, tell the batch's
 webhook (`notify`: its end, and each pause as it happens) and return counts.
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
-object store: only their counts reach the batch's history. A terminated batch's chunks stop
+object store: only their counts reach the batch's history, in their result, never a signal
+(workflows/chunk_ends.py). A terminated batch's chunks stop
 themselves at their next report, and the reaper destroys what they leave.
 """
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.chunk_models import ChunkEnd
     from activities.machine_models import CheckBatchInput, ReleaseSessionsInput
     from activities.machines import MachineActivities
     from activities.notify import NotifyActivities
@@ -31,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from sortie.models import Counts
     from sortie.pacing import batch_priority
     from sortie.spec import NotifyEvent
-    from workflows import guards, policies, slots
+    from workflows import chunk_ends, guards, policies, slots
     from workflows.batch_models import (
         BatchInput,
         BatchOutput,
@@ -42,7 +45,6 @@ with workflow.unsafe.imports_passed_through():
         FailureLimitRequest,
         MaxCostRequest,
         MaxMachinesRequest,
-        PausedBy,
         PauseRequest,
         Progress,
         Steering,
@@ -53,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
     from workflows.messaging import Delivery, deliver
-    from workflows.reports import report_every
+    from workflows.reports import report_every, report_phase
     from workflows.shielded import complete, evicting
 
 EVENTS_PER_CHUNK = 8
@@ -61,9 +63,12 @@ EVENTS_PER_CHUNK = 8
 task of its own when starts land one by one), completed, its last report (in another)."""
 PASS_BYTES = 1_000_000
 """Chunk input started in one workflow task at most: the task's commands stay far below the
-server's 4 MB message limit (one chunk's input is at most 1 MB, see sortie/batches.py)."""
+server's 4 MB message limit (one chunk's input is at most 1 MB, see
+client/batches/submission.py)."""
 STARTS_AT_ONCE = 50
 """Chunks started in one pass at most, so a run checks its length between passes."""
+END_ROOM = 20
+"""A run keeps 1/20 of `run_events` free for what lands as it gets ready to continue-as-new."""
 
 
 @workflow.defn
@@ -81,12 +86,16 @@ class BatchWorkflow:
         """Chunks whose start is in flight: they cannot be told anything yet."""
         self._pass: asyncio.Task[None] | None = None
         self._notices: list[asyncio.Task[None]] = []
+        self._ends: list[asyncio.Task[None]] = []
+        self._inherited = {c.index for c in self._state.running()}
+        """Chunks a run before this one started: this run cannot hear their results."""
 
     @workflow.run
     async def run(self, input: BatchInput) -> BatchOutput:
         """Drive the chunks until every job is done or cancelled."""
         if input.state is None:
             await self._check_batch(input)
+        watching = asyncio.create_task(self._watch_inherited())
         while not self._state.all_done():
             try:
                 await self._drive()
@@ -105,7 +114,7 @@ class BatchWorkflow:
                     summary="release the batch's session archives",
                 )
             )
-        await asyncio.gather(*self._grants, *self._notices)
+        await asyncio.gather(*self._grants, *self._notices, watching)
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.set_current_details(guards.details(self._state, self._input.every_app()))
         ended = NotifyEvent.CANCELLED if self._state.cancelled else NotifyEvent.COMPLETED
@@ -116,7 +125,7 @@ class BatchWorkflow:
 
     @workflow.signal
     def chunk_report(self, report: ChunkReport) -> None:
-        """A chunk gave back slots, or told how far it is, or that it is done."""
+        """A chunk gave back slots, or told how far it is."""
         chunk = self._state.chunks[report.index]
         chunk.slots -= report.released
         chunk.owed = max(0, chunk.owed - report.released)
@@ -126,11 +135,8 @@ class BatchWorkflow:
             chunk.wants_more = report.wants_more
         if report.errors:
             chunk.errors_seq = max(chunk.errors_seq, report.seq)
-        if report.done:
-            chunk.status = ChunkStatus.DONE
-            chunk.wants_more = False
         self._check_guards()
-        guards.check_storm(self._state, self._input.storm, report.errors)
+        guards.check_storm(self._state, self._input.storm, report.errors, report.resting_until)
         self._changed = True
 
     @workflow.signal
@@ -150,28 +156,13 @@ class BatchWorkflow:
     @workflow.signal
     def set_max_cost(self, request: MaxCostRequest) -> None:
         """Change the budget; a batch paused at its budget then continues on `resume`."""
-        state = self._state
-        state.max_cost_usd = request.max_cost_usd
-        if state.over_budget and state.counts().cost_usd < request.max_cost_usd:
-            state.pause_reason = (
-                f"budget raised to ${request.max_cost_usd:.2f}: send resume to continue"
-            )
-        guards.check_budget(state)  # a budget lowered below what was spent pauses at once
+        guards.set_max_cost(self._state, request.max_cost_usd)
         self._changed = True
 
     @workflow.signal
     def set_failure_limit(self, request: FailureLimitRequest) -> None:
         """Change the failure thresholds; a batch paused by them continues on `resume`."""
-        state = self._state
-        state.failure_limit = guards.changed_limit(state.failure_limit, request)
-        if state.paused_by is PausedBy.FAILURES:
-            why = guards.too_many_failures(state.failure_limit, state.counts())
-            state.pause_reason = (
-                "failure limit raised: send resume to continue"
-                if why is None
-                else guards.failed(why)
-            )
-        else:
+        if not guards.set_failure_limit(self._state, request):
             self._check_guards()  # a limit lowered below what failed acts at once
         self._changed = True
 
@@ -229,7 +220,8 @@ class BatchWorkflow:
             await self._wait_for_change()
 
     async def _wait_for_change(self) -> None:
-        """Wait for a report or a signal; a storm pause with `auto_resume_after` ends on a timer."""
+        """Wait for a report or a signal; a storm pause ends on a timer: at the earliest end of a
+        credential rest when every credential rests, else after `auto_resume_after`."""
         at = self._state.auto_resume_at
         try:
             if at is not None and at <= workflow.now():
@@ -302,7 +294,7 @@ class BatchWorkflow:
     def _next_pass(self) -> list[tuple[ChunkPlan, ChunkInput]]:
         """Chunks to start in one workflow task: while one may open, within PASS_BYTES."""
         state = self._state
-        room = self._input.tuning.run_events - workflow.info().get_current_history_length()
+        room = self._run_bound() - workflow.info().get_current_history_length()
         most = max(1, min(STARTS_AT_ONCE, room // EVENTS_PER_CHUNK))
         starts: list[tuple[ChunkPlan, ChunkInput]] = []
         size = 0
@@ -327,7 +319,7 @@ class BatchWorkflow:
     async def _start_chunk(self, plan: ChunkPlan, chunk: ChunkInput) -> None:
         last = plan.first_job + plan.size - 1
         try:
-            await workflow.start_child_workflow(
+            started = await workflow.start_child_workflow(
                 ChunkWorkflow.run,
                 chunk,
                 id=self._state.chunks[plan.index].workflow_id,
@@ -342,6 +334,9 @@ class BatchWorkflow:
             )
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
+            self._inherited.add(plan.index)  # not this run's child: watched
+        else:
+            self._ends.append(asyncio.create_task(self._hear_end(plan.index, started)))
         self._starting.discard(plan.index)
         self._changed = True
 
@@ -364,6 +359,7 @@ class BatchWorkflow:
             notify=notify,
             status=state.status() if event is not NotifyEvent.FAILED else "rejected",
             counts=state.counts(),
+            chunks=len(self._input.jobs.digests),
             reason=reason,
         )
         try:
@@ -378,6 +374,29 @@ class BatchWorkflow:
         except ActivityError as error:
             workflow.logger.warning("the webhook was not told of %s: %s", delivery, error.cause)
 
+    async def _hear_end(self, index: int, chunk: workflow.ChildWorkflowHandle[Any, Any]) -> None:
+        self._ended(index, await chunk_ends.result_of(chunk))
+
+    async def _watch_inherited(self) -> None:
+        """Hear the end of the chunks a run before this one started, a few at a time."""
+        while watched := [c for c in self._state.running() if c.index in self._inherited]:
+            ids = {c.workflow_id: c.index for c in watched}
+            for end in await chunk_ends.watch(list(ids), self._input.tuning):
+                self._ended(ids[end.workflow_id], end)
+
+    def _ended(self, index: int, end: ChunkEnd) -> None:
+        """A chunk closed: its counts are final (with no result, its last report's, every job
+        not final counted as cancelled)."""
+        chunk = self._state.chunks[index]
+        if chunk.status is not ChunkStatus.RUNNING:
+            return
+        if end.output is None:
+            workflow.logger.warning("chunk %s ended without a result: %s", index, end.error)
+        chunk.counts = end.output.counts if end.output else chunk.counts.cut_short()
+        chunk.status, chunk.wants_more = ChunkStatus.DONE, False
+        self._check_guards()
+        self._changed = True
+
     def _chunk_input(self, chunk: ChunkState) -> ChunkInput:
         """What a chunk starts with: where its jobs are in the store, and its window."""
         state = self._state
@@ -391,6 +410,7 @@ class BatchWorkflow:
             budgeted=state.max_cost_usd is not None,
             guarded=state.failure_limit.is_set,
             report_every_s=report_every(state.max_machines, len(state.chunks)),
+            report_phase_s=report_phase(chunk.index, state.max_machines, len(state.chunks)),
             tuning=self._input.tuning,
         )
 
@@ -399,8 +419,12 @@ class BatchWorkflow:
         info = workflow.info()
         return (
             info.is_continue_as_new_suggested()
-            or info.get_current_history_length() > self._input.tuning.run_events
+            or info.get_current_history_length() > self._run_bound()
         )
+
+    def _run_bound(self) -> int:
+        """Events after which the run continues-as-new, the room for what comes meanwhile kept."""
+        return self._input.tuning.run_events - self._input.tuning.run_events // END_ROOM
 
     def _check_guards(self) -> None:
         """Pause at the budget or the failure limit; cancel if the limit says so."""

@@ -4,27 +4,30 @@ A chunk is a child workflow of its batch. It reads its own jobs from the object 
 (`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
 its window of machine slots holds. A job is: create its machine through the app's create queue,
 then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
-not destroy it; a new machine after each infrastructure failure, up to the job's retries. Under
+not destroy it; a new machine after each infrastructure failure, up to the job's retries (with
+twice the memory after an OOM kill, by the job's `on_oom`); a job that finds every Claude
+credential resting waits, with no machine, until the earliest rest is over. Under
 a budget, what a running job's verify loop spends reaches the chunk as it happens (`spent`, from
 `finish_job`) and the batch at once, in the chunk's counts beside what finished jobs spent. The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
 slots back as soon as it has nothing left to start, so another chunk can use them, and reports
 how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
-object store and returns its counts and where the rows are.
+object store and returns its counts and where the rows are: its end reaches the batch as its
+result, not as a signal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.job_models import StoreRowsInput, rows_key
-    from activities.jobs import JobActivities
+    from activities.chunk_models import ChunkOutput
     from activities.machine_models import (
         CreateMachineInput,
         CreateMachineOutput,
@@ -33,20 +36,39 @@ with workflow.unsafe.imports_passed_through():
         Spend,
     )
     from activities.machines import MachineActivities
-    from sortie.metrics import JOBS_FINISHED, JOBS_STARTED
-    from sortie.models import Counts, Followup, JobResult, JobState, MachineRef
-    from sortie.outcomes import is_cancellation, record_outcome, why
+    from activities.metrics import JOBS_FINISHED, JOBS_STARTED
+    from sortie.models import CREDENTIALS_RESTING, Counts, Followup, JobResult, JobState, MachineRef
     from sortie.pacing import create_queue
     from sortie.spec import Job
+    from workflows import chunk_models as models
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
-    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant, details, finish_input
+    from workflows.chunk_models import ChunkInput, SlotGrant
+    from workflows.chunk_store import load_jobs, store_rows
+    from workflows.outcomes import is_cancellation, record_outcome, why
     from workflows.reports import Reporter
     from workflows.shielded import complete, evicting, settle
 
 
+REST_UNKNOWN_S = 60.0
+"""How long a job waits for a credential when the pool named no end to its rest."""
+
+
 class InfrastructureFailure(Exception):
     """The machine, not the job, failed: worth another attempt on a new machine."""
+
+    def __init__(self, why: str, *, oom: bool = False) -> None:
+        super().__init__(why)
+        self.oom = oom
+        """The kernel killed it for memory: the next attempt may get more (`on_oom`)."""
+
+
+class CredentialsRest(Exception):
+    """Every Claude credential rests: no machine was made, the attempt waits for `until`."""
+
+    def __init__(self, until: datetime | None) -> None:
+        super().__init__(f"every Claude credential rests until {until}")
+        self.until = until
 
 
 @workflow.defn
@@ -67,7 +89,9 @@ class ChunkWorkflow:
         self._spending: dict[int, Spend] = {}
         """What running attempts' verify loops have spent so far, by job index."""
         self._heard, self._released = 0, 0
-        self._reports = Reporter(input.index, input.report_every_s, self._now, self._cancel)
+        self._reports = Reporter(
+            input.index, input.report_every_s, input.report_phase_s, self._now, self._cancel
+        )
         meter = workflow.metric_meter()
         self._jobs_started = meter.create_counter(JOBS_STARTED, "jobs started")
         self._jobs_finished = meter.create_counter(JOBS_FINISHED, "jobs in a final state")
@@ -90,9 +114,9 @@ class ChunkWorkflow:
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
-        rows = await complete(self._store_rows())
+        await complete(self._reports.close())  # no more reports: the end is the result
+        rows = await complete(store_rows(input.batch_id, self._results, input.tuning))
         self._released, self._slots = self._released + self._slots, 0
-        await complete(self._reports.close())  # the batch may close once it heard this
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
         return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
@@ -157,24 +181,10 @@ class ChunkWorkflow:
         turn = self._input.followup.turn if self._input.followup else 1
         if claim is not None:
             try:
-                # An activity, not a local one: a slow store never holds the chunk's task open.
-                loaded = await workflow.execute_activity_method(
-                    JobActivities.load_jobs,
-                    claim,
-                    start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-                    retry_policy=policies.FLY_RETRY,
-                    summary=f"read jobs {claim.first_job}-{claim.first_job + claim.size - 1}",
-                )
+                loaded = await load_jobs(claim, self._input.tuning)
                 jobs, self._continues = loaded.jobs, loaded.continues
             except ActivityError as error:
-                failed = f"the chunk's jobs could not be read: {why(error)}"
-                self._results = [
-                    JobResult(
-                        job_id=f"#{i}", index=i, turn=turn, state=JobState.FAILED, error=failed
-                    )
-                    for i in range(claim.first_job, claim.first_job + claim.size)
-                ]
-                self._loaded = True
+                self._results, self._loaded = models.unread(claim, turn, why(error)), True
                 return
         self._results = [  # a job's turn: the one its session continues with, else 1
             JobResult(job_id=j.id, index=j.index, turn=f.turn if (f := self._followup(j)) else 1)
@@ -204,21 +214,31 @@ class ChunkWorkflow:
         result = self._results[job.index - self._results[0].index]
         result.started_at = workflow.now()
         self._jobs_started.add(1, {"batch": self._input.batch_id})
+        memory, attempt = job.guest.memory_mb, 1
         try:
-            for attempt in range(1, job.retries + 2):
+            while True:
                 await workflow.wait_condition(lambda: self._cancelled or not self._paused)
                 if self._cancelled:
                     raise asyncio.CancelledError
-                result.attempts = attempt
+                result.attempts, result.memory_mb = attempt, memory
                 try:
-                    await self._attempt(job, attempt, result)
+                    await self._attempt(job.sized(memory), attempt, result)
                     await self._judged(result)
                     break
+                except CredentialsRest as rest:  # the same attempt, once a credential is back
+                    await self._judged(result, rest.until)
+                    await self._wait_for_credential(rest.until)
                 except InfrastructureFailure as failure:
                     # Pending its next attempt, not failed: the batch's failure limit counts jobs.
-                    result.state = JobState.FAILED if attempt > job.retries else JobState.PENDING
+                    last = attempt > job.retries
+                    result.state = JobState.FAILED if last else JobState.PENDING
                     result.error = f"{failure} (attempt {attempt} of {job.retries + 1})"
                     await self._judged(result)
+                    if last:
+                        break
+                    attempt += 1
+                    if failure.oom:
+                        memory = job.memory_after_oom(memory)
         except asyncio.CancelledError:
             if not self._cancelled:  # evicted: only `_cancel` cancels a job
                 raise
@@ -239,9 +259,12 @@ class ChunkWorkflow:
         try:
             created = await self._create(job, attempt)
         except ActivityError as error:
+            result.error_kind = guards.create_failure_kind(error)
+            if result.error_kind == CREDENTIALS_RESTING:
+                result.state, result.error = JobState.PENDING, f"waiting: {why(error)}"
+                raise CredentialsRest(guards.rest_end(error)) from None
             result.state = JobState.FAILED
             result.error = f"could not create a machine: {why(error)}"
-            result.error_kind = guards.create_failure_kind(error)
             return
         machine = created.machine
         self._live += 1
@@ -249,7 +272,7 @@ class ChunkWorkflow:
         result.credential = created.credential
         result.state = JobState.RUNNING
         self._update_details()
-        destroyed, cancelled, failure = False, False, None
+        destroyed, cancelled, failure, oom = False, False, None, False
         try:
             finished = await self._finish_job(job, machine, attempt, result)
             answer = finished.collected.answer if finished.collected else None
@@ -257,6 +280,9 @@ class ChunkWorkflow:
             self._settle_spend(job, result, reported=reported)
             destroyed = finished.destroyed
             failure = record_outcome(job, result, finished.waited, finished.collected)
+            oom = bool(finished.collected and finished.collected.oom_killed)
+            if finished.artifacts is not None:
+                result.artifacts = finished.artifacts
         except ActivityError as error:
             self._settle_spend(job, result, reported=False)
             cancelled = is_cancellation(error)
@@ -274,7 +300,20 @@ class ChunkWorkflow:
         if cancelled:
             raise asyncio.CancelledError
         if failure is not None:
-            raise InfrastructureFailure(failure)
+            raise InfrastructureFailure(failure, oom=oom)
+
+    async def _wait_for_credential(self, until: datetime | None) -> None:
+        """Wait, with no machine, until the earliest credential rest is over: a durable timer."""
+        now = workflow.now()
+        if until is None:
+            until = now + timedelta(seconds=REST_UNKNOWN_S)
+        until = max(until, now + timedelta(seconds=1))
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(
+                lambda: self._cancelled,
+                timeout=until - now,
+                timeout_summary="wait until a Claude credential's rest is over",
+            )
 
     def _settle_spend(self, job: Job, result: JobResult, *, reported: bool) -> None:
         """The attempt is over: its report now counts what its verify loop spent; without one
@@ -319,7 +358,7 @@ class ChunkWorkflow:
         """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
         return await workflow.execute_activity_method(
             MachineActivities.finish_job,
-            finish_input(self._input, job, machine, attempt, result, workflow.now()),
+            models.finish_input(self._input, job, machine, attempt, result, workflow.now()),
             start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
             + policies.WAIT_MARGIN,
             heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
@@ -338,19 +377,6 @@ class ChunkWorkflow:
             summary=f"destroy machine {machine.machine_id}",
         )
 
-    async def _store_rows(self) -> str:
-        """Leave every job's row in the object store, where readers find it once closed."""
-        return await workflow.execute_activity_method(
-            JobActivities.store_rows,
-            StoreRowsInput(
-                key=rows_key(self._input.batch_id, workflow.info().workflow_id),
-                rows=[result.compact() for result in self._results],
-            ),
-            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-            retry_policy=policies.STORE_RETRY,
-            summary="store the chunk's rows",
-        )
-
     def _followup(self, job: Job) -> Followup | None:
         """The session the job continues: a follow-up turn's, or a retry's, or none."""
         return self._input.followup or self._continues.get(job.id)
@@ -364,24 +390,24 @@ class ChunkWorkflow:
     def _slot_freed(self, spent: bool, failed: bool) -> None:
         """A machine is gone: keep its slot for the next job, or give it back.
 
-        Progress is reported every `report_every_s`; a job the batch must judge at once (one that
-        spent money under a budget, or failed under a failure limit) and a storm error are
-        reported as they happen. Under a budget a job that spent money gives its slot back with
-        its report, and the batch lends it again only while money is left, so no job starts on
-        money already spent; under a failure limit a failed job's slot goes back the same way,
-        so no job starts past the limit.
+        Progress is reported at the chunk's times (workflows/reports.py); a job the batch must
+        judge at once (one that spent money under a budget, or failed under a failure limit)
+        and a storm error are reported as they happen. Under a budget a job that spent money
+        gives its slot back with its report, and the batch lends it again only while money is
+        left, so no job starts on money already spent; under a failure limit a failed job's
+        slot goes back the same way, so no job starts past the limit.
         """
         judged = (spent and self._input.budgeted) or (failed and self._input.guarded)
         if judged and self._queue and not self._cancelled:
             self._owed += 1
         if self._give_back_idle():
             return
-        if judged or self._reports.due():
+        if judged:
             self._reports.send()
         else:
             self._reports.soon()
 
-    async def _judged(self, result: JobResult) -> None:
+    async def _judged(self, result: JobResult, resting_until: datetime | None = None) -> None:
         """After an attempt that met a storm error, keep its slot until the batch judged it.
 
         The batch hears of the error at once, and says so only after it paused if the error
@@ -392,6 +418,7 @@ class ChunkWorkflow:
         if kind is None or not guards.is_storm(kind):
             return
         self._reports.errors[kind] = self._reports.errors.get(kind, 0) + 1
+        self._reports.rested(resting_until)
         seq = self._reports.send()
         if seq is not None:
             await workflow.wait_condition(lambda: self._heard >= seq or self._cancelled)
@@ -404,7 +431,7 @@ class ChunkWorkflow:
         if give <= 0:
             return False
         if not (more_to_start or self._running):
-            return True  # the chunk is done: its last report gives back every slot
+            return True  # the chunk is done: its result gives back every slot
         owed = min(give, self._owed)
         self._owed, self._slots = self._owed - owed, self._slots - give
         self._released += give
@@ -448,4 +475,6 @@ class ChunkWorkflow:
     def _update_details(self) -> None:
         """Keep the Web UI's current details in step with the chunk."""
         state = "cancelling" if self._cancelled else "paused" if self._paused else "running"
-        workflow.set_current_details(details(self._counts(), state, self._slots, self._results))
+        workflow.set_current_details(
+            models.details(self._counts(), state, self._slots, self._results)
+        )

@@ -33,6 +33,8 @@ class ChunkInput(StrictModel):
     """The batch has a failure limit: a failed job's slot goes back to it to be judged."""
     report_every_s: float = Field(default=5.0, gt=0)
     """Progress reaches the batch at most this late (the batch sets it: see its REPORTS_PER_S)."""
+    report_phase_s: float = Field(default=0.0, ge=0)
+    """When in each `report_every_s` this chunk reports: the batch staggers its chunks."""
     tuning: Tuning = Tuning()
     followup: Followup | None = None
     """Jobs of a retry batch that continue their session instead of starting over, by id."""
@@ -40,15 +42,6 @@ class ChunkInput(StrictModel):
     def app_of(self, job: Job) -> str:
         """The Fly app the job's machines are created in."""
         return app_for(self.apps, job.index) if self.apps else self.app
-
-
-class ChunkOutput(StrictModel):
-    """A finished chunk: its counts, and where its rows (every job's, in input order) are kept
-    in the object store: they stay off its batch's history."""
-
-    index: int
-    counts: Counts
-    rows: str
 
 
 class ChunkReport(StrictModel):
@@ -65,7 +58,8 @@ class ChunkReport(StrictModel):
     counts: Counts
     errors: dict[str, int] = {}
     """Attempts that ended with a storm error since the last report, by kind (a delta)."""
-    done: bool = False
+    resting_until: datetime | None = None
+    """Every Claude credential rests until then, as a job of the chunk found (the earliest)."""
 
 
 class SlotGrant(StrictModel):
@@ -104,8 +98,18 @@ def finish_input(
             log_tail=job.log_tail,
             json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
             spend_of=job.index if job.verify is not None and chunk.budgeted else None,
+            artifacts=bool(job.artifacts),
         ),
     )
+
+
+def unread(claim: JobSlice, turn: int, why: str) -> list[JobResult]:
+    """The rows of a chunk whose jobs could not be read from the store: every job failed."""
+    failed = f"the chunk's jobs could not be read: {why}"
+    return [
+        JobResult(job_id=f"#{i}", index=i, turn=turn, state=JobState.FAILED, error=failed)
+        for i in range(claim.first_job, claim.first_job + claim.size)
+    ]
 
 
 UNDER_WAY = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)

@@ -1,7 +1,8 @@
 """CredentialPoolWorkflow: which Claude credential a prompt job gets, decided once for all workers.
 
 The story: one long-lived workflow per task queue keeps, by name only, the credential handed out
-last and the credentials resting after a rate-limit or authentication failure. A worker about to
+last and the credentials resting after a rate-limit or authentication failure: until the
+usage limit resets when Claude said when, else for a fixed span. A worker about to
 create a prompt job's machine asks `take` with the names it holds; the pool answers the next one
 after the last handed out (round robin across every worker) that is not resting, or none when
 all rest. A worker whose job met a refusal sends `rest`. The pool continues-as-new when its run
@@ -10,56 +11,29 @@ grows long, carrying only rests not yet over. Values never reach it: they stay o
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from pydantic import Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from sortie.models import StrictModel
+    from activities.credential_models import (
+        POOL_WORKFLOW,
+        REST,
+        TAKE,
+        CredentialChoice,
+        PoolState,
+        PoolView,
+        RestCredential,
+        TakeCredential,
+    )
 
 RUN_EVENTS = 2_000
 """The pool continues-as-new past this many events (each take is about five)."""
+MOST_REST = timedelta(days=8)
+"""The latest reset a refusal may name: Claude's longest usage window is seven days."""
 
 
-class PoolState(StrictModel):
-    """What the pool carries across continue-as-new: names and times, never a value."""
-
-    last: str | None = None
-    rested_until: dict[str, datetime] = {}
-    reasons: dict[str, str] = {}
-
-
-class TakeCredential(StrictModel):
-    """A worker asks for a credential among those it holds."""
-
-    names: list[str] = Field(min_length=1)
-
-
-class CredentialChoice(StrictModel):
-    """The credential to use, or none while all of the asker's rest (and until when)."""
-
-    name: str | None
-    resting_until: datetime | None = None
-
-
-class RestCredential(StrictModel):
-    """Set a credential aside for a while after Claude refused it."""
-
-    name: str
-    seconds: float = Field(gt=0)
-    reason: str = Field(default="", max_length=200)
-
-
-class PoolView(StrictModel):
-    """What the `resting` query answers: the credentials set aside now, and why."""
-
-    last: str | None
-    resting: dict[str, datetime]
-    reasons: dict[str, str]
-
-
-@workflow.defn
+@workflow.defn(name=POOL_WORKFLOW)
 class CredentialPoolWorkflow:
     """Hands out credentials in turn to every worker, skipping the resting ones."""
 
@@ -75,7 +49,7 @@ class CredentialPoolWorkflow:
         self._forget_rests_over()
         workflow.continue_as_new(self._state)
 
-    @workflow.update
+    @workflow.update(name=TAKE)
     def take(self, request: TakeCredential) -> CredentialChoice:
         """The next of the asker's credentials after the last handed out, not resting."""
         names = sorted(set(request.names))
@@ -92,10 +66,14 @@ class CredentialPoolWorkflow:
             name=None, resting_until=min(self._state.rested_until[name] for name in names)
         )
 
-    @workflow.update
+    @workflow.update(name=REST)
     def rest(self, request: RestCredential) -> None:
-        """Set the credential aside for every worker (a longer rest already set stays)."""
-        until = workflow.now() + timedelta(seconds=request.seconds)
+        """Set the credential aside for every worker (a longer rest already set stays): until
+        the reset Claude named when it lies ahead within MOST_REST, else for `seconds`."""
+        now = workflow.now()
+        until = now + timedelta(seconds=request.seconds)
+        if request.until is not None and now < request.until <= now + MOST_REST:
+            until = request.until
         current = self._state.rested_until.get(request.name)
         if current is None or current < until:
             self._state.rested_until[request.name] = until

@@ -7,7 +7,8 @@ Every rule is here, as workflows/slots.py holds the window rules:
   jobs once FAILURE_RATE_AFTER jobs have finished.
 - A storm error is an attempt that ended with one of STORM_KINDS, whatever became of its job
   afterwards: the platform, not the job, is to blame, and another machine would meet it again.
-  `errors` of them within `within` pause the batch; one of AT_ONCE pauses it at once.
+  `errors` of them within `within` pause the batch; one of AT_ONCE pauses it at once, until
+  the earliest credential rest is over when the chunk's report says when.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from sortie.fields import FAILURE_RATE_AFTER
     from sortie.models import Counts
-    from sortie.outcomes import seconds
-    from sortie.spec import FAILURE_RATE_AFTER, OnTooManyFailures, StormGuard
+    from sortie.spec import OnTooManyFailures, StormGuard
     from workflows.batch_models import (
         BatchState,
         FailureLimit,
@@ -29,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         PausedBy,
         StormMark,
     )
+    from workflows.outcomes import seconds
 
 STORM_KINDS = {
     "rate_limit": "Claude rate limit",
@@ -76,8 +78,14 @@ def check_failures(state: BatchState) -> str | None:
     return None
 
 
-def check_storm(state: BatchState, guard: StormGuard | None, errors: dict[str, int]) -> None:
-    """Pause the batch when storm errors pass their threshold within the window."""
+def check_storm(
+    state: BatchState,
+    guard: StormGuard | None,
+    errors: dict[str, int],
+    resting_until: datetime | None = None,
+) -> None:
+    """Pause the batch when storm errors pass their threshold within the window; a pause
+    because every credential rests ends by itself when the earliest rest does."""
     if guard is None or not errors or state.paused or state.cancelled:
         return
     now = workflow.now()
@@ -86,12 +94,55 @@ def check_storm(state: BatchState, guard: StormGuard | None, errors: dict[str, i
     why = storm(state.storm_marks, guard)
     if why is None:
         return
-    if guard.auto_resume_after is not None:
+    if resting_until is not None and any(kind in AT_ONCE for kind in errors):
+        state.auto_resume_at = max(resting_until, now)
+        why += f" until {when(state.auto_resume_at, now)}; resumes by itself then, or send resume"
+    elif guard.auto_resume_after is not None:
         state.auto_resume_at = now + timedelta(seconds=guard.auto_resume_after)
-        why += f"; resumes by itself at {state.auto_resume_at:%H:%M:%S} UTC, or send resume"
+        why += f"; resumes by itself at {when(state.auto_resume_at, now)}, or send resume"
     else:
         why += "; send resume to continue"
     pause(state, why, PausedBy.STORM)
+
+
+def set_max_cost(state: BatchState, max_cost_usd: float) -> None:
+    """A new budget: a batch paused at its budget says to resume; one lowered below what was
+    spent pauses at once."""
+    state.max_cost_usd = max_cost_usd
+    if state.over_budget and state.counts().cost_usd < max_cost_usd:
+        state.pause_reason = f"budget raised to ${max_cost_usd:.2f}: send resume to continue"
+    check_budget(state)
+
+
+def set_failure_limit(state: BatchState, request: FailureLimitRequest) -> bool:
+    """New failure thresholds; whether the batch was paused by them (then the reason says
+    whether to resume, else the batch checks the new limit at once)."""
+    state.failure_limit = changed_limit(state.failure_limit, request)
+    if state.paused_by is not PausedBy.FAILURES:
+        return False
+    why = too_many_failures(state.failure_limit, state.counts())
+    state.pause_reason = (
+        "failure limit raised: send resume to continue" if why is None else failed(why)
+    )
+    return True
+
+
+def when(at: datetime, now: datetime) -> str:
+    """A moment for a pause reason: its time in UTC, and its date when not today."""
+    return f"{at:%H:%M:%S} UTC" if at.date() == now.date() else f"{at:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def rest_end(error: BaseException) -> datetime | None:
+    """Until when every credential rests, as a create refused for it says (its details)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type == "CredentialsResting":
+            try:
+                return datetime.fromisoformat(str(cause.details[0]))
+            except (IndexError, ValueError):
+                return None
+        cause = cause.__cause__
+    return None
 
 
 def pause(state: BatchState, reason: str, by: PausedBy | None = None) -> None:

@@ -13,38 +13,22 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from pydantic import Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from sortie.models import StrictModel
+    from activities.pacer_models import (
+        PACER_WORKFLOW,
+        RESERVE,
+        CreateTurns,
+        PacerState,
+        ReserveCreates,
+    )
 
 RUN_EVENTS = 2_000
 """The pacer continues-as-new past this many events (each answered reserve is about five)."""
 
 
-class PacerState(StrictModel):
-    """What the pacer carries across continue-as-new: when the bucket is full again."""
-
-    full_at: datetime | None = None
-
-
-class ReserveCreates(StrictModel):
-    """A worker asks for `count` turns at the asker's rate and burst."""
-
-    count: int = Field(ge=1, le=1000)
-    rate: float = Field(gt=0)
-    burst: int = Field(ge=1)
-
-
-class CreateTurns(StrictModel):
-    """When each reserved create may go, in order: seconds from now, and the pacer's time."""
-
-    waits_s: list[float]
-    at: list[datetime]
-
-
-@workflow.defn
+@workflow.defn(name=PACER_WORKFLOW)
 class CreatePacerWorkflow:
     """Hands out an app's create turns to every worker: `burst` at once, then `rate` a second."""
 
@@ -59,7 +43,7 @@ class CreatePacerWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._state)
 
-    @workflow.update
+    @workflow.update(name=RESERVE)
     def reserve(self, request: ReserveCreates) -> CreateTurns:
         """The next `count` turns: none before the bucket has a token for it."""
         now = workflow.now()

@@ -8,11 +8,11 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.reaper import ReaperActivities
-    from activities.reaper_models import ReapInput, ReapOutput
+    from sortie.reaper_models import REAPER_WORKFLOW, ReapInput, ReapOutput
     from workflows import policies
 
 
-@workflow.defn
+@workflow.defn(name=REAPER_WORKFLOW)
 class ReaperWorkflow:
     """Destroys Sortie machines whose batch or chunk workflow is closed or unknown."""
 

@@ -1,19 +1,20 @@
 """How a chunk reports to its batch: numbered reports by signal, never waited for on the way.
 
 A chunk reports at once when the batch must act on it (slots it asked back, a job to judge),
-and otherwise at most every `report_every_s`, with the slots it has no more use for: the batch
-sets that so all its chunks together send it REPORTS_PER_S reports a second at most. A report
-the batch's run refused (it took all the signals the server allows one run) is sent again
-later, and the next run hears it: `seq` keeps the newest counts, and what a report gives back
-adds up in any order. A batch that is gone (terminated) cannot be told anything: the chunk
-stops.
+and otherwise at its own times every `report_every_s`, with the slots it has no more use for:
+the batch sets that period and staggers the chunks' times (`report_phase_s`), so all its chunks
+together send it REPORTS_PER_S reports a second at most, however many started at once. Its end
+is no report: the batch hears it as the chunk's result. A report the batch's run refused (it
+took all the signals the server allows one run) is sent again later, and the next run hears
+it: `seq` keeps the newest counts, and what a report gives back adds up in any order. A batch
+that is gone (terminated) cannot be told anything: the chunk stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from temporalio import workflow
 
@@ -37,6 +38,13 @@ def report_every(max_machines: int, chunks: int) -> float:
     return max(REPORT_EVERY_S, min(max_machines, chunks) / REPORTS_PER_S)
 
 
+def report_phase(index: int, max_machines: int, chunks: int) -> float:
+    """When in each period chunk `index` reports: chunks that may run at once take turns
+    1 / REPORTS_PER_S apart, so chunks started together do not report together."""
+    at_once = max(1, min(max_machines, chunks))
+    return (index % at_once) * report_every(max_machines, chunks) / at_once
+
+
 class Reporter:
     """A chunk's reports to its batch: `now` asks the chunk for its counts, whether it wants
     more slots, and the slots it gives back; `gone` stops the chunk when the batch is gone."""
@@ -45,6 +53,7 @@ class Reporter:
         self,
         index: int,
         every_s: float,
+        phase_s: float,
         now: Callable[[], tuple[Counts, bool, int]],
         gone: Callable[[str], None],
     ) -> None:
@@ -52,13 +61,22 @@ class Reporter:
         self._now, self._gone = now, gone
         self._seq = 0
         self._last = workflow.now()
+        self._phase = timedelta(seconds=phase_s % every_s)
+        self._epoch = datetime.fromtimestamp(0, UTC)
         self._sends: list[asyncio.Task[None]] = []
         self._due: asyncio.Task[None] | None = None
         self._unreported = False
         self.errors: dict[str, int] = {}
         """Attempts that ended with a storm error since the last report, by kind."""
+        self.resting_until: datetime | None = None
+        """The earliest end of a credential rest a job met since the last report."""
 
-    def send(self, done: bool = False) -> int | None:
+    def rested(self, until: datetime | None) -> None:
+        """A job found every credential resting until `until`: the next report says so."""
+        if until is not None and (self.resting_until is None or until < self.resting_until):
+            self.resting_until = until
+
+    def send(self) -> int | None:
         """Tell the batch how far the chunk is, without waiting for delivery; the report's
         number, or None when there is no batch to tell (a follow-up turn runs alone)."""
         self._unreported = False
@@ -75,34 +93,34 @@ class Reporter:
             wants_more=wants_more,
             counts=counts,
             errors=self.errors,
-            done=done,
+            resting_until=self.resting_until,
         )
-        self.errors = {}
+        self.errors, self.resting_until = {}, None
         self._sends.append(asyncio.create_task(self._deliver(parent.workflow_id, report)))
         return report.seq
 
-    def due(self) -> bool:
-        """Whether `report_every_s` has passed since the last report."""
-        return workflow.now() >= self._last + self._every
-
     def soon(self) -> None:
-        """Report once `report_every_s` has passed since the last report, so progress reaches
-        the batch that late at most even when no slot frees."""
+        """Report at this chunk's next time, so progress reaches the batch at most
+        `report_every_s` (and one turn) late, even when no slot frees."""
         self._unreported = True
         if self._due is None or self._due.done():
             self._due = asyncio.create_task(self._send_when_due())
 
     async def close(self) -> None:
-        """The last report, sent once every earlier one has arrived: the batch may then close."""
+        """Wait until every report sent has arrived: the chunk's result, its end, comes after
+        them."""
         if self._due is not None:
             self._due.cancel()
         await asyncio.gather(*self._sends)
-        self.send(done=True)
-        await asyncio.gather(*self._sends)
+
+    def _next_time(self) -> datetime:
+        """This chunk's first time to report after the last report: its phase in a period."""
+        since = (self._last - self._epoch - self._phase) // self._every + 1
+        return self._epoch + self._phase + since * self._every
 
     async def _send_when_due(self) -> None:
         while self._unreported:
-            wait = self._last + self._every - workflow.now()
+            wait = self._next_time() - workflow.now()
             if wait > timedelta(0):
                 await workflow.sleep(wait, summary="report progress to the batch")
             else:
@@ -115,5 +133,5 @@ class Reporter:
             await workflow.sleep(
                 self._every, summary="the batch took no more signals: tell it again"
             )
-        if delivery is Delivery.GONE and not report.done:
+        if delivery is Delivery.GONE:
             self._gone("the batch is no longer running")

@@ -20,9 +20,9 @@ from activities.machine_models import (
     WaitOutcome,
 )
 from activities.machines import MachineActivities
+from activities.secrets import SecretStore
 from fly import FlyClient, FlyNotFound, InitConfig, MachineConfig, RestartConfig
 from sortie.models import MachineRef
-from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.store import report_key
 from tests.helpers.waiting import eventually

@@ -205,6 +205,11 @@ def test_command_line(tmp_path: Path) -> None:
         "abc",
         "--json-schema",
         '{"type": "object"}',
+        # The repository's own settings files are not loaded; its CLAUDE.md still is.
+        "--setting-sources",
+        "user",
+        "--add-dir",
+        str(tmp_path / "run" / "root" / "workspace"),
     ]
     assert "sortie: claude exited 0 after 2 turns, $0.5000" in run.stdout
     assert run.result["repos"] == [] and run.result["claude"]["total_cost_usd"] == 0.5

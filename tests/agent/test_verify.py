@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,12 @@ def test_a_failing_check_resumes_the_session_then_fails_with_its_scrubbed_tail(
     assert report["verify_failed"] is True
     assert [i["verify_exit"] for i in report["iterations"]] == [1, 1]
     assert report["error"].startswith("verify failed: `" + check + "` exited 1 after 2 iterations")
-    assert "tests: 3 failed" in report["error"] and "token=[redacted]" in report["error"]
+    # GITHUB_TOKEN is the entrypoint's (clones, pushes): the check never gets it.
+    assert "tests: 3 failed" in report["error"] and "token=\n" in report["error"]
     [session] = sessions(tmp_path)  # Claude ran twice, in one session
     assert len(session) == 2
     assert session[1]["prompt"].startswith(f"The check `{check}` failed with exit code 1")
-    assert "token=[redacted]" in session[1]["prompt"]
+    assert "token=\n" in session[1]["prompt"]
     assert TOKEN not in run.stdout + run.stderr + json.dumps(report)
 
 
@@ -140,3 +142,34 @@ def test_the_loop_tells_what_it_spent_after_every_turn(
         assert told_then["num_turns"] == sum(i["num_turns"] for i in so_far)
     assert seen[0]["cost_usd"] == 0.25
     assert str(spend) not in run.stderr, "the URL is a secret"
+
+
+def test_a_check_that_cannot_start_in_its_sandbox_exits_127(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    description = job("Fix it", [{"url": str(origin)}], verify=["no-such-check-command"])
+    run = run_with_changes(tmp_path, description)
+    assert run.code == 4
+    assert [i["verify_exit"] for i in run.result["iterations"]] == [127]
+    assert "could not be started" in run.result["error"]
+
+
+def test_the_check_runs_confined_to_its_checkout_without_the_network(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    outside = tmp_path / "outside"
+    # Under /tmp it writes to a tmpfs of its own; elsewhere the machine is read-only.
+    check = f"touch inside {outside} /etc/sortie-outside; exit 0"
+    description = job("Fix it", [{"url": str(origin)}], verify=["sh", "-c", check])
+    run = run_with_changes(tmp_path, description)
+    assert [i["verify_exit"] for i in run.result["iterations"]] == [0]
+    assert not outside.exists() and not Path("/etc/sortie-outside").exists()
+    assert run.result["changes"][0]["files"] == 1, "the checkout itself is writable"
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # reachable from the machine
+        port = listening.getsockname()[1]
+        net = f"import socket; socket.create_connection(('127.0.0.1', {port}), 5)"
+        description = job("Fix it", [{"url": str(origin)}], verify=["python3", "-c", net])
+        run = run_with_changes(tmp_path / "net", description)
+    assert "ConnectionRefusedError" in run.result["error"], "the check has no network"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sortie.credentials import ClaudePool
+from activities.credentials import ClaudePool
 from sortie.settings import Settings, fly_connection, temporal_profile
 from sortie.spec import parse_batch
 from sortie.store import StoreCredentials

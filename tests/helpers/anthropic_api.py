@@ -3,6 +3,7 @@
 It answers `POST …/v1/messages` streaming (SSE) or not, as the request asks, with scripted turns
 picked by markers in the request (the prompt travels in it):
 - `[[tool]]`: the first turn asks for a tool (Bash `echo`), the next answers in text;
+- `[[bash:COMMAND]]`: the same, the Bash tool running COMMAND (e.g. one that writes a file);
 - `[[structured:JSON]]`: answers by calling the StructuredOutput tool the CLI offers for
   `--json-schema`, with JSON as its input;
 - `[[hang]]`: accepts the request and never answers (a stall);
@@ -12,10 +13,17 @@ picked by markers in the request (the prompt travels in it):
   streaming, which answers whole);
 - `[[usage:N]]`: every answer reports N output tokens, so each turn costs what the CLI's
   price table makes of them.
+- `[[script:KEY]]`: the tool calls `script()` registered under KEY, one per turn, then the
+  answer in text (what the tools gave back is recorded with each call).
 A path prefix before `/v1/` makes every request under it fail the same way, so one credential
 of a pool (its `ANTHROPIC_BASE_URL_n`) can be refused while another works:
 `/status/429/v1/messages` answers 429 with Anthropic's error body, likewise 401, 403, 400, 503,
-529. Other endpoints the CLI may call answer an empty success. Every request is recorded.
+529. Under `/limited/KEY` (`limited_url`) every request is refused as a subscription's usage
+limit is, until the reset set with `limit(KEY, epoch)`: 429 with
+`anthropic-ratelimit-unified-status: rejected` and `anthropic-ratelimit-unified-reset: <epoch>`
+(the CLI then prints "You've hit your 5-hour limit · resets …" and a `rate_limit_event`); after
+the reset it answers. Other endpoints the CLI may call answer an empty success. Every request is
+recorded, with when it arrived.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +62,14 @@ ANSWER = "The answer is 42."
 STRUCTURED_TOOL = "StructuredOutput"
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool use a scripted turn asks for: the tool's name and its input."""
+
+    name: str
+    input: dict[str, Any]
+
+
 @dataclass
 class Call:
     """One request the fake received."""
@@ -64,6 +81,10 @@ class Call:
     model: str | None
     text: str
     tools: list[str]
+    at: float = 0.0
+    """When it arrived (epoch seconds)."""
+    results: list[str] = field(default_factory=list)
+    """What the tools the last turn asked for gave back (tool_result blocks), in order."""
 
 
 @dataclass
@@ -75,6 +96,8 @@ class AnthropicApi:
     url: str = ""
     calls: list[Call] = field(default_factory=list)
     _bursts: Counter[str] = field(default_factory=Counter)
+    _limits: dict[str, int] = field(default_factory=dict)
+    _scripts: dict[str, list[ToolCall]] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -84,6 +107,22 @@ class AnthropicApi:
     def base_url(self, status: int | None = None) -> str:
         """What `ANTHROPIC_BASE_URL` is set to: answering, or refusing every call with `status`."""
         return self.url if status is None else f"{self.url}/status/{status}"
+
+    def limited_url(self, key: str) -> str:
+        """An `ANTHROPIC_BASE_URL` refused for its usage limit until `limit(key, …)`'s reset."""
+        return f"{self.url}/limited/{key}"
+
+    def limit(self, key: str, reset: int) -> None:
+        """Refuse every request under `limited_url(key)` for its usage limit until `reset`."""
+        with self._lock:
+            self._limits[key] = reset
+
+    def script(self, *calls: ToolCall) -> str:
+        """Register tool calls for one conversation; the marker that plays them in a prompt."""
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._scripts[key] = list(calls)
+        return f"[[script:{key}]]"
 
     def calls_to(self, prefix: str = "", marker: str | None = None) -> list[Call]:
         """The Messages calls under a prefix (e.g. `/status/429`), or whose text has `marker`."""
@@ -160,8 +199,12 @@ class AnthropicApi:
             self._record(path, prefix, 200, body)
             return web.json_response({"input_tokens": len(json.dumps(body)) // 4})
         text = _text_of(body)
-        status = 200
-        if match := re.fullmatch(r"/status/(\d{3})", prefix) or re.search(
+        status, reset = 200, None
+        if limited := re.fullmatch(r"/limited/([\w-]+)", prefix):
+            with self._lock:
+                reset = self._limits.get(limited.group(1), 0)
+            status = 429 if time.time() < reset else 200
+        elif match := re.fullmatch(r"/status/(\d{3})", prefix) or re.search(
             r"\[\[status:(\d{3})\]\]", text
         ):
             status = int(match.group(1))
@@ -172,11 +215,14 @@ class AnthropicApi:
                 status = 429 if self._bursts[key] <= int(burst.group(1)) else 200
         self._record(path, prefix, status, body, text)
         if status != 200:
-            return _error(status)
+            return _error(status, reset)
         if "[[hang]]" in text:
             await self._released.wait()
             return web.Response(status=499)
-        message = _reply(body, text)
+        script = re.search(r"\[\[script:([0-9a-f]{32})\]\]", text)
+        with self._lock:
+            scripted = self._scripts.get(script.group(1), []) if script else []
+        message = _reply(body, text, scripted)
         if body.get("stream"):
             return await _stream(request, message, cut="[[cut]]" in text)
         return web.json_response(message)
@@ -185,7 +231,10 @@ class AnthropicApi:
         self, path: str, prefix: str, status: int, body: dict[str, Any], text: str = ""
     ) -> None:
         tools = [str(t.get("name")) for t in body.get("tools") or [] if isinstance(t, dict)]
-        call = Call(path, prefix, status, bool(body.get("stream")), body.get("model"), text, tools)
+        stream, model = bool(body.get("stream")), body.get("model")
+        call = Call(
+            path, prefix, status, stream, model, text, tools, time.time(), _results_of(body)
+        )
         with self._lock:
             self.calls.append(call)
 
@@ -204,8 +253,22 @@ def _text_of(body: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _error(status: int) -> web.Response:
-    """Anthropic's error body for a status."""
+def _results_of(body: dict[str, Any]) -> list[str]:
+    """What the tools gave back, from the last message's tool_result blocks."""
+    messages = body.get("messages") or []
+    content = messages[-1].get("content") if messages else None
+    results: list[str] = []
+    for block in content if isinstance(content, list) else []:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            inner = block.get("content")
+            if isinstance(inner, list):
+                inner = "\n".join(str(b.get("text", "")) for b in inner if isinstance(b, dict))
+            results.append(str(inner))
+    return results
+
+
+def _error(status: int, reset: int | None = None) -> web.Response:
+    """Anthropic's error body for a status; with `reset`, a subscription's usage limit."""
     request_id = f"req_{uuid.uuid4().hex[:24]}"
     body = {
         "type": "error",
@@ -215,6 +278,10 @@ def _error(status: int) -> web.Response:
     headers = {"request-id": request_id}
     if status == 429:
         headers["retry-after"] = "1"
+    if reset is not None:
+        headers["anthropic-ratelimit-unified-status"] = "rejected"
+        headers["anthropic-ratelimit-unified-reset"] = str(reset)
+        headers["anthropic-ratelimit-unified-representative-claim"] = "five_hour"
     if status in (503, 529):
         headers["x-should-retry"] = "true"
     return web.json_response(body, status=status, headers=headers)
@@ -225,14 +292,20 @@ def _turns(body: dict[str, Any]) -> int:
     return sum(1 for m in body.get("messages") or [] if m.get("role") == "assistant")
 
 
-def _reply(body: dict[str, Any], text: str) -> dict[str, Any]:
+def _reply(body: dict[str, Any], text: str, script: list[ToolCall]) -> dict[str, Any]:
     """The assistant message for this request, by the script its markers pick."""
     content: list[dict[str, Any]]
     stop = "end_turn"
     tools = {str(t.get("name")) for t in body.get("tools") or [] if isinstance(t, dict)}
     structured = re.search(r"\[\[structured:(.*?)\]\]", text, re.S)
-    if "[[tool]]" in text and _turns(body) == 0 and "Bash" in tools:
-        content = [_tool_use("Bash", {"command": "echo tool-ran", "description": "Echo"})]
+    bash = re.search(r"\[\[bash:(.*?)\]\]", text, re.S)
+    if _turns(body) < len(script):
+        call = script[_turns(body)]
+        content = [_tool_use(call.name, call.input)]
+        stop = "tool_use"
+    elif ("[[tool]]" in text or bash) and _turns(body) == 0 and "Bash" in tools:
+        command = bash.group(1) if bash else "echo tool-ran"
+        content = [_tool_use("Bash", {"command": command, "description": "Run it"})]
         stop = "tool_use"
     elif structured and STRUCTURED_TOOL in tools and _turns(body) == _tool_turns(text):
         content = [_tool_use(STRUCTURED_TOOL, json.loads(structured.group(1)))]

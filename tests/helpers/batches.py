@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sortie import batches
+from client import batches
 from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning
 from sortie.settings import Settings

@@ -24,6 +24,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.chunks import ChunkActivities
 from activities.jobs import JobActivities
 from activities.machine_models import (
     CheckBatchInput,
@@ -43,9 +44,9 @@ from activities.machine_models import (
     WaitMachineOutput,
     WaitOutcome,
 )
-from sortie import batches
+from activities.pacing import CreateQueues
+from client import batches
 from sortie.models import MachineRef, Tuning
-from sortie.pacing import CreateQueues
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
 from worker import SortieWorker
@@ -206,7 +207,12 @@ def fleet_worker(
         temporal.client,
         task_queue=settings.task_queue,
         workflows=[BatchWorkflow, ChunkWorkflow, CreatePacerWorkflow, *workflows],
-        activities=[*(a for a in activities if a is not create), jobs.load_jobs, jobs.store_rows],
+        activities=[
+            *(a for a in activities if a is not create),
+            jobs.load_jobs,
+            jobs.store_rows,
+            ChunkActivities(temporal.client).watch_chunks,
+        ],
         max_concurrent_activities=1000,
         max_cached_workflows=cached,
     )

@@ -1,4 +1,4 @@
-"""A real worker process for the crash tests to kill (the dev server is sortie.stack)."""
+"""A real worker process for the crash tests to kill (the dev server is client.stack)."""
 
 from __future__ import annotations
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from temporalio.client import Client
 
+from activities.secrets import SecretStore
 from fly import FlyClient
-from sortie.secrets import SecretStore
 from sortie.settings import Settings
 from sortie.spec import DEFAULT_IMAGE
 from worker import SortieWorker, build_worker
@@ -45,6 +45,8 @@ class Sortie:
     fly: FlyClient
     api: AnthropicApi | None = None
     """The fake Messages API the worker's credentials point at (real-CLI tests only)."""
+    credentials: dict[str, str] = field(default_factory=dict)
+    """The worker's Claude credentials and their values (real-CLI tests only)."""
 
 
 @asynccontextmanager

@@ -4,6 +4,7 @@ the verdicts it gets; the bounds a prompt job's CLI gets by default."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -36,6 +37,7 @@ REAL = [
         f"({GATEWAY}).",
         ErrorKind.OVERLOADED,
     ),
+    ("success", 429, "You've hit your 5-hour limit · resets 4:29pm (UTC)", ErrorKind.RATE_LIMIT),
     ("success", 401, "Invalid API key · Fix external API key", ErrorKind.AUTH),
     ("success", 403, "Credit balance is too low", ErrorKind.AUTH),
     (
@@ -51,6 +53,8 @@ REAL = [
 WORDS_ONLY = [
     # Without a status (older CLIs, the stand-in): the words decide.
     ('API Error: 429 {"type":"error","error":{"type":"rate_limit_error"}}', ErrorKind.RATE_LIMIT),
+    ("Claude AI usage limit reached|1796660954", ErrorKind.RATE_LIMIT),
+    ("You've hit your 5-hour limit · resets 3pm (Europe/Paris)", ErrorKind.RATE_LIMIT),
     ("Invalid API key · Please run /login", ErrorKind.AUTH),
     ("OAuth token has expired. Please obtain a new token or refresh", ErrorKind.AUTH),
     ("API Error: Repeated 529 Overloaded errors", ErrorKind.OVERLOADED),
@@ -109,3 +113,21 @@ def test_the_cli_gets_bounded_retries_by_default() -> None:
     assert 1 <= retries <= 4, "a burst is ridden out, a refusal comes back within seconds"
     assert CLI_ENV["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
     assert json.dumps(CLI_ENV)  # plain strings: a machine's environment
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [
+        (1796660954, datetime(2026, 12, 7, 16, 29, 14, tzinfo=UTC)),
+        ("2026-12-07T16:29:14Z", datetime(2026, 12, 7, 16, 29, 14, tzinfo=UTC)),
+        ("sk-ant-oat01-not-a-time", None),
+        ({"value": 3}, None),
+    ],
+)
+def test_a_reports_reset_is_a_time_or_nothing(given: object, read: datetime | None) -> None:
+    # Whatever the machine sends, only a time reaches history: anything else is dropped and
+    # the report is still read.
+    payload = {"exit_code": 1, "claude": {"is_error": True, "result": "x"}, "resets_at": given}
+    report = AgentReport.parse(json.dumps(payload).encode())
+    assert report.error is None and report.claude is not None
+    assert report.resets_at == read

@@ -19,7 +19,8 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
+from client.stack import free_port, listening
 from sortie.codec import (
     ENCODING,
     KEY_ID,
@@ -32,7 +33,6 @@ from sortie.codec import (
     parse_keys,
 )
 from sortie.spec import parse_batch
-from sortie.stack import free_port, listening
 from sortie.temporal import connect
 from tests.helpers.batches import settings_for
 from tests.helpers.history import decoded_payloads

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator
 
-from sortie import batches, export
+from client import batches, export
 from sortie.failures import Summary, cause_lines
 from sortie.models import JobResult, JobState
 

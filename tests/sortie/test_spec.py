@@ -7,20 +7,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sortie.batches import CHUNK_INPUT_BYTES, PAYLOAD_BYTES, batch_input, chunk_size
-from sortie.spec import (
+from client.batches import CHUNK_INPUT_BYTES, PAYLOAD_BYTES, batch_input, chunk_size
+from sortie.fields import (
     FAILURE_RATE_AFTER,
     BatchFileError,
+    branch_name,
+    parse_duration,
+    parse_memory_mb,
+    parse_percent,
+)
+from sortie.spec import (
     BatchSpec,
     LogTail,
     StormGuard,
     app_for,
-    branch_name,
     load_batch_file,
     parse_batch,
-    parse_duration,
-    parse_memory_mb,
-    parse_percent,
     resolve_job,
 )
 
@@ -566,3 +568,77 @@ def test_notify_is_checked_and_its_secrets_are_the_batchs() -> None:
     assert "http(s)://host" in notify_problems(url="ftp://h.example/")
     assert "events" in notify_problems(events=["finished"])
     assert "events" in notify_problems(events=[])
+
+
+def test_max_memory_and_on_oom_grow_the_retry_of_an_oom_killed_job() -> None:
+    jobs = [
+        {"id": "default", "command": "true"},
+        {"id": "capped", "command": "true", "max_memory": "768mb"},
+        {"id": "same", "command": "true", "on_oom": "same"},
+        {"id": "big", "command": "true", "guest": {"cpus": 1, "memory_mb": "1gb"}},
+        {"id": "fast", "command": "true", "guest": {"cpu_kind": "performance", "cpus": 1}},
+    ]
+    spec = parse_batch(base(jobs=jobs))
+    default, capped, same, big, fast = (
+        resolve_job(spec.defaults, j, i) for i, j in enumerate(spec.jobs)
+    )
+    # Doubling, up to four times the job's memory by default, within Fly's 2 GB per shared CPU.
+    assert [default.memory_after_oom(m) for m in (256, 512, 1024)] == [512, 1024, 1024]
+    assert [capped.memory_after_oom(m) for m in (256, 512, 768)] == [512, 768, 768]
+    assert same.memory_after_oom(256) == 256
+    assert [big.memory_after_oom(m) for m in (1024, 2048)] == [2048, 2048]
+    assert fast.memory_after_oom(256) == 512 and fast.sized(512).guest.memory_mb == 512
+    found = problems(
+        base(
+            defaults={"max_memory": "4gb"},
+            jobs=[
+                {"id": "low", "command": "true", "guest": {"memory_mb": 1024}, "max_memory": 512},
+                {"id": "fly", "command": "true"},
+                {"id": "ok", "command": "true", "guest": {"cpus": 2}},
+                {"id": "kind", "command": "true", "guest": {"cpus": 2}, "on_oom": "bigger"},
+            ],
+        )
+    )
+    assert found == [
+        "job 'kind' (jobs[3]): on_oom: Input should be 'grow' or 'same'",
+        "job 'low' (jobs[0]): max_memory: 512 MB is below the job's memory_mb (1024 MB)",
+        "job 'fly' (jobs[1]): max_memory: 4096 MB is more than Fly gives 1 shared CPU (2048 MB)",
+    ]
+
+
+def test_network_is_an_allowlist_or_open_and_only_for_prompt_jobs() -> None:
+    from sortie.claude import job_document
+    from sortie.spec import Network, parse_batch, resolve_job
+
+    spec = parse_batch(
+        {
+            "name": "net",
+            "app": "a",
+            "defaults": {"network": {"allow": ["pypi.org", "*.example.com"]}},
+            "jobs": [
+                {"id": "a", "prompt": "p"},
+                {"id": "b", "prompt": "p", "network": "open", "secrets": ["NPM_TOKEN"]},
+            ],
+        }
+    )
+    a, b = (resolve_job(spec.defaults, job, i) for i, job in enumerate(spec.jobs))
+    assert a.network == Network(allow=["pypi.org", "*.example.com"]) and b.network == "open"
+    assert job_document(a)["network"] == ["pypi.org", "*.example.com"]
+    assert job_document(b)["network"] is None and job_document(b)["secrets"] == ["NPM_TOKEN"]
+    assert spec.open_network() == ["b"]
+    with pytest.raises(BatchFileError) as bad:
+        parse_batch(
+            {
+                "name": "net",
+                "app": "a",
+                "jobs": [
+                    {"id": "c", "command": "true", "network": "open"},
+                    {"id": "d", "prompt": "p", "network": {"allow": ["http://x.org/"]}},
+                    {"id": "e", "prompt": "p", "network": "closed"},
+                ],
+            }
+        )
+    problems = "\n".join(bad.value.problems)
+    assert "job 'c' (jobs[0]): network is only for prompt jobs" in problems
+    assert "job 'd' (jobs[1]): network.Network.allow.0" in problems
+    assert "job 'e' (jobs[2]): network" in problems

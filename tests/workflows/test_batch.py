@@ -7,6 +7,8 @@ Sortie's own records.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
 import subprocess
@@ -20,11 +22,12 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.batches import JOBS, settings_for, spec_for
+from tests.helpers.cli import cli, cli_env
 from tests.helpers.history import assert_no_create_while_paused, every_run
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, Sortie
@@ -243,6 +246,35 @@ async def test_an_infrastructure_failure_is_retried_on_a_new_machine(
     assert report.results[1].attempts == 1
     tries = [m for m in machines(sortie, app_name) if m["metadata"][META_JOB] == "flaky"]
     assert sorted(m["metadata"]["sortie_attempt"] for m in tries) == ["1", "2"]
+    assert not live(sortie, app_name)
+
+
+HOG = "python3 -c \"import time; held = b'x' * (300 << 20); time.sleep(4)\""
+"""A job that needs about 310 MB: localfly's OOM killer stops it on a 256 MB machine."""
+
+
+@pytest.mark.parametrize("on_oom", ["grow", "same"])
+async def test_the_retry_of_an_oom_killed_job_runs_with_twice_the_memory(
+    sortie: Sortie, app_name: str, on_oom: str
+) -> None:
+    jobs = [{"id": "hog", "command": HOG, "on_oom": on_oom}]
+    spec = make_spec(app_name, jobs, defaults={"retries": 1, "guest": {"memory_mb": 256}})
+    report = await finish(sortie, await start(sortie, spec))
+
+    (hog,) = report.results
+    sizes = sorted(
+        (m["metadata"]["sortie_attempt"], m["memory_mb"]) for m in machines(sortie, app_name)
+    )
+    if on_oom == "grow":
+        assert (hog.state, hog.attempts, hog.memory_mb) == ("succeeded", 2, 512), hog.error
+        env = cli_env(sortie)
+        shown = await cli(["results", report.batch_id, "--format", "csv"], env)
+        [row] = csv.DictReader(io.StringIO(shown.stdout))
+        assert row["memory_mb"] == "512", "the result says the size that ran"
+        assert sizes == [("1", 256), ("2", 512)], "killed at 256 MB, then run at 512 MB"
+    else:
+        assert (hog.state, hog.attempts, hog.memory_mb) == ("failed", 2, 256)
+        assert "OOM killed" in (hog.error or "") and sizes == [("1", 256), ("2", 256)]
     assert not live(sortie, app_name)
 
 

@@ -6,18 +6,23 @@ the rests and the turn live in the task queue's CredentialPoolWorkflow on the re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
-from sortie import batches
-from sortie.credentials import ClaudePool, CredentialsResting, pool_workflow_id
+from activities.credentials import ClaudePool, CredentialsResting, pool_workflow_id
+from client import batches
 from sortie.spec import parse_batch
 from tests.helpers.history import decoded_payloads
 from tests.helpers.stack import Sortie
+from tests.helpers.waiting import eventually
+from workflows.batch import BatchWorkflow
+from workflows.batch_models import Progress
 from workflows.credentials import CredentialPoolWorkflow
 
 ONE, TWO, THREE = (
@@ -79,25 +84,59 @@ def test_a_numbered_credential_carries_its_own_endpoint_and_model() -> None:
     assert pool[ONE].machine_env() == {"CLAUDE_CODE_OAUTH_TOKEN": pool[ONE].value}, "its own"
 
 
-async def test_a_batch_sees_credentials_resting_as_the_jobs_error_kind(
+async def test_a_job_that_finds_every_credential_resting_waits_for_the_rest_to_end(
     sortie: Sortie, app_name: str, worker_env: dict[str, str]
 ) -> None:
-    # The worker's one credential rests (another worker saw Claude refuse it): the prompt job
-    # fails at its create with the error kind `credentials_resting`, and no machine is made.
+    # The worker's one credential rests until a reset 8 s ahead (another worker saw Claude refuse
+    # it and say when its limit resets): the prompt job's create is refused with no machine, the
+    # job waits (`credentials_resting`), the batch pauses until the reset, then both go on.
     pool = ClaudePool.from_env(worker_env)
-    await pool.rest(sortie.client, sortie.settings.task_queue, ONE, "rate_limit error elsewhere")
+    until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=8)
+    await pool.rest(sortie.client, sortie.settings.task_queue, ONE, "rate_limit elsewhere", until)
     spec = parse_batch(
         {
             "name": f"p{uuid.uuid4().hex[:8]}",
             "app": app_name,
-            "defaults": {"retries": 1},
+            "defaults": {"retries": 0},
             "jobs": [{"id": "ask", "prompt": "anything"}],
         }
     )
     submitted = await batches.submit(sortie.client, sortie.settings, spec)
-    output = await batches.batch_handle(sortie.client, submitted.batch_id).result()
-    assert [c.counts.credentials_resting for c in output.chunks] == [1], "the batch counts it"
+    handle = batches.batch_handle(sortie.client, submitted.batch_id)
+
+    async def waiting() -> Progress | None:
+        progress = await handle.query(BatchWorkflow.progress)
+        return progress if progress.paused and progress.counts.credentials_resting else None
+
+    progress = await eventually(waiting, what="the job waiting, the batch paused")
+    assert f"resting until {until:%H:%M:%S} UTC" in (progress.pause_reason or "")
+    assert progress.counts.pending == 1 and sortie.localfly.machines(app_name) == []
+    output = await asyncio.wait_for(handle.result(), timeout=60)
     [result] = (await batches.results(sortie.client, submitted.batch_id)).results
-    assert (result.state, result.error_kind) == ("failed", "credentials_resting"), result
-    assert "every Claude credential is resting" in (result.error or "")
-    assert sortie.localfly.machines(app_name) == []
+    assert (output.status, result.state, result.attempts) == ("completed", "succeeded", 1)
+    [machine] = sortie.localfly.machines(app_name)
+    assert datetime.fromisoformat(machine["created_at"]) >= until, "made once the rest was over"
+
+
+async def test_a_rest_lasts_until_the_reset_claude_named_or_the_fixed_span(
+    temporal: WorkflowEnvironment,
+) -> None:
+    queue = f"pool-{uuid.uuid4().hex}"
+    client, pool = temporal.client, worker_pool(SORTIE_CREDENTIAL_REST="120")
+    soon = datetime.now(UTC) + timedelta(minutes=7)
+    async with Worker(client, task_queue=queue, workflows=[CredentialPoolWorkflow]):
+        await pool.rest(client, queue, ONE, "rate_limit error in job a", soon)
+        await pool.rest(client, queue, TWO, "auth error in job b")
+        await pool.rest(
+            client, queue, THREE, "rate_limit error in job c", soon + timedelta(days=30)
+        )
+        handle = client.get_workflow_handle(pool_workflow_id(queue))
+        view = await handle.query(CredentialPoolWorkflow.resting)
+        with pytest.raises(CredentialsResting) as resting:
+            await pool.take(client, queue)
+    assert abs((view.resting[ONE] - soon).total_seconds()) < 0.01, "until the named reset"
+    fixed = [view.resting[n] - datetime.now(UTC) for n in (TWO, THREE)]
+    assert all(timedelta(seconds=100) < left <= timedelta(seconds=120) for left in fixed), (
+        "no reset, or one past Claude's longest window: the fixed span"
+    )
+    assert resting.value.until == min(view.resting.values())

@@ -21,10 +21,11 @@ from temporalio.client import WorkflowHandle
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
+from sortie.fields import FAILURE_RATE_AFTER
 from sortie.models import Counts, Tuning
 from sortie.settings import Settings
-from sortie.spec import FAILURE_RATE_AFTER, OnTooManyFailures, StormGuard, parse_batch
+from sortie.spec import OnTooManyFailures, StormGuard, parse_batch
 from tests.helpers.fleet import Fleet, fleet_worker
 from tests.helpers.waiting import eventually
 from workflows import guards

@@ -7,6 +7,7 @@ reports are refused, and a chunk must not take that for a batch that is gone.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -19,12 +20,13 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from activities.chunk_models import ChunkEnd, WatchChunksInput
+from client import batches
+from client.stack import MATCHING_CONFIG
 from sortie.codec import data_converter
 from sortie.models import JobState, Tuning
 from sortie.settings import Settings
 from sortie.spec import Job
-from sortie.stack import MATCHING_CONFIG
 from tests.helpers.fleet import Fleet, fleet_worker
 from tests.helpers.stack import TEMPORAL_CLI
 from tests.helpers.waiting import eventually
@@ -43,12 +45,14 @@ class ListenerInput(BaseModel):
 @workflow.defn(sandboxed=False)  # a stand-in defined in a test module
 class ReportListener:
     """Stands in for a batch: starts one chunk and hears its reports. Its first run waits to be
-    told to continue-as-new; every later run does so once it is full. It returns every report
-    its runs heard, once one heard the chunk's last."""
+    told to continue-as-new; every later run does so once it is full. As a batch's later run,
+    it hears the chunk's end by watching it (`watch_chunks`), and returns every report its runs
+    heard and the chunk's end."""
 
     def __init__(self) -> None:
         self.reports: list[ChunkReport] = []
         self.roll_over = False
+        self.end: ChunkEnd | None = None
 
     @workflow.signal
     def chunk_report(self, report: ChunkReport) -> None:
@@ -59,7 +63,7 @@ class ReportListener:
         self.roll_over = True
 
     @workflow.run
-    async def run(self, input: ListenerInput) -> list[ChunkReport]:
+    async def run(self, input: ListenerInput) -> tuple[list[ChunkReport], ChunkEnd]:
         if input.first_run:
             await workflow.start_child_workflow(
                 ChunkWorkflow.run,
@@ -69,17 +73,26 @@ class ReportListener:
             )
             await workflow.wait_condition(lambda: self.roll_over)
         else:
+            watching = asyncio.create_task(self._watch(f"{workflow.info().workflow_id}-chunk"))
             await workflow.wait_condition(
-                lambda: self._heard_last() or len(self.reports) >= SIGNALS_PER_RUN
+                lambda: self.end is not None or len(self.reports) >= SIGNALS_PER_RUN
             )
+            watching.cancel()
         heard = [*input.heard, *self.reports]
-        if self._heard_last():
-            return heard
         await workflow.wait_condition(workflow.all_handlers_finished)
+        if self.end is not None:
+            return heard, self.end
         workflow.continue_as_new(input.model_copy(update={"first_run": False, "heard": heard}))
 
-    def _heard_last(self) -> bool:
-        return any(report.done for report in self.reports)
+    async def _watch(self, chunk_id: str) -> None:
+        while self.end is None:
+            ends = await workflow.execute_activity(
+                "watch_chunks",
+                WatchChunksInput(workflow_ids=[chunk_id], wait_s=5, heartbeat_every_s=1),
+                result_type=list[ChunkEnd],
+                start_to_close_timeout=timedelta(seconds=30),
+            )
+            self.end = ends[0] if ends else None
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +152,10 @@ async def test_a_report_the_batch_run_refused_reaches_its_next_run(
         chunk_id = f"{listener_id}-chunk"
         await eventually(lambda: refused_reports(limited.client, chunk_id), what="a report refused")
         await handle.execute_update(ReportListener.continue_as_new)
-        heard = await handle.result()
+        heard, end = await handle.result()
         rows = await batches.turn_rows(limited.client, chunk_id, settings.blob_store())
 
-    # The chunk went on with every job after the refusal, and the next run heard its end.
+    # The chunk went on with every job after the refusal, and a later run heard its end.
     assert [r.state for r in rows] == [JobState.SUCCEEDED] * len(jobs)
-    assert heard and heard[-1].done and heard[-1].counts.succeeded == len(jobs)
+    assert heard and end.output is not None and end.output.counts.succeeded == len(jobs)
     assert fleet.live == 0

@@ -14,8 +14,10 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from sortie.pacing import CREATE_BURST, AppPacer, pacer_workflow_id
-from workflows.pacer import CreatePacerWorkflow, PacerState, ReserveCreates
+from activities.pacer_models import PacerState, ReserveCreates
+from activities.pacing import AppPacer
+from sortie.pacing import CREATE_BURST, pacer_workflow_id
+from workflows.pacer import CreatePacerWorkflow
 
 RATE = 20.0
 """Turns a second in these tests: fast enough that waiting them out takes little time."""

@@ -12,11 +12,12 @@ import pytest
 from temporalio.client import ScheduleActionExecutionStartWorkflow, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
-from activities.reaper_models import ReapInput, ReapOutput
+from client import batches
 from fly import FlyClient
-from sortie import batches, reaping
+from sortie import reaping
 from sortie.codec import new_key
 from sortie.labels import chunk_workflow_id
+from sortie.reaper_models import ReapInput, ReapOutput
 from sortie.temporal import connect
 from tests.helpers.batches import TUNING, settings_for, spec_for
 from tests.helpers.processes import WorkerProcess

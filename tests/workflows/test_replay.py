@@ -24,7 +24,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
-from sortie import batches
+from client import batches
 from sortie.labels import chunk_workflow_id
 from sortie.settings import Settings
 from sortie.spec import parse_batch

@@ -7,6 +7,7 @@ jobs run in seconds and the cap, slot reuse and continue-as-new can be checked e
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import uuid
 from collections import Counter
@@ -16,7 +17,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.models import Tuning
 from sortie.settings import Settings
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker, run_fleet_batch
@@ -24,6 +25,7 @@ from tests.helpers.history import every_run, payload_sizes
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import MaxMachinesRequest
+from workflows.chunk_models import ChunkReport
 
 
 async def test_cap_is_held_and_filled_across_many_chunks(temporal: WorkflowEnvironment) -> None:
@@ -222,3 +224,53 @@ async def test_pause_and_cancel_reach_started_chunks_while_other_starts_are_in_f
 
     verdicts = [told_while_starts_in_flight(list(run.events)) for run in runs]
     assert False not in verdicts, "the chunks were told only once every start had landed"
+
+
+async def test_a_chunks_end_is_its_result_never_a_signal(temporal: WorkflowEnvironment) -> None:
+    # Ten chunks with a slot per job finish together: they do not tell the batch so by
+    # signal, it hears each end as the child's result (or, after continue-as-new, watches).
+    fleet = Fleet()
+    settings = Settings(task_queue=f"ends-{uuid.uuid4().hex}")
+    spec = fleet_spec([{"id": f"j{i:04d}"} for i in range(200)], max_machines=200, chunk_size=20)
+    async with fleet_worker(temporal, settings, fleet.activities):
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
+        output = await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    assert output.succeeded == 200 and fleet.live == 0
+    events = [e for run in await every_run(temporal.client, submitted.batch_id) for e in run.events]
+    ends = Counter(e.event_type for e in events)
+    assert ends[EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED], ends
+    reports = [
+        ChunkReport.model_validate_json(
+            e.workflow_execution_signaled_event_attributes.input.payloads[0].data
+        )
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    ]
+    # A progress report may happen to come once every job is final; no chunk sends its end.
+    assert len([r for r in reports if r.counts.done == r.counts.total]) < 10, reports
+
+
+async def test_a_run_hears_the_end_of_the_chunks_it_inherited(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Runs of 100 events continue-as-new while chunks run: each later run watches the chunks
+    # it inherited and hears their ends, so the batch closes with every job counted.
+    fleet = Fleet(fill_to=7)
+    settings = Settings(task_queue=f"inherit-{uuid.uuid4().hex}")
+    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(300)], max_machines=7, chunk_size=20)
+    async with fleet_worker(temporal, settings, fleet.activities):
+        submitted = await batches.submit(
+            temporal.client, settings, spec, tuning=Tuning(run_events=100)
+        )
+        handle = batches.batch_handle(temporal.client, submitted.batch_id)
+        output = await asyncio.wait_for(handle.result(), timeout=180)
+    assert output.succeeded == 300 and fleet.live == 0
+    runs = await every_run(temporal.client, submitted.batch_id)
+    watches = [
+        e
+        for run in runs[1:]
+        for e in run.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "watch_chunks"
+    ]
+    assert len(runs) > 2 and watches

@@ -21,7 +21,7 @@ from temporalio.client import Client
 from temporalio.common import VersioningBehavior
 from temporalio.testing import WorkflowEnvironment
 
-from sortie import batches
+from client import batches
 from sortie.labels import chunk_workflow_id
 from sortie.models import Tuning
 from sortie.settings import Settings

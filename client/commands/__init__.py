@@ -1,0 +1,1 @@
+"""The starter's commands, one module per group; `starter.py` parses arguments and picks one."""

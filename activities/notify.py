@@ -30,7 +30,7 @@ from activities.secrets import SecretStore
 from sortie.failures import Cause, Summary, cause_lines
 from sortie.labels import chunk_workflow_id
 from sortie.models import JobResult
-from sortie.spec import NotifyFormat
+from sortie.notify import NotifyFormat
 from sortie.store import ObjectStore, notice_key
 
 SIGNATURE = "Sortie-Signature"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sortie.models import Counts, StrictModel
-from sortie.spec import Notify, NotifyEvent
+from sortie.notify import Notify, NotifyEvent
 
 
 class NoticeInput(StrictModel):

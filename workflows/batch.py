@@ -32,8 +32,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.notify_models import NoticeInput
     from sortie.labels import BATCH_ID
     from sortie.models import Counts
+    from sortie.notify import NotifyEvent
     from sortie.pacing import batch_priority
-    from sortie.spec import NotifyEvent
     from workflows import chunk_ends, guards, policies, slots
     from workflows.batch_models import (
         BatchInput,

@@ -10,7 +10,8 @@ from pydantic import Field
 from activities.job_models import JobsClaim
 from sortie.labels import chunk_workflow_id
 from sortie.models import Counts, StrictModel, Tuning
-from sortie.spec import Notify, OnTooManyFailures, StormGuard
+from sortie.notify import Notify
+from sortie.spec import OnTooManyFailures, StormGuard
 
 
 class ChunkPlan(StrictModel):

@@ -225,7 +225,7 @@ def run_command(machine: Machine, argv: Sequence[str]) -> int:
     collector = Collector(machine, asked, root)
     try:
         work = subprocess.Popen(
-            list(argv), env=machine.child_env(), stdin=subprocess.DEVNULL, start_new_session=True
+            list(argv), env=machine.command_env(), stdin=subprocess.DEVNULL, start_new_session=True
         )
     except OSError as error:
         machine.note(f"cannot run {argv[0]!r}: {error.strerror}")

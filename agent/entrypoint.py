@@ -57,14 +57,8 @@ from agent.watch import Watched, watch
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-STORE_URLS = (
-    REPORT_URL,
-    ARCHIVE_URL,
-    RESTORE_URL,
-    changes.CHANGES_URL,
-    verify.SPEND_URL,
-    *artifacts.URLS,
-)
+STORE_URLS: tuple[str, ...] = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL)
+STORE_URLS += (verify.SPEND_URL, *artifacts.URLS)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
 CLAUDE_CREDENTIALS = ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY")
 SECRET_ENV = ("GITHUB_TOKEN", *CLAUDE_CREDENTIALS, *STORE_URLS)
@@ -436,6 +430,10 @@ class Machine(Transfers):
         kept (the CLI's own, hidden from its commands by the sandbox)."""
         hidden = set(SECRET_ENV) | set(self.sandbox.secrets if self.sandbox else ())
         return {k: v for k, v in self.env.items() if k not in hidden - set(keep)}
+
+    def command_env(self) -> dict[str, str]:
+        """A command job's command's environment: its named secrets, no presigned store URL."""
+        return {k: v for k, v in self.env.items() if k not in STORE_URLS}
 
     def send_archive(self) -> bool:
         """Build the session archive on disk and upload it, unless too big or it cannot be."""

@@ -122,11 +122,11 @@ def test_the_loop_tells_what_it_spent_after_every_turn(
     tmp_path: Path, bare: tuple[Path, str]
 ) -> None:
     origin, _ = bare
-    spend = tmp_path / "run" / "spend.json"
-    spend.parent.mkdir(parents=True, exist_ok=True)
-    # The check writes what the loop had told by then, turn by turn.
-    told = tmp_path / "told.txt"
-    check = f"cat {spend} >> {told}; echo >> {told}; exit 1"
+    # The check sees only its checkout: the spend lands there, and it writes down what the
+    # loop had told by then, turn by turn.
+    checkout = tmp_path / "run" / "root" / "workspace" / "origin"
+    spend, told = checkout / ".spend.json", checkout / ".told"
+    check = "cat .spend.json >> .told; echo >> .told; printenv SORTIE_SPEND_URL >> .leak; exit 1"
     description = job(
         "Work [[cost:0.25]]", [{"url": str(origin)}], verify=["sh", "-c", check], max_iterations=3
     )
@@ -142,6 +142,7 @@ def test_the_loop_tells_what_it_spent_after_every_turn(
         assert told_then["num_turns"] == sum(i["num_turns"] for i in so_far)
     assert seen[0]["cost_usd"] == 0.25
     assert str(spend) not in run.stderr, "the URL is a secret"
+    assert (checkout / ".leak").read_text() == "", "the check never sees the spend URL"
 
 
 def test_a_check_that_cannot_start_in_its_sandbox_exits_127(

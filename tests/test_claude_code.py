@@ -13,6 +13,7 @@ import asyncio
 import csv
 import io
 import json
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -59,6 +60,13 @@ async def run_batch(s: Sortie, spec: BatchSpec) -> batches.BatchReport:
 
 def live(s: Sortie, app: str) -> list[dict[str, Any]]:
     return [m for m in s.localfly.machines(app) if m["state"] != "destroyed"]
+
+
+def open_gate(machine_id: str, repo: str) -> None:
+    """Touch `.gate` in a running localfly machine's checkout (its own temporary directory),
+    the one place a sandboxed `verify` sees."""
+    [checkout] = Path(tempfile.gettempdir()).glob(f"localfly-{machine_id}-*/workspace/{repo}")
+    (checkout / ".gate").touch()
 
 
 def api(s: Sortie) -> Any:
@@ -270,19 +278,21 @@ async def test_a_verify_loop_spends_the_batch_budget_as_it_happens(
     plain prompt job's cost, so no machine starts on money a running loop has spent, though
     cheap jobs beside it free their slots."""
     repo = git_repo(tmp_path / "repo")
-    gate = tmp_path / "gate"
     # Each turn reports 200,000 output tokens: dollars at any model's price, past the budget.
     jobs: list[dict[str, Any]] = [
         {
             "id": "loop",
             "prompt": f"Make it pass {uuid.uuid4().hex} [[usage:200000]]",
             "repos": [str(repo)],
-            "verify": f"while [ ! -e {gate} ]; do sleep 0.1; done; exit 1",
+            # verify sees only its checkout (its sandbox): the gate is opened there
+            "verify": "while [ ! -e .gate ]; do sleep 0.1; done; exit 1",
             "max_iterations": 2,
         },
         *({"id": f"cheap{i}", "prompt": f"A cheap question {i}"} for i in range(4)),
     ]
-    spec = claude_spec(app_name, jobs, max_machines=2, max_cost_usd=0.5)
+    # Room for the real CLI: localfly kills a machine past its memory_mb, as Fly's kernel does.
+    roomy = {"guest": {"memory_mb": 1024}}
+    spec = claude_spec(app_name, jobs, max_machines=2, max_cost_usd=0.5, defaults=roomy)
     submitted = await batches.submit(claude_code.client, claude_code.settings, spec)
 
     async def paused_while_looping() -> Any:
@@ -297,7 +307,8 @@ async def test_a_verify_loop_spends_the_batch_budget_as_it_happens(
     assert paused.counts.cost_usd >= 0.5, "the first turn's cost, counted before the job ended"
     made = len(claude_code.localfly.machines(app_name))
 
-    gate.touch()  # the check fails: Claude's second turn in the session, then the job ends
+    [loop_machine] = [m["id"] for m in live(claude_code, app_name) if "-loop-" in m["name"]]
+    open_gate(loop_machine, "repo")  # the check fails: Claude's second turn, then the job ends
     await eventually(lambda: not live(claude_code, app_name), what="running jobs to end")
     assert len(claude_code.localfly.machines(app_name)) == made, "a machine started past it"
     handle = batches.batch_handle(claude_code.client, submitted.batch_id)

@@ -30,6 +30,7 @@ from activities.jobs import JobActivities
 from activities.logs import LogContextInterceptor, configure_logging, note_machine
 from activities.machines import MachineActivities
 from activities.metrics import ADDRESS_VARIABLE, MetricsInterceptor, SortieMetrics, metrics_runtime
+from activities.notify import NotifyActivities
 from activities.pacing import CreateQueues
 from activities.reaper import ReaperActivities
 from activities.secrets import SecretStore
@@ -84,6 +85,7 @@ def build_worker(
     machines = MachineActivities(fly, secrets, store, task_queue=settings.task_queue)
     reaper = ReaperActivities(fly, store)
     jobs = JobActivities(store)
+    notices = NotifyActivities(secrets, store, settings.workflow_url)
     chunks = ChunkActivities(client)
     deployment = settings.deployment_config()
     everywhere = [LogContextInterceptor(), *interceptors]
@@ -118,6 +120,7 @@ def build_worker(
             jobs.store_rows,
             chunks.watch_chunks,
             reaper.reap_orphans,
+            notices.notify,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         # A batch starts hundreds of creates at once; polling more while the queue has a

@@ -1,10 +1,18 @@
-"""Input and output of `watch_chunks`: which chunks to watch, and how each ended."""
+"""A chunk's output, and `watch_chunks`'s input and output: which chunks to watch, how each
+ended (activities/ may not import workflows/)."""
 
 from __future__ import annotations
 
-from typing import Any
+from sortie.models import Counts, StrictModel
 
-from sortie.models import StrictModel
+
+class ChunkOutput(StrictModel):
+    """A finished chunk: its counts, and where its rows (every job's, in input order) are kept
+    in the object store: they stay off its batch's history."""
+
+    index: int
+    counts: Counts
+    rows: str
 
 
 class WatchChunksInput(StrictModel):
@@ -15,10 +23,9 @@ class WatchChunksInput(StrictModel):
     heartbeat_every_s: float
 
 
-class ClosedChunk(StrictModel):
-    """A chunk that closed: its output as it was stored (the workflow reads it as its own
-    model), or the reason it has none (failed, terminated)."""
+class ChunkEnd(StrictModel):
+    """A chunk that closed: its output, or the reason it has none (failed, terminated)."""
 
     workflow_id: str
-    output: dict[str, Any] | None = None
+    output: ChunkOutput | None = None
     error: str | None = None

@@ -9,7 +9,7 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.chunk_models import ClosedChunk, WatchChunksInput
+from activities.chunk_models import ChunkEnd, ChunkOutput, WatchChunksInput
 
 GATHER_S = 1.0
 """After the first watched chunk ends, how long to wait for others: chunks that end together
@@ -23,7 +23,7 @@ class ChunkActivities:
         self._client = client
 
     @activity.defn(name="watch_chunks")
-    async def watch_chunks(self, input: WatchChunksInput) -> list[ClosedChunk]:
+    async def watch_chunks(self, input: WatchChunksInput) -> list[ChunkEnd]:
         """Wait until some of the chunks have closed (at most `wait_s`), and say how each
         ended; none when none ended in time. Reads only: a retry asks again."""
         watches = {
@@ -43,18 +43,18 @@ class ChunkActivities:
                 task.cancel()
             await asyncio.gather(*watches, beating, return_exceptions=True)
 
-    async def _end(self, workflow_id: str) -> ClosedChunk:
+    async def _end(self, workflow_id: str) -> ChunkEnd:
         """How the chunk ended: its output, or why it has none."""
-        handle = self._client.get_workflow_handle(workflow_id)
+        handle = self._client.get_workflow_handle(workflow_id, result_type=ChunkOutput)
         try:
             output = await handle.result()
         except WorkflowFailureError as error:
-            return ClosedChunk(workflow_id=workflow_id, error=f"{error.cause or error}")
+            return ChunkEnd(workflow_id=workflow_id, error=f"{error.cause or error}")
         except RPCError as error:
             if error.status is not RPCStatusCode.NOT_FOUND:
                 raise
-            return ClosedChunk(workflow_id=workflow_id, error="the chunk's workflow is gone")
-        return ClosedChunk(workflow_id=workflow_id, output=output)
+            return ChunkEnd(workflow_id=workflow_id, error="the chunk's workflow is gone")
+        return ChunkEnd(workflow_id=workflow_id, output=output)
 
 
 async def _beat(every_s: float) -> None:

@@ -94,6 +94,9 @@ class CollectResultInput(StrictModel):
     log_tail: LogTail = LogTail.ALWAYS
     json_schema: dict[str, Any] | None = None
     """The prompt job's schema: an answer that does not match it fails the job."""
+    spend_of: int | None = None
+    """The job's index when its verify loop's spend is to reach the chunk as it happens (the
+    batch has a budget): `finish_job` reads it from the store and signals the chunk."""
     artifacts: bool = False
     """The job names artifacts: read the index its machine uploaded."""
 
@@ -133,6 +136,15 @@ class CollectResultOutput(StrictModel):
     log_tail: list[str] = []
     log_ref: str | None = None
     answer: JobAnswer | None = None
+
+
+class Spend(StrictModel):
+    """What a running job attempt's verify loop has spent so far: the chunk counts it at once."""
+
+    index: int
+    attempt: int
+    cost_usd: float = Field(ge=0)
+    num_turns: int = 0
 
 
 class FinishJobInput(StrictModel):

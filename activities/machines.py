@@ -46,6 +46,7 @@ from activities.machine_models import (
     ReadLogsOutput,
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
+    Spend,
     WaitMachineOutput,
     WaitOutcome,
 )
@@ -82,6 +83,7 @@ from sortie.store import (
     report_key,
     session_key,
     session_prefix,
+    spend_key,
 )
 
 GONE_STATES = {"destroyed", "destroying"}
@@ -91,8 +93,10 @@ REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
 CHANGES_URL = "SORTIE_CHANGES_URL"
-"""The machine's env: presigned URLs for this attempt's report, archive and changes (PUT) and
-the turn before's archive (GET). Secrets: they go to Fly in the create request and nowhere else."""
+SPEND_URL = "SORTIE_SPEND_URL"
+"""The machine's env: presigned URLs for this attempt's report, archive, changes and a verify
+loop's running spend (PUT) and the turn before's archive (GET). Secrets: they go to Fly in the
+create request and nowhere else."""
 URL_SLACK_S = 3600
 """How long a presigned URL outlives the job's own boot and run time: creates queued behind
 Fly's rate limits, a slow upload at the very end."""
@@ -213,7 +217,10 @@ class MachineActivities(MachineCollect):
         """
         ref = input.wait.machine
         seen: dict[str, Any] = {"machine_id": ref.machine_id, "state": None}
-        async with _beating(input.wait.heartbeat_every_s, seen):
+        async with (
+            _beating(input.wait.heartbeat_every_s, seen),
+            self._watching_spend(input, seen),
+        ):
             finished = await self._learned(input.collect)
             if finished is None:
                 finished = await self._learn(input, seen)
@@ -228,6 +235,51 @@ class MachineActivities(MachineCollect):
                 )
             finished.destroyed = await self._destroy_now(ref)
         return finished
+
+    @asynccontextmanager
+    async def _watching_spend(
+        self, input: FinishJobInput, seen: dict[str, Any]
+    ) -> AsyncIterator[None]:
+        """While the block runs, pass what the job's verify loop spent to its chunk as it grows,
+        so the batch's budget counts every turn when it happens, not when the job ends."""
+        index, chunk_id = input.collect.spend_of, activity.info().workflow_id
+        if index is None or chunk_id is None:
+            yield
+            return
+        key = spend_key(*_attempt_key(input.collect))
+        chunk = activity.client().get_workflow_handle(chunk_id)
+
+        async def watch() -> None:
+            told = 0.0
+            while True:
+                await asyncio.sleep(input.wait.heartbeat_every_s)
+                try:
+                    payload = await self._store.get(key)
+                    if payload is None:
+                        continue
+                    spent = json.loads(payload)
+                    spend = Spend(
+                        index=index,
+                        attempt=input.collect.attempt,
+                        cost_usd=float(spent.get("cost_usd") or 0.0),
+                        num_turns=int(spent.get("num_turns") or 0),
+                    )
+                    if spend.cost_usd <= told:
+                        continue
+                    await chunk.signal("spent", spend)
+                    told = seen["spent_usd"] = spend.cost_usd
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # best effort: the final report is the truth
+                    job = input.collect.job_id
+                    activity.logger.warning("spend of job %s not passed on: %s", job, error)
+
+        watching = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
 
     async def _learned(self, input: CollectResultInput) -> FinishJobOutput | None:
         """What an earlier attempt of this activity learned before it destroyed the machine."""
@@ -354,6 +406,8 @@ class MachineActivities(MachineCollect):
             env[REPORT_URL] = await self._store.presign_put(report_key(*key), valid_s)
             env[ARCHIVE_URL] = await self._store.presign_put(session_key(*key), valid_s)
             env[CHANGES_URL] = await self._store.presign_put(changes_key(*key), valid_s)
+            if job.verify is not None:
+                env[SPEND_URL] = await self._store.presign_put(spend_key(*key), valid_s)
             document = job_document(
                 job,
                 batch_id=input.batch_id,

@@ -57,7 +57,8 @@ from agent.watch import Watched, watch
 REPORT_URL = "SORTIE_REPORT_URL"
 ARCHIVE_URL = "SORTIE_ARCHIVE_URL"
 RESTORE_URL = "SORTIE_RESTORE_URL"
-STORE_URLS = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL, *artifacts.URLS)
+STORE_URLS: tuple[str, ...] = (REPORT_URL, ARCHIVE_URL, RESTORE_URL, changes.CHANGES_URL)
+STORE_URLS += (verify.SPEND_URL, *artifacts.URLS)
 """Presigned URLs: secrets, never printed, and kept from claude's environment."""
 CLAUDE_CREDENTIALS = ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY")
 SECRET_ENV = ("GITHUB_TOKEN", *CLAUDE_CREDENTIALS, *STORE_URLS)

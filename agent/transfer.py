@@ -58,7 +58,9 @@ class Transfers:
         sys.stdout.write(self.scrub.text(line) + "\n")
         sys.stdout.flush()
 
-    def upload(self, variable: str, what: str, body: Path | bytes) -> bool:
+    def upload(
+        self, variable: str, what: str, body: Path | bytes, tries: int = UPLOAD_TRIES
+    ) -> bool:
         """PUT `body` to the presigned URL in `variable`, retrying what a retry can help."""
         url = self.env.get(variable)
         if not url:
@@ -69,7 +71,7 @@ class Transfers:
             target.write_bytes(body.read_bytes() if isinstance(body, Path) else body)
             return True
         size = body.stat().st_size if isinstance(body, Path) else len(body)
-        for attempt in range(1, UPLOAD_TRIES + 1):
+        for attempt in range(1, tries + 1):
             try:
                 with _body(body) as payload:
                     request = urllib.request.Request(
@@ -92,10 +94,10 @@ class Transfers:
                     return False
             except (urllib.error.URLError, OSError) as error:
                 why = str(getattr(error, "reason", error))
-            self.note(f"{what} upload failed (try {attempt} of {UPLOAD_TRIES}): {why}")
-            if attempt < UPLOAD_TRIES:
+            self.note(f"{what} upload failed (try {attempt} of {tries}): {why}")
+            if attempt < tries:
                 time.sleep(min(UPLOAD_BACKOFF_S * 2 ** (attempt - 1), 10.0))
-        self.note(f"{what} upload gave up after {UPLOAD_TRIES} tries")
+        self.note(f"{what} upload gave up after {tries} tries")
         return False
 
     def download(self, variable: str, target: Path) -> None:

@@ -5,11 +5,14 @@ same machine. Exit 0 and the job succeeded. Otherwise, while iterations are left
 `max_cost_usd` is not spent), Claude continues the same session (`--resume`) with a prompt
 carrying the command and the scrubbed tail of its output, then `verify` runs again. Every
 iteration is recorded: Claude's exit code, verify's, the seconds it took and the turn's cost.
+What the loop has spent so far goes to the object store after every turn (SORTIE_SPEND_URL),
+where the worker reads it while the job runs, so the batch's budget counts it as it happens.
 Standard library only, like the rest of the agent.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -30,6 +33,8 @@ TAIL_CHARS = 2000
 EXIT_VERIFY_FAILED = 4
 """The entrypoint's exit code when the check still failed after the last iteration."""
 EXIT_NOT_RUN = 127
+SPEND_URL = "SORTIE_SPEND_URL"
+"""The presigned PUT URL for what the loop has spent so far (a secret like the others)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,19 @@ def fix_prompt(command: Sequence[str], code: int, output: str) -> str:
     )
 
 
+def report_spend(machine: Machine, iterations: list[dict[str, Any]]) -> None:
+    """Tell the worker what the loop has spent so far: one try, as the final report is the
+    truth and the loop must not wait on the store."""
+    if not machine.env.get(SPEND_URL):
+        return
+    spend = {
+        "cost_usd": round(sum(i["cost_usd"] for i in iterations), 6),
+        "num_turns": sum(i["num_turns"] for i in iterations),
+        "iterations": len(iterations),
+    }
+    machine.upload(SPEND_URL, "spend", json.dumps(spend).encode("utf-8"), tries=1)
+
+
 def run(machine: Machine, job: Job, cwd: Path, claude: Callable[[Job], Turn]) -> Loop:
     """Claude, then the check, until it passes or the iterations or the job's budget run out."""
     assert job.verify is not None
@@ -136,6 +154,7 @@ def run(machine: Machine, job: Job, cwd: Path, claude: Callable[[Job], Turn]) ->
             "num_turns": int(turn.number("num_turns")),
         }
         loop.iterations.append(iteration)
+        report_spend(machine, loop.iterations)
         if not turn.ok:
             iteration["seconds"] = round(time.monotonic() - started, 3)
             return loop  # Claude's own failure decides the job

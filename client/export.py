@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import TextIO
 
 from client.batches import BatchReport
-from client.failures import Summary, failed
+from sortie.failures import Summary, failed
 from sortie.models import JobResult
 
 Rows = Callable[[], AsyncIterator[tuple[str, JobResult]]]

@@ -50,6 +50,7 @@ from sortie.fields import (
     branch_name,
     parse_memory_mb,
 )
+from sortie.notify import Notify
 
 
 class _Strict(BaseModel):
@@ -394,6 +395,7 @@ class BatchSpec(_Strict):
     max_failure_rate: Percent | None = None
     on_too_many_failures: OnTooManyFailures = OnTooManyFailures.PAUSE
     storm: Annotated[StormGuard | None, BeforeValidator(_off)] = StormGuard()
+    notify: Notify | None = None
     defaults: Defaults = Defaults()
     jobs: list[JobSpec] = Field(min_length=1)
 
@@ -449,7 +451,7 @@ class BatchSpec(_Strict):
         names = set(self.defaults.secrets or [])
         for job in self.jobs:
             names.update(job.secrets or [])
-        return sorted(names)
+        return sorted(names | set(self.notify.secret_names() if self.notify else []))
 
     def open_network(self) -> list[str]:
         """The prompt jobs whose agent may connect anywhere (`network: open`): a warning."""

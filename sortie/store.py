@@ -305,6 +305,11 @@ def log_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     return f"logs/{batch_id}/{job_id}/t{turn}-a{attempt}.txt"
 
 
+def notice_key(delivery: str) -> str:
+    """Where a batch's webhook notice is marked delivered (`delivery`: `<batch>/<event>`)."""
+    return f"notices/{delivery}.json"
+
+
 def changes_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     """Where a prompt job attempt's changes are kept: a patch per repository, beside its answer."""
     return f"changes/{batch_id}/{job_id}/t{turn}-a{attempt}.json"
@@ -316,6 +321,12 @@ REPORTS = "reports"
 def report_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
     """Where the agent uploads a prompt job attempt's report (through a presigned URL)."""
     return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.json"
+
+
+def spend_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:
+    """What a running attempt's verify loop has spent so far (the agent uploads it after every
+    turn, `finish_job` reads it); swept as reports."""
+    return f"{REPORTS}/{batch_id}/{job_id}/t{turn}-a{attempt}.spend.json"
 
 
 def finished_key(batch_id: str, job_id: str, turn: int, attempt: int) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import csv
 import io
 import json
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -59,6 +60,13 @@ async def run_batch(s: Sortie, spec: BatchSpec) -> batches.BatchReport:
 
 def live(s: Sortie, app: str) -> list[dict[str, Any]]:
     return [m for m in s.localfly.machines(app) if m["state"] != "destroyed"]
+
+
+def open_gate(machine_id: str, repo: str) -> None:
+    """Touch `.gate` in a running localfly machine's checkout (its own temporary directory),
+    the one place a sandboxed `verify` sees."""
+    [checkout] = Path(tempfile.gettempdir()).glob(f"localfly-{machine_id}-*/workspace/{repo}")
+    (checkout / ".gate").touch()
 
 
 def api(s: Sortie) -> Any:
@@ -261,6 +269,60 @@ async def test_a_hung_api_call_is_stopped_as_stalled(claude_code: Sortie, app_na
     assert job.session_id and job.archive_ref, "what it had, its session too, was uploaded"
     assert any("stalled, stopping it" in line for line in job.log_tail), job.log_tail
     assert live(claude_code, app_name) == []
+
+
+async def test_a_verify_loop_spends_the_batch_budget_as_it_happens(
+    claude_code: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    """The batch pauses at its budget while the loop that spent it still runs, as it would at a
+    plain prompt job's cost, so no machine starts on money a running loop has spent, though
+    cheap jobs beside it free their slots."""
+    repo = git_repo(tmp_path / "repo")
+    # Each turn reports 200,000 output tokens: dollars at any model's price, past the budget.
+    jobs: list[dict[str, Any]] = [
+        {
+            "id": "loop",
+            "prompt": f"Make it pass {uuid.uuid4().hex} [[usage:200000]]",
+            "repos": [str(repo)],
+            # verify sees only its checkout (its sandbox): the gate is opened there
+            "verify": "while [ ! -e .gate ]; do sleep 0.1; done; exit 1",
+            "max_iterations": 2,
+        },
+        *({"id": f"cheap{i}", "prompt": f"A cheap question {i}"} for i in range(4)),
+    ]
+    # Room for the real CLI: localfly kills a machine past its memory_mb, as Fly's kernel does.
+    roomy = {"guest": {"memory_mb": 1024}}
+    spec = claude_spec(app_name, jobs, max_machines=2, max_cost_usd=0.5, defaults=roomy)
+    submitted = await batches.submit(claude_code.client, claude_code.settings, spec)
+
+    async def paused_while_looping() -> Any:
+        progress = await batches.progress(claude_code.client, submitted.batch_id)
+        looping = any("-loop-" in m.get("name", "") for m in live(claude_code, app_name))
+        return progress if progress.paused and looping else None
+
+    paused = await eventually(
+        paused_while_looping, timeout=60, what="the batch to pause while the loop runs"
+    )
+    assert "budget reached" in (paused.pause_reason or ""), paused.pause_reason
+    assert paused.counts.cost_usd >= 0.5, "the first turn's cost, counted before the job ended"
+    made = len(claude_code.localfly.machines(app_name))
+
+    [loop_machine] = [m["id"] for m in live(claude_code, app_name) if "-loop-" in m["name"]]
+    open_gate(loop_machine, "repo")  # the check fails: Claude's second turn, then the job ends
+    await eventually(lambda: not live(claude_code, app_name), what="running jobs to end")
+    assert len(claude_code.localfly.machines(app_name)) == made, "a machine started past it"
+    handle = batches.batch_handle(claude_code.client, submitted.batch_id)
+    await handle.signal(BatchWorkflow.cancel)
+    await handle.result()
+    report = await batches.results(
+        claude_code.client, submitted.batch_id, store=claude_code.settings.blob_store()
+    )
+    loop = report.results[0]
+    assert (loop.state, loop.error_kind) == ("failed", "verify_failed"), loop.error
+    assert len(loop.iterations) == 2 and loop.attempts == 1
+    assert loop.cost_usd == pytest.approx(sum(i.cost_usd for i in loop.iterations))
+    assert report.cost_usd == pytest.approx(sum(r.cost_usd or 0 for r in report.results))
+    assert loop.iterations[0].cost_usd <= paused.counts.cost_usd < report.cost_usd
 
 
 @pytest.mark.parametrize(

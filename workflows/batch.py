@@ -6,7 +6,8 @@ story, so pause and cancel never wait for starts; as chunks report back by signa
 batch's workflow id: whichever run is current hears it), lend freed slots, start waiting
 chunks, pass on pause, resume and cancel, and pause or cancel the batch when its budget,
 failures or a storm of platform errors say so (workflows/guards.py); continue-as-new whenever
-the run grows long; when every chunk is done, release the batch's sessions and return counts.
+the run grows long; when every chunk is done, release the batch's sessions, tell the batch's
+webhook (`notify`: its end, and each pause as it happens) and return counts.
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
 object store: only their counts reach the batch's history, in their result, never a signal
 (workflows/chunk_ends.py). A terminated batch's chunks stop
@@ -24,10 +25,14 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.chunk_models import ChunkEnd
     from activities.machine_models import CheckBatchInput, ReleaseSessionsInput
     from activities.machines import MachineActivities
+    from activities.notify import NotifyActivities
+    from activities.notify_models import NoticeInput
     from sortie.labels import BATCH_ID
     from sortie.models import Counts
+    from sortie.notify import NotifyEvent
     from sortie.pacing import batch_priority
     from workflows import chunk_ends, guards, policies, slots
     from workflows.batch_models import (
@@ -48,7 +53,7 @@ with workflow.unsafe.imports_passed_through():
         progress,
     )
     from workflows.chunk import ChunkWorkflow
-    from workflows.chunk_models import ChunkEnd, ChunkInput, ChunkReport, SlotGrant
+    from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
     from workflows.messaging import Delivery, deliver
     from workflows.reports import report_every, report_phase
     from workflows.shielded import complete, evicting
@@ -80,6 +85,7 @@ class BatchWorkflow:
         self._starting: set[int] = set()
         """Chunks whose start is in flight: they cannot be told anything yet."""
         self._pass: asyncio.Task[None] | None = None
+        self._notices: list[asyncio.Task[None]] = []
         self._ends: list[asyncio.Task[None]] = []
         self._inherited = {c.index for c in self._state.running()}
         """Chunks a run before this one started: this run cannot hear their results."""
@@ -108,9 +114,11 @@ class BatchWorkflow:
                     summary="release the batch's session archives",
                 )
             )
-        await asyncio.gather(*self._grants, watching)
+        await asyncio.gather(*self._grants, *self._notices, watching)
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.set_current_details(guards.details(self._state, self._input.every_app()))
+        ended = NotifyEvent.CANCELLED if self._state.cancelled else NotifyEvent.COMPLETED
+        await complete(self._notify(ended, self._state.cancel_reason))
         return output(self._input, self._state)
 
     # ------------------------------------------------------------ signals and queries
@@ -190,6 +198,7 @@ class BatchWorkflow:
             )
         except ActivityError as error:
             cause = error.cause if error.cause is not None else error
+            await self._notify(NotifyEvent.FAILED, f"batch rejected: {cause}")
             raise ApplicationError(f"batch rejected: {cause}", non_retryable=True) from None
 
     async def _drive(self) -> None:
@@ -200,8 +209,11 @@ class BatchWorkflow:
             await complete(self._steer())
             if self._state.all_done():
                 return
+            if self._state.pauses > self._state.pauses_told:
+                self._state.pauses_told = self._state.pauses
+                self._notices.append(asyncio.create_task(self._notify(NotifyEvent.PAUSED)))
             if self._run_is_long() and not self._starting:
-                await asyncio.gather(*self._grants)
+                await asyncio.gather(*self._grants, *self._notices)
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
             workflow.set_current_details(guards.details(self._state, self._input.every_app()))
@@ -327,6 +339,40 @@ class BatchWorkflow:
             self._ends.append(asyncio.create_task(self._hear_end(plan.index, started)))
         self._starting.discard(plan.index)
         self._changed = True
+
+    async def _notify(self, event: NotifyEvent, reason: str | None = None) -> None:
+        """Tell the batch's webhook of the event, if it asked for it; one that never answers
+        is logged, and the batch goes on."""
+        notify = self._input.notify
+        if notify is None or event not in notify.events:
+            return
+        state = self._state
+        delivery = f"{self._input.batch_id}/{event.value}"
+        if event is NotifyEvent.PAUSED:
+            delivery += f"-{state.pauses}"
+            reason = state.pause_reason
+        notice = NoticeInput(
+            batch_id=self._input.batch_id,
+            name=self._input.name,
+            event=event,
+            delivery=delivery,
+            notify=notify,
+            status=state.status() if event is not NotifyEvent.FAILED else "rejected",
+            counts=state.counts(),
+            chunks=len(self._input.jobs.digests),
+            reason=reason,
+        )
+        try:
+            await workflow.execute_activity_method(
+                NotifyActivities.notify,
+                notice,
+                start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
+                schedule_to_close_timeout=policies.NOTIFY_DEADLINE,
+                retry_policy=policies.NOTIFY_RETRY,
+                summary=f"tell the webhook: batch {event.value}",
+            )
+        except ActivityError as error:
+            workflow.logger.warning("the webhook was not told of %s: %s", delivery, error.cause)
 
     async def _hear_end(self, index: int, chunk: workflow.ChildWorkflowHandle[Any, Any]) -> None:
         self._ended(index, await chunk_ends.result_of(chunk))

@@ -10,6 +10,7 @@ from pydantic import Field
 from activities.job_models import JobsClaim
 from sortie.labels import chunk_workflow_id
 from sortie.models import Counts, StrictModel, Tuning
+from sortie.notify import Notify
 from sortie.spec import OnTooManyFailures, StormGuard
 
 
@@ -116,6 +117,9 @@ class BatchState(StrictModel):
     auto_resume_at: datetime | None = None
     cancelled: bool = False
     cancel_reason: str | None = None
+    pauses: int = 0
+    """Times the batch paused; the webhook has been told of the first `pauses_told`."""
+    pauses_told: int = 0
     chunks: list[ChunkState] = []
     pending: list[ChunkPlan] = []
 
@@ -170,6 +174,7 @@ class BatchInput(StrictModel):
     keep_sessions_s: float | None = None
     failure_limit: FailureLimit = FailureLimit()
     storm: StormGuard | None = StormGuard()
+    notify: Notify | None = None
     jobs: JobsClaim
     secrets: list[str] = []
     prompt_jobs: bool = False

@@ -6,7 +6,9 @@ its window of machine slots holds. A job is: create its machine through the app'
 then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
 not destroy it; a new machine after each infrastructure failure, up to the job's retries (with
 twice the memory after an OOM kill, by the job's `on_oom`); a job that finds every Claude
-credential resting waits, with no machine, until the earliest rest is over. The
+credential resting waits, with no machine, until the earliest rest is over. Under
+a budget, what a running job's verify loop spends reaches the chunk as it happens (`spent`, from
+`finish_job`) and the batch at once, in the chunk's counts beside what finished jobs spent. The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
 slots back as soon as it has nothing left to start, so another chunk can use them, and reports
 how far it is (workflows/reports.py). Once every job is final, the chunk leaves its rows in the
@@ -25,11 +27,13 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.chunk_models import ChunkOutput
     from activities.machine_models import (
         CreateMachineInput,
         CreateMachineOutput,
         DestroyMachineInput,
         FinishJobOutput,
+        Spend,
     )
     from activities.machines import MachineActivities
     from activities.metrics import JOBS_FINISHED, JOBS_STARTED
@@ -39,7 +43,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import chunk_models as models
     from workflows import guards, policies
     from workflows.batch_models import CancelRequest, PauseRequest
-    from workflows.chunk_models import ChunkInput, ChunkOutput, SlotGrant
+    from workflows.chunk_models import ChunkInput, SlotGrant
     from workflows.chunk_store import load_jobs, store_rows
     from workflows.outcomes import is_cancellation, record_outcome, why
     from workflows.reports import Reporter
@@ -82,6 +86,8 @@ class ChunkWorkflow:
         self._paused = input.paused
         self._cancel_reason: str | None = None
         self._jobs: list[asyncio.Task[None]] = []
+        self._spending: dict[int, Spend] = {}
+        """What running attempts' verify loops have spent so far, by job index."""
         self._heard, self._released = 0, 0
         self._reports = Reporter(
             input.index, input.report_every_s, input.report_phase_s, self._now, self._cancel
@@ -124,6 +130,21 @@ class ChunkWorkflow:
         self._owed += grant.give_back
         self._heard = max(self._heard, grant.heard)
         self._give_back_idle()
+
+    @workflow.signal
+    def spent(self, spend: Spend) -> None:
+        """A running job's verify loop spent more: the batch's budget counts it at once."""
+        first = self._results[0].index if self._results else 0
+        if not 0 <= spend.index - first < len(self._results):
+            return
+        result = self._results[spend.index - first]
+        known = self._spending.get(spend.index)
+        if result.state is not JobState.RUNNING or result.attempts != spend.attempt:
+            return  # an attempt that ended already: its report counts
+        if known is not None and known.cost_usd >= spend.cost_usd:
+            return
+        self._spending[spend.index] = spend
+        self._reports.send()
 
     @workflow.signal
     def pause(self, request: PauseRequest) -> None:
@@ -254,18 +275,23 @@ class ChunkWorkflow:
         destroyed, cancelled, failure, oom = False, False, None, False
         try:
             finished = await self._finish_job(job, machine, attempt, result)
+            answer = finished.collected.answer if finished.collected else None
+            reported = answer is not None and answer.error_kind != "no_report"
+            self._settle_spend(job, result, reported=reported)
             destroyed = finished.destroyed
             failure = record_outcome(job, result, finished.waited, finished.collected)
             oom = bool(finished.collected and finished.collected.oom_killed)
             if finished.artifacts is not None:
                 result.artifacts = finished.artifacts
         except ActivityError as error:
+            self._settle_spend(job, result, reported=False)
             cancelled = is_cancellation(error)
             if not cancelled:
                 result.state, result.error = JobState.FAILED, why(error)
         except asyncio.CancelledError:
             if not self._cancelled:  # evicted: only `_cancel` cancels a job
                 raise
+            self._settle_spend(job, result, reported=False)
             cancelled = True
         if not destroyed:
             await complete(self._destroy(machine))
@@ -288,6 +314,15 @@ class ChunkWorkflow:
                 timeout=until - now,
                 timeout_summary="wait until a Claude credential's rest is over",
             )
+
+    def _settle_spend(self, job: Job, result: JobResult, *, reported: bool) -> None:
+        """The attempt is over: its report now counts what its verify loop spent; without one
+        (cancelled, timed out, lost), the last spend it told is what the job spent."""
+        spend = self._spending.pop(job.index, None)
+        if spend is None or reported:
+            return
+        result.cost_usd = round((result.cost_usd or 0.0) + spend.cost_usd, 6)
+        result.num_turns = (result.num_turns or 0) + spend.num_turns
 
     async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
         """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
@@ -431,7 +466,11 @@ class ChunkWorkflow:
         claim = self._input.claim
         if not self._loaded and claim is not None:  # its jobs not read yet: all pending
             return Counts(total=claim.size, pending=claim.size)
-        return Counts.of(self._results, live_machines=self._live)
+        counts = Counts.of(self._results, live_machines=self._live)
+        for spend in self._spending.values():  # running verify loops: spent, not yet reported
+            counts.cost_usd += spend.cost_usd
+            counts.num_turns += spend.num_turns
+        return counts
 
     def _update_details(self) -> None:
         """Keep the Web UI's current details in step with the chunk."""

@@ -12,11 +12,10 @@ from temporalio import workflow
 from temporalio.exceptions import ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.chunk_models import ClosedChunk, WatchChunksInput
+    from activities.chunk_models import ChunkEnd, WatchChunksInput
     from activities.chunks import ChunkActivities
     from sortie.models import Tuning
     from workflows import policies
-    from workflows.chunk_models import ChunkEnd, ChunkOutput
 
 WATCH_S = 300.0
 """How long one watch waits before it answers, maybe with no chunk ended: asked again."""
@@ -32,7 +31,7 @@ async def result_of(chunk: workflow.ChildWorkflowHandle[Any, Any]) -> ChunkEnd:
 
 async def watch(workflow_ids: list[str], tuning: Tuning) -> list[ChunkEnd]:
     """The ends of those chunks that close next (a few together), or none within WATCH_S."""
-    closed: list[ClosedChunk] = await workflow.execute_activity_method(
+    ends: list[ChunkEnd] = await workflow.execute_activity_method(
         ChunkActivities.watch_chunks,
         WatchChunksInput(
             workflow_ids=workflow_ids, wait_s=WATCH_S, heartbeat_every_s=tuning.heartbeat_every_s
@@ -42,11 +41,4 @@ async def watch(workflow_ids: list[str], tuning: Tuning) -> list[ChunkEnd]:
         retry_policy=policies.FLY_RETRY,
         summary=f"wait for {len(workflow_ids)} chunks started by an earlier run",
     )
-    return [
-        ChunkEnd(
-            workflow_id=chunk.workflow_id,
-            output=None if chunk.output is None else ChunkOutput.model_validate(chunk.output),
-            error=chunk.error,
-        )
-        for chunk in closed
-    ]
+    return ends

@@ -44,23 +44,6 @@ class ChunkInput(StrictModel):
         return app_for(self.apps, job.index) if self.apps else self.app
 
 
-class ChunkOutput(StrictModel):
-    """A finished chunk: its counts, and where its rows (every job's, in input order) are kept
-    in the object store: they stay off its batch's history."""
-
-    index: int
-    counts: Counts
-    rows: str
-
-
-class ChunkEnd(StrictModel):
-    """A chunk that closed: its output, or the reason it has none (failed, terminated)."""
-
-    workflow_id: str
-    output: ChunkOutput | None = None
-    error: str | None = None
-
-
 class ChunkReport(StrictModel):
     """A chunk tells the batch what it has released, how far it is, and what errors it met.
 
@@ -114,6 +97,7 @@ def finish_input(
             credential=result.credential,
             log_tail=job.log_tail,
             json_schema=job.json_schema if result.turn == 1 else None,  # a follow-up is free
+            spend_of=job.index if job.verify is not None and chunk.budgeted else None,
             artifacts=bool(job.artifacts),
         ),
     )

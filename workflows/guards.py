@@ -146,7 +146,8 @@ def rest_end(error: BaseException) -> datetime | None:
 
 
 def pause(state: BatchState, reason: str, by: PausedBy | None = None) -> None:
-    """The batch pauses on its own: the budget is spent, or a guard tripped."""
+    """The batch pauses on its own: the budget is spent, or a guard tripped (or it is told to)."""
+    state.pauses += not state.paused
     state.paused, state.pause_reason, state.paused_by = True, reason, by
     if by is not PausedBy.STORM:
         state.auto_resume_at = None

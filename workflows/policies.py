@@ -30,3 +30,12 @@ WAIT_MARGIN = timedelta(minutes=5)
 
 # A closed chunk's rows are its only record: writing them to the store never gives up either.
 STORE_RETRY = DESTROY_RETRY
+
+# A webhook down for a while: tried again until NOTIFY_DEADLINE, then given up (logged); the
+# batch waits for its last notice that long at most.
+NOTIFY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=60),
+)
+NOTIFY_DEADLINE = timedelta(minutes=10)

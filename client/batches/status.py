@@ -10,6 +10,7 @@ from datetime import datetime
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.chunk_models import ChunkOutput
 from sortie.models import Counts
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import (
@@ -19,7 +20,6 @@ from workflows.batch_models import (
     Progress,
 )
 from workflows.chunk import ChunkWorkflow
-from workflows.chunk_models import ChunkOutput
 from workflows.guards import limit_text
 
 

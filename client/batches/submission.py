@@ -107,6 +107,7 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
             on_too_many=spec.on_too_many_failures,
         ),
         storm=spec.storm,
+        notify=spec.notify,
         tuning=tuning or Tuning(),
     )
 
@@ -136,7 +137,10 @@ def claimed_batch(
         batch_id=batch_id,
         **fields,
         jobs=JobsClaim(batch_id=batch_id, total=len(jobs), chunk_size=size, digests=digests),
-        secrets=sorted({name for job in jobs for name in job.secrets}),
+        secrets=sorted(
+            {name for job in jobs for name in job.secrets}
+            | set(notify.secret_names() if (notify := fields.get("notify")) else [])
+        ),
         prompt_jobs=any(job.prompt is not None for job in jobs),
     )
     encoded = len(claimed.model_dump_json())

@@ -12,9 +12,9 @@ from pathlib import Path
 from rich.console import Console
 from temporalio.client import Client
 
-from client import batches, changes, export, failures, machine_logs, render
+from client import batches, changes, export, machine_logs, render
 from client.commands.run import _print_results, _ui
-from sortie import artifacts
+from sortie import artifacts, failures
 from sortie.models import JobResult
 from sortie.settings import Settings
 from sortie.temporal import connect

@@ -479,3 +479,15 @@ def _run_raw(
         timeout=120,
         check=False,
     )
+
+
+def test_what_the_job_runs_never_sees_the_store_urls(tmp_path: Path) -> None:
+    from agent.entrypoint import STORE_URLS, Machine
+
+    urls = {name: f"https://store.example/{name}?sig=x" for name in STORE_URLS}
+    env = {"GITHUB_TOKEN": "ghp_x", "LOCALFLY_ROOT": str(tmp_path), "HOME": str(tmp_path), **urls}
+    machine = Machine(env)
+    assert "SORTIE_SPEND_URL" in urls, "a verify loop's running spend is a store URL"
+    assert not set(machine.child_env()) & {*urls, "GITHUB_TOKEN"}, "claude and verify"
+    command = machine.command_env()
+    assert command["GITHUB_TOKEN"] == "ghp_x" and not set(command) & set(urls), "a command job"

@@ -118,6 +118,33 @@ def test_the_jobs_max_cost_bounds_all_its_iterations(
     assert "max_cost_usd of $0.6 is spent" in report["error"]
 
 
+def test_the_loop_tells_what_it_spent_after_every_turn(
+    tmp_path: Path, bare: tuple[Path, str]
+) -> None:
+    origin, _ = bare
+    # The check sees only its checkout: the spend lands there, and it writes down what the
+    # loop had told by then, turn by turn.
+    checkout = tmp_path / "run" / "root" / "workspace" / "origin"
+    spend, told = checkout / ".spend.json", checkout / ".told"
+    check = "cat .spend.json >> .told; echo >> .told; printenv SORTIE_SPEND_URL >> .leak; exit 1"
+    description = job(
+        "Work [[cost:0.25]]", [{"url": str(origin)}], verify=["sh", "-c", check], max_iterations=3
+    )
+    run = run_agent(tmp_path, description, env={"SORTIE_SPEND_URL": f"file://{spend}"})
+    assert run.result["verify_failed"] is True, run.stderr
+    seen = [json.loads(line) for line in told.read_text().splitlines() if line]
+    iterations = run.result["iterations"]
+    assert len(seen) == len(iterations) == 3
+    for n, told_then in enumerate(seen, start=1):
+        so_far = iterations[:n]
+        assert told_then["iterations"] == n
+        assert told_then["cost_usd"] == round(sum(i["cost_usd"] for i in so_far), 6)
+        assert told_then["num_turns"] == sum(i["num_turns"] for i in so_far)
+    assert seen[0]["cost_usd"] == 0.25
+    assert str(spend) not in run.stderr, "the URL is a secret"
+    assert (checkout / ".leak").read_text() == "", "the check never sees the spend URL"
+
+
 def test_a_check_that_cannot_start_in_its_sandbox_exits_127(
     tmp_path: Path, bare: tuple[Path, str]
 ) -> None:

@@ -11,6 +11,8 @@ picked by markers in the request (the prompt travels in it):
 - `[[status:NNN]]`: every request answers that status with Anthropic's error body;
 - `[[cut]]`: a streamed answer breaks after its first event (the CLI then asks without
   streaming, which answers whole);
+- `[[usage:N]]`: every answer reports N output tokens, so each turn costs what the CLI's
+  price table makes of them.
 - `[[script:KEY]]`: the tool calls `script()` registered under KEY, one per turn, then the
   answer in text (what the tools gave back is recorded with each call).
 A path prefix before `/v1/` makes every request under it fail the same way, so one credential
@@ -320,11 +322,17 @@ def _reply(body: dict[str, Any], text: str, script: list[ToolCall]) -> dict[str,
         "stop_sequence": None,
         "usage": {
             "input_tokens": max(1, len(text) // 4),
-            "output_tokens": 12,
+            "output_tokens": _output_tokens(text),
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
         },
     }
+
+
+def _output_tokens(text: str) -> int:
+    """The tokens an answer reports: `[[usage:N]]`'s, else a dozen."""
+    usage = re.search(r"\[\[usage:(\d+)\]\]", text)
+    return int(usage.group(1)) if usage else 12
 
 
 def _tool_turns(text: str) -> int:

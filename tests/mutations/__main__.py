@@ -93,7 +93,7 @@ def run(mutation: Mutation, base: Path, scratch: Path) -> Mutation:
         mutation.verdict, mutation.detail = "stale", why
         return mutation
     copy = Path(tempfile.mkdtemp(prefix="mutant-", dir=scratch))
-    shutil.copytree(base, copy, dirs_exist_ok=True)
+    shutil.copytree(base, copy, dirs_exist_ok=True, symlinks=True)
     apply(mutation, copy)
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     command = [
@@ -170,6 +170,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sortie-prove-") as scratch:
         base = Path(scratch) / "tree"  # the tree as it is now: edits made meanwhile stay out
         shutil.copytree(ROOT, base, ignore=LEFT_OUT)
+        if (ROOT / ".state").is_dir():  # the real Claude Code CLI, shared, not copied
+            (base / ".state").symlink_to(ROOT / ".state")
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for done in pool.map(lambda m: run(m, base, Path(scratch)), mutations):
                 mark = "[green]caught[/]" if done.caught else f"[red]{done.verdict}[/]"

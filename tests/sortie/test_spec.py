@@ -544,6 +544,32 @@ def test_stall_timeout_defaults_to_ten_minutes_and_may_be_off() -> None:
     ]
 
 
+def test_notify_is_checked_and_its_secrets_are_the_batchs() -> None:
+    hook = {"url": "https://hooks.example.com/x/${HOOK_PATH}", "secret": "HOOK_KEY"}
+    spec = parse_batch(base(notify=hook))
+    assert spec.notify is not None and [e.value for e in spec.notify.events] == [
+        "completed",
+        "failed",
+        "cancelled",
+        "paused",
+    ]
+    assert spec.secret_names() == ["HOOK_KEY", "HOOK_PATH"]
+    slack = parse_batch(base(notify={"url": "https://h.example/${P}", "format": "slack"}))
+    assert slack.notify is not None and slack.notify.secret is None, "Slack's URL is its secret"
+
+    def notify_problems(**fields: object) -> str:
+        return "\n".join(problems(base(notify={**hook, **fields})))
+
+    assert "needed to sign JSON POSTs" in notify_problems(secret=None)
+    assert "holds a credential" in notify_problems(url="https://u:p@hooks.example.com/")
+    assert "holds a credential" in notify_problems(url="https://h.example/?token=abc")
+    assert parse_batch(base(notify={**hook, "url": "https://h.example/?token=${T}"}))
+    assert "no secret name" in notify_problems(url="https://h.example/${not a name}")
+    assert "http(s)://host" in notify_problems(url="ftp://h.example/")
+    assert "events" in notify_problems(events=["finished"])
+    assert "events" in notify_problems(events=[])
+
+
 def test_max_memory_and_on_oom_grow_the_retry_of_an_oom_killed_job() -> None:
     jobs = [
         {"id": "default", "command": "true"},

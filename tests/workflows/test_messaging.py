@@ -20,7 +20,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from activities.chunk_models import WatchChunksInput
+from activities.chunk_models import ChunkEnd, WatchChunksInput
 from client import batches
 from client.stack import MATCHING_CONFIG
 from sortie.codec import data_converter
@@ -31,7 +31,7 @@ from tests.helpers.fleet import Fleet, fleet_worker
 from tests.helpers.stack import TEMPORAL_CLI
 from tests.helpers.waiting import eventually
 from workflows.chunk import ChunkWorkflow
-from workflows.chunk_models import ChunkEnd, ChunkInput, ChunkReport
+from workflows.chunk_models import ChunkInput, ChunkReport
 
 SIGNALS_PER_RUN = 3
 

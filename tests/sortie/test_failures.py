@@ -7,7 +7,7 @@ import io
 from collections.abc import AsyncIterator
 
 from client import batches, export
-from client.failures import Summary, cause_lines
+from sortie.failures import Summary, cause_lines
 from sortie.models import JobResult, JobState
 
 

@@ -48,9 +48,10 @@ from sortie.fields import (
     StallSeconds,
     _off,
     branch_name,
-    parse_memory_mb,
 )
 from sortie.notify import Notify
+from sortie.problems import cross_field_problems, messages
+from sortie.sizes import FLY_MEMORY_PER_CPU, Guest
 
 
 class _Strict(BaseModel):
@@ -68,32 +69,11 @@ class LogTail(StrEnum):
     ALWAYS = "always"
 
 
-FLY_MEMORY_PER_CPU = {"shared": 2048, "performance": 8192}
-"""The most memory Fly gives a machine per CPU of each kind, in MB (fly-go's presets)."""
-
-
 class OnOom(StrEnum):
     """What the retry of an OOM-killed job runs on: twice the memory, or the same size."""
 
     GROW = "grow"
     SAME = "same"
-
-
-class Guest(_Strict):
-    """The machine size of a job."""
-
-    cpu_kind: Literal["shared", "performance"] = "shared"
-    cpus: int = Field(default=1, ge=1, le=16)
-    memory_mb: MemoryMB = 256
-
-    @classmethod
-    def default(cls, prompt: bool) -> Guest:
-        """A job's size when its file gives none: Claude Code's CLI alone holds about 220 MB,
-        so a prompt job starts at PROMPT_MEMORY_MB, where 256 MB would be OOM-killed."""
-        return cls(memory_mb=PROMPT_MEMORY_MB) if prompt else cls()
-
-
-PROMPT_MEMORY_MB = 1024
 
 
 class Repo(_Strict):
@@ -199,83 +179,6 @@ class JobSpec(JobFields):
 
 class Defaults(JobFields):
     """Defaults applied to every job; a job's own value wins (env is merged key by key)."""
-
-
-PROMPT_ONLY = (
-    "repos",
-    "model",
-    "max_turns",
-    "allowed_tools",
-    "max_cost_usd",
-    "verify",
-    "max_iterations",
-    "push_branch",
-    "json_schema",
-    "stall_timeout",
-    "network",
-)
-"""Job fields that only a Claude Code (prompt) job uses."""
-
-
-def _job_where(job: object, index: int) -> str:
-    """`job 'ID' (jobs[i])`, as every problem about a job begins."""
-    job_id = job.get("id", "?") if isinstance(job, dict) else "?"
-    return f"job {str(job_id)!r} (jobs[{index}])"
-
-
-def cross_field_problems(jobs: object, defaults: object) -> list[str]:
-    """Duplicate ids, not one of command and prompt, prompt-only fields on a command job.
-
-    Read from raw data, so they are reported beside field errors; entries that are not mappings
-    are left to the field validation, which names them.
-    """
-    if not isinstance(jobs, list):
-        return []
-    fallback = defaults if isinstance(defaults, dict) else {}
-    problems: list[str] = []
-    first: dict[str, int] = {}
-    for i, job in enumerate(jobs):
-        if not isinstance(job, dict):
-            continue
-        where = _job_where(job, i)
-        job_id = job.get("id")
-        if isinstance(job_id, str):
-            if job_id in first:
-                problems.append(f"{where}: id: duplicate job id (first at jobs[{first[job_id]}])")
-            first.setdefault(job_id, i)
-        command = job.get("command") if job.get("command") is not None else fallback.get("command")
-        prompt = job.get("prompt") if job.get("prompt") is not None else fallback.get("prompt")
-        if (command is None) == (prompt is None):
-            problems.append(f"{where}: set exactly one of command or prompt")
-        elif command is not None:
-            for field in PROMPT_ONLY:
-                if job.get(field) is not None:
-                    problems.append(f"{where}: {field} is only for prompt jobs")
-        if (problem := _max_memory_problem(job, fallback)) is not None:
-            problems.append(f"{where}: max_memory: {problem}")
-    return problems
-
-
-def _max_memory_problem(job: dict[str, Any], defaults: dict[str, Any]) -> str | None:
-    """`max_memory` below the job's memory, or above what Fly allows for its CPUs (values that
-    do not parse are the field validation's to report)."""
-    given = (
-        job.get("max_memory") if job.get("max_memory") is not None else defaults.get("max_memory")
-    )
-    guest = job.get("guest") if job.get("guest") is not None else defaults.get("guest")
-    prompt = (job.get("prompt") or defaults.get("prompt")) is not None
-    try:
-        guest = Guest.model_validate(guest) if guest is not None else Guest.default(prompt)
-        most = parse_memory_mb(given) if given is not None else None
-    except (ValidationError, ValueError):
-        return None
-    fly_most = FLY_MEMORY_PER_CPU[guest.cpu_kind] * guest.cpus
-    if most is not None and most < guest.memory_mb:
-        return f"{most} MB is below the job's memory_mb ({guest.memory_mb} MB)"
-    if most is not None and most > fly_most:
-        cpus = f"{guest.cpus} {guest.cpu_kind} CPU{'s' * (guest.cpus > 1)}"
-        return f"{most} MB is more than Fly gives {cpus} ({fly_most} MB)"
-    return None
 
 
 DEFAULT_IMAGE = "registry.fly.io/sortie-agent:latest"
@@ -498,34 +401,6 @@ _JOB_NAMES = {
 }
 
 
-def _describe(spec_data: object, loc: tuple[int | str, ...]) -> str:
-    """Name the field and, for job fields, the job id, from a pydantic error location."""
-    if len(loc) >= 2 and loc[0] == "jobs" and isinstance(loc[1], int):
-        jobs = spec_data.get("jobs") if isinstance(spec_data, dict) else None
-        job = jobs[loc[1]] if isinstance(jobs, list) and loc[1] < len(jobs) else None
-        field = ".".join(str(p) for p in loc[2:]) or "job"
-        return f"{_job_where(job, loc[1])}: {field}"
-    return ".".join(str(p) for p in loc) or "batch"
-
-
-def _messages(error: ValidationError, data: object) -> list[str]:
-    problems: list[str] = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif item["type"] == "missing":
-            message = "required"
-        elif loc == ("jobs",) and (item["type"] == "too_short" or item["input"] is None):
-            message = "the batch has no jobs"
-        if not loc:
-            problems.extend(message.splitlines())
-        else:
-            problems.append(f"{_describe(data, loc)}: {message}")
-    return problems
-
-
 def parse_batch(data: object, source: str = "batch") -> BatchSpec:
     """Validate already-parsed batch data, raising BatchFileError with every problem.
 
@@ -537,7 +412,7 @@ def parse_batch(data: object, source: str = "batch") -> BatchSpec:
     try:
         return BatchSpec.model_validate(data)
     except ValidationError as error:
-        problems = _messages(error, data)
+        problems = messages(error, data)
         if not any(not item["loc"] for item in error.errors()):
             problems += cross_field_problems(data.get("jobs"), data.get("defaults"))
         raise BatchFileError(source, problems) from None

@@ -257,7 +257,7 @@ async def test_a_run_hears_the_end_of_the_chunks_it_inherited(
     # it inherited and hears their ends, so the batch closes with every job counted.
     fleet = Fleet(fill_to=7)
     settings = Settings(task_queue=f"inherit-{uuid.uuid4().hex}")
-    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(300)], max_machines=7, chunk_size=20)
+    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(300)], max_machines=7, chunk_size=10)
     async with fleet_worker(temporal, settings, fleet.activities):
         submitted = await batches.submit(
             temporal.client, settings, spec, tuning=Tuning(run_events=100)

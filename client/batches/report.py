@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.job_models import LoadedJobs, StoredRows, jobs_key, rows_key
@@ -33,6 +34,9 @@ from workflows.batch_models import (
 )
 from workflows.chunk import ChunkWorkflow
 from workflows.chunk_models import ChunkInput
+
+T = TypeVar("T")
+"""What a workflow run was started with (its input model)."""
 
 
 async def results(
@@ -209,15 +213,19 @@ class FollowupRefused(ValueError):
     """A follow-up that cannot run: no such job, no session yet, or one still running."""
 
 
-async def _chunk_input(client: Client, chunk: ChunkProgress) -> ChunkInput:
-    """The input the job's chunk was started with: the job as it ran, defaults applied."""
-    handle = client.get_workflow_handle(chunk.workflow_id)
+async def started_input(client: Client, handle: WorkflowHandle[Any, Any], kind: type[T]) -> T:
+    """The input a workflow run was started with, read from the first event of its history."""
     async for first in handle.fetch_history_events(page_size=1):
         started = first.workflow_execution_started_event_attributes
         break
-    [decoded] = await client.data_converter.decode(started.input.payloads, [ChunkInput])
-    assert isinstance(decoded, ChunkInput)
+    [decoded] = await client.data_converter.decode(started.input.payloads, [kind])
+    assert isinstance(decoded, kind)
     return decoded
+
+
+async def _chunk_input(client: Client, chunk: ChunkProgress) -> ChunkInput:
+    """The input the job's chunk was started with: the job as it ran, defaults applied."""
+    return await started_input(client, client.get_workflow_handle(chunk.workflow_id), ChunkInput)
 
 
 async def _chunk_jobs(chunk: ChunkInput, store: ObjectStore) -> list[Job]:

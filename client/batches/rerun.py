@@ -23,6 +23,7 @@ from client.batches.report import (
     _chunk_jobs,
     find_job,
     results,
+    started_input,
 )
 from client.batches.status import BatchNotReadable, _status, is_closed
 from client.batches.submission import (
@@ -127,12 +128,7 @@ async def submitted_input(client: Client, batch_id: str) -> BatchInput:
     description = await client.get_workflow_handle(batch_id).describe()
     first_run = description.raw_description.workflow_execution_info.first_run_id
     handle = client.get_workflow_handle(batch_id, run_id=first_run or description.run_id)
-    async for event in handle.fetch_history_events(page_size=1):
-        started = event.workflow_execution_started_event_attributes
-        break
-    [decoded] = await client.data_converter.decode(started.input.payloads, [BatchInput])
-    assert isinstance(decoded, BatchInput)
-    return decoded
+    return await started_input(client, handle, BatchInput)
 
 
 async def _memo_id(client: Client, batch_id: str, key: str) -> str | None:

@@ -168,7 +168,10 @@ class Proxy:
 
     def _serve(self) -> None:
         while True:
-            client, _ = self._listener.accept()
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # out of descriptors: the check's connections are refused from now on
             if self._closing:
                 client.close()
                 return

@@ -224,16 +224,16 @@ async def test_verify_reaches_the_jobs_allowed_hosts_and_nothing_else(
             f"{PROXIED} -p {leak}; curl -s -m 5 --noproxy '*' {leak}; "
             f'out=$({PROXIED} {leak}); echo "$out"; test "$out" = reached'
         )
+        # With the network open, the check reaches a host that no allowlist names.
+        anywhere = f"{PROXIED} {registry.url}/open | grep -qx reached"
         script = api(claude_code).script(bash(f"{PROXIED} {allowed}/agent"))
         network = {"allow": ["localhost"]}
         jobs: list[dict[str, Any]] = [
-            {"id": "allowed", "prompt": f"Fetch {script}", "network": network},
+            {"id": "allowed", "prompt": f"Fetch {script}", "network": network, "verify": fetch},
             {"id": "env", "prompt": "Look", "network": network, "verify": post},
             {"id": "denied", "prompt": "Look", "network": network, "verify": denied},
-            {"id": "open", "prompt": "Look", "network": "open"},
+            {"id": "open", "prompt": "Look", "network": "open", "verify": anywhere},
         ]
-        jobs[0]["verify"] = fetch
-        jobs[3]["verify"] = f"{PROXIED} {registry.url}/open | grep -qx reached"
         spec = claude_spec(app_name, jobs, defaults={"max_iterations": 1})
         report = await run_batch(claude_code, spec)
     by_id = {r.job_id: r for r in report.results}

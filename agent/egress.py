@@ -4,12 +4,14 @@ The check runs under bubblewrap in a network namespace of its own, with no way o
 socket bound into it. Outside, the entrypoint serves an HTTP proxy on that socket (`Proxy`):
 CONNECT for HTTPS, absolute-form requests for plain HTTP. It admits only the job's allowed
 domains; a request for any other host is answered 403 before anything is resolved or connected.
-It adds nothing to what it carries (no credential, no header of its own) and logs no content,
-only the names of the hosts it refused. Inside, the bridge (this file run as a script) listens
+It adds no credential to what it carries (of a plain HTTP request it drops only the proxy's
+headers, and asks for one request per connection) and logs no content, only the names of the
+hosts it refused. Inside, the bridge (this file run as a script) listens
 on a loopback port, carries each connection to the socket, and runs the check with
 HTTP_PROXY/HTTPS_PROXY (both cases) pointing at it: what the CLI's sandbox does with socat, but
 the port listens before the check starts, so no check races it.
-Standard library only, like the rest of the agent; the bridge imports nothing of agent/.
+Standard library only, like the rest of the agent; the bridge runs isolated (`python3 -I -S`)
+and imports nothing of agent/.
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ class Proxy:
 
 def bridge_argv(socket_path: str, command: Sequence[str]) -> list[str]:
     """The check run by the bridge: its proxy a loopback port carried to `socket_path`."""
-    return [sys.executable, "-I", str(Path(__file__).resolve()), socket_path, "--", *command]
+    return [sys.executable, "-I", "-S", str(Path(__file__).resolve()), socket_path, "--", *command]
 
 
 def _serve(listener: socket.socket, socket_path: str) -> None:

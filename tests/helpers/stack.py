@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,8 +32,13 @@ STANDIN_BIN = ROOT / "tests" / "bin"
 CLAUDE_CODE_BIN = ROOT / ".state" / "claude-code" / "node_modules" / ".bin"
 """The real Claude Code CLI, as `make claude-code` installs it (the version agent/Dockerfile
 pins)."""
-AGENT_IMAGES = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
-"""Under localfly the agent image runs our entrypoint, and `claude` is the stand-in."""
+AGENT_IMAGES = {
+    DEFAULT_IMAGE: shlex.join(["env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "agent"])
+}
+"""Under localfly the agent image runs our entrypoint, and `claude` is the stand-in. The
+entrypoint is this tree's (PYTHONPATH: a machine gets none of localfly's environment, and
+`python -m agent` would otherwise import the agent the venv was installed from, not a
+`make prove` scratch copy's)."""
 
 
 @dataclass

@@ -117,6 +117,8 @@ class Row(BaseModel):
     chunk_runs: int = 0
     signals_per_s: float = 0.0
     """The most signals the batch took in any SIGNAL_WINDOW_S of its history, per second."""
+    busiest: str = ""
+    """What the busiest SIGNAL_WINDOW_S of signals held: when, which, from how many chunks."""
     creates_per_s: float | None = None
     """Creates beyond the first burst over the time from the first create to the last: the
     sustained rate, comparable with Fly's allowed 1/s (a full bucket lets 3 through at once)."""
@@ -246,13 +248,15 @@ class Histories(BaseModel):
     largest_chunk: tuple[int, int]
     signals_per_s: float
     """The most signals the batch runs took in any SIGNAL_WINDOW_S, per second."""
+    busiest: str = ""
+    """What those signals were (see Row.busiest)."""
 
 
 async def histories(client: Client, batch_ids: list[str]) -> Histories:
     """Events and bytes of every batch run, and of the largest chunk run."""
     runs: list[tuple[datetime, int, int]] = []
     chunks: list[tuple[int, int]] = []
-    signals: list[float] = []
+    signals: list[tuple[float, str, int]] = []  # when, what, from which chunk
     signaled = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
     query = " OR ".join(f'BatchId="{batch_id}"' for batch_id in batch_ids)
     async for execution in client.list_workflows(query):
@@ -261,29 +265,56 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
         size = (len(history.events), sum(e.ByteSize() for e in history.events))
         if execution.workflow_type == "BatchWorkflow":
             runs.append((execution.start_time, *size))
-            signals += [
-                e.event_time.ToDatetime().timestamp()
-                for e in history.events
-                if e.event_type == signaled
-            ]
+            signals += [_signal(e) for e in history.events if e.event_type == signaled]
         else:
             chunks.append(size)
     return Histories(
         batch_runs=[(events, size) for _, events, size in sorted(runs)],
         chunk_runs=len(chunks),
         largest_chunk=max(chunks, default=(0, 0)),
-        signals_per_s=_busiest(sorted(signals), SIGNAL_WINDOW_S) / SIGNAL_WINDOW_S,
+        signals_per_s=_busiest([t for t, _, _ in sorted(signals)], SIGNAL_WINDOW_S)[0]
+        / SIGNAL_WINDOW_S,
+        busiest=_what(sorted(signals), min((r[0] for r in runs), default=None)),
     )
 
 
-def _busiest(times: list[float], window: float) -> int:
-    """The most of the sorted `times` within any `window` seconds."""
-    most, first = 0, 0
+def _signal(event: Any) -> tuple[float, str, int]:
+    """When the batch took a signal, what it was (a report: what it told), from which chunk."""
+    attributes = event.workflow_execution_signaled_event_attributes
+    at = event.event_time.ToDatetime().timestamp()
+    if attributes.signal_name != "chunk_report":
+        return at, attributes.signal_name, -1
+    report = json.loads(attributes.input.payloads[0].data)
+    kind = (
+        "give-back" if report.get("released") else "errors" if report.get("errors") else "progress"
+    )
+    return at, f"report ({kind})", report["index"]
+
+
+def _what(signals: list[tuple[float, str, int]], began: datetime | None) -> str:
+    """What the busiest SIGNAL_WINDOW_S of `signals` held, for the row's note."""
+    most, first = _busiest([t for t, _, _ in signals], SIGNAL_WINDOW_S)
+    if not most or began is None:
+        return ""
+    window = signals[first : first + most]
+    kinds = Counter(kind for _, kind, _ in window)
+    chunks = len({index for _, _, index in window if index >= 0})
+    return (
+        f"busiest {SIGNAL_WINDOW_S:g} s from {window[0][0] - began.timestamp():.0f} s: "
+        + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        + f" from {chunks} chunks"
+    )
+
+
+def _busiest(times: list[float], window: float) -> tuple[int, int]:
+    """The most of the sorted `times` within any `window` seconds, and where they start."""
+    most, first, start = 0, 0, 0
     for last, at in enumerate(times):
         while at - times[first] >= window:
             first += 1
-        most = max(most, last - first + 1)
-    return most
+        if last - first + 1 > most:
+            most, start = last - first + 1, first
+    return most, start
 
 
 def start_workers(
@@ -507,6 +538,7 @@ async def measure(
         batch_run_events=[events for events, _ in runs.batch_runs],
         chunk_runs=runs.chunk_runs,
         signals_per_s=runs.signals_per_s,
+        busiest=runs.busiest,
         rate_limited=int(stats.get("rate_limited", 0)),
         enforced=enforce,
         apps=apps,
@@ -631,7 +663,7 @@ def table(rows: list[Row]) -> str:
             f"- N={r.jobs} C={r.concurrency} T={r.duration_s:g}s: "
             f"{runs} batch run{'s' * (runs > 1)}"
             f" of {', '.join(f'{e:,}' for e in r.batch_run_events)} events; "
-            f"{r.chunk_runs:,} chunk runs; on {r.server}"
+            f"{r.chunk_runs:,} chunk runs; on {r.server}" + (f"; {r.busiest}" if r.busiest else "")
         )
     return "\n".join(lines)
 

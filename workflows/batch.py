@@ -7,7 +7,8 @@ batch's workflow id: whichever run is current hears it), lend freed slots, start
 chunks, pass on pause, resume and cancel, and pause or cancel the batch when its budget,
 failures or a storm of platform errors say so (workflows/guards.py); continue-as-new whenever
 the run grows long; when every chunk is done, release the batch's sessions, tell the batch's
-webhook (`notify`: its end, and each pause as it happens) and return counts.
+webhook (`notify`: its end, and each pause as it happens; workflows/batch_calls.py) and return
+counts.
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
 object store: only their counts reach the batch's history, in their result, never a signal
 (workflows/chunk_ends.py). A terminated batch's chunks stop
@@ -17,24 +18,16 @@ themselves at their next report, and the reaper destroys what they leave.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.chunk_models import ChunkEnd
-    from activities.machine_models import CheckBatchInput, ReleaseSessionsInput
-    from activities.machines import MachineActivities
-    from activities.notify import NotifyActivities
-    from activities.notify_models import NoticeInput
-    from sortie.labels import BATCH_ID
     from sortie.models import Counts
     from sortie.notify import NotifyEvent
-    from sortie.pacing import batch_priority
-    from workflows import chunk_ends, guards, policies, slots
+    from workflows import batch_calls, chunk_ends, chunk_starts, guards, slots
     from workflows.batch_models import (
         BatchInput,
         BatchOutput,
@@ -55,18 +48,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
     from workflows.messaging import Delivery, deliver
-    from workflows.reports import report_every, report_phase
     from workflows.shielded import complete, evicting
 
-EVENTS_PER_CHUNK = 8
-"""A chunk's events in the run that starts it at most: start initiated, started (in a workflow
-task of its own when starts land one by one), completed, its last report (in another)."""
-PASS_BYTES = 1_000_000
-"""Chunk input started in one workflow task at most: the task's commands stay far below the
-server's 4 MB message limit (one chunk's input is at most 1 MB, see
-client/batches/submission.py)."""
-STARTS_AT_ONCE = 50
-"""Chunks started in one pass at most, so a run checks its length between passes."""
 END_ROOM = 20
 """A run keeps 1/20 of `run_events` free for what lands as it gets ready to continue-as-new."""
 
@@ -94,7 +77,7 @@ class BatchWorkflow:
     async def run(self, input: BatchInput) -> BatchOutput:
         """Drive the chunks until every job is done or cancelled."""
         if input.state is None:
-            await self._check_batch(input)
+            await batch_calls.check_batch(input, self._state)
         watching = asyncio.create_task(self._watch_inherited())
         while not self._state.all_done():
             try:
@@ -103,22 +86,13 @@ class BatchWorkflow:
                 if evicting():
                     raise
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
-        if self._state.prompt_jobs:  # session archives live as long as the batch, or longer
-            release = ReleaseSessionsInput(batch_id=input.batch_id, keep_s=input.keep_sessions_s)
-            await complete(
-                workflow.execute_activity_method(
-                    MachineActivities.release_sessions,
-                    release,
-                    start_to_close_timeout=timedelta(seconds=60),
-                    retry_policy=policies.FLY_RETRY,
-                    summary="release the batch's session archives",
-                )
-            )
+        if self._state.prompt_jobs:
+            await complete(batch_calls.release_sessions(input))
         await asyncio.gather(*self._grants, *self._notices, watching)
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.set_current_details(guards.details(self._state, self._input.every_app()))
         ended = NotifyEvent.CANCELLED if self._state.cancelled else NotifyEvent.COMPLETED
-        await complete(self._notify(ended, self._state.cancel_reason))
+        await complete(batch_calls.notify(input, self._state, ended, self._state.cancel_reason))
         return output(self._input, self._state)
 
     # ------------------------------------------------------------ signals and queries
@@ -184,23 +158,6 @@ class BatchWorkflow:
 
     # ------------------------------------------------------------ the story
 
-    async def _check_batch(self, input: BatchInput) -> None:
-        """Refuse the batch before any machine exists: no such Fly app, or a missing secret."""
-        apps = self._input.every_app()
-        try:
-            await workflow.execute_activity_method(
-                MachineActivities.check_batch,
-                CheckBatchInput(apps=apps, names=input.secrets, needs_claude=input.prompt_jobs),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=policies.FLY_RETRY,
-                summary=f"check Fly app{'s' * (len(apps) > 1)} {', '.join(apps)} "
-                "and the batch's secrets",
-            )
-        except ActivityError as error:
-            cause = error.cause if error.cause is not None else error
-            await self._notify(NotifyEvent.FAILED, f"batch rejected: {cause}")
-            raise ApplicationError(f"batch rejected: {cause}", non_retryable=True) from None
-
     async def _drive(self) -> None:
         """Apply every change (reports, signals, starts landed) until done, continuing-as-new
         when long once no start is in flight."""
@@ -211,7 +168,8 @@ class BatchWorkflow:
                 return
             if self._state.pauses > self._state.pauses_told:
                 self._state.pauses_told = self._state.pauses
-                self._notices.append(asyncio.create_task(self._notify(NotifyEvent.PAUSED)))
+                paused = batch_calls.notify(self._input, self._state, NotifyEvent.PAUSED)
+                self._notices.append(asyncio.create_task(paused))
             if self._run_is_long() and not self._starting:
                 await asyncio.gather(*self._grants, *self._notices)
                 await workflow.wait_condition(workflow.all_handlers_finished)
@@ -295,10 +253,10 @@ class BatchWorkflow:
         """Chunks to start in one workflow task: while one may open, within PASS_BYTES."""
         state = self._state
         room = self._run_bound() - workflow.info().get_current_history_length()
-        most = max(1, min(STARTS_AT_ONCE, room // EVENTS_PER_CHUNK))
+        most = chunk_starts.pass_size(room)
         starts: list[tuple[ChunkPlan, ChunkInput]] = []
         size = 0
-        while size < PASS_BYTES and len(starts) < most and self._may_open():
+        while size < chunk_starts.PASS_BYTES and len(starts) < most and self._may_open():
             chunk = state.chunks[state.pending[0].index]
             free = slots.free_slots(state.max_machines, state.running())
             chunk.slots = slots.opening_window(
@@ -307,7 +265,9 @@ class BatchWorkflow:
             chunk.wants_more = chunk.slots < chunk.size
             chunk.status = ChunkStatus.RUNNING
             self._starting.add(chunk.index)
-            starts.append((state.pending.pop(0), self._chunk_input(chunk)))
+            starts.append(
+                (state.pending.pop(0), chunk_starts.chunk_input(self._input, state, chunk))
+            )
             size += len(starts[-1][1].model_dump_json())
         return starts
 
@@ -317,21 +277,9 @@ class BatchWorkflow:
         self._changed = True
 
     async def _start_chunk(self, plan: ChunkPlan, chunk: ChunkInput) -> None:
-        last = plan.first_job + plan.size - 1
+        workflow_id = self._state.chunks[plan.index].workflow_id
         try:
-            started = await workflow.start_child_workflow(
-                ChunkWorkflow.run,
-                chunk,
-                id=self._state.chunks[plan.index].workflow_id,
-                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-                priority=batch_priority(self._input.priority, self._input.batch_id),
-                search_attributes=TypedSearchAttributes(
-                    [SearchAttributePair(BATCH_ID, self._input.batch_id)]
-                ),
-                static_summary=(
-                    f"chunk {plan.index} of batch {self._input.name}: jobs {plan.first_job}-{last}"
-                ),
-            )
+            started = await chunk_starts.start(self._input, plan, chunk, workflow_id)
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
             self._inherited.add(plan.index)  # not this run's child: watched
@@ -339,40 +287,6 @@ class BatchWorkflow:
             self._ends.append(asyncio.create_task(self._hear_end(plan.index, started)))
         self._starting.discard(plan.index)
         self._changed = True
-
-    async def _notify(self, event: NotifyEvent, reason: str | None = None) -> None:
-        """Tell the batch's webhook of the event, if it asked for it; one that never answers
-        is logged, and the batch goes on."""
-        notify = self._input.notify
-        if notify is None or event not in notify.events:
-            return
-        state = self._state
-        delivery = f"{self._input.batch_id}/{event.value}"
-        if event is NotifyEvent.PAUSED:
-            delivery += f"-{state.pauses}"
-            reason = state.pause_reason
-        notice = NoticeInput(
-            batch_id=self._input.batch_id,
-            name=self._input.name,
-            event=event,
-            delivery=delivery,
-            notify=notify,
-            status=state.status() if event is not NotifyEvent.FAILED else "rejected",
-            counts=state.counts(),
-            chunks=len(self._input.jobs.digests),
-            reason=reason,
-        )
-        try:
-            await workflow.execute_activity_method(
-                NotifyActivities.notify,
-                notice,
-                start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-                schedule_to_close_timeout=policies.NOTIFY_DEADLINE,
-                retry_policy=policies.NOTIFY_RETRY,
-                summary=f"tell the webhook: batch {event.value}",
-            )
-        except ActivityError as error:
-            workflow.logger.warning("the webhook was not told of %s: %s", delivery, error.cause)
 
     async def _hear_end(self, index: int, chunk: workflow.ChildWorkflowHandle[Any, Any]) -> None:
         self._ended(index, await chunk_ends.result_of(chunk))
@@ -385,34 +299,10 @@ class BatchWorkflow:
                 self._ended(ids[end.workflow_id], end)
 
     def _ended(self, index: int, end: ChunkEnd) -> None:
-        """A chunk closed: its counts are final (with no result, its last report's, every job
-        not final counted as cancelled)."""
-        chunk = self._state.chunks[index]
-        if chunk.status is not ChunkStatus.RUNNING:
-            return
-        if end.output is None:
-            workflow.logger.warning("chunk %s ended without a result: %s", index, end.error)
-        chunk.counts = end.output.counts if end.output else chunk.counts.cut_short()
-        chunk.status, chunk.wants_more = ChunkStatus.DONE, False
-        self._check_guards()
-        self._changed = True
-
-    def _chunk_input(self, chunk: ChunkState) -> ChunkInput:
-        """What a chunk starts with: where its jobs are in the store, and its window."""
-        state = self._state
-        return ChunkInput(
-            batch_id=self._input.batch_id,
-            index=chunk.index,
-            app=self._input.app,
-            apps=self._input.apps,
-            claim=self._input.jobs.slice(chunk.index),
-            slots=chunk.slots,
-            budgeted=state.max_cost_usd is not None,
-            guarded=state.failure_limit.is_set,
-            report_every_s=report_every(state.max_machines, len(state.chunks)),
-            report_phase_s=report_phase(chunk.index, state.max_machines, len(state.chunks)),
-            tuning=self._input.tuning,
-        )
+        """A chunk closed: its counts are final (workflows/chunk_ends.py)."""
+        if chunk_ends.record(self._state, index, end):
+            self._check_guards()
+            self._changed = True
 
     def _run_is_long(self) -> bool:
         """Time to continue-as-new: Temporal suggests it, or this run passed its own bound."""

@@ -1,12 +1,12 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
 A chunk is a child workflow of its batch. It reads its own jobs from the object store first
-(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
-its window of machine slots holds. A job is: create its machine through the app's create queue,
-then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
-not destroy it; a new machine after each infrastructure failure, up to the job's retries (with
-twice the memory after an OOM kill, by the job's `on_oom`); a job that finds every Claude
-credential resting waits, with no machine, until the earliest rest is over. Under
+(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than its window of
+machine slots holds. A job is: create its machine through the app's create queue, then
+`finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did not
+destroy it (workflows/job_steps.py); a new machine after each infrastructure failure, up to the
+job's retries (with twice the memory after an OOM kill, by the job's `on_oom`); a job that finds
+every Claude credential resting waits, with no machine, until the earliest rest is over. Under
 a budget, what a running job's verify loop spends reaches the chunk as it happens (`spent`, from
 `finish_job`) and the batch at once, in the chunk's counts beside what finished jobs spent. The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
@@ -19,56 +19,27 @@ result, not as a signal.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.chunk_models import ChunkOutput
-    from activities.machine_models import (
-        CreateMachineInput,
-        CreateMachineOutput,
-        DestroyMachineInput,
-        FinishJobOutput,
-        Spend,
-    )
-    from activities.machines import MachineActivities
+    from activities.machine_models import Spend
     from activities.metrics import JOBS_FINISHED, JOBS_STARTED
-    from sortie.models import CREDENTIALS_RESTING, Counts, Followup, JobResult, JobState, MachineRef
-    from sortie.pacing import create_queue
+    from sortie.models import CREDENTIALS_RESTING, Counts, Followup, JobResult, JobState
     from sortie.spec import Job
     from workflows import chunk_models as models
-    from workflows import guards, policies
+    from workflows import guards, job_steps
     from workflows.batch_models import CancelRequest, PauseRequest
     from workflows.chunk_models import ChunkInput, SlotGrant
     from workflows.chunk_store import load_jobs, store_rows
+    from workflows.job_steps import CredentialsRest, InfrastructureFailure
     from workflows.outcomes import is_cancellation, record_outcome, why
     from workflows.reports import Reporter
-    from workflows.shielded import complete, evicting, settle
-
-
-REST_UNKNOWN_S = 60.0
-"""How long a job waits for a credential when the pool named no end to its rest."""
-
-
-class InfrastructureFailure(Exception):
-    """The machine, not the job, failed: worth another attempt on a new machine."""
-
-    def __init__(self, why: str, *, oom: bool = False) -> None:
-        super().__init__(why)
-        self.oom = oom
-        """The kernel killed it for memory: the next attempt may get more (`on_oom`)."""
-
-
-class CredentialsRest(Exception):
-    """Every Claude credential rests: no machine was made, the attempt waits for `until`."""
-
-    def __init__(self, until: datetime | None) -> None:
-        super().__init__(f"every Claude credential rests until {until}")
-        self.until = until
+    from workflows.shielded import complete, evicting
 
 
 @workflow.defn
@@ -227,7 +198,7 @@ class ChunkWorkflow:
                     break
                 except CredentialsRest as rest:  # the same attempt, once a credential is back
                     await self._judged(result, rest.until)
-                    await self._wait_for_credential(rest.until)
+                    await job_steps.wait_for_credential(rest.until, lambda: self._cancelled)
                 except InfrastructureFailure as failure:
                     # Pending its next attempt, not failed: the batch's failure limit counts jobs.
                     last = attempt > job.retries
@@ -257,7 +228,7 @@ class ChunkWorkflow:
         result.state, result.error_kind = JobState.STARTING, None
         self._update_details()
         try:
-            created = await self._create(job, attempt)
+            created = await job_steps.create(self._input, job, attempt, self._followup(job))
         except ActivityError as error:
             result.error_kind = guards.create_failure_kind(error)
             if result.error_kind == CREDENTIALS_RESTING:
@@ -274,7 +245,7 @@ class ChunkWorkflow:
         self._update_details()
         destroyed, cancelled, failure, oom = False, False, None, False
         try:
-            finished = await self._finish_job(job, machine, attempt, result)
+            finished = await job_steps.finish_job(self._input, job, machine, attempt, result)
             answer = finished.collected.answer if finished.collected else None
             reported = answer is not None and answer.error_kind != "no_report"
             self._settle_spend(job, result, reported=reported)
@@ -294,26 +265,13 @@ class ChunkWorkflow:
             self._settle_spend(job, result, reported=False)
             cancelled = True
         if not destroyed:
-            await complete(self._destroy(machine))
+            await complete(job_steps.destroy(machine, self._input.tuning))
         self._live -= 1
         self._update_details()
         if cancelled:
             raise asyncio.CancelledError
         if failure is not None:
             raise InfrastructureFailure(failure, oom=oom)
-
-    async def _wait_for_credential(self, until: datetime | None) -> None:
-        """Wait, with no machine, until the earliest credential rest is over: a durable timer."""
-        now = workflow.now()
-        if until is None:
-            until = now + timedelta(seconds=REST_UNKNOWN_S)
-        until = max(until, now + timedelta(seconds=1))
-        with contextlib.suppress(TimeoutError):
-            await workflow.wait_condition(
-                lambda: self._cancelled,
-                timeout=until - now,
-                timeout_summary="wait until a Claude credential's rest is over",
-            )
 
     def _settle_spend(self, job: Job, result: JobResult, *, reported: bool) -> None:
         """The attempt is over: its report now counts what its verify loop spent; without one
@@ -323,59 +281,6 @@ class ChunkWorkflow:
             return
         result.cost_usd = round((result.cost_usd or 0.0) + spend.cost_usd, 6)
         result.num_turns = (result.num_turns or 0) + spend.num_turns
-
-    async def _create(self, job: Job, attempt: int) -> CreateMachineOutput:
-        """Create the machine; if cancelled meanwhile, let the create land and destroy it."""
-        app = self._input.app_of(job)
-        create = workflow.execute_activity_method(
-            MachineActivities.create_machine,
-            CreateMachineInput(
-                batch_id=self._input.batch_id,
-                chunk_index=self._input.index,
-                app=app,
-                job=job,
-                attempt=attempt,
-                owner=workflow.info().workflow_id,
-                followup=self._followup(job),
-            ),
-            # The app's create queue: Temporal paces it for every worker together.
-            task_queue=create_queue(workflow.info().task_queue, app),
-            start_to_close_timeout=timedelta(seconds=self._input.tuning.create_timeout_s),
-            schedule_to_close_timeout=policies.CREATE_DEADLINE,
-            retry_policy=policies.FLY_RETRY,
-            summary=f"create machine in {app} for job {job.id} (attempt {attempt})",
-        )
-        settled, interrupted = await settle(create)
-        if interrupted:
-            if settled.exception() is None:
-                await complete(self._destroy(settled.result().machine))
-            raise asyncio.CancelledError
-        return settled.result()
-
-    async def _finish_job(
-        self, job: Job, machine: MachineRef, attempt: int, result: JobResult
-    ) -> FinishJobOutput:
-        """Wait until the machine settles or the job's deadline passes, read it, destroy it."""
-        return await workflow.execute_activity_method(
-            MachineActivities.finish_job,
-            models.finish_input(self._input, job, machine, attempt, result, workflow.now()),
-            start_to_close_timeout=timedelta(seconds=job.timeout_s + job.boot_timeout_s)
-            + policies.WAIT_MARGIN,
-            heartbeat_timeout=timedelta(seconds=self._input.tuning.heartbeat_timeout_s),
-            retry_policy=policies.FLY_RETRY,
-            summary=f"run job {job.id} on machine {machine.machine_id} in {machine.app}, "
-            "collect, destroy",
-        )
-
-    async def _destroy(self, machine: MachineRef) -> None:
-        """Destroy the machine; retried until it is gone."""
-        await workflow.execute_activity_method(
-            MachineActivities.destroy_machine,
-            DestroyMachineInput(machine=machine),
-            start_to_close_timeout=timedelta(seconds=self._input.tuning.call_timeout_s),
-            retry_policy=policies.DESTROY_RETRY,
-            summary=f"destroy machine {machine.machine_id}",
-        )
 
     def _followup(self, job: Job) -> Followup | None:
         """The session the job continues: a follow-up turn's, or a retry's, or none."""

@@ -16,6 +16,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.chunks import ChunkActivities
     from sortie.models import Tuning
     from workflows import policies
+    from workflows.batch_models import BatchState, ChunkStatus
 
 WATCH_S = 300.0
 """How long one watch waits before it answers, maybe with no chunk ended: asked again."""
@@ -42,3 +43,16 @@ async def watch(workflow_ids: list[str], tuning: Tuning) -> list[ChunkEnd]:
         summary=f"wait for {len(workflow_ids)} chunks started by an earlier run",
     )
     return ends
+
+
+def record(state: BatchState, index: int, end: ChunkEnd) -> bool:
+    """A chunk closed: its counts are final (with no result, its last report's, every job not
+    final counted as cancelled); whether this was news (a chunk's end is heard once)."""
+    chunk = state.chunks[index]
+    if chunk.status is not ChunkStatus.RUNNING:
+        return False
+    if end.output is None:
+        workflow.logger.warning("chunk %s ended without a result: %s", index, end.error)
+    chunk.counts = end.output.counts if end.output else chunk.counts.cut_short()
+    chunk.status, chunk.wants_more = ChunkStatus.DONE, False
+    return True

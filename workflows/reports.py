@@ -3,11 +3,13 @@
 A chunk reports at once when the batch must act on it (slots it asked back, a job to judge),
 and otherwise at its own times every `report_every_s`, with the slots it has no more use for:
 the batch sets that period and staggers the chunks' times (`report_phase_s`), so all its chunks
-together send it REPORTS_PER_S reports a second at most, however many started at once. Its end
-is no report: the batch hears it as the chunk's result. A report the batch's run refused (it
-took all the signals the server allows one run) is sent again later, and the next run hears
-it: `seq` keeps the newest counts, and what a report gives back adds up in any order. A batch
-that is gone (terminated) cannot be told anything: the chunk stops.
+together send it REPORTS_PER_S reports a second at most, however many started at once. A turn
+the chunk gets to long after it passed (its worker or the server stalled) is missed: that report
+waits for the chunk's next turn (once), so a stall does not bring every report due meanwhile
+together. Its end is no report: the batch hears it as the chunk's result. A report the
+batch's run refused (it took all the signals the server allows one run) is sent again later,
+and the next run hears it: `seq` keeps the newest counts, and what a report gives back adds
+up in any order. A batch that is gone (terminated) cannot be told anything: the chunk stops.
 """
 
 from __future__ import annotations
@@ -23,13 +25,19 @@ with workflow.unsafe.imports_passed_through():
     from workflows.chunk_models import ChunkReport
     from workflows.messaging import Delivery, deliver
 
-REPORTS_PER_S = 4.0
-"""Progress reports a batch takes from all its chunks together, per second at most. Every
-report takes the batch's lock on the server; at about 20 a second a dev server throttled the
-batch as a busy workflow (BusyWorkflow), its chunk starts waited 10 s each in the server's
-queue and the batch never got to continue-as-new (docs/benchmarks.md, 20,000 jobs)."""
+REPORTS_PER_S = 2.0
+"""Progress reports a batch takes from all its chunks together, per second at most, by their
+turns. Every report takes the batch's lock on the server; at about 20 a second a dev server
+throttled the batch as a busy workflow (BusyWorkflow), its chunk starts waited 10 s each in the
+server's queue and the batch never got to continue-as-new (docs/benchmarks.md, 20,000 jobs).
+Temporal's guidance for one workflow is about 5 signals a second; at 4 a second, 100 chunks'
+reports reached the batch up to 2.5 times as fast in its busiest 10 s (delayed by a busy worker,
+they land together), so 2 leaves that room. With 10 chunks or fewer the 5 s floor decides."""
 REPORT_EVERY_S = 5.0
 """A chunk's progress reaches its batch at most this late when few chunks run."""
+MISSED_S = 10.0
+"""A turn the chunk gets to more than this late is missed: the report goes at its next turn."""
+EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 def report_every(max_machines: int, chunks: int) -> float:
@@ -43,6 +51,18 @@ def report_phase(index: int, max_machines: int, chunks: int) -> float:
     1 / REPORTS_PER_S apart, so chunks started together do not report together."""
     at_once = max(1, min(max_machines, chunks))
     return (index % at_once) * report_every(max_machines, chunks) / at_once
+
+
+def next_turn(after: datetime, phase: timedelta, every: timedelta) -> datetime:
+    """A chunk's first turn to report after `after`: its phase in a period."""
+    since = (after - EPOCH - phase) // every + 1
+    return EPOCH + phase + since * every
+
+
+def missed(turn: datetime, now: datetime) -> bool:
+    """Whether a chunk got to its turn so late that reporting now would crowd the batch: its
+    worker or the server stalled, and other chunks' reports due meanwhile come at once too."""
+    return now - turn > timedelta(seconds=MISSED_S)
 
 
 class Reporter:
@@ -61,8 +81,8 @@ class Reporter:
         self._now, self._gone = now, gone
         self._seq = 0
         self._last = workflow.now()
+        """The next turn is the first after this: the last report, or a turn missed."""
         self._phase = timedelta(seconds=phase_s % every_s)
-        self._epoch = datetime.fromtimestamp(0, UTC)
         self._sends: list[asyncio.Task[None]] = []
         self._due: asyncio.Task[None] | None = None
         self._unreported = False
@@ -113,16 +133,15 @@ class Reporter:
             self._due.cancel()
         await asyncio.gather(*self._sends)
 
-    def _next_time(self) -> datetime:
-        """This chunk's first time to report after the last report: its phase in a period."""
-        since = (self._last - self._epoch - self._phase) // self._every + 1
-        return self._epoch + self._phase + since * self._every
-
     async def _send_when_due(self) -> None:
+        """Report at this chunk's next turn; a turn missed waits for the next one, once."""
+        missed_once = False
         while self._unreported:
-            wait = self._next_time() - workflow.now()
-            if wait > timedelta(0):
-                await workflow.sleep(wait, summary="report progress to the batch")
+            turn, now = next_turn(self._last, self._phase, self._every), workflow.now()
+            if turn > now:
+                await workflow.sleep(turn - now, summary="report progress to the batch")
+            elif missed(turn, now) and not missed_once:
+                missed_once, self._last = True, now
             else:
                 self.send()
 

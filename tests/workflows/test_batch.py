@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,15 @@ from workflows.batch_models import (
     PauseRequest,
 )
 from workflows.chunk_models import ChunkInput
-from workflows.reports import REPORTS_PER_S, report_every
+from workflows.reports import (
+    EPOCH,
+    MISSED_S,
+    REPORTS_PER_S,
+    missed,
+    next_turn,
+    report_every,
+    report_phase,
+)
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
 
@@ -190,19 +199,38 @@ async def test_every_run_of_the_batch_stays_short_while_it_starts_many_chunks(
     # (each running chunk's completion and last report, and the tasks they cause) overshoots it.
     assert len(runs) > 1 and lengths[-1] <= bound + 2 * spec.max_machines + 40, lengths
     assert not live(sortie, app_name)
-    # Thirty chunks at once share the batch's reports: each reports every 30/4 s at most.
+    # Thirty chunks at once share the batch's reports: each reports every 30/2 s at most.
     every = {
         (await chunk_input(sortie, history)).report_every_s
         async for history in chunk_histories(sortie, submitted.batch_id)
     }
-    assert every == {7.5}
+    assert every == {15.0}
 
 
 def test_chunks_report_less_often_the_more_of_them_run_at_once() -> None:
     # Together they send the batch REPORTS_PER_S reports a second, never more often than every 5 s.
-    assert report_every(max_machines=200, chunks=200) == 200 / REPORTS_PER_S == 50
+    assert report_every(max_machines=200, chunks=200) == 200 / REPORTS_PER_S == 100
+    # The bench's rows: 100 chunks of 2 slots (10,000 jobs) take turns 0.5 s apart in 50 s, 20
+    # reports in 10 s, with room for 2.5 times that where a busy worker bunches them; 10 chunks of
+    # 10 slots (1,000 jobs) still report every 5 s.
+    assert report_every(max_machines=200, chunks=100) == 50
+    assert report_phase(7, max_machines=200, chunks=100) == 7 * 0.5
+    assert REPORTS_PER_S * 10 * 2.5 <= 5 * 10
+    assert report_every(max_machines=100, chunks=10) == 5
     assert report_every(max_machines=200, chunks=10) == 5
     assert report_every(max_machines=3, chunks=1000) == 5
+
+
+def test_a_turn_missed_in_a_stall_waits_for_the_next() -> None:
+    # A chunk that gets to its turn more than MISSED_S late (its worker stalled) reports at its
+    # next turn instead, so the reports due during a stall do not all reach the batch at once.
+    every, phase = timedelta(seconds=50), timedelta(seconds=3.5)
+    start = EPOCH + timedelta(days=20_000, seconds=12.25)
+    turn = next_turn(start, phase, every)
+    assert start < turn <= start + every and (turn - EPOCH - phase) % every == timedelta(0)
+    assert not missed(turn, turn + timedelta(seconds=MISSED_S))
+    assert missed(turn, turn + timedelta(seconds=MISSED_S + 0.5))
+    assert next_turn(turn + timedelta(seconds=MISSED_S + 0.5), phase, every) == turn + every
 
 
 async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None:

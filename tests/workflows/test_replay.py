@@ -30,6 +30,7 @@ from sortie.settings import Settings
 from sortie.spec import parse_batch
 from tests.helpers.fleet import Fleet, fleet_worker
 from tests.helpers.waiting import eventually
+from workflows import job_steps
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import CancelRequest, MaxCostRequest, PauseRequest
 from workflows.chunk import ChunkWorkflow
@@ -149,13 +150,13 @@ async def test_replay_catches_a_nondeterministic_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Proof the replay test can fail: the chunk changed its steps, replay must refuse it."""
-    original: Callable[..., Awaitable[Any]] = ChunkWorkflow._finish_job
+    original: Callable[..., Awaitable[Any]] = job_steps.finish_job
 
-    async def finish_twice(self: ChunkWorkflow, *args: Any) -> Any:
-        await original(self, *args)
-        return await original(self, *args)
+    async def finish_twice(*args: Any) -> Any:
+        await original(*args)
+        return await original(*args)
 
-    monkeypatch.setattr(ChunkWorkflow, "_finish_job", finish_twice)
+    monkeypatch.setattr(job_steps, "finish_job", finish_twice)
     history = WorkflowHistory.from_json("happy", (HISTORIES / "happy.chunk.json").read_text())
     result = await Replayer(
         workflows=[ChunkWorkflow],

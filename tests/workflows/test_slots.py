@@ -11,6 +11,7 @@ import asyncio
 import gc
 import uuid
 from collections import Counter
+from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
 from client import batches
+from client.batches.report import started_input
 from sortie.models import Tuning
 from sortie.settings import Settings
 from tests.helpers.fleet import Fleet, fleet_spec, fleet_worker, run_fleet_batch
@@ -25,7 +27,8 @@ from tests.helpers.history import every_run, payload_sizes
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import MaxMachinesRequest
-from workflows.chunk_models import ChunkReport
+from workflows.chunk_models import ChunkInput, ChunkReport
+from workflows.reports import EPOCH
 
 
 async def test_cap_is_held_and_filled_across_many_chunks(temporal: WorkflowEnvironment) -> None:
@@ -274,3 +277,49 @@ async def test_a_run_hears_the_end_of_the_chunks_it_inherited(
         and e.activity_task_scheduled_event_attributes.activity_type.name == "watch_chunks"
     ]
     assert len(runs) > 2 and watches
+
+
+async def test_each_chunk_reports_progress_once_a_turn_at_most(
+    temporal: WorkflowEnvironment,
+) -> None:
+    # Four chunks of 30 short jobs on 3 slots each: every job that ends is news, but a chunk tells
+    # the batch only at its own turns (one a period, the chunks' turns staggered), so the signals
+    # the batch takes are at most one per chunk per period, however fast its jobs end.
+    fleet = Fleet()
+    settings = Settings(task_queue=f"turns-{uuid.uuid4().hex}")
+    spec = fleet_spec([{"id": f"j{i:03d}"} for i in range(120)], 12, 30, seconds="0.3")
+    async with fleet_worker(temporal, settings, fleet.activities):
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
+        output = await batches.batch_handle(temporal.client, submitted.batch_id).result()
+    assert output.succeeded == 120 and fleet.live == 0
+
+    sent: dict[tuple[int, int], int] = {}  # (chunk, report) -> the period it was sent in
+    async for execution in temporal.client.list_workflows(f'BatchId="{submitted.batch_id}"'):
+        if execution.workflow_type != "ChunkWorkflow":
+            continue
+        history = await temporal.client.get_workflow_handle(execution.id).fetch_history()
+        chunk = await started_input(
+            temporal.client, temporal.client.get_workflow_handle(execution.id), ChunkInput
+        )
+        every = timedelta(seconds=chunk.report_every_s)
+        phase = timedelta(seconds=chunk.report_phase_s % chunk.report_every_s)
+        now = None  # the chunk's time in the task that sent: its workflow task's start
+        for event in history.events:
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+                now = event.event_time.ToDatetime(tzinfo=UTC)
+            told = event.signal_external_workflow_execution_initiated_event_attributes
+            if told.signal_name == "chunk_report":
+                report = ChunkReport.model_validate_json(told.input.payloads[0].data)
+                assert now is not None
+                sent[(report.index, report.seq)] = (now - EPOCH - phase) // every
+    heard = [
+        ChunkReport.model_validate_json(
+            e.workflow_execution_signaled_event_attributes.input.payloads[0].data
+        )
+        for run in await every_run(temporal.client, submitted.batch_id)
+        for e in run.events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    ]
+    assert heard and {(r.index, r.seq) for r in heard} <= set(sent)
+    periods = Counter((r.index, sent[(r.index, r.seq)]) for r in heard)
+    assert max(periods.values()) == 1, periods

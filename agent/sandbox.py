@@ -6,7 +6,8 @@ alone, so neither the repository's own `.claude/settings.json` nor the agent its
 widen them: the sandbox on and required, no unsandboxed commands, Bash allowed inside it, every
 credential the machine holds hidden from commands, network only to the job's allowed domains,
 and only the permission rules, hooks and MCP servers these settings name. The job's `verify`
-runs under bubblewrap too, writes confined to its checkout and temp, without the credentials.
+runs under bubblewrap too, writes confined to its checkout and temp, without the credentials,
+its network the same allowlist through a proxy of its own (agent/egress.py).
 Standard library only, like the rest of the agent.
 """
 
@@ -19,10 +20,13 @@ import signal
 import subprocess
 import tempfile
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from agent import egress
 
 if TYPE_CHECKING:
     from agent.job import Job
@@ -142,10 +146,18 @@ def claude_argv(bwrap: str, settings_dir: Path, argv: Sequence[str], info_fd: in
     ]
 
 
-def verify_argv(bwrap: str, cwd: Path, command: Sequence[str], open_network: bool) -> list[str]:
+EGRESS_SOCKET = "/tmp/.sortie-egress.sock"
+"""Where a check's way out, the allowlisting proxy's socket, is inside its sandbox."""
+
+
+def verify_argv(bwrap: str, cwd: Path, command: Sequence[str], proxy: Path | None) -> list[str]:
     """The job's check under bubblewrap: the machine read-only but its checkout and a fresh
-    /tmp, its own process tree, and no network unless the job's network is open."""
-    net = [] if open_network else ["--unshare-net"]
+    /tmp, its own process tree, and a network of its own whose one way out is the allowlisting
+    proxy at `proxy` (agent/egress.py); the machine's network when `proxy` is None (open)."""
+    net: list[str] = []
+    if proxy is not None:
+        net = ["--unshare-net", "--bind", str(proxy), EGRESS_SOCKET]
+        command = egress.bridge_argv(EGRESS_SOCKET, command)
     return [
         bwrap,
         "--ro-bind",
@@ -225,7 +237,9 @@ class Sandbox:
 
     bwrap: str
     settings_dir: Path
-    open_network: bool
+    domains: tuple[str, ...] | None
+    """Where the agent's commands, WebFetch and `verify` may go: the job's allowed domains and
+    its repositories' hosts; None when the job's network is open."""
     secrets: tuple[str, ...]
 
     @classmethod
@@ -237,7 +251,7 @@ class Sandbox:
         check(path)
         domains = None
         if job.network is not None:
-            domains = list(dict.fromkeys([*job.network, *repo_hosts(r.url for r in job.repos)]))
+            domains = tuple(dict.fromkeys([*job.network, *repo_hosts(r.url for r in job.repos)]))
         settings = managed_settings(
             allowed_tools=job.allowed_tools,
             workspace=workspace,
@@ -247,7 +261,7 @@ class Sandbox:
         )
         directory = write_settings(Path(tempfile.mkdtemp(prefix="sortie-settings-")), settings)
         bwrap = shutil.which("bwrap", path=path) or "bwrap"
-        return cls(bwrap, directory, job.network is None, job.secrets)
+        return cls(bwrap, directory, domains, job.secrets)
 
     def start_claude(
         self, argv: list[str], cwd: Path, env: dict[str, str], **kwargs: Any
@@ -261,6 +275,18 @@ class Sandbox:
             [*argv, *own], self.settings_dir, self.bwrap, cwd=cwd, env=env, **kwargs
         )
 
-    def check_argv(self, command: Sequence[str], cwd: Path) -> list[str]:
-        """The job's `verify` command, confined."""
-        return verify_argv(self.bwrap, cwd, command, self.open_network)
+    @contextmanager
+    def confine_check(
+        self, command: Sequence[str], cwd: Path, refused: Callable[[str], None]
+    ) -> Iterator[list[str]]:
+        """The job's `verify` command, confined, for as long as it runs: its network the same
+        allowlist as the agent's, through a proxy of its own (`refused` hears each host that
+        proxy turned away), or the machine's when the job's network is open."""
+        if self.domains is None:
+            yield verify_argv(self.bwrap, cwd, command, None)
+            return
+        with (
+            tempfile.TemporaryDirectory(prefix="sortie-egress-") as directory,
+            egress.Proxy(self.domains, Path(directory), refused) as proxy,
+        ):
+            yield verify_argv(self.bwrap, cwd, command, proxy.path)

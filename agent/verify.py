@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ TAIL_CHARS = 2000
 EXIT_VERIFY_FAILED = 4
 """The entrypoint's exit code when the check still failed after the last iteration."""
 EXIT_NOT_RUN = 127
+NOT_RUN = ("bwrap: execvp ", "sortie: the check could not be started: ")
+"""How bubblewrap (open network) and the bridge (agent/egress.py) say the check did not start."""
 SPEND_URL = "SORTIE_SPEND_URL"
 """The presigned PUT URL for what the loop has spent so far (a secret like the others)."""
 
@@ -92,22 +95,32 @@ def check(machine: Machine, command: Sequence[str], cwd: Path) -> tuple[int, str
     """Run the check in the checkout, in the job's sandbox: its exit code and the tail of its
     output (both streams). Its whole output goes to the machine's log, scrubbed.
     """
-    argv = machine.sandbox.check_argv(command, cwd) if machine.sandbox else list(command)
+
+    def refused(host: str) -> None:
+        machine.note(f"verify: the network refused {host} (not in the job's allowlist)")
+
+    confined = (
+        machine.sandbox.confine_check(command, cwd, refused)
+        if machine.sandbox
+        else nullcontext(list(command))
+    )
     try:
-        proc = subprocess.run(
-            argv,
-            cwd=cwd,
-            env=machine.child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
+        with confined as argv:
+            proc = subprocess.run(
+                argv,
+                cwd=cwd,
+                env=machine.child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
     except OSError as error:
         return EXIT_NOT_RUN, f"the check could not be started: {error}"
     output = proc.stdout.decode("utf-8", errors="replace")
-    if machine.sandbox and proc.returncode == 1 and output.startswith("bwrap: execvp "):
-        return EXIT_NOT_RUN, f"the check could not be started: {output.strip()}"
+    if machine.sandbox and proc.returncode in (1, EXIT_NOT_RUN) and output.startswith(NOT_RUN):
+        why = output.strip().removeprefix(NOT_RUN[1])
+        return EXIT_NOT_RUN, f"the check could not be started: {why}"
     for line in output.splitlines()[-TAIL_LINES:]:
         sys.stderr.write(machine.scrub.text(f"verify: {line}") + "\n")
     sys.stderr.flush()

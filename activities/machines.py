@@ -46,6 +46,7 @@ from activities.machine_models import (
     ReadLogsOutput,
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
+    ReuseMachineInput,
     Spend,
     WaitMachineOutput,
     WaitOutcome,
@@ -85,6 +86,7 @@ from sortie.store import (
     session_prefix,
     spend_key,
 )
+from workflows.outcomes import reusable
 
 GONE_STATES = {"destroyed", "destroying"}
 RESTORE_PATH = "/sortie/restore.tar.gz"
@@ -197,6 +199,48 @@ class MachineActivities(MachineCollect):
             machine=_ref(input.app, machine), credential=credential.name if credential else None
         )
 
+    @activity.defn(name="reuse_machine")
+    async def reuse_machine(self, input: ReuseMachineInput) -> CreateMachineOutput:
+        """Give a stopped machine the job attempt's whole config through Fly's update call,
+        which starts it on a fresh root filesystem; or find an earlier try's update landed.
+
+        The config (secrets, presigned URLs) goes from this worker to Fly only, as a create's.
+        The update names the version the machine's last job ran: if an earlier try's update
+        landed, Fly refuses (409) and the machine's metadata names this job attempt: it already
+        serves this job, which is not started twice.
+        """
+        ref, job = input.machine, input.job
+        turn = input.followup.turn if input.followup else 1
+        lookup = _lookup(input.batch_id, job.id, input.attempt, turn)
+        with fly_errors(f"reuse machine {ref.machine_id} for job {job.id}"):
+            if activity.info().attempt > 1:
+                found = await self._serving(ref, lookup)
+                if found is not None:
+                    return self._found(ref.app, found)
+            credential = await self._take_credential() if job.prompt is not None else None
+            config = await self._config(input, credential)
+            try:
+                machine = await self._fly.update_machine(
+                    ref.app, ref.machine_id, config, current_version=ref.version
+                )
+            except FlyConflict:
+                found = await self._serving(ref, lookup)
+                if found is None:
+                    raise
+                return self._found(ref.app, found)
+        activity.logger.info("reused machine %s for job %s", machine.id, job.id)
+        return CreateMachineOutput(
+            machine=_ref(ref.app, machine),
+            credential=credential.name if credential else None,
+        )
+
+    async def _serving(self, ref: MachineRef, lookup: dict[str, str]) -> Machine | None:
+        """The machine, if its config already names this job attempt (an update landed)."""
+        machine = await patiently(lambda: self._fly.get_machine(ref.app, ref.machine_id))
+        metadata = machine.config.metadata if machine.config else None
+        serving = all((metadata or {}).get(key) == value for key, value in lookup.items())
+        return machine if serving else None
+
     def _found(self, app: str, machine: Machine) -> CreateMachineOutput:
         """An earlier try's machine, and which Claude credential it was given."""
         env = machine.config.env if machine.config else {}
@@ -233,7 +277,10 @@ class MachineActivities(MachineCollect):
                     finished.model_dump_json().encode(),
                     _about(input.collect),
                 )
-            finished.destroyed = await self._destroy_now(ref)
+            if input.keep and reusable(finished.waited, finished.collected):
+                finished.kept = True  # stopped; its batch gives it the next job, or destroys it
+            else:
+                finished.destroyed = await self._destroy_now(ref)
         return finished
 
     @asynccontextmanager
@@ -429,7 +476,13 @@ class MachineActivities(MachineCollect):
             auto_destroy=False,
             restart=RestartConfig(policy="no"),
             metadata=machine_metadata(
-                input.batch_id, input.chunk_index, job.id, input.attempt, input.owner, turn
+                input.batch_id,
+                input.chunk_index,
+                job.id,
+                input.attempt,
+                input.owner,
+                turn,
+                reuse=input.reuse,
             ),
         )
         return config

@@ -275,6 +275,14 @@ class Fleet:
             return None
         return [str(a) for a in entrypoint] + [str(a) for a in init.get("cmd") or []]
 
+    def _fresh_root(self, machine: Machine) -> None:
+        """Every start boots from a clean root filesystem, as a Fly machine does: the last run's
+        files are removed, the image's (`config.files`) written afresh."""
+        if machine.workspace is not None:
+            shutil.rmtree(machine.workspace, ignore_errors=True)
+        machine.workspace = Path(tempfile.mkdtemp(prefix=f"localfly-{machine.id}-"))
+        self._write_files(machine)
+
     def _write_files(self, machine: Machine) -> None:
         """Write `config.files` (base64 `raw_value`) under the machine's root, as Fly does."""
         assert machine.workspace is not None
@@ -319,8 +327,7 @@ class Fleet:
             machine.event("launch", "failed")
             await self.set_state(machine, "failed")
             return
-        machine.workspace = Path(tempfile.mkdtemp(prefix=f"localfly-{machine.id}-"))
-        self._write_files(machine)
+        self._fresh_root(machine)
         while True:
             machine.event("start", "starting")
             await self.set_state(machine, "starting")
@@ -457,6 +464,26 @@ class Fleet:
             await asyncio.wait_for(asyncio.shield(process.wait()), timeout)
         except TimeoutError:
             kill_group(process.pid, signal.SIGKILL)
+
+    async def update(self, machine: Machine, config: dict[str, Any], *, launch: bool) -> None:
+        """A new version of the machine with `config` whole: a running machine is stopped first;
+        with `launch` it starts (on a fresh root) at once. Faults match the new metadata."""
+        machine.event("update", "replacing", source="user")
+        if machine.process is not None and machine.process.returncode is None:
+            await self.stop(machine, "SIGKILL", 0)
+        if machine.task is not None and machine.task is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError):
+                await machine.task
+        machine.config = dict(config)
+        machine.instance_id = ulid()
+        machine.fault = self.faults.machine_fault(machine.name, machine.metadata)
+        machine.restart_count = 0
+        machine.killed_for_oom = False
+        machine.event("update", "updated")
+        if launch:
+            await self.start(machine)
+        else:
+            await self.set_state(machine, "stopped")
 
     async def start(self, machine: Machine) -> str:
         """Start a stopped machine again; returns the previous state."""

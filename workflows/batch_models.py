@@ -12,6 +12,7 @@ from sortie.labels import chunk_workflow_id
 from sortie.models import Counts, StrictModel, Tuning
 from sortie.notify import Notify
 from sortie.spec import OnTooManyFailures, StormGuard
+from workflows.pool import Pool
 
 
 class ChunkPlan(StrictModel):
@@ -122,6 +123,8 @@ class BatchState(StrictModel):
     pauses_told: int = 0
     chunks: list[ChunkState] = []
     pending: list[ChunkPlan] = []
+    pool: Pool = Pool()
+    """Stopped machines no chunk holds, waiting for a job (`reuse_machines`)."""
 
     @property
     def steering(self) -> Steering:
@@ -137,6 +140,11 @@ class BatchState(StrictModel):
     def running(self) -> list[ChunkState]:
         """The chunks started and not done."""
         return [c for c in self.chunks if c.status is ChunkStatus.RUNNING]
+
+    def holding(self) -> list[ChunkState]:
+        """The chunks that hold slots: the running ones, and a done one that a grant reached
+        after its last report, until it gives that grant back."""
+        return [c for c in self.chunks if c.status is ChunkStatus.RUNNING or c.slots > 0]
 
     def unfinished(self) -> int:
         """Chunks not started or not done."""
@@ -172,6 +180,9 @@ class BatchInput(StrictModel):
     max_machines: int
     max_cost_usd: float | None = None
     keep_sessions_s: float | None = None
+    reuse_idle_s: float | None = None
+    """`reuse_machines`: a machine that ended its job cleanly takes another, and waits this
+    long at most (None: one machine per job)."""
     failure_limit: FailureLimit = FailureLimit()
     storm: StormGuard | None = StormGuard()
     notify: Notify | None = None

@@ -49,6 +49,20 @@ def machine_failure(
     return None
 
 
+def reusable(waited: WaitMachineOutput, collected: CollectResultOutput | None) -> bool:
+    """Whether the machine may take another job: its job's process ended on its own, in time,
+    and the machine did not fail (a timeout, OOM, stall, infrastructure failure or a cancel
+    leaves a machine nobody should trust with the next job)."""
+    return (
+        waited.outcome is WaitOutcome.EXITED
+        and machine_failure(waited, collected) is None
+        and collected is not None
+        and collected.state == "stopped"
+        and collected.exit_code is not None
+        and collected.signal is None
+    )
+
+
 def succeeded(waited: WaitMachineOutput, collected: CollectResultOutput | None) -> bool:
     """Whether the job succeeded: it exited 0 on its own in time, with its report if it had one
     and that report names no error (an answer that misses its json_schema is one).

@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import artifacts
 from activities.credentials import Credential, CredentialsResting, NoCredential
+from activities.endings import reusable
 from activities.fly_calls import RETRY_AFTER_MOST_S, fly_errors, patiently
 from activities.machine_collect import (
     MachineCollect,
@@ -47,11 +48,11 @@ from activities.machine_models import (
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
     ReuseMachineInput,
-    Spend,
     WaitMachineOutput,
     WaitOutcome,
 )
 from activities.secrets import SecretStore
+from activities.spend_watch import watching_spend
 from fly import (
     FlyClient,
     FlyConflict,
@@ -86,7 +87,6 @@ from sortie.store import (
     session_prefix,
     spend_key,
 )
-from workflows.outcomes import reusable
 
 GONE_STATES = {"destroyed", "destroying"}
 RESTORE_PATH = "/sortie/restore.tar.gz"
@@ -263,7 +263,7 @@ class MachineActivities(MachineCollect):
         seen: dict[str, Any] = {"machine_id": ref.machine_id, "state": None}
         async with (
             _beating(input.wait.heartbeat_every_s, seen),
-            self._watching_spend(input, seen),
+            watching_spend(self._store, input, seen),
         ):
             finished = await self._learned(input.collect)
             if finished is None:
@@ -282,51 +282,6 @@ class MachineActivities(MachineCollect):
             else:
                 finished.destroyed = await self._destroy_now(ref)
         return finished
-
-    @asynccontextmanager
-    async def _watching_spend(
-        self, input: FinishJobInput, seen: dict[str, Any]
-    ) -> AsyncIterator[None]:
-        """While the block runs, pass what the job's verify loop spent to its chunk as it grows,
-        so the batch's budget counts every turn when it happens, not when the job ends."""
-        index, chunk_id = input.collect.spend_of, activity.info().workflow_id
-        if index is None or chunk_id is None:
-            yield
-            return
-        key = spend_key(*_attempt_key(input.collect))
-        chunk = activity.client().get_workflow_handle(chunk_id)
-
-        async def watch() -> None:
-            told = 0.0
-            while True:
-                await asyncio.sleep(input.wait.heartbeat_every_s)
-                try:
-                    payload = await self._store.get(key)
-                    if payload is None:
-                        continue
-                    spent = json.loads(payload)
-                    spend = Spend(
-                        index=index,
-                        attempt=input.collect.attempt,
-                        cost_usd=float(spent.get("cost_usd") or 0.0),
-                        num_turns=int(spent.get("num_turns") or 0),
-                    )
-                    if spend.cost_usd <= told:
-                        continue
-                    await chunk.signal("spent", spend)
-                    told = seen["spent_usd"] = spend.cost_usd
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # best effort: the final report is the truth
-                    job = input.collect.job_id
-                    activity.logger.warning("spend of job %s not passed on: %s", job, error)
-
-        watching = asyncio.create_task(watch())
-        try:
-            yield
-        finally:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
 
     async def _learned(self, input: CollectResultInput) -> FinishJobOutput | None:
         """What an earlier attempt of this activity learned before it destroyed the machine."""

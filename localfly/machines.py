@@ -23,11 +23,11 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from localfly.faults import Faults
+from localfly.formats import rfc3339, ulid
 from localfly.groups import kill_group, resident_by_group
 
 DEFAULT_MEMORY_MB = 256
@@ -35,7 +35,6 @@ DEFAULT_MEMORY_MB = 256
 WITHHELD = ("SORTIE_REPORT_URL", "SORTIE_ARCHIVE_URL")
 """What the `withhold_report` fault keeps from a machine: where its agent would upload."""
 
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ADJECTIVES = ["aged", "bold", "calm", "dark", "eager", "fancy", "green", "hidden", "icy", "lucky"]
 NOUNS = ["thunder", "river", "forest", "meadow", "cloud", "ember", "frost", "harbor", "pine"]
 TRANSIENT = {"created", "starting", "stopping", "destroying", "restarting"}
@@ -48,38 +47,6 @@ SIGNALS = {
     "SIGUSR2": signal.SIGUSR2,
     "SIGTERM": signal.SIGTERM,
 }
-
-
-def ulid() -> str:
-    """A 26-character ULID: 48 bits of milliseconds, 80 random bits."""
-    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
-    return "".join(CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
-
-
-def rfc3339(moment: float, precise: bool = False) -> str:
-    """Fly's timestamps: RFC 3339 in UTC, whole seconds (or microseconds when precise)."""
-    text = datetime.fromtimestamp(moment, UTC).isoformat(
-        timespec="microseconds" if precise else "seconds"
-    )
-    return text.replace("+00:00", "Z")
-
-
-def parse_duration(value: object, default: float) -> float:
-    """A stop timeout: a Go duration string ("10s", "500ms") or nanoseconds as a number."""
-    if value is None or value == "":
-        return default
-    if isinstance(value, int | float):
-        return float(value) / 1e9
-    text = str(value).strip()
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for unit in ("ms", "s", "m", "h"):
-        if text.endswith(unit):
-            with contextlib.suppress(ValueError):
-                return float(text[: -len(unit)]) * units[unit]
-    try:
-        return float(text) / 1e9
-    except ValueError:
-        return default
 
 
 @dataclass

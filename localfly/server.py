@@ -1,10 +1,9 @@
 """The HTTP side of localfly: the Machines API, the logs API and an admin API on one port.
 
 Paths, JSON keys and status codes follow Fly's Machines API (create 200, wait 200/408/400/404,
-destroy 200, 401 without a token, errors as `{"error": "<code>: <text>"}`). Paths under
-`/_localfly/` are localfly's own: health, stats (calls per endpoint, statuses, live machines, the
-most ever live), the request log (when each call arrived and was answered), the ground-truth list
-of every machine ever made, and the fault config.
+destroy 200, 401 without a token, errors as `{"error": "<code>: <text>"}`). `/_localfly/` paths
+are localfly's own: health, stats (calls per endpoint, statuses, live and most ever live
+machines), the request log (each call's arrival and answer), every machine made, the faults.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from localfly.faults import FaultConfig, Faults
-from localfly.machines import TRANSIENT, Fleet, Machine, parse_duration, rfc3339
+from localfly.formats import parse_duration, rfc3339
+from localfly.machines import TRANSIENT, Fleet, Machine
 from localfly.routes import app_of, endpoint_of, error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

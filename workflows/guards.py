@@ -20,6 +20,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.endings import seconds
     from sortie.fields import FAILURE_RATE_AFTER
     from sortie.models import Counts
     from sortie.spec import OnTooManyFailures, StormGuard
@@ -30,7 +31,6 @@ with workflow.unsafe.imports_passed_through():
         PausedBy,
         StormMark,
     )
-    from workflows.outcomes import seconds
 
 STORM_KINDS = {
     "rate_limit": "Claude rate limit",

@@ -26,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.chunks import ChunkActivities
+from activities.endings import reusable
 from activities.jobs import JobActivities
 from activities.machine_models import (
     CheckBatchInput,
@@ -54,7 +55,6 @@ from sortie.spec import BatchSpec, parse_batch
 from worker import SortieWorker
 from workflows.batch import BatchWorkflow
 from workflows.chunk import ChunkWorkflow
-from workflows.outcomes import reusable
 from workflows.pacer import CreatePacerWorkflow
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from activities.endings import machine_failure, reusable
 from activities.machine_models import (
     STALLED,
     CollectResultOutput,
@@ -13,7 +14,7 @@ from activities.machine_models import (
 )
 from sortie.models import JobResult, JobState
 from sortie.spec import Job
-from workflows.outcomes import machine_failure, record_outcome, reusable
+from workflows.outcomes import record_outcome
 
 
 def _ended(

@@ -196,3 +196,19 @@ async def test_machines_are_handed_on_from_chunk_to_chunk_within_the_cap(
     assert fleet.most == 7 and fleet.live == 0
     assert fleet.created + fleet.reused == 300
     assert fleet.created <= 7 * 2, fleet.created
+
+
+async def test_a_job_that_took_its_slot_keeps_the_waiting_machine_its_slot_holds(
+    temporal: WorkflowEnvironment,
+) -> None:
+    """Two jobs end together with one job left to start: the job started in the slot one of them
+    freed takes its waiting machine as it starts. It once found none (the chunk had given both
+    back with the one slot it no longer needed) and created a third machine beside the two the
+    batch held: one over the cap. Each round's first two jobs end at the same moment."""
+    for _ in range(4):
+        fleet, report, _, _ = await run_fleet_batch(
+            temporal, jobs=3, max_machines=2, chunk_size=3, fill_to=2, reuse_machines=True
+        )
+
+        assert report.succeeded == 3
+        assert (fleet.most, fleet.created, fleet.reused, fleet.live) == (2, 2, 1, 0)

@@ -141,11 +141,6 @@ class BatchState(StrictModel):
         """The chunks started and not done."""
         return [c for c in self.chunks if c.status is ChunkStatus.RUNNING]
 
-    def holding(self) -> list[ChunkState]:
-        """The chunks that hold slots: the running ones, and a done one that a grant reached
-        after its last report, until it gives that grant back."""
-        return [c for c in self.chunks if c.status is ChunkStatus.RUNNING or c.slots > 0]
-
     def unfinished(self) -> int:
         """Chunks not started or not done."""
         return len(self.pending) + len(self.running())

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from temporalio.service import RPCError, RPCStatusCode
 
-from client import batches, export
+from client import batches, changes, export, handoff
 from client.analysis.files import AnalysisError
 from client.analysis.findings import DEFAULT_FOCUS
 from client.commands.analyze import cmd_analyze, cmd_findings
@@ -51,6 +52,7 @@ from client.commands.reap import cmd_reap
 from client.commands.rerun import cmd_followup, cmd_retry
 from client.commands.run import cmd_submit, cmd_watch
 from client.commands.steer import cmd_signal
+from sortie.artifacts import ArtifactsUnavailable
 from sortie.fields import BatchFileError, parse_percent
 from sortie.settings import Settings
 from sortie.spec import OnTooManyFailures
@@ -222,6 +224,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_CODES: tuple[tuple[type[Exception], int, Callable[[Any], str]], ...] = (
+    # A bad input: the file, the store, a job or a batch that cannot be what was asked.
+    (BatchFileError, 2, lambda error: str(error.render())),
+    (StoreError, 2, str),
+    (AnalysisError, 2, "cannot analyse: {}".format),
+    (batches.BatchRejected, 2, str),  # before BatchNotReadable, which it is a case of
+    (batches.UnknownJob, 2, str),
+    (batches.FollowupRefused, 2, str),
+    (batches.RetryRefused, 2, "cannot retry: {}".format),
+    (changes.ChangesUnavailable, 2, str),
+    (ArtifactsUnavailable, 2, str),
+    (handoff.HandoffError, 2, str),
+    # The batch failed or was terminated: no results to read, as a batch whose jobs failed.
+    (batches.BatchNotReadable, 1, str),
+)
+"""What each command's refusal exits with, and how it is told on stderr (never a traceback); the
+first class that matches wins."""
+
+
+def refused(error: Exception) -> int:
+    """Tell a command's refusal (an error of EXIT_CODES) on stderr and give its exit code."""
+    code, told = next((c, t) for kind, c, t in EXIT_CODES if isinstance(error, kind))
+    print(told(error), file=sys.stderr)
+    return code
+
+
 async def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and run one command; report bad input clearly."""
     args = parser().parse_args(argv)
@@ -245,15 +273,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = await args.run(args, settings)
-    except StoreError as error:
-        print(error, file=sys.stderr)
-        return 2
-    except BatchFileError as error:
-        print(error.render(), file=sys.stderr)
-        return 2
-    except AnalysisError as error:
-        print(f"cannot analyse: {error}", file=sys.stderr)
-        return 2
+    except tuple(kind for kind, _, _ in EXIT_CODES) as error:
+        return refused(error)
     except RPCError as error:
         if error.status is RPCStatusCode.NOT_FOUND:
             print(f"no such batch: {error.message}", file=sys.stderr)

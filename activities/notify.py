@@ -127,7 +127,7 @@ class NotifyActivities:
                 data = await self._store.get(rows_key(input.batch_id, workflow_id))
                 for row in await self._rows(workflow_id, data):
                     summary.add(row)
-        except Exception as error:
+        except Exception as error:  # the notice goes without its causes; the rows are kept
             activity.logger.warning("causes of batch %s not read: %s", input.batch_id, error)
             return []
         return summary.causes()[:TOP_CAUSES]

@@ -251,7 +251,7 @@ async def _store(env: Mapping[str, str]) -> Check:
         await store.delete(key)
     except StoreError as error:
         return Check("object store", False, str(error), _store_fix(env))
-    except Exception as error:
+    except Exception as error:  # whatever failed is this check's failure, shown with its fix
         return Check("object store", False, f"{where}: {_first_line(error)}", _store_fix(env))
     finally:
         await store.close()

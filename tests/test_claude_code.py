@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 
 from client import batches, render
 from sortie.claude import CLI_ENV
@@ -28,6 +29,7 @@ from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.anthropic_api import ANSWER
 from tests.helpers.batches import git_repo
 from tests.helpers.cli import cli, cli_env
+from tests.helpers.history import every_run
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
@@ -159,25 +161,27 @@ async def test_an_overloaded_api_is_a_storm_and_a_bad_request_is_not(
     claude_code: Sortie, app_name: str
 ) -> None:
     tag = uuid.uuid4().hex
+    # One machine at a time, in this order: the 400 has failed before the first 529 starts, so
+    # had it counted, the 529 would have made the storm's two errors.
     jobs = [
         {"id": "bad", "prompt": f"{tag} [[status:400]]"},
         {"id": "o529", "prompt": f"{tag} [[status:529]]"},
         {"id": "o503", "prompt": f"{tag} [[status:503]]"},
         *({"id": f"later{i}", "prompt": f"{tag} waits for a slot"} for i in range(2)),
     ]
-    spec = claude_spec(app_name, jobs, max_machines=3, storm={"errors": 2, "within": "5m"})
+    spec = claude_spec(app_name, jobs, max_machines=1, storm={"errors": 2, "within": "5m"})
     submitted = await batches.submit(claude_code.client, claude_code.settings, spec)
     handle = batches.batch_handle(claude_code.client, submitted.batch_id)
 
     async def paused() -> Any:
         progress = await batches.progress(claude_code.client, submitted.batch_id)
-        return progress if progress.paused else None
+        return progress if progress.paused and progress.counts.failed == 3 else None
 
     progress = await eventually(paused, timeout=120, what="the storm to pause the batch")
     assert (progress.pause_reason or "").startswith(
         "storm: 2 errors within 5m (2 Claude API overloaded)"
-    )
-    assert progress.counts.failed == 3, "the 400 failed too, and was no storm error"
+    ), "the 400 failed too, and was no storm error"
+    assert progress.counts.pending == 2, "no job started after the storm"
     await handle.signal(BatchWorkflow.cancel)
     await handle.result()
     await eventually(lambda: not live(claude_code, app_name), what="machines destroyed")
@@ -373,6 +377,28 @@ async def test_every_credential_refused_until_a_reset_pauses_the_batch_until_the
         for m in claude_code.localfly.machines(app_name)
     ]
     assert not [t for t in made if paused_at < t < reset], "no machine while every one rests"
+    # It resumed by itself: on a timer set for the reset, which fired, and with no resume sent.
+    # (How soon after the reset depends on the machine's load: printed below, not asserted.)
+    fired_at = []
+    for history in await every_run(claude_code.client, submitted.batch_id):
+        events = list(history.events)
+        fired = {
+            e.timer_fired_event_attributes.started_event_id
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED
+        }
+        assert "resume" not in [
+            e.workflow_execution_signaled_event_attributes.signal_name
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        ]
+        fired_at += [
+            e.event_time.ToSeconds()
+            + e.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta().total_seconds()
+            for e in events
+            if e.event_id in fired
+            and b"resume after the storm pause" in e.user_metadata.summary.data
+        ]
+    assert fired_at and all(at >= reset - 1 for at in fired_at), (fired_at, reset)
     resumed = min(t for t in made if t >= reset)
-    assert resumed - reset < 10, f"the batch resumed {resumed - reset:.1f}s after the reset"
     print(f"resumed {resumed - reset:.2f}s after the reset; {len(made)} machines")

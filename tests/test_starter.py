@@ -23,6 +23,7 @@ import pytest
 
 from client import batches
 from sortie import reaping
+from starter import EXIT_CODES, refused
 from tests.helpers.cli import run_cli as piped
 from tests.helpers.stack import ROOT, Sortie
 from tests.helpers.waiting import eventually
@@ -240,6 +241,23 @@ def test_a_real_crash_still_shows_its_traceback() -> None:
         [sys.executable, "-c", leave], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert (ran.returncode, ran.stderr) == (1, "stopped: why\n")
+
+
+def test_each_refusal_exits_with_its_own_code_whatever_its_place_in_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # No entry is shadowed by an earlier one it is a case of (BatchRejected is a
+    # BatchNotReadable, yet exits 2, not 1).
+    for i, (kind, _, _) in enumerate(EXIT_CODES):
+        assert not [k for k, _, _ in EXIT_CODES[:i] if issubclass(kind, k)], kind
+    assert refused(batches.BatchRejected("refused: no credential")) == 2
+    assert refused(batches.BatchNotReadable("terminated")) == 1
+    assert refused(batches.RetryRefused("batch is still running")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "refused: no credential",
+        "terminated",
+        "cannot retry: batch is still running",
+    ]
 
 
 # ---------------------------------------------------------------- against a real worker

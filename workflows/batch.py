@@ -7,7 +7,8 @@ batch's workflow id: whichever run is current hears it), lend freed slots, start
 chunks, pass on pause, resume and cancel, and pause or cancel the batch when its budget,
 failures or a storm of platform errors say so (workflows/guards.py); continue-as-new whenever
 the run grows long; when every chunk is done, release the batch's sessions, tell the batch's
-webhook (`notify`: its end, and each pause as it happens) and return counts.
+webhook (`notify`: its end, and each pause as it happens; workflows/batch_calls.py) and return
+counts.
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
 object store: only their counts reach the batch's history, in their result, never a signal
 (workflows/chunk_ends.py). With `reuse_machines` waiting machines travel with slots, and the

@@ -1,15 +1,15 @@
 """ChunkWorkflow: run a slice of a batch's jobs, at most its window of them at once.
 
 A chunk is a child workflow of its batch. It reads its own jobs from the object store first
-(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than
-its window of machine slots holds. A job is: create its machine through the app's create queue,
-then `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did
-not destroy it; a new machine after each infrastructure failure, up to the job's retries (with
-twice the memory after an OOM kill, by the job's `on_oom`); a job that finds every Claude
-credential resting waits, with no machine, until the earliest rest is over. With
+(`load_jobs`, digest checked), then starts a job whenever fewer jobs run than its window of
+machine slots holds. A job is: create its machine through the app's create queue, then
+`finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did not
+destroy it (workflows/job_steps.py); a new machine after each infrastructure failure, up to the
+job's retries (with twice the memory after an OOM kill, by the job's `on_oom`); a job that finds
+every Claude credential resting waits, with no machine, until the earliest rest is over. With
 `reuse_machines` a machine whose job ended cleanly stays, stopped, with its slot, for the next
-job of its app (workflows/job_steps.py); waiting machines go back to the batch with their slots,
-in a report or, at the chunk's end, in its result (workflows/pool.py). Under
+job of its app; waiting machines go back to the batch with their slots, in a report or, at the
+chunk's end, in its result (workflows/pool.py). Under
 a budget, what a running job's verify loop spends reaches the chunk as it happens (`spent`, from
 `finish_job`) and the batch at once, in the chunk's counts beside what finished jobs spent. The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives

@@ -27,12 +27,6 @@ async def cmd_artifacts(args: argparse.Namespace, settings: Settings) -> int:
                 async for _, row in batches.iter_results(client, args.id, store=store)
             ]
         written = await artifacts.write_out(store, found, single=args.job is not None)
-    except (batches.UnknownJob, artifacts.ArtifactsUnavailable) as error:
-        print(error, file=sys.stderr)
-        return 2
-    except batches.BatchNotReadable as error:
-        print(error, file=sys.stderr)
-        return 1
     except OSError as error:
         print(f"cannot write into {args.out}: {error.strerror}", file=sys.stderr)
         return 2
@@ -44,17 +38,8 @@ async def cmd_handoff(args: argparse.Namespace, settings: Settings) -> int:
     """A prompt job's repositories with its change, and its Claude session, on this machine."""
     client = await connect(settings)
     store = settings.blob_store()
-    try:
-        _, result = await batches.find_job(client, args.id, args.job, store=store)
-        done = await handoff.handoff(
-            store, args.id, result, Path(args.dir or f"handoff-{args.job}")
-        )
-    except (batches.UnknownJob, handoff.HandoffError, changes.ChangesUnavailable) as error:
-        print(error, file=sys.stderr)
-        return 2
-    except batches.BatchNotReadable as error:
-        print(error, file=sys.stderr)
-        return 1
+    _, result = await batches.find_job(client, args.id, args.job, store=store)
+    done = await handoff.handoff(store, args.id, result, Path(args.dir or f"handoff-{args.job}"))
     for repo in done.repos:
         print(f"{done.workspace / repo.path}: {repo.url} at {repo.commit[:12]}, its change applied")
     if done.command is None:

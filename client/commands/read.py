@@ -26,14 +26,7 @@ TOP_CAUSES = 3
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
     _ui(settings, args.id, args.json)
-    try:
-        progress = await batches.progress(client, args.id)
-    except batches.BatchRejected as error:
-        print(error, file=sys.stderr)
-        return 2
-    except batches.BatchNotReadable as error:
-        print(error, file=sys.stderr)
-        return 1
+    progress = await batches.progress(client, args.id)
     retry_of = await batches.retry_of(client, args.id)
     retried_by = [
         (batch, state)
@@ -86,11 +79,7 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
         return await _export(client, settings, args)
     if args.job is None:
         return await _print_results(client, settings, args.id, args.json, args.latest)
-    try:
-        _, result = await batches.find_job(client, args.id, args.job, store=settings.blob_store())
-    except batches.UnknownJob as error:
-        print(error, file=sys.stderr)
-        return 2
+    _, result = await batches.find_job(client, args.id, args.job, store=settings.blob_store())
     if args.json:
         print(result.model_dump_json(indent=2))
         return 0
@@ -102,26 +91,20 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 async def _export(client: Client, settings: Settings, args: argparse.Namespace) -> int:
     """Write the results in a format, streaming; to --out atomically, or to stdout."""
     store = settings.blob_store()
-    try:
-        if args.latest:
-            head = await batches.latest_results(client, args.id, store=store)
-            rows = head.results
-            head = head.model_copy(update={"results": []})
+    if args.latest:
+        head = await batches.latest_results(client, args.id, store=store)
+        rows = head.results
+        head = head.model_copy(update={"results": []})
 
-            async def stream() -> AsyncIterator[tuple[str, JobResult]]:
-                for row in rows:
-                    yield head.latest_from.get(row.job_id, args.id), row
-        else:
-            head = await batches.report_head(client, args.id)
+        async def stream() -> AsyncIterator[tuple[str, JobResult]]:
+            for row in rows:
+                yield head.latest_from.get(row.job_id, args.id), row
+    else:
+        head = await batches.report_head(client, args.id)
 
-            def stream() -> AsyncIterator[tuple[str, JobResult]]:
-                return batches.iter_results(client, args.id, store=store)
-    except batches.BatchRejected as error:
-        print(error, file=sys.stderr)
-        return 2
-    except batches.BatchNotReadable as error:
-        print(error, file=sys.stderr)
-        return 1
+        def stream() -> AsyncIterator[tuple[str, JobResult]]:
+            return batches.iter_results(client, args.id, store=store)
+
     kind = export.Format(args.format)
     if args.out is None:
         await export.export(kind, head, stream, sys.stdout, settings.workflow_url)
@@ -182,17 +165,10 @@ async def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
     """A job's machine logs: as they come while it runs (--follow: until it ends), then its
     stored tail; read and scrubbed of secrets on a worker."""
     client = await connect(settings)
-    try:
-        async for line in machine_logs.follow(
-            client, settings, args.id, args.job, keep_following=args.follow
-        ):
-            print(line, flush=True)
-    except batches.UnknownJob as error:
-        print(error, file=sys.stderr)
-        return 2
-    except batches.BatchNotReadable as error:
-        print(error, file=sys.stderr)
-        return 1
+    async for line in machine_logs.follow(
+        client, settings, args.id, args.job, keep_following=args.follow
+    ):
+        print(line, flush=True)
     return 0
 
 
@@ -201,16 +177,9 @@ async def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     written to --out."""
     client = await connect(settings)
     store = settings.blob_store()
-    try:
-        _, result = await batches.find_job(client, args.id, args.job, store=store)
-        found = await changes.job_patch(store, result, args.repo)
-        patch = found.data()
-    except (batches.UnknownJob, changes.ChangesUnavailable) as error:
-        print(error, file=sys.stderr)
-        return 2
-    except batches.BatchNotReadable as error:
-        print(error, file=sys.stderr)
-        return 1
+    _, result = await batches.find_job(client, args.id, args.job, store=store)
+    found = await changes.job_patch(store, result, args.repo)
+    patch = found.data()
     if args.out is None:
         sys.stdout.buffer.write(patch)
         sys.stdout.flush()

@@ -15,11 +15,7 @@ from sortie.temporal import connect
 
 async def cmd_followup(args: argparse.Namespace, settings: Settings) -> int:
     client = await connect(settings)
-    try:
-        workflow_id = await batches.followup(client, settings, args.id, args.job, args.prompt)
-    except batches.FollowupRefused as error:
-        print(error, file=sys.stderr)
-        return 2
+    workflow_id = await batches.followup(client, settings, args.id, args.job, args.prompt)
     print(f"started {workflow_id}")
     print(f"Web UI: {settings.workflow_url(workflow_id)}")
     if args.no_wait:
@@ -45,18 +41,14 @@ async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     if not states and not job_ids:
         states = {JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
     client = await connect(settings)
-    try:
-        retried = await batches.retry(
-            client,
-            settings,
-            args.id,
-            states=states,
-            job_ids=job_ids,
-            continue_prompt=args.continue_sessions,
-        )
-    except batches.RetryRefused as error:
-        print(f"cannot retry: {error}", file=sys.stderr)
-        return 2
+    retried = await batches.retry(
+        client,
+        settings,
+        args.id,
+        states=states,
+        job_ids=job_ids,
+        continue_prompt=args.continue_sessions,
+    )
     out = sys.stderr if args.json else sys.stdout
     if retried.created:
         continued = (

@@ -89,17 +89,10 @@ async def _watch_plain(client: Client, batch_id: str) -> None:
 async def _print_results(
     client: Client, settings: Settings, batch_id: str, as_json: bool, latest: bool = False
 ) -> int:
-    try:
-        if latest:
-            report = await batches.latest_results(client, batch_id, store=settings.blob_store())
-        else:
-            report = await batches.results(client, batch_id, store=settings.blob_store())
-    except batches.BatchRejected as error:
-        print(error, file=sys.stderr)
-        return 2
-    except batches.BatchNotReadable as error:
-        print(error, file=sys.stderr)
-        return 1
+    if latest:
+        report = await batches.latest_results(client, batch_id, store=settings.blob_store())
+    else:
+        report = await batches.results(client, batch_id, store=settings.blob_store())
     if as_json:
         print(report.model_dump_json(indent=2))
     elif sys.stdout.isatty():

@@ -67,16 +67,19 @@ def test_the_result_is_kept_and_nothing_raw_is_printed(tmp_path: Path) -> None:
 
 def test_a_cli_silent_past_its_stall_timeout_is_stopped(tmp_path: Path) -> None:
     said: list[str] = []
-    # It only retries (not progress), then hangs: stopped after a second without progress.
+    # After its first event it only retries, on and on (a minute of them, then its result):
+    # were retries taken for progress it would never stall, and would end with that result.
+    # How many retries are read before it is stopped depends on the machine's load; that it
+    # is stopped, not.
     body = f"print(json.dumps({INIT!r}), flush=True)\n"
-    body += "for _ in range(3):\n"
-    body += f"    time.sleep(0.4); print(json.dumps({RETRY!r}), flush=True)\n"
-    body += "time.sleep(600)\n"
+    body += "for _ in range(300):\n"
+    body += f"    print(json.dumps({RETRY!r}), flush=True); time.sleep(0.2)\n"
+    body += f"print(json.dumps({RESULT!r}), flush=True)\n"
     watched = watch(_cli(tmp_path, body), 1.0, said.append)
     assert watched.stalled and watched.result is None and watched.session_id == "s-1"
     assert watched.exit_code != 0
-    assert said[-1] == "claude: no event for 1s: stalled, stopping it"
-    assert said.count("claude: API retry 1 of 3 (429)") == 3
+    assert "claude: no event for 1s: stalled, stopping it" in said
+    assert "claude: API retry 1 of 3 (429)" in said, "its retries are logged, not progress"
 
 
 def test_no_stall_timeout_waits_as_long_as_it_takes(tmp_path: Path) -> None:

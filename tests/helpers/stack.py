@@ -32,14 +32,15 @@ STANDIN_BIN = ROOT / "tests" / "bin"
 CLAUDE_CODE_BIN = ROOT / ".state" / "claude-code" / "node_modules" / ".bin"
 """The real Claude Code CLI, as `make claude-code` installs it (the version agent/Dockerfile
 pins)."""
-_RUN_AGENT = (
+AGENT_ENTRYPOINT = (
     f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r}); "
     "runpy.run_module('agent', run_name='__main__', alter_sys=True)"
 )
-AGENT_IMAGES = {DEFAULT_IMAGE: shlex.join([sys.executable, "-c", _RUN_AGENT])}
-"""Under localfly the agent image runs our entrypoint (`python3 -m agent`), and `claude` is the
-stand-in. The entrypoint is this tree's, not the one the virtualenv installed: a machine's
-environment holds no PYTHONPATH, and the mutations (tests/mutations) run in a copy."""
+AGENT_IMAGES = {DEFAULT_IMAGE: shlex.join([sys.executable, "-c", AGENT_ENTRYPOINT])}
+"""Under localfly the agent image runs our entrypoint (`python -m agent`), and `claude` is the
+stand-in. The entrypoint is this tree's: a machine gets none of localfly's environment, so a
+bare `python -m agent` would import the agent the venv was installed from, not a `make prove`
+scratch copy's (and a job's environment, its PATH too, is left as the job set it)."""
 
 
 @dataclass

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
+from collections.abc import Iterable
 from typing import Any
 
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHistory
 
 
@@ -37,6 +40,30 @@ def payload_sizes(message: Any) -> list[int]:
                 sizes.append(item.ByteSize())
             elif hasattr(item, "ListFields"):
                 sizes.extend(payload_sizes(item))
+    return sizes
+
+
+def chunk_end_sizes(events: Iterable[HistoryEvent]) -> list[int]:
+    """The bytes each chunk's end brought into a batch run: the child's result, or its share of
+    a `watch_chunks` result (a later run hears the chunks it inherited that way)."""
+    events = list(events)
+    watches = {
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "watch_chunks"
+    }
+    sizes: list[int] = []
+    for e in events:
+        if e.event_type == EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED:
+            sizes.extend(payload_sizes(e))
+        elif (
+            e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+            and e.activity_task_completed_event_attributes.scheduled_event_id in watches
+        ):
+            for payload in e.activity_task_completed_event_attributes.result.payloads:
+                if ends := len(json.loads(payload.data)):
+                    sizes.extend([payload.ByteSize() // ends] * ends)
     return sizes
 
 

@@ -112,6 +112,7 @@ def build_worker(
         ],
         activities=[
             machines.check_batch,
+            machines.reuse_machine,
             machines.finish_job,
             machines.read_logs,
             machines.destroy_machine,

@@ -3,7 +3,7 @@ ended (activities/ may not import workflows/)."""
 
 from __future__ import annotations
 
-from sortie.models import Counts, StrictModel
+from sortie.models import Counts, MachineRef, StrictModel
 
 
 class ChunkOutput(StrictModel):
@@ -13,6 +13,9 @@ class ChunkOutput(StrictModel):
     index: int
     counts: Counts
     rows: str
+    machines: list[MachineRef] = []
+    """Stopped machines the chunk held at its end, given back with its slots
+    (`reuse_machines`): they travel in its result, as its end does."""
 
 
 class WatchChunksInput(StrictModel):

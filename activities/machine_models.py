@@ -41,6 +41,15 @@ class CreateMachineInput(StrictModel):
     attempt: int
     owner: str
     followup: Followup | None = None
+    reuse: bool = False
+    """The batch reuses machines: the machine outlives its job, owned by the batch."""
+
+
+class ReuseMachineInput(CreateMachineInput):
+    """Give a stopped machine that ended its last job cleanly this job's whole config, and
+    start it: `machine` is where it is and the version its last job ran."""
+
+    machine: MachineRef
 
 
 class CreateMachineOutput(StrictModel):
@@ -152,14 +161,18 @@ class FinishJobInput(StrictModel):
 
     wait: WaitMachineInput
     collect: CollectResultInput
+    keep: bool = False
+    """The batch reuses machines: keep the machine (stopped) when its job ended cleanly."""
 
 
 class FinishJobOutput(StrictModel):
-    """How the machine ended, what it left, and whether it is destroyed yet."""
+    """How the machine ended, what it left, and whether it is destroyed, or kept for another
+    job."""
 
     waited: WaitMachineOutput
     collected: CollectResultOutput | None = None
     destroyed: bool = False
+    kept: bool = False
     artifacts: Artifacts | None = None
     """What the job's `artifacts` collected, whatever the outcome (a timed-out job's too)."""
 

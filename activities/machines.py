@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import artifacts
 from activities.credentials import Credential, CredentialsResting, NoCredential
+from activities.endings import reusable
 from activities.fly_calls import RETRY_AFTER_MOST_S, fly_errors, patiently
 from activities.machine_collect import (
     MachineCollect,
@@ -46,11 +47,12 @@ from activities.machine_models import (
     ReadLogsOutput,
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
-    Spend,
+    ReuseMachineInput,
     WaitMachineOutput,
     WaitOutcome,
 )
 from activities.secrets import SecretStore
+from activities.spend_watch import watching_spend
 from fly import (
     FlyClient,
     FlyConflict,
@@ -197,6 +199,48 @@ class MachineActivities(MachineCollect):
             machine=_ref(input.app, machine), credential=credential.name if credential else None
         )
 
+    @activity.defn(name="reuse_machine")
+    async def reuse_machine(self, input: ReuseMachineInput) -> CreateMachineOutput:
+        """Give a stopped machine the job attempt's whole config through Fly's update call,
+        which starts it on a fresh root filesystem; or find an earlier try's update landed.
+
+        The config (secrets, presigned URLs) goes from this worker to Fly only, as a create's.
+        The update names the version the machine's last job ran: if an earlier try's update
+        landed, Fly refuses (409) and the machine's metadata names this job attempt: it already
+        serves this job, which is not started twice.
+        """
+        ref, job = input.machine, input.job
+        turn = input.followup.turn if input.followup else 1
+        lookup = _lookup(input.batch_id, job.id, input.attempt, turn)
+        with fly_errors(f"reuse machine {ref.machine_id} for job {job.id}"):
+            if activity.info().attempt > 1:
+                found = await self._serving(ref, lookup)
+                if found is not None:
+                    return self._found(ref.app, found)
+            credential = await self._take_credential() if job.prompt is not None else None
+            config = await self._config(input, credential)
+            try:
+                machine = await self._fly.update_machine(
+                    ref.app, ref.machine_id, config, current_version=ref.version
+                )
+            except FlyConflict:
+                found = await self._serving(ref, lookup)
+                if found is None:
+                    raise
+                return self._found(ref.app, found)
+        activity.logger.info("reused machine %s for job %s", machine.id, job.id)
+        return CreateMachineOutput(
+            machine=_ref(ref.app, machine),
+            credential=credential.name if credential else None,
+        )
+
+    async def _serving(self, ref: MachineRef, lookup: dict[str, str]) -> Machine | None:
+        """The machine, if its config already names this job attempt (an update landed)."""
+        machine = await patiently(lambda: self._fly.get_machine(ref.app, ref.machine_id))
+        metadata = machine.config.metadata if machine.config else None
+        serving = all((metadata or {}).get(key) == value for key, value in lookup.items())
+        return machine if serving else None
+
     def _found(self, app: str, machine: Machine) -> CreateMachineOutput:
         """An earlier try's machine, and which Claude credential it was given."""
         env = machine.config.env if machine.config else {}
@@ -219,7 +263,7 @@ class MachineActivities(MachineCollect):
         seen: dict[str, Any] = {"machine_id": ref.machine_id, "state": None}
         async with (
             _beating(input.wait.heartbeat_every_s, seen),
-            self._watching_spend(input, seen),
+            watching_spend(self._store, input, seen),
         ):
             finished = await self._learned(input.collect)
             if finished is None:
@@ -233,53 +277,11 @@ class MachineActivities(MachineCollect):
                     finished.model_dump_json().encode(),
                     _about(input.collect),
                 )
-            finished.destroyed = await self._destroy_now(ref)
+            if input.keep and reusable(finished.waited, finished.collected):
+                finished.kept = True  # stopped; its batch gives it the next job, or destroys it
+            else:
+                finished.destroyed = await self._destroy_now(ref)
         return finished
-
-    @asynccontextmanager
-    async def _watching_spend(
-        self, input: FinishJobInput, seen: dict[str, Any]
-    ) -> AsyncIterator[None]:
-        """While the block runs, pass what the job's verify loop spent to its chunk as it grows,
-        so the batch's budget counts every turn when it happens, not when the job ends."""
-        index, chunk_id = input.collect.spend_of, activity.info().workflow_id
-        if index is None or chunk_id is None:
-            yield
-            return
-        key = spend_key(*_attempt_key(input.collect))
-        chunk = activity.client().get_workflow_handle(chunk_id)
-
-        async def watch() -> None:
-            told = 0.0
-            while True:
-                await asyncio.sleep(input.wait.heartbeat_every_s)
-                try:
-                    payload = await self._store.get(key)
-                    if payload is None:
-                        continue
-                    spent = json.loads(payload)
-                    spend = Spend(
-                        index=index,
-                        attempt=input.collect.attempt,
-                        cost_usd=float(spent.get("cost_usd") or 0.0),
-                        num_turns=int(spent.get("num_turns") or 0),
-                    )
-                    if spend.cost_usd <= told:
-                        continue
-                    await chunk.signal("spent", spend)
-                    told = seen["spent_usd"] = spend.cost_usd
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # best effort: the final report is the truth
-                    job = input.collect.job_id
-                    activity.logger.warning("spend of job %s not passed on: %s", job, error)
-
-        watching = asyncio.create_task(watch())
-        try:
-            yield
-        finally:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
 
     async def _learned(self, input: CollectResultInput) -> FinishJobOutput | None:
         """What an earlier attempt of this activity learned before it destroyed the machine."""
@@ -429,7 +431,13 @@ class MachineActivities(MachineCollect):
             auto_destroy=False,
             restart=RestartConfig(policy="no"),
             metadata=machine_metadata(
-                input.batch_id, input.chunk_index, job.id, input.attempt, input.owner, turn
+                input.batch_id,
+                input.chunk_index,
+                job.id,
+                input.attempt,
+                input.owner,
+                turn,
+                reuse=input.reuse,
             ),
         )
         return config

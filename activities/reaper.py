@@ -23,6 +23,7 @@ from sortie.labels import (
     META_JOB,
     META_MANAGED,
     META_OWNER,
+    META_REUSE,
     chunk_workflow_id,
 )
 from sortie.reaper_models import Orphan, ReapInput, ReapOutput
@@ -168,7 +169,9 @@ async def _why_orphaned(
         return "no batch or chunk in its metadata"
     owners = [batch_id, chunk_workflow_id(batch_id, int(chunk))]
     owner = metadata.get(META_OWNER)
-    if owner and owner not in owners:
+    if metadata.get(META_REUSE):
+        owners = [batch_id]  # it outlives its chunk: the batch holds it, running or stopped
+    elif owner and owner not in owners:
         owners = [owner]  # a follow-up turn: its own workflow owns it, the batch may be closed
     for workflow_id in owners:
         status = await _status(client, workflow_id, cache)

@@ -6,6 +6,7 @@
     python -m bench --submit-only --jobs N [--job-bytes B] [--json]
     python -m bench --standard [--large] [--json]
     python -m bench --pacing [--json]
+    python -m bench --jobs N --concurrency C --duration T --reuse [--chunk-size S] [--check-root]
 
 Each run starts its own Temporal dev server, S3 server (moto) and localfly, runs N `sleep T`
 jobs (each padded to B bytes with --job-bytes, a command that long) through Sortie
@@ -25,6 +26,10 @@ over 3 apps, cap 60, 2 worker processes, Fly's limits enforced, on a plain start
 stack's; the last column compares the makespan with what Fly's create rate allows.
 Fly API calls are counted at localfly, 429s included; peak RSS is this process's (the worker's)
 during the Sortie run, reset per configuration on Linux.
+
+--reuse runs each configuration twice, one machine per job and then with `reuse_machines`, and
+gives the machines each run created; --check-root makes every job fail if it finds anything
+under its machine's root ($LOCALFLY_ROOT) and leave a file there for the next job to find.
 
 --submit-only submits N jobs and measures what the starter does: the time to validate, store the
 jobs in the object store (the claim check) and start the batch, and the largest workflow input
@@ -79,7 +84,7 @@ STANDARD = [(100, 10, 2.0), (1000, 100, 5.0)]
 LARGE = [(10000, 200, 1.0)]
 PACING = (150, 60, 10.0)
 """--pacing: N, C, T of the batch that shows each app's create rate held by two workers."""
-ENDPOINTS = ["create", "wait", "get", "list", "logs", "destroy"]
+ENDPOINTS = ["create", "update", "wait", "get", "list", "logs", "destroy"]
 SIGNAL_WINDOW_S = 10.0
 """The window the batch's busiest stretch of signals is measured over."""
 CREATE_RATE, CREATE_BURST = 1.0, 3
@@ -127,6 +132,11 @@ class Row(BaseModel):
     creates_s: tuple[float, float] | None = None
     """When the first and the last machine were created, in seconds after the batches were
     submitted: the makespan is submit-to-first + creating + last job's run + its end."""
+    reuse: bool = False
+    """The batch ran with `reuse_machines`."""
+    machines_created: int = 0
+    live_after: int = 0
+    """Machines localfly still had alive when the batch had closed."""
 
     @property
     def paced_ideal_s(self) -> float | None:
@@ -153,8 +163,22 @@ class Row(BaseModel):
         return self.makespan_s / self.baseline_s if self.baseline_s else None
 
 
-def bench_jobs(first: int, last: int, t: float, job_bytes: int) -> list[dict[str, Any]]:
+CHECK_ROOT = (
+    'left=$(ls -A "$LOCALFLY_ROOT"); if [ -n "$left" ]; then echo "found $left"; exit 9; fi; '
+    'touch "$LOCALFLY_ROOT/left-by-$SORTIE_JOB_ID"; sleep {t:g}'
+)
+"""--check-root: a job that fails on anything an earlier job left under its machine's root."""
+
+
+def bench_jobs(
+    first: int, last: int, t: float, job_bytes: int, check_root: bool = False
+) -> list[dict[str, Any]]:
     """`sleep T` command jobs, each padded to about `job_bytes` bytes of command."""
+    if check_root:
+        return [
+            {"id": f"j{i:06d}", "command": ["sh", "-c", CHECK_ROOT.format(t=t)]}
+            for i in range(first, last)
+        ]
     if job_bytes <= 0:
         return [{"id": f"j{i:06d}", "command": ["sleep", f"{t:g}"]} for i in range(first, last)]
     pad = "x" * max(job_bytes - 32, 0)
@@ -176,6 +200,9 @@ async def run_sortie(
     task_queue: str | None = None,
     max_failures: int | None = None,
     job_bytes: int = 0,
+    reuse: bool = False,
+    chunk_size: int | None = None,
+    check_root: bool = False,
 ) -> tuple[float, list[str], int]:
     """Run the jobs through a worker in this process (or the `workers` given, on
     `task_queue`), as `k` batches at once that share the `c` machines (under `max_failures` if
@@ -188,8 +215,10 @@ async def run_sortie(
                 **({"apps": apps} if len(apps) > 1 else {"app": apps[0]}),
                 "max_machines": c // k,
                 **({"max_failures": max_failures} if max_failures else {}),
+                **({"chunk_size": chunk_size} if chunk_size else {}),
+                "reuse_machines": reuse,
                 "defaults": {"image": "bench", "timeout": "10m", "retries": 0},
-                "jobs": bench_jobs(b * n // k, (b + 1) * n // k, t, job_bytes),
+                "jobs": bench_jobs(b * n // k, (b + 1) * n // k, t, job_bytes, check_root),
             }
         )
         for b in range(k)
@@ -446,6 +475,9 @@ async def measure(
     max_failures: int | None = None,
     job_bytes: int = 0,
     matching: list[str] | None = None,
+    reuse: bool = False,
+    chunk_size: int | None = None,
+    check_root: bool = False,
 ) -> Row:
     """Start a stack, run Sortie and the baseline, and collect the numbers."""
     _reset_peak_rss()
@@ -490,6 +522,9 @@ async def measure(
                         queue,
                         max_failures,
                         job_bytes,
+                        reuse,
+                        chunk_size,
+                        check_root,
                     )
                 finally:
                     progress.cancel()
@@ -509,6 +544,7 @@ async def measure(
                     "rate_limited": sum(s.get("rate_limited", 0) for s in per_app),
                 }
                 made = [m for a in names for m in localfly.machines(a)]
+                live_after = sum(m["state"] != "destroyed" for m in made)
                 created = sorted(_when(m["created_at"]) for m in made)
                 most = most_at_once(made)
                 runs = await histories(client, batch_ids)
@@ -547,6 +583,9 @@ async def measure(
         creates_per_s=creates_per_s,
         creates_s=(created[0] - began, created[-1] - began) if created else None,
         server="a plain start-dev" if matching == [] else "the stack's dev server",
+        reuse=reuse,
+        machines_created=len(made),
+        live_after=live_after,
     )
 
 
@@ -629,7 +668,8 @@ def table(rows: list[Row]) -> str:
     head = (
         "| N | C | T | makespan | ideal | makespan/ideal | baseline | Sortie/baseline | jobs/s "
         "| succeeded (Sortie/baseline) "
-        "| Fly calls per job: create/wait/get/list/logs/destroy = total | max live "
+        "| reuse | machines created | left after "
+        "| Fly calls per job: create/update/wait/get/list/logs/destroy = total | max live "
         "| worker peak RSS | largest parent history | largest child history "
         "| creates/s achieved vs allowed | 429s | workers, apps | one machine a job "
         "| first, last create | makespan/paced ideal "
@@ -650,10 +690,11 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {jobs} | {r.concurrency} | {r.duration_s:g}s | {r.makespan_s:.1f}s "
             f"| {r.ideal_s:.1f}s | {ratio} | {base} | {versus} | {r.jobs_per_s:.1f} "
-            f"| {r.succeeded}/{base_ok} | {calls} = {r.calls_total:.2f} "
+            f"| {r.succeeded}/{base_ok} | {'yes' if r.reuse else 'no'} | {r.machines_created} "
+            f"| {r.live_after} | {calls} = {r.calls_total:.2f} "
             f"| {r.max_live} | {r.rss_mb:.0f} MB | {r.parent_events} ev / {r.parent_bytes:,} B "
             f"| {r.child_events} ev / {r.child_bytes:,} B | {rate} | {r.rate_limited} "
-            f"| {r.workers}, {r.apps} | {'yes' if r.one_machine_each else 'NO'} "
+            f"| {r.workers}, {r.apps} | {_one_each(r)} "
             f"| {_creates(r)} | {_paced(r)} | {r.signals_per_s:.1f} |"
         )
     lines.append("")
@@ -691,6 +732,11 @@ def pacing_rows(as_json: bool) -> int:
     print(json.dumps([r.model_dump() for r in rows], indent=2) if as_json else table(rows))
     sys.stdout.flush()
     os._exit(0)
+
+
+def _one_each(r: Row) -> str:
+    """Whether no job got a second machine ("-" with reuse, where machines serve many jobs)."""
+    return "-" if r.reuse else "yes" if r.one_machine_each else "NO"
 
 
 def _creates(r: Row) -> str:
@@ -740,6 +786,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the pacing rows: 150 jobs of 10 s over 3 apps, cap 60, 2 workers, Fly's limits, "
         "on a plain start-dev and on the project's stack",
     )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="run each configuration without and then with reuse_machines",
+    )
+    p.add_argument("--chunk-size", type=int, help="the batch's chunk_size")
+    p.add_argument(
+        "--check-root", action="store_true", help="jobs fail on files an earlier job left"
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.submit_only:
@@ -763,7 +818,11 @@ def main(argv: list[str] | None = None) -> int:
     if not all(1 <= args.batches <= c for _, c, _ in configs):
         p.error("--batches must be between 1 and the concurrency")
     rows = []
-    for n, c, t in configs:
+    for (n, c, t), reuse in [
+        (config, reuse)
+        for config in configs
+        for reuse in ((False, True) if args.reuse else (False,))
+    ]:
         row = asyncio.run(
             measure(
                 n,
@@ -777,10 +836,13 @@ def main(argv: list[str] | None = None) -> int:
                 max_failures=args.max_failures,
                 job_bytes=args.job_bytes,
                 matching=[] if args.plain_server else None,
+                reuse=reuse,
+                chunk_size=args.chunk_size,
+                check_root=args.check_root,
             )
         )
         rows.append(row)
-        _note(f"done: N={n} C={c} T={t:g}s, Sortie {row.makespan_s:.1f}s")
+        _note(f"done: N={n} C={c} T={t:g}s reuse={reuse}, Sortie {row.makespan_s:.1f}s")
     if args.json:
         print(json.dumps([r.model_dump() for r in rows], indent=2))
     else:

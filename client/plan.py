@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from activities.endings import seconds
 from client.batches import batch_input
 from sortie.fields import FAILURE_RATE_AFTER
 from sortie.spec import BatchSpec
 from workflows.guards import limit_text
-from workflows.outcomes import seconds
 
 
 @dataclass(frozen=True)

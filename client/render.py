@@ -73,6 +73,9 @@ def progress_lines(v: ProgressView) -> list[str]:
         f"ok {v.succeeded}  failed {v.failed}  timed out {v.timed_out}  "
         f"cancelled {v.cancelled}  running {v.running}  machines {_machines(v)}",
     ]
+    if v.machines_created:
+        ran = v.done - v.cancelled + v.running
+        lines.append(f"  machines created {v.machines_created} for {ran} jobs run")
     if len(v.apps) > 1:
         lines.append(
             f"  Fly apps {', '.join(v.apps)}: jobs spread evenly, each its own create rate"

@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import logging
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -21,7 +20,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import quote, unquote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -43,9 +41,11 @@ from fly.models import (
     Machine,
     MachineConfig,
     StopRequest,
+    UpdateMachineRequest,
     WaitResult,
     go_duration,
 )
+from fly.paths import app_of, machine_path, seg
 from fly.ratelimit import RateLimiter
 from fly.responses import parse_body, retry_after, unexpected_body
 from fly.settings import FlySettings, FlyToken
@@ -85,9 +85,6 @@ class _ErrorBody(BaseModel):
     error: str | None = None
     message: str | None = None
     status: str | None = None
-
-
-_APP_IN_PATH = re.compile(r"/apps/([^/]+)")
 
 
 @dataclass(frozen=True)
@@ -197,21 +194,44 @@ class FlyClient:
             config=config, name=name, region=region, skip_launch=skip_launch or None
         )
         response = await self._send(
-            "create", app, "POST", f"/v1/apps/{_seg(app)}/machines", json=body.to_api()
+            "create", app, "POST", f"/v1/apps/{seg(app)}/machines", json=body.to_api()
         )
         machine = parse_body(Machine, response)
         metadata = dict(config.metadata or {})
         self._tell(FlyEvent("created", "create", app, response.status_code, machine.id, metadata))
         return machine
 
+    async def update_machine(
+        self,
+        app: str,
+        machine_id: str,
+        config: MachineConfig,
+        *,
+        current_version: str | None = None,
+        skip_launch: bool = False,
+    ) -> Machine:
+        """Replace the machine's whole config; Fly starts it unless ``skip_launch``. Refused
+        (FlyConflict) when ``current_version`` is no longer the machine's; never retried."""
+        body = UpdateMachineRequest(
+            config=config, current_version=current_version, skip_launch=skip_launch or None
+        )
+        response = await self._send(
+            "update", machine_id, "POST", machine_path(app, machine_id), json=body.to_api()
+        )
+        return parse_body(Machine, response)
+
+    async def start_machine(self, app: str, machine_id: str) -> None:
+        """Start a stopped machine: it boots from a clean root filesystem."""
+        await self._send("start", machine_id, "POST", machine_path(app, machine_id) + "/start")
+
     async def get_app(self, app: str) -> App:
         """The app, or FlyAppNotFound when Fly has no such app (or the token may not see it)."""
-        response = await self._send("app", app, "GET", f"/v1/apps/{_seg(app)}")
+        response = await self._send("app", app, "GET", f"/v1/apps/{seg(app)}")
         return parse_body(App, response)
 
     async def get_machine(self, app: str, machine_id: str) -> Machine:
         """The machine's current state, config and events (destroyed ones linger a while)."""
-        response = await self._send("get", machine_id, "GET", _machine_path(app, machine_id))
+        response = await self._send("get", machine_id, "GET", machine_path(app, machine_id))
         return parse_body(Machine, response)
 
     async def list_machines(
@@ -234,7 +254,7 @@ class FlyClient:
         if region:
             params.append(("region", region))
         response = await self._send(
-            "list", app, "GET", f"/v1/apps/{_seg(app)}/machines", params=params
+            "list", app, "GET", f"/v1/apps/{seg(app)}/machines", params=params
         )
         try:
             return _MACHINES.validate_json(response.content)
@@ -283,7 +303,7 @@ class FlyClient:
             "wait",
             machine_id,
             "GET",
-            _machine_path(app, machine_id) + "/wait",
+            machine_path(app, machine_id) + "/wait",
             params=params,
             http_timeout=httpx.Timeout(
                 10.0, read=seconds + WAIT_READ_MARGIN_S, write=30.0, pool=30.0
@@ -317,7 +337,7 @@ class FlyClient:
                         "(client-side deadline)"
                     ),
                     method="GET",
-                    path=_machine_path(app, machine_id) + "/wait",
+                    path=machine_path(app, machine_id) + "/wait",
                 )
             call_started = time.monotonic()
             try:
@@ -348,7 +368,7 @@ class FlyClient:
             signal=signal, timeout=go_duration(timeout) if timeout is not None else None
         )
         await self._send(
-            "stop", machine_id, "POST", _machine_path(app, machine_id) + "/stop", json=body.to_api()
+            "stop", machine_id, "POST", machine_path(app, machine_id) + "/stop", json=body.to_api()
         )
 
     async def destroy_machine(self, app: str, machine_id: str, *, force: bool = True) -> bool:
@@ -356,7 +376,7 @@ class FlyClient:
         params = [("force", "true")] if force else []
         try:
             await self._send(
-                "destroy", machine_id, "DELETE", _machine_path(app, machine_id), params=params
+                "destroy", machine_id, "DELETE", machine_path(app, machine_id), params=params
             )
         except FlyNotFound:
             self._tell(FlyEvent("destroyed", "destroy", app, 404, machine_id))
@@ -384,7 +404,7 @@ class FlyClient:
             "logs",
             machine_id,
             "GET",
-            f"/api/v1/apps/{_seg(app)}/logs",
+            f"/api/v1/apps/{seg(app)}/logs",
             params=params,
             base=self._logs,
         )
@@ -429,12 +449,12 @@ class FlyClient:
         except httpx.UnsupportedProtocol as error:
             raise FlyConfigError(f"{method} {path}: bad base URL ({error})") from None
         except httpx.TransportError as error:
-            self._tell(FlyEvent("call", action, _app_of(path)))
+            self._tell(FlyEvent("call", action, app_of(path)))
             logger.debug("%s %s -> %s", method, path, type(error).__name__)
             detail = self._token.redact(str(error)) or "no detail"
             raise FlyTransportError(f"{method} {path}: {type(error).__name__} ({detail})") from None
         logger.debug("%s %s -> %d", method, path, response.status_code)
-        self._tell(FlyEvent("call", action, _app_of(path), response.status_code))
+        self._tell(FlyEvent("call", action, app_of(path), response.status_code))
         if response.is_success:
             return response
         raise self._error(action, method, path, response)
@@ -468,23 +488,8 @@ class FlyClient:
         )
 
 
-def _app_of(path: str) -> str:
-    """The app a request path names (every Machines and logs API path names one)."""
-    found = _APP_IN_PATH.search(path)
-    return unquote(found.group(1)) if found else ""
-
-
 def _round_robin(
     pools: httpx.AsyncClient | Sequence[httpx.AsyncClient],
 ) -> Iterator[httpx.AsyncClient]:
     """The pools to take turns on, one client or several."""
     return itertools.cycle((pools,) if isinstance(pools, httpx.AsyncClient) else tuple(pools))
-
-
-def _seg(value: str) -> str:
-    """A URL path segment: an app name or machine id cannot smuggle in slashes or queries."""
-    return quote(value, safe="")
-
-
-def _machine_path(app: str, machine_id: str) -> str:
-    return f"/v1/apps/{_seg(app)}/machines/{_seg(machine_id)}"

@@ -195,6 +195,14 @@ class CreateMachineRequest(FlyModel):
     skip_launch: bool | None = None
 
 
+class UpdateMachineRequest(FlyModel):
+    """Body of ``POST /v1/apps/{app}/machines/{id}``: the whole new config (no partial update)."""
+
+    config: MachineConfig
+    current_version: str | None = None
+    skip_launch: bool | None = None
+
+
 class StopRequest(FlyModel):
     """Body of ``POST .../stop``: always a JSON object, possibly empty."""
 
@@ -306,8 +314,11 @@ class Machine(FlyModel):
         return self.version or self.instance_id
 
     def latest_exit_event(self) -> ExitEvent | None:
-        """Exit details of the newest ``exit`` event that has any."""
+        """Exit details of the newest ``exit`` event that has any, since the config's last
+        update: an exit before it was another version's (another job's, on a reused machine)."""
         for event in self.events:
+            if event.type == "update":
+                return None
             if event.type == "exit" and (exit_event := event.exit_event) is not None:
                 return exit_event
         return None

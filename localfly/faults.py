@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Endpoint = Literal[
     "app",
     "create",
+    "update",
     "get",
     "list",
     "wait",
@@ -46,10 +47,14 @@ class HttpFault(_Config):
     """Misbehave on matching requests.
 
     `slow` holds a request before it is handled; `slow_response` handles it at once and holds
-    the answer (the machine exists, the caller has not heard yet).
+    the answer (the machine exists, the caller has not heard yet); `lose_response` handles it
+    and drops the connection (the call took effect, the caller never hears it did);
+    `lose_create_response` is `lose_response` for creates only.
     """
 
-    kind: Literal["status", "drop", "slow", "slow_response", "lose_create_response"]
+    kind: Literal[
+        "status", "drop", "slow", "slow_response", "lose_response", "lose_create_response"
+    ]
     status: int = 503
     retry_after: float | None = None
     rate: float = Field(default=1.0, ge=0, le=1)

@@ -23,11 +23,11 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from localfly.faults import Faults
+from localfly.formats import rfc3339, ulid
 from localfly.groups import kill_group, resident_by_group
 
 DEFAULT_MEMORY_MB = 256
@@ -35,7 +35,6 @@ DEFAULT_MEMORY_MB = 256
 WITHHELD = ("SORTIE_REPORT_URL", "SORTIE_ARCHIVE_URL")
 """What the `withhold_report` fault keeps from a machine: where its agent would upload."""
 
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ADJECTIVES = ["aged", "bold", "calm", "dark", "eager", "fancy", "green", "hidden", "icy", "lucky"]
 NOUNS = ["thunder", "river", "forest", "meadow", "cloud", "ember", "frost", "harbor", "pine"]
 TRANSIENT = {"created", "starting", "stopping", "destroying", "restarting"}
@@ -48,38 +47,6 @@ SIGNALS = {
     "SIGUSR2": signal.SIGUSR2,
     "SIGTERM": signal.SIGTERM,
 }
-
-
-def ulid() -> str:
-    """A 26-character ULID: 48 bits of milliseconds, 80 random bits."""
-    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
-    return "".join(CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
-
-
-def rfc3339(moment: float, precise: bool = False) -> str:
-    """Fly's timestamps: RFC 3339 in UTC, whole seconds (or microseconds when precise)."""
-    text = datetime.fromtimestamp(moment, UTC).isoformat(
-        timespec="microseconds" if precise else "seconds"
-    )
-    return text.replace("+00:00", "Z")
-
-
-def parse_duration(value: object, default: float) -> float:
-    """A stop timeout: a Go duration string ("10s", "500ms") or nanoseconds as a number."""
-    if value is None or value == "":
-        return default
-    if isinstance(value, int | float):
-        return float(value) / 1e9
-    text = str(value).strip()
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for unit in ("ms", "s", "m", "h"):
-        if text.endswith(unit):
-            with contextlib.suppress(ValueError):
-                return float(text[: -len(unit)]) * units[unit]
-    try:
-        return float(text) / 1e9
-    except ValueError:
-        return default
 
 
 @dataclass
@@ -275,6 +242,14 @@ class Fleet:
             return None
         return [str(a) for a in entrypoint] + [str(a) for a in init.get("cmd") or []]
 
+    def _fresh_root(self, machine: Machine) -> None:
+        """Every start boots from a clean root filesystem, as a Fly machine does: the last run's
+        files are removed, the image's (`config.files`) written afresh."""
+        if machine.workspace is not None:
+            shutil.rmtree(machine.workspace, ignore_errors=True)
+        machine.workspace = Path(tempfile.mkdtemp(prefix=f"localfly-{machine.id}-"))
+        self._write_files(machine)
+
     def _write_files(self, machine: Machine) -> None:
         """Write `config.files` (base64 `raw_value`) under the machine's root, as Fly does."""
         assert machine.workspace is not None
@@ -319,8 +294,7 @@ class Fleet:
             machine.event("launch", "failed")
             await self.set_state(machine, "failed")
             return
-        machine.workspace = Path(tempfile.mkdtemp(prefix=f"localfly-{machine.id}-"))
-        self._write_files(machine)
+        self._fresh_root(machine)
         while True:
             machine.event("start", "starting")
             await self.set_state(machine, "starting")
@@ -457,6 +431,26 @@ class Fleet:
             await asyncio.wait_for(asyncio.shield(process.wait()), timeout)
         except TimeoutError:
             kill_group(process.pid, signal.SIGKILL)
+
+    async def update(self, machine: Machine, config: dict[str, Any], *, launch: bool) -> None:
+        """A new version of the machine with `config` whole: a running machine is stopped first;
+        with `launch` it starts (on a fresh root) at once. Faults match the new metadata."""
+        machine.event("update", "replacing", source="user")
+        if machine.process is not None and machine.process.returncode is None:
+            await self.stop(machine, "SIGKILL", 0)
+        if machine.task is not None and machine.task is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError):
+                await machine.task
+        machine.config = dict(config)
+        machine.instance_id = ulid()
+        machine.fault = self.faults.machine_fault(machine.name, machine.metadata)
+        machine.restart_count = 0
+        machine.killed_for_oom = False
+        machine.event("update", "updated")
+        if launch:
+            await self.start(machine)
+        else:
+            await self.set_state(machine, "stopped")
 
     async def start(self, machine: Machine) -> str:
         """Start a stopped machine again; returns the previous state."""

@@ -1,10 +1,9 @@
 """The HTTP side of localfly: the Machines API, the logs API and an admin API on one port.
 
 Paths, JSON keys and status codes follow Fly's Machines API (create 200, wait 200/408/400/404,
-destroy 200, 401 without a token, errors as `{"error": "<code>: <text>"}`). Paths under
-`/_localfly/` are localfly's own: health, stats (calls per endpoint, statuses, live machines, the
-most ever live), the request log (when each call arrived and was answered), the ground-truth list
-of every machine ever made, and the fault config.
+destroy 200, 401 without a token, errors as `{"error": "<code>: <text>"}`). `/_localfly/` paths
+are localfly's own: health, stats (calls per endpoint, statuses, live and most ever live
+machines), the request log (each call's arrival and answer), every machine made, the faults.
 """
 
 from __future__ import annotations
@@ -21,51 +20,15 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from localfly.faults import FaultConfig, Faults
-from localfly.machines import TRANSIENT, Fleet, Machine, parse_duration, rfc3339
+from localfly.formats import parse_duration, rfc3339
+from localfly.machines import TRANSIENT, Fleet, Machine
+from localfly.routes import app_of, endpoint_of, error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WAITABLE = {"started", "stopped", "suspended", "destroyed", "failed", "settled"}
 LOG_PAGE = 100
 REQUESTS_KEPT = 100_000
 """The request log's length: the newest calls, enough for any test's batch."""
-
-
-def error(status: int, text: str, code: str | None = None) -> web.Response:
-    """Fly's error body."""
-    body: dict[str, str] = {"error": text}
-    if code:
-        body["status"] = code
-    return web.json_response(body, status=status)
-
-
-def endpoint_of(request: web.Request) -> str:
-    """Which Machines API action a request is, for stats, faults and rate limits."""
-    path, method = request.path, request.method
-    if path.startswith("/api/v1/apps/") and path.endswith("/logs"):
-        return "logs"
-    parts = path.strip("/").split("/")
-    if len(parts) == 3 and parts[:2] == ["v1", "apps"]:
-        return "app"
-    if len(parts) < 4 or parts[0] != "v1" or parts[3] != "machines":
-        return "other"
-    if len(parts) == 4:
-        return "create" if method == "POST" else "list"
-    if len(parts) == 5:
-        return {"GET": "get", "DELETE": "destroy"}.get(method, "other")
-    action = parts[5]
-    if action in ("wait", "stop", "start", "metadata", "events"):
-        return action
-    return "other"
-
-
-def app_of(request: web.Request) -> str:
-    """The app a request concerns ("" for admin paths)."""
-    parts = request.path.strip("/").split("/")
-    if parts[:2] == ["v1", "apps"] and len(parts) > 2:
-        return parts[2]
-    if parts[:3] == ["api", "v1", "apps"] and len(parts) > 3:
-        return parts[3]
-    return ""
 
 
 class LocalFly:
@@ -104,6 +67,7 @@ class LocalFly:
         r.add_post(base, self.create)
         r.add_get(base, self.list)
         r.add_get(base + "/{id}", self.get)
+        r.add_post(base + "/{id}", self.update)
         r.add_delete(base + "/{id}", self.destroy)
         r.add_get(base + "/{id}/wait", self.wait)
         r.add_post(base + "/{id}/stop", self.stop)
@@ -183,7 +147,9 @@ class LocalFly:
                 answer = await handler(request)
                 await asyncio.sleep(fault.delay_ms / 1000)
                 return answer
-            if fault.kind == "lose_create_response" and endpoint == "create":
+            if fault.kind == "lose_response" or (
+                fault.kind == "lose_create_response" and endpoint == "create"
+            ):
                 await handler(request)
                 return self._drop(request)
         return await handler(request)
@@ -304,6 +270,42 @@ class LocalFly:
                 409, f"already_exists: a machine named {name} already exists", "name_taken"
             )
         machine = self.fleet.create(app, body)
+        return web.json_response(machine.to_api())
+
+    async def update(self, request: web.Request) -> web.Response:
+        """Replace the machine's whole config (a new version); start it unless `skip_launch`.
+
+        Fly refuses a stale `current_version` (409) and a new name or region (both are fixed at
+        create); a machine in a transient state cannot be updated (412).
+        """
+        machine = self._machine(request)
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return error(400, "invalid_argument: request body is not JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
+            return error(400, "invalid_argument: config is required")
+        if not body["config"].get("image"):
+            return error(400, "invalid_argument: config.image is required")
+        if machine.state in ("destroyed", "destroying"):
+            return error(404, "not_found: machine not found")
+        for fixed in ("name", "region"):
+            if body.get(fixed) and body[fixed] != getattr(machine, fixed):
+                return error(400, f"invalid_argument: a machine's {fixed} cannot be changed")
+        current = body.get("current_version")
+        if current and current != machine.instance_id:
+            return error(
+                409,
+                f"failed_precondition: current_version {current} does not match the "
+                f"machine's version {machine.instance_id}",
+            )
+        if machine.state in TRANSIENT:
+            return error(
+                412,
+                f"failed_precondition: unable to update machine from current state: "
+                f"'{machine.state}'",
+            )
+        await self.fleet.update(machine, body["config"], launch=not body.get("skip_launch"))
         return web.json_response(machine.to_api())
 
     async def list(self, request: web.Request) -> web.Response:

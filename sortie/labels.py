@@ -21,6 +21,9 @@ META_ATTEMPT = "sortie_attempt"
 META_TURN = "sortie_turn"
 META_OWNER = "sortie_owner"
 META_MANAGED = "sortie"
+META_REUSE = "sortie_reuse"
+"""On a machine of a batch with `reuse_machines`: it outlives its job and chunk, and its batch
+(META_OWNER) owns it, so the reaper asks only whether the batch still runs."""
 
 
 def chunk_workflow_id(batch_id: str, index: int) -> str:
@@ -42,15 +45,26 @@ def machine_name(batch_id: str, job_id: str, attempt: int, turn: int = 1) -> str
 
 
 def machine_metadata(
-    batch_id: str, chunk: int, job_id: str, attempt: int, owner: str, turn: int = 1
+    batch_id: str,
+    chunk: int,
+    job_id: str,
+    attempt: int,
+    owner: str,
+    turn: int = 1,
+    *,
+    reuse: bool = False,
 ) -> dict[str, str]:
-    """The metadata every Sortie machine carries; `owner` is the workflow that destroys it."""
-    return {
+    """The metadata every Sortie machine carries; `owner` is the workflow that destroys it (the
+    batch, for a machine that serves many jobs)."""
+    metadata = {
         META_MANAGED: "1",
         META_BATCH: batch_id,
         META_CHUNK: str(chunk),
         META_JOB: job_id,
         META_ATTEMPT: str(attempt),
         META_TURN: str(turn),
-        META_OWNER: owner,
+        META_OWNER: batch_id if reuse else owner,
     }
+    if reuse:
+        metadata[META_REUSE] = "1"
+    return metadata

@@ -70,6 +70,8 @@ class Counts(StrictModel):
     timed_out: int = 0
     cancelled: int = 0
     live_machines: int = 0
+    machines_created: int = 0
+    """Machines created for these jobs: one per attempt, fewer when machines are reused."""
     cost_usd: float = 0.0
     num_turns: int = 0
     credentials_resting: int = 0
@@ -96,9 +98,13 @@ class Counts(StrictModel):
         )
 
     @classmethod
-    def of(cls, results: list[JobResult], live_machines: int = 0) -> Counts:
+    def of(
+        cls, results: list[JobResult], live_machines: int = 0, machines_created: int = 0
+    ) -> Counts:
         """Count job results by state, with what they spent."""
-        counts = cls(total=len(results), live_machines=live_machines)
+        counts = cls(
+            total=len(results), live_machines=live_machines, machines_created=machines_created
+        )
         for result in results:
             counts.cost_usd += result.cost_usd or 0.0
             counts.num_turns += result.num_turns or 0
@@ -163,6 +169,8 @@ class JobResult(StrictModel):
     app: str | None = None
     """The Fly app of the job's (last) machine."""
     machine_id: str | None = None
+    machine_reused: bool = False
+    """The job's (last) machine had served an earlier job of the batch (`reuse_machines`)."""
     machine_state: str | None = None
     memory_mb: int | None = None
     """The memory of the job's (last) machine: more than it asked after an OOM kill."""

@@ -343,3 +343,29 @@ async def test_twenty_thousand_prompt_jobs_of_2kb_start_small_and_leave_no_machi
     assert report.succeeded >= 2 and report.succeeded + report.cancelled == 20_000
     largest, runs = await largest_payload(sortie.client, f'BatchId="{submitted.batch_id}"')
     assert runs > 1 and 0 < largest < PAYLOAD_LIMIT, (largest, runs)
+
+
+async def test_prompt_jobs_and_a_followup_run_with_reused_machines(
+    sortie: Sortie, app_name: str, tmp_path: Path
+) -> None:
+    """`reuse_machines`: prompt jobs take each other's machine (a credential and upload URLs
+    of their own each time); a follow-up turn runs on a machine of its own."""
+    repo = git_repo(tmp_path / "repo")
+    jobs = [
+        {"id": f"p{i}", "prompt": f"Note it [[write:notes-{i}.txt]]", "repos": [str(repo)]}
+        for i in range(3)
+    ]
+    spec = prompt_spec(app_name, jobs, max_machines=1, reuse_machines=True, keep_sessions="1h")
+    report = await run_batch(sortie, spec)
+
+    assert [r.state for r in report.results] == ["succeeded"] * 3
+    assert [r.machine_reused for r in report.results] == [False, True, True]
+    assert len({r.machine_id for r in report.results}) == 1
+    assert len({r.session_id for r in report.results}) == 3
+    workflow_id = await batches.followup(
+        sortie.client, sortie.settings, report.batch_id, "p2", "What did you write?"
+    )
+    [turn] = await batches.turn_rows(sortie.client, workflow_id)
+    assert turn.state == "succeeded" and turn.turn == 2 and not turn.machine_reused
+    assert turn.machine_id != report.results[2].machine_id
+    assert live(sortie, app_name) == []

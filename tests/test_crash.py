@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from client import batches
 from client.stack import DevServer
+from sortie.spec import parse_batch
 from tests.helpers.batches import TUNING, check_exactly_once, settings_for, spec_for
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.waiting import eventually
@@ -156,3 +157,60 @@ async def test_server_killed_mid_batch_resumes_on_the_same_database(
     # The kill lost nothing although the server writes through SQLite's write-ahead log.
     with contextlib.closing(sqlite3.connect(tmp_path / "temporal.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize("moment", ["updating", "waiting"])
+async def test_worker_killed_mid_batch_with_reuse_runs_each_job_once_and_leaves_nothing(
+    temporal: WorkflowEnvironment, localfly: Any, app_name: str, tmp_path: Path, moment: str
+) -> None:
+    """`reuse_machines`: the machines the chunks and the batch hold outlive the worker."""
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    first = WorkerProcess(settings, localfly.url, tmp_path / "worker-1.log").start()
+    second = WorkerProcess(settings, localfly.url, tmp_path / "worker-2.log")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    plain = spec_for(app_name)
+    spec = parse_batch(
+        {
+            "name": plain.name,
+            "app": app_name,
+            "max_machines": plain.max_machines,
+            "chunk_size": plain.chunk_size,
+            "reuse_machines": True,
+            "defaults": plain.defaults.model_dump(mode="json", exclude_none=True),
+            "jobs": [  # each run leaves a line outside every machine
+                {
+                    "id": job.id,
+                    "command": f"echo ran >> {marks}/{job.id}; {(job.command or [])[-1]}",
+                }
+                for job in plain.jobs
+            ],
+        }
+    )
+    try:
+        if moment == "updating":  # an update done at Fly, unheard when the worker dies
+            slow = {"kind": "slow_response", "delay_ms": 1500, "endpoints": ["update"]}
+            localfly.set_faults(FORGETFUL | {"http": [slow]})
+        submitted = await batches.submit(temporal.client, settings, spec, tuning=TUNING)
+        await eventually(
+            lambda: calls(localfly, app_name, "update") >= 1, what="a machine taking a 2nd job"
+        )
+        first.kill()
+        localfly.set_faults(FORGETFUL)
+        second.start()
+        await batches.batch_handle(temporal.client, submitted.batch_id).result()
+        report = await batches.results(
+            temporal.client, submitted.batch_id, store=settings.blob_store()
+        )
+    finally:
+        first.stop()
+        second.stop()
+    assert report.status == "completed" and report.succeeded == len(spec.jobs)
+    for i, result in enumerate(report.results):
+        assert f"out-{i}" in "\n".join(result.log_tail)
+    assert {p.name: len(p.read_text().splitlines()) for p in marks.iterdir()} == {
+        job.id: 1 for job in spec.jobs
+    }
+    made = localfly.machines(app_name)
+    assert len(made) < len(spec.jobs) and any(r.machine_reused for r in report.results)
+    assert [m["id"] for m in made if m["state"] != "destroyed"] == []

@@ -11,7 +11,8 @@ webhook (`notify`: its end, and each pause as it happens; workflows/batch_calls.
 counts.
 Chunks are abandoned children (continue-as-new closes the run) that leave their rows in the
 object store: only their counts reach the batch's history, in their result, never a signal
-(workflows/chunk_ends.py). A terminated batch's chunks stop
+(workflows/chunk_ends.py). With `reuse_machines` waiting machines travel with slots, and the
+batch destroys those no job will take (workflows/retiring.py). A terminated batch's chunks stop
 themselves at their next report, and the reaper destroys what they leave.
 """
 
@@ -33,7 +34,6 @@ with workflow.unsafe.imports_passed_through():
         BatchOutput,
         CancelRequest,
         ChunkPlan,
-        ChunkState,
         ChunkStatus,
         FailureLimitRequest,
         MaxCostRequest,
@@ -47,7 +47,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.chunk import ChunkWorkflow
     from workflows.chunk_models import ChunkInput, ChunkReport, SlotGrant
-    from workflows.messaging import Delivery, deliver
+    from workflows.messaging import deliver
+    from workflows.retiring import Retiring
     from workflows.shielded import complete, evicting
 
 END_ROOM = 20
@@ -64,7 +65,7 @@ class BatchWorkflow:
         self._input = input
         self._state = input.state or plan(input)
         self._changed = False
-        self._grants: list[asyncio.Task[Delivery]] = []
+        self._machines = Retiring(input, self._state, self._change)
         self._starting: set[int] = set()
         """Chunks whose start is in flight: they cannot be told anything yet."""
         self._pass: asyncio.Task[None] | None = None
@@ -86,9 +87,11 @@ class BatchWorkflow:
                 if evicting():
                     raise
                 self._cancel(workflow.cancellation_reason() or "cancelled through Temporal")
+        self._machines.retire(self._state.pool.drain())
+        await complete(self._machines.quiet())
         if self._state.prompt_jobs:
             await complete(batch_calls.release_sessions(input))
-        await asyncio.gather(*self._grants, *self._notices, watching)
+        await asyncio.gather(*self._notices, watching)
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.set_current_details(guards.details(self._state, self._input.every_app()))
         ended = NotifyEvent.CANCELLED if self._state.cancelled else NotifyEvent.COMPLETED
@@ -101,6 +104,7 @@ class BatchWorkflow:
     def chunk_report(self, report: ChunkReport) -> None:
         """A chunk gave back slots, or told how far it is."""
         chunk = self._state.chunks[report.index]
+        self._state.pool.put(report.machines, workflow.now())
         chunk.slots -= report.released
         chunk.owed = max(0, chunk.owed - report.released)
         if report.seq >= chunk.report_seq:
@@ -171,27 +175,32 @@ class BatchWorkflow:
                 paused = batch_calls.notify(self._input, self._state, NotifyEvent.PAUSED)
                 self._notices.append(asyncio.create_task(paused))
             if self._run_is_long() and not self._starting:
-                await asyncio.gather(*self._grants, *self._notices)
+                await asyncio.gather(self._machines.quiet(), *self._notices)
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._input.model_copy(update={"state": self._state}))
             workflow.set_current_details(guards.details(self._state, self._input.every_app()))
             await self._wait_for_change()
 
     async def _wait_for_change(self) -> None:
-        """Wait for a report or a signal; a storm pause ends on a timer: at the earliest end of a
-        credential rest when every credential rests, else after `auto_resume_after`."""
-        at = self._state.auto_resume_at
+        """Wait for a report or a signal; a storm pause ends on a timer (at the earliest end of a
+        credential rest when every credential rests, else after `auto_resume_after`), and a
+        waiting machine goes once it waited `reuse_idle`."""
+        resume_at, expiry = self._state.auto_resume_at, self._machines.expiry()
+        at = min((t for t in (resume_at, expiry) if t is not None), default=None)
         try:
             if at is not None and at <= workflow.now():
                 raise TimeoutError
             await workflow.wait_condition(
                 lambda: self._changed,
                 timeout=None if at is None else at - workflow.now(),
-                timeout_summary="resume after the storm pause",
+                timeout_summary="resume after the storm pause, or destroy idle machines",
             )
         except TimeoutError:
-            workflow.logger.info("the storm pause is over: resuming")
-            self.resume()
+            if expiry is not None and expiry <= workflow.now():
+                self._machines.retire_expired()
+            if resume_at is not None and resume_at <= workflow.now():
+                workflow.logger.info("the storm pause is over: resuming")
+                self.resume()
 
     async def _steer(self) -> None:
         """Pass on pause, resume and cancel; move slots where they are needed; start chunks."""
@@ -201,24 +210,25 @@ class BatchWorkflow:
         for chunk in told:  # judged, and paused first if it must: the chunk may go on
             if chunk.errors_seq > chunk.heard_seq:
                 chunk.heard_seq = chunk.errors_seq
-                self._grant(chunk, SlotGrant(heard=chunk.heard_seq))
+                self._machines.grant(chunk, SlotGrant(heard=chunk.heard_seq))
+        self._machines.retire_unneeded()
         asks = slots.take_back(state.max_machines, state.running())
         if any(asks.get(chunk.index) for chunk in told):
-            await asyncio.gather(*self._grants)  # no grant may arrive after its take-back
+            await asyncio.gather(*self._machines.grants)  # no grant may arrive after its take-back
             for chunk in told:
                 if ask := asks.get(chunk.index, 0):
                     chunk.owed += ask
-                    self._grant(chunk, SlotGrant(give_back=ask))
+                    self._machines.grant(chunk, SlotGrant(give_back=ask))
         if state.cancelled or state.paused:
             return
         if (self._pass is None or self._pass.done()) and self._may_open():
             self._pass = asyncio.create_task(self._start_pass(self._next_pass()))
         if self._may_open():
             return  # the next pass takes the free slots
-        free = slots.free_slots(state.max_machines, state.running())
-        for index, give in slots.lend(free, told).items():
+        for index, give in slots.lend(self._machines.free(), told).items():
             state.chunks[index].slots += give
-            self._grant(state.chunks[index], SlotGrant(grant=give))
+            grant = SlotGrant(grant=give, machines=state.pool.take_many(give))
+            self._machines.grant(state.chunks[index], grant)
 
     async def _tell_chunks(self) -> None:
         """Tell each started chunk to run, pause or cancel when it has not heard it yet, in the
@@ -245,7 +255,7 @@ class BatchWorkflow:
         return (
             bool(state.pending)
             and not self._run_is_long()
-            and slots.free_slots(state.max_machines, state.running()) > 0
+            and self._machines.free() > 0
             and slots.may_open(state.max_machines, len(state.running()), state.unfinished())
         )
 
@@ -258,7 +268,7 @@ class BatchWorkflow:
         size = 0
         while size < chunk_starts.PASS_BYTES and len(starts) < most and self._may_open():
             chunk = state.chunks[state.pending[0].index]
-            free = slots.free_slots(state.max_machines, state.running())
+            free = self._machines.free()
             chunk.slots = slots.opening_window(
                 state.max_machines, state.unfinished(), free, chunk.size
             )
@@ -282,6 +292,7 @@ class BatchWorkflow:
             started = await chunk_starts.start(self._input, plan, chunk, workflow_id)
         except WorkflowAlreadyStartedError:
             workflow.logger.info("chunk %s was already started", plan.index)
+            self._machines.retire(chunk.machines)  # the chunk never had them
             self._inherited.add(plan.index)  # not this run's child: watched
         else:
             self._ends.append(asyncio.create_task(self._hear_end(plan.index, started)))
@@ -335,10 +346,5 @@ class BatchWorkflow:
         state.pending = []
         self._changed = True
 
-    # ------------------------------------------------------------ bookkeeping
-
-    def _grant(self, chunk: ChunkState, grant: SlotGrant) -> None:
-        """Send a grant or a take-back without waiting: they add up in any order."""
-        handle = workflow.get_external_workflow_handle(chunk.workflow_id)
-        self._grants = [g for g in self._grants if not g.done()]
-        self._grants.append(asyncio.create_task(deliver(handle.signal(ChunkWorkflow.grant, grant))))
+    def _change(self) -> None:
+        self._changed = True

@@ -12,6 +12,7 @@ from sortie.labels import chunk_workflow_id
 from sortie.models import Counts, StrictModel, Tuning
 from sortie.notify import Notify
 from sortie.spec import OnTooManyFailures, StormGuard
+from workflows.pool import Pool
 
 
 class ChunkPlan(StrictModel):
@@ -122,6 +123,8 @@ class BatchState(StrictModel):
     pauses_told: int = 0
     chunks: list[ChunkState] = []
     pending: list[ChunkPlan] = []
+    pool: Pool = Pool()
+    """Stopped machines no chunk holds, waiting for a job (`reuse_machines`)."""
 
     @property
     def steering(self) -> Steering:
@@ -172,6 +175,9 @@ class BatchInput(StrictModel):
     max_machines: int
     max_cost_usd: float | None = None
     keep_sessions_s: float | None = None
+    reuse_idle_s: float | None = None
+    """`reuse_machines`: a machine that ended its job cleanly takes another, and waits this
+    long at most (None: one machine per job)."""
     failure_limit: FailureLimit = FailureLimit()
     storm: StormGuard | None = StormGuard()
     notify: Notify | None = None

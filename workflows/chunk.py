@@ -6,7 +6,10 @@ machine slots holds. A job is: create its machine through the app's create queue
 `finish_job` (wait, collect, destroy), then the shielded destroy whenever `finish_job` did not
 destroy it (workflows/job_steps.py); a new machine after each infrastructure failure, up to the
 job's retries (with twice the memory after an OOM kill, by the job's `on_oom`); a job that finds
-every Claude credential resting waits, with no machine, until the earliest rest is over. Under
+every Claude credential resting waits, with no machine, until the earliest rest is over. With
+`reuse_machines` a machine whose job ended cleanly stays, stopped, with its slot, for the next
+job of its app; waiting machines go back to the batch with their slots, in a report or, at the
+chunk's end, in its result (workflows/pool.py). Under
 a budget, what a running job's verify loop spends reaches the chunk as it happens (`spent`, from
 `finish_job`) and the batch at once, in the chunk's counts beside what finished jobs spent. The
 batch widens the window (a grant) or asks slots back (when its cap is lowered); the chunk gives
@@ -29,7 +32,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.chunk_models import ChunkOutput
     from activities.machine_models import Spend
     from activities.metrics import JOBS_FINISHED, JOBS_STARTED
-    from sortie.models import CREDENTIALS_RESTING, Counts, Followup, JobResult, JobState
+    from sortie.models import CREDENTIALS_RESTING, Counts, Followup, JobResult, JobState, MachineRef
     from sortie.spec import Job
     from workflows import chunk_models as models
     from workflows import guards, job_steps
@@ -38,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.chunk_store import load_jobs, store_rows
     from workflows.job_steps import CredentialsRest, InfrastructureFailure
     from workflows.outcomes import is_cancellation, record_outcome, why
+    from workflows.pool import Pool, retire_idle
     from workflows.reports import Reporter
     from workflows.shielded import complete, evicting
 
@@ -54,6 +58,11 @@ class ChunkWorkflow:
         self._loaded = False
         self._continues: dict[str, Followup] = {}
         self._slots, self._owed, self._running, self._live = input.slots, 0, 0, 0
+        self._pool, self._handing, self._created = Pool(), list[MachineRef](), 0
+        self._pool.put(input.machines, workflow.now())
+        self._closing, self._retiring = False, 0
+        self._claims: dict[int, job_steps.Claim] = {}
+        """What a job started took from the waiting machines, until its first attempt."""
         self._paused = input.paused
         self._cancel_reason: str | None = None
         self._jobs: list[asyncio.Task[None]] = []
@@ -70,6 +79,8 @@ class ChunkWorkflow:
     @workflow.run
     async def run(self, input: ChunkInput) -> ChunkOutput:
         """Start each job as a slot frees up, wait for all of them, leave the rows in the store."""
+        idle = retire_idle(self._pool, input.reuse_idle_s, self._idling, self._destroy_all)
+        idling = asyncio.create_task(idle)
         try:
             await complete(self._load_jobs())
             self._update_details()
@@ -82,15 +93,22 @@ class ChunkWorkflow:
                 raise
             self._cancel(workflow.cancellation_reason() or "chunk cancelled through Temporal")
             await asyncio.gather(*self._jobs)
+        self._closing = True
+        for claimed in self._claims.values():  # jobs cancelled before their first attempt
+            self._pool.put(claimed.machines(), workflow.now())
+        await complete(idling)
         for result in self._results:
             if not result.state.final:
                 result.state, result.error = JobState.CANCELLED, self._cancel_reason
         await complete(self._reports.close())  # no more reports: the end is the result
         rows = await complete(store_rows(input.batch_id, self._results, input.tuning))
         self._released, self._slots = self._released + self._slots, 0
+        if self._cancelled or workflow.info().parent is None:  # no batch takes them back
+            await complete(self._destroy_all(self._pool.drain()))
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._update_details()
-        return ChunkOutput(index=input.index, counts=self._counts(), rows=rows)
+        machines = [*self._handing, *self._pool.drain()]  # with any a late grant brought
+        return ChunkOutput(index=input.index, counts=self._counts(), rows=rows, machines=machines)
 
     # ------------------------------------------------------------ signals and queries
 
@@ -98,6 +116,7 @@ class ChunkWorkflow:
     def grant(self, grant: SlotGrant) -> None:
         """The batch adds slots, or asks for some back as jobs finish."""
         self._slots += grant.grant
+        self._pool.put(grant.machines, workflow.now())
         self._owed += grant.give_back
         self._heard = max(self._heard, grant.heard)
         self._give_back_idle()
@@ -167,13 +186,18 @@ class ChunkWorkflow:
     async def _next_start(self) -> bool:
         """Wait until a queued job may start (True) or nothing is left to start (False)."""
         await workflow.wait_condition(
-            lambda: self._done_starting() or (not self._paused and self._running < self._slots)
+            lambda: (
+                self._done_starting()
+                or (not self._paused and self._running + self._retiring < self._slots)
+            )
         )
         return not self._done_starting()
 
     def _start(self, job: Job) -> None:
         """Run the job in a slot of its own."""
         self._running += 1
+        room = self._slots - self._running - len(self._pool)
+        self._claims[job.index] = job_steps.claim(self._pool, self._input.app_of(job), room)
         self._jobs.append(asyncio.create_task(self._run_job(job)))
 
     async def _run_job(self, job: Job) -> None:
@@ -224,11 +248,17 @@ class ChunkWorkflow:
         self._slot_freed(spent=bool(result.cost_usd), failed=failed)
 
     async def _attempt(self, job: Job, attempt: int, result: JobResult) -> None:
-        """Create a machine; finish the job on it; make sure it is gone."""
+        """Get a machine; finish the job on it; keep it for the next job when its job ended
+        cleanly and the batch reuses machines, else make sure it is gone."""
         result.state, result.error_kind = JobState.STARTING, None
         self._update_details()
+        room = self._slots - self._running - len(self._pool)
+        claimed = self._claims.pop(job.index, None)
+        claimed = claimed or job_steps.claim(self._pool, self._input.app_of(job), room)
         try:
-            created = await job_steps.create(self._input, job, attempt, self._followup(job))
+            created, reused = await job_steps.machine_for(
+                self._input, job, attempt, self._followup(job), claimed
+            )
         except ActivityError as error:
             result.error_kind = guards.create_failure_kind(error)
             if result.error_kind == CREDENTIALS_RESTING:
@@ -238,18 +268,19 @@ class ChunkWorkflow:
             result.error = f"could not create a machine: {why(error)}"
             return
         machine = created.machine
-        self._live += 1
+        self._live, self._created = self._live + 1, self._created + (not reused)
         result.app, result.machine_id = machine.app, machine.machine_id
+        result.machine_reused = reused
         result.credential = created.credential
         result.state = JobState.RUNNING
         self._update_details()
-        destroyed, cancelled, failure, oom = False, False, None, False
+        destroyed, kept, cancelled, failure, oom = False, False, False, None, False
         try:
             finished = await job_steps.finish_job(self._input, job, machine, attempt, result)
             answer = finished.collected.answer if finished.collected else None
             reported = answer is not None and answer.error_kind != "no_report"
             self._settle_spend(job, result, reported=reported)
-            destroyed = finished.destroyed
+            destroyed, kept = finished.destroyed, finished.kept
             failure = record_outcome(job, result, finished.waited, finished.collected)
             oom = bool(finished.collected and finished.collected.oom_killed)
             if finished.artifacts is not None:
@@ -264,7 +295,9 @@ class ChunkWorkflow:
                 raise
             self._settle_spend(job, result, reported=False)
             cancelled = True
-        if not destroyed:
+        if kept and not self._cancelled:
+            self._pool.put([machine], workflow.now())
+        elif not destroyed:
             await complete(job_steps.destroy(machine, self._input.tuning))
         self._live -= 1
         self._update_details()
@@ -281,6 +314,16 @@ class ChunkWorkflow:
             return
         result.cost_usd = round((result.cost_usd or 0.0) + spend.cost_usd, 6)
         result.num_turns = (result.num_turns or 0) + spend.num_turns
+
+    async def _destroy_all(self, machines: list[MachineRef]) -> None:
+        """Destroy waiting machines; each holds its slot until it is gone."""
+        self._retiring += len(machines)
+        await asyncio.gather(*(job_steps.destroy(m, self._input.tuning) for m in machines))
+        self._retiring -= len(machines)
+
+    def _idling(self) -> bool | None:
+        """Whether waiting machines sit idle (the chunk is paused); None once it closes."""
+        return None if self._closing else self._paused
 
     def _followup(self, job: Job) -> Followup | None:
         """The session the job continues: a follow-up turn's, or a retry's, or none."""
@@ -340,19 +383,22 @@ class ChunkWorkflow:
         owed = min(give, self._owed)
         self._owed, self._slots = self._owed - owed, self._slots - give
         self._released += give
+        surplus = len(self._pool) - max(self._slots - self._running, 0)
+        self._handing += self._pool.oldest(surplus)  # each goes back with the slot it held
         if owed:
             self._reports.send()  # the batch asked for them back: it hears at once
         else:
             self._reports.soon()  # with the next report: chunks ending together send fewer
         return True
 
-    def _now(self) -> tuple[Counts, bool, int]:
+    def _now(self) -> tuple[Counts, bool, int, list[MachineRef]]:
         """What a report tells: the counts, whether more jobs wait than free slots, and the
-        slots given back since the last report."""
+        slots (and the waiting machines they held) given back since the last report."""
         self._update_details()
         free = max(self._slots - self._running, 0)
         released, self._released = self._released, 0
-        return self._counts(), len(self._queue) > free and not self._cancelled, released
+        handing, self._handing = self._handing, []
+        return self._counts(), len(self._queue) > free and not self._cancelled, released, handing
 
     def _cancel(self, reason: str) -> None:
         if self._cancelled:
@@ -371,7 +417,8 @@ class ChunkWorkflow:
         claim = self._input.claim
         if not self._loaded and claim is not None:  # its jobs not read yet: all pending
             return Counts(total=claim.size, pending=claim.size)
-        counts = Counts.of(self._results, live_machines=self._live)
+        live = self._live + len(self._pool)
+        counts = Counts.of(self._results, live_machines=live, machines_created=self._created)
         for spend in self._spending.values():  # running verify loops: spent, not yet reported
             counts.cost_usd += spend.cost_usd
             counts.num_turns += spend.num_turns

@@ -54,5 +54,7 @@ def record(state: BatchState, index: int, end: ChunkEnd) -> bool:
     if end.output is None:
         workflow.logger.warning("chunk %s ended without a result: %s", index, end.error)
     chunk.counts = end.output.counts if end.output else chunk.counts.cut_short()
+    if end.output is not None:  # the waiting machines it held, with its slots
+        state.pool.put(end.output.machines, workflow.now())
     chunk.status, chunk.wants_more = ChunkStatus.DONE, False
     return True

@@ -7,7 +7,12 @@ from datetime import datetime, timedelta
 from pydantic import Field
 
 from activities.job_models import JobSlice
-from activities.machine_models import CollectResultInput, FinishJobInput, WaitMachineInput
+from activities.machine_models import (
+    CollectResultInput,
+    CreateMachineInput,
+    FinishJobInput,
+    WaitMachineInput,
+)
 from sortie.models import Counts, Followup, JobResult, JobState, MachineRef, StrictModel, Tuning
 from sortie.spec import Job, app_for
 
@@ -38,6 +43,15 @@ class ChunkInput(StrictModel):
     tuning: Tuning = Tuning()
     followup: Followup | None = None
     """Jobs of a retry batch that continue their session instead of starting over, by id."""
+    reuse_idle_s: float | None = None
+    """The batch reuses machines (workflows/pool.py): a machine waits this long at most."""
+    machines: list[MachineRef] = []
+    """Stopped machines the batch hands the chunk with its window, for its first jobs."""
+
+    @property
+    def reuse(self) -> bool:
+        """Whether a machine that ended its job cleanly takes another."""
+        return self.reuse_idle_s is not None
 
     def app_of(self, job: Job) -> str:
         """The Fly app the job's machines are created in."""
@@ -58,6 +72,8 @@ class ChunkReport(StrictModel):
     counts: Counts
     errors: dict[str, int] = {}
     """Attempts that ended with a storm error since the last report, by kind (a delta)."""
+    machines: list[MachineRef] = []
+    """Stopped machines given back with the slots they held (`reuse_machines`)."""
     resting_until: datetime | None = None
     """Every Claude credential rests until then, as a job of the chunk found (the earliest)."""
 
@@ -69,6 +85,24 @@ class SlotGrant(StrictModel):
     give_back: int = Field(default=0, ge=0)
     heard: int = Field(default=0, ge=0)
     """The newest report with storm errors the batch has judged (and paused for, if it must)."""
+    machines: list[MachineRef] = []
+    """Stopped machines that come with the granted slots (`reuse_machines`)."""
+
+
+def launch_input(
+    chunk: ChunkInput, job: Job, attempt: int, owner: str, followup: Followup | None
+) -> CreateMachineInput:
+    """What a machine for this job attempt is given, created or reused; `owner` destroys it."""
+    return CreateMachineInput(
+        batch_id=chunk.batch_id,
+        chunk_index=chunk.index,
+        app=chunk.app_of(job),
+        job=job,
+        attempt=attempt,
+        owner=owner,
+        followup=followup,
+        reuse=chunk.reuse,
+    )
 
 
 def finish_input(
@@ -100,6 +134,7 @@ def finish_input(
             spend_of=job.index if job.verify is not None and chunk.budgeted else None,
             artifacts=bool(job.artifacts),
         ),
+        keep=chunk.reuse,
     )
 
 

@@ -47,6 +47,8 @@ def chunk_input(input: BatchInput, state: BatchState, chunk: ChunkState) -> Chun
         report_every_s=report_every(state.max_machines, len(state.chunks)),
         report_phase_s=report_phase(chunk.index, state.max_machines, len(state.chunks)),
         tuning=input.tuning,
+        reuse_idle_s=input.reuse_idle_s,
+        machines=state.pool.take_many(chunk.slots),
     )
 
 

@@ -20,6 +20,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.endings import seconds
     from sortie.fields import FAILURE_RATE_AFTER
     from sortie.models import Counts
     from sortie.spec import OnTooManyFailures, StormGuard
@@ -30,7 +31,6 @@ with workflow.unsafe.imports_passed_through():
         PausedBy,
         StormMark,
     )
-    from workflows.outcomes import seconds
 
 STORM_KINDS = {
     "rate_limit": "Claude rate limit",
@@ -221,7 +221,8 @@ def details(state: BatchState, apps: list[str]) -> str:
     limit = limit_text(state.failure_limit)
     return (
         f"**{c.done}/{c.total} jobs done**, {status}\n\n"
-        f"- machines: {c.live_machines} live, cap {state.max_machines}, Fly {', '.join(apps)}\n"
+        f"- machines: {c.live_machines + len(state.pool)} live ({len(state.pool)} waiting for "
+        f"a job), {c.machines_created} created, cap {state.max_machines}, Fly {', '.join(apps)}\n"
         f"- spent: ${c.cost_usd:.4f}{budget}, {c.num_turns} Claude turns\n"
         f"- jobs: {c.running} running, {c.pending} pending, {c.succeeded} succeeded, "
         f"{c.failed} failed, {c.timed_out} timed out, {c.cancelled} cancelled"

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from sortie.models import Counts
+    from sortie.models import Counts, MachineRef
     from workflows.chunk_models import ChunkReport
     from workflows.messaging import Delivery, deliver
 
@@ -67,14 +67,15 @@ def missed(turn: datetime, now: datetime) -> bool:
 
 class Reporter:
     """A chunk's reports to its batch: `now` asks the chunk for its counts, whether it wants
-    more slots, and the slots it gives back; `gone` stops the chunk when the batch is gone."""
+    more slots, and the slots (and stopped machines) it gives back; `gone` stops the chunk
+    when the batch is gone."""
 
     def __init__(
         self,
         index: int,
         every_s: float,
         phase_s: float,
-        now: Callable[[], tuple[Counts, bool, int]],
+        now: Callable[[], tuple[Counts, bool, int, list[MachineRef]]],
         gone: Callable[[str], None],
     ) -> None:
         self._index, self._every = index, timedelta(seconds=every_s)
@@ -86,6 +87,7 @@ class Reporter:
         self._sends: list[asyncio.Task[None]] = []
         self._due: asyncio.Task[None] | None = None
         self._unreported = False
+        self._closed = False
         self.errors: dict[str, int] = {}
         """Attempts that ended with a storm error since the last report, by kind."""
         self.resting_until: datetime | None = None
@@ -98,18 +100,20 @@ class Reporter:
 
     def send(self) -> int | None:
         """Tell the batch how far the chunk is, without waiting for delivery; the report's
-        number, or None when there is no batch to tell (a follow-up turn runs alone)."""
+        number, or None when there is no batch to tell (a follow-up turn runs alone) or the
+        chunk's reports are closed (what it gives back then travels in its result)."""
         self._unreported = False
         parent = workflow.info().parent
-        if parent is None:
+        if parent is None or self._closed:
             return None
         self._last = workflow.now()
         self._seq += 1
-        counts, wants_more, released = self._now()
+        counts, wants_more, released, machines = self._now()
         report = ChunkReport(
             index=self._index,
             seq=self._seq,
             released=released,
+            machines=machines,
             wants_more=wants_more,
             counts=counts,
             errors=self.errors,
@@ -127,11 +131,14 @@ class Reporter:
             self._due = asyncio.create_task(self._send_when_due())
 
     async def close(self) -> None:
-        """Wait until every report sent has arrived: the chunk's result, its end, comes after
-        them."""
+        """Wait until every report sent has arrived, and send no more: the chunk's result, its
+        end, comes after them, and gives back what a grant brings later (the slots, the
+        machines), so the batch never frees a slot whose machine is still on its way."""
         if self._due is not None:
             self._due.cancel()
         await asyncio.gather(*self._sends)
+        self._closed = True
+        await asyncio.gather(*self._sends)  # sent while the first ones travelled
 
     async def _send_when_due(self) -> None:
         """Report at this chunk's next turn; a turn missed waits for the next one, once."""

@@ -97,6 +97,7 @@ async def _head(
         pending=counts.pending,
         running=counts.running,
         live_machines=counts.live_machines,
+        machines_created=counts.machines_created,
         cost_usd=round(counts.cost_usd + sum(t.cost_usd or 0 for t in turns), 6),
         num_turns=counts.num_turns + sum(t.num_turns or 0 for t in turns),
         paused=paused,

@@ -76,6 +76,8 @@ async def followup(
                 "claim": None,
                 "slots": 1,
                 "paused": False,
+                "machines": [],  # a turn of its own runs on a machine of its own
+                "reuse_idle_s": None,
                 "followup": Followup(
                     turn=turn,
                     prompt=prompt,
@@ -242,6 +244,7 @@ RETRY_KEEPS = {
     "max_machines",
     "max_cost_usd",
     "keep_sessions_s",
+    "reuse_idle_s",
     "failure_limit",
     "storm",
     "tuning",

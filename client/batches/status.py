@@ -166,6 +166,8 @@ class ProgressView:
     cost_usd: float
     chunks: tuple[ChunkView, ...]
     apps: tuple[str, ...] = ()
+    machines_created: int = 0
+    """Machines created so far: one per job attempt, fewer with `reuse_machines`."""
 
 
 def view(p: Progress) -> ProgressView:
@@ -189,6 +191,7 @@ def view(p: Progress) -> ProgressView:
         running=c.running,
         pending=c.pending,
         live_machines=c.live_machines,
+        machines_created=c.machines_created,
         cost_usd=c.cost_usd,
         chunks=tuple(
             ChunkView(

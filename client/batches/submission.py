@@ -66,6 +66,8 @@ class BatchReport(BaseModel):
     pending: int
     running: int
     live_machines: int
+    machines_created: int = 0
+    """Machines the batch created: one per job attempt, fewer with `reuse_machines`."""
     cost_usd: float = 0.0
     num_turns: int = 0
     paused: bool = False
@@ -101,6 +103,7 @@ def batch_input(spec: BatchSpec, batch_id: str, tuning: Tuning | None = None) ->
         max_machines=spec.max_machines,
         max_cost_usd=spec.max_cost_usd,
         keep_sessions_s=spec.keep_sessions,
+        reuse_idle_s=spec.reuse_idle if spec.reuse_machines else None,
         failure_limit=FailureLimit(
             max_failures=spec.max_failures,
             max_failure_rate=spec.max_failure_rate,

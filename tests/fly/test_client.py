@@ -696,3 +696,102 @@ async def test_open_builds_every_pool_within_max_connections(localfly: LocalFlyP
         calls = {id(next(fly._calls)) for _ in range(20)}
         waits = {id(next(fly._waits)) for _ in range(40)}
     assert (len(calls), len(waits)) == (4, 6)  # as many as allowed, one connection each at least
+
+
+# Update: a stopped machine takes a new config whole (`reuse_machines`)
+
+LEAVE_AND_REPORT = (
+    'ls -A "$LOCALFLY_ROOT"; echo "run $RUN" > "$LOCALFLY_ROOT/left-by-$RUN"; exit "$RUN"'
+)
+
+
+def rerun(run: int) -> MachineConfig:
+    """A job that lists what its root holds, leaves a file there, and exits with `run`."""
+    config = job(LEAVE_AND_REPORT, run=str(run))
+    return config.model_copy(update={"env": {"RUN": str(run)}})
+
+
+async def test_update_runs_the_new_config_on_a_fresh_root_filesystem(
+    fly: FlyClient, app: str
+) -> None:
+    machine = await fly.create_machine(app, rerun(1))
+    await fly.wait_for_state(
+        app, machine.id, ["stopped"], version=machine.current_version, timeout=20
+    )
+
+    updated = await fly.update_machine(
+        app, machine.id, rerun(2), current_version=machine.current_version
+    )
+    assert updated.id == machine.id and updated.current_version != machine.current_version
+    assert updated.config is not None and updated.config.metadata == {"run": "2"}
+    assert updated.state != "stopped"  # started by the update: a wait cannot see the old stop
+    await fly.wait_for_state(
+        app, machine.id, ["stopped"], version=updated.current_version, timeout=20
+    )
+    again = await fly.get_machine(app, machine.id)
+    exit_event = again.latest_exit_event()
+    assert exit_event is not None and exit_event.exit_code == 2
+
+    lines = [e.message async for e in fly.iter_logs(app, machine.id)]
+    assert "left-by-1" not in lines  # run 2 found nothing run 1 left under its root
+    await fly.destroy_machine(app, machine.id)
+
+
+async def test_update_refuses_a_stale_version_a_new_name_and_a_destroyed_machine(
+    fly: FlyClient, app: str
+) -> None:
+    machine = await fly.create_machine(app, rerun(0), name="fixed")
+    await fly.wait_for_state(
+        app, machine.id, ["stopped"], version=machine.current_version, timeout=20
+    )
+    updated = await fly.update_machine(
+        app, machine.id, rerun(0), current_version=machine.current_version, skip_launch=True
+    )
+    assert updated.state == "stopped" and updated.latest_exit_event() is None
+    with pytest.raises(FlyConflict):  # the version the caller knew is gone
+        await fly.update_machine(app, machine.id, rerun(1), current_version=machine.current_version)
+    with pytest.raises(FlyBadRequest):
+        await fly._send(  # a name is fixed at create: no client method would send this
+            "update",
+            machine.id,
+            "POST",
+            f"/v1/apps/{app}/machines/{machine.id}",
+            json={"config": {"image": IMAGE}, "name": "renamed"},
+        )
+    await fly.start_machine(app, machine.id)  # skip_launch left it stopped: start runs it
+    await fly.wait_for_state(
+        app, machine.id, ["stopped"], version=updated.current_version, timeout=20
+    )
+    await fly.destroy_machine(app, machine.id)
+    with pytest.raises(FlyNotFound):
+        await fly.update_machine(app, machine.id, rerun(1))
+
+
+async def test_update_start_and_stop_are_rate_limited_per_machine(
+    fly: FlyClient, settings: FlySettings, app: str, localfly: LocalFlyProcess
+) -> None:
+    one, other = await run_to_exit(fly, app, "true"), await run_to_exit(fly, app, "true")
+    localfly.set_faults({"rate_limits": {"enforce": True, "retry_after": True}})
+    async with httpx.AsyncClient() as http:
+        reckless = FlyClient(http, FlyToken(SECRET), settings, limiter=RateLimiter.disabled())
+        for action in ("update", "stop", "start"):
+            calls = [_act(reckless, app, one.id, action) for _ in range(6)]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            limited = [o for o in outcomes if isinstance(o, FlyRateLimited)]
+            assert len(limited) >= 2 and all(e.retry_after for e in limited), (action, outcomes)
+            # Another machine's bucket is its own: the same action on it goes through.
+            [elsewhere] = await asyncio.gather(
+                _act(reckless, app, other.id, action), return_exceptions=True
+            )
+            assert not isinstance(elsewhere, FlyRateLimited), action
+    localfly.set_faults({})
+
+
+async def _act(fly: FlyClient, app: str, machine_id: str, action: str) -> None:
+    """One machine action, whatever Fly answers."""
+    if action == "update":
+        await fly.update_machine(app, machine_id, job("sleep 5"))
+    elif action == "stop":
+        await fly.stop_machine(app, machine_id)
+    else:
+        await fly.start_machine(app, machine_id)

@@ -5,7 +5,8 @@ dev server and the worker are real. Job behaviour is read from the job's env: SE
 time), EXIT (exit code), COST (what a prompt job spent), FAIL_ATTEMPTS (how many first attempts
 end in the `failed` state), ERROR_KIND (the Claude error a prompt job's first ERROR_ATTEMPTS
 attempts end with, every one when unset), CREATE_ERROR (the ApplicationError type its creates
-fail with for good, e.g. FlyRateLimited).
+fail with for good, e.g. FlyRateLimited). With `reuse_machines` a machine whose job ended
+cleanly is kept, and `reuse_machine` gives it the next job.
 With `fill_to`, no job finishes before that many machines exist at once: a test of the cap then
 proves it is reached without depending on timing. Like the real activities, a wait ends as
 soon as its machine is destroyed.
@@ -25,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.chunks import ChunkActivities
+from activities.endings import reusable
 from activities.jobs import JobActivities
 from activities.machine_models import (
     CheckBatchInput,
@@ -40,6 +42,7 @@ from activities.machine_models import (
     JobAnswer,
     ReleaseSessionsInput,
     ReleaseSessionsOutput,
+    ReuseMachineInput,
     WaitMachineInput,
     WaitMachineOutput,
     WaitOutcome,
@@ -76,6 +79,9 @@ class Fleet:
     destroyed: set[str] = field(default_factory=set)
     machines: set[str] = field(default_factory=set)
     gone: dict[str, asyncio.Event] = field(default_factory=dict)
+    serving: dict[str, str] = field(default_factory=dict)
+    """Machine id to the job attempt it runs (`job-a1`)."""
+    reused: int = 0
 
     @activity.defn(name="check_batch")
     async def check_batch(self, input: CheckBatchInput) -> CheckBatchOutput:
@@ -91,6 +97,22 @@ class Fleet:
         self.most = max(self.most, self.live)
         if self.most >= self.fill_to:
             self.filled.set()
+        machine_id = f"m-{input.job.id}-a{input.attempt}"
+        self.machines.add(machine_id)
+        self._take_job(input, machine_id)
+        return CreateMachineOutput(
+            machine=MachineRef(app=input.app, machine_id=machine_id, name=machine_id)
+        )
+
+    @activity.defn(name="reuse_machine")
+    async def reuse_machine(self, input: ReuseMachineInput) -> CreateMachineOutput:
+        self.reused += 1
+        self._take_job(input, input.machine.machine_id)
+        return CreateMachineOutput(machine=input.machine)
+
+    def _take_job(self, input: CreateMachineInput, machine_id: str) -> None:
+        """The machine runs this job attempt now."""
+        self.serving[machine_id] = f"{input.job.id}-a{input.attempt}"
         self.runs.append(input.job.id)
         self.durations[input.job.id] = float(input.job.env.get("SECONDS", "0.02"))
         self.exits[input.job.id] = int(input.job.env.get("EXIT", "0"))
@@ -102,14 +124,9 @@ class Fleet:
         self.errors[f"{input.job.id}-a{input.attempt}"] = (
             input.job.env.get("ERROR_KIND") if erring else None
         )
-        machine_id = f"m-{input.job.id}-a{input.attempt}"
-        self.machines.add(machine_id)
-        return CreateMachineOutput(
-            machine=MachineRef(app=input.app, machine_id=machine_id, name=machine_id)
-        )
 
     async def _wait(self, input: WaitMachineInput) -> WaitMachineOutput:
-        if self.failing[input.machine.machine_id.removeprefix("m-")]:
+        if self.failing[self.serving[input.machine.machine_id]]:
             return WaitMachineOutput(outcome=WaitOutcome.FAILED, state="failed")
         await self.filled.wait()  # with fill_to, the first jobs run until that many machines exist
         gone = self._gone(input.machine.machine_id)
@@ -136,6 +153,8 @@ class Fleet:
         collected = None
         if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
             collected = await self._collect(input.collect)
+        if input.keep and reusable(waited, collected):
+            return FinishJobOutput(waited=waited, collected=collected, kept=True)
         self._destroy(input.wait.machine)
         return FinishJobOutput(waited=waited, collected=collected, destroyed=True)
 
@@ -167,6 +186,7 @@ class Fleet:
         return [
             self.check_batch,
             self.create_machine,
+            self.reuse_machine,
             self.finish_job,
             self.destroy_machine,
             self.release_sessions,
@@ -174,7 +194,11 @@ class Fleet:
 
 
 def fleet_spec(
-    jobs: list[dict[str, Any]], max_machines: int, chunk_size: int, seconds: str = "0.02"
+    jobs: list[dict[str, Any]],
+    max_machines: int,
+    chunk_size: int,
+    seconds: str = "0.02",
+    **fields: Any,
 ) -> BatchSpec:
     """A batch of command jobs for the in-memory fleet, under a fresh name."""
     return parse_batch(
@@ -185,6 +209,7 @@ def fleet_spec(
             "chunk_size": chunk_size,
             "defaults": {"command": "true", "env": {"SECONDS": seconds}},
             "jobs": jobs,
+            **fields,
         }
     )
 
@@ -227,10 +252,13 @@ async def run_fleet_batch(
     chunk_size: int,
     seconds: str = "0.02",
     fill_to: int = 0,
+    **fields: Any,
 ) -> tuple[Fleet, batches.BatchReport, str, Settings]:
     fleet = Fleet(fill_to=fill_to)
     settings = Settings(task_queue=f"slots-{uuid.uuid4().hex}")
-    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(jobs)], max_machines, chunk_size, seconds)
+    spec = fleet_spec(
+        [{"id": f"j{i:05d}"} for i in range(jobs)], max_machines, chunk_size, seconds, **fields
+    )
     async with fleet_worker(temporal, settings, fleet.activities):
         submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
         handle = batches.batch_handle(temporal.client, submitted.batch_id)

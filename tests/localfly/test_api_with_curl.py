@@ -144,6 +144,42 @@ def test_stop_a_running_machine_with_signal_and_timeout(hostname: str) -> None:
     assert curl(hostname, "DELETE", f"{base}/{machine_id}")[0] == 200
 
 
+def test_update_a_stopped_machine_with_a_whole_config(hostname: str) -> None:
+    """`POST /v1/apps/{app}/machines/{id}`: a full config (no partial update), the version the
+    caller knew, and the machine starts again unless `skip_launch`."""
+    app = f"my-app-{uuid.uuid4().hex[:6]}"
+    base = f"/v1/apps/{app}/machines"
+    run = {"image": IMAGE, "init": {"exec": ["true"]}, "restart": {"policy": "no"}}
+    status, machine = curl(hostname, "POST", base, {"name": "kept", "config": run})
+    machine_id, version = machine["id"], machine["instance_id"]
+    wait = f"{base}/{machine_id}/wait?state=stopped&timeout=30&instance_id="
+    assert curl(hostname, "GET", wait + version)[0] == 200
+
+    status, updated = curl(
+        hostname,
+        "POST",
+        f"{base}/{machine_id}",
+        {"config": {**run, "env": {"RUN": "2"}}, "current_version": version},
+    )
+    assert status == 200 and updated["id"] == machine_id and updated["name"] == "kept"
+    assert updated["instance_id"] != version and updated["config"]["env"] == {"RUN": "2"}
+    assert updated["events"][0]["type"] in ("update", "start", "launch")
+    assert curl(hostname, "GET", wait + updated["instance_id"])[0] == 200
+
+    stale = {"config": run, "current_version": version}
+    status, body = curl(hostname, "POST", f"{base}/{machine_id}", stale)
+    assert status == 409 and "error" in body, "a version the caller no longer knows"
+    status, body = curl(hostname, "POST", f"{base}/{machine_id}", {"config": {}})
+    assert status == 400 and "error" in body, "config.image is required"
+    status, held = curl(
+        hostname, "POST", f"{base}/{machine_id}", {"config": run, "skip_launch": True}
+    )
+    assert status == 200 and held["state"] == "stopped"
+    assert curl(hostname, "DELETE", f"{base}/{machine_id}")[0] == 200
+    status, body = curl(hostname, "POST", f"{base}/{machine_id}", {"config": run})
+    assert status == 404 and "error" in body
+
+
 def test_requests_without_a_token_are_refused(hostname: str) -> None:
     status, body = curl(hostname, "GET", "/v1/apps/my-app/machines", token=None)
     assert status == 401 and "error" in body

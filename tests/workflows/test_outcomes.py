@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from activities.machine_models import CollectResultOutput, JobAnswer, WaitMachineOutput, WaitOutcome
+from activities.endings import machine_failure, reusable
+from activities.machine_models import (
+    STALLED,
+    CollectResultOutput,
+    JobAnswer,
+    WaitMachineOutput,
+    WaitOutcome,
+)
 from sortie.models import JobResult, JobState
 from sortie.spec import Job
-from workflows.outcomes import machine_failure, record_outcome
+from workflows.outcomes import record_outcome
 
 
 def _ended(
@@ -71,3 +78,21 @@ def test_an_exit_of_zero_succeeds_and_a_timeout_says_how_long() -> None:
     assert record_outcome(job, timed_out, *_ended(WaitOutcome.TIMED_OUT)) is None
     assert timed_out.state is JobState.TIMED_OUT
     assert timed_out.error == "exceeded its timeout of 30m"
+
+
+def test_only_a_machine_whose_job_ended_by_itself_is_reusable() -> None:
+    """`reuse_machines`: a clean exit (any code) keeps the machine; nothing else does."""
+    exited = WaitMachineOutput(outcome=WaitOutcome.EXITED, state="stopped")
+
+    def collected(**fields: object) -> CollectResultOutput:
+        return CollectResultOutput.model_validate({"state": "stopped", "exit_code": 0, **fields})
+
+    assert reusable(exited, collected())
+    assert reusable(exited, collected(exit_code=3))
+    assert not reusable(exited, collected(oom_killed=True))
+    assert not reusable(exited, collected(exit_code=137, signal=9))
+    assert not reusable(exited, None)
+    for outcome in (WaitOutcome.TIMED_OUT, WaitOutcome.FAILED, WaitOutcome.GONE):
+        assert not reusable(WaitMachineOutput(outcome=outcome, state="stopped"), collected())
+    stalled = JobAnswer(is_error=True, error_kind=STALLED)
+    assert not reusable(exited, collected(answer=stalled))

@@ -13,10 +13,10 @@ from temporalio.client import ScheduleActionExecutionStartWorkflow, WorkflowExec
 from temporalio.testing import WorkflowEnvironment
 
 from client import batches
-from fly import FlyClient
+from fly import FlyClient, InitConfig, MachineConfig
 from sortie import reaping
 from sortie.codec import new_key
-from sortie.labels import chunk_workflow_id
+from sortie.labels import chunk_workflow_id, machine_metadata
 from sortie.reaper_models import ReapInput, ReapOutput
 from sortie.temporal import connect
 from tests.helpers.batches import TUNING, settings_for, spec_for
@@ -210,3 +210,28 @@ async def test_an_encrypted_schedule_is_recognised_as_unchanged(
         assert (await handle.describe()).info.last_updated_at == updated, "same app: left alone"
     finally:
         await handle.delete()
+
+
+async def test_a_waiting_reusable_machine_is_owned_by_its_batch_alone(
+    temporal: WorkflowEnvironment, localfly: Any, fly_client: FlyClient, app_name: str
+) -> None:
+    """`reuse_machines`: a stopped machine outlives the chunk of its last job; the reaper keeps
+    it while its batch runs, and destroys it once the batch is gone."""
+    settings = settings_for(temporal.client.service_client.config.target_host)
+    batch_id = f"batch-reaped-{uuid.uuid4().hex[:8]}"
+    # A batch that runs (no worker ever takes it); its chunk 3 never existed or closed.
+    batch = await temporal.client.start_workflow(
+        "BatchWorkflow", id=batch_id, task_queue=f"nobody-{uuid.uuid4().hex}"
+    )
+    kept = machine_metadata(batch_id, 3, "job-1", 1, "chunk-owner", reuse=True)
+    plain = machine_metadata(batch_id, 3, "job-2", 1, chunk_workflow_id(batch_id, 3))
+    for metadata in (kept, plain):
+        config = MachineConfig(image="alpine", init=InitConfig(exec=["true"]), metadata=metadata)
+        await fly_client.create_machine(app_name, config)
+    async with running_worker(temporal.client, settings, fly_client):
+        swept = await reaping.reap_once(temporal.client, settings, ReapInput(app=app_name))
+        assert [o.job_id for o in swept.orphans] == ["job-2"]  # its chunk owned it
+        await batch.terminate("gave up")
+        swept = await reaping.reap_once(temporal.client, settings, ReapInput(app=app_name))
+    assert [o.job_id for o in swept.orphans] == ["job-1"] and swept.destroyed == 1
+    assert live(localfly, app_name) == []

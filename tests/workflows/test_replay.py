@@ -3,8 +3,9 @@
 `tests/histories/` holds one batch history and one chunk history per scenario, named by what it
 proves: `happy`, `infra-retry` (a job retried on a new machine), `pause-resume`, `cancel`,
 `budget` (prompt jobs pausing at their budget, then resumed), `storm` (Claude rate limits
-pausing the batch, a durable timer resuming it) and `continue-as-new` (the first run of a batch
-that continued-as-new while its chunks ran). A change to the workflows that would
+pausing the batch, a durable timer resuming it), `continue-as-new` (the first run of a batch
+that continued-as-new while its chunks ran) and `reuse` (`reuse_machines`: machines handed from
+job to job and chunk to chunk, then destroyed). A change to the workflows that would
 break running batches fails `test_committed_histories_replay`; Sortie has no release yet, so
 after a deliberate change the histories are recorded again with `make histories`.
 """
@@ -38,11 +39,21 @@ from workflows.reaper import ReaperWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 RECORD = os.environ.get("SORTIE_RECORD_HISTORIES") == "1"
-SCENARIOS = ["happy", "infra-retry", "pause-resume", "cancel", "budget", "storm", "continue-as-new"]
+SCENARIOS = [
+    "happy",
+    "infra-retry",
+    "pause-resume",
+    "cancel",
+    "budget",
+    "storm",
+    "continue-as-new",
+    "reuse",
+]
 PROMPTS = {"budget", "storm"}
 EXTRA: dict[str, dict[str, Any]] = {
     "budget": {"max_cost_usd": 0.5},
     "storm": {"storm": {"errors": 2, "within": "1m", "auto_resume_after": "1s"}},
+    "reuse": {"reuse_machines": True, "chunk_size": 3},
 }
 
 
@@ -63,6 +74,10 @@ def scenario_jobs(name: str) -> list[dict[str, Any]]:
         return [{"id": f"job-{i}", "env": limited if i < 2 else {}} for i in range(4)]
     if name == "continue-as-new":
         return [{"id": f"job-{i}", "env": {"SECONDS": "0.02"}} for i in range(80)]
+    if name == "reuse":
+        return [
+            {"id": f"job-{i}", "env": {"SECONDS": "0.05", "EXIT": str(i % 2)}} for i in range(9)
+        ]
     seconds = {"happy": "0.05", "pause-resume": "0.3", "cancel": "30"}[name]
     return [{"id": f"job-{i}", "env": {"SECONDS": seconds}} for i in range(4)]
 

@@ -242,9 +242,14 @@ class Proxy:
 # The bridge, inside the sandbox ----------------------------------------------------------------
 
 
-def bridge_argv(socket_path: str, command: Sequence[str]) -> list[str]:
-    """The check run by the bridge: its proxy a loopback port carried to `socket_path`."""
-    return [sys.executable, "-I", "-S", str(Path(__file__).resolve()), socket_path, "--", *command]
+SCRIPT = Path(__file__).resolve()
+"""This file, which the bridge runs as a script."""
+
+
+def bridge_argv(script: str, socket_path: str, command: Sequence[str]) -> list[str]:
+    """The check run by the bridge (this file, seen at `script`): its proxy a loopback port
+    carried to `socket_path`."""
+    return [os.path.realpath(sys.executable), "-I", "-S", script, socket_path, "--", *command]
 
 
 def _serve(listener: socket.socket, socket_path: str) -> None:

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -148,6 +149,16 @@ def claude_argv(bwrap: str, settings_dir: Path, argv: Sequence[str], info_fd: in
 
 EGRESS_SOCKET = "/tmp/.sortie-egress.sock"
 """Where a check's way out, the allowlisting proxy's socket, is inside its sandbox."""
+EGRESS_SCRIPT = "/tmp/.sortie-egress.py"
+"""Where the bridge's script is inside the sandbox (its own path may be under the fresh /tmp)."""
+
+
+def _interpreter_binds() -> list[str]:
+    """The bridge's Python, bound back when it lives under /tmp (which the sandbox replaces)."""
+    prefix = Path(sys.base_prefix).resolve()
+    if not prefix.is_relative_to("/tmp"):
+        return []
+    return ["--ro-bind", str(prefix), str(prefix)]
 
 
 def verify_argv(bwrap: str, cwd: Path, command: Sequence[str], proxy: Path | None) -> list[str]:
@@ -157,7 +168,8 @@ def verify_argv(bwrap: str, cwd: Path, command: Sequence[str], proxy: Path | Non
     net: list[str] = []
     if proxy is not None:
         net = ["--unshare-net", "--bind", str(proxy), EGRESS_SOCKET]
-        command = egress.bridge_argv(EGRESS_SOCKET, command)
+        net += ["--ro-bind", str(egress.SCRIPT), EGRESS_SCRIPT, *_interpreter_binds()]
+        command = egress.bridge_argv(EGRESS_SCRIPT, EGRESS_SOCKET, command)
     return [
         bwrap,
         "--ro-bind",

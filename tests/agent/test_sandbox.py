@@ -3,11 +3,13 @@ under them is proved end to end in tests/test_sandbox.py."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from agent import sandbox
+from agent import egress, sandbox
 
 WORKSPACE = Path("/workspace")
 
@@ -70,3 +72,22 @@ def test_the_repositories_hosts_are_always_allowed(urls: list[str], hosts: list[
 def test_no_bubblewrap_on_path_is_a_sandbox_that_cannot_start(tmp_path: Path) -> None:
     with pytest.raises(sandbox.SandboxUnavailable, match="bwrap, socat not on PATH"):
         sandbox.check(str(tmp_path))
+
+
+def test_the_checks_bridge_starts_wherever_its_script_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check's /tmp is a fresh tmpfs: a bridge whose file (or Python) lives under /tmp, as a
+    # checkout there does, would be hidden from the check unless bound back into its sandbox.
+    script = tmp_path / "checkout" / "egress.py"
+    script.parent.mkdir()
+    shutil.copy(egress.SCRIPT, script)
+    monkeypatch.setattr(egress, "SCRIPT", script)
+    proxy = tmp_path / "proxy.sock"
+    proxy.touch()
+    bwrap = shutil.which("bwrap")
+    assert bwrap is not None
+    work = tmp_path / "work"  # the check's own checkout, bound: not where the bridge lives
+    work.mkdir()
+    argv = sandbox.verify_argv(bwrap, work, ["sh", "-c", 'test -n "$HTTPS_PROXY"'], proxy)
+    assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 0

@@ -45,7 +45,9 @@ def payload_sizes(message: Any) -> list[int]:
 
 def chunk_end_sizes(events: Iterable[HistoryEvent]) -> list[int]:
     """The bytes each chunk's end brought into a batch run: the child's result, or its share of
-    a `watch_chunks` result (a later run hears the chunks it inherited that way)."""
+    a `watch_chunks` result (a later run hears the chunks it inherited that way). A run that
+    continues-as-new before it applied a child's result hands that chunk on as running, so its
+    end can be heard both ways (the batch records it once)."""
     events = list(events)
     watches = {
         e.event_id

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.common import VersioningBehavior
 from temporalio.testing import WorkflowEnvironment
@@ -82,6 +84,24 @@ async def set_current(address: str, deployment: str, build_id: str) -> None:
     await eventually(attempt, every=0.3, what=f"{deployment}.{build_id} to become current")
 
 
+async def routed_to(client: Client, task_queue: str, build_id: str) -> None:
+    """Wait until the task queue itself routes new workflows to `build_id`: the deployment's
+    current version reaches its queues a moment after the command returns."""
+
+    async def routed() -> bool:
+        described = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+        current = described.versioning_info.current_deployment_version
+        return bool(current.build_id == build_id)
+
+    await eventually(routed, every=0.2, what=f"{task_queue} to route new workflows to {build_id}")
+
+
 async def ran_on(client: Client, workflow_id: str) -> tuple[str, set[str]]:
     """The build a workflow is pinned to, and the identities of whoever ran its tasks."""
     handle = client.get_workflow_handle(workflow_id)
@@ -129,6 +149,7 @@ async def test_a_batch_finishes_on_its_build_while_the_next_build_takes_new_batc
     try:
         old.start()
         await set_current(address, deployment, "build-1")
+        await routed_to(client, settings.task_queue, "build-1")
         # The first job holds the batch's only machine until build 2 is current, so every later
         # chunk is started after the switch, as a child of the batch pinned to build 1.
         first = await batches.submit(
@@ -143,6 +164,7 @@ async def test_a_batch_finishes_on_its_build_while_the_next_build_takes_new_batc
         )
         new.start()
         await set_current(address, deployment, "build-2")
+        await routed_to(client, settings.task_queue, "build-2")
         switched_at = datetime.now(UTC)
         gate.touch()
         second = await batches.submit(

@@ -46,10 +46,9 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
-# Three test processes, each with its own dev server and localfly: the tests mostly wait on
-# jobs and timers, so two cores keep three busy (two left about half of CI's cores idle).
+# Two test processes (CI has two cores); each starts its own dev server and localfly.
 test: install system-deps claude-code lint
-	$(PY) -m pytest -q -ra -n 3 --dist worksteal
+	$(PY) -m pytest -q -ra -n 2 --dist worksteal
 
 test-fast: install claude-code
 	$(PY) -m pytest -q -x -m "not slow"

@@ -177,10 +177,11 @@ async def test_pause_and_cancel_reach_started_chunks_while_other_starts_are_in_f
         await eventually(first_start, every=0.01, what="a chunk started")
 
         async def told_to(name: str) -> bool:
-            history = await handle.fetch_history()
+            # in any run: the batch may have continued-as-new since it told them
             return any(
                 e.signal_external_workflow_execution_initiated_event_attributes.signal_name == name
-                for e in history.events
+                for run in await every_run(temporal.client, submitted.batch_id)
+                for e in run.events
                 if e.event_type == told
             )
 

@@ -1,7 +1,10 @@
-"""What a request to localfly is: the Machines API action and the app it names; Fly's error
-body."""
+"""What a request to localfly is: the Machines API action and the app it names, a machine's
+body; Fly's error body."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from aiohttp import web
 
@@ -42,3 +45,16 @@ def app_of(request: web.Request) -> str:
     if parts[:3] == ["api", "v1", "apps"] and len(parts) > 3:
         return parts[3]
     return ""
+
+
+async def machine_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """A create's or an update's body, or Fly's 400 for one without a config and its image."""
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        return error(400, "invalid_argument: request body is not JSON")
+    if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
+        return error(400, "invalid_argument: config is required")
+    if not body["config"].get("image"):
+        return error(400, "invalid_argument: config.image is required")
+    return body

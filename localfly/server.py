@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from localfly.faults import FaultConfig, Faults
 from localfly.formats import parse_duration, rfc3339
 from localfly.machines import TRANSIENT, Fleet, Machine
-from localfly.routes import app_of, endpoint_of, error
+from localfly.routes import app_of, endpoint_of, error, machine_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WAITABLE = {"started", "stopped", "suspended", "destroyed", "failed", "settled"}
@@ -256,14 +256,9 @@ class LocalFly:
 
     async def create(self, request: web.Request) -> web.Response:
         app = request.match_info["app"]
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return error(400, "invalid_argument: request body is not JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
-            return error(400, "invalid_argument: config is required")
-        if not body["config"].get("image"):
-            return error(400, "invalid_argument: config.image is required")
+        body = await machine_body(request)
+        if isinstance(body, web.Response):
+            return body
         name = body.get("name")
         if name and self.fleet.name_taken(app, name):
             return error(
@@ -279,14 +274,9 @@ class LocalFly:
         create); a machine in a transient state cannot be updated (412).
         """
         machine = self._machine(request)
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return error(400, "invalid_argument: request body is not JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
-            return error(400, "invalid_argument: config is required")
-        if not body["config"].get("image"):
-            return error(400, "invalid_argument: config.image is required")
+        body = await machine_body(request)
+        if isinstance(body, web.Response):
+            return body
         if machine.state in ("destroyed", "destroying"):
             return error(404, "not_found: machine not found")
         for fixed in ("name", "region"):

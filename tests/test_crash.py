@@ -45,6 +45,22 @@ def calls(localfly: Any, app: str, action: str) -> int:
     return int(localfly.stats(app)["calls"].get(action, 0))
 
 
+async def kill_and_finish(
+    first: WorkerProcess,
+    second: WorkerProcess,
+    localfly: Any,
+    temporal: WorkflowEnvironment,
+    batch_id: str,
+) -> batches.BatchReport:
+    """SIGKILL the first worker, start the second (Fly forgetting destroyed machines at once),
+    and read the batch's results once it closes."""
+    first.kill()
+    localfly.set_faults(FORGETFUL)
+    second.start()
+    await batches.batch_handle(temporal.client, batch_id).result()
+    return await batches.results(temporal.client, batch_id, store=second.settings.blob_store())
+
+
 @pytest.mark.parametrize(
     ("moment", "fault_endpoint"),
     [
@@ -85,13 +101,7 @@ async def test_worker_killed_mid_batch_resumes_exactly_once(
                 lambda: sum(m["state"] == "started" for m in localfly.machines(app_name)) >= 4,
                 what="four running machines",
             )
-        first.kill()
-        localfly.set_faults(FORGETFUL)
-        second.start()
-        await batches.batch_handle(temporal.client, submitted.batch_id).result()
-        report = await batches.results(
-            temporal.client, submitted.batch_id, store=settings.blob_store()
-        )
+        report = await kill_and_finish(first, second, localfly, temporal, submitted.batch_id)
     finally:
         first.stop()
         second.stop()
@@ -195,13 +205,7 @@ async def test_worker_killed_mid_batch_with_reuse_runs_each_job_once_and_leaves_
         await eventually(
             lambda: calls(localfly, app_name, "update") >= 1, what="a machine taking a 2nd job"
         )
-        first.kill()
-        localfly.set_faults(FORGETFUL)
-        second.start()
-        await batches.batch_handle(temporal.client, submitted.batch_id).result()
-        report = await batches.results(
-            temporal.client, submitted.batch_id, store=settings.blob_store()
-        )
+        report = await kill_and_finish(first, second, localfly, temporal, submitted.batch_id)
     finally:
         first.stop()
         second.stop()

@@ -6,13 +6,17 @@ import subprocess
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client import batches
 from sortie.labels import META_ATTEMPT, META_JOB
 from sortie.models import Tuning
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
+from workflows.batch_models import BatchOutput
+
+if TYPE_CHECKING:
+    from tests.helpers.stack import Sortie
 
 TUNING = Tuning(heartbeat_timeout_s=3, heartbeat_every_s=0.5, create_timeout_s=5, call_timeout_s=5)
 """Failures noticed in seconds: a dead worker within 3 s, a stuck create within 5 s."""
@@ -40,6 +44,20 @@ def settings_for(address: str) -> Settings:
     return Settings(
         temporal_address=address, task_queue=f"crash-{uuid.uuid4().hex}", shutdown_grace_s=2
     )
+
+
+async def start(s: Sortie, tuning: Tuning, spec: BatchSpec) -> str:
+    """Submit a new batch through the client, as the starter does; its id."""
+    submitted = await batches.submit(s.client, s.settings, spec, tuning=tuning)
+    assert submitted.created
+    return submitted.batch_id
+
+
+async def finish(s: Sortie, batch_id: str) -> batches.BatchReport:
+    """Wait for the batch to close; its results, read as `results` reads them."""
+    output: BatchOutput = await batches.batch_handle(s.client, batch_id).result()
+    assert output.batch_id == batch_id
+    return await batches.results(s.client, batch_id, store=s.settings.blob_store())
 
 
 def check_exactly_once(localfly: Any, app: str, report: batches.BatchReport) -> None:

@@ -27,7 +27,7 @@ from client import batches
 from sortie.labels import META_BATCH, META_JOB, chunk_workflow_id
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
-from tests.helpers.batches import JOBS, settings_for, spec_for
+from tests.helpers.batches import JOBS, finish, settings_for, spec_for, start
 from tests.helpers.cli import cli, cli_env
 from tests.helpers.history import assert_no_create_while_paused, every_run
 from tests.helpers.processes import WorkerProcess
@@ -35,7 +35,6 @@ from tests.helpers.stack import ROOT, SUGGEST_CONTINUE_AS_NEW_AT, TEMPORAL_CLI, 
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
 from workflows.batch_models import (
-    BatchOutput,
     CancelRequest,
     ChunkStatus,
     MaxMachinesRequest,
@@ -73,18 +72,6 @@ def sleepers(count: int, seconds: float) -> list[dict[str, Any]]:
     return [{"id": f"job-{i:03d}", "command": f"sleep {seconds}"} for i in range(count)]
 
 
-async def start(s: Sortie, spec: BatchSpec) -> str:
-    submitted = await batches.submit(s.client, s.settings, spec, tuning=TUNING)
-    assert submitted.created
-    return submitted.batch_id
-
-
-async def finish(s: Sortie, batch_id: str) -> batches.BatchReport:
-    output: BatchOutput = await batches.batch_handle(s.client, batch_id).result()
-    assert output.batch_id == batch_id
-    return await batches.results(s.client, batch_id, store=s.settings.blob_store())
-
-
 def machines(s: Sortie, app: str) -> list[dict[str, Any]]:
     return list(s.localfly.machines(app))
 
@@ -110,7 +97,7 @@ async def chunk_histories(s: Sortie, batch_id: str) -> AsyncIterator[Any]:
 async def test_happy_path(sortie: Sortie, app_name: str) -> None:
     jobs = [{"id": f"echo-{i}", "command": f"echo hello from {i}"} for i in range(5)]
     spec = make_spec(app_name, jobs, max_machines=2, chunk_size=2, defaults={"log_tail": "always"})
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     report = await finish(sortie, batch_id)
 
     assert (report.status, report.total, report.succeeded, report.failed) == ("completed", 5, 5, 0)
@@ -144,7 +131,7 @@ async def test_a_terminated_batchs_chunks_stop_and_destroy_their_machines(
     # Chunks are abandoned children (the batch continues-as-new): terminated, the batch cannot
     # cancel them, so each stops itself when its next report cannot be delivered.
     spec = make_spec(app_name, sleepers(20, 1), max_machines=2, chunk_size=10)
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     await eventually(lambda: len(live(sortie, app_name)) == 2, what="two running machines")
     await batches.batch_handle(sortie.client, batch_id).terminate("gave up on it")
 
@@ -164,7 +151,7 @@ async def test_concurrency_cap_is_never_exceeded_and_slots_are_reused_at_once(
     sortie: Sortie, app_name: str
 ) -> None:
     spec = make_spec(app_name, sleepers(100, 0.3), max_machines=10, chunk_size=25)
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     report = await finish(sortie, batch_id)
 
     assert report.succeeded == 100
@@ -239,7 +226,7 @@ async def test_failing_and_timed_out_jobs(sortie: Sortie, app_name: str) -> None
         {"id": "fails", "command": "echo broken >&2; exit 3"},
         {"id": "slow", "command": "sleep 120", "timeout": "2s"},
     ]
-    batch_id = await start(sortie, make_spec(app_name, jobs, max_machines=3))
+    batch_id = await start(sortie, TUNING, make_spec(app_name, jobs, max_machines=3))
     report = await finish(sortie, batch_id)
     ok, fails, slow = report.results
 
@@ -267,7 +254,7 @@ async def test_an_infrastructure_failure_is_retried_on_a_new_machine(
             ]
         }
     )
-    report = await finish(sortie, await start(sortie, spec))
+    report = await finish(sortie, await start(sortie, TUNING, spec))
 
     flaky = report.results[0]
     assert (flaky.state, flaky.attempts, flaky.exit_code) == ("succeeded", 2, 0)
@@ -287,7 +274,7 @@ async def test_the_retry_of_an_oom_killed_job_runs_with_twice_the_memory(
 ) -> None:
     jobs = [{"id": "hog", "command": HOG, "on_oom": on_oom}]
     spec = make_spec(app_name, jobs, defaults={"retries": 1, "guest": {"memory_mb": 256}})
-    report = await finish(sortie, await start(sortie, spec))
+    report = await finish(sortie, await start(sortie, TUNING, spec))
 
     (hog,) = report.results
     sizes = sorted(
@@ -309,7 +296,7 @@ async def test_the_retry_of_an_oom_killed_job_runs_with_twice_the_memory(
 async def test_infrastructure_retries_are_bounded(sortie: Sortie, app_name: str) -> None:
     spec = make_spec(app_name, [{"id": "doomed", "command": "true"}], defaults={"retries": 1})
     sortie.localfly.set_faults({"machines": [{"kind": "fail_boot", "count": None}]})
-    report = await finish(sortie, await start(sortie, spec))
+    report = await finish(sortie, await start(sortie, TUNING, spec))
 
     (doomed,) = report.results
     assert (doomed.state, doomed.attempts) == ("failed", 2)
@@ -319,7 +306,7 @@ async def test_infrastructure_retries_are_bounded(sortie: Sortie, app_name: str)
 
 async def test_pause_creates_nothing_until_resume(sortie: Sortie, app_name: str) -> None:
     spec = make_spec(app_name, sleepers(8, 1), max_machines=2, chunk_size=4)
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     handle = batches.batch_handle(sortie.client, batch_id)
     await eventually(lambda: len(live(sortie, app_name)) == 2, what="two live machines")
 
@@ -352,7 +339,7 @@ async def test_cancel_destroys_running_machines_and_keeps_partial_results(
 ) -> None:
     jobs = [{"id": "quick", "command": "true"}, *sleepers(11, 120)]
     spec = make_spec(app_name, jobs, max_machines=4, chunk_size=3)
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     handle = batches.batch_handle(sortie.client, batch_id)
     await eventually(
         lambda: len(machines(sortie, app_name)) == 5 and len(live(sortie, app_name)) == 4,
@@ -381,7 +368,7 @@ async def test_lowering_max_machines_takes_effect_as_jobs_finish(
     sortie: Sortie, app_name: str
 ) -> None:
     spec = make_spec(app_name, sleepers(24, 0.5), max_machines=6, chunk_size=8)
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     handle = batches.batch_handle(sortie.client, batch_id)
     await eventually(lambda: len(live(sortie, app_name)) == 6, what="six live machines")
 
@@ -428,7 +415,7 @@ async def test_an_unknown_secret_is_refused_before_any_machine(
     sortie: Sortie, app_name: str
 ) -> None:
     jobs = [{"id": "needs-secret", "command": "true", "secrets": ["SORTIE_TEST_ABSENT_SECRET"]}]
-    batch_id = await start(sortie, make_spec(app_name, jobs))
+    batch_id = await start(sortie, TUNING, make_spec(app_name, jobs))
     with pytest.raises(WorkflowFailureError) as failure:
         await batches.batch_handle(sortie.client, batch_id).result()
 
@@ -480,7 +467,7 @@ async def test_an_app_fly_does_not_know_is_refused_before_any_machine(
 
 async def test_signals_sent_with_the_plain_temporal_cli(sortie: Sortie, app_name: str) -> None:
     spec = make_spec(app_name, sleepers(6, 60), max_machines=2, chunk_size=3)
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     await eventually(lambda: len(live(sortie, app_name)) == 2, what="two live machines")
 
     def cli(*args: str) -> None:

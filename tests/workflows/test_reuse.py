@@ -17,11 +17,12 @@ from client import batches
 from sortie.labels import META_REUSE
 from sortie.models import Tuning
 from sortie.spec import BatchSpec, parse_batch
+from tests.helpers.batches import finish, start
 from tests.helpers.fleet import run_fleet_batch
 from tests.helpers.stack import Sortie
 from tests.helpers.waiting import eventually
 from workflows.batch import BatchWorkflow
-from workflows.batch_models import BatchOutput, MaxMachinesRequest, PauseRequest
+from workflows.batch_models import MaxMachinesRequest, PauseRequest
 
 TUNING = Tuning(heartbeat_timeout_s=5, heartbeat_every_s=1, create_timeout_s=10)
 CLEAN_ROOT = (
@@ -57,25 +58,13 @@ def clean_root_jobs(count: int, then: str = "") -> list[dict[str, Any]]:
     return [{"id": f"job-{i:03d}", "command": CLEAN_ROOT + then} for i in range(count)]
 
 
-async def start(s: Sortie, spec: BatchSpec) -> str:
-    submitted = await batches.submit(s.client, s.settings, spec, tuning=TUNING)
-    assert submitted.created
-    return submitted.batch_id
-
-
-async def finish(s: Sortie, batch_id: str) -> batches.BatchReport:
-    output: BatchOutput = await batches.batch_handle(s.client, batch_id).result()
-    assert output.batch_id == batch_id
-    return await batches.results(s.client, batch_id, store=s.settings.blob_store())
-
-
 def live(s: Sortie, app: str) -> list[dict[str, Any]]:
     return [m for m in s.localfly.machines(app) if m["state"] != "destroyed"]
 
 
 async def test_a_job_never_sees_an_earlier_jobs_files(sortie: Sortie, app_name: str) -> None:
     spec = reusing(app_name, clean_root_jobs(12), max_machines=3, chunk_size=4)
-    report = await finish(sortie, await start(sortie, spec))
+    report = await finish(sortie, await start(sortie, TUNING, spec))
 
     assert report.succeeded == 12, [(r.job_id, r.error, r.log_tail) for r in report.results]
     for result in report.results:
@@ -111,7 +100,7 @@ async def test_a_lost_update_response_runs_no_job_twice(
     lose = {"kind": "lose_response", "endpoints": ["update"], "count": 2}
     sortie.localfly.set_faults({"http": [lose]})
     spec = reusing(app_name, marking(marks, 8), max_machines=2, chunk_size=4)
-    report = await finish(sortie, await start(sortie, spec))
+    report = await finish(sortie, await start(sortie, TUNING, spec))
 
     assert report.succeeded == 8, [(r.job_id, r.error) for r in report.results]
     assert runs(marks) == {f"job-{i:03d}": 1 for i in range(8)}
@@ -131,7 +120,7 @@ async def test_a_timed_out_jobs_machine_is_not_reused(sortie: Sortie, app_name: 
         {"id": "next", "command": CLEAN_ROOT},
     ]
     spec = reusing(app_name, jobs, max_machines=1, chunk_size=4)
-    report = await finish(sortie, await start(sortie, spec))
+    report = await finish(sortie, await start(sortie, TUNING, spec))
     slow, after, fails, following = report.results
 
     assert (slow.state, after.state, fails.state, following.state) == (
@@ -151,7 +140,7 @@ async def test_pause_destroys_idle_machines_after_reuse_idle(sortie: Sortie, app
     spec = reusing(
         app_name, clean_root_jobs(12, "; sleep 1"), max_machines=3, chunk_size=4, reuse_idle="3s"
     )
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     handle = batches.batch_handle(sortie.client, batch_id)
     await eventually(lambda: len(live(sortie, app_name)) == 3, what="three live machines")
 
@@ -169,7 +158,7 @@ async def test_a_lowered_cap_destroys_idle_machines(sortie: Sortie, app_name: st
     spec = reusing(
         app_name, clean_root_jobs(30, "; sleep 1"), max_machines=6, chunk_size=10, reuse_idle="3s"
     )
-    batch_id = await start(sortie, spec)
+    batch_id = await start(sortie, TUNING, spec)
     handle = batches.batch_handle(sortie.client, batch_id)
     await eventually(lambda: len(live(sortie, app_name)) == 6, what="six live machines")
 

@@ -8,8 +8,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from temporalio.api.deployment.v1 import WorkerDeploymentVersion
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.workflowservice.v1 import DescribeWorkerDeploymentVersionRequest
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
@@ -32,6 +36,13 @@ log = logging.getLogger("sortie.pacing")
 
 DISCOVER_EVERY = 5.0
 """Seconds between two looks for apps in use that this worker does not poll yet."""
+
+JOIN_VERSION_S = 15.0
+"""With Worker Versioning, how long a new create queue is waited for to join this build's version
+before the batch goes on (its creates then wait on the server until the queue has joined)."""
+
+JOIN_POLL_S = 0.2
+"""Seconds between two looks at the version's task queues while waiting for a queue to join."""
 
 
 class AppPacer:
@@ -173,11 +184,54 @@ class CreateQueues:
                 self._rate,
                 CREATE_BURST,
             )
+        if self._deployment is not None and self._deployment.use_worker_versioning:
+            await self._joined(worker.task_queue)
         for observer in self.on_new_app:
             try:
                 await observer(app)
             except Exception:  # logged; an observer that must not fail retries itself
                 log.exception("observer of new app %s failed", app)
+
+    async def _joined(self, queue: str) -> None:
+        """Wait until the server lists `queue` in this build's version.
+
+        A pinned batch's create on a queue its version does not have yet goes to that queue's
+        unversioned backlog, which no versioned worker polls, until the server takes the queue
+        into the version; waiting here (the batch's check calls `serve`) sends its creates straight
+        to this build.
+        """
+        assert self._deployment is not None
+        version = self._deployment.version
+        request = DescribeWorkerDeploymentVersionRequest(
+            namespace=self._client.namespace,
+            deployment_version=WorkerDeploymentVersion(
+                deployment_name=version.deployment_name, build_id=version.build_id
+            ),
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JOIN_VERSION_S
+        while loop.time() < deadline:
+            try:
+                described = await self._client.workflow_service.describe_worker_deployment_version(
+                    request
+                )
+            except RPCError as error:  # not known yet (no poll reached the server): look again
+                log.debug("version %s not described yet: %s", version, error)
+            else:
+                queues = described.worker_deployment_version_info.task_queue_infos
+                if any(
+                    q.name == queue and q.type == TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+                    for q in queues
+                ):
+                    log.info("%s joined version %s", queue, version.to_canonical_string())
+                    return
+            await asyncio.sleep(JOIN_POLL_S)
+        log.warning(
+            "%s has not joined version %s after %gs; its creates wait on the server until it has",
+            queue,
+            version.to_canonical_string(),
+            JOIN_VERSION_S,
+        )
 
     async def _run(self, app: str, worker: Worker) -> None:
         """Poll until shut down; a poller that fails is forgotten, so discovery starts it again."""

@@ -26,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 from client import batches
 from sortie.labels import chunk_workflow_id
 from sortie.models import Tuning
+from sortie.pacing import create_queue
 from sortie.settings import Settings
 from sortie.spec import BatchSpec, parse_batch
 from tests.helpers.processes import WorkerProcess
@@ -120,6 +121,19 @@ async def ran_on(client: Client, workflow_id: str) -> tuple[str, set[str]]:
     return info.deployment_version.build_id, identities
 
 
+async def pending(client: Client, batch_id: str) -> str:
+    """What the batch's first chunk waits on, and where: said when a wait times out."""
+    try:
+        described = await client.get_workflow_handle(chunk_workflow_id(batch_id, 0)).describe()
+    except Exception as error:  # only a diagnostic: say why there is none
+        return f"chunk 0 not described: {error}"
+    activities = described.raw_description.pending_activities
+    versioning = described.raw_description.workflow_execution_info.versioning_info
+    return f"chunk 0 on {versioning.deployment_version}, pending: " + "; ".join(
+        f"{a.activity_type.name} attempt {a.attempt} state {a.state}" for a in activities
+    )
+
+
 def identity(worker: WorkerProcess) -> str:
     """The SDK's default identity of the worker process's client."""
     assert worker.process is not None
@@ -158,10 +172,13 @@ async def test_a_batch_finishes_on_its_build_while_the_next_build_takes_new_batc
             spec_for(old_app, [f"until [ -e {gate} ]; do sleep 0.1; done"] + ["true"] * LATE),
             tuning=TUNING,
         )
-        await eventually(
-            lambda: any(m["state"] == "started" for m in localfly.machines(old_app)),
-            what="the first batch's first machine running",
-        )
+        try:
+            await eventually(
+                lambda: any(m["state"] == "started" for m in localfly.machines(old_app)),
+                what="the first batch's first machine running",
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}; {await pending(client, first.batch_id)}") from None
         new.start()
         await set_current(address, deployment, "build-2")
         await routed_to(client, settings.task_queue, "build-2")
@@ -183,6 +200,11 @@ async def test_a_batch_finishes_on_its_build_while_the_next_build_takes_new_batc
         old.stop()
         new.stop()
 
+    # Each build let its batch's creates go only once their app's create queue was in its version.
+    for worker_process, app in ((old, old_app), (new, new_app)):
+        build = worker_process.env["SORTIE_BUILD_ID"]
+        joined = f"{create_queue(settings.task_queue, app)} joined version {deployment}.{build}"
+        assert joined in worker_process.log.read_text(), joined
     for report in reports:
         assert report.status == "completed"
         assert {r.state for r in report.results} == {"succeeded"}, report.results

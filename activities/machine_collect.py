@@ -6,6 +6,7 @@ import json
 
 from temporalio import activity
 
+from activities.exit_reads import ExitReads
 from activities.fly_calls import fly_errors, patiently
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
@@ -21,7 +22,7 @@ from fly import (
     Machine,
 )
 from sortie.claude import PREVIEW_CHARS, AgentReport, ErrorKind
-from sortie.models import Iteration
+from sortie.models import Iteration, MachineRef
 from sortie.spec import LogTail
 from sortie.store import (
     ObjectStore,
@@ -40,6 +41,7 @@ in the chunk's history with the row (the agent's whole report stays in the store
 class MachineCollect(MachineWait):
     """The collect step: what a machine left (exit, report, logs) read into the job's answer."""
 
+    _exits: ExitReads
     _secrets: SecretStore
     _store: ObjectStore
     _task_queue: str
@@ -51,7 +53,7 @@ class MachineCollect(MachineWait):
         exit_code: int | None = None
         with fly_errors(f"collect result of machine {ref.machine_id}"):
             try:
-                machine: Machine | None = await self._get(ref)
+                machine: Machine | None = await self._ended(ref)
             except FlyNotFound:  # forgotten by Fly: a prompt job's report may still settle it
                 machine = None
             exit_event = machine.latest_exit_event() if machine else None
@@ -82,6 +84,11 @@ class MachineCollect(MachineWait):
             log_ref=log_ref,
             answer=answer,
         )
+
+    async def _ended(self, ref: MachineRef) -> Machine:
+        """The machine whose wait just ended: as the app's next list shows it when that shows
+        its job's own ending (one list for many jobs), else as Fly's get does."""
+        return await self._exits.read(ref) or await self._get(ref)
 
     async def _answer(self, input: CollectResultInput, exit_event: ExitEvent | None) -> JobAnswer:
         """Read the report the agent uploaded; keep the full answer and the session off history.

@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError
 from activities import artifacts
 from activities.credentials import Credential, CredentialsResting, NoCredential
 from activities.endings import reusable
+from activities.exit_reads import ExitReads
 from activities.fly_calls import RETRY_AFTER_MOST_S, fly_errors, patiently
 from activities.machine_collect import (
     MachineCollect,
@@ -119,6 +120,7 @@ class MachineActivities(MachineCollect):
     ) -> None:
         """`task_queue`: the workers' queue, whose credential pool this worker shares."""
         self._fly = fly
+        self._exits = ExitReads(fly)
         self._secrets = secrets
         self._store = store
         self._task_queue = task_queue

@@ -46,14 +46,17 @@ class MachineCollect(MachineWait):
     _store: ObjectStore
     _task_queue: str
 
-    async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
-        """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
+    async def _collect(
+        self, input: CollectResultInput, *, listed: bool = False
+    ) -> CollectResultOutput:
+        """Read the exit event and the tail of the machine's logs, secrets scrubbed; `listed`:
+        the exit from the app's shared list when it shows it (reused machines, see `_ended`)."""
         ref = input.machine
         key = _attempt_key(input)
         exit_code: int | None = None
         with fly_errors(f"collect result of machine {ref.machine_id}"):
             try:
-                machine: Machine | None = await self._ended(ref)
+                machine: Machine | None = await (self._ended(ref) if listed else self._get(ref))
             except FlyNotFound:  # forgotten by Fly: a prompt job's report may still settle it
                 machine = None
             exit_event = machine.latest_exit_event() if machine else None
@@ -87,7 +90,12 @@ class MachineCollect(MachineWait):
 
     async def _ended(self, ref: MachineRef) -> Machine:
         """The machine whose wait just ended: as the app's next list shows it when that shows
-        its job's own ending (one list for many jobs), else as Fly's get does."""
+        its job's own ending (one list for many jobs), else as Fly's get does.
+
+        Only for batches that reuse machines: their jobs end many a second on few machines, so a
+        list saves gets; a job may wait up to a second for the next list, which a batch of one
+        machine per job, bound by creates, would pay on every job for no call saved.
+        """
         return await self._exits.read(ref) or await self._get(ref)
 
     async def _answer(self, input: CollectResultInput, exit_event: ExitEvent | None) -> JobAnswer:

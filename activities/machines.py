@@ -301,9 +301,9 @@ class MachineActivities(MachineCollect):
         waited = await self._wait_unless_shutting_down(input.wait, seen)
         collected = None
         if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
-            collected = await self._collect(input.collect)
+            collected = await self._collect(input.collect, listed=input.keep)
         elif waited.outcome is WaitOutcome.GONE and input.collect.prompt_job:
-            reported = await self._collect(input.collect)
+            reported = await self._collect(input.collect, listed=input.keep)
             if reported.answer is not None:
                 waited = WaitMachineOutput(outcome=WaitOutcome.EXITED, state=None)
                 collected = reported

@@ -85,7 +85,7 @@ async def test_jobs_read_their_exits_from_the_apps_list_and_an_unlisted_machine_
     custom = await _create(fly_client, app_name, _config(7, sortie=False))
     refs = [*listed, oom, custom]
 
-    finished = await asyncio.gather(*(_finish(activities, ref) for ref in refs))
+    finished = await asyncio.gather(*(_finish(activities, ref, keep=True) for ref in refs))
 
     assert all(f.waited.outcome is WaitOutcome.EXITED for f in finished), finished
     ended = [(f.collected.exit_code, f.collected.oom_killed) for f in finished if f.collected]
@@ -102,7 +102,7 @@ async def test_a_failing_list_leaves_each_job_to_flys_get(
     activities = MachineActivities(fly_client, SecretStore({}), Settings().blob_store())
     ref = await _create(fly_client, app_name, _config(4))
 
-    finished = await _finish(activities, ref)
+    finished = await _finish(activities, ref, keep=True)
 
     assert finished.collected is not None and finished.collected.exit_code == 4
     assert _gets(faults, app_name) == {ref.machine_id}
@@ -121,10 +121,23 @@ async def test_a_reused_machine_shows_its_new_jobs_exit_never_the_last_ones(
         app_name, first.machine_id, _config(5), current_version=first.version
     )
     second = first.model_copy(update={"version": updated.current_version})
-    finished = await _finish(activities, second)
+    finished = await _finish(activities, second, keep=True)
 
     assert finished.collected is not None and finished.collected.exit_code == 5
     assert _gets(faults, app_name) == set()
+
+
+async def test_a_batch_that_does_not_reuse_machines_reads_each_exit_with_a_get(
+    fly_client: FlyClient, app_name: str, faults: Any
+) -> None:
+    activities = MachineActivities(fly_client, SecretStore({}), Settings().blob_store())
+    refs = [await _create(fly_client, app_name, _config(code)) for code in (0, 3)]
+
+    finished = await asyncio.gather(*(_finish(activities, ref) for ref in refs))
+
+    assert [f.collected.exit_code for f in finished if f.collected] == [0, 3]
+    assert _gets(faults, app_name) == {ref.machine_id for ref in refs}
+    assert faults.stats(app_name)["calls"].get("list", 0) == 0
 
 
 def _machine(state: str, version: str, *events: dict[str, Any]) -> Machine:

@@ -6,6 +6,7 @@ import json
 
 from temporalio import activity
 
+from activities.exit_reads import ExitReads
 from activities.fly_calls import fly_errors, patiently
 from activities.machine_models import (
     CREDENTIAL_FAULTS,
@@ -21,7 +22,7 @@ from fly import (
     Machine,
 )
 from sortie.claude import PREVIEW_CHARS, AgentReport, ErrorKind
-from sortie.models import Iteration
+from sortie.models import Iteration, MachineRef
 from sortie.spec import LogTail
 from sortie.store import (
     ObjectStore,
@@ -40,18 +41,22 @@ in the chunk's history with the row (the agent's whole report stays in the store
 class MachineCollect(MachineWait):
     """The collect step: what a machine left (exit, report, logs) read into the job's answer."""
 
+    _exits: ExitReads
     _secrets: SecretStore
     _store: ObjectStore
     _task_queue: str
 
-    async def _collect(self, input: CollectResultInput) -> CollectResultOutput:
-        """Read the exit event and the tail of the machine's logs, secrets scrubbed."""
+    async def _collect(
+        self, input: CollectResultInput, *, listed: bool = False
+    ) -> CollectResultOutput:
+        """Read the exit event and the tail of the machine's logs, secrets scrubbed; `listed`:
+        the exit from the app's shared list when it shows it (reused machines, see `_ended`)."""
         ref = input.machine
         key = _attempt_key(input)
         exit_code: int | None = None
         with fly_errors(f"collect result of machine {ref.machine_id}"):
             try:
-                machine: Machine | None = await self._get(ref)
+                machine: Machine | None = await (self._ended(ref) if listed else self._get(ref))
             except FlyNotFound:  # forgotten by Fly: a prompt job's report may still settle it
                 machine = None
             exit_event = machine.latest_exit_event() if machine else None
@@ -82,6 +87,16 @@ class MachineCollect(MachineWait):
             log_ref=log_ref,
             answer=answer,
         )
+
+    async def _ended(self, ref: MachineRef) -> Machine:
+        """The machine whose wait just ended: as the app's next list shows it when that shows
+        its job's own ending (one list for many jobs), else as Fly's get does.
+
+        Only for batches that reuse machines: their jobs end many a second on few machines, so a
+        list saves gets; a job may wait up to a second for the next list, which a batch of one
+        machine per job, bound by creates, would pay on every job for no call saved.
+        """
+        return await self._exits.read(ref) or await self._get(ref)
 
     async def _answer(self, input: CollectResultInput, exit_event: ExitEvent | None) -> JobAnswer:
         """Read the report the agent uploaded; keep the full answer and the session off history.

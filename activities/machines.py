@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError
 from activities import artifacts
 from activities.credentials import Credential, CredentialsResting, NoCredential
 from activities.endings import reusable
+from activities.exit_reads import ExitReads
 from activities.fly_calls import RETRY_AFTER_MOST_S, fly_errors, patiently
 from activities.machine_collect import (
     MachineCollect,
@@ -119,6 +120,7 @@ class MachineActivities(MachineCollect):
     ) -> None:
         """`task_queue`: the workers' queue, whose credential pool this worker shares."""
         self._fly = fly
+        self._exits = ExitReads(fly)
         self._secrets = secrets
         self._store = store
         self._task_queue = task_queue
@@ -299,9 +301,9 @@ class MachineActivities(MachineCollect):
         waited = await self._wait_unless_shutting_down(input.wait, seen)
         collected = None
         if waited.outcome in (WaitOutcome.EXITED, WaitOutcome.FAILED):
-            collected = await self._collect(input.collect)
+            collected = await self._collect(input.collect, listed=input.keep)
         elif waited.outcome is WaitOutcome.GONE and input.collect.prompt_job:
-            reported = await self._collect(input.collect)
+            reported = await self._collect(input.collect, listed=input.keep)
             if reported.answer is not None:
                 waited = WaitMachineOutput(outcome=WaitOutcome.EXITED, state=None)
                 collected = reported

@@ -265,7 +265,7 @@ async def test_json_schema_gives_the_object_and_a_mismatch_fails_the_job(
 
 async def test_a_hung_api_call_is_stopped_as_stalled(claude_code: Sortie, app_name: str) -> None:
     jobs = [{"id": "hangs", "prompt": f"{uuid.uuid4().hex} [[hang]]"}]
-    spec = claude_spec(app_name, jobs, defaults={"stall_timeout": "40s", "timeout": "10m"})
+    spec = claude_spec(app_name, jobs, defaults={"stall_timeout": "20s", "timeout": "10m"})
     report = await run_batch(claude_code, spec)
     [job] = report.results
     assert (job.state, job.error_kind) == ("failed", "stalled"), job.error

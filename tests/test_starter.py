@@ -329,15 +329,18 @@ async def test_steering_reading_and_listing_through_the_cli(
         return view.running == 2
 
     await eventually(two_running, timeout=60, what="two running jobs")
-    status = await apiped(["status", batch_id], env)
+    # Commands that only read run side by side (each is a process of its own).
+    status, (code, drawn), as_json = await asyncio.gather(
+        apiped(["status", batch_id], env),
+        aterminal(["status", batch_id], env),
+        apiped(["status", batch_id, "--json"], env),
+    )
     assert status.returncode == 0, status.stderr
     assert first_line(status.stdout).startswith("Web UI: http")
     assert status.stdout.splitlines()[1] == f"{batch_id}  running"
     assert "0/4 done" in status.stdout and "running 2" in status.stdout
-    code, drawn = await aterminal(["status", batch_id], env)
     assert code == 0 and re.search(r"━ +0% 0/4 .*machines \d/2", plain(drawn)), plain(drawn)
     assert re.search(r"chunk 0000 .*running 1, slots 1", plain(drawn)), "a bar per running chunk"
-    as_json = await apiped(["status", batch_id, "--json"], env)
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["counts"]["total"] == 4
 
     for args, said in [
@@ -355,16 +358,18 @@ async def test_steering_reading_and_listing_through_the_cli(
 
     await eventually(steered, what="the new cap and budget, resumed")
 
-    listed = await apiped(["list"], env)
+    listed, (code, drawn), so_far = await asyncio.gather(
+        apiped(["list"], env),
+        # Wide enough for whole ids and links however many batches the session's server lists.
+        aterminal(["list"], env, columns=240),
+        apiped(["results", batch_id], env),
+    )
     assert listed.returncode == 0, listed.stderr
     mine = [line for line in listed.stdout.splitlines() if line.startswith(batch_id)]
     assert len(mine) == 1 and " running " in mine[0] and mine[0].endswith(batch_id)
-    # Wide enough for whole ids and links however many batches the session's server lists.
-    code, drawn = await aterminal(["list"], env, columns=240)
     assert code == 0 and re.search(r"BATCH\s+┃\s+STATUS", plain(drawn)), plain(drawn)
     assert batch_id in plain(drawn) and "workflows/" in plain(drawn)
 
-    so_far = await apiped(["results", batch_id], env)
     assert so_far.returncode == 0, "nothing failed yet: a running batch is not a failed one"
     assert "4 jobs, 0 succeeded, 0 failed" in so_far.stdout.splitlines()[-1]
 
@@ -379,7 +384,15 @@ async def test_steering_reading_and_listing_through_the_cli(
     assert any(line.startswith(done) for line in lines), lines
     assert "━" not in watched.stdout and "\x1b" not in watched.stdout, "plain when piped"
 
-    results = await apiped(["results", batch_id], env)
+    results, as_json, one, unknown, not_analysis, reaped, scheduled = await asyncio.gather(
+        apiped(["results", batch_id], env),
+        apiped(["results", batch_id, "--json"], env),
+        apiped(["results", batch_id, "--job", "s0"], env),
+        apiped(["results", batch_id, "--job", "nope"], env),
+        apiped(["findings", batch_id], env),
+        apiped(["reap", "--app", app_name, "--dry-run"], env),
+        apiped(["reap", "--app", app_name, "--schedule", "1h"], env),
+    )
     assert results.returncode == 1
     table = results.stdout.splitlines()
     assert table[1].split() == [
@@ -387,22 +400,17 @@ async def test_steering_reading_and_listing_through_the_cli(
         "ERROR/ANSWER",
     ]
     assert table[-1].startswith(f"{batch_id}: cancelled; 4 jobs, 0 succeeded, 0 failed")
-    document = json.loads((await apiped(["results", batch_id, "--json"], env)).stdout)
+    document = json.loads(as_json.stdout)
     assert document["cancelled"] == 4 and document["cancel_reason"] == "done here"
-    one = await apiped(["results", batch_id, "--job", "s0"], env)
     assert one.returncode == 0 and "== s0 turn 1: cancelled" in one.stdout
-    unknown = await apiped(["results", batch_id, "--job", "nope"], env)
     assert unknown.returncode == 2 and f"batch {batch_id} has no job 'nope'" in unknown.stderr
 
-    not_analysis = await apiped(["findings", batch_id], env)
     assert not_analysis.returncode == 2
     assert f"cannot analyse: {batch_id} is not an analysis batch" in not_analysis.stderr
 
-    reaped = await apiped(["reap", "--app", app_name, "--dry-run"], env)
     assert reaped.returncode == 0, reaped.stderr
     assert first_line(reaped.stdout).startswith(f"{app_name}: ")
     assert "orphaned, would destroy 0" in reaped.stdout
-    scheduled = await apiped(["reap", "--app", app_name, "--schedule", "1h"], env)
     assert scheduled.returncode == 0, scheduled.stderr
     schedule = reaping.schedule_id(app_name)
     assert first_line(scheduled.stdout) == f"schedule {schedule} sweeps {app_name} every 1h"
@@ -423,20 +431,24 @@ async def test_a_batch_the_worker_refuses_and_a_batch_that_does_not_exist_exit_2
     assert "refused by the worker" in refused.stderr
     assert "SORTIE_TEST_ABSENT_SECRET" in refused.stderr and "Traceback" not in refused.stderr
     batch_id = first_line(refused.stdout).split()[1]
-    for command in ("status", "results", "watch"):
-        ran = await apiped([command, batch_id], env)
+    commands = ("status", "results", "watch")
+    for command, ran in zip(
+        commands, await asyncio.gather(*(apiped([c, batch_id], env) for c in commands)), strict=True
+    ):
         assert ran.returncode == 2, (command, ran.stderr)
         assert "refused by the worker" in ran.stderr
 
-    for args in (
+    none = (
         ["status", "batch-none"],
         ["watch", "batch-none"],
         ["pause", "batch-none"],
         ["results", "batch-none"],
         ["findings", "batch-none"],
         ["followup", "batch-none", "a", "again"],
+    )
+    for args, ran in zip(
+        none, await asyncio.gather(*(apiped(args, env) for args in none)), strict=True
     ):
-        ran = await apiped(args, env)
         assert ran.returncode == 2, (args, ran.stderr)
         assert first_line(ran.stderr).startswith("no such batch:"), ran.stderr
         assert "Traceback" not in ran.stderr

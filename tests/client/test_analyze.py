@@ -31,7 +31,7 @@ from client.analysis import batch as analysis
 from client.analysis.files import read_checkout
 from client.analysis.partition import partition
 from sortie.labels import META_ATTEMPT, META_JOB
-from tests.helpers.batches import settings_for
+from tests.helpers.batches import TUNING, settings_for
 from tests.helpers.processes import WorkerProcess
 from tests.helpers.stack import ROOT, Sortie
 from tests.helpers.waiting import eventually
@@ -155,6 +155,8 @@ async def test_analysis_resumes_after_a_worker_kill_without_rerunning_finished_p
             temporal.client,
             settings,
             spec,
+            # the killed worker's parts are noticed and run again within seconds
+            tuning=TUNING,
             memo=analysis.analysis_memo(checkout, parts, str(repo), "equal", "x"),
         )
         await eventually(

@@ -143,12 +143,12 @@ async def test_workflows_evicted_at_every_turn_leave_no_warning(
     # each is torn down with its tasks cancelled, and none may leave a coroutine never awaited.
     fleet = Fleet()
     settings = Settings(task_queue=f"evict-{uuid.uuid4().hex}")
-    spec = fleet_spec([{"id": f"j{i:03d}"} for i in range(60)], max_machines=12, chunk_size=6)
+    spec = fleet_spec([{"id": f"j{i:03d}"} for i in range(36)], max_machines=12, chunk_size=6)
     async with fleet_worker(temporal, settings, fleet.activities, cached=2):
         submitted = await batches.submit(temporal.client, settings, spec, tuning=Tuning())
         output = await batches.batch_handle(temporal.client, submitted.batch_id).result()
     gc.collect()
-    assert output.succeeded == 60 and fleet.live == 0
+    assert output.succeeded == 36 and fleet.live == 0
     assert [f"{w.message} {w.filename}:{w.lineno}" for w in recwarn] == []
 
 
@@ -257,14 +257,14 @@ async def test_a_run_hears_the_end_of_the_chunks_it_inherited(
     # 5 on 7 machines run two at a time, so a run mostly continues-as-new with one still running.
     fleet = Fleet(fill_to=7)
     settings = Settings(task_queue=f"inherit-{uuid.uuid4().hex}")
-    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(300)], max_machines=7, chunk_size=5)
+    spec = fleet_spec([{"id": f"j{i:05d}"} for i in range(150)], max_machines=7, chunk_size=5)
     async with fleet_worker(temporal, settings, fleet.activities):
         submitted = await batches.submit(
             temporal.client, settings, spec, tuning=Tuning(run_events=100)
         )
         handle = batches.batch_handle(temporal.client, submitted.batch_id)
         output = await asyncio.wait_for(handle.result(), timeout=180)
-    assert output.succeeded == 300 and fleet.live == 0
+    assert output.succeeded == 150 and fleet.live == 0
     runs = await every_run(temporal.client, submitted.batch_id)
     inheriting = 0
     for run in runs[1:]:
@@ -279,7 +279,7 @@ async def test_a_run_hears_the_end_of_the_chunks_it_inherited(
             for e in run.events
         )
     assert len(runs) > 2 and inheriting
-    assert len([size for run in runs for size in chunk_end_sizes(run.events)]) >= 60  # each heard
+    assert len([size for run in runs for size in chunk_end_sizes(run.events)]) >= 30  # each heard
 
 
 async def test_each_chunk_reports_progress_once_a_turn_at_most(

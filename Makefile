@@ -46,9 +46,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
-# Two test processes (CI has two cores); each starts its own dev server and localfly.
+# Three test processes on CI's two cores (the tests mostly wait on machines and timers); each
+# starts its own dev server and localfly.
 test: install system-deps claude-code lint
-	$(PY) -m pytest -q -ra -n 2 --dist worksteal
+	$(PY) -m pytest -q -ra -n 3 --dist worksteal
 
 test-fast: install claude-code
 	$(PY) -m pytest -q -x -m "not slow"

@@ -18,6 +18,7 @@ from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
     Interceptor,
+    PollerBehaviorAutoscaling,
     Worker,
     WorkerDeploymentConfig,
 )
@@ -167,6 +168,9 @@ class CreateQueues:
             task_queue=create_queue(self._task_queue, app),
             activities=[self._create],
             max_concurrent_activities=creates_at_once(self._rate),
+            # As on the main queue: five fixed pollers left a create 0.9 s at the median
+            # between its schedule and its start when hundreds wait.
+            activity_task_poller_behavior=PollerBehaviorAutoscaling(),
             deployment_config=self._deployment,
             interceptors=interceptors,
         )

@@ -72,6 +72,7 @@ from temporalio.runtime import (
 )
 
 from activities.secrets import SecretStore
+from bench.costs import CpuMeter, count_events
 from client import batches
 from client.stack import DevServer, LocalS3
 from fly import FlyClient, FlySettings, FlyToken, InitConfig, MachineConfig, RestartConfig
@@ -137,6 +138,13 @@ class Row(BaseModel):
     machines_created: int = 0
     live_after: int = 0
     """Machines localfly still had alive when the batch had closed."""
+    cpu_s: dict[str, float] = {}
+    """CPU seconds each process used during the Sortie run: the worker (this process, or the
+    worker processes), the dev server, localfly (its machines not counted), the S3 server."""
+    workflow_tasks: int = 0
+    """Workflow tasks completed in every batch and chunk run."""
+    activities: dict[str, int] = {}
+    """Activities scheduled by every batch and chunk run, by type."""
 
     @property
     def paced_ideal_s(self) -> float | None:
@@ -279,6 +287,8 @@ class Histories(BaseModel):
     """The most signals the batch runs took in any SIGNAL_WINDOW_S, per second."""
     busiest: str = ""
     """What those signals were (see Row.busiest)."""
+    workflow_tasks: int = 0
+    activities: dict[str, int] = {}
 
 
 async def histories(client: Client, batch_ids: list[str]) -> Histories:
@@ -286,12 +296,15 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
     runs: list[tuple[datetime, int, int]] = []
     chunks: list[tuple[int, int]] = []
     signals: list[tuple[float, str, int]] = []  # when, what, from which chunk
+    tasks: Counter[str] = Counter()
+    activities: Counter[str] = Counter()
     signaled = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
     query = " OR ".join(f'BatchId="{batch_id}"' for batch_id in batch_ids)
     async for execution in client.list_workflows(query):
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
         history = await handle.fetch_history()
         size = (len(history.events), sum(e.ByteSize() for e in history.events))
+        count_events(history.events, tasks, activities)
         if execution.workflow_type == "BatchWorkflow":
             runs.append((execution.start_time, *size))
             signals += [_signal(e) for e in history.events if e.event_type == signaled]
@@ -304,6 +317,8 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
         signals_per_s=_busiest([t for t, _, _ in sorted(signals)], SIGNAL_WINDOW_S)[0]
         / SIGNAL_WINDOW_S,
         busiest=_what(sorted(signals), min((r[0] for r in runs), default=None)),
+        workflow_tasks=tasks["workflow tasks"],
+        activities=dict(activities),
     )
 
 
@@ -509,6 +524,13 @@ async def measure(
             await _polling(client, queue, len(processes))
             async with FlyClient.open(fly_settings, FlyToken("bench")) as fly:
                 began = time.time()
+                pids = {
+                    "dev server": [server.process.pid] if server.process else [],
+                    "localfly": [localfly.pid],
+                    "S3": [s3.process.pid] if s3.process else [],
+                    "worker": [p.pid for p in processes],
+                }
+                meter = CpuMeter(pids, in_process=not processes)
                 try:
                     makespan, batch_ids, succeeded = await run_sortie(
                         client,
@@ -527,6 +549,7 @@ async def measure(
                         check_root,
                     )
                 finally:
+                    cpu = meter.stop()
                     progress.cancel()
                     for process in processes:
                         process.terminate()
@@ -586,6 +609,9 @@ async def measure(
         reuse=reuse,
         machines_created=len(made),
         live_after=live_after,
+        cpu_s=cpu,
+        workflow_tasks=runs.workflow_tasks,
+        activities=runs.activities,
     )
 
 
@@ -706,6 +732,7 @@ def table(rows: list[Row]) -> str:
             f" of {', '.join(f'{e:,}' for e in r.batch_run_events)} events; "
             f"{r.chunk_runs:,} chunk runs; on {r.server}" + (f"; {r.busiest}" if r.busiest else "")
         )
+        lines.append(f"  - per job: {_per_job(r)}")
     return "\n".join(lines)
 
 
@@ -732,6 +759,16 @@ def pacing_rows(as_json: bool) -> int:
     print(json.dumps([r.model_dump() for r in rows], indent=2) if as_json else table(rows))
     sys.stdout.flush()
     os._exit(0)
+
+
+def _per_job(r: Row) -> str:
+    """The run's costs per job: workflow tasks, activities by type, CPU ms of each process."""
+    activities = ", ".join(f"{name} {n / r.jobs:.2f}" for name, n in sorted(r.activities.items()))
+    cpu = ", ".join(f"{name} {s * 1000 / r.jobs:.1f}" for name, s in r.cpu_s.items())
+    return (
+        f"{r.workflow_tasks / r.jobs:.2f} workflow tasks; activities: {activities}; "
+        f"CPU ms (during the Sortie run): {cpu}"
+    )
 
 
 def _one_each(r: Row) -> str:

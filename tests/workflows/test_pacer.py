@@ -56,10 +56,15 @@ async def test_turns_asked_at_once_by_two_workers_keep_to_one_bucket(
             id=pacer_workflow_id(queue, "app"),
             task_queue=queue,
         )
+
         # Two workers ask at once, again and again, more than the pacer's run holds (it is
-        # told to continue-as-new after 100 events): 60 asks of 1 to 3 turns.
-        asks = [reserve(client, queue, 1 + i % 3) for i in range(60)]
-        answers = await asyncio.gather(*asks)
+        # told to continue-as-new after 100 events): 60 asks of 1 to 3 turns. Each worker has
+        # one ask in flight at a time, as `AppPacer` does (the server refuses an eleventh
+        # update in flight to one workflow).
+        async def worker_asks(first: int) -> list[list[datetime]]:
+            return [await reserve(client, queue, 1 + i % 3) for i in range(first, 60, 2)]
+
+        answers = [a for asks in await asyncio.gather(*map(worker_asks, (0, 1))) for a in asks]
         described = await client.get_workflow_handle(started.id).describe()
     turns = [t for answer in answers for t in answer]
     assert len(turns) == 120

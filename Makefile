@@ -56,7 +56,7 @@ test-fast: install claude-code
 
 # Every guarantee in docs/guarantees.md taken out of the code on purpose (tests/mutations/), each
 # in a scratch copy where its tests must go red; not part of `make test` (about 15 minutes).
-prove: install system-deps
+prove: install system-deps claude-code
 	$(PY) -m tests.mutations
 
 demo: install

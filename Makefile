@@ -48,8 +48,12 @@ lint: install
 
 # Three test processes on CI's two cores (the tests mostly wait on machines and timers); each
 # starts its own dev server and localfly.
-test: install system-deps claude-code lint
-	$(PY) -m pytest -q -ra -n 3 --dist worksteal
+# Lint runs beside the tests (mypy's 15 s of one core while the first tests start); either failing
+# fails `make test`.
+test: install system-deps claude-code
+	@$(MAKE) --no-print-directory lint & lint=$$!; \
+	$(PY) -m pytest -q -ra -n 3 --dist worksteal; tests=$$?; \
+	wait $$lint || { echo "make test: lint failed" >&2; exit 1; }; exit $$tests
 
 test-fast: install claude-code
 	$(PY) -m pytest -q -x -m "not slow"

@@ -129,7 +129,9 @@ def retried_no_sooner_than_asked(sortie: Sortie, app: str) -> None:
         again = next((r for r in log[i + 1 :] if (r["method"], r["path"]) == same), None)
         if again is not None:
             gaps.append((again["arrived"] - call["answered"], float(call["retry_after"])))
-    assert len(gaps) >= 3, f"too few 429s tried again to tell: {gaps}"
+    # At least one: the 429s fall at random (18 machine calls at 30% gave a single retried one
+    # once), and the first retry of any call is the one a backoff of its own would cut short.
+    assert gaps, f"no 429 tried again to tell, of {sum(r['status'] == 429 for r in log)} answered"
     early = [(round(gap, 3), asked) for gap, asked in gaps if gap < asked - 0.02]
     assert early == [], f"tried again sooner than Retry-After asked (gap, asked): {early}"
 

@@ -296,7 +296,7 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
     runs: list[tuple[datetime, int, int]] = []
     chunks: list[tuple[int, int]] = []
     signals: list[tuple[float, str, int]] = []  # when, what, from which chunk
-    tasks: Counter[str] = Counter()
+    tasks = 0
     activities: Counter[str] = Counter()
     signaled = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
     query = " OR ".join(f'BatchId="{batch_id}"' for batch_id in batch_ids)
@@ -304,7 +304,7 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
         history = await handle.fetch_history()
         size = (len(history.events), sum(e.ByteSize() for e in history.events))
-        count_events(history.events, tasks, activities)
+        tasks += count_events(history.events, activities)
         if execution.workflow_type == "BatchWorkflow":
             runs.append((execution.start_time, *size))
             signals += [_signal(e) for e in history.events if e.event_type == signaled]
@@ -317,7 +317,7 @@ async def histories(client: Client, batch_ids: list[str]) -> Histories:
         signals_per_s=_busiest([t for t, _, _ in sorted(signals)], SIGNAL_WINDOW_S)[0]
         / SIGNAL_WINDOW_S,
         busiest=_what(sorted(signals), min((r[0] for r in runs), default=None)),
-        workflow_tasks=tasks["workflow tasks"],
+        workflow_tasks=tasks,
         activities=dict(activities),
     )
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import resource
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,10 +52,12 @@ class CpuMeter:
         return {name: round(now[name] - self._start.get(name, 0.0), 2) for name in now}
 
 
-def count_events(events: Any, tasks: Counter[str], activities: Counter[str]) -> None:
-    """Add a history's completed workflow tasks and scheduled activities (by type)."""
+def count_events(events: Iterable[HistoryEvent], activities: Counter[str]) -> int:
+    """A history's completed workflow tasks; its scheduled activities are added by type."""
+    tasks = 0
     for event in events:
         if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
-            tasks["workflow tasks"] += 1
+            tasks += 1
         elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             activities[event.activity_task_scheduled_event_attributes.activity_type.name] += 1
+    return tasks

@@ -47,12 +47,19 @@ def app_of(request: web.Request) -> str:
     return ""
 
 
-async def machine_body(request: web.Request) -> dict[str, Any] | web.Response:
-    """A create's or an update's body, or Fly's 400 for one without a config and its image."""
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON body, or a 400 response (`web.Response`) when it is not JSON."""
     try:
-        body = await request.json()
+        return await request.json()
     except json.JSONDecodeError:
         return error(400, "invalid_argument: request body is not JSON")
+
+
+async def machine_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """A create's or an update's body, or Fly's 400 for one without a config and its image."""
+    body = await json_body(request)
+    if isinstance(body, web.Response):
+        return body
     if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
         return error(400, "invalid_argument: config is required")
     if not body["config"].get("image"):

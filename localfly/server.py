@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from localfly.faults import FaultConfig, Faults
 from localfly.formats import parse_duration, rfc3339
 from localfly.machines import TRANSIENT, Fleet, Machine
-from localfly.routes import app_of, endpoint_of, error, machine_body
+from localfly.routes import app_of, endpoint_of, error, json_body, machine_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WAITABLE = {"started", "stopped", "suspended", "destroyed", "failed", "settled"}
@@ -362,10 +362,9 @@ class LocalFly:
         machine = self._machine(request)
         body: Any = {}
         if request.can_read_body:
-            try:
-                body = await request.json()
-            except json.JSONDecodeError:
-                return error(400, "invalid_argument: body is not JSON")
+            body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
         if not isinstance(body, dict):
             return error(400, "json: cannot unmarshal into Go value of type main.stopRequest")
         stop_config = machine.config.get("stop_config") or {}
@@ -413,10 +412,9 @@ class LocalFly:
 
     async def set_metadata_key(self, request: web.Request) -> web.Response:
         machine = self._machine(request)
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return error(400, "invalid_argument: body is not JSON")
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
         if not isinstance(body, dict) or not isinstance(body.get("value"), str):
             return error(400, "invalid_argument: value must be a string")
         machine.metadata[request.match_info["key"]] = body["value"]
